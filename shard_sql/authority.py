@@ -1,0 +1,255 @@
+"""The append authority: one writer per space, everyone else forwards to it."""
+
+from __future__ import annotations
+
+import functools
+import threading
+import time
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any, Protocol, runtime_checkable
+
+from shard_sql.errors import IntentTimeout, InvalidEvent, LeaseHeld, SeqConflict, StaleLease
+from shard_sql.leases import LeaseRegistry
+from shard_sql.memory import check_ttl
+from shard_sql.store import BatchWriter, EventStore
+from shard_sql.validation import Pending, check_space, check_text, pending
+from shard_sql.values import Event, Lease
+
+MAX_CONFLICT_RETRIES = 5
+
+
+class NotHolder(Exception):
+    """Internal: the node an intent was handed to no longer holds the space."""
+
+
+@runtime_checkable
+class IntentQueue(Protocol):
+    """A store that carries forwarded intents between processes (SQL, git)."""
+
+    def submit_intent(self, space: str, item: Pending, *, holder: str, timeout: float) -> Event:
+        """Record the intent durably, wait for its outcome, return the written event."""
+        ...
+
+    def serve_intents(self, space: str, apply: Callable[[list[Pending]], list[Event]]) -> int:
+        """Apply pending intents of `space` in arrival order through `apply`; return how many."""
+        ...
+
+
+class AppendAuthority:
+    """A node that appends to spaces: it writes where it holds the lease, forwards elsewhere.
+
+    `node_id` must be unique among the nodes sharing the registry's lease store.
+    Used as a context manager, it renews its leases and serves intents forwarded from other
+    processes in a background thread until the block exits, then releases its leases.
+    """
+
+    def __init__(
+        self,
+        node_id: str,
+        store: EventStore,
+        registry: LeaseRegistry,
+        *,
+        ttl_seconds: float = 30.0,
+        forward_timeout: float = 30.0,
+    ) -> None:
+        self.node_id = check_text("node_id", node_id)
+        self.ttl_seconds = check_ttl(ttl_seconds)
+        if not isinstance(store, BatchWriter):
+            raise InvalidEvent("store", f"{type(store).__name__} is not a shard_sql store")
+        if not registry.fences(store):
+            raise InvalidEvent("registry", "keeps its leases in another store than this one")
+        self.store = store
+        self._writer: BatchWriter = store
+        self.registry = registry
+        self.forward_timeout = forward_timeout
+        self._leases: dict[str, Lease] = {}
+        self._heads: dict[str, int] = {}
+        self._locks: dict[str, threading.RLock] = {}
+        self._guard = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        registry.register(self)
+
+    # -- leases ------------------------------------------------------------------------------
+
+    def acquire(self, space: str) -> Lease:
+        """Take the space's lease; `LeaseHeld` while another node's lease is valid."""
+        lease = self.registry.acquire(space, self.node_id, self.ttl_seconds)
+        with self._lock(space):
+            if self._leases.get(space, lease).generation != lease.generation:
+                self._heads.pop(space, None)
+            self._leases[space] = lease
+        return lease
+
+    def holds(self, space: str) -> bool:
+        """True only while this node holds the space's valid lease."""
+        cur = self.registry.current(space)
+        return cur is not None and cur.holder == self.node_id
+
+    def release(self, space: str) -> None:
+        """Give up the space's lease so another node can acquire it at once."""
+        check_space(space)
+        with self._lock(space):
+            lease = self._leases.pop(space, None)
+            self._heads.pop(space, None)
+            if lease is not None:
+                self.registry.release(lease)
+
+    def leases(self) -> list[Lease]:
+        """The leases this node believes it holds."""
+        with self._guard:
+            return list(self._leases.values())
+
+    # -- appending ---------------------------------------------------------------------------
+
+    def append(
+        self, space: str, type: str, payload: dict[str, Any], *, intent_id: str | None = None
+    ) -> Event:
+        """Append to `space` wherever its lease lives; return the written event."""
+        check_space(space)
+        item = pending(type, payload, intent_id)
+        deadline = time.monotonic() + self.forward_timeout
+        backoff = 0.001
+        while True:
+            lease = self._leases.get(space)
+            if lease is not None and lease.valid_at(self.registry.now()):
+                try:
+                    return self._write_own(space, item)
+                except NotHolder:
+                    pass
+            else:
+                cur = self.registry.current(space)
+                if cur is None or cur.holder == self.node_id:
+                    try:
+                        self.acquire(space)
+                        continue
+                    except LeaseHeld as e:
+                        cur = e.lease
+                try:
+                    return self._forward(space, item, cur)
+                except NotHolder:
+                    pass
+            if time.monotonic() > deadline:
+                raise IntentTimeout(
+                    f"space {space!r}: no holder accepted the append within "
+                    f"{self.forward_timeout}s; retry with the same intent_id"
+                )
+            time.sleep(backoff)
+            backoff = min(backoff * 2, 0.05)
+
+    def _forward(self, space: str, item: Pending, cur: Lease) -> Event:
+        target = self.registry.local_node(cur.holder)
+        if target is not None and target is not self:
+            return target.apply_forwarded(space, item)
+        if isinstance(self.store, IntentQueue):
+            return self.store.submit_intent(
+                space, item, holder=cur.holder, timeout=self.forward_timeout
+            )
+        raise LeaseHeld(cur)
+
+    def apply_forwarded(self, space: str, item: Pending) -> Event:
+        """Write an intent handed over by another node, if this node still holds the space."""
+        return self._write_own(space, item)
+
+    def _write_own(self, space: str, item: Pending) -> Event:
+        return self._write_batch(space, [item])[0]
+
+    def _write_batch(self, space: str, batch: list[Pending]) -> list[Event]:
+        with self._lock(space):
+            lease = self._leases.get(space)
+            now = self.registry.now()
+            if lease is None or not lease.valid_at(now):
+                raise NotHolder(space)
+            if (lease.expires_at - now).total_seconds() < self.ttl_seconds / 2:
+                lease = self._renew(space, lease)
+            expected = -1
+            for _ in range(MAX_CONFLICT_RETRIES):
+                known = self._heads.get(space)
+                expected = self.store.head(space) if known is None else known
+                try:
+                    events = self.registry.fenced_write(
+                        self._writer, space, batch, expected_seq=expected, lease=lease
+                    )
+                except SeqConflict:
+                    # Someone wrote without the lease (a direct store.append): re-read the head.
+                    self._heads.pop(space, None)
+                    continue
+                except StaleLease:
+                    self._leases.pop(space, None)
+                    self._heads.pop(space, None)
+                    raise NotHolder(space) from None
+                if events[0].seq == expected:
+                    self._heads[space] = expected + len(events)
+                return events
+            raise SeqConflict(space, expected)
+
+    def _renew(self, space: str, lease: Lease) -> Lease:
+        try:
+            lease = self.registry.renew(lease, ttl_seconds=self.ttl_seconds)
+        except StaleLease:
+            self._leases.pop(space, None)
+            self._heads.pop(space, None)
+            raise NotHolder(space) from None
+        self._leases[space] = lease
+        return lease
+
+    def _lock(self, space: str) -> threading.RLock:
+        with self._guard:
+            lock = self._locks.get(space)
+            if lock is None:
+                lock = self._locks[space] = threading.RLock()
+            return lock
+
+    # -- background service ------------------------------------------------------------------
+
+    def tick(self) -> None:
+        """One round of upkeep: renew held leases, apply intents forwarded to this node."""
+        for lease in self.leases():
+            space = lease.space
+            with self._lock(space):
+                cur = self._leases.get(space)
+                if cur is None:
+                    continue
+                if not cur.valid_at(self.registry.now()):
+                    self._leases.pop(space, None)
+                    self._heads.pop(space, None)
+                    continue
+                try:
+                    self._renew(space, cur)
+                except NotHolder:
+                    continue
+            if isinstance(self.store, IntentQueue):
+                try:
+                    self.store.serve_intents(space, functools.partial(self._write_batch, space))
+                except NotHolder:
+                    continue
+
+    def _run(self) -> None:
+        interval = max(min(self.ttl_seconds / 3, 5.0), 0.01)
+        while not self._stop.wait(interval):
+            try:
+                self.tick()
+            except Exception:
+                continue
+
+    def __enter__(self) -> AppendAuthority:
+        self._stop.clear()
+        self._thread = threading.Thread(
+            target=self._run, name=f"shard-sql-authority-{self.node_id}", daemon=True
+        )
+        self._thread.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        for lease in self.leases():
+            self.release(lease.space)

@@ -1,0 +1,142 @@
+"""The in-memory adapter: a product store for one process (embedding, caches, tests)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+
+from shard_sql.errors import InvalidEvent, LeaseHeld, SeqConflict, StaleLease
+from shard_sql.store import LeaseStore, StoreBase, already_written, check_fence, stamp, system_clock
+from shard_sql.validation import Pending, check_seq, check_space
+from shard_sql.values import Event, Lease
+
+
+def check_ttl(ttl_seconds: object) -> float:
+    if isinstance(ttl_seconds, bool) or not isinstance(ttl_seconds, int | float):
+        raise InvalidEvent("ttl_seconds", "must be a number")
+    if not 0 < ttl_seconds <= 86_400 * 365:
+        raise InvalidEvent("ttl_seconds", "must be > 0 and at most a year")
+    return float(ttl_seconds)
+
+
+class MemoryLeases(LeaseStore):
+    """Lease records in memory behind one lock; used by `InMemoryEventStore` and by a
+    `LeaseRegistry()` that has no store."""
+
+    def __init__(self, lock: threading.RLock | None = None) -> None:
+        self._lock = lock or threading.RLock()
+        self._leases: dict[str, Lease] = {}
+
+    def locked(self) -> threading.RLock:
+        """The lock guarding the records (and, in `InMemoryEventStore`, the logs)."""
+        return self._lock
+
+    def lease_record(self, space: str) -> Lease | None:
+        """The space's lease record, valid or not."""
+        with self._lock:
+            return self._leases.get(space)
+
+    def lease_acquire(self, space: str, holder: str, ttl_seconds: float, now: datetime) -> Lease:
+        expires = now + timedelta(seconds=check_ttl(ttl_seconds))
+        with self._lock:
+            cur = self._leases.get(space)
+            if cur is not None and cur.valid_at(now):
+                if cur.holder != holder:
+                    raise LeaseHeld(cur)
+                new = Lease(space, holder, max(expires, cur.expires_at), cur.generation)
+            else:
+                new = Lease(space, holder, expires, (cur.generation if cur else 0) + 1)
+            self._leases[space] = new
+            return new
+
+    def lease_renew(self, lease: Lease, ttl_seconds: float, now: datetime) -> Lease:
+        expires = now + timedelta(seconds=check_ttl(ttl_seconds))
+        with self._lock:
+            cur = self._leases.get(lease.space)
+            if (
+                cur is None
+                or (cur.holder, cur.generation) != (lease.holder, lease.generation)
+                or not cur.valid_at(now)
+            ):
+                raise StaleLease(lease, "lost before renewal")
+            new = Lease(lease.space, lease.holder, max(expires, cur.expires_at), cur.generation)
+            self._leases[lease.space] = new
+            return new
+
+    def lease_release(self, lease: Lease, now: datetime) -> None:
+        with self._lock:
+            cur = self._leases.get(lease.space)
+            if cur is not None and (cur.holder, cur.generation) == (lease.holder, lease.generation):
+                ended = min(now, cur.expires_at)
+                self._leases[lease.space] = Lease(lease.space, lease.holder, ended, cur.generation)
+
+    def lease_current(self, space: str, now: datetime) -> Lease | None:
+        with self._lock:
+            cur = self._leases.get(space)
+            return cur if cur is not None and cur.valid_at(now) else None
+
+    def lease_revoke(self, space: str, now: datetime) -> Lease | None:
+        with self._lock:
+            cur = self._leases.get(space)
+            if cur is None:
+                return None
+            new = Lease(space, cur.holder, min(now, cur.expires_at), cur.generation + 1)
+            self._leases[space] = new
+            return new
+
+
+class InMemoryEventStore(StoreBase, MemoryLeases):
+    """Events and leases in this process's memory, safe for threads; gone with the process."""
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        MemoryLeases.__init__(self, self._lock)
+        self._logs: dict[str, list[Event]] = {}
+        self._by_intent: dict[tuple[str, str], Event] = {}
+
+    def events(self, space: str, *, from_seq: int = 0, limit: int | None = None) -> list[Event]:
+        check_space(space)
+        check_seq("from_seq", from_seq)
+        with self._lock:
+            log = self._logs.get(space, [])
+            end = len(log) if limit is None else from_seq + check_seq("limit", limit)
+            return log[from_seq:end]
+
+    def head(self, space: str) -> int:
+        check_space(space)
+        with self._lock:
+            return len(self._logs.get(space, ()))
+
+    def spaces(self) -> list[str]:
+        with self._lock:
+            return sorted(s for s, log in self._logs.items() if log)
+
+    def write(
+        self,
+        space: str,
+        batch: Sequence[Pending],
+        *,
+        expected_seq: int,
+        fence: Lease | None,
+        verify_fence: bool = True,
+    ) -> list[Event]:
+        now = system_clock()
+        with self._lock:
+            found = [
+                self._by_intent.get((space, p.intent_id)) if p.intent_id else None for p in batch
+            ]
+            done = already_written(found)
+            if done is not None:
+                return done
+            if verify_fence:
+                check_fence(fence, self._leases.get(space))
+            log = self._logs.setdefault(space, [])
+            if len(log) != expected_seq:
+                raise SeqConflict(space, expected_seq, len(log))
+            out = [stamp(space, expected_seq + n, p, fence, now) for n, p in enumerate(batch)]
+            log.extend(out)
+            for e in out:
+                if e.intent_id is not None:
+                    self._by_intent[(space, e.intent_id)] = e
+            return out

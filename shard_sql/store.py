@@ -1,0 +1,230 @@
+"""The store interface: one small Protocol, implemented by every adapter."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from datetime import UTC, datetime
+from typing import Any, Protocol, runtime_checkable
+
+from shard_sql.errors import InvalidEvent, StaleLease
+from shard_sql.validation import Pending, check_items, check_seq, check_space, pending
+from shard_sql.values import Event, Lease
+
+Clock = Callable[[], datetime]
+"""A zero-argument callable returning a timezone-aware `datetime`."""
+
+Item = tuple[str, dict[str, Any]] | tuple[str, dict[str, Any], str | None]
+"""One event of a batch: `(type, payload)` or `(type, payload, intent_id)`."""
+
+
+def system_clock() -> datetime:
+    """The default clock: the system time in UTC."""
+    return datetime.now(UTC)
+
+
+@runtime_checkable
+class EventStore(Protocol):
+    """An append-only log per space with a transactional compare-and-set append."""
+
+    def events(self, space: str, *, from_seq: int = 0, limit: int | None = None) -> list[Event]:
+        """Events of `space` in seq order, starting at `from_seq`, at most `limit` of them."""
+        ...
+
+    def iter_events(self, space: str, *, from_seq: int = 0) -> Iterator[Event]:
+        """The same as `events`, streamed in bounded memory."""
+        ...
+
+    def head(self, space: str) -> int:
+        """The next seq of `space` (= the number of events in it)."""
+        ...
+
+    def append(
+        self,
+        space: str,
+        type: str,
+        payload: dict[str, Any],
+        *,
+        expected_seq: int,
+        fence: Lease | None = None,
+        intent_id: str | None = None,
+    ) -> Event:
+        """Write seq `expected_seq`, or raise `SeqConflict` (or `StaleLease` for a stale fence).
+
+        A repeated `intent_id` returns the event already written for it and writes nothing.
+        """
+        ...
+
+    def append_many(
+        self,
+        space: str,
+        items: Iterable[Item],
+        *,
+        expected_seq: int,
+        fence: Lease | None = None,
+    ) -> list[Event]:
+        """Write a batch at `expected_seq`, all or nothing."""
+        ...
+
+    def spaces(self) -> list[str]:
+        """The spaces that have events, sorted."""
+        ...
+
+
+@runtime_checkable
+class BatchWriter(Protocol):
+    """The one write path every adapter implements; `append` and `append_many` call it.
+
+    Internal: also used by the append authority (writes fenced by an in-memory registry) and by
+    import (which keeps seq, writer, generation and times).
+    """
+
+    def write(
+        self,
+        space: str,
+        batch: Sequence[Pending],
+        *,
+        expected_seq: int,
+        fence: Lease | None,
+        verify_fence: bool = True,
+    ) -> list[Event]:
+        """Write `batch` at `expected_seq` in one transaction, all or nothing.
+
+        If every intent id of the batch is already written, return those events and write
+        nothing; if only some are, raise `InvalidEvent`. With `fence` and `verify_fence`, raise
+        `StaleLease` unless the fence is the space's current grant, checked in the transaction.
+        Events take writer and generation from the fence (or from the `Pending` when set).
+        """
+        ...
+
+
+@runtime_checkable
+class LeaseStore(Protocol):
+    """Durable lease records kept beside the events, shared by every process that opens them.
+
+    Each call is one compare-and-set; `now` comes from the registry's clock.
+    A store implementing it can check `fence=` atomically with the write.
+    """
+
+    def lease_acquire(self, space: str, holder: str, ttl_seconds: float, now: datetime) -> Lease:
+        """Grant or renew; raise `LeaseHeld` while another holder's lease is valid at `now`."""
+        ...
+
+    def lease_renew(self, lease: Lease, ttl_seconds: float, now: datetime) -> Lease:
+        """Extend `lease` (same generation) or raise `StaleLease` if it is no longer current."""
+        ...
+
+    def lease_release(self, lease: Lease, now: datetime) -> None:
+        """End `lease` at `now` if it is still current; otherwise do nothing.
+
+        The record keeps its holder and generation; the next grant bumps the generation.
+        """
+        ...
+
+    def lease_current(self, space: str, now: datetime) -> Lease | None:
+        """The lease of `space` that is valid at `now`, if any."""
+        ...
+
+    def lease_revoke(self, space: str, now: datetime) -> Lease | None:
+        """End the space's lease at `now` and bump the generation so its holder is fenced.
+
+        Returns the new (already expired) record, or None when the space never had a lease.
+        """
+        ...
+
+
+def check_fence(fence: Lease | None, current: Lease | None) -> None:
+    """Raise `StaleLease` unless `fence` is the current grant (same holder and generation).
+
+    Adapters call this inside the write's transaction, with `current` read in it.
+    """
+    if fence is None:
+        return
+    if current is None:
+        raise StaleLease(fence, "the space has no lease record")
+    if current.holder != fence.holder or current.generation != fence.generation:
+        raise StaleLease(
+            fence, f"the current grant is {current.holder!r} generation {current.generation}"
+        )
+
+
+def fence_space_matches(fence: Lease | None, space: str) -> None:
+    if fence is not None and fence.space != space:
+        raise InvalidEvent("fence", f"is a lease on {fence.space!r}, not on {space!r}")
+
+
+class StoreBase(EventStore, BatchWriter):
+    """What every adapter shares: argument checks, and `append`/`append_many` over `write`."""
+
+    def append(
+        self,
+        space: str,
+        type: str,
+        payload: dict[str, Any],
+        *,
+        expected_seq: int,
+        fence: Lease | None = None,
+        intent_id: str | None = None,
+    ) -> Event:
+        check_space(space)
+        check_seq("expected_seq", expected_seq)
+        fence_space_matches(fence, space)
+        batch = [pending(type, payload, intent_id)]
+        return self.write(space, batch, expected_seq=expected_seq, fence=fence)[0]
+
+    def append_many(
+        self,
+        space: str,
+        items: Iterable[Item],
+        *,
+        expected_seq: int,
+        fence: Lease | None = None,
+    ) -> list[Event]:
+        check_space(space)
+        check_seq("expected_seq", expected_seq)
+        fence_space_matches(fence, space)
+        return self.write(space, check_items(items), expected_seq=expected_seq, fence=fence)
+
+    def iter_events(self, space: str, *, from_seq: int = 0) -> Iterator[Event]:
+        """Pages of `ITER_PAGE` events; adapters with a cheaper cursor override it."""
+        check_space(space)
+        check_seq("from_seq", from_seq)
+        return self._pages(space, from_seq)
+
+    ITER_PAGE = 1000
+
+    def _pages(self, space: str, seq: int) -> Iterator[Event]:
+        while True:
+            page = self.events(space, from_seq=seq, limit=self.ITER_PAGE)
+            yield from page
+            if len(page) < self.ITER_PAGE:
+                return
+            seq += len(page)
+
+
+def already_written(found: Sequence[Event | None]) -> list[Event] | None:
+    """The idempotency rule, given the event found for each item's intent id (None: not found,
+    or no intent id).
+
+    Returns the events when the whole batch was written before, None when none of it was, and
+    raises `InvalidEvent` when only part of it was.
+    """
+    hits = [e for e in found if e is not None]
+    if not hits:
+        return None
+    if len(hits) == len(found):
+        return hits
+    raise InvalidEvent("intent_id", "part of this batch was already written")
+
+
+def stamp(space: str, seq: int, p: Pending, fence: Lease | None, now: datetime) -> Event:
+    """The event a store writes for `p` at `seq`."""
+    return Event(
+        space,
+        seq,
+        p.type,
+        p.payload,
+        p.recorded_at or now,
+        p.writer if p.writer is not None else (fence.holder if fence else ""),
+        p.generation if p.generation is not None else (fence.generation if fence else 0),
+        p.intent_id,
+    )

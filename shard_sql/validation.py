@@ -1,0 +1,160 @@
+"""Input checks shared by every adapter. They run before anything is written."""
+
+from __future__ import annotations
+
+import json
+import unicodedata
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from shard_sql.errors import InvalidEvent
+
+MAX_SPACE_LENGTH = 200
+"""A space name is 1 to 200 characters."""
+MAX_TYPE_LENGTH = 200
+"""An event type is 1 to 200 characters."""
+MAX_INTENT_ID_LENGTH = 200
+"""An intent id is 1 to 200 characters."""
+MAX_PAYLOAD_BYTES = 1024 * 1024
+"""A payload serializes to at most 1 MiB of UTF-8 JSON."""
+MAX_BATCH = 10_000
+"""`append_many` takes at most 10,000 events at once."""
+
+
+def _check_name(field: str, value: object, max_length: int) -> str:
+    if not isinstance(value, str):
+        raise InvalidEvent(field, f"must be a string, not {type(value).__name__}")
+    if not value:
+        raise InvalidEvent(field, "must not be empty")
+    if len(value) > max_length:
+        raise InvalidEvent(field, f"is {len(value)} characters long, at most {max_length}")
+    if not value.isprintable():
+        for ch in value:
+            # Plain spaces and other printable characters are fine; control (Cc), format (Cf),
+            # surrogate (Cs) and separator characters other than ' ' are not.
+            if ch != " " and unicodedata.category(ch)[0] in ("C", "Z"):
+                raise InvalidEvent(field, f"contains the control character {ch!r}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InvalidEvent(field, "is not valid Unicode (lone surrogate)") from e
+    return value
+
+
+def check_text(field: str, value: object) -> str:
+    """A name such as a holder or node id: 1 to 200 characters, no control characters."""
+    return _check_name(field, value, MAX_SPACE_LENGTH)
+
+
+def check_space(space: object) -> str:
+    """A non-empty string of at most 200 characters with no control characters."""
+    return _check_name("space", space, MAX_SPACE_LENGTH)
+
+
+def check_type(type_: object) -> str:
+    """A non-empty string of at most 200 characters with no control characters."""
+    return str(_check_name("type", type_, MAX_TYPE_LENGTH))
+
+
+def check_intent_id(intent_id: object) -> str | None:
+    if intent_id is None:
+        return None
+    return _check_name("intent_id", intent_id, MAX_INTENT_ID_LENGTH)
+
+
+def check_seq(field: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidEvent(field, f"must be an integer, not {type(value).__name__}")
+    if value < 0:
+        raise InvalidEvent(field, "must be >= 0")
+    return value
+
+
+def _reject_non_finite(value: str) -> Any:
+    raise ValueError(f"{value} is not valid JSON")
+
+
+def check_payload(payload: object) -> tuple[str, dict[str, Any]]:
+    """Serialize a payload with strict JSON; return the text and an independent copy.
+
+    A payload is a JSON object: a dict with string keys whose values are strings, finite
+    numbers, booleans, null, lists and such objects. No NaN/Infinity, no non-string keys, no
+    tuples, sets or other objects, no NUL characters (PostgreSQL's JSONB cannot hold them), at most
+    `MAX_PAYLOAD_BYTES` of UTF-8.
+    """
+    if not isinstance(payload, Mapping) or not isinstance(payload, dict):
+        raise InvalidEvent("payload", f"must be a JSON object (dict), not {type(payload).__name__}")
+    try:
+        text = json.dumps(payload, allow_nan=False, ensure_ascii=False, separators=(",", ":"))
+    except (TypeError, ValueError, RecursionError) as e:
+        raise InvalidEvent("payload", f"is not strict JSON: {e}") from e
+    if "\\u0000" in text:
+        raise InvalidEvent("payload", "contains a NUL character")
+    try:
+        size = len(text.encode("utf-8"))
+    except UnicodeEncodeError as e:
+        raise InvalidEvent("payload", "contains a lone surrogate, not valid Unicode") from e
+    if size > MAX_PAYLOAD_BYTES:
+        raise InvalidEvent("payload", f"is {size} bytes of JSON, at most {MAX_PAYLOAD_BYTES}")
+    # A round trip catches what json.dumps silently converts: int/float/bool/None keys become
+    # strings, tuples become lists. Equal after the round trip means it is plain JSON.
+    copy = json.loads(text, parse_constant=_reject_non_finite)
+    if copy != payload:
+        raise InvalidEvent(
+            "payload", "is not plain JSON (non-string keys, tuples or other non-JSON values)"
+        )
+    return text, copy
+
+
+def pending(type_: object, payload: object, intent_id: object = None) -> Pending:
+    """Check one event's fields and return it ready to write."""
+    t = check_type(type_)
+    text, copy = check_payload(payload)
+    return Pending(t, text, copy, check_intent_id(intent_id))
+
+
+def check_items(items: object) -> list[Pending]:
+    """Check a batch: each item is `(type, payload)` or `(type, payload, intent_id)`."""
+    if isinstance(items, str | bytes | dict):
+        raise InvalidEvent("items", "must be a list of (type, payload) pairs")
+    try:
+        seq_items = list(items)  # type: ignore[call-overload]
+    except TypeError as e:
+        raise InvalidEvent("items", "must be an iterable of (type, payload) pairs") from e
+    if not seq_items:
+        raise InvalidEvent("items", "must not be empty")
+    if len(seq_items) > MAX_BATCH:
+        raise InvalidEvent("items", f"has {len(seq_items)} events, at most {MAX_BATCH}")
+    out: list[Pending] = []
+    seen: set[str] = set()
+    for item in seq_items:
+        if not isinstance(item, tuple | list) or len(item) not in (2, 3):
+            raise InvalidEvent(
+                "items", "each item must be (type, payload) or (type, payload, intent_id)"
+            )
+        p = pending(item[0], item[1], item[2] if len(item) == 3 else None)
+        if p.intent_id is not None:
+            if p.intent_id in seen:
+                raise InvalidEvent("intent_id", f"{p.intent_id!r} appears twice in one batch")
+            seen.add(p.intent_id)
+        out.append(p)
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class Pending:
+    """An event checked and serialized, not yet given a seq.
+
+    `recorded_at`, `writer` and `generation` are set only when copying an existing log
+    (import); otherwise the store stamps the time and takes writer and generation from the fence.
+    """
+
+    type: str
+    payload_json: str
+    payload: dict[str, Any]
+    intent_id: str | None
+    recorded_at: datetime | None = None
+    writer: str | None = None
+    generation: int | None = None
