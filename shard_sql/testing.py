@@ -5,7 +5,7 @@ Subclass `StoreContract` / `AuthorityContract` in a `Test*` class and implement 
 
     class TestMyStore(StoreContract):
         def make_store(self) -> EventStore:
-            return MyStore(...)
+            return MyStore(self.tmp_path / "x")  # or self.request.getfixturevalue("pg_url")
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import math
 import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -94,7 +95,9 @@ class StoreContract:
         return None
 
     @pytest.fixture(autouse=True)
-    def _store(self) -> Iterator[None]:
+    def _store(self, request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[None]:
+        # Subclasses reach other fixtures in make_store through self.request / self.tmp_path.
+        self.request, self.tmp_path = request, tmp_path
         self.store = self.make_store()
         yield
         close = getattr(self.store, "close", None)
@@ -394,7 +397,8 @@ class AuthorityContract:
         return LeaseRegistry(store, clock=clock)
 
     @pytest.fixture(autouse=True)
-    def _setup(self) -> Iterator[None]:
+    def _setup(self, request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[None]:
+        self.request, self.tmp_path = request, tmp_path
         self.store = self.make_store()
         self.clock = ManualClock()
         self.registry = self.make_registry(self.store, self.clock)
