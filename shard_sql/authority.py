@@ -2,38 +2,26 @@
 
 from __future__ import annotations
 
-import functools
+import dataclasses
 import threading
 import time
-from collections.abc import Callable
+import uuid
 from types import TracebackType
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 from shard_sql.errors import IntentTimeout, InvalidEvent, LeaseHeld, SeqConflict, StaleLease
 from shard_sql.leases import LeaseRegistry
 from shard_sql.memory import check_ttl
-from shard_sql.store import BatchWriter, EventStore
+from shard_sql.store import BatchWriter, EventStore, IntentQueue
 from shard_sql.validation import Pending, check_space, check_text, pending
 from shard_sql.values import Event, Lease
 
 MAX_CONFLICT_RETRIES = 5
+SERVE_BATCH = 500
 
 
 class NotHolder(Exception):
-    """Internal: the node an intent was handed to no longer holds the space."""
-
-
-@runtime_checkable
-class IntentQueue(Protocol):
-    """A store that carries forwarded intents between processes (SQL, git)."""
-
-    def submit_intent(self, space: str, item: Pending, *, holder: str, timeout: float) -> Event:
-        """Record the intent durably, wait for its outcome, return the written event."""
-        ...
-
-    def serve_intents(self, space: str, apply: Callable[[list[Pending]], list[Event]]) -> int:
-        """Apply pending intents of `space` in arrival order through `apply`; return how many."""
-        ...
+    """Internal: this node does not (or no longer) hold the space."""
 
 
 class AppendAuthority:
@@ -61,6 +49,8 @@ class AppendAuthority:
             raise InvalidEvent("registry", "keeps its leases in another store than this one")
         self.store = store
         self._writer: BatchWriter = store
+        # Forwarding across processes needs the leases and the intents in one shared store.
+        self._queue = store if isinstance(store, IntentQueue) and registry.store is store else None
         self.registry = registry
         self.forward_timeout = forward_timeout
         self._leases: dict[str, Lease] = {}
@@ -106,10 +96,15 @@ class AppendAuthority:
     def append(
         self, space: str, type: str, payload: dict[str, Any], *, intent_id: str | None = None
     ) -> Event:
-        """Append to `space` wherever its lease lives; return the written event."""
+        """Append to `space` wherever its lease lives; return the written event.
+
+        Raises `IntentTimeout` when no holder wrote it within `forward_timeout` seconds: the
+        outcome is then unknown and a retry with the same `intent_id` is safe.
+        """
         check_space(space)
         item = pending(type, payload, intent_id)
         deadline = time.monotonic() + self.forward_timeout
+        queued = False
         backoff = 0.001
         while True:
             lease = self._leases.get(space)
@@ -123,34 +118,42 @@ class AppendAuthority:
                 if cur is None or cur.holder == self.node_id:
                     try:
                         self.acquire(space)
+                        # A new holder first applies what was forwarded to its predecessor.
+                        self.serve(space)
                         continue
                     except LeaseHeld as e:
                         cur = e.lease
-                try:
-                    return self._forward(space, item, cur)
-                except NotHolder:
-                    pass
-            if time.monotonic() > deadline:
+                target = self.registry.local_node(cur.holder)
+                if target is not None and target is not self:
+                    # Same process: hand the intent to the holder directly.
+                    try:
+                        return target._write_own(space, item)
+                    except NotHolder:
+                        pass
+                elif self._queue is None:
+                    raise LeaseHeld(cur)
+                else:
+                    if item.intent_id is None:
+                        item = dataclasses.replace(item, intent_id=f"fwd-{uuid.uuid4().hex}")
+                    if not queued:
+                        self._queue.put_intent(space, item, holder=cur.holder)
+                        queued = True
+                    assert item.intent_id is not None
+                    done = self._queue.find_intent(space, item.intent_id)
+                    if done is not None:
+                        return done
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
                 raise IntentTimeout(
-                    f"space {space!r}: no holder accepted the append within "
+                    f"space {space!r}: no holder wrote the append within "
                     f"{self.forward_timeout}s; retry with the same intent_id"
+                    + (f" ({item.intent_id})" if item.intent_id else "")
                 )
-            time.sleep(backoff)
+            if queued and self._queue is not None:
+                self._queue.wait_for_change([space], min(max(backoff, 0.05), remaining))
+            else:
+                time.sleep(min(backoff, remaining))
             backoff = min(backoff * 2, 0.05)
-
-    def _forward(self, space: str, item: Pending, cur: Lease) -> Event:
-        target = self.registry.local_node(cur.holder)
-        if target is not None and target is not self:
-            return target.apply_forwarded(space, item)
-        if isinstance(self.store, IntentQueue):
-            return self.store.submit_intent(
-                space, item, holder=cur.holder, timeout=self.forward_timeout
-            )
-        raise LeaseHeld(cur)
-
-    def apply_forwarded(self, space: str, item: Pending) -> Event:
-        """Write an intent handed over by another node, if this node still holds the space."""
-        return self._write_own(space, item)
 
     def _write_own(self, space: str, item: Pending) -> Event:
         return self._write_batch(space, [item])[0]
@@ -201,37 +204,67 @@ class AppendAuthority:
                 lock = self._locks[space] = threading.RLock()
             return lock
 
-    # -- background service ------------------------------------------------------------------
+    # -- serving -----------------------------------------------------------------------------
+
+    def serve(self, space: str) -> int:
+        """Apply the intents forwarded to this node for `space`, in arrival order.
+
+        Returns how many were applied; 0 when this node does not hold the space.
+        """
+        if self._queue is None:
+            return 0
+        applied = 0
+        while True:
+            batch = self._queue.pending_intents(space, limit=SERVE_BATCH)
+            if not batch:
+                return applied
+            try:
+                self._write_batch(space, batch)
+            except NotHolder:
+                return applied
+            except InvalidEvent:
+                # Part of the batch was applied meanwhile: apply the rest one by one.
+                for item in batch:
+                    try:
+                        self._write_batch(space, [item])
+                    except NotHolder:
+                        return applied
+            applied += len(batch)
+            self._queue.forget_intents(space, [i.intent_id for i in batch if i.intent_id])
 
     def tick(self) -> None:
-        """One round of upkeep: renew held leases, apply intents forwarded to this node."""
+        """One round of upkeep: renew the leases due, drop lost ones, serve forwarded intents."""
         for lease in self.leases():
             space = lease.space
             with self._lock(space):
                 cur = self._leases.get(space)
                 if cur is None:
                     continue
-                if not cur.valid_at(self.registry.now()):
+                now = self.registry.now()
+                if not cur.valid_at(now):
                     self._leases.pop(space, None)
                     self._heads.pop(space, None)
                     continue
-                try:
-                    self._renew(space, cur)
-                except NotHolder:
-                    continue
-            if isinstance(self.store, IntentQueue):
-                try:
-                    self.store.serve_intents(space, functools.partial(self._write_batch, space))
-                except NotHolder:
-                    continue
+                if (cur.expires_at - now).total_seconds() < self.ttl_seconds * 2 / 3:
+                    try:
+                        self._renew(space, cur)
+                    except NotHolder:
+                        continue
+            self.serve(space)
 
     def _run(self) -> None:
-        interval = max(min(self.ttl_seconds / 3, 5.0), 0.01)
-        while not self._stop.wait(interval):
+        interval = max(min(self.ttl_seconds / 6, 2.0), 0.01)
+        while not self._stop.is_set():
+            spaces = [lease.space for lease in self.leases()]
             try:
-                self.tick()
+                if self._queue is not None and spaces:
+                    self._queue.wait_for_change(spaces, interval)
+                else:
+                    self._stop.wait(interval)
+                if not self._stop.is_set():
+                    self.tick()
             except Exception:
-                continue
+                self._stop.wait(interval)
 
     def __enter__(self) -> AppendAuthority:
         self._stop.clear()

@@ -7,7 +7,15 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 
 from shard_sql.errors import InvalidEvent, LeaseHeld, SeqConflict, StaleLease
-from shard_sql.store import LeaseStore, StoreBase, already_written, check_fence, stamp, system_clock
+from shard_sql.store import (
+    IntentQueue,
+    LeaseStore,
+    StoreBase,
+    already_written,
+    check_fence,
+    stamp,
+    system_clock,
+)
 from shard_sql.validation import Pending, check_seq, check_space
 from shard_sql.values import Event, Lease
 
@@ -86,7 +94,7 @@ class MemoryLeases(LeaseStore):
             return new
 
 
-class InMemoryEventStore(StoreBase, MemoryLeases):
+class InMemoryEventStore(StoreBase, MemoryLeases, IntentQueue):
     """Events and leases in this process's memory, safe for threads; gone with the process."""
 
     def __init__(self) -> None:
@@ -94,6 +102,8 @@ class InMemoryEventStore(StoreBase, MemoryLeases):
         MemoryLeases.__init__(self, self._lock)
         self._logs: dict[str, list[Event]] = {}
         self._by_intent: dict[tuple[str, str], Event] = {}
+        self._intents: dict[str, dict[str, Pending]] = {}
+        self._changed = threading.Condition(self._lock)
 
     def events(self, space: str, *, from_seq: int = 0, limit: int | None = None) -> list[Event]:
         check_space(space)
@@ -139,4 +149,33 @@ class InMemoryEventStore(StoreBase, MemoryLeases):
             for e in out:
                 if e.intent_id is not None:
                     self._by_intent[(space, e.intent_id)] = e
+            self._changed.notify_all()
             return out
+
+    # -- forwarded intents (IntentQueue) -------------------------------------------------------
+
+    def put_intent(self, space: str, item: Pending, *, holder: str) -> None:
+        assert item.intent_id is not None
+        with self._lock:
+            self._intents.setdefault(space, {}).setdefault(item.intent_id, item)
+            self._changed.notify_all()
+
+    def find_intent(self, space: str, intent_id: str) -> Event | None:
+        with self._lock:
+            return self._by_intent.get((space, intent_id))
+
+    def pending_intents(self, space: str, *, limit: int) -> list[Pending]:
+        with self._lock:
+            queue = self._intents.get(space, {})
+            out = [p for i, p in queue.items() if (space, i) not in self._by_intent]
+            return out[:limit]
+
+    def forget_intents(self, space: str, intent_ids: Sequence[str]) -> None:
+        with self._lock:
+            queue = self._intents.get(space, {})
+            for i in intent_ids:
+                queue.pop(i, None)
+
+    def wait_for_change(self, spaces: Sequence[str], timeout: float) -> None:
+        with self._changed:
+            self._changed.wait(timeout)

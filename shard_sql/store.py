@@ -98,6 +98,39 @@ class BatchWriter(Protocol):
 
 
 @runtime_checkable
+class IntentQueue(Protocol):
+    """Forwarded intents, durable in the store, for holders in other processes and hosts.
+
+    An intent is applied when the event with its `intent_id` exists in its space: writing the
+    event is the mark, so an intent is applied at most once by construction (the idempotency of
+    `write`), and a holder that dies leaves its pending intents to the next one.
+    """
+
+    def put_intent(self, space: str, item: Pending, *, holder: str) -> None:
+        """Record `item` (whose `intent_id` is set) durably; wake the holder. Idempotent."""
+        ...
+
+    def find_intent(self, space: str, intent_id: str) -> Event | None:
+        """The event written for `intent_id` in `space`, if any."""
+        ...
+
+    def pending_intents(self, space: str, *, limit: int) -> list[Pending]:
+        """Unapplied intents of `space` in arrival order."""
+        ...
+
+    def forget_intents(self, space: str, intent_ids: Sequence[str]) -> None:
+        """Drop the records of applied intents (their events remain)."""
+        ...
+
+    def wait_for_change(self, spaces: Sequence[str], timeout: float) -> None:
+        """Block until an intent or event may have arrived in `spaces`, or `timeout` passes.
+
+        A store with notifications (PostgreSQL LISTEN/NOTIFY) wakes early; others may sleep.
+        """
+        ...
+
+
+@runtime_checkable
 class LeaseStore(Protocol):
     """Durable lease records kept beside the events, shared by every process that opens them.
 

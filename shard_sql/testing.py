@@ -20,7 +20,14 @@ from typing import Any
 import pytest
 
 from shard_sql.authority import AppendAuthority
-from shard_sql.errors import InvalidEvent, LeaseHeld, SeqConflict, ShardSqlError, StaleLease
+from shard_sql.errors import (
+    IntentTimeout,
+    InvalidEvent,
+    LeaseHeld,
+    SeqConflict,
+    ShardSqlError,
+    StaleLease,
+)
 from shard_sql.leases import LeaseRegistry
 from shard_sql.store import EventStore
 from shard_sql.values import Event, EventType, Lease
@@ -528,3 +535,79 @@ class AuthorityContract:
         reg = LeaseRegistry(clock=lambda: datetime(2026, 1, 1))
         with pytest.raises(InvalidEvent):
             reg.acquire("s", "A", 10)
+
+
+class ForwardingContract:
+    """Forwarding through the store's durable intents (`IntentQueue`), as between processes.
+
+    Two registries on one store stand for two processes: neither sees the other's nodes, so an
+    intent can only travel through the store.
+    """
+
+    def make_store(self) -> EventStore:
+        raise NotImplementedError
+
+    @pytest.fixture(autouse=True)
+    def _setup(self, request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[None]:
+        self.request, self.tmp_path = request, tmp_path
+        self.store = self.make_store()
+        self.clock = ManualClock(datetime.now(UTC))
+        self.here = LeaseRegistry(self.store, clock=self.clock)
+        self.there = LeaseRegistry(self.store, clock=self.clock)
+        yield
+        close = getattr(self.store, "close", None)
+        if close is not None:
+            close()
+
+    def test_forwarded_to_holder_in_another_registry(self) -> None:
+        holder = AppendAuthority("holder", self.store, self.here, ttl_seconds=30)
+        other = AppendAuthority("other", self.store, self.there, forward_timeout=20)
+        holder.append("s", "t", {"n": 0})
+        with holder:
+            e = other.append("s", "t", {"n": 1})
+            e2 = other.append("s", "t", {"n": 2}, intent_id="k")
+        assert (e.seq, e.writer, e2.seq, e2.intent_id) == (1, "holder", 2, "k")
+        assert e.intent_id is not None  # generated for the forwarded intent
+        assert [x.payload["n"] for x in self.store.events("s")] == [0, 1, 2]
+
+    def test_timeout_then_safe_retry(self) -> None:
+        holder = AppendAuthority("holder", self.store, self.here, ttl_seconds=30)
+        other = AppendAuthority("other", self.store, self.there, forward_timeout=0.3)
+        holder.acquire("s")
+        with pytest.raises(IntentTimeout):
+            other.append("s", "t", {"n": 0}, intent_id="retry-me")
+        assert self.store.head("s") == 0
+        assert holder.serve("s") == 1
+        again = other.append("s", "t", {"n": 0}, intent_id="retry-me")
+        assert (again.seq, again.writer) == (0, "holder")
+        assert holder.serve("s") == 0
+        assert self.store.head("s") == 1
+
+    def test_dead_holder_pending_intents_applied_by_next(self) -> None:
+        dead = AppendAuthority("dead", self.store, self.here, ttl_seconds=5)
+        dead.append("s", "t", {"n": "first"})
+        waiters = [
+            AppendAuthority(f"w{i}", self.store, LeaseRegistry(self.store, clock=self.clock))
+            for i in range(3)
+        ]
+        results: dict[int, Event] = {}
+
+        def call(i: int) -> None:
+            results[i] = waiters[i].append("s", "t", {"n": i}, intent_id=f"i{i}")
+
+        threads = [threading.Thread(target=call, args=(i,)) for i in range(3)]
+        for t in threads:
+            t.start()
+        deadline = datetime.now(UTC) + timedelta(seconds=10)
+        while len(self.store.pending_intents("s", limit=10)) < 3:  # type: ignore[attr-defined]
+            assert datetime.now(UTC) < deadline, "intents were not queued"
+            threading.Event().wait(0.01)
+        self.clock.advance(6)  # the holder's lease lapses; one waiter takes over
+        for t in threads:
+            t.join(30)
+        assert sorted(results) == [0, 1, 2]
+        got = self.store.events("s")
+        assert [e.seq for e in got] == [0, 1, 2, 3]
+        assert sorted(e.intent_id or "" for e in got[1:]) == ["i0", "i1", "i2"]
+        assert {e.writer for e in got[1:]} == {results[0].writer}
+        assert got[1].generation == got[0].generation + 1

@@ -6,7 +6,7 @@ import pytest
 
 from shard_sql import AppendAuthority, InMemoryEventStore, InvalidEvent, LeaseRegistry
 from shard_sql.store import EventStore
-from shard_sql.testing import AuthorityContract, ManualClock, StoreContract
+from shard_sql.testing import AuthorityContract, ForwardingContract, ManualClock, StoreContract
 
 
 class TestMemoryStore(StoreContract):
@@ -38,3 +38,8 @@ def test_registry_of_another_store_is_refused() -> None:
 def test_registry_needs_a_lease_store() -> None:
     with pytest.raises(InvalidEvent):
         LeaseRegistry(object())
+
+
+class TestMemoryForwarding(ForwardingContract):
+    def make_store(self) -> EventStore:
+        return InMemoryEventStore()
