@@ -1,0 +1,513 @@
+"""The command line in-process: every command and error path on in-memory stores.
+
+`main()` runs in this process with `open_store` patched so that `mem://NAME` URLs name shared
+in-memory stores; tests/test_cli_process.py drives the installed command against SQLite,
+PostgreSQL and git.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import io
+import json
+import sys
+import types
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from shard_sql import InMemoryEventStore, LeaseRegistry, StoreUnavailable, cli
+from shard_sql.validation import pending
+
+
+class Run:
+    def __init__(self, code: int, out: str, err: str) -> None:
+        self.code, self.out, self.err = code, out, err
+
+    def lines(self) -> list[Any]:
+        return [json.loads(line) for line in self.out.splitlines()]
+
+
+@pytest.fixture
+def stores(monkeypatch: pytest.MonkeyPatch) -> dict[str, InMemoryEventStore]:
+    opened: dict[str, InMemoryEventStore] = {}
+
+    def fake_open(url: str | None = None, *, migrate: bool = False) -> InMemoryEventStore:
+        assert url is not None
+        if not url.startswith("mem://"):
+            raise StoreUnavailable(f"cannot reach {url}")
+        return opened.setdefault(url, InMemoryEventStore())
+
+    monkeypatch.setattr(cli, "open_store", fake_open)
+    monkeypatch.setenv("SHARD_SQL_URL", "mem://main")
+    return opened
+
+
+@pytest.fixture
+def run(capsys: pytest.CaptureFixture[str], stores: dict[str, InMemoryEventStore]) -> Iterator[Any]:
+    def go(*argv: str, stdin: str | None = None) -> Run:
+        if stdin is not None:
+            sys.stdin = io.TextIOWrapper(io.BytesIO(stdin.encode()), encoding="utf-8")
+        try:
+            code = cli.main(list(argv))
+        finally:
+            sys.stdin = sys.__stdin__
+        out, err = capsys.readouterr()
+        if code != 0:
+            assert len(err.strip().splitlines()) == 1, err
+            assert err.startswith("shard-sql: error: "), err
+        assert "Traceback" not in err
+        return Run(code, out, err)
+
+    yield go
+
+
+def main_store(stores: dict[str, InMemoryEventStore]) -> InMemoryEventStore:
+    return stores.setdefault("mem://main", InMemoryEventStore())
+
+
+# -- help ----------------------------------------------------------------------------------------
+
+
+def subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    raise AssertionError("no subcommands")
+
+
+def test_every_command_has_a_description_and_an_example() -> None:
+    parser = cli.build_parser()
+    commands = subparsers(parser)
+    assert set(commands) >= {
+        "migrate",
+        "append",
+        "log",
+        "spaces",
+        "lease",
+        "verify",
+        "export",
+        "import",
+        "copy",
+        "bench",
+    }
+    assert parser.description and "shard-sql append" in (parser.epilog or "")
+    for name, sub in commands.items():
+        assert sub.description and len(sub.description) > 30, name
+        assert sub.epilog and "examples:" in sub.epilog, name
+        assert f"shard-sql {name}" in sub.epilog, name
+        help_text = sub.format_help()
+        assert "--url" in help_text and "--json" in help_text, name
+
+
+def test_help_exits_zero(run: Any) -> None:
+    r = run("--help")
+    assert r.code == 0 and "append" in r.out
+    r = run("log", "--help")
+    assert r.code == 0 and "--follow" in r.out and "examples:" in r.out
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        ([], "the following arguments are required: COMMAND"),
+        (["nope"], "invalid choice: 'nope'"),
+        (["append", "s"], "the following arguments are required: TYPE, PAYLOAD_JSON"),
+        (["log", "s", "--from-seq", "-1"], "'-1' must be >= 0"),
+        (["log", "s", "--limit", "x"], "'x' is not an integer"),
+        (["append", "s", "t", "{}", "--timeout", "0"], "'0' must be > 0"),
+    ],
+)
+def test_usage_errors(run: Any, argv: list[str], message: str) -> None:
+    r = run(*argv)
+    assert r.code == 2 and message in r.err
+
+
+# -- append and log ------------------------------------------------------------------------------
+
+
+def test_append_and_log(run: Any, stores: dict[str, InMemoryEventStore]) -> None:
+    r = run("append", "demo", "page.created", '{"title": "Home"}')
+    assert r.code == 0 and r.out.startswith("demo seq 0: page.created (writer cli-")
+    r = run("append", "demo", "alias.set", '{"alias": "index", "n": [1, {"x": null}]}', "--json")
+    event = r.lines()[0]
+    assert event["seq"] == 1 and event["payload"] == {"alias": "index", "n": [1, {"x": None}]}
+    assert event["writer"].startswith("cli-") and event["generation"] == 2
+    # Each CLI append released its lease: the space is free again.
+    assert LeaseRegistry(main_store(stores)).current("demo") is None
+
+    r = run("log", "demo")
+    assert r.code == 0
+    header, *rows = r.out.splitlines()
+    assert header.split()[:3] == ["SEQ", "RECORDED", "(UTC)"]
+    assert len(rows) == 2 and rows[0].startswith("0 ") and '{"title":"Home"}' in rows[0]
+    r = run("log", "demo", "--json")
+    assert [e["seq"] for e in r.lines()] == [0, 1]
+    got = r.lines()[0]
+    assert set(got) == {
+        "space",
+        "seq",
+        "type",
+        "payload",
+        "recorded_at",
+        "writer",
+        "generation",
+        "intent_id",
+    }
+    assert datetime.fromisoformat(got["recorded_at"]).tzinfo is not None
+    r = run("log", "demo", "--from-seq", "1", "--limit", "5", "--json")
+    assert [e["seq"] for e in r.lines()] == [1]
+    r = run("log", "demo", "--from-seq", "9")
+    assert r.code == 0 and r.out == ""
+
+
+def test_append_options(run: Any, stores: dict[str, InMemoryEventStore]) -> None:
+    r = run(
+        "append", "s", "t", "-", "--intent-id", "req-1", "--node", "ops", "--json", stdin='{"a": 1}'
+    )
+    first = r.lines()[0]
+    assert (first["writer"], first["intent_id"], first["payload"]) == ("ops", "req-1", {"a": 1})
+    again = run("append", "s", "t", '{"a": 1}', "--intent-id", "req-1", "--json").lines()[0]
+    assert again == first
+    assert main_store(stores).head("s") == 1
+
+
+def test_many_appends_page_through_log(run: Any, stores: dict[str, InMemoryEventStore]) -> None:
+    store = main_store(stores)
+    store.append_many("big", [("t", {"i": i}) for i in range(2500)], expected_seq=0)
+    r = run("log", "big", "--json")
+    assert [e["seq"] for e in r.lines()] == list(range(2500))
+    r = run("log", "big", "--from-seq", "100", "--limit", "1500")
+    assert len(r.out.splitlines()) == 1501
+
+
+@pytest.mark.parametrize(
+    ("payload", "message"),
+    [
+        ("{bad", "PAYLOAD_JSON is not valid JSON"),
+        ("[1, 2]", "PAYLOAD_JSON must be a JSON object, not an array"),
+        ('"x"', "not a string"),
+        ("3", "not a number"),
+        ("null", "not null"),
+        ('{"x": NaN}', "NaN is not allowed"),
+        ('{"x": -Infinity}', "-Infinity is not allowed"),
+        ('{"x": "\\u0000"}', "invalid payload: contains a NUL character"),
+    ],
+)
+def test_bad_payloads(
+    run: Any, stores: dict[str, InMemoryEventStore], payload: str, message: str
+) -> None:
+    r = run("append", "s", "t", payload)
+    assert r.code == 2 and message in r.err
+    assert main_store(stores).spaces() == []
+
+
+def test_bad_names(run: Any) -> None:
+    r = run("append", "", "t", "{}")
+    assert r.code == 2 and "invalid space: must not be empty" in r.err
+    r = run("append", "s", "bad\ntype", "{}")
+    assert r.code == 2 and "invalid type" in r.err
+    r = run("append", "s", "t", "{}", "--node", "x\ty")
+    assert r.code == 2 and "invalid node" in r.err
+    r = run("log", "a\x00b")
+    assert r.code == 2 and "invalid space" in r.err
+
+
+def test_unknown_space(run: Any) -> None:
+    r = run("log", "nowhere")
+    assert r.code == 1 and "unknown space 'nowhere': it has no events" in r.err
+    r = run("export", "nowhere")
+    assert r.code == 1 and "unknown space 'nowhere'" in r.err
+    r = run("verify", "nowhere")
+    assert r.code == 1 and "unknown space 'nowhere'" in r.err
+
+
+def test_store_errors_are_one_line(run: Any) -> None:
+    r = run("--url", "postgresql+psycopg://nobody@127.0.0.1:1/x", "spaces")
+    assert r.code == 1 and "cannot reach postgresql" in r.err
+
+
+def test_url_option_after_the_command(run: Any, stores: dict[str, InMemoryEventStore]) -> None:
+    assert run("append", "s", "t", "{}", "--url", "mem://other").code == 0
+    assert stores["mem://other"].head("s") == 1
+    assert run("--url", "mem://other", "log", "s").code == 0
+    assert run("log", "s").code == 1  # SHARD_SQL_URL: mem://main
+
+
+def test_held_space_forwards_then_times_out(
+    run: Any, stores: dict[str, InMemoryEventStore]
+) -> None:
+    store = main_store(stores)
+    LeaseRegistry(store).acquire("s", "other-node", 60)
+    r = run("append", "s", "t", "{}", "--no-forward")
+    assert r.code == 3 and "space 's' is held by 'other-node'" in r.err
+    r = run("append", "s", "t", "{}", "--timeout", "0.2", "--intent-id", "k")
+    assert r.code == 3 and "no holder wrote the append within 0.2s" in r.err and "(k)" in r.err
+    assert store.head("s") == 0
+
+
+# -- spaces and leases ---------------------------------------------------------------------------
+
+
+def test_spaces(run: Any, stores: dict[str, InMemoryEventStore]) -> None:
+    assert run("spaces").out == "no spaces yet\n"
+    assert run("spaces", "--json").out == ""
+    store = main_store(stores)
+    store.append_many("b", [("t", {}), ("t", {})], expected_seq=0)
+    store.append("a", "t", {}, expected_seq=0)
+    LeaseRegistry(store).acquire("b", "node-1", 60)
+    r = run("spaces")
+    lines = r.out.splitlines()
+    assert lines[0].split() == ["SPACE", "HEAD", "HOLDER", "GEN", "TIME", "LEFT"]
+    assert lines[1].split() == ["a", "1", "-", "-", "-"]
+    assert lines[2].split()[:4] == ["b", "2", "node-1", "1"]
+    rows = run("spaces", "--json").lines()
+    assert [(x["space"], x["head"], x["holder"]) for x in rows] == [
+        ("a", 1, None),
+        ("b", 2, "node-1"),
+    ]
+
+
+def test_lease_show_and_revoke(run: Any, stores: dict[str, InMemoryEventStore]) -> None:
+    assert "s: no valid lease" in run("lease", "s").out
+    assert run("lease", "s", "--json").lines() == [
+        {
+            "space": "s",
+            "held": False,
+            "holder": None,
+            "generation": None,
+            "expires_at": None,
+            "seconds_left": None,
+        }
+    ]
+    assert "nothing to revoke" in run("lease", "s", "--revoke").out
+    registry = LeaseRegistry(main_store(stores))
+    lease = registry.acquire("s", "node-1", 60)
+    r = run("lease", "s")
+    header, row = r.out.splitlines()
+    assert header.split()[:3] == ["SPACE", "HOLDER", "GEN"]
+    assert row.split()[:3] == ["s", "node-1", "1"] and row.endswith("s")
+    shown = run("lease", "s", "--json").lines()[0]
+    assert shown["held"] and shown["holder"] == "node-1" and 58 < shown["seconds_left"] <= 60
+    r = run("lease", "s", "--revoke", "--json")
+    assert r.lines() == [
+        {"space": "s", "revoked": True, "previous_holder": "node-1", "generation": 2}
+    ]
+    assert registry.current("s") is None
+    assert registry.acquire("s", "node-2", 60).generation == 3
+    assert lease.generation == 1
+
+
+# -- verify --------------------------------------------------------------------------------------
+
+
+def test_verify(run: Any, stores: dict[str, InMemoryEventStore]) -> None:
+    r = run("verify")
+    assert r.code == 0 and r.out.strip() == "ok: 0 spaces, 0 events, 0 violations"
+    run("append", "s", "t", "{}")
+    run("append", "s", "t", "{}")
+    r = run("verify")
+    assert r.code == 0 and r.out.splitlines()[-1] == "ok: 1 space, 2 events, 0 violations"
+    store = main_store(stores)
+    bad = dataclasses.replace(pending("t", {}), writer="intruder", generation=1)
+    store.write("s", [bad], expected_seq=2, fence=None, verify_fence=False)
+    r = run("verify")
+    assert r.code == 4 and "verify found 2 violations" in r.err
+    assert "VIOLATION 's' seq 2: [generation] generation 1 after generation 2" in r.out
+    assert "VIOLATION 's' seq 2: [writer] generation 1 written by 'intruder'" in r.out
+    report = run("verify", "s", "--json").lines()[0]
+    assert report["ok"] is False and report["details"][0]["rule"] == "generation"
+
+
+# -- export, import, copy ------------------------------------------------------------------------
+
+
+def fill(store: InMemoryEventStore) -> None:
+    registry = LeaseRegistry(store)
+    lease = registry.acquire("wiki", "node-a", 60)
+    store.append("wiki", "page.created", {"t": "Home", "ü": [1, 2.5]}, expected_seq=0, fence=lease)
+    store.append("wiki", "alias.set", {}, expected_seq=1, fence=lease, intent_id="i-1")
+    registry.revoke("wiki")
+    lease = registry.acquire("wiki", "node-b", 60)
+    store.append("wiki", "page.edited", {"n": 1}, expected_seq=2, fence=lease)
+    store.append_many("other", [("t", {"i": i}) for i in range(1200)], expected_seq=0)
+
+
+def test_export_import_round_trip(
+    run: Any, stores: dict[str, InMemoryEventStore], tmp_path: Path
+) -> None:
+    source = main_store(stores)
+    fill(source)
+    r = run("export")
+    lines = r.out.splitlines()
+    assert len(lines) == 1203 and json.loads(lines[0])["space"] == "other"
+    dump = tmp_path / "log.jsonl"
+    r = run("export", "--file", str(dump), "--json")
+    assert r.lines() == [{"exported": 1203, "spaces": 2, "file": str(dump)}]
+    assert dump.read_text().splitlines() == lines
+
+    r = run("import", "--url", "mem://copy", "--file", str(dump))
+    assert r.code == 0 and r.out == "imported 1203 events into 2 spaces\n"
+    target = stores["mem://copy"]
+    for space in ("wiki", "other"):
+        assert target.events(space) == source.events(space)
+    assert target.events("wiki")[2].writer == "node-b"
+    assert target.events("wiki")[2].generation == 3
+    # Again: everything is there already and identical.
+    r = run("import", "--url", "mem://copy", "--json", stdin=dump.read_text())
+    assert r.lines() == [{"imported": 0, "skipped": 1203, "spaces": 2}]
+    # One space only, to a third store, through stdin.
+    wiki = run("export", "wiki").out
+    r = run("import", "--url", "mem://third", stdin=wiki)
+    assert stores["mem://third"].spaces() == ["wiki"]
+
+
+def test_import_errors(run: Any, stores: dict[str, InMemoryEventStore], tmp_path: Path) -> None:
+    fill(main_store(stores))
+    good = run("export", "wiki").out.splitlines()
+    r = run("import", "--url", "mem://t", stdin=good[0] + "\n{oops\n")
+    assert r.code == 2 and "stdin line 2: not valid JSON" in r.err
+    assert stores["mem://t"].head("wiki") == 0  # the batch never reached the store
+    r = run("import", "--url", "mem://t", stdin="\n".join([good[0], good[2]]))
+    assert r.code == 1 and "stdin line 2: space 'wiki' seq 2 does not follow seq 0" in r.err
+    r = run("import", "--url", "mem://t", stdin=good[1])
+    assert r.code == 1 and "starts at seq 1, but the target's head is 0" in r.err
+    obj = json.loads(good[0])
+    changes: list[tuple[dict[str, Any], str]] = [
+        ({"payload": [1]}, "invalid payload"),
+        ({"recorded_at": "2026-01-01T00:00:00"}, "has no time zone"),
+        ({"recorded_at": "yesterday"}, "is not an ISO 8601 time"),
+        ({"generation": -1}, "invalid generation"),
+        ({"seq": "0"}, "invalid seq"),
+        ({"writer": 5}, "invalid writer"),
+    ]
+    for change, message in changes:
+        r = run("import", "--url", "mem://t", stdin=json.dumps({**obj, **change}))
+        assert r.code == 2 and message in r.err, (change, r.err)
+    del obj["type"]
+    r = run("import", "--url", "mem://t", stdin=json.dumps(obj) + "\n")
+    assert r.code == 2 and "stdin line 1: missing type" in r.err
+    r = run("import", "--url", "mem://t", stdin="[1]")
+    assert r.code == 2 and "expected a JSON object, not an array" in r.err
+    # A different log already in the target.
+    stores["mem://t"].append("wiki", "other.type", {}, expected_seq=0)
+    r = run("import", "--url", "mem://t", stdin="\n".join(good))
+    assert r.code == 1 and "seq 0 differs from the event already in the target" in r.err
+    r = run("import", "--file", str(tmp_path / "missing.jsonl"))
+    assert r.code == 1 and "missing.jsonl: No such file or directory" in r.err
+
+
+def test_duplicate_intent_in_import(run: Any, stores: dict[str, InMemoryEventStore]) -> None:
+    fill(main_store(stores))
+    lines = [json.loads(x) for x in run("export", "wiki").out.splitlines()]
+    lines[2]["intent_id"] = "i-1"
+    r = run("import", "--url", "mem://t", stdin="\n".join(json.dumps(x) for x in lines))
+    assert r.code == 1 and "intent_id 'i-1' appears twice in space 'wiki'" in r.err
+
+
+def test_copy(run: Any, stores: dict[str, InMemoryEventStore]) -> None:
+    source = main_store(stores)
+    fill(source)
+    r = run("copy", "wiki", "--to", "mem://dst")
+    assert r.code == 0 and r.out == "imported 3 events into 1 space\n"
+    assert stores["mem://dst"].events("wiki") == source.events("wiki")
+    r = run("copy", "--to", "mem://dst", "--json")
+    assert r.lines() == [{"imported": 1200, "skipped": 3, "spaces": 2}]
+    assert stores["mem://dst"].events("other") == source.events("other")
+    r = run("copy", "--to", "mem://main")
+    assert r.code == 2 and "--to names the source store itself" in r.err
+    r = run("copy", "--to", "nowhere://x")
+    assert r.code == 1 and "cannot reach nowhere://x" in r.err
+
+
+# -- bench ---------------------------------------------------------------------------------------
+
+
+def test_bench_table_and_json(run: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[bool] = []
+
+    def fake_run(*, quick: bool = False) -> list[dict[str, Any]]:
+        calls.append(quick)
+        return [
+            {"work": "append", "figure": 900.0, "baseline": 1000.0, "target": 0.85, "unit": "ev/s"},
+            {"work": "read", "figure": 5.0, "baseline": 10.0, "ratio": 0.5, "target": 1.0},
+        ]
+
+    module = types.ModuleType("benchmarks.sql_bench")
+    module.run = fake_run  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "benchmarks.sql_bench", module)
+    r = run("bench", "--only", "sql", "--quick")
+    assert r.code == 0 and calls == [True]
+    header, first, second = r.out.splitlines()
+    assert header.split() == [
+        "SUITE",
+        "WORK",
+        "FIGURE",
+        "BASELINE",
+        "RATIO",
+        "TARGET",
+        "MARK",
+        "UNIT",
+    ]
+    assert first.split() == ["sql", "append", "900", "1,000", "0.90x", "0.85x", "pass", "ev/s"]
+    assert second.split()[-2:] == ["1x", "short"]
+    rows = run("bench", "--only", "sql", "--json").lines()
+    assert rows[0]["ratio"] == pytest.approx(0.9) and rows[1]["ok"] is False
+
+
+def test_bench_without_runners(run: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cli, "_load_bench", lambda name: None)
+    r = run("bench")
+    assert r.code == 1 and "no benchmarks found" in r.err
+
+
+# -- odds and ends -------------------------------------------------------------------------------
+
+
+def test_unexpected_errors_are_one_line(run: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    def boom(args: argparse.Namespace) -> int:
+        raise RuntimeError("kaput\nsecond line")
+
+    monkeypatch.setattr(cli, "cmd_spaces", boom)
+    r = run("spaces")
+    assert r.code == 1
+    assert r.err == (
+        "shard-sql: error: unexpected RuntimeError: kaput second line "
+        "(set SHARD_SQL_DEBUG=1 for the traceback)\n"
+    )
+
+
+def test_progress_bar_only_on_a_terminal() -> None:
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    quiet = io.StringIO()
+    with cli.Progress("x", 10, stream=quiet) as bar:
+        bar.advance(5)
+    assert quiet.getvalue() == ""
+    tty = Tty()
+    with cli.Progress("export", 4, stream=tty) as bar:
+        bar.advance(4)
+    assert tty.getvalue().endswith("\rexport [" + "#" * 30 + "] 100% 4/4\n")
+
+
+def test_display_url_hides_passwords() -> None:
+    assert cli.display_url("postgresql+psycopg://u:secret@h/db") == (
+        "postgresql+psycopg://u:***@h/db"
+    )
+    assert cli.display_url("git+file:///x") == "git+file:///x"
+
+
+def test_default_node_id() -> None:
+    node = cli.default_node_id()
+    assert node.startswith("cli-") and node.endswith(f"-{__import__('os').getpid()}")
+
+
+def test_times_are_utc() -> None:
+    t = datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
+    assert cli._human_time(t) == "2026-01-02 03:04:05.678Z"
