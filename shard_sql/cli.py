@@ -14,6 +14,7 @@ Exit codes (see docs/cli.md):
        or a forwarded append not confirmed in time (retry with the same --intent-id)
     4  `verify` found a violated invariant
     130  interrupted (Ctrl-C), except `log --follow`, for which Ctrl-C is the normal end (0)
+    141  stdout was closed early (`shard-sql log demo | head`), quietly
 
 Any error ends with exactly one line on stderr, `shard-sql: error: ...`, and never a traceback
 (`SHARD_SQL_DEBUG=1` shows the traceback of an unexpected error).
@@ -62,6 +63,7 @@ EXIT_USAGE = 2
 EXIT_CONFLICT = 3
 EXIT_VIOLATION = 4
 EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141
 
 APPEND_TTL = 5.0
 """Seconds of the lease a CLI `append` takes; it is released as soon as the append is done, so
@@ -346,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:
         # The reader of stdout went away (`shard-sql log x | head`): stop quietly.
         _silence_stdout()
-        return EXIT_ERROR
+        return EXIT_BROKEN_PIPE
     except OSError as e:
         return _fail(_os_error(e), EXIT_ERROR)
     except Exception as e:
@@ -660,6 +662,7 @@ def cmd_append(args: argparse.Namespace) -> int:
         try:
             if args.no_forward:
                 node.acquire(args.space)  # LeaseHeld when another node holds the space
+                node.serve(args.space)  # what was forwarded to the previous holder comes first
             event = node.append(args.space, item.type, item.payload, intent_id=item.intent_id)
         finally:
             # A CLI process is short-lived: never keep the space from the other nodes.

@@ -1,0 +1,351 @@
+"""The installed `shard-sql` command, run as a subprocess against SQLite, PostgreSQL and git.
+
+Each subprocess costs a few tenths of a second (SQLAlchemy's import), so every test walks
+several commands at once. Every run checks: no traceback on stderr, and a failing run prints
+exactly one `shard-sql: error: ...` line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+BIN = Path(sys.executable).parent
+SHARD_SQL = shutil.which("shard-sql", path=str(BIN)) or shutil.which("shard-sql")
+
+
+class Result:
+    def __init__(self, code: int, out: str, err: str) -> None:
+        self.code, self.out, self.err = code, out, err
+
+    def lines(self) -> list[Any]:
+        return [json.loads(line) for line in self.out.splitlines()]
+
+    def __repr__(self) -> str:
+        return f"Result({self.code}, out={self.out[-500:]!r}, err={self.err[-500:]!r})"
+
+
+def environ(url: str | None = None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("SHARD_SQL_URL", "SHARD_SQL_DEBUG")}
+    if url is not None:
+        env["SHARD_SQL_URL"] = url
+    return env
+
+
+def shard_sql(
+    *args: str,
+    url: str | None = None,
+    cwd: Path | None = None,
+    stdin: str | None = None,
+    env_url: str | None = None,
+    timeout: float = 60,
+) -> Result:
+    """Run the installed command; `url` goes to --url, `env_url` to SHARD_SQL_URL."""
+    assert SHARD_SQL is not None, "the shard-sql console script is not installed"
+    argv = [SHARD_SQL, *args] + (["--url", url] if url is not None else [])
+    proc = subprocess.run(
+        argv,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=environ(env_url),
+        timeout=timeout,
+    )
+    r = Result(proc.returncode, proc.stdout, proc.stderr)
+    assert "Traceback" not in r.err, r
+    if r.code != 0:
+        assert r.err.startswith("shard-sql: error: "), r
+        assert len(r.err.strip().splitlines()) == 1, r
+    return r
+
+
+def need(module: str) -> None:
+    pytest.importorskip(module, reason=f"{module} has not landed yet")
+
+
+@pytest.fixture(params=["sqlite", "postgresql", "git"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A store URL of each kind, empty (PostgreSQL: not migrated yet)."""
+    kind: str = request.param
+    if kind == "git":
+        need("shard_sql.git")
+        return f"git+file://{tmp_path}/log.git"
+    need("shard_sql.sql")
+    if kind == "sqlite":
+        return f"sqlite:///{tmp_path}/shard.db"
+    url: str = request.getfixturevalue("pg_url")
+    return url
+
+
+def migrated(url: str) -> str:
+    if url.startswith("postgresql"):
+        import shard_sql
+
+        shard_sql.migrate(url)
+    return url
+
+
+# -- every command on every backend --------------------------------------------------------------
+
+
+def test_commands(backend: str, tmp_path: Path) -> None:
+    url = backend
+    r = shard_sql("migrate", url=url)
+    assert r.code == 0, r
+    r = shard_sql("append", "demo", "page.created", '{"title": "Home"}', url=url)
+    assert r.code == 0 and r.out.startswith("demo seq 0: page.created (writer cli-"), r
+    r = shard_sql(
+        "append",
+        "demo",
+        "alias.set",
+        "-",
+        "--intent-id",
+        "req-1",
+        "--node",
+        "ops",
+        "--json",
+        url=url,
+        stdin='{"alias": "index", "ü": [1, 2.5, null]}',
+    )
+    second = r.lines()[0]
+    assert (second["seq"], second["writer"], second["intent_id"]) == (1, "ops", "req-1"), r
+    r = shard_sql("append", "other", "t", "{}", "--json", env_url=url)  # SHARD_SQL_URL
+    assert r.code == 0, r
+
+    r = shard_sql("log", "demo", url=url)
+    header, *rows = r.out.splitlines()
+    assert header.split()[:2] == ["SEQ", "RECORDED"] and len(rows) == 2, r
+    assert '{"title":"Home"}' in rows[0] and "req-1" in rows[1]
+    events = shard_sql("log", "demo", "--json", url=url).lines()
+    assert [e["seq"] for e in events] == [0, 1]
+    assert events[1] == second
+    assert events[0]["generation"] < events[1]["generation"]
+    r = shard_sql("log", "demo", "--from-seq", "1", "--limit", "1", "--json", url=url)
+    assert r.lines() == [second]
+
+    spaces = shard_sql("spaces", "--json", url=url).lines()
+    assert [(s["space"], s["head"], s["holder"]) for s in spaces] == [
+        ("demo", 2, None),
+        ("other", 1, None),
+    ]
+    r = shard_sql("spaces", url=url)
+    assert r.out.splitlines()[0].split()[:2] == ["SPACE", "HEAD"], r
+
+    r = shard_sql("lease", "demo", "--json", url=url)
+    assert r.lines()[0]["held"] is False, r
+    r = shard_sql("lease", "demo", "--revoke", "--json", url=url)
+    revoked = r.lines()[0]
+    assert revoked["revoked"] is True and revoked["generation"] > second["generation"], r
+
+    report = shard_sql("verify", "--json", url=url).lines()[0]
+    assert report["ok"] is True and report["events"] == 3, report
+    r = shard_sql("verify", url=url)
+    assert r.code == 0 and r.out.splitlines()[-1] == "ok: 2 spaces, 3 events, 0 violations", r
+
+    dump = tmp_path / "export.jsonl"
+    r = shard_sql("export", "--file", str(dump), url=url)
+    assert r.code == 0 and "exported 3 events of 2 spaces" in r.out, r
+    exported = [json.loads(x) for x in dump.read_text().splitlines()]
+    assert exported[:2] == events
+    # Importing the store's own export again: everything is already there.
+    r = shard_sql("import", "--file", str(dump), "--json", url=url)
+    assert r.lines() == [{"imported": 0, "skipped": 3, "spaces": 2}], r
+
+
+def test_default_store_is_sqlite_in_the_current_directory(tmp_path: Path) -> None:
+    """The README's main job: append and read back on ./shard.db, created on first use."""
+    need("shard_sql.sql")
+    r = shard_sql("append", "demo", "page.created", '{"title": "Home"}', cwd=tmp_path)
+    assert r.code == 0, r
+    assert (tmp_path / "shard.db").is_file()
+    r = subprocess.run(
+        [sys.executable, "-m", "shard_sql", "log", "demo", "--json"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=environ(),
+        timeout=60,
+    )
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["payload"] == {"title": "Home"}
+
+
+# -- log --follow --------------------------------------------------------------------------------
+
+
+def read_line(proc: subprocess.Popen[str], timeout: float = 20) -> str:
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], timeout)
+    assert ready, "no line from log --follow in time"
+    return proc.stdout.readline()
+
+
+def test_follow_sees_an_append_from_another_process(backend: str) -> None:
+    url = migrated(backend)
+    assert shard_sql("append", "tail", "t", '{"n": 0}', url=url).code == 0
+    assert SHARD_SQL is not None
+    proc = subprocess.Popen(
+        [SHARD_SQL, "log", "tail", "--follow", "--json", "--interval", "0.2", "--url", url],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=environ(),
+    )
+    try:
+        assert json.loads(read_line(proc))["payload"] == {"n": 0}
+        assert shard_sql("append", "tail", "t", '{"n": 1}', url=url).code == 0
+        event = json.loads(read_line(proc))
+        assert (event["seq"], event["payload"]) == (1, {"n": 1})
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err
+    assert out == "" and err == ""
+
+
+# -- moving a log between backends ---------------------------------------------------------------
+
+
+def test_export_from_git_imported_into_postgresql(pg_url: str, tmp_path: Path) -> None:
+    need("shard_sql.git")
+    need("shard_sql.sql")
+    git = f"git+file://{tmp_path}/source.git"
+    from shard_sql import GitEventStore, LeaseRegistry
+
+    store = GitEventStore(tmp_path / "source.git")
+    try:
+        registry = LeaseRegistry(store)
+        lease = registry.acquire("wiki", "node-a", 60)
+        store.append(
+            "wiki",
+            "page.created",
+            {"t": "Home", "n": [1, {"x": None}]},
+            expected_seq=0,
+            fence=lease,
+        )
+        store.append("wiki", "alias.set", {"a": "ü"}, expected_seq=1, fence=lease, intent_id="i-1")
+        registry.revoke("wiki")
+        lease = registry.acquire("wiki", "node-b", 60)
+        store.append("wiki", "page.edited", {}, expected_seq=2, fence=lease)
+        store.append_many("bulk", [("t", {"i": i}) for i in range(1200)], expected_seq=0)
+    finally:
+        store.close()
+    dump = tmp_path / "git.jsonl"
+    assert shard_sql("export", "--file", str(dump), url=git).code == 0
+    assert shard_sql("migrate", url=pg_url).code == 0
+    r = shard_sql("import", "--file", str(dump), url=pg_url)
+    assert r.code == 0 and r.out == "imported 1203 events into 2 spaces\n", r
+    for space in ("wiki", "bulk"):
+        source = shard_sql("log", space, "--json", url=git).lines()
+        copied = shard_sql("log", space, "--json", url=pg_url).lines()
+        assert copied == source
+    wiki = shard_sql("log", "wiki", "--json", url=pg_url).lines()
+    assert [(e["writer"], e["generation"], e["intent_id"]) for e in wiki] == [
+        ("node-a", 1, None),
+        ("node-a", 1, "i-1"),
+        ("node-b", 3, None),
+    ]
+    assert shard_sql("verify", url=pg_url).code == 0
+
+
+def test_copy_sqlite_to_git(tmp_path: Path) -> None:
+    need("shard_sql.git")
+    need("shard_sql.sql")
+    sqlite = f"sqlite:///{tmp_path}/a.db"
+    git = str(tmp_path / "plain-path-repo")  # a plain directory path selects git
+    for n in range(3):
+        assert shard_sql("append", "s", "t", json.dumps({"n": n}), url=sqlite).code == 0
+    r = shard_sql("copy", "--to", git, "--json", url=sqlite)
+    assert r.lines() == [{"imported": 3, "skipped": 0, "spaces": 1}], r
+    assert shard_sql("log", "s", "--json", url=git).lines() == (
+        shard_sql("log", "s", "--json", url=sqlite).lines()
+    )
+
+
+# -- leases across processes ---------------------------------------------------------------------
+
+
+def test_lease_held_by_another_node(pg_url: str) -> None:
+    need("shard_sql.sql")
+    from shard_sql import AppendAuthority, LeaseRegistry, SqlEventStore
+
+    url = migrated(pg_url)
+    store = SqlEventStore(url)
+    try:
+        registry = LeaseRegistry(store)
+        registry.acquire("held", "other-node", 60)
+        r = shard_sql("lease", "held", url=url)
+        assert r.out.splitlines()[1].split()[:3] == ["held", "other-node", "1"], r
+        r = shard_sql("append", "held", "t", "{}", "--no-forward", url=url)
+        assert r.code == 3 and "space 'held' is held by 'other-node'" in r.err, r
+        r = shard_sql("append", "held", "t", "{}", "--timeout", "0.5", "--intent-id", "k1", url=url)
+        assert r.code == 3 and "no holder wrote the append within 0.5s" in r.err, r
+        assert "k1" in r.err
+        r = shard_sql("lease", "held", "--revoke", url=url)
+        assert r.code == 0 and "'other-node' is fenced" in r.out, r
+        # A live holder in this process serves an append forwarded by the command.
+        node = AppendAuthority("holder", store, registry, ttl_seconds=10)
+        with node:
+            node.acquire("served")
+            r = shard_sql("append", "served", "t", '{"via": "cli"}', "--json", url=url)
+            assert r.code == 0, r
+            assert r.lines()[0]["writer"] == "holder"
+            assert node.holds("served")
+    finally:
+        store.close()
+
+
+# -- errors --------------------------------------------------------------------------------------
+
+
+def test_input_errors(tmp_path: Path) -> None:
+    sqlite = f"sqlite:///{tmp_path}/e.db"
+    cases = [
+        (["append", "s", "t", "{not json"], 2, "PAYLOAD_JSON is not valid JSON"),
+        (["append", "s", "t", "[1]"], 2, "PAYLOAD_JSON must be a JSON object, not an array"),
+        (["append", "s", "t", '{"x": NaN}'], 2, "NaN is not allowed"),
+        (["log"], 2, "the following arguments are required: SPACE"),
+        (["frobnicate"], 2, "invalid choice: 'frobnicate'"),
+    ]
+    for argv, code, message in cases:
+        r = shard_sql(*argv, url=sqlite)
+        assert r.code == code and message in r.err, (argv, r)
+    assert not (tmp_path / "e.db").exists()  # refused before the store was opened
+
+
+def test_store_errors(tmp_path: Path, pg_url: str) -> None:
+    need("shard_sql.sql")
+    r = shard_sql("log", "nowhere", url=f"sqlite:///{tmp_path}/u.db")
+    assert r.code == 1 and "unknown space 'nowhere'" in r.err, r
+    r = shard_sql("spaces", url="postgresql+psycopg://postgres@127.0.0.1:1/nothing")
+    assert r.code == 1, r
+    r = shard_sql("spaces", url=pg_url)  # not migrated
+    assert r.code == 1 and "shard-sql migrate" in r.err, r
+    r = shard_sql("spaces", url="nosuchdialect://x/y")
+    assert r.code in (1, 2), r
+    (tmp_path / "file.db").write_text("not a repository")
+    r = shard_sql("spaces", url=str(tmp_path / "file.db"))
+    assert r.code == 2 and "is a file, not a git repository" in r.err, r
+    assert "sqlite:///" in r.err
+
+
+def test_not_a_git_repository(tmp_path: Path) -> None:
+    need("shard_sql.git")
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "notes.txt").write_text("hello")
+    r = shard_sql("spaces", url=f"git+file://{plain}")
+    assert r.code == 1, r
