@@ -23,6 +23,7 @@ Any error ends with exactly one line on stderr, `shard-sql: error: ...`, and nev
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib
 import inspect
@@ -52,7 +53,7 @@ from shard_sql.errors import (
 )
 from shard_sql.store import BatchWriter, EventStore, IntentQueue, LeaseStore
 from shard_sql.urls import DEFAULT_URL, URL_ENV, default_url, git_path, is_git_url, open_store
-from shard_sql.validation import Pending, check_seq, check_text, pending
+from shard_sql.validation import Pending, check_seq, check_space, check_text, pending
 from shard_sql.values import Event
 
 PROG = "shard-sql"
@@ -398,7 +399,11 @@ def _silence_stdout() -> None:
 
 def _url(args: argparse.Namespace) -> str:
     url: str | None = getattr(args, "url", None)
-    return url if url else default_url()
+    if url is None:
+        return default_url()
+    if not url.strip():
+        raise CliError("--url must not be empty", EXIT_USAGE)
+    return url
 
 
 def _json(args: argparse.Namespace) -> bool:
@@ -425,7 +430,7 @@ def _check_git_path(url: str) -> None:
         hint = ""
         if not url.startswith("git+file:"):
             hint = f"; for a SQLite file use sqlite:///{path}"
-        raise CliError(f"{path} is a file, not a git repository{hint}", EXIT_USAGE)
+        raise CliError(f"{path} is a file, not a git repository{hint}", EXIT_ERROR)
 
 
 class _Opened:
@@ -666,7 +671,9 @@ def cmd_append(args: argparse.Namespace) -> int:
             event = node.append(args.space, item.type, item.payload, intent_id=item.intent_id)
         finally:
             # A CLI process is short-lived: never keep the space from the other nodes.
-            node.release(args.space)
+            # (If the release fails, the lease lapses after its short TTL.)
+            with contextlib.suppress(ShardSqlError):
+                node.release(args.space)
     if _json(args):
         _emit(_dumps(event_dict(event)))
     else:
@@ -967,7 +974,9 @@ def cmd_import(args: argparse.Namespace) -> int:
                     bar.advance()
                 importer.flush()
     finally:
-        if source is not sys.stdin:
+        if name == "stdin":
+            source.detach()  # leave the process's stdin open
+        else:
             source.close()
     _report_import(args, importer)
     return EXIT_OK
@@ -1032,8 +1041,6 @@ def _event_from(obj: object, where: str) -> Event:
     if missing:
         raise CliError(f"{where}: missing {', '.join(missing)}", EXIT_USAGE)
     try:
-        from shard_sql.validation import check_space
-
         space = check_space(obj["space"])
         seq = check_seq("seq", obj["seq"])
         generation = check_seq("generation", obj["generation"])

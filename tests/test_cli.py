@@ -511,3 +511,12 @@ def test_default_node_id() -> None:
 def test_times_are_utc() -> None:
     t = datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
     assert cli._human_time(t) == "2026-01-02 03:04:05.678Z"
+
+
+def test_url_errors(run: Any, tmp_path: Path) -> None:
+    r = run("spaces", "--url", "")
+    assert r.code == 2 and "--url must not be empty" in r.err
+    (tmp_path / "shard.db").write_bytes(b"SQLite format 3\x00")
+    r = run("spaces", "--url", str(tmp_path / "shard.db"))
+    assert r.code == 1
+    assert f"{tmp_path}/shard.db is a file, not a git repository; for a SQLite file use " in r.err

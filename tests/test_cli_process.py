@@ -338,7 +338,7 @@ def test_store_errors(tmp_path: Path, pg_url: str) -> None:
     assert r.code in (1, 2), r
     (tmp_path / "file.db").write_text("not a repository")
     r = shard_sql("spaces", url=str(tmp_path / "file.db"))
-    assert r.code == 2 and "is a file, not a git repository" in r.err, r
+    assert r.code == 1 and "is a file, not a git repository" in r.err, r
     assert "sqlite:///" in r.err
 
 
