@@ -520,3 +520,22 @@ def test_url_errors(run: Any, tmp_path: Path) -> None:
     r = run("spaces", "--url", str(tmp_path / "shard.db"))
     assert r.code == 1
     assert f"{tmp_path}/shard.db is a file, not a git repository; for a SQLite file use " in r.err
+
+
+def test_follow_until_limit(run: Any, stores: dict[str, InMemoryEventStore]) -> None:
+    """--follow waits for events of an empty space; --limit ends it (Ctrl-C: test_cli_process)."""
+    import threading
+    import time
+
+    store = main_store(stores)
+
+    def writer() -> None:
+        for n in range(3):
+            time.sleep(0.05)
+            store.append("later", "t", {"n": n}, expected_seq=n)
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    r = run("log", "later", "--follow", "--limit", "3", "--json", "--interval", "0.1")
+    thread.join()
+    assert r.code == 0 and [e["payload"]["n"] for e in r.lines()] == [0, 1, 2]
