@@ -1,0 +1,70 @@
+"""alembic environment of shard_sql.
+
+Three ways in:
+- `shard_sql.migrate(url)` / `SqlEventStore(url, migrate=True)` / `shard-sql migrate` pass an open
+  connection (in `config.attributes["connection"]`) already inside a transaction that holds the
+  migration lock; the migrations run in that transaction and the caller commits.
+- `alembic upgrade head` from the repository root: the URL comes from `-x url=...`, else
+  `sqlalchemy.url` in alembic.ini, else SHARD_SQL_URL, else sqlite:///shard.db; the connection is
+  opened the way shard_sql opens it (SQLite: WAL and BEGIN IMMEDIATE; PostgreSQL: an advisory lock),
+  so concurrent migrations queue up instead of colliding.
+- `alembic upgrade head --sql`: offline, prints the SQL.
+"""
+
+from __future__ import annotations
+
+from logging.config import fileConfig
+from typing import Any
+
+from alembic import context
+
+from shard_sql._orm import VERSION_TABLE, metadata
+
+config = context.config
+
+if config.config_file_name is not None and not config.attributes.get("connection"):
+    fileConfig(config.config_file_name, disable_existing_loggers=False)
+
+OPTIONS: dict[str, Any] = {
+    "target_metadata": metadata,
+    "version_table": VERSION_TABLE,
+    "compare_type": True,
+    # Future ALTERs on SQLite need "move and copy" batch mode; autogenerate renders it.
+    "render_as_batch": True,
+}
+
+
+def database_url() -> str:
+    from shard_sql.urls import default_url
+
+    url = context.get_x_argument(as_dictionary=True).get("url")
+    return url or config.get_main_option("sqlalchemy.url") or default_url()
+
+
+def run_offline() -> None:
+    from shard_sql.sql import normalize_url
+
+    context.configure(url=normalize_url(database_url()), literal_binds=True, **OPTIONS)
+    with context.begin_transaction():
+        context.run_migrations()
+
+
+def run_online() -> None:
+    connection = config.attributes.get("connection")
+    if connection is not None:
+        context.configure(connection=connection, **OPTIONS)
+        with context.begin_transaction():
+            context.run_migrations()
+        return
+    from shard_sql.sql import migration_connection
+
+    with migration_connection(database_url()) as connection:
+        context.configure(connection=connection, **OPTIONS)
+        with context.begin_transaction():
+            context.run_migrations()
+
+
+if context.is_offline_mode():
+    run_offline()
+else:
+    run_online()

@@ -1,0 +1,158 @@
+"""The SQL schema: SQLAlchemy 2 typed ORM models, the single source of the tables.
+
+The alembic migrations in `migrations/` are written from (and checked against) these models; the
+adapter's hot path runs hand-written statements over the same tables (see `shard_sql.sql`).
+Rows stay private to the adapter: the public API returns `Event` and `Lease` values.
+
+On PostgreSQL the payload is `JSONB` and times are `timestamptz`. On SQLite the payload is JSON
+text and times are UTC text in SQLAlchemy's DATETIME format (`YYYY-MM-DD HH:MM:SS.ffffff`).
+Names (space, type, holder, writer, intent id) use the "C" collation on PostgreSQL, which orders
+by code point like Python's `sorted` and SQLite's default BINARY collation.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    CheckConstraint,
+    DateTime,
+    Index,
+    MetaData,
+    PrimaryKeyConstraint,
+    String,
+    text,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+SCHEMA_REVISION = "0001"
+"""The alembic head revision these models describe.
+
+A store compares it with the database's version row when it opens, without loading alembic.
+`tests/test_sql_migrations.py` checks that it names the one head of `migrations/versions/`:
+bump it with every new revision.
+"""
+
+VERSION_TABLE = "shard_sql_version"
+"""alembic's version table: shard_sql's own name, so the log can live in a host application's
+database beside that application's alembic history."""
+
+NAME_LENGTH = 200
+"""Spaces, types, holders and intent ids are at most 200 characters (see `validation`)."""
+
+EVENTS = "events"
+LEASES = "leases"
+
+
+def _name(comment: str, *, nullable: bool = False) -> Mapped[Any]:
+    return mapped_column(
+        String(NAME_LENGTH).with_variant(String(NAME_LENGTH, collation="C"), "postgresql"),
+        nullable=nullable,
+        comment=comment,
+    )
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(
+        naming_convention={
+            "pk": "%(table_name)s_pkey",
+            "ck": "%(table_name)s_%(constraint_name)s_check",
+            "uq": "%(table_name)s_%(column_0_N_name)s_key",
+            "ix": "%(table_name)s_%(column_0_N_name)s_idx",
+        }
+    )
+
+
+class EventRow(Base):
+    """One event of a space's log."""
+
+    __tablename__ = EVENTS
+    __table_args__ = (
+        PrimaryKeyConstraint("space", "seq"),
+        Index(
+            "events_space_intent_id_key",
+            "space",
+            "intent_id",
+            unique=True,
+            postgresql_where=text("intent_id IS NOT NULL"),
+            sqlite_where=text("intent_id IS NOT NULL"),
+        ),
+        CheckConstraint("seq >= 0", name="seq"),
+        CheckConstraint("generation >= 0", name="generation"),
+        {
+            "comment": (
+                "shard_sql event log: append-only, one gapless sequence per space. "
+                "Rows are never updated or deleted; the primary key (space, seq) is the "
+                "compare-and-set of an append."
+            )
+        },
+    )
+
+    space: Mapped[str] = _name("The log this event belongs to (1-200 characters).")
+    seq: Mapped[int] = mapped_column(
+        BigInteger,
+        comment="Position in the space: 0, 1, 2, ... with no gaps. head = max(seq) + 1.",
+    )
+    type: Mapped[str] = _name("Event type, e.g. alias.set, binding.made, page.forked.")
+    payload: Mapped[dict[str, Any]] = mapped_column(
+        JSON().with_variant(JSONB(), "postgresql"),
+        nullable=False,
+        comment="The event's data: a JSON object (JSONB on PostgreSQL, JSON text on SQLite).",
+    )
+    recorded_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True),
+        nullable=False,
+        comment="When the event was written (UTC; text YYYY-MM-DD HH:MM:SS.ffffff on SQLite).",
+    )
+    writer: Mapped[str] = _name(
+        "Node id of the lease holder that wrote the event; empty if written without a lease."
+    )
+    generation: Mapped[int] = mapped_column(
+        BigInteger,
+        nullable=False,
+        comment="Lease generation (fencing token) the event was written under; 0 without a lease.",
+    )
+    intent_id: Mapped[str | None] = _name(
+        "The caller's idempotency key, unique per space when set: a retried append "
+        "with the same key returns this event instead of writing again.",
+        nullable=True,
+    )
+
+
+class LeaseRow(Base):
+    """The lease record of a space: who may append to it, until when, under which generation."""
+
+    __tablename__ = LEASES
+    __table_args__ = (
+        PrimaryKeyConstraint("space"),
+        CheckConstraint("generation >= 1", name="generation"),
+        {
+            "comment": (
+                "shard_sql append leases: at most one holder per space at a time. Rows are "
+                "updated by compare-and-set and never deleted, so the generation never resets."
+            )
+        },
+    )
+
+    space: Mapped[str] = _name("The space this lease grants appends to.")
+    holder: Mapped[str] = _name("Node id of the current or last holder.")
+    expires_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True),
+        nullable=False,
+        comment="The lease is valid while now < expires_at (UTC); release sets it to now.",
+    )
+    generation: Mapped[int] = mapped_column(
+        BigInteger,
+        nullable=False,
+        comment="Fencing token: +1 at every new grant (new holder, or after lapse, release or "
+        "revoke); a renewal keeps it. Appends check holder and generation, not expiry.",
+    )
+
+
+metadata = Base.metadata
+events_table = EventRow.__table__
+leases_table = LeaseRow.__table__

@@ -1,0 +1,45 @@
+"""The store and authority contracts on the SQL adapter: a SQLite file and a real PostgreSQL."""
+
+from __future__ import annotations
+
+import pytest
+
+from shard_sql.sql import SqlEventStore
+from shard_sql.store import EventStore
+from shard_sql.testing import AuthorityContract, StoreContract
+
+
+class SqliteFile:
+    def make_store(self) -> EventStore:
+        return SqlEventStore(self.store_url())
+
+    def store_url(self) -> str:
+        return f"sqlite:///{self.tmp_path}/shard.db"  # type: ignore[attr-defined]
+
+
+class Postgres:
+    def make_store(self) -> EventStore:
+        return SqlEventStore(self.store_url(), migrate=True)
+
+    def store_url(self) -> str:
+        if not hasattr(self, "_pg"):
+            self._pg: str = self.request.getfixturevalue("pg_url")  # type: ignore[attr-defined]
+        return self._pg
+
+
+class TestSqliteStore(SqliteFile, StoreContract):
+    pass
+
+
+class TestSqliteAuthority(SqliteFile, AuthorityContract):
+    pass
+
+
+@pytest.mark.postgres
+class TestPostgresStore(Postgres, StoreContract):
+    pass
+
+
+@pytest.mark.postgres
+class TestPostgresAuthority(Postgres, AuthorityContract):
+    pass
