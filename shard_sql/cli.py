@@ -959,8 +959,10 @@ def _check_target(store: object) -> BatchWriter:
 
 def cmd_import(args: argparse.Namespace) -> int:
     path = args.file
+    stdin: io.TextIOWrapper | None = None
     if path is None or path == "-":
-        source: IO[str] = io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8")
+        stdin = io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8")
+        source: IO[str] = stdin
         name = "stdin"
     else:
         source = open(path, encoding="utf-8")  # noqa: SIM115
@@ -974,8 +976,8 @@ def cmd_import(args: argparse.Namespace) -> int:
                     bar.advance()
                 importer.flush()
     finally:
-        if name == "stdin":
-            source.detach()  # leave the process's stdin open
+        if stdin is not None:
+            stdin.detach()  # leave the process's stdin open
         else:
             source.close()
     _report_import(args, importer)
