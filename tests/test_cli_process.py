@@ -387,3 +387,60 @@ def test_verify_reports_a_violation(tmp_path: Path) -> None:
     r = shard_sql("verify", url=url)
     assert r.code == 4 and r.err == "shard-sql: error: verify found 1 violation\n", r
     assert "VIOLATION 's' seq 1: [writer] generation 1 written by 'node-b'" in r.out
+
+
+def test_progress_on_a_terminal_and_a_closed_pipe(tmp_path: Path) -> None:
+    """Export draws a bar on a terminal's stderr (never on stdout); `| head` ends quietly."""
+    need("shard_sql.sql")
+    import pty
+
+    from shard_sql import SqlEventStore
+
+    url = f"sqlite:///{tmp_path}/p.db"
+    store = SqlEventStore(url)
+    try:
+        store.append_many("s", [("t", {"i": i}) for i in range(3000)], expected_seq=0)
+    finally:
+        store.close()
+    assert SHARD_SQL is not None
+    primary, secondary = pty.openpty()
+    try:
+        proc = subprocess.run(
+            [SHARD_SQL, "export", "--url", url, "--file", str(tmp_path / "x.jsonl")],
+            stdout=subprocess.PIPE,
+            stderr=secondary,
+            env=environ(),
+            timeout=60,
+        )
+        os.close(secondary)
+        drawn = b""
+        while select.select([primary], [], [], 0.5)[0]:
+            try:
+                chunk = os.read(primary, 65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            drawn += chunk
+    finally:
+        os.close(primary)
+    assert proc.returncode == 0
+    assert b"export [" + b"#" * 30 + b"] 100% 3000/3000" in drawn
+    assert proc.stdout.decode().startswith("exported 3000 events")
+    # Piped: no bar at all.
+    r = shard_sql("export", "s", "--file", str(tmp_path / "y.jsonl"), url=url)
+    assert r.code == 0 and r.err == ""
+
+    # The reader goes away after one line: no traceback, no message, exit 141.
+    with subprocess.Popen(
+        [SHARD_SQL, "log", "s", "--json", "--url", url],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=environ(),
+    ) as head:
+        assert head.stdout is not None and head.stderr is not None
+        assert json.loads(head.stdout.readline())["seq"] == 0
+        head.stdout.close()
+        err = head.stderr.read()
+        head.wait(timeout=60)
+    assert head.returncode == 141 and err == b""
