@@ -1255,13 +1255,20 @@ def _fmt_number(value: Any) -> str:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     names = [args.only] if args.only else sorted(BENCH_MODULES)
-    modules = {n: _load_bench(n) for n in names}
+    modules: dict[str, Any] = {}
+    for n in names:
+        try:
+            modules[n] = _load_bench(n)
+        except ImportError as e:
+            raise CliError(f"cannot import {BENCH_MODULES[n]}: {e}") from e
     found = {n: m for n, m in modules.items() if m is not None}
     if not found:
         raise CliError(
             "no benchmarks found (benchmarks/sql_bench.py, benchmarks/git_bench.py); "
             "run from a source checkout"
         )
+    for n in sorted(set(names) - set(found)):
+        print(f"{PROG}: note: {BENCH_MODULES[n]} not found; skipped", file=sys.stderr)
     results: list[dict[str, Any]] = []
     with Progress("bench", len(found)) as bar:
         for name, module in found.items():

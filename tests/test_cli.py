@@ -539,3 +539,26 @@ def test_follow_until_limit(run: Any, stores: dict[str, InMemoryEventStore]) -> 
     r = run("log", "later", "--follow", "--limit", "3", "--json", "--interval", "0.1")
     thread.join()
     assert r.code == 0 and [e["payload"]["n"] for e in r.lines()] == [0, 1, 2]
+
+
+def test_bench_skips_a_missing_suite(
+    capsys: pytest.CaptureFixture[str], stores: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    class Row:
+        work, figure, baseline, target = "read", 2.0, 1.0, 1.0
+
+    module = types.SimpleNamespace(__name__="benchmarks.sql_bench", run=lambda: [Row()])
+    monkeypatch.setattr(cli, "_load_bench", lambda name: module if name == "sql" else None)
+    assert cli.main(["bench", "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert err == "shard-sql: note: benchmarks.git_bench not found; skipped\n"
+    assert json.loads(out)["ok"] is True and json.loads(out)["ratio"] == 2.0
+
+    def broken(name: str) -> None:
+        raise ModuleNotFoundError("No module named 'eventsourcing'")
+
+    monkeypatch.setattr(cli, "_load_bench", broken)
+    assert cli.main(["bench", "--only", "git"]) == 1
+    assert capsys.readouterr().err == (
+        "shard-sql: error: cannot import benchmarks.git_bench: No module named 'eventsourcing'\n"
+    )
