@@ -35,6 +35,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Concatenate, ParamSpec, TypeVar
@@ -79,7 +80,6 @@ transactions may roll back on power loss; several times faster."""
 DEFAULT_BUSY_TIMEOUT = 30.0
 """Seconds a SQLite write waits for another connection's write lock before giving up."""
 
-MIGRATE_HINT = "run `shard-sql migrate --url URL` or open it with SqlEventStore(url, migrate=True)"
 
 _COLUMNS = "space, seq, type, payload, recorded_at, writer, generation, intent_id"
 _READ_COLUMNS = "seq, type, payload, recorded_at, writer, generation, intent_id"
@@ -118,10 +118,38 @@ def _is_memory(url: URL) -> bool:
 def _describe(url: URL) -> str:
     """Where the store is, for error messages: never the password."""
     if url.get_backend_name() == "sqlite":
-        return "SQLite in-memory database" if _is_memory(url) else f"SQLite file {url.database}"
+        if _is_memory(url):
+            return "SQLite in-memory database"
+        path = str(url.database)
+        if url.query.get("uri") in ("true", "1") and path.startswith("file:"):
+            path = path[len("file:") :].partition("?")[0]
+        return f"SQLite file {path}"
     host = url.host or "the local socket"
     port = f":{url.port}" if url.port else ""
     return f"PostgreSQL at {host}{port} (database {url.database!r}, user {url.username!r})"
+
+
+@dataclass(frozen=True, slots=True)
+class _Site:
+    """Where a store is, for error messages (never with the password), and how to migrate it."""
+
+    where: str
+    url: str
+    busy_timeout: float = DEFAULT_BUSY_TIMEOUT
+
+    @classmethod
+    def of(cls, url: URL, busy_timeout: float = DEFAULT_BUSY_TIMEOUT) -> _Site:
+        return cls(_describe(url), url.render_as_string(hide_password=True), busy_timeout)
+
+    def __str__(self) -> str:
+        return self.where
+
+    @property
+    def hint(self) -> str:
+        return (
+            f"run `shard-sql migrate --url '{self.url}'` "
+            "or open it with SqlEventStore(url, migrate=True)"
+        )
 
 
 def _sqlite_connect_hook(synchronous: str, busy_ms: int, memory: bool) -> Callable[..., None]:
@@ -242,11 +270,10 @@ def _one_line(text: str) -> str:
 
 def _translate(
     e: BaseException,
-    where: str,
+    where: _Site,
     *,
     space: str | None = None,
     expected_seq: int | None = None,
-    busy_timeout: float = DEFAULT_BUSY_TIMEOUT,
 ) -> ShardSqlError | None:
     """The shard_sql error for a driver, SQLAlchemy or alembic error; None for anything else
     (a bug, which must surface as itself)."""
@@ -258,7 +285,7 @@ def _translate(
             return SeqConflict(space, expected_seq)
         return SchemaError(f"{where}: unexpected unique violation: {_one_line(str(root))}")
     if isinstance(root, sqlite3.Error):
-        return _sqlite_error(root, where, busy_timeout)
+        return _sqlite_error(root, where)
     sqlstate = getattr(root, "sqlstate", None)
     if type(root).__module__.startswith("psycopg"):
         return _pg_error(root, sqlstate, where)
@@ -271,14 +298,14 @@ def _translate(
     return None
 
 
-def _sqlite_error(e: sqlite3.Error, where: str, busy_timeout: float) -> ShardSqlError:
+def _sqlite_error(e: sqlite3.Error, where: _Site) -> ShardSqlError:
     msg = _one_line(str(e))
     code = (getattr(e, "sqlite_errorcode", None) or 0) & 0xFF
     if isinstance(e, sqlite3.IntegrityError):
         return SchemaError(f"{where} refused a row: {msg}")
     if code in _SQLITE_BUSY or "database is locked" in msg:
         return StoreUnavailable(
-            f"{where} stayed locked by another connection for over {busy_timeout:g}s ({msg})"
+            f"{where} stayed locked by another connection for over {where.busy_timeout:g}s ({msg})"
         )
     if code == 8 or "readonly" in msg or "read-only" in msg:
         return StoreUnavailable(
@@ -291,13 +318,13 @@ def _sqlite_error(e: sqlite3.Error, where: str, busy_timeout: float) -> ShardSql
     if code in (11, 26) or "not a database" in msg or "malformed" in msg:
         return SchemaError(f"{where} is not a valid SQLite database: {msg}")
     if "no such table" in msg or "no such column" in msg:
-        return SchemaError(f"{where} lacks the shard_sql schema ({msg}): {MIGRATE_HINT}")
+        return SchemaError(f"{where} lacks the shard_sql schema ({msg}): {where.hint}")
     if code in (10, 13):  # SQLITE_IOERR, SQLITE_FULL
         return StoreUnavailable(f"{where}: disk error: {msg}")
     return StoreUnavailable(f"{where}: {msg}")
 
 
-def _pg_error(e: BaseException, sqlstate: str | None, where: str) -> ShardSqlError:
+def _pg_error(e: BaseException, sqlstate: str | None, where: _Site) -> ShardSqlError:
     import psycopg
 
     msg = _one_line(str(e))
@@ -305,7 +332,7 @@ def _pg_error(e: BaseException, sqlstate: str | None, where: str) -> ShardSqlErr
     if state.startswith("23"):
         return SchemaError(f"{where} refused a row: {msg}")
     if state in ("42P01", "42703", "42883", "3F000"):
-        return SchemaError(f"{where} lacks the shard_sql schema ({msg}): {MIGRATE_HINT}")
+        return SchemaError(f"{where} lacks the shard_sql schema ({msg}): {where.hint}")
     if state == "42501":
         return StoreUnavailable(f"{where}: permission denied for this role: {msg}")
     if state == "25006":
@@ -342,7 +369,7 @@ def _guarded(
         except ShardSqlError:
             raise
         except Exception as e:
-            err = _translate(e, self.where, busy_timeout=self._busy_timeout)
+            err = _translate(e, self._site)
             if err is None:
                 raise
             raise err from e
@@ -430,6 +457,11 @@ class _Connections:
         finally:
             if self._serial is not None:
                 self._serial.release()
+
+    def drop_idle(self) -> None:
+        """Forget the idle connections (after one was found dead, they likely are too)."""
+        while self._idle:
+            self._idle.pop().fairy.invalidate()
 
     def close(self) -> None:
         self._closed = True
@@ -732,7 +764,8 @@ class SqlEventStore(StoreBase, LeaseStore):
             url_or_engine, synchronous=sqlite_synchronous.upper(), busy_timeout=busy_timeout
         )
         self._engine = engine
-        self.where = _describe(engine.url)
+        self._site = _Site.of(engine.url, self._busy_timeout)
+        self.where = self._site.where
         self._sqlite = engine.dialect.name == "sqlite"
         self._d: _Dialect = _Sqlite() if self._sqlite else _Postgres()
         self._conns = _Connections(
@@ -786,12 +819,19 @@ class SqlEventStore(StoreBase, LeaseStore):
             return True
         return not (c.raw.closed or c.raw.broken)
 
-    def _call(self, fn: Callable[..., _R], *args: Any) -> _R:
-        """Run `fn(conn, *args)` on a kept connection. SQLite busy errors (the busy handler
-        already waited `busy_timeout`, or could not wait) are retried with backoff until
-        `busy_timeout` has passed; every attempt rolls back first, so nothing is half-written."""
+    def _call(self, fn: Callable[..., _R], *args: Any, retry: bool = True) -> _R:
+        """Run `fn(conn, *args)` on a kept connection; every failed attempt rolls back first, so
+        nothing is half-written.
+
+        SQLite busy errors (the busy handler already waited, or could not wait) are retried with
+        backoff until `busy_timeout` has passed. A PostgreSQL connection found dead (a server
+        restart, a terminated backend) is dropped with every idle one, and with `retry` (the
+        call is idempotent: a read, or a write whose intent ids make a repeat harmless) the call
+        runs once more on a new connection.
+        """
         deadline = 0.0
         delay = 0.001
+        reconnected = False
         while True:
             try:
                 c = self._conns.get()
@@ -809,9 +849,16 @@ class SqlEventStore(StoreBase, LeaseStore):
                 except Exception:
                     healthy = False
                 healthy = healthy and self._healthy(c)
-                if self._sqlite and isinstance(e, Exception) and _is_sqlite_busy(e):
+                if not isinstance(e, Exception) or isinstance(e, ShardSqlError):
+                    raise
+                if self._sqlite and _is_sqlite_busy(e):
                     deadline, delay = self._backoff(deadline, delay, e)
                     continue
+                if not healthy:
+                    self._conns.drop_idle()
+                    if retry and not reconnected:
+                        reconnected = True
+                        continue
                 raise
             finally:
                 self._conns.put(c, healthy)
@@ -831,24 +878,24 @@ class SqlEventStore(StoreBase, LeaseStore):
         try:
             revision = self._call(self._revision)
         except Exception as e:
-            err = _translate(e, self.where, busy_timeout=self._busy_timeout)
+            err = _translate(e, self._site)
             if err is None:
                 raise
             raise err from e
         if revision == SCHEMA_REVISION:
             return
         if revision is not None and (not migrate_now or not _known_revision(revision)):
-            raise SchemaError(_revision_problem(self.where, revision))
+            raise SchemaError(_revision_problem(self._site, revision))
         if not migrate_now:
-            raise SchemaError(f"{self.where} has no shard_sql schema: {MIGRATE_HINT}")
-        _migrate(self._engine, self.where)
+            raise SchemaError(f"{self.where} has no shard_sql schema: {self._site.hint}")
+        _migrate(self._engine, self._site)
 
     def _revision(self, c: _Conn) -> str | None:
         try:
             c.cur.execute(self._d.version_sql)
             rows = c.cur.fetchall()
         except Exception as e:
-            if isinstance(_translate(e, self.where), SchemaError):
+            if isinstance(_translate(e, self._site), SchemaError):
                 return None  # no version table: not a shard_sql database (yet)
             raise
         return str(rows[0][0]) if rows else None
@@ -906,9 +953,14 @@ class SqlEventStore(StoreBase, LeaseStore):
         now = system_clock()
         events = [stamp(space, expected_seq + n, p, fence, now) for n, p in enumerate(batch)]
         check = fence if verify_fence else None
+        # A write whose every event has an intent id can be repeated safely after a lost
+        # connection: a committed first attempt is then found and returned, never doubled.
+        repeatable = all(p.intent_id is not None for p in batch)
         try:
             for _ in range(3):
-                done = self._call(self._write, space, events, batch, check, expected_seq)
+                done = self._call(
+                    self._write, space, events, batch, check, expected_seq, retry=repeatable
+                )
                 if done is not None:
                     return done
             # Three benign races in a row (the head moved between the write and the check).
@@ -916,13 +968,7 @@ class SqlEventStore(StoreBase, LeaseStore):
         except ShardSqlError:
             raise
         except Exception as e:
-            err = _translate(
-                e,
-                self.where,
-                space=space,
-                expected_seq=expected_seq,
-                busy_timeout=self._busy_timeout,
-            )
+            err = _translate(e, self._site, space=space, expected_seq=expected_seq)
             if err is None:
                 raise
             if isinstance(err, SeqConflict) and any(p.intent_id for p in batch):
@@ -938,7 +984,7 @@ class SqlEventStore(StoreBase, LeaseStore):
         except ShardSqlError:
             raise
         except Exception as e:
-            err = _translate(e, self.where, busy_timeout=self._busy_timeout)
+            err = _translate(e, self._site)
             if err is None:
                 raise
             raise err from e
@@ -1130,7 +1176,7 @@ class SqlEventStore(StoreBase, LeaseStore):
     @_guarded
     def lease_revoke(self, space: str, now: datetime) -> Lease | None:
         d = self._d
-        row = self._call(self._returning, d.revoke_sql, (d.time(now), space))
+        row = self._call(self._returning, d.revoke_sql, (d.time(now), space), retry=False)
         return None if row is None else d.lease(space, row)
 
 
@@ -1197,7 +1243,7 @@ _MIGRATION_LOCK = 0x5A4D_5351_4C00_0001
 """The advisory lock key migrations take on PostgreSQL ("ZMSQL" + 1)."""
 
 
-def _migrate(engine: Engine, where: str) -> str:
+def _migrate(engine: Engine, where: _Site) -> str:
     from alembic import command
 
     deadline = time.monotonic() + DEFAULT_BUSY_TIMEOUT
@@ -1223,7 +1269,7 @@ def migrate(url_or_engine: str | URL | Engine) -> str:
     the head revision. Safe to run concurrently and repeatedly."""
     engine, owned = _open_engine(url_or_engine)
     try:
-        return _migrate(engine, _describe(engine.url))
+        return _migrate(engine, _Site.of(engine.url))
     finally:
         if owned:
             engine.dispose()
@@ -1238,11 +1284,11 @@ def _known_revision(revision: str) -> bool:
         return False
 
 
-def _revision_problem(where: str, revision: str) -> str:
+def _revision_problem(where: _Site, revision: str) -> str:
     if _known_revision(revision):
         return (
             f"{where} is at shard_sql schema revision {revision}, older than {SCHEMA_REVISION}: "
-            f"{MIGRATE_HINT}"
+            f"{where.hint}"
         )
     return (
         f"{where} is at shard_sql schema revision {revision!r}, unknown to this version of "
