@@ -17,8 +17,10 @@ Design (see docs/dba.md for the DBA's view):
   Only when the statement writes nothing does a follow-up read tell why, in the order of the
   reference adapter: intent already written (return it), stale fence, seq conflict.
   The primary key (space, seq) is the last line of defence; its violation is `SeqConflict`.
-- A batch is one statement on PostgreSQL (`INSERT ... SELECT ... FROM unnest(arrays)` with the
-  same guards); on SQLite one `BEGIN IMMEDIATE` transaction: checks, then `executemany`.
+- A batch is one transaction: `BEGIN IMMEDIATE` on SQLite, `BEGIN` on PostgreSQL; the same
+  checks as statements (the lease row read `FOR SHARE` on PostgreSQL), then the rows by
+  `executemany` on SQLite and by `COPY` on PostgreSQL (measured faster than pipelined
+  `executemany` and than one `INSERT ... SELECT FROM unnest(arrays)`), then COMMIT.
 - Leases are compare-and-set `UPDATE ... WHERE ...` statements (plus `INSERT ... ON CONFLICT DO
   NOTHING` for a space's first grant), checked by the rows they return. Rows are never deleted.
 - Every driver error is translated in one place, `_translate`, into a `ShardSqlError`.
@@ -483,7 +485,9 @@ class _Connections:
 
 def _sqlite_time(dt: datetime) -> str:
     """UTC text, fixed width, in SQLAlchemy's SQLite DATETIME format: sorts as it compares."""
-    return dt.astimezone(UTC).replace(tzinfo=None).isoformat(" ", "microseconds")
+    if dt.tzinfo is not UTC:
+        dt = dt.astimezone(UTC)
+    return dt.isoformat(" ", "microseconds")[:26]  # without the "+00:00"
 
 
 _fromiso = datetime.fromisoformat
@@ -516,30 +520,6 @@ def _insert_one_sql(p: str, *, pg: bool, fence: bool, intent: bool) -> str:
         )
     if intent:
         sql += f" AND NOT EXISTS (SELECT 1 FROM {EVENTS} WHERE space = {p} AND intent_id = {p})"
-    return sql
-
-
-def _insert_many_pg_sql(*, fence: bool, intent: bool) -> str:
-    sql = (
-        f"INSERT INTO {EVENTS} ({_COLUMNS}) "
-        "SELECT %s, b.seq, b.type, CAST(b.payload AS jsonb), b.recorded_at, b.writer, "
-        "b.generation, b.intent_id "
-        "FROM unnest(CAST(%s AS bigint[]), CAST(%s AS text[]), CAST(%s AS text[]), "
-        "CAST(%s AS timestamptz[]), CAST(%s AS text[]), CAST(%s AS bigint[]), "
-        "CAST(%s AS text[])) AS b(seq, type, payload, recorded_at, writer, generation, intent_id) "
-        f"WHERE COALESCE((SELECT seq + 1 FROM {EVENTS} WHERE space = %s "
-        "ORDER BY seq DESC LIMIT 1), 0) = %s"
-    )
-    if fence:
-        sql += (
-            f" AND EXISTS (SELECT 1 FROM {LEASES} WHERE space = %s AND holder = %s "
-            "AND generation = %s FOR SHARE)"
-        )
-    if intent:
-        sql += (
-            f" AND NOT EXISTS (SELECT 1 FROM {EVENTS} WHERE space = %s "
-            "AND intent_id = ANY(CAST(%s AS text[])))"
-        )
     return sql
 
 
@@ -599,6 +579,9 @@ class _Dialect:
             f"WHERE space = {p} AND holder = {p} AND generation = {p}"
         )
         self.current_sql = self.lease_sql + f" AND expires_at > {p}"
+        # Within a write transaction: SQLite holds the write lock already; PostgreSQL adds
+        # FOR SHARE (below) so a new grant waits for the write's commit.
+        self.lease_locked_sql = self.lease_sql
         self.revoke_sql = (
             f"UPDATE {LEASES} SET expires_at = {least}(expires_at, {p}), "
             f"generation = generation + 1 WHERE space = {p} "
@@ -626,16 +609,9 @@ class _Dialect:
     def rollback(self, c: _Conn) -> None:
         raise NotImplementedError
 
-    def insert_many(
-        self,
-        c: _Conn,
-        space: str,
-        events: list[Event],
-        batch: Sequence[Pending],
-        fence: Lease | None,
-    ) -> int | None:
-        """Write a batch in one statement (rows written), or None: use a transaction."""
-        return None
+    def insert_rows(self, c: _Conn, rows: list[tuple[Any, ...]]) -> None:
+        """Insert checked rows inside the open write transaction."""
+        c.cur.executemany(self.insert_values, rows)
 
 
 class _Sqlite(_Dialect):
@@ -669,11 +645,8 @@ class _Postgres(_Dialect):
 
     def __init__(self) -> None:
         super().__init__()
-        self.insert_many_sql = {
-            (fence, intent): _insert_many_pg_sql(fence=fence, intent=intent)
-            for fence in (False, True)
-            for intent in (False, True)
-        }
+        self.copy_sql = f"COPY {EVENTS} ({_COLUMNS}) FROM STDIN"
+        self.lease_locked_sql = self.lease_sql + " FOR SHARE"
 
     def time(self, dt: datetime) -> Any:
         return dt
@@ -694,33 +667,11 @@ class _Postgres(_Dialect):
         if c.raw.info.transaction_status != 0:  # not idle
             c.raw.rollback()
 
-    def insert_many(
-        self,
-        c: _Conn,
-        space: str,
-        events: list[Event],
-        batch: Sequence[Pending],
-        fence: Lease | None,
-    ) -> int | None:
-        intents = [e.intent_id for e in events if e.intent_id is not None]
-        params: list[Any] = [
-            space,
-            [e.seq for e in events],
-            [e.type for e in events],
-            [p.payload_json for p in batch],
-            [e.recorded_at for e in events],
-            [e.writer for e in events],
-            [e.generation for e in events],
-            [e.intent_id for e in events],
-            space,
-            events[0].seq,
-        ]
-        if fence is not None:
-            params += [space, fence.holder, fence.generation]
-        if intents:
-            params += [space, intents]
-        c.cur.execute(self.insert_many_sql[(fence is not None, bool(intents))], params)
-        return int(c.cur.rowcount)
+    def insert_rows(self, c: _Conn, rows: list[tuple[Any, ...]]) -> None:
+        # COPY beats executemany (measured: 100 rows 1.5 ms against 1.8-2.0 ms, pipelined).
+        with c.cur.copy(self.copy_sql) as copy:
+            for row in rows:
+                copy.write_row(row)
 
 
 # -- the store -------------------------------------------------------------------------------
@@ -951,11 +902,15 @@ class SqlEventStore(StoreBase, LeaseStore):
         if not batch:
             raise InvalidEvent("items", "must not be empty")
         now = system_clock()
-        events = [stamp(space, expected_seq + n, p, fence, now) for n, p in enumerate(batch)]
-        check = fence if verify_fence else None
+        if len(batch) == 1:
+            events = [stamp(space, expected_seq, batch[0], fence, now)]
+            repeatable = batch[0].intent_id is not None
+        else:
+            events = [stamp(space, expected_seq + n, p, fence, now) for n, p in enumerate(batch)]
+            repeatable = all(p.intent_id is not None for p in batch)
         # A write whose every event has an intent id can be repeated safely after a lost
         # connection: a committed first attempt is then found and returned, never doubled.
-        repeatable = all(p.intent_id is not None for p in batch)
+        check = fence if verify_fence else None
         try:
             for _ in range(3):
                 done = self._call(
@@ -1023,18 +978,13 @@ class SqlEventStore(StoreBase, LeaseStore):
             if c.cur.rowcount == 1:
                 return events
             return self._precheck(c, space, batch, expected_seq, fence)
-        written = d.insert_many(c, space, events, batch, fence)
-        if written is not None:
-            if written == len(events):
-                return events
-            return self._precheck(c, space, batch, expected_seq, fence)
         d.begin_write(c)
-        done = self._precheck(c, space, batch, expected_seq, fence)
+        done = self._precheck(c, space, batch, expected_seq, fence, locked=True)
         if done is not None:
             d.rollback(c)
             return done
-        c.cur.executemany(
-            d.insert_values,
+        d.insert_rows(
+            c,
             [
                 (
                     space,
@@ -1059,10 +1009,13 @@ class SqlEventStore(StoreBase, LeaseStore):
         batch: Sequence[Pending],
         expected_seq: int,
         fence: Lease | None,
+        *,
+        locked: bool = False,
     ) -> list[Event] | None:
         """The write's checks, in the reference adapter's order: intent ids already written
         (returns their events; `InvalidEvent` if only some are), the fence (`StaleLease`), the
-        head (`SeqConflict`). None: nothing stands in the way."""
+        head (`SeqConflict`). None: nothing stands in the way. `locked`: inside the write's
+        transaction, the lease row is read with the lock that orders it before a new grant."""
         ids = [p.intent_id for p in batch if p.intent_id is not None]
         if ids:
             found = self._by_intent(c, space, ids)
@@ -1070,7 +1023,7 @@ class SqlEventStore(StoreBase, LeaseStore):
             if done is not None:
                 return done
         if fence is not None:
-            check_fence(fence, self._lease_record(c, space))
+            check_fence(fence, self._lease_record(c, space, locked=locked))
         head = self._head(c, space)
         if head != expected_seq:
             raise SeqConflict(space, expected_seq, head)
@@ -1093,8 +1046,8 @@ class SqlEventStore(StoreBase, LeaseStore):
 
     # -- leases ----------------------------------------------------------------------------
 
-    def _lease_record(self, c: _Conn, space: str) -> Lease | None:
-        c.cur.execute(self._d.lease_sql, (space,))
+    def _lease_record(self, c: _Conn, space: str, *, locked: bool = False) -> Lease | None:
+        c.cur.execute(self._d.lease_locked_sql if locked else self._d.lease_sql, (space,))
         row = c.cur.fetchone()
         return None if row is None else self._d.lease(space, row)
 

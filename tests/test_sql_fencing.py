@@ -68,16 +68,23 @@ def test_new_grant_waits_for_an_append_in_flight(store: SqlEventStore, pg_url: s
     assert (e.writer, e.generation) == ("a", lease.generation)
 
 
+@pytest.mark.parametrize("batch", [False, True], ids=["append", "append_many"])
 def test_append_waits_for_a_grant_in_flight_then_is_stale(
-    store: SqlEventStore, pg_url: str
+    store: SqlEventStore, pg_url: str, batch: bool
 ) -> None:
     registry = LeaseRegistry(store, clock=ManualClock())
     lease = registry.acquire("s", "a", 10)
+
+    def write() -> object:
+        if batch:
+            return store.append_many("s", [("t", {})] * 3, expected_seq=0, fence=lease)
+        return store.append("s", "t", {}, expected_seq=0, fence=lease)
+
     with psycopg.connect(libpq(pg_url)) as granter:
         granter.execute(
             "UPDATE leases SET holder = 'b', generation = generation + 1 WHERE space = 's'"
         )
-        append = Background(lambda: store.append("s", "t", {}, expected_seq=0, fence=lease))
+        append = Background(write)
         append.start()
         time.sleep(0.4)
         assert append.is_alive(), "the fenced append must wait for the grant in flight"
