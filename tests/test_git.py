@@ -1,0 +1,418 @@
+"""The git adapter: the shared contracts on a real repository, and git-specific cases."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import zlib
+from pathlib import Path
+
+import pytest
+
+from shard_sql import GitEventStore, LeaseRegistry, ShardSqlError, StoreUnavailable
+from shard_sql.git import CHUNK, LEASES, SPACES, decode_name, encode_name, lease_ref, space_ref
+from shard_sql.store import EventStore
+from shard_sql.testing import HOSTILE_SPACES, AuthorityContract, ManualClock, StoreContract
+
+
+def git(repo: Path, *args: str, check: bool = True) -> str:
+    r = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, check=False)
+    if check and r.returncode != 0:
+        raise AssertionError(f"git {' '.join(args)}: {r.returncode}\n{r.stdout}\n{r.stderr}")
+    return r.stdout
+
+
+def assert_fsck_clean(repo: Path) -> None:
+    r = subprocess.run(
+        ["git", "-C", str(repo), "fsck", "--strict", "--no-dangling", "--full"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    problems = [
+        line
+        for line in (r.stdout + r.stderr).splitlines()
+        if line and not line.startswith(("notice:", "Checking"))
+    ]
+    assert r.returncode == 0 and not problems, r.stdout + r.stderr
+
+
+def all_refs(repo: Path) -> dict[str, str]:
+    out = git(repo, "for-each-ref", "--format=%(refname) %(objectname)")
+    return dict(line.split(" ", 1) for line in out.splitlines())
+
+
+class TestGitStore(StoreContract):
+    def make_store(self) -> EventStore:
+        return GitEventStore(self.tmp_path / "log.git")
+
+    def store_url(self) -> str | None:
+        return f"git+file://{self.tmp_path / 'log.git'}"
+
+    def test_zz_fsck_clean_after_contract_work(self) -> None:
+        self.test_hostile_space_names_are_distinct()
+        self.test_fence_stale_lease_writes_nothing()
+        items = [("t", {"i": i}, f"k{i}") for i in range(300)]
+        self.store.append_many("batch", items, expected_seq=0)
+        assert_fsck_clean(self.tmp_path / "log.git")
+
+
+class TestGitAuthority(AuthorityContract):
+    def make_store(self) -> EventStore:
+        return GitEventStore(self.tmp_path / "log.git")
+
+
+# -- names -----------------------------------------------------------------------------------
+
+TRICKY = [
+    *HOSTILE_SPACES,
+    "a",
+    "A",
+    "%61",
+    "a+",
+    "a" * 100,
+    "a" * 101,
+    "a" * 199 + "é",
+    "a" * 100 + "b",
+    "é" * 200,
+    "é" * 149 + "a",
+    "😀" * 200,
+    "空" * 101,
+    ".hidden",
+    "x/.lock",
+    "a/b.lock/c",
+    "refs/shard-sql/spaces/a",
+    "..",
+    "@",
+    "a~b^c:d?e*f[g\\h",
+    "CON",
+    "trailing/",
+]
+
+
+def test_names_round_trip_and_are_valid_ref_names(tmp_path: Path) -> None:
+    refs = set()
+    for name in TRICKY:
+        enc = encode_name(name)
+        if enc.startswith("="):  # too long to spell out: hashed, spelled out in the events
+            assert len(name.encode()) > 250 and decode_name(enc) is None
+            assert set(enc[1:]) <= set("0123456789abcdef") and len(enc) == 65
+        else:
+            assert decode_name(enc) == name
+            assert set(enc) <= set("abcdefghijklmnopqrstuvwxyz0123456789-_%+/"), enc
+        assert all(0 < len(part) <= 101 for part in enc.split("/"))
+        ref = space_ref(name)
+        r = subprocess.run(["git", "check-ref-format", ref], capture_output=True, check=False)
+        assert r.returncode == 0, ref
+        refs.add(ref)
+    assert len(refs) == len(set(TRICKY))
+    # No ref is a directory prefix of another (git would refuse the second one).
+    for a in refs:
+        for b in refs:
+            assert a == b or not b.startswith(a + "/")
+    assert decode_name("a+") is None and decode_name("A") is None and decode_name("%zz") is None
+
+
+def test_hostile_names_stay_in_the_namespace(tmp_path: Path) -> None:
+    repo = tmp_path / "work"
+    repo.mkdir()
+    git(repo, "init", "-q", "-b", "main")
+    (repo / "f.txt").write_text("hello\n")
+    git(repo, "add", "f.txt")
+    git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "init")
+    before = all_refs(repo)
+    store = GitEventStore(repo)
+    reg = LeaseRegistry(store, clock=ManualClock())
+    for name in TRICKY:
+        lease = reg.acquire(name, "node", 10)
+        store.append(name, "t", {"name": name}, expected_seq=0, fence=lease, intent_id=name)
+    after = all_refs(repo)
+    new = {r for r in after if r not in before}
+    assert all(r.startswith((SPACES, LEASES)) for r in new)
+    assert {r: after[r] for r in before} == before
+    assert len(new) == 2 * len(TRICKY)
+    assert store.spaces() == sorted(TRICKY)
+    for name in TRICKY:
+        [e] = store.events(name)
+        assert e.payload == {"name": name} and e.space == name
+    assert not (repo / "HEAD").exists() and git(repo, "rev-parse", "--abbrev-ref", "HEAD") == (
+        "main\n"
+    )
+    assert_fsck_clean(repo)
+    store.close()
+
+
+def test_foreign_refs_in_the_namespace_are_ignored(tmp_path: Path) -> None:
+    store = GitEventStore(tmp_path / "r.git")
+    e = store.append("s", "t", {}, expected_seq=0)
+    git(tmp_path / "r.git", "update-ref", SPACES + "NOT-OURS", store_commit(store, "s"))
+    git(tmp_path / "r.git", "update-ref", SPACES + "x+", store_commit(store, "s"))
+    assert store.spaces() == ["s"]
+    assert store.events("s") == [e]
+    store.close()
+
+
+def store_commit(store: GitEventStore, space: str) -> str:
+    return git(store.path, "rev-parse", space_ref(space)).strip()
+
+
+# -- opening -------------------------------------------------------------------------------------
+
+
+def test_existing_repository_is_left_untouched(tmp_path: Path) -> None:
+    repo = tmp_path / "project"
+    repo.mkdir()
+    git(repo, "init", "-q", "-b", "main")
+    (repo / "a.txt").write_text("committed\n")
+    git(repo, "add", "a.txt")
+    git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "one")
+    git(repo, "branch", "feature")
+    (repo / "a.txt").write_text("changed, not staged\n")
+    (repo / "b.txt").write_text("staged\n")
+    git(repo, "add", "b.txt")
+    (repo / "c.txt").write_text("untracked\n")
+    index = (repo / ".git" / "index").read_bytes()
+    status = git(repo, "status", "--porcelain")
+    head = (repo / ".git" / "HEAD").read_text()
+    refs = all_refs(repo)
+    config = (repo / ".git" / "config").read_text()
+    files = sorted(p.name for p in repo.iterdir())
+
+    store = GitEventStore(repo)
+    reg = LeaseRegistry(store)
+    lease = reg.acquire("refs/heads/main", "node", 10)
+    store.append_many("refs/heads/main", [("t", {"i": i}) for i in range(300)], expected_seq=0)
+    store.append("HEAD", "t", {}, expected_seq=0, fence=None)
+    store.append("refs/heads/main", "t", {}, expected_seq=300, fence=lease, intent_id="x")
+    reg.release(lease)
+    store.close()
+
+    assert (repo / ".git" / "index").read_bytes() == index
+    assert git(repo, "status", "--porcelain") == status
+    assert (repo / ".git" / "HEAD").read_text() == head
+    assert (repo / ".git" / "config").read_text() == config
+    assert sorted(p.name for p in repo.iterdir()) == files
+    assert (repo / "a.txt").read_text() == "changed, not staged\n"
+    after = all_refs(repo)
+    assert {r: after[r] for r in refs} == refs
+    assert all(r.startswith("refs/shard-sql/") for r in after if r not in refs)
+    assert git(repo, "branch", "--format=%(refname:short)").split() == ["feature", "main"]
+    assert_fsck_clean(repo)
+
+
+def test_missing_path_becomes_a_bare_repository(tmp_path: Path) -> None:
+    path = tmp_path / "deep" / "er" / "log.git"
+    store = GitEventStore(path)
+    store.append("s", "t", {"x": 1}, expected_seq=0)
+    store.close()
+    assert git(path, "rev-parse", "--is-bare-repository") == "true\n"
+    again = GitEventStore(path)
+    assert again.head("s") == 1
+    again.close()
+
+
+def test_empty_directory_becomes_a_repository(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    store = GitEventStore(tmp_path / "empty")
+    assert store.append("s", "t", {}, expected_seq=0).seq == 0
+    store.close()
+
+
+def test_not_a_repository(tmp_path: Path) -> None:
+    f = tmp_path / "file.db"
+    f.write_text("not git")
+    with pytest.raises(StoreUnavailable, match="is a file"):
+        GitEventStore(f)
+    d = tmp_path / "plain"
+    d.mkdir()
+    (d / "notes.txt").write_text("hello")
+    with pytest.raises(StoreUnavailable, match="not a git repository"):
+        GitEventStore(d)
+    assert sorted(p.name for p in d.iterdir()) == ["notes.txt"]
+    assert f.read_text() == "not git"
+
+
+def test_parent_repository_is_never_used(tmp_path: Path) -> None:
+    outer = tmp_path / "outer"
+    outer.mkdir()
+    git(outer, "init", "-q")
+    (outer / "sub").mkdir()
+    (outer / "sub" / "keep").write_text("x")
+    with pytest.raises(StoreUnavailable):
+        GitEventStore(outer / "sub")
+    store = GitEventStore(outer / "new")
+    store.append("s", "t", {}, expected_seq=0)
+    store.close()
+    assert all_refs(outer) == {}
+
+
+def test_closed_store_raises(tmp_path: Path) -> None:
+    store = GitEventStore(tmp_path / "r.git")
+    store.append("s", "t", {}, expected_seq=0)
+    store.close()
+    with pytest.raises(StoreUnavailable):
+        store.head("s")
+    with pytest.raises(StoreUnavailable):
+        store.append("s", "t", {}, expected_seq=1)
+
+
+# -- stock git can read it -----------------------------------------------------------------------
+
+
+def test_readable_with_stock_git(tmp_path: Path) -> None:
+    path = tmp_path / "r.git"
+    store = GitEventStore(path)
+    reg = LeaseRegistry(store)
+    lease = reg.acquire("wiki pages", "node-a", 30)
+    store.append("wiki pages", "alias.set", {"page": "Home ✓"}, expected_seq=0, fence=lease)
+    store.append("wiki pages", "page.edited", {"n": 2}, expected_seq=1, fence=lease, intent_id="i")
+    log = git(path, "log", "--format=%s%n%b--", space_ref("wiki pages"))
+    assert "page.edited #1 by node-a (generation 1)" in log
+    assert '{"page":"Home ✓"}' in log and "Shard-Sql-Event: " in log
+    trailer = next(line for line in log.splitlines() if line.startswith("Shard-Sql-Event: "))
+    meta = json.loads(trailer.split(": ", 1)[1])
+    assert meta["seq"] == 1 and meta["intent_id"] == "i" and meta["writer"] == "node-a"
+    assert git(path, "rev-list", "--count", space_ref("wiki pages")) == "2\n"
+    record = json.loads(git(path, "cat-file", "-p", lease_ref("wiki pages")))
+    assert record["holder"] == "node-a" and record["generation"] == 1
+    h = hashlib.sha256(b"i").hexdigest()
+    listing = git(path, "ls-tree", "--name-only", f"{space_ref('wiki pages')}:intents-{h[:2]}")
+    assert listing == f"{h[2:]}.1\n"
+    store.close()
+
+
+# -- reads across the index ----------------------------------------------------------------------
+
+
+def test_reads_across_index_chunks(tmp_path: Path) -> None:
+    store = GitEventStore(tmp_path / "r.git")
+    n = 2 * CHUNK + 40
+    store.append_many("s", [("t", {"i": i}, f"k{i}") for i in range(CHUNK + 5)], expected_seq=0)
+    for i in range(CHUNK + 5, n):  # single appends that cross a chunk boundary
+        store.append("s", "t", {"i": i}, expected_seq=i, intent_id=f"k{i}")
+    assert store.head("s") == n
+    every = store.events("s")
+    assert [e.payload["i"] for e in every] == list(range(n))
+    for start in (0, 1, CHUNK - 1, CHUNK, CHUNK + 1, 2 * CHUNK - 1, 2 * CHUNK, n - 1, n, n + 5):
+        for limit in (None, 0, 1, 2, CHUNK + 3):
+            got = store.events("s", from_seq=start, limit=limit)
+            assert got == every[start : None if limit is None else start + limit]
+        assert list(store.iter_events("s", from_seq=start)) == every[start:]
+    for i in (0, CHUNK - 1, CHUNK, 2 * CHUNK, n - 1):  # every intent is found, wherever it is
+        assert store.append("s", "t", {"i": i}, expected_seq=n, intent_id=f"k{i}") == every[i]
+    fresh = GitEventStore(tmp_path / "r.git")
+    assert fresh.events("s", from_seq=CHUNK - 2, limit=4) == every[CHUNK - 2 : CHUNK + 2]
+    fresh.close()
+    store.close()
+
+
+# -- locks and faults ----------------------------------------------------------------------------
+
+
+def test_stale_lock_file_gives_a_typed_error(tmp_path: Path) -> None:
+    path = tmp_path / "r.git"
+    store = GitEventStore(path, lock_timeout=0.3)
+    reg = LeaseRegistry(store)
+    lease = reg.acquire("s", "node", 30)
+    e = store.append("s", "t", {"n": 0}, expected_seq=0, fence=lease)
+    tip = (path / space_ref("s")).read_bytes()
+    lock = path / (space_ref("s") + ".lock")
+    lock.write_text("garbage left by a killed writer\n")
+    with pytest.raises(StoreUnavailable, match=r"s\.lock"):
+        store.append("s", "t", {"n": 1}, expected_seq=1, fence=lease)
+    with pytest.raises(StoreUnavailable):
+        store.append("s", "t", {"n": 1}, expected_seq=1)
+    assert lock.exists()  # never removed behind the user's back
+    assert (path / space_ref("s")).read_bytes() == tip
+    assert store.events("s") == [e] and store.head("s") == 1  # reads still work
+    lease_lock = path / (lease_ref("s") + ".lock")
+    lease_lock.write_text("")
+    with pytest.raises(StoreUnavailable):
+        reg.renew(lease)
+    with pytest.raises(StoreUnavailable):
+        store.append("s", "t", {"n": 1}, expected_seq=1, fence=lease)
+    lock.unlink()
+    lease_lock.unlink()
+    assert store.append("s", "t", {"n": 1}, expected_seq=1, fence=lease).seq == 1
+    assert reg.renew(lease).generation == lease.generation
+    assert_fsck_clean(path)
+    store.close()
+
+
+def loose_object(repo: Path, oid: str) -> Path:
+    return repo / "objects" / oid[:2] / oid[2:]
+
+
+def test_corrupted_object_is_never_read_as_an_event(tmp_path: Path) -> None:
+    path = tmp_path / "r.git"
+    store = GitEventStore(path)
+    store.append("s", "t", {"n": 0, "text": "original payload"}, expected_seq=0)
+    store.append("s", "t", {"n": 1}, expected_seq=1)
+    good = store.events("s")
+    store.close()
+    first = git(path, "rev-parse", space_ref("s") + "~1").strip()
+    obj = loose_object(path, first)
+    original = obj.read_bytes()
+    assert zlib.decompress(original).startswith(b"commit ")
+    os.chmod(obj, 0o644)
+    outcomes = {"error": 0}
+    for pos in range(0, len(original), max(1, len(original) // 40)):
+        for flip in (0x01, 0x80):
+            data = bytearray(original)
+            data[pos] ^= flip
+            obj.write_bytes(bytes(data))
+            fresh = GitEventStore(path)
+            try:
+                got = fresh.events("s")
+            except ShardSqlError as e:
+                assert isinstance(e, StoreUnavailable)
+                outcomes["error"] += 1
+            else:
+                assert got == good, f"byte {pos} ^ {flip:#x} read as {got}"
+            finally:
+                fresh.close()
+    assert outcomes["error"] > 0
+    obj.write_bytes(original)
+    fresh = GitEventStore(path)
+    assert fresh.events("s") == good
+    fresh.close()
+
+
+def test_corrupted_tip_and_lease(tmp_path: Path) -> None:
+    path = tmp_path / "r.git"
+    store = GitEventStore(path)
+    reg = LeaseRegistry(store)
+    reg.acquire("s", "node", 30)
+    store.append("s", "t", {}, expected_seq=0)
+    store.close()
+    for ref in (space_ref("s"), lease_ref("s")):
+        obj = loose_object(path, git(path, "rev-parse", ref).strip())
+        os.chmod(obj, 0o644)
+        data = bytearray(obj.read_bytes())
+        data[len(data) // 2] ^= 0x55
+        obj.write_bytes(bytes(data))
+    fresh = GitEventStore(path)
+    for call in (
+        lambda: fresh.head("s"),
+        lambda: fresh.events("s"),
+        lambda: list(fresh.iter_events("s")),
+        lambda: fresh.append("s", "t", {}, expected_seq=1),
+        lambda: LeaseRegistry(fresh).current("s"),
+        lambda: LeaseRegistry(fresh).acquire("s", "other", 5),
+    ):
+        with pytest.raises(StoreUnavailable):
+            call()
+    fresh.close()
+
+
+def test_ref_to_a_foreign_commit_is_an_error(tmp_path: Path) -> None:
+    path = tmp_path / "r.git"
+    store = GitEventStore(path)
+    store.append("a", "t", {}, expected_seq=0)
+    store.append("b", "t", {}, expected_seq=0)
+    git(path, "update-ref", space_ref("a"), store_commit(store, "b"))
+    with pytest.raises(StoreUnavailable, match="corrupt"):
+        store.events("a")
+    store.close()
