@@ -1198,6 +1198,7 @@ _FIELDS = {
     "target": ("target",),
     "unit": ("unit", "units"),
     "ok": ("ok", "passed", "pass"),
+    "note": ("note", "notes"),
 }
 
 
@@ -1253,6 +1254,16 @@ def _fmt_number(value: Any) -> str:
     return f"{value:,}" if isinstance(value, int) else str(value)
 
 
+def _fmt_target(r: Mapping[str, Any]) -> str:
+    """A ratio target (`0.85x`), or an absolute one (`>= 300`) for a row without a baseline."""
+    target = r["target"]
+    if target is None:
+        return "-"
+    if r["baseline"] is None:
+        return f">= {_fmt_number(target)}"
+    return f"{target:g}x"
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     names = [args.only] if args.only else sorted(BENCH_MODULES)
     modules: dict[str, Any] = {}
@@ -1294,6 +1305,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                         "target": target,
                         "unit": _field(row, "unit"),
                         "ok": ok,
+                        "note": _field(row, "note") or "",
                     }
                 )
             bar.advance()
@@ -1308,16 +1320,27 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 _fmt_number(r["figure"]),
                 _fmt_number(r["baseline"]),
                 "-" if r["ratio"] is None else f"{r['ratio']:.2f}x",
-                "-" if r["target"] is None else f"{r['target']:g}x",
+                _fmt_target(r),
                 {True: "pass", False: "short", None: "-"}[r["ok"]],
                 r["unit"] or "",
+                r["note"],
             ]
             for r in results
         ]
         _emit(
             "\n".join(
                 _table(
-                    ("SUITE", "WORK", "FIGURE", "BASELINE", "RATIO", "TARGET", "MARK", "UNIT"),
+                    (
+                        "SUITE",
+                        "WORK",
+                        "FIGURE",
+                        "BASELINE",
+                        "RATIO",
+                        "TARGET",
+                        "MARK",
+                        "UNIT",
+                        "NOTE",
+                    ),
                     rows,
                 )
             )

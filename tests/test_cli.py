@@ -435,6 +435,8 @@ def test_bench_table_and_json(run: Any, monkeypatch: pytest.MonkeyPatch) -> None
         return [
             {"work": "append", "figure": 900.0, "baseline": 1000.0, "target": 0.85, "unit": "ev/s"},
             {"work": "read", "figure": 5.0, "baseline": 10.0, "ratio": 0.5, "target": 1.0},
+            {"work": "abs", "figure": 400.0, "baseline": None, "target": 300.0, "ok": True},
+            {"work": "pg", "figure": None, "baseline": None, "note": "no server"},
         ]
 
     module = types.ModuleType("benchmarks.sql_bench")
@@ -442,7 +444,7 @@ def test_bench_table_and_json(run: Any, monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setitem(sys.modules, "benchmarks.sql_bench", module)
     r = run("bench", "--only", "sql", "--quick")
     assert r.code == 0 and calls == [True]
-    header, first, second = r.out.splitlines()
+    header, first, second, absolute, skipped = r.out.splitlines()
     assert header.split() == [
         "SUITE",
         "WORK",
@@ -452,9 +454,12 @@ def test_bench_table_and_json(run: Any, monkeypatch: pytest.MonkeyPatch) -> None
         "TARGET",
         "MARK",
         "UNIT",
+        "NOTE",
     ]
     assert first.split() == ["sql", "append", "900", "1,000", "0.90x", "0.85x", "pass", "ev/s"]
     assert second.split()[-2:] == ["1x", "short"]
+    assert absolute.split()[2:] == ["400", "-", "-", ">=", "300", "pass"]
+    assert skipped.split()[1:] == ["pg", "-", "-", "-", "-", "-", "no", "server"]
     rows = run("bench", "--only", "sql", "--json").lines()
     assert rows[0]["ratio"] == pytest.approx(0.9) and rows[1]["ok"] is False
 
