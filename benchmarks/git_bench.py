@@ -1,0 +1,276 @@
+"""Git adapter benchmark: appends and reads through `GitEventStore` next to bare baselines.
+
+Every figure is measured in the same run on the same repository as its baseline:
+
+- append (fenced, lease held): `store.append(..., fence=lease)`, one event per call, next to the
+  bare pygit2 baseline that writes the same kind of commit (same format, same tree, same size)
+  and moves a ref in a libgit2 ref transaction with no checks at all;
+- the same through `AppendAuthority.append` and with an `intent_id` (informative);
+- the git CLI's plumbing (`commit-tree` + `update-ref`, a process each), for the choice of layer;
+- reads: `events()` and `iter_events()` of a 10,000-event space, next to a bare pygit2 walk of
+  the same commits (`odb.read` + `json.loads` of the payload), and `git cat-file --batch`;
+- the cost of durability: the append with libgit2's fsync switched off (process-wide).
+
+`run(quick=False)` returns rows (work, figure, baseline, ratio, target, unit) for `shard-sql
+bench`; `python -m benchmarks.git_bench [--quick] [--json]` prints them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pygit2
+from pygit2.enums import ObjectType
+
+from shard_sql import AppendAuthority, GitEventStore, LeaseRegistry
+from shard_sql.git import commit_bytes, space_ref
+from shard_sql.values import Event
+
+PAYLOAD = {"page": "Home", "title": "A wiki page", "tags": ["a", "b"], "rev": 0}
+PAYLOAD_JSON = json.dumps(PAYLOAD, ensure_ascii=False, separators=(",", ":"))
+
+
+def _rate(count: int, seconds: float) -> float:
+    return count / seconds if seconds > 0 else float("inf")
+
+
+def _median_rate(rounds: int, count: int, work: Callable[[int], None]) -> float:
+    rates = []
+    for r in range(rounds):
+        start = time.perf_counter()
+        work(r)
+        rates.append(_rate(count, time.perf_counter() - start))
+    return statistics.median(rates)
+
+
+class _Baseline:
+    """Bare pygit2: the same commit bytes, a ref transaction without any check."""
+
+    def __init__(self, repo: Any, space: str) -> None:
+        self.repo = repo
+        self.space = space
+        self.ref = space_ref(space)
+        self.tip: str | None = None
+        self.seq = 0
+        self.tree = str(repo.TreeBuilder().write())
+
+    def append(self) -> None:
+        now = datetime.now(UTC)
+        e = Event(self.space, self.seq, "page.edited", PAYLOAD, now, "bench-node", 1, None)
+        oid = self.repo.odb.write(
+            ObjectType.COMMIT, commit_bytes(self.tree, self.tip, e, PAYLOAD_JSON)
+        )
+        with self.repo.transaction() as tx:
+            tx.lock_ref(self.ref)
+            tx.set_target(self.ref, oid)
+        self.tip = str(oid)
+        self.seq += 1
+
+
+def _appends(path: Path, count: int, rounds: int, durable: bool = True) -> dict[str, float]:
+    store = GitEventStore(path, durable=durable)
+    registry = LeaseRegistry(store)
+    repo = pygit2.Repository(str(path))
+    lease = registry.acquire("fenced", "bench-node", 3600)
+    node = AppendAuthority("bench-node", store, registry, ttl_seconds=3600)
+    node.acquire("authority")
+    node.acquire("intents")
+    base = _Baseline(repo, "baseline")
+    heads = {"fenced": 0, "intents": 0}
+
+    def fenced(_: int) -> None:
+        for _ in range(count):
+            store.append(
+                "fenced", "page.edited", PAYLOAD, expected_seq=heads["fenced"], fence=lease
+            )
+            heads["fenced"] += 1
+
+    def authority(_: int) -> None:
+        for _ in range(count):
+            node.append("authority", "page.edited", PAYLOAD)
+
+    def intents(r: int) -> None:
+        for i in range(count):
+            node.append("intents", "page.edited", PAYLOAD, intent_id=f"r{r}-{i}")
+
+    def baseline(_: int) -> None:
+        for _ in range(count):
+            base.append()
+
+    out = {}
+    for name, work in (("baseline", baseline), ("fenced", fenced), ("authority", authority)):
+        out[name] = _median_rate(rounds, count, work)
+    out["baseline2"] = _median_rate(rounds, count, baseline)
+    out["intents"] = _median_rate(rounds, count, intents)
+    store.close()
+    repo.free()
+    return out
+
+
+def _cli_appends(path: Path, count: int) -> float:
+    def git(*args: str, stdin: str | None = None) -> str:
+        return subprocess.run(
+            ["git", "-C", str(path), *args], input=stdin, capture_output=True, text=True, check=True
+        ).stdout.strip()
+
+    tree = git("hash-object", "-t", "tree", "-w", "--stdin", stdin="")
+    parent: str | None = None
+    start = time.perf_counter()
+    for i in range(count):
+        e = Event("cli", i, "page.edited", PAYLOAD, datetime.now(UTC), "bench-node", 1, None)
+        raw = commit_bytes(tree, parent, e, PAYLOAD_JSON).decode()
+        oid = git("hash-object", "-t", "commit", "-w", "--stdin", stdin=raw)
+        git("update-ref", space_ref("cli"), oid, parent or "")
+        parent = oid
+    return _rate(count, time.perf_counter() - start)
+
+
+def _reads(path: Path, count: int, rounds: int) -> dict[str, float]:
+    store = GitEventStore(path)
+    batch = 5_000
+    for start in range(0, count, batch):
+        n = min(batch, count - start)
+        store.append_many("read", [("page.edited", PAYLOAD)] * n, expected_seq=start)
+    repo = pygit2.Repository(str(path))
+    tip = str(repo.references[space_ref("read")].target)
+
+    def raw_walk(_round: int) -> None:
+        fresh = pygit2.Repository(str(path))
+        oid: str | None = tip
+        n = 0
+        while oid is not None:
+            data = fresh.odb.read(oid)[1]
+            head, _sep, message = data.partition(b"\n\n")
+            second = head.split(b"\n", 2)[1]
+            oid = second[7:].decode() if second.startswith(b"parent ") else None
+            json.loads(message.split(b"\n", 3)[2])
+            n += 1
+        assert n == count
+        fresh.free()
+
+    def events(_: int) -> None:
+        fresh = GitEventStore(path)
+        assert len(fresh.events("read")) == count
+        fresh.close()
+
+    def iterate(_: int) -> None:
+        fresh = GitEventStore(path)
+        assert sum(1 for _ in fresh.iter_events("read")) == count
+        fresh.close()
+
+    def cat_file(_: int) -> None:
+        listing = subprocess.run(
+            ["git", "-C", str(path), "rev-list", space_ref("read")],
+            capture_output=True,
+            check=True,
+        ).stdout
+        out = subprocess.run(
+            ["git", "-C", str(path), "cat-file", "--batch"],
+            input=listing,
+            capture_output=True,
+            check=True,
+        ).stdout
+        assert out.count(b" commit ") >= count
+
+    result = {
+        "raw": _median_rate(rounds, count, raw_walk),
+        "events": _median_rate(rounds, count, events),
+        "iter": _median_rate(rounds, count, iterate),
+        "cat_file": _median_rate(rounds, count, cat_file),
+    }
+    store.close()
+    repo.free()
+    return result
+
+
+def _row(
+    work: str,
+    figure: float,
+    baseline: float | None,
+    target: float | None,
+    unit: str,
+    note: str = "",
+) -> dict[str, Any]:
+    ratio = figure / baseline if baseline else None
+    ok = None
+    if target is not None:
+        ok = (ratio if ratio is not None else figure) >= target
+    return {
+        "work": work,
+        "figure": round(figure, 1),
+        "baseline": None if baseline is None else round(baseline, 1),
+        "ratio": None if ratio is None else round(ratio, 3),
+        "target": target,
+        "unit": unit,
+        "ok": ok,
+        "note": note,
+    }
+
+
+def run(*, quick: bool = False) -> list[dict[str, Any]]:
+    """Measure; return the rows. `quick`: tiny counts (a smoke run, figures meaningless)."""
+    appends, reads, cli, rounds = (60, 600, 10, 1) if quick else (1_000, 10_000, 100, 3)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="shard-sql-git-bench-") as tmp:
+        root = Path(tmp)
+        w = _appends(root / "durable.git", appends, rounds)
+        base = statistics.median([w["baseline"], w["baseline2"]])
+        cli_rate = _cli_appends(root / "durable.git", cli)
+        r = _reads(root / "read.git", reads, rounds)
+        # Durability off (a process-wide libgit2 option), to price the fsyncs.
+        pygit2.settings.enable_fsync_gitdir(False)
+        try:
+            nf = _appends(root / "nofsync.git", appends, rounds, durable=False)
+        finally:
+            pygit2.settings.enable_fsync_gitdir(True)
+        fsync_ms = (1 / w["fenced"] - 1 / nf["fenced"]) * 1000
+        table: list[tuple[str, float, float | None, float | None, str]] = [
+            ("git append, fenced, lease held (fsync)", w["fenced"], base, 0.5, "ev/s"),
+            ("git append, fenced: absolute", w["fenced"], None, 300.0, "ev/s"),
+            ("git append via AppendAuthority (fsync)", w["authority"], base, 0.5, "ev/s"),
+            ("git append with intent_id (fsync)", w["intents"], base, None, "ev/s"),
+            ("git CLI plumbing append (layer choice)", cli_rate, base, None, "ev/s"),
+            (f"git events() of {reads:,} events", r["events"], r["raw"], None, "ev/s"),
+            (f"git iter_events() of {reads:,} events", r["iter"], r["raw"], None, "ev/s"),
+            ("git events(): absolute", r["events"], None, 10_000.0, "ev/s"),
+            ("git CLI cat-file --batch read (layer choice)", r["cat_file"], r["raw"], None, "ev/s"),
+            ("git append, fenced, no fsync", nf["fenced"], nf["baseline"], None, "ev/s"),
+            ("fsync cost per fenced append", fsync_ms, None, None, "ms"),
+        ]
+        rows = [_row(*t) for t in table]
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny counts: a smoke run")
+    parser.add_argument("--json", action="store_true", help="print JSON lines")
+    args = parser.parse_args(argv)
+    rows = run(quick=args.quick)
+    if args.json:
+        for row in rows:
+            print(json.dumps(row))
+        return 0
+    print(f"{'work':<52} {'figure':>10} {'baseline':>10} {'ratio':>7} {'target':>7}  unit")
+    for r in rows:
+        base = "-" if r["baseline"] is None else f"{r['baseline']:,.0f}"
+        ratio = "-" if r["ratio"] is None else f"{r['ratio']:.2f}"
+        target = "-" if r["target"] is None else f"{r['target']:g}"
+        mark = {True: "ok", False: "SHORT", None: ""}[r["ok"]]
+        figure = f"{r['figure']:,.1f}"
+        print(f"{r['work']:<52} {figure:>10} {base:>10} {ratio:>7} {target:>7}  {r['unit']} {mark}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
