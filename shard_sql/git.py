@@ -367,6 +367,31 @@ def _fsync_dir(path: str) -> None:
 # -- the store -----------------------------------------------------------------------------------
 
 
+class _Reader:
+    """Repository handles for one long read, each used for `RECYCLE` objects, then freed."""
+
+    RECYCLE = 16 * CHUNK
+
+    def __init__(self, gitdir: str) -> None:
+        self.gitdir = gitdir
+        self.handle: Any = None
+        self.reads = 0
+
+    def repo(self, reads: int) -> Any:
+        """A handle for the next `reads` objects."""
+        if self.handle is None or self.reads >= self.RECYCLE:
+            self.close()
+            self.handle = pygit2.Repository(self.gitdir, RepositoryOpenFlag.NO_SEARCH)
+        self.reads += reads
+        return self.handle
+
+    def close(self) -> None:
+        if self.handle is not None:
+            self.handle.free()
+            self.handle = None
+            self.reads = 0
+
+
 class _Locked:
     """A libgit2 ref transaction holding one ref's lock (`<ref>.lock`) until `free`."""
 
@@ -437,7 +462,7 @@ class GitEventStore(StoreBase, LeaseStore):
         except ShardSqlError:
             raise
         except _GIT_ERRORS as e:
-            raise StoreUnavailable(f"cannot open or create a git repository at {path}: {e}") from e
+            raise _translate(self, e) from e
 
     def _repo(self) -> Any:
         """This thread's handle on the repository (libgit2 handles are not shared by threads)."""
@@ -561,12 +586,26 @@ class GitEventStore(StoreBase, LeaseStore):
         return oids[:-1]
 
     def _range(self, space: str, tip: _Tip, start: int, stop: int) -> Iterator[Event]:
-        """Events `start .. stop - 1` of the chain ending at `tip`, in seq order."""
+        """Events `start .. stop - 1` of the chain ending at `tip`, in seq order.
+
+        A long read uses handles of its own, renewed every `RECYCLE` objects: libgit2 caches
+        what a handle reads (up to 256 MB), and a stream of a million events must not keep them.
+        """
         stop = min(stop, tip.seq + 1)
+        reader = _Reader(self._gitdir) if stop - start > CHUNK else None
+        try:
+            yield from self._read_range(space, tip, start, stop, reader)
+        finally:
+            if reader is not None:
+                reader.close()
+
+    def _read_range(
+        self, space: str, tip: _Tip, start: int, stop: int, reader: _Reader | None
+    ) -> Iterator[Event]:
         tail = tip.seq - tip.seq % CHUNK  # seqs below `tail` are indexed by the tip's tree
         seq = start
         while seq < min(stop, tail):
-            repo = self._repo()
+            repo = reader.repo(CHUNK) if reader else self._repo()
             base = seq - seq % CHUNK
             oids = self._chunk(repo, tip, base)
             end = min(stop, base + CHUNK)
@@ -575,7 +614,7 @@ class GitEventStore(StoreBase, LeaseStore):
                 yield _event(space, s, _split(data))
             seq = end
         if seq < stop:
-            repo = self._repo()
+            repo = reader.repo(CHUNK) if reader else self._repo()
             walked: list[bytes] = []
             oid: str | None = tip.oid
             for _ in range(tip.seq - seq + 1):

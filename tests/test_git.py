@@ -416,3 +416,25 @@ def test_ref_to_a_foreign_commit_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(StoreUnavailable, match="corrupt"):
         store.events("a")
     store.close()
+
+
+def test_long_reads_do_not_fill_the_object_cache(tmp_path: Path) -> None:
+    import pygit2
+
+    pygit2.settings.enable_fsync_gitdir(False)  # speed only; other tests' stores turn it back on
+    try:
+        store = GitEventStore(tmp_path / "r.git", durable=False)
+        n = 12_000
+        for start in range(0, n, 6_000):
+            items = [("t", {"i": i, "pad": "x" * 200}) for i in range(start, start + 6_000)]
+            store.append_many("s", items, expected_seq=start)
+    finally:
+        pygit2.settings.enable_fsync_gitdir(True)
+    before = pygit2.settings.cached_memory[0]
+    peak = 0
+    for e in store.iter_events("s"):
+        if e.seq % 1000 == 0:
+            peak = max(peak, pygit2.settings.cached_memory[0] - before)
+    assert peak < 3 * 1024 * 1024, peak  # the commits read are not all kept in libgit2's cache
+    assert [e.payload["i"] for e in store.events("s", from_seq=n - 300)] == list(range(n - 300, n))
+    store.close()
