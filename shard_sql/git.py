@@ -99,6 +99,7 @@ _T = TypeVar("_T", "_Tip", Lease)
 # -- names ---------------------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=4096)
 def encode_name(name: str) -> str:
     """The ref path of a space name (below `spaces/` or `leases/`); see the module docstring."""
     text = "".join(chr(b) if b in _SAFE else f"%{b:02x}" for b in name.encode("utf-8"))
@@ -744,7 +745,8 @@ class GitEventStore(StoreBase, LeaseStore):
                 return []
             out = [stamp(space, expected_seq + n, p, fence, now) for n, p in enumerate(batch)]
             new = self._commits(repo, tip, batch, out)
-            if self._swap(repo, space, fenced, fence, tip, new, deadline):
+            if self._swap(repo, space, fenced, fence, tip, new.oid, deadline):
+                self._remember((space, new.oid), new)
                 return out
 
     def _swap(
@@ -778,18 +780,19 @@ class GitEventStore(StoreBase, LeaseStore):
 
     def _commits(
         self, repo: Any, tip: _Tip | None, batch: Sequence[Pending], out: Sequence[Event]
-    ) -> str:
+    ) -> _Tip:
         """Write the batch's commits; return the new tip. Only the last gets the new tree."""
         parent = tip.oid if tip else None
         base = tip.tree if tip else self._empty(repo)
         made: list[str] = []
+        tree = base
         for n, (p, e) in enumerate(zip(batch, out, strict=True)):
             tree = self._next_tree(repo, tip, base, out, made) if n == len(out) - 1 else base
             data = commit_bytes(tree, parent, e, p.payload_json)
             parent = self._put(repo, functools.partial(repo.odb.write, ObjectType.COMMIT, data))
             made.append(parent)
         assert parent is not None
-        return parent
+        return _Tip(parent, out[-1].seq, tree)
 
     def _empty(self, repo: Any) -> str:
         # Written (or freshened) each time: a cached id could outlive a pruned object.
