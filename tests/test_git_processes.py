@@ -7,8 +7,10 @@ would; they share nothing but the files.
 from __future__ import annotations
 
 import multiprocessing
+import os
 import queue
 import random
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -16,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from shard_sql import GitEventStore, LeaseHeld, LeaseRegistry, SeqConflict
+from shard_sql import GitEventStore, LeaseHeld, LeaseRegistry, SeqConflict, StoreUnavailable
 from shard_sql.git import space_ref
 
 pytestmark = pytest.mark.slow
@@ -89,6 +91,16 @@ def writer_beside_gc(path: str, count: int, out: Any) -> None:
         store.append("other", "t", {"i": i}, expected_seq=i)
     store.close()
     out.put(acked)
+
+
+def lock_and_hang(path: str, ref: str, ready: Any) -> None:
+    import pygit2
+
+    repo = pygit2.Repository(path)
+    tx = repo.transaction()
+    tx.lock_ref(ref)  # as a writer does between its check and its ref update
+    ready.set()
+    time.sleep(60)
 
 
 def run_workers(target: Any, args: list[tuple[Any, ...]], timeout: float = 60) -> list[Any]:
@@ -203,4 +215,26 @@ def test_gc_beside_a_writer_loses_nothing(tmp_path: Path) -> None:
     assert [e.payload["i"] for e in events] == list(range(count))
     assert [e.intent_id for e in events] == [f"k{i}" for i in range(count)]
     assert GitEventStore(path).head("other") == count
+    fsck(path)
+
+
+def test_writer_killed_holding_the_lock(tmp_path: Path) -> None:
+    path = tmp_path / "log.git"
+    store = GitEventStore(path, lock_timeout=0.3)
+    first = store.append("s", "t", {"n": 0}, expected_seq=0)
+    ready = CTX.Event()
+    victim = CTX.Process(target=lock_and_hang, args=(str(path), space_ref("s"), ready))
+    victim.start()
+    assert ready.wait(30)
+    os.kill(victim.pid, signal.SIGKILL)  # type: ignore[arg-type]
+    victim.join(30)
+    lock = path / (space_ref("s") + ".lock")
+    assert lock.exists()
+    with pytest.raises(StoreUnavailable, match="remove it"):
+        store.append("s", "t", {"n": 1}, expected_seq=1)
+    assert store.events("s") == [first]
+    fsck(path)
+    lock.unlink()  # what the error message tells the operator to do
+    assert store.append("s", "t", {"n": 1}, expected_seq=1).seq == 1
+    store.close()
     fsck(path)
