@@ -1,0 +1,588 @@
+"""SQL adapter benchmark: `SqlEventStore` next to the bare driver, in the same run.
+
+Every figure is measured on the same database, with the same durability settings, as its
+baseline, in interleaved rounds (baseline, figure, baseline, figure, ...); each is the median of
+the rounds. Backends: a SQLite file in WAL mode with `synchronous=FULL` (the default) and with
+`synchronous=NORMAL`, and a scratch database on a PostgreSQL server.
+
+- fenced append via AppendAuthority: `node.append(space, type, payload)` with the lease held,
+  next to a bare INSERT of the same row through the same driver, one per transaction;
+- fenced append, `store.append(..., expected_seq, fence=lease)`: the same baseline;
+- `append_many` of 100 with a fence: next to BEGIN, `executemany` of 100 rows, COMMIT;
+- reading 100,000 events into `Event`s with `store.events(space)` and
+  `list(store.iter_events(space))`: next to a bare SELECT and `json.loads` of each payload into a
+  tuple.
+
+Informative rows (no target) measure the alternatives the adapter's design was chosen over: the
+fenced append as a multi-statement transaction (one statement per check), SQLAlchemy Core and
+the ORM one insert per transaction, and `store.append` without fence or with an intent id.
+
+`run(quick=False, ...)` returns rows (work, figure, baseline, ratio, target, unit, ok) for
+`shard-sql bench`; `python -m benchmarks.sql_bench [--quick] [--json] [--pg-url URL]` prints
+them. The PostgreSQL server comes from `pg_url`, else `url` when it is a PostgreSQL URL, else
+SHARD_SQL_BENCH_PG_URL / SHARD_SQL_TEST_PG_URL, else postgres@127.0.0.1:5432; a scratch
+database is created on it and dropped afterwards. Without a server the PostgreSQL rows are
+skipped with a note.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sqlite3
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event, insert, make_url
+from sqlalchemy.orm import Session
+
+from shard_sql import AppendAuthority, LeaseRegistry, SqlEventStore
+from shard_sql._orm import EventRow, events_table
+from shard_sql.sql import _insert_one_sql
+from shard_sql.validation import pending
+
+PAYLOAD: dict[str, Any] = {"page": "Home", "title": "A wiki page", "tags": ["a", "b"], "rev": 7}
+TYPE = "page.edited"
+WRITER = "bench-node"
+TARGET_APPEND = 0.70
+TARGET_READ = 0.50
+INSERT_SQL = (
+    "INSERT INTO events (space, seq, type, payload, recorded_at, writer, generation, intent_id) "
+    "VALUES ({p}, {p}, {p}, {payload}, {p}, {p}, {p}, {p})"
+)
+SELECT_SQL = (
+    "SELECT seq, type, {payload}, recorded_at, writer, generation, intent_id FROM events "
+    "WHERE space = {p} ORDER BY seq"
+)
+DEFAULT_PG = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+
+
+@dataclass
+class Row:
+    work: str
+    figure: float | None
+    baseline: float | None
+    ratio: float | None
+    target: float | None
+    unit: str = "events/s"
+    ok: bool | None = None
+    note: str = ""
+
+
+@dataclass
+class Counts:
+    appends: int
+    batches: int
+    reads: int
+    rounds: int
+
+    @classmethod
+    def of(cls, quick: bool, rounds: int | None) -> Counts:
+        if quick:
+            return cls(appends=40, batches=3, reads=2_000, rounds=rounds or 1)
+        return cls(appends=600, batches=20, reads=100_000, rounds=rounds or 5)
+
+
+def _rate(count: int, work: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    work()
+    elapsed = time.perf_counter() - start
+    return count / elapsed if elapsed > 0 else float("inf")
+
+
+def _compare(
+    rounds: int, count: int, figure: Callable[[], object], baseline: Callable[[], object]
+) -> tuple[float, float]:
+    """Medians over interleaved rounds, so drift on a shared machine hits both alike."""
+    figures, baselines = [], []
+    for _ in range(rounds):
+        baselines.append(_rate(count, baseline))
+        figures.append(_rate(count, figure))
+    return statistics.median(figures), statistics.median(baselines)
+
+
+def _row(work: str, figure: float, baseline: float, target: float | None, note: str = "") -> Row:
+    ratio = figure / baseline if baseline else None
+    ok = None if target is None or ratio is None else ratio >= target
+    return Row(work, round(figure, 1), round(baseline, 1), ratio, target, "events/s", ok, note)
+
+
+def _now_text() -> str:
+    return datetime.now(UTC).replace(tzinfo=None).isoformat(" ", "microseconds")
+
+
+# -- the bare drivers --------------------------------------------------------------------------
+
+
+class RawSqlite:
+    """stdlib sqlite3 with the store's settings: WAL, the same `synchronous`, autocommit."""
+
+    def __init__(self, path: Path, synchronous: str) -> None:
+        self.conn = sqlite3.connect(path, isolation_level=None, timeout=30)
+        self.conn.execute("PRAGMA journal_mode = WAL").fetchall()
+        self.conn.execute(f"PRAGMA synchronous = {synchronous}")
+        self.cur = self.conn.cursor()
+        self.insert = INSERT_SQL.format(p="?", payload="?")
+        self.select = SELECT_SQL.format(p="?", payload="payload")
+        self.guarded = _insert_one_sql("?", pg=False, fence=True, intent=False)
+
+    def insert_one(self, space: str, seq: int) -> None:
+        # One statement in autocommit: its own transaction, the cheapest form there is.
+        self.cur.execute(
+            self.insert, (space, seq, TYPE, json.dumps(PAYLOAD), _now_text(), WRITER, 1, None)
+        )
+
+    def insert_many(self, space: str, seq: int, n: int) -> None:
+        at = _now_text()
+        rows = [(space, seq + k, TYPE, json.dumps(PAYLOAD), at, WRITER, 1, None) for k in range(n)]
+        self.cur.execute("BEGIN")
+        self.cur.executemany(self.insert, rows)
+        self.cur.execute("COMMIT")
+
+    def read(self, space: str) -> list[tuple[Any, ...]]:
+        loads = json.loads
+        self.cur.execute(self.select, (space,))
+        return [(s, t, loads(p), at, w, g, i) for s, t, p, at, w, g, i in self.cur.fetchall()]
+
+    def fenced_one_statement(self, space: str, seq: int, holder: str, generation: int) -> None:
+        """The store's guarded INSERT ... SELECT ... WHERE, bare: the cost of the checks alone."""
+        params = (space, seq, TYPE, json.dumps(PAYLOAD), _now_text(), holder, generation, None)
+        self.cur.execute(self.guarded, (*params, space, seq, space, holder, generation))
+        assert self.cur.rowcount == 1
+
+    def fenced_multi_statement(self, space: str, seq: int, holder: str, generation: int) -> None:
+        """The alternative to the one-statement append: BEGIN IMMEDIATE, a statement per check."""
+        cur = self.cur
+        cur.execute("BEGIN IMMEDIATE")
+        cur.execute("SELECT holder, generation FROM leases WHERE space = ?", (space,))
+        assert cur.fetchone() == (holder, generation)
+        cur.execute("SELECT seq FROM events WHERE space = ? ORDER BY seq DESC LIMIT 1", (space,))
+        row = cur.fetchone()
+        assert (0 if row is None else row[0] + 1) == seq
+        cur.execute(
+            self.insert,
+            (space, seq, TYPE, json.dumps(PAYLOAD), _now_text(), holder, generation, None),
+        )
+        cur.execute("COMMIT")
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+class RawPostgres:
+    """psycopg 3 in autocommit: each bare INSERT is its own transaction."""
+
+    def __init__(self, url: str) -> None:
+        import psycopg
+
+        self.conn = psycopg.connect(_libpq(url), autocommit=True)
+        self.cur = self.conn.cursor()
+        self.insert = INSERT_SQL.format(p="%s", payload="CAST(%s AS jsonb)")
+        self.select = SELECT_SQL.format(p="%s", payload="payload::text")
+        self.guarded = _insert_one_sql("%s", pg=True, fence=True, intent=False)
+
+    def insert_one(self, space: str, seq: int) -> None:
+        self.cur.execute(
+            self.insert,
+            (space, seq, TYPE, json.dumps(PAYLOAD), datetime.now(UTC), WRITER, 1, None),
+        )
+
+    def insert_many(self, space: str, seq: int, n: int) -> None:
+        at = datetime.now(UTC)
+        rows = [(space, seq + k, TYPE, json.dumps(PAYLOAD), at, WRITER, 1, None) for k in range(n)]
+        with self.conn.transaction():
+            self.cur.executemany(self.insert, rows)
+
+    def read(self, space: str) -> list[tuple[Any, ...]]:
+        loads = json.loads
+        self.cur.execute(self.select, (space,))
+        return [(s, t, loads(p), at, w, g, i) for s, t, p, at, w, g, i in self.cur.fetchall()]
+
+    def fenced_one_statement(self, space: str, seq: int, holder: str, generation: int) -> None:
+        """The store's guarded INSERT ... SELECT ... WHERE, bare: one round trip."""
+        params = (space, seq, TYPE, json.dumps(PAYLOAD), datetime.now(UTC), holder, generation)
+        self.cur.execute(self.guarded, (*params, None, space, seq, space, holder, generation))
+        assert self.cur.rowcount == 1
+
+    def fenced_multi_statement(self, space: str, seq: int, holder: str, generation: int) -> None:
+        """The alternative to the one-statement append: a transaction, a round trip per check."""
+        cur = self.cur
+        with self.conn.transaction():
+            cur.execute(
+                "SELECT holder, generation FROM leases WHERE space = %s FOR SHARE", (space,)
+            )
+            assert cur.fetchone() == (holder, generation)
+            cur.execute(
+                "SELECT seq FROM events WHERE space = %s ORDER BY seq DESC LIMIT 1", (space,)
+            )
+            row = cur.fetchone()
+            assert (0 if row is None else row[0] + 1) == seq
+            cur.execute(
+                self.insert,
+                (
+                    space,
+                    seq,
+                    TYPE,
+                    json.dumps(PAYLOAD),
+                    datetime.now(UTC),
+                    holder,
+                    generation,
+                    None,
+                ),
+            )
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def _libpq(url: str) -> str:
+    return url.replace("postgresql+psycopg://", "postgresql://", 1)
+
+
+# -- one backend ---------------------------------------------------------------------------------
+
+
+class _Spaces:
+    """Fresh space names, so every round writes at the head of an empty log."""
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def __call__(self, prefix: str) -> str:
+        self.n += 1
+        return f"{prefix}-{self.n}"
+
+
+def bench_backend(label: str, url: str, raw: Any, counts: Counts) -> list[Row]:
+    rows: list[Row] = []
+    rounds = counts.rounds
+    new_space = _Spaces()
+    with SqlEventStore(url, migrate=True) as store:
+        registry = LeaseRegistry(store)
+
+        # Fenced single-event append through the authority (lease held).
+        node = AppendAuthority("bench-node", store, registry, ttl_seconds=3600)
+
+        def via_authority() -> None:
+            space = new_space("auth")
+            node.acquire(space)
+            for _ in range(counts.appends):
+                node.append(space, TYPE, PAYLOAD)
+
+        def bare_inserts() -> None:
+            space = new_space("raw")
+            for seq in range(counts.appends):
+                raw.insert_one(space, seq)
+
+        fig, base = _compare(rounds, counts.appends, via_authority, bare_inserts)
+        rows.append(_row(f"{label}: fenced append via AppendAuthority", fig, base, TARGET_APPEND))
+
+        def direct(fence: bool = True, intent: bool = False) -> Callable[[], None]:
+            def work() -> None:
+                space = new_space("direct")
+                lease = registry.acquire(space, WRITER, 3600) if fence else None
+                for seq in range(counts.appends):
+                    store.append(
+                        space,
+                        TYPE,
+                        PAYLOAD,
+                        expected_seq=seq,
+                        fence=lease,
+                        intent_id=f"i-{seq}" if intent else None,
+                    )
+
+            return work
+
+        fig, base = _compare(rounds, counts.appends, direct(), bare_inserts)
+        rows.append(_row(f"{label}: fenced append, store.append", fig, base, TARGET_APPEND))
+
+        # append_many of 100.
+        items = [(TYPE, PAYLOAD)] * 100
+
+        def batches() -> None:
+            space = new_space("many")
+            lease = registry.acquire(space, WRITER, 3600)
+            for b in range(counts.batches):
+                store.append_many(space, items, expected_seq=b * 100, fence=lease)
+
+        def bare_batches() -> None:
+            space = new_space("rawmany")
+            for b in range(counts.batches):
+                raw.insert_many(space, b * 100, 100)
+
+        fig, base = _compare(rounds, counts.batches * 100, batches, bare_batches)
+        rows.append(_row(f"{label}: append_many of 100", fig, base, None, "later target 0.8-1.0x"))
+        checked = [pending(TYPE, PAYLOAD) for _ in range(100)]
+
+        def batches_prevalidated() -> None:
+            space = new_space("writemany")
+            lease = registry.acquire(space, WRITER, 3600)
+            for b in range(counts.batches):
+                store.write(space, checked, expected_seq=b * 100, fence=lease)
+
+        fig, base = _compare(rounds, counts.batches * 100, batches_prevalidated, bare_batches)
+        rows.append(
+            _row(f"{label}: (info) store.write of 100, input validated beforehand", fig, base, None)
+        )
+
+        # Reads of one long space.
+        space = "read-back"
+        batch = [(TYPE, PAYLOAD)] * min(10_000, counts.reads)
+        lease = registry.acquire(space, WRITER, 3600)
+        while (head := store.head(space)) < counts.reads:
+            store.append_many(space, batch[: counts.reads - head], expected_seq=head, fence=lease)
+
+        def read_list() -> None:
+            assert len(store.events(space)) == counts.reads
+
+        def read_iter() -> None:
+            assert sum(1 for _ in store.iter_events(space)) == counts.reads
+
+        def bare_read() -> None:
+            assert len(raw.read(space)) == counts.reads
+
+        fig, base = _compare(rounds, counts.reads, read_list, bare_read)
+        rows.append(
+            _row(f"{label}: read {counts.reads:,} events, events()", fig, base, TARGET_READ)
+        )
+        fig, base = _compare(rounds, counts.reads, read_iter, bare_read)
+        rows.append(
+            _row(f"{label}: read {counts.reads:,} events, iter_events()", fig, base, TARGET_READ)
+        )
+
+        # Informative: where the time goes, and the alternatives to the one-statement append.
+        def prevalidated() -> None:
+            space = new_space("write")
+            lease = registry.acquire(space, WRITER, 3600)
+            item = [pending(TYPE, PAYLOAD)]
+            for seq in range(counts.appends):
+                store.write(space, item, expected_seq=seq, fence=lease)
+
+        fig, base = _compare(rounds, counts.appends, prevalidated, bare_inserts)
+        rows.append(
+            _row(
+                f"{label}: (info) store.write, input validated beforehand",
+                fig,
+                base,
+                None,
+                "the adapter alone, without the shared input checks of store.append",
+            )
+        )
+
+        def raw_fenced(method: str) -> Callable[[], None]:
+            def work() -> None:
+                space = new_space("alt")
+                lease = registry.acquire(space, WRITER, 3600)
+                write = getattr(raw, method)
+                for seq in range(counts.appends):
+                    write(space, seq, WRITER, lease.generation)
+
+            return work
+
+        fig, base = _compare(
+            rounds, counts.appends, raw_fenced("fenced_one_statement"), bare_inserts
+        )
+        rows.append(_row(f"{label}: (alt) bare driver, one guarded statement", fig, base, None))
+        fig, base = _compare(
+            rounds, counts.appends, raw_fenced("fenced_multi_statement"), bare_inserts
+        )
+        rows.append(_row(f"{label}: (alt) bare driver, a statement per check", fig, base, None))
+        fig, base = _compare(rounds, counts.appends, direct(fence=False), bare_inserts)
+        rows.append(_row(f"{label}: (info) store.append, no fence", fig, base, None))
+        fig, base = _compare(rounds, counts.appends, direct(intent=True), bare_inserts)
+        rows.append(_row(f"{label}: (info) fenced store.append with intent_id", fig, base, None))
+
+        engine = _sa_engine(url)
+        stmt = insert(events_table)
+        payload_value = PAYLOAD
+
+        def core() -> None:
+            space = new_space("core")
+            for seq in range(counts.appends):
+                with engine.begin() as conn:
+                    conn.execute(
+                        stmt,
+                        {
+                            "space": space,
+                            "seq": seq,
+                            "type": TYPE,
+                            "payload": payload_value,
+                            "recorded_at": datetime.now(UTC),
+                            "writer": WRITER,
+                            "generation": 1,
+                            "intent_id": None,
+                        },
+                    )
+
+        def orm() -> None:
+            space = new_space("orm")
+            for seq in range(counts.appends):
+                with Session(engine) as session, session.begin():
+                    session.add(
+                        EventRow(
+                            space=space,
+                            seq=seq,
+                            type=TYPE,
+                            payload=payload_value,
+                            recorded_at=datetime.now(UTC),
+                            writer=WRITER,
+                            generation=1,
+                            intent_id=None,
+                        )
+                    )
+
+        fig, base = _compare(rounds, counts.appends, core, bare_inserts)
+        rows.append(_row(f"{label}: (alt) SQLAlchemy Core insert per transaction", fig, base, None))
+        fig, base = _compare(rounds, counts.appends, orm, bare_inserts)
+        rows.append(_row(f"{label}: (alt) SQLAlchemy ORM add per transaction", fig, base, None))
+        engine.dispose()
+    return rows
+
+
+def _sa_engine(url: str) -> Engine:
+    """A plain SQLAlchemy engine (default pool) with the store's durability settings."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite":
+        return create_engine(parsed.set(drivername="postgresql+psycopg"))
+    sync = str(parsed.query.get("synchronous", "FULL"))
+    engine = create_engine(parsed.difference_update_query(["synchronous"]))
+
+    @event.listens_for(engine, "connect")
+    def pragmas(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.execute("PRAGMA journal_mode = WAL").fetchall()
+        dbapi_connection.execute(f"PRAGMA synchronous = {sync}")
+
+    return engine
+
+
+# -- the databases --------------------------------------------------------------------------------
+
+
+def _pg_server(url: str | None, pg_url: str | None) -> str:
+    if pg_url:
+        return pg_url
+    if url and url.startswith(("postgresql", "postgres")):
+        return url
+    return (
+        os.environ.get("SHARD_SQL_BENCH_PG_URL")
+        or os.environ.get("SHARD_SQL_TEST_PG_URL")
+        or DEFAULT_PG
+    )
+
+
+@contextmanager
+def scratch_pg(server: str) -> Iterator[str]:
+    """A new database on the server `server` names, dropped afterwards."""
+    import psycopg
+
+    if server.startswith("postgresql://"):
+        server = server.replace("postgresql://", "postgresql+psycopg://", 1)
+    name = f"shard_bench_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(_libpq(server), autocommit=True, connect_timeout=5) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    base = server.rsplit("/", 1)[0]
+    try:
+        yield f"{base}/{name}"
+    finally:
+        with psycopg.connect(_libpq(server), autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def run(
+    *,
+    quick: bool = False,
+    url: str | None = None,
+    pg_url: str | None = None,
+    rounds: int | None = None,
+    backends: tuple[str, ...] = ("sqlite-full", "sqlite-normal", "postgresql"),
+) -> list[dict[str, Any]]:
+    """Run the benchmark; return one mapping per row (see the module docstring)."""
+    counts = Counts.of(quick, rounds)
+    rows: list[Row] = []
+    with tempfile.TemporaryDirectory(prefix="shard-sql-bench-") as tmp:
+        for sync in ("FULL", "NORMAL"):
+            if f"sqlite-{sync.lower()}" not in backends:
+                continue
+            path = Path(tmp) / f"bench-{sync.lower()}.db"
+            SqlEventStore(f"sqlite:///{path}").close()  # create and migrate
+            raw = RawSqlite(path, sync)
+            try:
+                rows += bench_backend(
+                    f"sqlite {sync}", f"sqlite:///{path}?synchronous={sync}", raw, counts
+                )
+            finally:
+                raw.close()
+    if "postgresql" in backends:
+        server = _pg_server(url, pg_url)
+        try:
+            scratch = scratch_pg(server)
+            db = scratch.__enter__()
+        except Exception as e:
+            rows.append(
+                Row("postgresql: skipped", None, None, None, None, "", None, f"no server: {e}")
+            )
+        else:
+            try:
+                raw = RawPostgres(db)
+                try:
+                    rows += bench_backend("postgresql", db, raw, counts)
+                finally:
+                    raw.close()
+            finally:
+                scratch.__exit__(None, None, None)
+    return [asdict(r) for r in rows]
+
+
+def _print(rows: list[dict[str, Any]]) -> None:
+    print(f"{'work':62} {'shard_sql':>11} {'baseline':>11} {'ratio':>7} {'target':>7}  mark")
+    for r in rows:
+        if r["figure"] is None:
+            print(f"{r['work']:62} {r['note']}")
+            continue
+        mark = {True: "pass", False: "short", None: ""}[r["ok"]]
+        target = "" if r["target"] is None else f"{r['target']:.2f}x"
+        print(
+            f"{r['work']:62} {r['figure']:>11,.0f} {r['baseline']:>11,.0f} "
+            f"{r['ratio']:>6.2f}x {target:>7}  {mark}"
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny counts, one round")
+    parser.add_argument("--json", action="store_true", help="one JSON object per row")
+    parser.add_argument("--pg-url", help="PostgreSQL server to create a scratch database on")
+    parser.add_argument("--rounds", type=int, help="rounds per figure (default 5)")
+    parser.add_argument(
+        "--backend",
+        action="append",
+        choices=("sqlite-full", "sqlite-normal", "postgresql"),
+        help="run only these backends (repeatable)",
+    )
+    args = parser.parse_args(argv)
+    rows = run(
+        quick=args.quick,
+        pg_url=args.pg_url,
+        rounds=args.rounds,
+        backends=tuple(args.backend or ("sqlite-full", "sqlite-normal", "postgresql")),
+    )
+    if args.json:
+        for r in rows:
+            print(json.dumps(r))
+    else:
+        _print(rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
