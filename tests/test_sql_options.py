@@ -146,3 +146,66 @@ def test_benchmark_smoke(monkeypatch: pytest.MonkeyPatch) -> None:
     for r in rows:
         if r["figure"] is not None:
             assert r["figure"] > 0 and r["baseline"] > 0 and r["ratio"] > 0
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def any_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/any.db"
+    pg: str = request.getfixturevalue("pg_url")
+    return pg
+
+
+def test_import_keeps_writer_generation_and_time(any_url: str) -> None:
+    from datetime import datetime, timedelta, timezone
+
+    from shard_sql.validation import Pending, pending
+
+    then = datetime(2020, 5, 17, 8, 30, 0, 123456, tzinfo=timezone(timedelta(hours=2)))
+    base = pending("t", {"k": 1}, "imp-0")
+    copied = Pending(base.type, base.payload_json, base.payload, base.intent_id, then, "old", 7)
+    more = [
+        Pending(b.type, b.payload_json, b.payload, b.intent_id, then, "old", 8)
+        for b in (pending("t", {"k": 2}), pending("t", {"k": 3}, "imp-2"))
+    ]
+    with SqlEventStore(any_url, migrate=True) as store:
+        store.write("s", [copied], expected_seq=0, fence=None, verify_fence=False)
+        store.write("s", more, expected_seq=1, fence=None, verify_fence=False)
+        got = store.events("s")
+    assert [(e.seq, e.writer, e.generation, e.intent_id) for e in got] == [
+        (0, "old", 7, "imp-0"),
+        (1, "old", 8, None),
+        (2, "old", 8, "imp-2"),
+    ]
+    assert all(e.recorded_at == then and e.recorded_at.tzinfo is UTC for e in got)
+
+
+def test_racing_writers_of_one_intent_write_it_once(any_url: str) -> None:
+    with SqlEventStore(any_url, migrate=True) as store:
+        results: list[object] = []
+        barrier = threading.Barrier(6)
+
+        def work() -> None:
+            barrier.wait()
+            for _ in range(50):
+                try:
+                    results.append(
+                        store.append(
+                            "s", "t", {"v": 1}, expected_seq=store.head("s"), intent_id="k"
+                        )
+                    )
+                    return
+                except Exception as e:  # SeqConflict: the head moved; try again
+                    if type(e).__name__ != "SeqConflict":
+                        results.append(e)
+                        return
+            results.append("gave up")
+
+        threads = [threading.Thread(target=work) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert store.head("s") == 1
+        [event] = store.events("s")
+        assert results == [event] * 6
