@@ -89,7 +89,7 @@ class Counts:
     @classmethod
     def of(cls, quick: bool, rounds: int | None) -> Counts:
         if quick:
-            return cls(appends=40, batches=3, reads=2_000, rounds=rounds or 1)
+            return cls(appends=100, batches=3, reads=5_000, rounds=rounds or 3)
         return cls(appends=600, batches=20, reads=100_000, rounds=rounds or 5)
 
 
@@ -103,7 +103,10 @@ def _rate(count: int, work: Callable[[], object]) -> float:
 def _compare(
     rounds: int, count: int, figure: Callable[[], object], baseline: Callable[[], object]
 ) -> tuple[float, float]:
-    """Medians over interleaved rounds, so drift on a shared machine hits both alike."""
+    """Medians over interleaved rounds, so drift on a shared machine hits both alike; one
+    untimed round of each first (caches, prepared statements, the first page of a table)."""
+    baseline()
+    figure()
     figures, baselines = [], []
     for _ in range(rounds):
         baselines.append(_rate(count, baseline))
