@@ -266,82 +266,129 @@ class _Spaces:
         return f"{prefix}-{self.n}"
 
 
+Step = Callable[[int], None]
+"""Does the operation for seq n (an append) or batch n."""
+
+
+def _steps(
+    rounds: int, count: int, figure: Callable[[], Step], baseline: Callable[[], Step], chunk: int
+) -> tuple[float, float]:
+    """Writes: figure and baseline alternate every `chunk` operations inside each round, so a
+    slow spell of the disk (other processes' fsyncs) hits both alike. Each round starts fresh
+    (`figure()` / `baseline()` set up a new space); one untimed round of a chunk first.
+    Returns the median operations per second of each."""
+    baseline()(0)
+    figure()(0)
+    figures, baselines = [], []
+    for _ in range(rounds):
+        f, b = figure(), baseline()
+        tf = tb = 0.0
+        for start in range(0, count, chunk):
+            stop = min(start + chunk, count)
+            t0 = time.perf_counter()
+            for n in range(start, stop):
+                b(n)
+            t1 = time.perf_counter()
+            for n in range(start, stop):
+                f(n)
+            t2 = time.perf_counter()
+            tb += t1 - t0
+            tf += t2 - t1
+        figures.append(count / tf)
+        baselines.append(count / tb)
+    return statistics.median(figures), statistics.median(baselines)
+
+
 def bench_backend(label: str, url: str, raw: Any, counts: Counts) -> list[Row]:
     rows: list[Row] = []
-    rounds = counts.rounds
+    rounds, appends, chunk = counts.rounds, counts.appends, 25
     new_space = _Spaces()
     with SqlEventStore(url, migrate=True) as store:
         registry = LeaseRegistry(store)
-
-        # Fenced single-event append through the authority (lease held).
         node = AppendAuthority("bench-node", store, registry, ttl_seconds=3600)
 
-        def via_authority() -> None:
+        def leased(prefix: str) -> tuple[str, Any]:
+            space = new_space(prefix)
+            return space, registry.acquire(space, WRITER, 3600)
+
+        def bare() -> Step:
+            space = new_space("raw")
+            return lambda seq: raw.insert_one(space, seq)
+
+        def via_authority() -> Step:
             space = new_space("auth")
             node.acquire(space)
-            for _ in range(counts.appends):
-                node.append(space, TYPE, PAYLOAD)
+            return lambda _seq: node.append(space, TYPE, PAYLOAD) and None
 
-        def bare_inserts() -> None:
-            space = new_space("raw")
-            for seq in range(counts.appends):
-                raw.insert_one(space, seq)
+        def direct(fence: bool = True, intent: bool = False) -> Callable[[], Step]:
+            def setup() -> Step:
+                space, lease = leased("direct")
 
-        fig, base = _compare(rounds, counts.appends, via_authority, bare_inserts)
-        rows.append(_row(f"{label}: fenced append via AppendAuthority", fig, base, TARGET_APPEND))
-
-        def direct(fence: bool = True, intent: bool = False) -> Callable[[], None]:
-            def work() -> None:
-                space = new_space("direct")
-                lease = registry.acquire(space, WRITER, 3600) if fence else None
-                for seq in range(counts.appends):
+                def step(seq: int) -> None:
                     store.append(
                         space,
                         TYPE,
                         PAYLOAD,
                         expected_seq=seq,
-                        fence=lease,
+                        fence=lease if fence else None,
                         intent_id=f"i-{seq}" if intent else None,
                     )
 
-            return work
+                return step
 
-        fig, base = _compare(rounds, counts.appends, direct(), bare_inserts)
-        rows.append(_row(f"{label}: fenced append, store.append", fig, base, TARGET_APPEND))
+            return setup
+
+        def prevalidated() -> Step:
+            space, lease = leased("write")
+            item = [pending(TYPE, PAYLOAD)]
+            return lambda seq: store.write(space, item, expected_seq=seq, fence=lease) and None
+
+        def bare_driver(method: str) -> Callable[[], Step]:
+            def setup() -> Step:
+                space, lease = leased("alt")
+                write = getattr(raw, method)
+                return lambda seq: write(space, seq, WRITER, lease.generation)
+
+            return setup
+
+        def compare(
+            work: str, figure: Callable[[], Step], target: float | None, note: str = ""
+        ) -> None:
+            fig, base = _steps(rounds, appends, figure, bare, chunk)
+            rows.append(_row(f"{label}: {work}", fig, base, target, note))
+
+        # The targets: a fenced single-event append per transaction.
+        compare("fenced append via AppendAuthority", via_authority, TARGET_APPEND)
+        compare("fenced append, store.append", direct(), TARGET_APPEND)
 
         # append_many of 100.
         items = [(TYPE, PAYLOAD)] * 100
-
-        def batches() -> None:
-            space = new_space("many")
-            lease = registry.acquire(space, WRITER, 3600)
-            for b in range(counts.batches):
-                store.append_many(space, items, expected_seq=b * 100, fence=lease)
-
-        def bare_batches() -> None:
-            space = new_space("rawmany")
-            for b in range(counts.batches):
-                raw.insert_many(space, b * 100, 100)
-
-        fig, base = _compare(rounds, counts.batches * 100, batches, bare_batches)
-        rows.append(_row(f"{label}: append_many of 100", fig, base, None, "later target 0.8-1.0x"))
         checked = [pending(TYPE, PAYLOAD) for _ in range(100)]
 
-        def batches_prevalidated() -> None:
-            space = new_space("writemany")
-            lease = registry.acquire(space, WRITER, 3600)
-            for b in range(counts.batches):
-                store.write(space, checked, expected_seq=b * 100, fence=lease)
+        def batches() -> Step:
+            space, lease = leased("many")
+            return lambda b: (
+                store.append_many(space, items, expected_seq=b * 100, fence=lease) and None
+            )
 
-        fig, base = _compare(rounds, counts.batches * 100, batches_prevalidated, bare_batches)
-        rows.append(
-            _row(f"{label}: (info) store.write of 100, input validated beforehand", fig, base, None)
-        )
+        def batches_prevalidated() -> Step:
+            space, lease = leased("writemany")
+            return lambda b: store.write(space, checked, expected_seq=b * 100, fence=lease) and None
 
-        # Reads of one long space.
-        space = "read-back"
+        def bare_batches() -> Step:
+            space = new_space("rawmany")
+            return lambda b: raw.insert_many(space, b * 100, 100)
+
+        for work, figure, note in (
+            ("append_many of 100", batches, "later target 0.8-1.0x"),
+            ("(info) store.write of 100, input validated beforehand", batches_prevalidated, ""),
+        ):
+            fig, base = _steps(rounds, counts.batches, figure, bare_batches, 1)
+            rows.append(_row(f"{label}: {work}", fig * 100, base * 100, None, note))
+
+        # Reads of one long space (CPU-bound: whole rounds interleave).
+        space, lease = leased("read-back")
         batch = [(TYPE, PAYLOAD)] * min(10_000, counts.reads)
-        lease = registry.acquire(space, WRITER, 3600)
         while (head := store.head(space)) < counts.reads:
             store.append_many(space, batch[: counts.reads - head], expected_seq=head, fence=lease)
 
@@ -354,64 +401,35 @@ def bench_backend(label: str, url: str, raw: Any, counts: Counts) -> list[Row]:
         def bare_read() -> None:
             assert len(raw.read(space)) == counts.reads
 
-        fig, base = _compare(rounds, counts.reads, read_list, bare_read)
-        rows.append(
-            _row(f"{label}: read {counts.reads:,} events, events()", fig, base, TARGET_READ)
-        )
-        fig, base = _compare(rounds, counts.reads, read_iter, bare_read)
-        rows.append(
-            _row(f"{label}: read {counts.reads:,} events, iter_events()", fig, base, TARGET_READ)
-        )
+        for work, reader in (("events()", read_list), ("iter_events()", read_iter)):
+            fig, base = _compare(rounds, counts.reads, reader, bare_read)
+            rows.append(
+                _row(f"{label}: read {counts.reads:,} events, {work}", fig, base, TARGET_READ)
+            )
 
         # Informative: where the time goes, and the alternatives to the one-statement append.
-        def prevalidated() -> None:
-            space = new_space("write")
-            lease = registry.acquire(space, WRITER, 3600)
-            item = [pending(TYPE, PAYLOAD)]
-            for seq in range(counts.appends):
-                store.write(space, item, expected_seq=seq, fence=lease)
-
-        fig, base = _compare(rounds, counts.appends, prevalidated, bare_inserts)
-        rows.append(
-            _row(
-                f"{label}: (info) store.write, input validated beforehand",
-                fig,
-                base,
-                None,
-                "the adapter alone, without the shared input checks of store.append",
-            )
+        compare(
+            "(info) store.write, input validated beforehand",
+            prevalidated,
+            None,
+            "the adapter alone, without the shared input checks of store.append",
         )
-
-        def raw_fenced(method: str) -> Callable[[], None]:
-            def work() -> None:
-                space = new_space("alt")
-                lease = registry.acquire(space, WRITER, 3600)
-                write = getattr(raw, method)
-                for seq in range(counts.appends):
-                    write(space, seq, WRITER, lease.generation)
-
-            return work
-
-        fig, base = _compare(
-            rounds, counts.appends, raw_fenced("fenced_one_statement"), bare_inserts
+        compare(
+            "(alt) bare driver, one guarded statement", bare_driver("fenced_one_statement"), None
         )
-        rows.append(_row(f"{label}: (alt) bare driver, one guarded statement", fig, base, None))
-        fig, base = _compare(
-            rounds, counts.appends, raw_fenced("fenced_multi_statement"), bare_inserts
+        compare(
+            "(alt) bare driver, a statement per check", bare_driver("fenced_multi_statement"), None
         )
-        rows.append(_row(f"{label}: (alt) bare driver, a statement per check", fig, base, None))
-        fig, base = _compare(rounds, counts.appends, direct(fence=False), bare_inserts)
-        rows.append(_row(f"{label}: (info) store.append, no fence", fig, base, None))
-        fig, base = _compare(rounds, counts.appends, direct(intent=True), bare_inserts)
-        rows.append(_row(f"{label}: (info) fenced store.append with intent_id", fig, base, None))
+        compare("(info) store.append, no fence", direct(fence=False), None)
+        compare("(info) fenced store.append with intent_id", direct(intent=True), None)
 
         engine = _sa_engine(url)
         stmt = insert(events_table)
-        payload_value = PAYLOAD
 
-        def core() -> None:
+        def core() -> Step:
             space = new_space("core")
-            for seq in range(counts.appends):
+
+            def step(seq: int) -> None:
                 with engine.begin() as conn:
                     conn.execute(
                         stmt,
@@ -419,7 +437,7 @@ def bench_backend(label: str, url: str, raw: Any, counts: Counts) -> list[Row]:
                             "space": space,
                             "seq": seq,
                             "type": TYPE,
-                            "payload": payload_value,
+                            "payload": PAYLOAD,
                             "recorded_at": datetime.now(UTC),
                             "writer": WRITER,
                             "generation": 1,
@@ -427,16 +445,19 @@ def bench_backend(label: str, url: str, raw: Any, counts: Counts) -> list[Row]:
                         },
                     )
 
-        def orm() -> None:
+            return step
+
+        def orm() -> Step:
             space = new_space("orm")
-            for seq in range(counts.appends):
+
+            def step(seq: int) -> None:
                 with Session(engine) as session, session.begin():
                     session.add(
                         EventRow(
                             space=space,
                             seq=seq,
                             type=TYPE,
-                            payload=payload_value,
+                            payload=PAYLOAD,
                             recorded_at=datetime.now(UTC),
                             writer=WRITER,
                             generation=1,
@@ -444,10 +465,10 @@ def bench_backend(label: str, url: str, raw: Any, counts: Counts) -> list[Row]:
                         )
                     )
 
-        fig, base = _compare(rounds, counts.appends, core, bare_inserts)
-        rows.append(_row(f"{label}: (alt) SQLAlchemy Core insert per transaction", fig, base, None))
-        fig, base = _compare(rounds, counts.appends, orm, bare_inserts)
-        rows.append(_row(f"{label}: (alt) SQLAlchemy ORM add per transaction", fig, base, None))
+            return step
+
+        compare("(alt) SQLAlchemy Core insert per transaction", core, None)
+        compare("(alt) SQLAlchemy ORM add per transaction", orm, None)
         engine.dispose()
     return rows
 
