@@ -305,25 +305,31 @@ def test_lease_held_by_another_node(pg_url: str) -> None:
         store.close()
 
 
-def test_append_forwarded_to_a_live_holder(pg_url: str) -> None:
-    need("shard_sql.sql")
-    from shard_sql import AppendAuthority, LeaseRegistry, SqlEventStore
+def test_append_forwarded_to_a_live_holder(backend: str) -> None:
+    """The command forwards to a holder serving in another process, which writes the event."""
+    from shard_sql import AppendAuthority, LeaseRegistry
     from shard_sql.store import IntentQueue
+    from shard_sql.urls import open_store
 
-    url = migrated(pg_url)
-    store = SqlEventStore(url)
+    url = migrated(backend)
+    store = open_store(url)
     try:
         if not isinstance(store, IntentQueue):
-            pytest.skip("SqlEventStore does not forward intents across processes yet")
-        node = AppendAuthority("holder", store, LeaseRegistry(store), ttl_seconds=10)
+            pytest.skip(f"{type(store).__name__} does not forward intents across processes yet")
+        node = AppendAuthority("holder", store, LeaseRegistry(store), ttl_seconds=3)
         with node:
             node.acquire("served")
             r = shard_sql("append", "served", "t", '{"via": "cli"}', "--json", url=url)
             assert r.code == 0, r
-            assert r.lines()[0]["writer"] == "holder"
+            event = r.lines()[0]
+            assert (event["seq"], event["writer"], event["payload"]) == (
+                0,
+                "holder",
+                {"via": "cli"},
+            )
             assert node.holds("served")
     finally:
-        store.close()
+        getattr(store, "close", lambda: None)()
 
 
 # -- errors --------------------------------------------------------------------------------------
