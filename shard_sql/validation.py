@@ -72,8 +72,9 @@ def check_seq(field: str, value: object) -> int:
     return value
 
 
-def _reject_non_finite(value: str) -> Any:
-    raise ValueError(f"{value} is not valid JSON")
+# Built once: json.dumps/json.loads with options build a new encoder/decoder on every call.
+_encode = json.JSONEncoder(allow_nan=False, ensure_ascii=False, separators=(",", ":")).encode
+_decode = json.JSONDecoder().decode
 
 
 def check_payload(payload: object) -> tuple[str, dict[str, Any]]:
@@ -87,7 +88,7 @@ def check_payload(payload: object) -> tuple[str, dict[str, Any]]:
     if not isinstance(payload, Mapping) or not isinstance(payload, dict):
         raise InvalidEvent("payload", f"must be a JSON object (dict), not {type(payload).__name__}")
     try:
-        text = json.dumps(payload, allow_nan=False, ensure_ascii=False, separators=(",", ":"))
+        text = _encode(payload)
     except (TypeError, ValueError, RecursionError) as e:
         raise InvalidEvent("payload", f"is not strict JSON: {e}") from e
     if "\\u0000" in text:
@@ -100,7 +101,7 @@ def check_payload(payload: object) -> tuple[str, dict[str, Any]]:
         raise InvalidEvent("payload", f"is {size} bytes of JSON, at most {MAX_PAYLOAD_BYTES}")
     # A round trip catches what json.dumps silently converts: int/float/bool/None keys become
     # strings, tuples become lists. Equal after the round trip means it is plain JSON.
-    copy = json.loads(text, parse_constant=_reject_non_finite)
+    copy = _decode(text)
     if copy != payload:
         raise InvalidEvent(
             "payload", "is not plain JSON (non-string keys, tuples or other non-JSON values)"
