@@ -295,7 +295,12 @@ def build_parser() -> argparse.ArgumentParser:
         "shard-sql bench",
         "shard-sql bench --only sql --quick --json",
     )
-    p.add_argument("--only", choices=sorted(BENCH_MODULES), help="run one suite")
+    p.add_argument(
+        "--only",
+        action="append",
+        metavar="SUITE",
+        help="run this suite only (sql, git, or NAME of benchmarks/NAME_bench.py); repeatable",
+    )
     p.add_argument("--quick", action="store_true", help="tiny counts (a smoke run)")
     p.set_defaults(func=cmd_bench)
 
@@ -1187,8 +1192,29 @@ def _pending_of(e: Event) -> Pending:
 # -- bench ---------------------------------------------------------------------------------------
 
 BENCH_MODULES = {"sql": "benchmarks.sql_bench", "git": "benchmarks.git_bench"}
-"""The benchmark runners: each module provides `run(*, quick: bool = False, ...)` returning rows
-(mappings or objects) with a work name, a figure, a baseline, a ratio and a target."""
+"""The benchmark suites always looked for; any other `benchmarks/NAME_bench.py` of the source
+checkout is the suite NAME. Each module provides `run(*, quick: bool = False, ...)` returning
+rows (mappings or objects) with a work name, a figure, a baseline, a ratio and a target."""
+
+
+def _bench_root() -> Path | None:
+    """The directory holding `benchmarks/`: the source checkout of this package, else the
+    current directory."""
+    for root in (Path(__file__).resolve().parent.parent, Path.cwd()):
+        if (root / "benchmarks").is_dir():
+            return root
+    return None
+
+
+def bench_suites() -> dict[str, str]:
+    """Suite name -> module, `sql` and `git` first."""
+    suites = dict(BENCH_MODULES)
+    root = _bench_root()
+    if root is not None:
+        for f in sorted((root / "benchmarks").glob("*_bench.py")):
+            suites.setdefault(f.stem.removesuffix("_bench"), f"benchmarks.{f.stem}")
+    return suites
+
 
 _FIELDS = {
     "work": ("work", "name", "row", "figure_name"),
@@ -1212,21 +1238,17 @@ def _field(row: object, name: str) -> Any:
     return None
 
 
-def _load_bench(name: str) -> Any | None:
-    module = BENCH_MODULES[name]
+def _load_bench(module: str) -> Any | None:
+    """Import a suite's module; None when it does not exist."""
     try:
         return importlib.import_module(module)
     except ModuleNotFoundError as e:
         if e.name not in (module, "benchmarks"):
             raise
-    # Not importable from here: try the current directory and the source checkout.
-    added = False
-    for root in (Path.cwd(), Path(__file__).resolve().parent.parent):
-        if (root / "benchmarks").is_dir() and str(root) not in sys.path:
-            sys.path.insert(0, str(root))
-            added = True
-    if not added:
+    root = _bench_root()
+    if root is None or str(root) in sys.path:
         return None
+    sys.path.insert(0, str(root))
     importlib.invalidate_caches()
     try:
         return importlib.import_module(module)
@@ -1237,7 +1259,7 @@ def _load_bench(name: str) -> Any | None:
 
 
 def _run_bench(module: Any, args: argparse.Namespace) -> list[Any]:
-    run = getattr(module, "run", None) or getattr(module, "main", None)
+    run = getattr(module, "run", None)
     if not callable(run):
         raise CliError(f"{module.__name__} has no run() function")
     offered = {"quick": args.quick, "url": getattr(args, "url", None)}
@@ -1265,21 +1287,25 @@ def _fmt_target(r: Mapping[str, Any]) -> str:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    names = [args.only] if args.only else sorted(BENCH_MODULES)
+    suites = bench_suites()
+    names: list[str] = list(dict.fromkeys(args.only)) if args.only else list(suites)
+    unknown = [n for n in names if n not in suites]
+    if unknown:
+        raise CliError(f"unknown suite {unknown[0]!r} (known: {', '.join(suites)})", EXIT_USAGE)
     modules: dict[str, Any] = {}
     for n in names:
         try:
-            modules[n] = _load_bench(n)
+            modules[n] = _load_bench(suites[n])
         except ImportError as e:
-            raise CliError(f"cannot import {BENCH_MODULES[n]}: {e}") from e
+            raise CliError(f"cannot import {suites[n]}: {e}") from e
     found = {n: m for n, m in modules.items() if m is not None}
     if not found:
         raise CliError(
             "no benchmarks found (benchmarks/sql_bench.py, benchmarks/git_bench.py); "
             "run from a source checkout"
         )
-    for n in sorted(set(names) - set(found)):
-        print(f"{PROG}: note: {BENCH_MODULES[n]} not found; skipped", file=sys.stderr)
+    for n in [n for n in names if n not in found]:
+        print(f"{PROG}: note: {suites[n]} not found; skipped", file=sys.stderr)
     results: list[dict[str, Any]] = []
     with Progress("bench", len(found)) as bar:
         for name, module in found.items():

@@ -468,6 +468,17 @@ def test_bench_without_runners(run: Any, monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setattr(cli, "_load_bench", lambda name: None)
     r = run("bench")
     assert r.code == 1 and "no benchmarks found" in r.err
+    r = run("bench", "--only", "nope")
+    assert r.code == 2 and "unknown suite 'nope' (known: sql, git" in r.err
+
+
+def test_bench_suites_are_discovered() -> None:
+    suites = cli.bench_suites()
+    assert list(suites)[:2] == ["sql", "git"]
+    root = cli._bench_root()
+    if root is not None:
+        for f in (root / "benchmarks").glob("*_bench.py"):
+            assert suites[f.stem.removesuffix("_bench")] == f"benchmarks.{f.stem}"
 
 
 # -- odds and ends -------------------------------------------------------------------------------
@@ -553,7 +564,10 @@ def test_bench_skips_a_missing_suite(
         work, figure, baseline, target = "read", 2.0, 1.0, 1.0
 
     module = types.SimpleNamespace(__name__="benchmarks.sql_bench", run=lambda: [Row()])
-    monkeypatch.setattr(cli, "_load_bench", lambda name: module if name == "sql" else None)
+    monkeypatch.setattr(
+        cli, "_load_bench", lambda name: module if name == "benchmarks.sql_bench" else None
+    )
+    monkeypatch.setattr(cli, "bench_suites", lambda: dict(cli.BENCH_MODULES))
     assert cli.main(["bench", "--json"]) == 0
     out, err = capsys.readouterr()
     assert err == "shard-sql: note: benchmarks.git_bench not found; skipped\n"
