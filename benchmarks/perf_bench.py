@@ -1,0 +1,739 @@
+"""Performance suite (issue 7): shard_sql next to its baselines, in the same run, as ratios.
+
+One row per work of the issue's table, on a SQLite file (WAL, `synchronous=FULL`, the default,
+and `synchronous=NORMAL`), a scratch PostgreSQL database and a git repository. Each figure is
+measured in the same run, on the same database with the same durability settings, as its
+baselines (interleaved; medians of the rounds):
+
+- fenced single-event append through `AppendAuthority` (lease held) next to the raw driver's
+  INSERT in autocommit (target 0.85x), the eventsourcing recorder (`insert_events` of one stored
+  event: 1.1x on SQLite, 2.5x on PostgreSQL) and `Application.save` of one new event;
+- `append_many` of 100 next to BEGIN + `executemany` + COMMIT (0.8x on SQLite, 1.0x on
+  PostgreSQL), and COPY on PostgreSQL;
+- reading 100,000 events as `Event` objects (`events()` and `iter_events()`) next to the raw driver
+  + a `json.loads` loop (1.0x), and the eventsourcing recorder's `select_events` + `json.loads`;
+- git append (fenced, and through `AppendAuthority`) next to a bare pygit2 ref transaction writing
+  the same commit (0.8x), git reads (>= 10,000 events/s);
+- 4 processes appending to one space through their own authorities (one holds the lease, three
+  forward to it through the store's durable intents): the total next to one process alone (0.9x);
+- iterating 1,000,000 events with `iter_events` in a fresh process: RSS growth < 50 MB (the row's
+  baseline is the 50 MB budget, its ratio budget / growth, target 1.0x).
+
+The eventsourcing rows run when that library is importable (`pip install 'shard-sql[compare]'`),
+else they are skipped with a note. `run(quick=False, ...)` returns the rows for `shard-sql bench`
+(suite `perf`); `python -m benchmarks [--quick] [--json] [--only WORK] [--pg-url URL]` prints them
+as one table. Reuses `sql_bench` (raw drivers, interleaving, scratch PostgreSQL databases) and
+`git_bench` (the bare pygit2 baseline, reads).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import multiprocessing
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from benchmarks import git_bench
+from benchmarks.sql_bench import (
+    PAYLOAD,
+    TYPE,
+    RawPostgres,
+    RawSqlite,
+    Step,
+    _compare,
+    _pg_server,
+    _Spaces,
+    _steps,
+    scratch_pg,
+)
+from shard_sql import AppendAuthority, LeaseRegistry, SqlEventStore
+
+TARGET_APPEND = 0.85
+TARGET_VS_RECORDER = {"sqlite FULL": 1.1, "sqlite NORMAL": 1.1, "postgresql": 2.5}
+TARGET_MANY = {"sqlite FULL": 0.8, "sqlite NORMAL": 0.8, "postgresql": 1.0}
+TARGET_READ = 1.0
+TARGET_GIT_APPEND = 0.8
+TARGET_GIT_READS = 10_000.0
+TARGET_PROCESSES = 0.9
+MEMORY_BUDGET_MB = 50.0
+WORKS = ("append", "many", "read", "git", "processes", "memory")
+BACKENDS = ("sqlite-full", "sqlite-normal", "postgresql", "git")
+CTX = multiprocessing.get_context("spawn")
+
+
+@dataclass
+class Row:
+    work: str
+    backend: str
+    vs: str
+    figure: float | None
+    baseline: float | None
+    ratio: float | None
+    target: float | None
+    unit: str = "events/s"
+    ok: bool | None = None
+    note: str = ""
+    target_text: str = ""
+
+
+@dataclass
+class Counts:
+    appends: int
+    batches: int
+    reads: int
+    rounds: int
+    git_appends: int
+    git_reads: int
+    proc_appends: int
+    memory_events: int
+
+    @classmethod
+    def of(cls, quick: bool, rounds: int | None) -> Counts:
+        if quick:
+            return cls(50, 2, 2_000, rounds or 1, 30, 500, 20, 5_000)
+        return cls(600, 20, 100_000, rounds or 5, 400, 10_000, 500, 1_000_000)
+
+
+def _row(
+    work: str,
+    backend: str,
+    vs: str,
+    figure: float,
+    baseline: float | None,
+    target: float | None,
+    unit: str = "events/s",
+    note: str = "",
+    ratio: float | None = None,
+    target_text: str = "",
+) -> Row:
+    if ratio is None and baseline:
+        ratio = figure / baseline
+    ok = None
+    if target is not None:
+        ok = (ratio if baseline is not None and ratio is not None else figure) >= target
+    if not target_text and target is not None:
+        target_text = f">= {target:g}x" if baseline is not None else f">= {target:,.0f}"
+    return Row(
+        work,
+        backend,
+        vs,
+        round(figure, 1),
+        None if baseline is None else round(baseline, 1),
+        None if ratio is None else round(ratio, 3),
+        target,
+        unit,
+        ok,
+        note,
+        target_text,
+    )
+
+
+def _skip(work: str, backend: str, vs: str, note: str) -> Row:
+    return Row(work, backend, vs, None, None, None, None, "", None, note)
+
+
+# -- eventsourcing, when installed -----------------------------------------------------------------
+
+
+def _eventsourcing() -> Any | None:
+    try:
+        import eventsourcing  # noqa: F401
+    except ImportError:
+        return None
+    return True
+
+
+ES_NOTE = "eventsourcing not installed (pip install 'shard-sql[compare]'): skipped"
+
+
+@functools.cache
+def _page_class() -> Any:
+    """An eventsourcing aggregate (defined once: the library registers its topic)."""
+    from eventsourcing.domain import Aggregate, event
+
+    class Page(Aggregate):
+        def __init__(self, page: str) -> None:
+            self.page = page
+
+        @event("Edited")
+        def edit(self, title: str, tags: list[str], rev: int) -> None:
+            self.title, self.tags, self.rev = title, tags, rev
+
+    return Page
+
+
+class EsSide:
+    """The eventsourcing library on the same database: its application recorder (one stored
+    event per `insert_events`) and an `Application` saving one new aggregate event at a time."""
+
+    def __init__(self, backend: str, where: str, db_functions: bool = False) -> None:
+        from eventsourcing.application import Application
+
+        self.backend = backend
+        if backend == "postgresql":
+            from eventsourcing.postgres import PostgresApplicationRecorder, PostgresDatastore
+            from sqlalchemy import make_url
+
+            u = make_url(where)
+            self.env = {
+                "PERSISTENCE_MODULE": "eventsourcing.postgres",
+                "POSTGRES_DBNAME": str(u.database),
+                "POSTGRES_HOST": u.host or "127.0.0.1",
+                "POSTGRES_PORT": str(u.port or 5432),
+                "POSTGRES_USER": u.username or "postgres",
+                "POSTGRES_PASSWORD": u.password or "",
+            }
+            self.datastore: Any = PostgresDatastore(
+                str(u.database),
+                u.host or "127.0.0.1",
+                u.port or 5432,
+                u.username or "postgres",
+                u.password or "",
+                enable_db_functions=db_functions,
+            )
+            self.recorder: Any = PostgresApplicationRecorder(self.datastore)
+        else:
+            from eventsourcing.sqlite import SQLiteApplicationRecorder, SQLiteDatastore
+
+            self.env = {"PERSISTENCE_MODULE": "eventsourcing.sqlite", "SQLITE_DBNAME": where}
+            self.datastore = SQLiteDatastore(where)
+            self.recorder = SQLiteApplicationRecorder(self.datastore)
+        self.recorder.create_table()
+
+        self.Page = _page_class()
+        self.app: Any = None
+        self._app_cls = Application
+
+    def stored(self, originator: uuid.UUID, version: int) -> Any:
+        from eventsourcing.persistence import StoredEvent
+
+        return StoredEvent(originator, version, TYPE, json.dumps(PAYLOAD).encode())
+
+    def recorder_step(self) -> Step:
+        originator = uuid.uuid4()
+        insert, stored = self.recorder.insert_events, self.stored
+        return lambda n: insert([stored(originator, n)]) and None
+
+    def save_step(self) -> Step:
+        if self.app is None:
+            self.app = self._app_cls(env=self.env)
+        app = self.app
+        page = self.Page("Home")
+        app.save(page)
+
+        def step(n: int) -> None:
+            page.edit("A wiki page", ["a", "b"], n)
+            app.save(page)
+
+        return step
+
+    def fill(self, count: int) -> uuid.UUID:
+        originator = uuid.uuid4()
+        for start in range(0, count, 1000):
+            self.recorder.insert_events(
+                [self.stored(originator, v) for v in range(start, min(count, start + 1000))]
+            )
+        return originator
+
+    def read(self, originator: uuid.UUID) -> list[Any]:
+        loads = json.loads
+        return [(s, loads(s.state)) for s in self.recorder.select_events(originator)]
+
+    def close(self) -> None:
+        if self.app is not None:
+            self.app.close()
+        self.datastore.close()
+
+
+# -- SQL rows --------------------------------------------------------------------------------------
+
+
+def _copy_many(raw: RawPostgres, space: str, seq: int, n: int) -> None:
+    """COPY of n rows in one transaction: PostgreSQL's fastest bulk insert."""
+    from datetime import UTC, datetime
+
+    at = datetime.now(UTC)
+    text = json.dumps(PAYLOAD)
+    cols = "space, seq, type, payload, recorded_at, writer, generation, intent_id"
+    with raw.conn.transaction(), raw.cur.copy(f"COPY events ({cols}) FROM STDIN") as copy:
+        for k in range(n):
+            copy.write_row((space, seq + k, TYPE, text, at, "bench-node", 1, None))
+
+
+def sql_rows(
+    label: str, url: str, raw: Any, counts: Counts, works: tuple[str, ...], es_where: str | None
+) -> list[Row]:
+    rows: list[Row] = []
+    rounds, appends = counts.rounds, counts.appends
+    new_space = _Spaces()
+    es: EsSide | None = None
+    es_note = ES_NOTE
+    if es_where is not None and _eventsourcing():
+        try:
+            es = EsSide("postgresql" if label == "postgresql" else "sqlite", es_where)
+        except ImportError as e:  # its PostgreSQL module needs psycopg-pool
+            es_note = f"eventsourcing cannot run here ({e}): skipped"
+    elif es_where is None:
+        es_note = "eventsourcing sets no synchronous=NORMAL: no like-for-like baseline"
+    with SqlEventStore(url, migrate=True) as store:
+        registry = LeaseRegistry(store)
+        node = AppendAuthority("bench-node", store, registry, ttl_seconds=3600)
+
+        def bare() -> Step:
+            space = new_space("raw")
+            return lambda seq: raw.insert_one(space, seq)
+
+        def via_authority() -> Step:
+            space = new_space("auth")
+            node.acquire(space)
+            return lambda _seq: node.append(space, TYPE, PAYLOAD) and None
+
+        if "append" in works:
+            work = "fenced append via AppendAuthority"
+            fig, base = _steps(rounds, appends, via_authority, bare, 25)
+            rows.append(_row(work, label, "raw driver insert", fig, base, TARGET_APPEND))
+            if es is None:
+                rows.append(_skip(work, label, "eventsourcing recorder", es_note))
+            else:
+                fig, base = _steps(rounds, appends, via_authority, es.recorder_step, 25)
+                target = TARGET_VS_RECORDER[label]
+                rows.append(_row(work, label, "eventsourcing recorder", fig, base, target))
+                fig, base = _steps(rounds, appends, via_authority, es.save_step, 25)
+                rows.append(_row(work, label, "eventsourcing Application.save", fig, base, None))
+                if label == "postgresql":
+                    assert es_where is not None
+                    esf = EsSide("postgresql", es_where, db_functions=True)
+                    try:
+                        fig, base = _steps(rounds, appends, via_authority, esf.recorder_step, 25)
+                    finally:
+                        esf.close()
+                    rows.append(
+                        _row(work, label, "eventsourcing recorder, DB functions", fig, base, None)
+                    )
+
+        if "many" in works:
+            items = [(TYPE, PAYLOAD)] * 100
+
+            def batches() -> Step:
+                space = new_space("many")
+                lease = registry.acquire(space, "bench-node", 3600)
+                return lambda b: (
+                    store.append_many(space, items, expected_seq=b * 100, fence=lease) and None
+                )
+
+            def bare_batches() -> Step:
+                space = new_space("rawmany")
+                return lambda b: raw.insert_many(space, b * 100, 100)
+
+            work = "append_many of 100"
+            fig, base = _steps(rounds, counts.batches, batches, bare_batches, 1)
+            rows.append(
+                _row(work, label, "raw executemany", fig * 100, base * 100, TARGET_MANY[label])
+            )
+            if label == "postgresql":
+
+                def copy_batches() -> Step:
+                    space = new_space("copymany")
+                    return lambda b: _copy_many(raw, space, b * 100, 100)
+
+                fig, base = _steps(rounds, counts.batches, batches, copy_batches, 1)
+                rows.append(_row(work, label, "raw COPY", fig * 100, base * 100, None))
+
+        if "read" in works:
+            space = new_space("read-back")
+            lease = registry.acquire(space, "bench-node", 3600)
+            batch = [(TYPE, PAYLOAD)] * min(10_000, counts.reads)
+            while (head := store.head(space)) < counts.reads:
+                store.append_many(
+                    space, batch[: counts.reads - head], expected_seq=head, fence=lease
+                )
+
+            def read_list() -> None:
+                assert len(store.events(space)) == counts.reads
+
+            def read_iter() -> None:
+                assert sum(1 for _ in store.iter_events(space)) == counts.reads
+
+            def bare_read() -> None:
+                assert len(raw.read(space)) == counts.reads
+
+            work = f"read {counts.reads:,} events as Event objects"
+            for how, reader in (("events()", read_list), ("iter_events()", read_iter)):
+                fig, base = _compare(rounds, counts.reads, reader, bare_read)
+                rows.append(
+                    _row(f"{work}, {how}", label, "raw driver + json.loads", fig, base, TARGET_READ)
+                )
+            if es is None:
+                rows.append(_skip(f"{work}, events()", label, "eventsourcing recorder", es_note))
+            else:
+                originator = es.fill(counts.reads)
+
+                def es_read() -> None:
+                    assert len(es.read(originator)) == counts.reads
+
+                fig, base = _compare(rounds, counts.reads, read_list, es_read)
+                rows.append(
+                    _row(
+                        f"{work}, events()",
+                        label,
+                        "eventsourcing select_events + json.loads",
+                        fig,
+                        base,
+                        None,
+                    )
+                )
+    if es is not None:
+        es.close()
+    return rows
+
+
+# -- 4 processes, one space ------------------------------------------------------------------------
+
+
+def _proc_worker(url: str, name: str, space: str, count: int, go: Any, out: Any, flag: str) -> None:
+    """One process: its own store and authority (serving what is forwarded to it), `count`
+    appends to `space`; reports (start, end) on the monotonic clock shared by the machine."""
+    store = SqlEventStore(url) if not url.startswith("git:") else _git_store(url)
+    node = AppendAuthority(name, store, LeaseRegistry(store), ttl_seconds=60, forward_timeout=120)
+    with node:
+        node.append(f"warm-{name}", TYPE, PAYLOAD)
+        out.put(("ready", name, 0.0, 0.0))
+        go.wait(120)
+        t0 = time.monotonic()
+        for _ in range(count):
+            node.append(space, TYPE, PAYLOAD)
+        t1 = time.monotonic()
+        out.put(("done", name, t0, t1))
+        # Keep serving until every worker is done: the holder must outlive the forwarders.
+        while not os.path.exists(flag):
+            time.sleep(0.01)
+    store.close()
+
+
+def _git_store(url: str) -> Any:
+    from shard_sql import GitEventStore
+
+    return GitEventStore(url.removeprefix("git:"))
+
+
+def _processes(url: str, space: str, workers: int, count: int) -> float:
+    """Total events/s of `workers` processes appending `count` each to `space`."""
+    flag = os.path.join(tempfile.gettempdir(), f"shard-perf-{uuid.uuid4().hex}.done")
+    go, out = CTX.Event(), CTX.Queue()
+    procs = [
+        CTX.Process(target=_proc_worker, args=(url, f"p{i}", space, count, go, out, flag))
+        for i in range(workers)
+    ]
+    for p in procs:
+        p.start()
+    try:
+        for _ in range(workers):
+            kind = out.get(timeout=120)[0]
+            assert kind == "ready"
+        go.set()
+        spans = [out.get(timeout=600) for _ in range(workers)]
+        Path(flag).touch()
+        for p in procs:
+            p.join(60)
+    finally:
+        Path(flag).touch()
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+        Path(flag).unlink(missing_ok=True)
+    start = min(s[2] for s in spans)
+    end = max(s[3] for s in spans)
+    return workers * count / (end - start)
+
+
+def process_rows(label: str, url: str, counts: Counts, rounds: int) -> list[Row]:
+    n = counts.proc_appends
+    alone, four = [], []
+    for r in range(rounds):
+        alone.append(_processes(url, f"alone-{r}", 1, 4 * n))
+        four.append(_processes(url, f"four-{r}", 4, n))
+    fig, base = statistics.median(four), statistics.median(alone)
+    return [
+        _row(
+            "4 processes appending to one space (total)",
+            label,
+            "1 process alone",
+            fig,
+            base,
+            TARGET_PROCESSES,
+            note=f"{n} appends each, 3 forwarding to the holder; medians of {rounds}",
+        )
+    ]
+
+
+# -- memory of a long iteration --------------------------------------------------------------------
+
+_MEMORY_SCRIPT = r"""
+import gc, json, sys
+from shard_sql import SqlEventStore
+
+def status(key):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(key)
+
+store = SqlEventStore(sys.argv[1])
+space = sys.argv[2]
+head = store.head(space)
+for _ in store.iter_events(space, from_seq=max(head - 10, 0)):  # connections, statements
+    pass
+gc.collect()
+before = status("VmRSS")
+try:  # reset the peak (VmHWM) to the current RSS
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    peak_key = "VmHWM"
+except OSError:
+    peak_key = "VmRSS"
+peak = before
+n = 0
+for e in store.iter_events(space):
+    n += 1
+    if n % 20000 == 0:
+        peak = max(peak, status("VmRSS"))
+peak = max(peak, status(peak_key), status("VmRSS"))
+print(json.dumps({"n": n, "before": before, "peak": peak, "peak_key": peak_key}))
+"""
+
+
+def memory_rows(label: str, url: str, count: int) -> list[Row]:
+    space = "memory"
+    with SqlEventStore(url, migrate=True) as store:
+        batch = [(TYPE, PAYLOAD)] * min(10_000, count)
+        while (head := store.head(space)) < count:
+            store.append_many(space, batch[: count - head], expected_seq=head)
+    out = subprocess.run(
+        [sys.executable, "-c", _MEMORY_SCRIPT, url, space],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["n"] == count
+    growth = max(result["peak"] - result["before"], 0) / 1e6
+    return [
+        _row(
+            f"iterate {count:,} events with iter_events: RSS growth",
+            label,
+            "50 MB budget",
+            growth,
+            MEMORY_BUDGET_MB,
+            1.0,
+            unit="MB",
+            note="ratio = budget / growth; fresh process, peak RSS (VmHWM reset) - RSS before",
+            ratio=MEMORY_BUDGET_MB / max(growth, 0.01),
+            target_text="< 50 MB",
+        )
+    ]
+
+
+# -- git -------------------------------------------------------------------------------------------
+
+
+def git_rows(counts: Counts, works: tuple[str, ...], proc_rounds: int) -> list[Row]:
+    rows: list[Row] = []
+    label = "git"
+    with tempfile.TemporaryDirectory(prefix="shard-perf-git-") as tmp:
+        root = Path(tmp)
+        if "append" in works or "git" in works:
+            w = git_bench._appends(root / "append.git", counts.git_appends, counts.rounds)
+            vs = "bare pygit2 ref transaction, same commit"
+            rows.append(
+                _row(
+                    "git append, fenced (store.append)",
+                    label,
+                    vs,
+                    w["fenced"],
+                    w["baseline"],
+                    TARGET_GIT_APPEND,
+                )
+            )
+            rows.append(
+                _row(
+                    "git append via AppendAuthority",
+                    label,
+                    vs,
+                    w["authority"],
+                    w["baseline"],
+                    TARGET_GIT_APPEND,
+                )
+            )
+        if "read" in works or "git" in works:
+            r = git_bench._reads(root / "read.git", counts.git_reads, counts.rounds)
+            for how in ("events", "iter"):
+                name = "events()" if how == "events" else "iter_events()"
+                rows.append(
+                    _row(
+                        f"git read {counts.git_reads:,} events, {name}",
+                        label,
+                        "(absolute)",
+                        r[how],
+                        None,
+                        TARGET_GIT_READS,
+                        note=f"bare pygit2 walk + json.loads: {r['raw']:,.0f}/s",
+                    )
+                )
+        if "processes" in works:
+            rows += process_rows(label, f"git:{root / 'procs.git'}", counts, proc_rounds)
+    return rows
+
+
+# -- the whole suite -------------------------------------------------------------------------------
+
+
+def run(
+    *,
+    quick: bool = False,
+    url: str | None = None,
+    pg_url: str | None = None,
+    rounds: int | None = None,
+    works: tuple[str, ...] = WORKS,
+    backends: tuple[str, ...] = BACKENDS,
+) -> list[dict[str, Any]]:
+    """Run the suite; return one mapping per row (see the module docstring)."""
+    counts = Counts.of(quick, rounds)
+    proc_rounds = 1 if quick else min(counts.rounds, 3)
+    rows: list[Row] = []
+    with tempfile.TemporaryDirectory(prefix="shard-perf-") as tmp:
+        for sync in ("FULL", "NORMAL"):
+            if f"sqlite-{sync.lower()}" not in backends:
+                continue
+            label = f"sqlite {sync}"
+            path = Path(tmp) / f"perf-{sync.lower()}.db"
+            SqlEventStore(f"sqlite:///{path}").close()  # create and migrate
+            store_url = f"sqlite:///{path}?synchronous={sync}"
+            raw = RawSqlite(path, sync)
+            try:
+                # eventsourcing's SQLite runs WAL with the default synchronous (FULL).
+                es_where = str(Path(tmp) / "es-full.db") if sync == "FULL" else None
+                rows += sql_rows(label, store_url, raw, counts, works, es_where)
+            finally:
+                raw.close()
+            if "processes" in works:
+                purl = f"sqlite:///{Path(tmp) / f'procs-{sync.lower()}.db'}?synchronous={sync}"
+                SqlEventStore(purl).close()
+                rows += process_rows(label, purl, counts, proc_rounds)
+            if "memory" in works and sync == "FULL":
+                murl = f"sqlite:///{Path(tmp) / 'memory.db'}"
+                rows += memory_rows(label, murl, counts.memory_events)
+    if "postgresql" in backends:
+        rows += _pg_rows(_pg_server(url, pg_url), counts, works, proc_rounds)
+    if "git" in backends and ({"append", "read", "git", "processes"} & set(works)):
+        rows += git_rows(counts, works, proc_rounds)
+    return [asdict(r) for r in rows]
+
+
+def _pg_rows(server: str, counts: Counts, works: tuple[str, ...], proc_rounds: int) -> list[Row]:
+    label = "postgresql"
+    try:
+        scratch = scratch_pg(server)
+        db = scratch.__enter__()
+    except Exception as e:
+        return [_skip("all PostgreSQL rows", label, "", f"skipped, no server: {e}")]
+    rows: list[Row] = []
+    try:
+        SqlEventStore(db, migrate=True).close()
+        raw = RawPostgres(db)
+        try:
+            rows += sql_rows(label, db, raw, counts, works, db)
+        finally:
+            raw.close()
+        if "processes" in works:
+            rows += process_rows(label, db, counts, proc_rounds)
+        if "memory" in works:
+            rows += memory_rows(label, db, counts.memory_events)
+    finally:
+        scratch.__exit__(None, None, None)
+    return rows
+
+
+def _fmt(value: float | None, unit: str) -> str:
+    if value is None:
+        return "-"
+    if unit == "MB":
+        return f"{value:,.1f} MB"
+    return f"{value:,.0f}"
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    head = ("work", "backend", "shard_sql", "baseline", "vs", "ratio", "target", "mark")
+    lines = []
+    for r in rows:
+        mark = {True: "pass", False: "SHORT", None: "-"}[r["ok"]]
+        ratio = "-" if r["ratio"] is None else f"{r['ratio']:.2f}x"
+        lines.append(
+            (
+                r["work"],
+                r["backend"],
+                _fmt(r["figure"], r["unit"]),
+                _fmt(r["baseline"], r["unit"]),
+                r["vs"],
+                ratio,
+                r["target_text"] or "-",
+                mark if r["figure"] is not None else r["note"],
+            )
+        )
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *lines, strict=True)]
+    right = {2, 3, 5, 6}
+
+    def fmt(cells: tuple[str, ...]) -> str:
+        return "  ".join(
+            (str(c).rjust(w) if i in right else str(c).ljust(w))
+            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        ).rstrip()
+
+    out = [fmt(head), fmt(tuple("-" * w for w in widths))]
+    out += [fmt(line) for line in lines]
+    notes = [f"  {r['work']} ({r['backend']}): {r['note']}" for r in rows if r["note"]]
+    if notes:
+        out += ["", "notes:", *notes]
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks", description=(__doc__ or "").splitlines()[0]
+    )
+    parser.add_argument("--quick", action="store_true", help="tiny counts (figures meaningless)")
+    parser.add_argument("--json", metavar="FILE", nargs="?", const="-", help="JSON lines (to FILE)")
+    parser.add_argument("--pg-url", help="PostgreSQL server to create a scratch database on")
+    parser.add_argument("--rounds", type=int, help="rounds per figure (default 5)")
+    parser.add_argument("--only", action="append", choices=WORKS, help="repeatable")
+    parser.add_argument("--backend", action="append", choices=BACKENDS, help="repeatable")
+    args = parser.parse_args(argv)
+    rows = run(
+        quick=args.quick,
+        pg_url=args.pg_url,
+        rounds=args.rounds,
+        works=tuple(args.only or WORKS),
+        backends=tuple(args.backend or BACKENDS),
+    )
+    if args.json:
+        text = "".join(json.dumps(r) + "\n" for r in rows)
+        if args.json == "-":
+            sys.stdout.write(text)
+            return 0
+        Path(args.json).write_text(text)
+    print(format_table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

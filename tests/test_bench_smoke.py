@@ -1,0 +1,80 @@
+"""A smoke run of the performance suite (benchmarks/perf_bench.py) with tiny counts, to keep it
+working. Figures are meaningless at these counts: nothing here looks at a time or a ratio's
+value, only at the table's shape."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+ROOT = str(Path(__file__).resolve().parent.parent)
+
+
+@pytest.fixture
+def perf() -> Any:
+    if ROOT not in sys.path:
+        sys.path.insert(0, ROOT)
+    from benchmarks import perf_bench
+
+    return perf_bench
+
+
+def _check_rows(rows: list[dict[str, Any]]) -> None:
+    assert rows
+    for r in rows:
+        assert set(r) >= {"work", "backend", "vs", "figure", "baseline", "ratio", "target", "ok"}
+        if r["figure"] is None:
+            assert r["note"]  # a skipped row says why
+            continue
+        assert r["figure"] >= 0
+        if r["baseline"] is not None and r["ratio"] is not None and r["unit"] != "MB":
+            assert r["ratio"] == pytest.approx(r["figure"] / r["baseline"], rel=0.01, abs=0.01)
+        if r["target"] is not None:
+            assert r["ok"] in (True, False)
+
+
+def test_sqlite_rows_quick(perf: Any) -> None:
+    rows = perf.run(quick=True, backends=("sqlite-full",), works=("append", "many", "read"))
+    _check_rows(rows)
+    vs = {(r["work"].split(",")[0], r["vs"]) for r in rows}
+    assert ("fenced append via AppendAuthority", "raw driver insert") in vs
+    assert ("append_many of 100", "raw executemany") in vs
+    assert any(r["vs"] == "eventsourcing recorder" for r in rows)  # run, or skipped with a note
+
+
+def test_processes_and_memory_quick(perf: Any) -> None:
+    rows = perf.run(quick=True, backends=("sqlite-normal",), works=("processes", "memory"))
+    _check_rows(rows)
+    assert [r["work"] for r in rows] == ["4 processes appending to one space (total)"]
+    rows = perf.run(quick=True, backends=("sqlite-full",), works=("memory",))
+    _check_rows(rows)
+    assert rows[0]["unit"] == "MB" and rows[0]["target_text"] == "< 50 MB"
+
+
+def test_git_rows_quick(perf: Any) -> None:
+    rows = perf.run(quick=True, backends=("git",), works=("append", "read"))
+    _check_rows(rows)
+    assert sum(1 for r in rows if r["work"].startswith("git append")) == 2
+
+
+def test_main_prints_one_table_and_json(
+    perf: Any, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    rows = [
+        perf.asdict(perf._row("w", "sqlite FULL", "raw", 90.0, 100.0, 0.85)),
+        perf.asdict(perf._skip("w", "postgresql", "raw", "no server")),
+    ]
+    monkeypatch.setattr(perf, "run", lambda **kw: rows)
+    out = tmp_path / "rows.jsonl"
+    assert perf.main(["--quick", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "shard_sql" in text and "0.90x" in text and "pass" in text and "no server" in text
+    assert [json.loads(line) for line in out.read_text().splitlines()] == rows
+    assert perf.main(["--json"]) == 0
+    assert [json.loads(x) for x in capsys.readouterr().out.splitlines()] == rows
