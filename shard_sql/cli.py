@@ -289,11 +289,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = command(
         "bench",
         "run the benchmarks and print figures next to their baselines",
-        "Run the benchmark suite (benchmarks/sql_bench.py, benchmarks/git_bench.py of a source "
-        "checkout) and print each figure next to its baseline measured in the same run, the "
-        "ratio and the target.",
+        "Run the benchmarks of a source checkout (benchmarks/NAME_bench.py: suite NAME; by "
+        "default the perf suite, the table of every target, else all) and print each figure "
+        "next to its baseline measured in the same run, the ratio, the target and a pass/short "
+        "mark.",
         "shard-sql bench",
-        "shard-sql bench --only sql --quick --json",
+        "shard-sql bench --only sql --only git --quick --json",
+        "shard-sql bench --all",
     )
     p.add_argument(
         "--only",
@@ -301,6 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SUITE",
         help="run this suite only (sql, git, or NAME of benchmarks/NAME_bench.py); repeatable",
     )
+    p.add_argument("--all", action="store_true", help="run every suite (default: perf, if present)")
     p.add_argument("--quick", action="store_true", help="tiny counts (a smoke run)")
     p.set_defaults(func=cmd_bench)
 
@@ -1272,7 +1275,7 @@ def _fmt_number(value: Any) -> str:
     if value is None:
         return "-"
     if isinstance(value, float):
-        return f"{value:,.2f}" if abs(value) < 100 else f"{value:,.0f}"
+        return f"{value:,.2f}" if abs(value) < 10 else f"{value:,.0f}"
     return f"{value:,}" if isinstance(value, int) else str(value)
 
 
@@ -1286,9 +1289,66 @@ def _fmt_target(r: Mapping[str, Any]) -> str:
     return f"{target:g}x"
 
 
+def _bench_row(suite: str, row: object) -> dict[str, Any]:
+    """A runner's row, normalized; the runner's other fields (backend, vs, ...) are kept."""
+    extra: dict[str, Any] = dict(row) if isinstance(row, Mapping) else {}
+    if not extra and dataclasses.is_dataclass(row) and not isinstance(row, type):
+        extra = dataclasses.asdict(row)
+    figure, baseline, ratio = _field(row, "figure"), _field(row, "baseline"), _field(row, "ratio")
+    if ratio is None and figure and baseline:
+        ratio = figure / baseline
+    target, ok = _field(row, "target"), _field(row, "ok")
+    if ok is None and ratio is not None and target is not None:
+        ok = ratio >= target
+    return {
+        "suite": suite,
+        **extra,
+        "work": _field(row, "work"),
+        "figure": figure,
+        "baseline": baseline,
+        "ratio": ratio,
+        "target": target,
+        "unit": _field(row, "unit"),
+        "ok": ok,
+        "note": _field(row, "note") or "",
+    }
+
+
+def _bench_table(results: Sequence[Mapping[str, Any]]) -> list[str]:
+    """One table; the SUITE, BACKEND and VS columns only when they say something."""
+    columns: list[tuple[str, Callable[[Mapping[str, Any]], str]]] = []
+    if len({r["suite"] for r in results}) > 1:
+        columns.append(("SUITE", lambda r: str(r["suite"])))
+    if any(r.get("backend") for r in results):
+        columns.append(("BACKEND", lambda r: str(r.get("backend") or "-")))
+    columns.append(("WORK", lambda r: str(r["work"])))
+    if any(r.get("vs") for r in results):
+        columns.append(("VS", lambda r: str(r.get("vs") or "-")))
+    columns += [
+        ("FIGURE", lambda r: _fmt_number(r["figure"])),
+        ("BASELINE", lambda r: _fmt_number(r["baseline"])),
+        ("RATIO", lambda r: "-" if r["ratio"] is None else f"{r['ratio']:.2f}x"),
+        ("TARGET", lambda r: r.get("target_text") or _fmt_target(r)),
+        ("MARK", lambda r: {True: "pass", False: "short", None: "-"}[r["ok"]]),
+        ("UNIT", lambda r: str(r["unit"] or "")),
+        ("NOTE", lambda r: str(r["note"])),
+    ]
+    return _table([c[0] for c in columns], [[f(r) for _, f in columns] for r in results])
+
+
+DEFAULT_BENCH = "perf"
+"""The suite `bench` runs by default when it exists: the one table of every target
+(benchmarks/perf_bench.py); else every suite runs."""
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     suites = bench_suites()
-    names: list[str] = list(dict.fromkeys(args.only)) if args.only else list(suites)
+    if args.only:
+        names: list[str] = list(dict.fromkeys(args.only))
+    elif args.all or DEFAULT_BENCH not in suites:
+        names = list(suites)
+    else:
+        names = [DEFAULT_BENCH]
     unknown = [n for n in names if n not in suites]
     if unknown:
         raise CliError(f"unknown suite {unknown[0]!r} (known: {', '.join(suites)})", EXIT_USAGE)
@@ -1309,68 +1369,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     results: list[dict[str, Any]] = []
     with Progress("bench", len(found)) as bar:
         for name, module in found.items():
-            for row in _run_bench(module, args):
-                figure, baseline, ratio = (
-                    _field(row, "figure"),
-                    _field(row, "baseline"),
-                    _field(row, "ratio"),
-                )
-                if ratio is None and figure and baseline:
-                    ratio = figure / baseline
-                target = _field(row, "target")
-                ok = _field(row, "ok")
-                if ok is None and ratio is not None and target is not None:
-                    ok = ratio >= target
-                results.append(
-                    {
-                        "suite": name,
-                        "work": _field(row, "work"),
-                        "figure": figure,
-                        "baseline": baseline,
-                        "ratio": ratio,
-                        "target": target,
-                        "unit": _field(row, "unit"),
-                        "ok": ok,
-                        "note": _field(row, "note") or "",
-                    }
-                )
+            results += [_bench_row(name, row) for row in _run_bench(module, args)]
             bar.advance()
     if _json(args):
         for r in results:
             _emit(_dumps(r))
-    else:
-        rows = [
-            [
-                r["suite"],
-                str(r["work"]),
-                _fmt_number(r["figure"]),
-                _fmt_number(r["baseline"]),
-                "-" if r["ratio"] is None else f"{r['ratio']:.2f}x",
-                _fmt_target(r),
-                {True: "pass", False: "short", None: "-"}[r["ok"]],
-                r["unit"] or "",
-                r["note"],
-            ]
-            for r in results
-        ]
-        _emit(
-            "\n".join(
-                _table(
-                    (
-                        "SUITE",
-                        "WORK",
-                        "FIGURE",
-                        "BASELINE",
-                        "RATIO",
-                        "TARGET",
-                        "MARK",
-                        "UNIT",
-                        "NOTE",
-                    ),
-                    rows,
-                )
-            )
-        )
+    elif results:
+        _emit("\n".join(_bench_table(results)))
     return EXIT_OK
 
 

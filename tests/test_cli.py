@@ -446,7 +446,6 @@ def test_bench_table_and_json(run: Any, monkeypatch: pytest.MonkeyPatch) -> None
     assert r.code == 0 and calls == [True]
     header, first, second, absolute, skipped = r.out.splitlines()
     assert header.split() == [
-        "SUITE",
         "WORK",
         "FIGURE",
         "BASELINE",
@@ -456,10 +455,10 @@ def test_bench_table_and_json(run: Any, monkeypatch: pytest.MonkeyPatch) -> None
         "UNIT",
         "NOTE",
     ]
-    assert first.split() == ["sql", "append", "900", "1,000", "0.90x", "0.85x", "pass", "ev/s"]
+    assert first.split() == ["append", "900", "1,000", "0.90x", "0.85x", "pass", "ev/s"]
     assert second.split()[-2:] == ["1x", "short"]
-    assert absolute.split()[2:] == ["400", "-", "-", ">=", "300", "pass"]
-    assert skipped.split()[1:] == ["pg", "-", "-", "-", "-", "-", "no", "server"]
+    assert absolute.split()[1:] == ["400", "-", "-", ">=", "300", "pass"]
+    assert skipped.split() == ["pg", "-", "-", "-", "-", "-", "no", "server"]
     rows = run("bench", "--only", "sql", "--json").lines()
     assert rows[0]["ratio"] == pytest.approx(0.9) and rows[1]["ok"] is False
 
@@ -581,3 +580,43 @@ def test_bench_skips_a_missing_suite(
     assert capsys.readouterr().err == (
         "shard-sql: error: cannot import benchmarks.git_bench: No module named 'eventsourcing'\n"
     )
+
+
+def test_bench_runs_perf_by_default(run: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    def suite(name: str) -> Any:
+        def rows(*, quick: bool = False, url: str | None = None) -> list[dict[str, Any]]:
+            return [
+                {
+                    "work": f"{name} append",
+                    "backend": "sqlite FULL",
+                    "vs": "raw driver insert",
+                    "figure": 90.0,
+                    "baseline": 100.0,
+                    "ratio": 0.9,
+                    "target": 0.85,
+                    "target_text": ">= 0.85x",
+                    "unit": "events/s",
+                    "ok": True,
+                    "note": "",
+                }
+            ]
+
+        return types.SimpleNamespace(__name__=f"benchmarks.{name}_bench", run=rows)
+
+    suites = {n: f"benchmarks.{n}_bench" for n in ("sql", "git", "perf")}
+    monkeypatch.setattr(cli, "bench_suites", lambda: dict(suites))
+    monkeypatch.setattr(cli, "_load_bench", lambda module: suite(module[11:-6]))
+    r = run("bench")
+    header, row = r.out.splitlines()
+    assert header.split()[:3] == ["BACKEND", "WORK", "VS"]
+    assert row.split() == [
+        *("sqlite", "FULL", "perf", "append", "raw", "driver", "insert"),
+        *("90", "100", "0.90x", ">=", "0.85x", "pass", "events/s"),
+    ]
+    rows = run("bench", "--all", "--json").lines()
+    assert [(x["suite"], x["backend"], x["vs"]) for x in rows] == [
+        ("sql", "sqlite FULL", "raw driver insert"),
+        ("git", "sqlite FULL", "raw driver insert"),
+        ("perf", "sqlite FULL", "raw driver insert"),
+    ]
+    assert run("bench", "--all").out.splitlines()[0].split()[0] == "SUITE"
