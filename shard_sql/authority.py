@@ -6,6 +6,7 @@ import dataclasses
 import threading
 import time
 import uuid
+from datetime import datetime
 from types import TracebackType
 from typing import Any
 
@@ -108,9 +109,10 @@ class AppendAuthority:
         backoff = 0.001
         while True:
             lease = self._leases.get(space)
-            if lease is not None and lease.valid_at(self.registry.now()):
+            now = self.registry.now() if lease is not None else None
+            if lease is not None and now is not None and now < lease.expires_at:
                 try:
-                    return self._write_own(space, item)
+                    return self._write_batch(space, [item], now)[0]
                 except NotHolder:
                     pass
             else:
@@ -158,10 +160,15 @@ class AppendAuthority:
     def _write_own(self, space: str, item: Pending) -> Event:
         return self._write_batch(space, [item])[0]
 
-    def _write_batch(self, space: str, batch: list[Pending]) -> list[Event]:
+    def _write_batch(
+        self, space: str, batch: list[Pending], now: datetime | None = None
+    ) -> list[Event]:
+        """Write under this node's lease. `now`: the registry's time, read just before by the
+        caller (one clock read per append); else read here."""
         with self._lock(space):
             lease = self._leases.get(space)
-            now = self.registry.now()
+            if now is None:
+                now = self.registry.now()
             if lease is None or not lease.valid_at(now):
                 raise NotHolder(space)
             if (lease.expires_at - now).total_seconds() < self.ttl_seconds / 2:
@@ -198,6 +205,9 @@ class AppendAuthority:
         return lease
 
     def _lock(self, space: str) -> threading.RLock:
+        lock = self._locks.get(space)  # a dict read is atomic: no guard on the common path
+        if lock is not None:
+            return lock
         with self._guard:
             lock = self._locks.get(space)
             if lock is None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from shard_sql.errors import InvalidEvent
@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from shard_sql.authority import AppendAuthority
 
 DEFAULT_TTL = 30.0
+_now = datetime.now
 
 
 class LeaseRegistry:
@@ -44,6 +45,8 @@ class LeaseRegistry:
 
     def now(self) -> datetime:
         """The registry clock's time; it must be timezone-aware."""
+        if self._clock is system_clock:
+            return _now(UTC)  # the default clock: aware by construction, no checks
         now = self._clock()
         if not isinstance(now, datetime) or now.tzinfo is None or now.utcoffset() is None:
             raise InvalidEvent("clock", "must return a timezone-aware datetime")

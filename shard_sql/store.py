@@ -8,7 +8,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from shard_sql.errors import InvalidEvent, StaleLease
 from shard_sql.validation import Pending, check_items, check_seq, check_space, pending
-from shard_sql.values import Event, Lease
+from shard_sql.values import Event, Lease, new_event
 
 Clock = Callable[[], datetime]
 """A zero-argument callable returning a timezone-aware `datetime`."""
@@ -251,7 +251,7 @@ def already_written(found: Sequence[Event | None]) -> list[Event] | None:
 
 def stamp(space: str, seq: int, p: Pending, fence: Lease | None, now: datetime) -> Event:
     """The event a store writes for `p` at `seq`."""
-    return Event(
+    e: Event = new_event(
         space,
         seq,
         p.type,
@@ -261,3 +261,4 @@ def stamp(space: str, seq: int, p: Pending, fence: Lease | None, now: datetime) 
         p.generation if p.generation is not None else (fence.generation if fence else 0),
         p.intent_id,
     )
+    return e
