@@ -18,6 +18,8 @@ Layout (every name below `refs/shard-sql/`, never a branch, never HEAD, the inde
   blob whose name says the seq written for the intent id whose SHA-256 is `h`). Commits in the
   middle of a batch keep the tree of the batch's parent; only the tip's tree is ever read.
 - `refs/shard-sql/leases/<name>`: a blob `{"space", "holder", "expires_at", "generation"}`.
+- `refs/shard-sql/intents/<name>/<sha256 of intent id>`: a forwarded intent not yet forgotten
+  (a blob of JSON); see `shard_sql._git_intents`, which implements the `IntentQueue` half.
 
 `<name>` is the space's UTF-8 bytes with every byte outside `[a-z0-9_-]` written `%xx` (lower-case
 hex), cut into path components of at most 100 characters, each but the last ending in `+`. The
@@ -65,6 +67,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 import pygit2
 from pygit2.enums import FileMode, ObjectType, RepositoryOpenFlag
 
+from shard_sql._git_intents import GitIntents
 from shard_sql.errors import LeaseHeld, SeqConflict, ShardSqlError, StaleLease, StoreUnavailable
 from shard_sql.memory import check_ttl
 from shard_sql.store import LeaseStore, StoreBase, already_written, check_fence, stamp, system_clock
@@ -410,7 +413,7 @@ class _Locked:
         self.tx.__exit__(RuntimeError, None, None)
 
 
-class GitEventStore(StoreBase, LeaseStore):
+class GitEventStore(StoreBase, LeaseStore, GitIntents):
     """Events and leases in a git repository, shared by every process that opens it.
 
     `lock_timeout`: how long a write waits for a ref lock held by another writer before raising
@@ -436,6 +439,7 @@ class GitEventStore(StoreBase, LeaseStore):
         self._gitdir: str = repo.path
         self._local.repo = repo
         self._repos.append(repo)
+        self._init_intents()
 
     def __repr__(self) -> str:
         return f"GitEventStore({str(self.path)!r})"

@@ -1,0 +1,470 @@
+"""Forwarding through a git repository: `GitEventStore` as an `IntentQueue`.
+
+The shared forwarding contract, the intent refs themselves (layout, idempotency, arrival order,
+corrupt records, packed refs, waiting), and real processes: forwarded appends from three processes
+to a holder in a fourth, and a holder SIGKILLed with intents pending, whose successor applies them.
+Workers are `spawn`ed, each opening the repository on its own; they share nothing but the files.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing
+import os
+import queue
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from shard_sql import AppendAuthority, GitEventStore, LeaseRegistry, StoreUnavailable
+from shard_sql._git_intents import INTENT_REFS, intent_key
+from shard_sql.git import encode_name
+from shard_sql.store import EventStore, IntentQueue
+from shard_sql.testing import HOSTILE_SPACES, ForwardingContract
+from shard_sql.validation import pending
+from shard_sql.verify import verify
+
+CTX = multiprocessing.get_context("spawn")
+
+
+def git(repo: Path, *args: str, stdin: str | None = None) -> str:
+    r = subprocess.run(
+        ["git", "-C", str(repo), *args], input=stdin, capture_output=True, text=True, check=False
+    )
+    assert r.returncode == 0, f"git {' '.join(args)}: {r.returncode}\n{r.stdout}\n{r.stderr}"
+    return r.stdout
+
+
+def fsck(repo: Path) -> None:
+    r = subprocess.run(
+        ["git", "-C", str(repo), "fsck", "--strict", "--no-dangling", "--full"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    lines = [x for x in (r.stdout + r.stderr).splitlines() if x and not x.startswith("notice:")]
+    assert r.returncode == 0 and not lines, r.stdout + r.stderr
+
+
+def intent_refs(repo: Path) -> dict[str, str]:
+    out = git(repo, "for-each-ref", "--format=%(refname) %(objectname)", INTENT_REFS)
+    return dict(line.split(" ", 1) for line in out.splitlines())
+
+
+def ref_of(space: str, intent_id: str) -> str:
+    return f"{INTENT_REFS}{encode_name(space)}/{intent_key(intent_id)}"
+
+
+class TestGitForwarding(ForwardingContract):
+    def make_store(self) -> EventStore:
+        return GitEventStore(self.tmp_path / "log.git")
+
+    def test_zz_fsck_clean_and_no_intent_left(self) -> None:
+        self.test_dead_holder_pending_intents_applied_by_next()
+        assert intent_refs(self.tmp_path / "log.git") == {}
+        fsck(self.tmp_path / "log.git")
+
+
+# -- the intent refs -------------------------------------------------------------------------
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Path:
+    return tmp_path / "log.git"
+
+
+@pytest.fixture
+def store(repo: Path) -> Any:
+    s = GitEventStore(repo)
+    yield s
+    s.close()
+
+
+def test_is_an_intent_queue(store: GitEventStore) -> None:
+    assert isinstance(store, IntentQueue)
+
+
+def test_put_is_durable_idempotent_and_readable(store: GitEventStore, repo: Path) -> None:
+    store.put_intent("wiki", pending("alias.set", {"page": "Home"}, "k1"), holder="node-a")
+    store.put_intent("wiki", pending("alias.set", {"page": "Other"}, "k1"), holder="node-b")
+    refs = intent_refs(repo)
+    assert list(refs) == [ref_of("wiki", "k1")]
+    record = json.loads(git(repo, "cat-file", "blob", refs[ref_of("wiki", "k1")]))
+    assert record["payload"] == {"page": "Home"}  # the first record wins
+    assert (record["space"], record["intent_id"], record["type"], record["to"]) == (
+        "wiki",
+        "k1",
+        "alias.set",
+        "node-a",
+    )
+    assert isinstance(record["arrived_ns"], int)
+    [p] = store.pending_intents("wiki", limit=10)
+    assert (p.type, p.payload, p.intent_id) == ("alias.set", {"page": "Home"}, "k1")
+    # Another process sees it.
+    other = GitEventStore(repo)
+    assert [x.intent_id for x in other.pending_intents("wiki", limit=10)] == ["k1"]
+    other.close()
+    fsck(repo)
+
+
+def test_arrival_order_limit_and_applied(store: GitEventStore, repo: Path) -> None:
+    ids = [f"id-{i}" for i in range(12)]
+    assert sorted(ids, key=intent_key) != ids  # the hashes alone would order them otherwise
+    for n, i in enumerate(ids):
+        store.put_intent("s", pending("t", {"n": n}, i), holder="h")
+    assert [p.intent_id for p in store.pending_intents("s", limit=100)] == ids
+    assert [p.intent_id for p in store.pending_intents("s", limit=5)] == ids[:5]
+    assert store.pending_intents("s", limit=0) == []
+    # Apply two of them as a holder would; they stop being pending.
+    store.append("s", "t", {"n": 0}, expected_seq=0, intent_id="id-0")
+    store.append("s", "t", {"n": 3}, expected_seq=1, intent_id="id-3")
+    assert store.find_intent("s", "id-3") == store.events("s")[1]
+    assert store.find_intent("s", "id-4") is None
+    # forget drops applied intents only.
+    store.forget_intents("s", ["id-0", "id-1", "never-put"])
+    refs = intent_refs(repo)
+    assert ref_of("s", "id-0") not in refs and ref_of("s", "id-1") in refs
+    # id-3 was applied but not forgotten (a holder died in between): skipped and swept.
+    assert ref_of("s", "id-3") in refs
+    rest = [i for i in ids if i not in ("id-0", "id-3")]
+    assert [p.intent_id for p in store.pending_intents("s", limit=100)] == rest
+    assert ref_of("s", "id-3") not in intent_refs(repo)
+    # A late retry of an applied intent records nothing.
+    store.put_intent("s", pending("t", {"n": 0}, "id-0"), holder="h")
+    assert ref_of("s", "id-0") not in intent_refs(repo)
+    fsck(repo)
+
+
+def test_spaces_do_not_mix(store: GitEventStore, repo: Path) -> None:
+    names = [*HOSTILE_SPACES, "a", "a+", "é" * 200, "a" * 101]
+    for n, space in enumerate(names):
+        store.put_intent(space, pending("t", {"n": n}, "same-id"), holder="h")
+    for n, space in enumerate(names):
+        [p] = store.pending_intents(space, limit=10)
+        assert p.payload == {"n": n}
+    for ref in intent_refs(repo):
+        git(repo, "check-ref-format", ref)
+    assert store.spaces() == []  # intents are not events
+    fsck(repo)
+
+
+def test_corrupt_records_are_skipped_not_applied(
+    store: GitEventStore, repo: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store.put_intent("s", pending("t", {"ok": 1}, "good"), holder="h")
+
+    def plant(intent_id: str, text: str) -> str:
+        blob = git(repo, "hash-object", "-w", "--stdin", stdin=text).strip()
+        ref = ref_of("s", intent_id)
+        git(repo, "update-ref", ref, blob)
+        return ref
+
+    good = json.loads(git(repo, "cat-file", "blob", ref_of("s", "good")))
+    bad = {
+        "garbage": "not json at all\n",
+        "array": "[1, 2]\n",
+        "other-space": json.dumps({**good, "space": "elsewhere", "intent_id": "other-space"}),
+        "wrong-hash": json.dumps({**good, "intent_id": "good"}),  # planted under another name
+        "nan": json.dumps({**good, "intent_id": "nan"})[:-1] + ',"payload":{"x":NaN}}',
+        "bad-type": json.dumps({**good, "intent_id": "bad-type", "type": ""}),
+        "bad-arrival": json.dumps({**good, "intent_id": "bad-arrival", "arrived_ns": "soon"}),
+    }
+    planted = [plant(i, text) for i, text in bad.items()]
+    # A ref to a commit instead of a blob.
+    commit = git(repo, "commit-tree", "4b825dc642cb6eb9a060e54bf8d69288fbee4904", stdin="x").strip()
+    planted.append(ref_of("s", "commit"))
+    git(repo, "update-ref", ref_of("s", "commit"), commit)
+    # A symbolic ref (kept last in `planted`).
+    planted.append(ref_of("s", "symbolic"))
+    git(repo, "symbolic-ref", ref_of("s", "symbolic"), "refs/heads/main")
+    # Stray names and a lock file in the directory are not intents.
+    folder = repo / INTENT_REFS / encode_name("s")
+    (folder / (intent_key("locked") + ".lock")).write_text("")
+    with caplog.at_level(logging.WARNING, logger="shard_sql.git"):
+        assert [p.intent_id for p in store.pending_intents("s", limit=10)] == ["good"]
+        assert [p.intent_id for p in store.pending_intents("s", limit=10)] == ["good"]
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == len(planted)  # once per record, not per poll
+    assert all("git update-ref -d" in w for w in warned)
+    # A holder serves the good one and keeps the bad ones for an operator.
+    holder = AppendAuthority("holder", store, LeaseRegistry(store))
+    holder.acquire("s")
+    assert holder.serve("s") == 1
+    assert [e.intent_id for e in store.events("s")] == ["good"]
+    symbolic = planted.pop()
+    assert sorted(intent_refs(repo)) == sorted(planted)
+    assert git(repo, "symbolic-ref", symbolic).strip() == "refs/heads/main"
+    # A put of an intent whose ref is locked waits, then names the lock file.
+    quick = GitEventStore(repo, lock_timeout=0.2)
+    with pytest.raises(StoreUnavailable, match=r"\.lock"):
+        quick.put_intent("s", pending("t", {}, "locked"), holder="h")
+    quick.close()
+
+
+def test_packed_refs(store: GitEventStore, repo: Path) -> None:
+    for i in range(5):
+        store.put_intent("s", pending("t", {"i": i}, f"p{i}"), holder="h")
+    store.append("other", "t", {}, expected_seq=0)
+    tip = git(repo, "rev-parse", "refs/shard-sql/spaces/other").strip()
+    git(repo, "-c", "user.name=x", "-c", "user.email=x@x", "tag", "-a", "-m", "m", "v1", tip)
+    git(repo, "pack-refs", "--all")
+    assert not (repo / INTENT_REFS / "s").exists() or not any((repo / INTENT_REFS / "s").iterdir())
+    store.put_intent("s", pending("t", {"i": 5}, "p5"), holder="h")  # loose beside packed
+    assert [p.intent_id for p in store.pending_intents("s", limit=10)] == [
+        f"p{i}" for i in range(6)
+    ]
+    store.append_many("s", [("t", {"i": i}, f"p{i}") for i in range(4)], expected_seq=0)
+    others = git(repo, "show-ref", "-d", "refs/tags/v1", "refs/shard-sql/spaces/other")
+    store.forget_intents("s", ["p0", "p1", "p2", "p3"])  # rewrites packed-refs
+    assert set(intent_refs(repo)) == {ref_of("s", "p4"), ref_of("s", "p5")}
+    assert git(repo, "show-ref", "-d", "refs/tags/v1", "refs/shard-sql/spaces/other") == others
+    assert "^" in others  # the tag's peeled line is kept
+    assert [p.intent_id for p in store.pending_intents("s", limit=10)] == ["p4", "p5"]
+    fsck(repo)
+
+
+def test_forwarding_beside_pack_refs(tmp_path: Path) -> None:
+    # `git gc` packs refs (and prunes the loose files and empty directories) beside writers.
+    path = tmp_path / "log.git"
+    store = GitEventStore(path)
+    holder = AppendAuthority("holder", store, LeaseRegistry(store), ttl_seconds=30)
+    holder.acquire("s")
+    sender = AppendAuthority("sender", store, LeaseRegistry(store), forward_timeout=20)
+    acks: list[tuple[str, int, str, int]] = []
+
+    def send() -> None:
+        for i in range(40):
+            e = sender.append("s", "t", {"i": i}, intent_id=f"k{i}")
+            acks.append((f"k{i}", e.seq, e.writer, e.generation))
+
+    with holder:
+        t = threading.Thread(target=send)
+        t.start()
+        packs = 0
+        while t.is_alive():
+            # It may fail on `packed-refs.lock` held by a holder's forget: fine, as for `git gc`.
+            subprocess.run(["git", "-C", str(path), "pack-refs", "--all"], capture_output=True)
+            packs += 1
+        t.join()
+    assert packs > 1 and len(acks) == 40
+    check_log(store, "s", acks)
+    assert {e.writer for e in store.events("s")} == {"holder"}
+    # A forget that met a lock held by `git pack-refs` left garbage; the next round sweeps it,
+    # from `packed-refs` too.
+    assert store.pending_intents("s", limit=10) == []
+    assert intent_refs(path) == {}
+    store.close()
+    fsck(path)
+
+
+def test_wait_for_change(store: GitEventStore, repo: Path) -> None:
+    start = time.monotonic()
+    store.wait_for_change(["s"], 0.15)
+    assert 0.14 <= time.monotonic() - start < 1.0  # nothing changed: the whole timeout
+    other = GitEventStore(repo)
+
+    def later(action: Any) -> float:
+        timer = threading.Timer(0.1, action)
+        timer.start()
+        t0 = time.monotonic()
+        store.wait_for_change(["s", "t"], 5)
+        timer.join()
+        return time.monotonic() - t0
+
+    assert later(lambda: other.put_intent("s", pending("t", {}, "w1"), holder="h")) < 2
+    assert later(lambda: other.append("t", "x", {}, expected_seq=0)) < 2
+    assert later(lambda: LeaseRegistry(other).acquire("s", "someone", 10)) < 2
+    # A change between two waits of a thread ends the next one at once.
+    other.append("t", "x", {}, expected_seq=1)
+    t0 = time.monotonic()
+    store.wait_for_change(["s", "t"], 5)
+    assert time.monotonic() - t0 < 1
+    other.close()
+    store.close()
+    with pytest.raises(StoreUnavailable):
+        store.wait_for_change(["s"], 0.01)
+
+
+# -- across processes ------------------------------------------------------------------------
+
+TTL = 1.0
+
+
+def holder_proc(path: str, space: str, ttl: float, stop: Any, out: Any) -> None:
+    store = GitEventStore(path)
+    with AppendAuthority("holder", store, LeaseRegistry(store), ttl_seconds=ttl) as node:
+        e = node.append(space, "t", {"by": "holder"}, intent_id="holder-0")
+        out.put(("holder", [(e.intent_id, e.seq, e.writer, e.generation)]))  # also: "ready"
+        stop.wait(60)
+    store.close()
+
+
+def forwarder_proc(
+    path: str, space: str, worker: int, count: int, ttl: float, ready: Any, go: Any, out: Any
+) -> None:
+    store = GitEventStore(path)
+    node = AppendAuthority(
+        f"w{worker}", store, LeaseRegistry(store), ttl_seconds=ttl, forward_timeout=30
+    )
+    with node:  # serves what is forwarded to it if it takes the space over
+        ready.put(worker)
+        go.wait(60)
+        acks = []
+        for i in range(count):
+            e = node.append(space, "t", {"w": worker, "i": i}, intent_id=f"w{worker}-{i}")
+            acks.append((e.intent_id, e.seq, e.writer, e.generation))
+        out.put((worker, acks))
+    store.close()
+
+
+def finish(procs: list[Any]) -> None:
+    """Join the workers; kill what is left (pytest would wait for it at exit forever)."""
+    for p in procs:
+        p.join(30)
+        if p.is_alive():
+            p.kill()
+            p.join(5)
+
+
+def collect(out: Any, procs: list[Any], n: int, timeout: float = 60) -> dict[Any, Any]:
+    got: dict[Any, Any] = {}
+    deadline = time.monotonic() + timeout
+    while len(got) < n:
+        try:
+            key, value = out.get(timeout=0.2)
+            got[key] = value
+        except queue.Empty:
+            for p in procs:
+                assert p.is_alive() or p.exitcode in (0, -signal.SIGKILL), f"died: {p.exitcode}"
+            assert time.monotonic() < deadline, f"timed out with {sorted(got)}"
+    return got
+
+
+def check_log(store: GitEventStore, space: str, acks: list[tuple[str, int, str, int]]) -> None:
+    """Every acknowledged append at its seq exactly once, seqs contiguous, verify clean."""
+    events = store.events(space)
+    assert [e.seq for e in events] == list(range(len(events)))
+    ids = [e.intent_id for e in events]
+    assert len(ids) == len(set(ids)) == len(acks)
+    for intent_id, seq, writer, generation in acks:
+        e = events[seq]
+        assert (e.intent_id, e.writer, e.generation) == (intent_id, writer, generation)
+    report = verify(store, spaces=[space])
+    assert report.ok, [str(v) for v in report.violations]
+
+
+def start_forwarders(path: Path, space: str, count: int, ttl: float) -> tuple[Any, ...]:
+    ready, go, out = CTX.Queue(), CTX.Event(), CTX.Queue()
+    procs = [
+        CTX.Process(target=forwarder_proc, args=(str(path), space, w, count, ttl, ready, go, out))
+        for w in range(3)
+    ]
+    for p in procs:
+        p.start()
+    for _ in procs:
+        ready.get(timeout=60)
+    return procs, go, out
+
+
+def test_three_processes_forward_to_a_holder_in_a_fourth(tmp_path: Path) -> None:
+    path = tmp_path / "log.git"
+    GitEventStore(path).close()
+    count = 15
+    forwarders, go, out = start_forwarders(path, "s", count, ttl=30)
+    stop, holder_out = CTX.Event(), CTX.Queue()
+    holder = CTX.Process(target=holder_proc, args=(str(path), "s", 5.0, stop, holder_out))
+    holder.start()
+    try:
+        acks = collect(holder_out, [holder], 1)
+        go.set()
+        acks.update(collect(out, [holder, *forwarders], 3))
+    finally:
+        stop.set()
+        go.set()
+        finish([holder, *forwarders])
+    assert [p.exitcode for p in [holder, *forwarders]] == [0, 0, 0, 0]
+    store = GitEventStore(path)
+    all_acks = [a for v in acks.values() for a in v]
+    assert len(all_acks) == 1 + 3 * count
+    check_log(store, "s", all_acks)
+    events = store.events("s")
+    assert {e.writer for e in events} == {"holder"}  # every append written by the holder
+    assert len({e.generation for e in events}) == 1
+    for w in range(3):  # each process's appends in its own order
+        seqs = [seq for _, seq, _, _ in acks[w]]
+        assert seqs == sorted(seqs)
+    assert intent_refs(path) == {}
+    store.close()
+    fsck(path)
+
+
+def stop_unlocked(pid: int, repo: Path) -> None:
+    """SIGSTOP `pid` at a moment it holds no ref lock (a stale lock is another test's fault)."""
+    for _ in range(100):
+        os.kill(pid, signal.SIGSTOP)
+        time.sleep(0.005)
+        if not any(p.name.endswith(".lock") for p in (repo / "refs").rglob("*")):
+            return
+        os.kill(pid, signal.SIGCONT)
+        time.sleep(0.001)
+    raise AssertionError("the holder always held a lock")
+
+
+def test_holder_killed_with_intents_pending(tmp_path: Path) -> None:
+    path = tmp_path / "log.git"
+    GitEventStore(path).close()
+    count = 6
+    forwarders, go, out = start_forwarders(path, "s", count, ttl=TTL)
+    # The holder gets a queue of its own: killed while its queue's feeder thread holds the
+    # queue's lock, it would leave any queue it shares with the survivors locked for good.
+    stop, holder_out = CTX.Event(), CTX.Queue()
+    holder = CTX.Process(target=holder_proc, args=(str(path), "s", TTL, stop, holder_out))
+    holder.start()
+    store = GitEventStore(path)
+    registry = LeaseRegistry(store)
+    try:
+        acks = collect(holder_out, [holder], 1)  # the holder holds the space
+        assert holder.pid is not None
+        stop_unlocked(holder.pid, path)
+        lease = registry.current("s")
+        assert lease is not None and lease.holder == "holder"
+        go.set()  # the forwarders' first intents pile up: the holder is frozen
+        deadline = time.monotonic() + 10
+        while len(store.pending_intents("s", limit=10)) < 3:
+            assert time.monotonic() < deadline, "the intents were not recorded"
+            time.sleep(0.005)
+        piled = [p.intent_id or "" for p in store.pending_intents("s", limit=10)]
+        assert registry.current("s") == lease, "the lease lapsed before the intents piled up"
+        os.kill(holder.pid, signal.SIGKILL)
+        killed_at = time.monotonic()
+        acks.update(collect(out, [holder, *forwarders], 3))
+        failover = time.monotonic() - killed_at
+    finally:
+        if holder.is_alive():
+            holder.kill()
+        go.set()
+        finish([holder, *forwarders])
+    assert holder.exitcode == -signal.SIGKILL
+    assert [p.exitcode for p in forwarders] == [0, 0, 0]
+    all_acks = [a for v in acks.values() for a in v]
+    assert len(all_acks) == 1 + 3 * count
+    check_log(store, "s", all_acks)
+    events = store.events("s")
+    by_id = {e.intent_id: e for e in events}
+    assert sorted(piled) == ["w0-0", "w1-0", "w2-0"]
+    taken = [by_id[i] for i in piled]
+    # The next holder applied every piled-up intent, once, in one generation after the dead one.
+    assert len({(e.writer, e.generation) for e in taken}) == 1
+    assert taken[0].writer != "holder" and taken[0].generation == lease.generation + 1
+    assert sorted(e.seq for e in taken) == [1, 2, 3]
+    assert [e.intent_id for e in sorted(taken, key=lambda e: e.seq)] == piled  # arrival order
+    assert failover < TTL + 5
+    assert intent_refs(path) == {}
+    store.close()
+    fsck(path)
