@@ -233,7 +233,7 @@ def test_forwarding_beside_pack_refs(tmp_path: Path) -> None:
     # `git gc` packs refs (and prunes the loose files and empty directories) beside writers.
     path = tmp_path / "log.git"
     store = GitEventStore(path)
-    holder = AppendAuthority("holder", store, LeaseRegistry(store), ttl_seconds=30)
+    holder = AppendAuthority("holder", store, LeaseRegistry(store), ttl_seconds=3)
     holder.acquire("s")
     sender = AppendAuthority("sender", store, LeaseRegistry(store), forward_timeout=20)
     acks: list[tuple[str, int, str, int]] = []
