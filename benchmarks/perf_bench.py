@@ -101,7 +101,7 @@ class Counts:
     def of(cls, quick: bool, rounds: int | None) -> Counts:
         if quick:
             return cls(50, 2, 2_000, rounds or 1, 30, 500, 20, 5_000)
-        return cls(600, 20, 100_000, rounds or 5, 400, 10_000, 500, 1_000_000)
+        return cls(600, 20, 100_000, rounds or 5, 400, 10_000, 150, 1_000_000)
 
 
 def _row(
