@@ -259,12 +259,13 @@ def run(*, quick: bool = False) -> list[dict[str, Any]]:
 # -- forwarding across processes (added with the git IntentQueue) ------------------------------
 
 
-def _forward_holder(path: str, space: str, ttl: float, ready: Any, stop: Any) -> None:
+def _forward_holder(path: str, space: str, ttl: float, warm: int, ready: Any, stop: Any) -> None:
     """A holder in its own process: holds `space` and serves what is forwarded to it."""
     store = GitEventStore(path)
     # Warm up as a long-running writer would be: its object directories made durable already.
-    items = [("t", {"i": i}) for i in range(512)]
-    store.append_many(f"warm-up-{space}", items, expected_seq=0)
+    if warm:
+        items = [("t", {"i": i}) for i in range(warm)]
+        store.append_many(f"warm-up-{space}", items, expected_seq=0)
     with AppendAuthority("holder", store, LeaseRegistry(store), ttl_seconds=ttl) as node:
         node.acquire(space)
         ready.set()
@@ -294,20 +295,21 @@ def forwarding(*, quick: bool = False) -> list[dict[str, Any]]:
     import os
     import signal
 
-    count, warm = (30, 5) if quick else (400, 40)
+    count, warm, objects, hold = (30, 5, 0, 3.0) if quick else (400, 40, 512, 30.0)
     ctx = multiprocessing.get_context("spawn")
     rows = []
     with tempfile.TemporaryDirectory(prefix="shard-sql-git-fwd-") as tmp:
         path = str(Path(tmp) / "fwd.git")
         store = GitEventStore(path)
         ready, stop = ctx.Event(), ctx.Event()
-        holder = ctx.Process(target=_forward_holder, args=(path, "fwd", 30.0, ready, stop))
+        holder = ctx.Process(target=_forward_holder, args=(path, "fwd", hold, objects, ready, stop))
         holder.start()
         try:
             if not ready.wait(60):
                 raise RuntimeError("the holder process did not start")
-            items = [("t", {"i": i}) for i in range(512)]
-            store.append_many("warm-up-sender", items, expected_seq=0)
+            if objects:
+                items = [("t", {"i": i}) for i in range(objects)]
+                store.append_many("warm-up-sender", items, expected_seq=0)
             sender = AppendAuthority("sender", store, LeaseRegistry(store), forward_timeout=30)
             sender.append("direct", "page.edited", PAYLOAD)  # holds `direct` from now on
             forwarded: list[float] = []
@@ -332,7 +334,7 @@ def forwarding(*, quick: bool = False) -> list[dict[str, Any]]:
         # Failover: a holder with a 1 s lease, SIGKILLed; time to the next acknowledged append.
         ttl = 1.0
         ready, stop = ctx.Event(), ctx.Event()
-        holder = ctx.Process(target=_forward_holder, args=(path, "failover", ttl, ready, stop))
+        holder = ctx.Process(target=_forward_holder, args=(path, "failover", ttl, 0, ready, stop))
         holder.start()
         try:
             if not ready.wait(60):

@@ -372,6 +372,7 @@ def start_forwarders(path: Path, space: str, count: int, ttl: float) -> tuple[An
     return procs, go, out
 
 
+@pytest.mark.slow
 def test_three_processes_forward_to_a_holder_in_a_fourth(tmp_path: Path) -> None:
     path = tmp_path / "log.git"
     GitEventStore(path).close()
@@ -416,6 +417,7 @@ def stop_unlocked(pid: int, repo: Path) -> None:
     raise AssertionError("the holder always held a lock")
 
 
+@pytest.mark.slow
 def test_holder_killed_with_intents_pending(tmp_path: Path) -> None:
     path = tmp_path / "log.git"
     GitEventStore(path).close()
@@ -468,3 +470,20 @@ def test_holder_killed_with_intents_pending(tmp_path: Path) -> None:
     assert intent_refs(path) == {}
     store.close()
     fsck(path)
+
+
+@pytest.mark.slow
+def test_forwarding_bench_quick_run() -> None:
+    """A smoke run of `benchmarks.git_bench.forwarding` (tiny counts, figures meaningless)."""
+    import sys
+
+    root = str(Path(__file__).resolve().parent.parent)
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    from benchmarks import git_bench
+
+    rows = git_bench.forwarding(quick=True)
+    works = [r["work"] for r in rows]
+    assert any("forwarded append across processes, p50" in w for w in works)
+    assert any("failover" in w for w in works)
+    assert all(r["figure"] > 0 for r in rows)
