@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import threading
 import time
 import uuid
@@ -10,7 +11,14 @@ from datetime import datetime
 from types import TracebackType
 from typing import Any
 
-from shard_sql.errors import IntentTimeout, InvalidEvent, LeaseHeld, SeqConflict, StaleLease
+from shard_sql.errors import (
+    IntentTimeout,
+    InvalidEvent,
+    LeaseHeld,
+    SeqConflict,
+    ShardSqlError,
+    StaleLease,
+)
 from shard_sql.leases import LeaseRegistry
 from shard_sql.memory import check_ttl
 from shard_sql.store import BatchWriter, EventStore, IntentQueue
@@ -19,6 +27,8 @@ from shard_sql.values import Event, Lease
 
 MAX_CONFLICT_RETRIES = 5
 SERVE_BATCH = 500
+SERVE_EVERY = 0.1
+log = logging.getLogger("shard_sql.authority")
 
 
 class NotHolder(Exception):
@@ -60,6 +70,7 @@ class AppendAuthority:
         self._guard = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._served: dict[str, float] = {}
         registry.register(self)
 
     # -- leases ------------------------------------------------------------------------------
@@ -112,9 +123,13 @@ class AppendAuthority:
             now = self.registry.now() if lease is not None else None
             if lease is not None and now is not None and now < lease.expires_at:
                 try:
-                    return self._write_batch(space, [item], now)[0]
+                    event = self._write_batch(space, [item], now)[0]
                 except NotHolder:
                     pass
+                else:
+                    if self._thread is None:
+                        self._serve_now_and_then(space)
+                    return event
             else:
                 cur = self.registry.current(space)
                 if cur is None or cur.holder == self.node_id:
@@ -262,8 +277,28 @@ class AppendAuthority:
                         continue
             self.serve(space)
 
+    def _serve_now_and_then(self, space: str) -> None:
+        # A holder outside a `with` block has no serving thread: apply what other processes
+        # forwarded to it, at most every SERVE_EVERY seconds, so that they do not wait for its
+        # lease to lapse. The append that got here has succeeded whatever happens now.
+        if self._queue is None:
+            return
+        now = time.monotonic()
+        if now - self._served.get(space, 0.0) < SERVE_EVERY:
+            return
+        self._served[space] = now
+        try:
+            self.serve(space)
+        except ShardSqlError as e:
+            log.warning(
+                "node %s: serving forwarded intents of %r failed: %s", self.node_id, space, e
+            )
+
     def _run(self) -> None:
-        interval = max(min(self.ttl_seconds / 6, 2.0), 0.01)
+        # Short rounds: a stop request waits at most one round, and a change the store did not
+        # signal (polling stores) is seen within it.
+        interval = max(min(self.ttl_seconds / 6, 0.25), 0.01)
+        pause = 0.05
         while not self._stop.is_set():
             spaces = [lease.space for lease in self.leases()]
             try:
@@ -273,8 +308,12 @@ class AppendAuthority:
                     self._stop.wait(interval)
                 if not self._stop.is_set():
                     self.tick()
-            except Exception:
-                self._stop.wait(interval)
+                pause = 0.05
+            except Exception as e:
+                # A failed round (database restarting, lock busy) is retried soon, with back-off.
+                log.warning("node %s: background round failed: %s", self.node_id, e)
+                self._stop.wait(pause)
+                pause = min(pause * 2, interval)
 
     def __enter__(self) -> AppendAuthority:
         self._stop.clear()
