@@ -276,15 +276,7 @@ class GitIntents(IntentQueue):
         try:
             if self._target(repo, ref) is not None:
                 return  # another sender of the same intent id was first
-            try:
-                locked.set(blob, "shard-sql: intent")
-            except pygit2.GitError:
-                # libgit2 fsyncs the ref's directory after its rename; if `git pack-refs` has
-                # packed the new ref and pruned that directory meanwhile, it reports a failure
-                # although the ref was written (and is now packed, made durable by git).
-                if self._target(repo, ref) != blob:
-                    raise
-                return
+            locked.set(blob, "shard-sql: intent")
         finally:
             locked.free()
         self._settle(ref)

@@ -399,13 +399,21 @@ class _Reader:
 class _Locked:
     """A libgit2 ref transaction holding one ref's lock (`<ref>.lock`) until `free`."""
 
-    def __init__(self, tx: Any, ref: str) -> None:
+    def __init__(self, tx: Any, ref: str, read: Callable[[], str | None]) -> None:
         self.tx = tx
         self.ref = ref
+        self.read = read
 
     def set(self, target: str, message: str) -> None:
         self.tx.set_target(self.ref, pygit2.Oid(hex=target), None, message)
-        self.tx.commit()
+        try:
+            self.tx.commit()
+        except pygit2.GitError:
+            # libgit2 fsyncs the ref's directory after its rename; if `git pack-refs` has packed
+            # the new ref and pruned that directory meanwhile, it reports a failure although the
+            # ref was written (and is now packed, made durable by git). Only that is success.
+            if self.read() != target:
+                raise
 
     def free(self) -> None:
         # Exiting with an exception type frees the transaction without committing it; a ref
@@ -505,7 +513,7 @@ class GitEventStore(StoreBase, LeaseStore, GitIntents):
             tx = repo.transaction()
             try:
                 tx.lock_ref(ref)
-                return _Locked(tx, ref)
+                return _Locked(tx, ref, functools.partial(self._target, repo, ref))
             except pygit2.GitError as e:
                 tx.__exit__(RuntimeError, None, None)
                 # libgit2 reports an existing `<ref>.lock` (O_EXCL) in one of the first two
