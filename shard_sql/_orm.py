@@ -20,16 +20,19 @@ from sqlalchemy import (
     BigInteger,
     CheckConstraint,
     DateTime,
+    Identity,
     Index,
+    Integer,
     MetaData,
     PrimaryKeyConstraint,
     String,
+    UniqueConstraint,
     text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-SCHEMA_REVISION = "0001"
+SCHEMA_REVISION = "0002"
 """The alembic head revision these models describe.
 
 A store compares it with the database's version row when it opens, without loading alembic.
@@ -46,6 +49,7 @@ NAME_LENGTH = 200
 
 EVENTS = "events"
 LEASES = "leases"
+INTENTS = "intents"
 
 
 def _name(comment: str, *, nullable: bool = False) -> Mapped[Any]:
@@ -153,6 +157,56 @@ class LeaseRow(Base):
     )
 
 
+class IntentRow(Base):
+    """An append forwarded to a space's holder by a node in another process or host, waiting to
+    be applied (see `shard_sql._sql_intents`)."""
+
+    __tablename__ = INTENTS
+    __table_args__ = (
+        PrimaryKeyConstraint("id"),
+        UniqueConstraint("space", "intent_id"),
+        Index("intents_space_id_idx", "space", "id"),
+        {
+            "comment": (
+                "shard_sql forwarded appends waiting for the space's lease holder. An intent is "
+                "applied when an event with its intent_id exists in its space (written by the "
+                "holder, in order of id); the holder then deletes the row. A row whose event "
+                "exists is garbage, swept by the next holder."
+            )
+        },
+    )
+
+    id: Mapped[int] = mapped_column(
+        # INTEGER on SQLite: the rowid, max + 1 at every insert; an identity on PostgreSQL.
+        BigInteger().with_variant(Integer(), "sqlite"),
+        Identity(),
+        comment="Arrival order: the holder applies a space's pending intents by increasing id.",
+    )
+    space: Mapped[str] = _name("The space the forwarded append is for.")
+    intent_id: Mapped[str] = _name(
+        "The append's idempotency key; its event in `events` has the same intent_id "
+        "(the caller's, or generated for it: fwd-<uuid>)."
+    )
+    type: Mapped[str] = _name("Event type of the forwarded append.")
+    payload: Mapped[dict[str, Any]] = mapped_column(
+        JSON().with_variant(JSONB(), "postgresql"),
+        nullable=False,
+        comment="The forwarded event's data: a JSON object (JSONB on PostgreSQL, JSON text on "
+        "SQLite), checked before it was recorded.",
+    )
+    submitted_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True),
+        nullable=False,
+        comment="When the intent was recorded (UTC; the server's clock on PostgreSQL, the "
+        "sender's on SQLite, text YYYY-MM-DD HH:MM:SS.ffffff).",
+    )
+    holder: Mapped[str] = _name(
+        "Node id of the lease holder the sender forwarded to. Informative: whichever node holds "
+        "the space applies it."
+    )
+
+
 metadata = Base.metadata
 events_table = EventRow.__table__
 leases_table = LeaseRow.__table__
+intents_table = IntentRow.__table__

@@ -48,6 +48,7 @@ from sqlalchemy.engine import URL, Connection, Engine, make_url
 from sqlalchemy.pool import NullPool, StaticPool
 
 from shard_sql._orm import EVENTS, LEASES, SCHEMA_REVISION, VERSION_TABLE
+from shard_sql._sql_intents import SqlIntents
 from shard_sql.errors import (
     InvalidEvent,
     LeaseHeld,
@@ -716,7 +717,7 @@ class _Postgres(_Dialect):
 # -- the store -------------------------------------------------------------------------------
 
 
-class SqlEventStore(StoreBase, LeaseStore):
+class SqlEventStore(StoreBase, LeaseStore, SqlIntents):
     """Events and leases in a SQL database: a SQLite file or a PostgreSQL server.
 
     `url_or_engine`: a SQLAlchemy URL (`sqlite:///path.db`, `postgresql+psycopg://...`; plain
@@ -750,6 +751,7 @@ class SqlEventStore(StoreBase, LeaseStore):
             raise InvalidEvent("busy_timeout", "must be between 0 and 3600 seconds")
         self._busy_timeout = float(busy_timeout)
         self._closed = False
+        self._init_intents()
         engine, self._owned = _open_engine(
             url_or_engine, synchronous=sqlite_synchronous.upper(), busy_timeout=busy_timeout
         )
@@ -780,6 +782,7 @@ class SqlEventStore(StoreBase, LeaseStore):
         if self._closed:
             return
         self._closed = True
+        self._close_intents()
         self._conns.close()
         if self._owned:
             self._engine.dispose()
@@ -1114,7 +1117,9 @@ class SqlEventStore(StoreBase, LeaseStore):
     @_guarded
     def lease_acquire(self, space: str, holder: str, ttl_seconds: float, now: datetime) -> Lease:
         expires = now + timedelta(seconds=check_ttl(ttl_seconds))
-        return self._call(self._acquire, space, holder, expires, now)
+        lease = self._call(self._acquire, space, holder, expires, now)
+        self._lease_granted()
+        return lease
 
     def _acquire(
         self, c: _Conn, space: str, holder: str, expires: datetime, now: datetime

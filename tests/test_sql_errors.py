@@ -28,7 +28,7 @@ from shard_sql import (
     StoreUnavailable,
     migrate,
 )
-from shard_sql._orm import VERSION_TABLE
+from shard_sql._orm import SCHEMA_REVISION, VERSION_TABLE
 from shard_sql.sql import alembic_config, migration_connection
 
 
@@ -165,7 +165,7 @@ def test_newer_schema_is_refused(db_url: str) -> None:
         assert "upgrade shard_sql" in str(info.value)
     with pytest.raises(SchemaError):
         migrate(db_url)
-    set_revision(db_url, "0001")
+    set_revision(db_url, SCHEMA_REVISION)
     with SqlEventStore(db_url) as store:
         assert store.head("s") == 1
 

@@ -1,0 +1,753 @@
+"""Forwarded intents in SQL: the `IntentQueue` half of `SqlEventStore`, and the database clock.
+
+The `intents` table (see `shard_sql._orm.IntentRow`, migration 0002) holds appends forwarded to a
+space's lease holder by nodes in other processes or hosts:
+
+- `put_intent`: one statement, `INSERT ... SELECT ... WHERE NOT EXISTS (<its event>) ON CONFLICT
+  (space, intent_id) DO NOTHING`, so a repeated put (a caller retrying, from any process) records
+  it once, and a late retry of an applied intent records nothing. Its own transaction, committed
+  durably. On PostgreSQL the same statement sends `NOTIFY shard_sql, 'i:<space>'` when it inserted
+  the row: the holder wakes up.
+- Applied = its event exists (the holder writes the event with the intent id; the unique
+  `(space, intent_id)` index on `events` makes a second application impossible). `find_intent`
+  reads that event. On PostgreSQL the trigger `events_notify_applied` (migration 0002) sends
+  `NOTIFY shard_sql, 'a:<space>'` from the transaction that writes the event of a queued intent,
+  so the forwarders waiting for it wake up when it commits. Appends without intent id do not run
+  the trigger's function (its `WHEN`), and appends whose intent is not queued do not notify: plain
+  appends never take NOTIFY's commit lock.
+- `pending_intents`: the space's rows in `id` order (the arrival order: an identity on PostgreSQL,
+  the rowid on SQLite), each flagged applied or not in the same statement. Unapplied rows come back
+  as `Pending` values checked again by `validation.pending` (a row that does not pass, written by
+  hand or corrupted, is skipped with one warning on the `shard_sql.sql` logger, never applied and
+  never deleted). Applied rows (a holder died between its write and its `forget_intents`) are
+  deleted on the way.
+- `forget_intents` (the holder calls it right after applying a batch): `DELETE` of those rows
+  whose event exists. On PostgreSQL it commits without waiting for the WAL flush
+  (`synchronous_commit` off for that transaction only): a delete lost in a server crash leaves a
+  record of an applied intent, which the next `pending_intents` sweeps.
+
+Waiting (`wait_for_change`):
+
+- PostgreSQL: one listener thread per store, started by the first wait, owns a dedicated
+  connection (taken out of the engine's pool for good) that runs `LISTEN shard_sql`; waiters block
+  on a `threading.Condition`, so the holder's serving thread and any number of forwarding threads
+  wait at once on one connection. A thread waiting for an intent it recorded (since its
+  `put_intent`, until its `find_intent` returns the event) wakes for `a:` notifications of that
+  space; any other wait (the holder's) wakes for `i:` ones. Each thread's wait ends at once if such
+  a notification arrived since that thread's previous wait returned (its first wait ends at once),
+  so a notification that arrives between a caller's check and its wait is never missed. A lost
+  listener connection (server restart, `pg_terminate_backend`, a dead peer noticed by TCP
+  keepalive) is reopened with back-off (50 ms doubling to 2 s); meanwhile waits are bounded sleeps
+  of `FALLBACK_SLEEP`, and every waiter wakes when the listener is back (a notification may have
+  been lost in between).
+- SQLite file: no notifications. The waiter polls `PRAGMA data_version` on a dedicated connection
+  (it changes when any other connection commits) every `POLL_MIN` seconds for `POLL_FAST` seconds,
+  then backing off to `POLL_MAX`, with the same per-thread baseline (a thread's own `put_intent`
+  moves its baseline: no news for itself).
+- In-memory SQLite (one connection, one process): the store's own `put_intent` and
+  `forget_intents` wake the waiters.
+
+`database_clock`: PostgreSQL's `clock_timestamp()`, read at most every `CLOCK_REFRESH` seconds and
+extrapolated in between with this process's monotonic clock (so it costs no round trip per call
+and ignores steps of the local wall clock); on SQLite, the system clock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import logging
+import os
+import random
+import select
+import socket
+import threading
+import time
+import weakref
+from collections.abc import Callable, Container, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
+
+from shard_sql._orm import EVENTS, INTENTS
+from shard_sql.errors import InvalidEvent, ShardSqlError, StoreUnavailable
+from shard_sql.store import IntentQueue, system_clock
+from shard_sql.validation import Pending, check_intent_id, check_seq, check_space, check_text
+from shard_sql.validation import pending as checked_pending
+from shard_sql.values import Event
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Engine
+
+    from shard_sql.sql import _Conn, _Dialect, _Site
+
+__all__ = ["CHANNEL", "SqlIntents"]
+
+log = logging.getLogger("shard_sql.sql")
+
+CHANNEL = "shard_sql"
+"""The PostgreSQL notification channel; the payload is `<kind>:<space>`."""
+INTENT = "i"
+"""Notification kind: an intent was recorded in the space."""
+APPLIED = "a"
+"""Notification kind: the event of an intent recorded in the space was written (PostgreSQL: by the
+trigger `events_notify_applied`; in-memory SQLite: when the holder forgets the intent)."""
+POLL_MIN = 0.001
+"""SQLite: the pause between two `PRAGMA data_version` polls, in seconds, for the first
+`POLL_FAST` seconds of a wait (an answer is usually that close) ..."""
+POLL_FAST = 0.02
+POLL_MAX = 0.02
+"""... then growing by half at every unchanged poll up to this."""
+FALLBACK_SLEEP = 0.05
+"""PostgreSQL: the longest a wait sleeps while the listener is down (then the caller looks)."""
+RECONNECT_MIN = 0.05
+RECONNECT_MAX = 2.0
+CLOCK_REFRESH = 1.0
+"""Seconds between two reads of the server's clock by `database_clock`."""
+FORGET_CHUNK = 500
+MAX_TRACKED_SPACES = 10_000
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _translated(e: Exception, site: _Site) -> Exception:
+    from shard_sql.sql import _translate  # sql.py imports this module: resolved at call time
+
+    err = _translate(e, site)
+    return e if err is None else err
+
+
+def _guarded(
+    fn: Callable[Concatenate[SqlIntents, _P], _R],
+) -> Callable[Concatenate[SqlIntents, _P], _R]:
+    """Let no driver error out of a public method (as `shard_sql.sql._guarded`)."""
+
+    @functools.wraps(fn)
+    def guarded(self: SqlIntents, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        try:
+            return fn(self, *args, **kwargs)
+        except ShardSqlError:
+            raise
+        except Exception as e:
+            err = _translated(e, self._site)
+            if err is e:
+                raise
+            raise err from e
+
+    return guarded
+
+
+# -- statements --------------------------------------------------------------------------------
+
+
+class _Statements:
+    """The intent statements of one dialect."""
+
+    def __init__(self, pg: bool) -> None:
+        p = "%s" if pg else "?"
+        self.pg = pg
+        applied = (
+            f"EXISTS (SELECT 1 FROM {EVENTS} e WHERE e.space = {INTENTS}.space "
+            f"AND e.intent_id = {INTENTS}.intent_id)"
+        )
+        insert = (
+            f"INSERT INTO {INTENTS} (space, intent_id, type, payload, submitted_at, holder) "
+            f"SELECT {p}, {p}, {p}, {f'CAST({p} AS jsonb)' if pg else p}, "
+            f"{'now()' if pg else p}, {p} "
+            f"WHERE NOT EXISTS (SELECT 1 FROM {EVENTS} WHERE space = {p} AND intent_id = {p}) "
+            "ON CONFLICT (space, intent_id) DO NOTHING"
+        )
+        if pg:
+            self.put = (
+                f"WITH added AS ({insert} RETURNING space) "
+                f"SELECT pg_notify('{CHANNEL}', '{INTENT}:' || space) FROM added"
+            )
+        else:
+            self.put = insert
+        self.pending = (
+            f"SELECT id, intent_id, type, payload, {applied} FROM {INTENTS} "
+            f"WHERE space = {p} AND id > {p} ORDER BY id LIMIT {p}"
+        )
+        # A forgotten record is garbage; if the delete is lost in a crash, `pending_intents`
+        # sweeps it: no need to wait for the WAL flush (on PostgreSQL).
+        if pg:
+            self.forget = (
+                "WITH relaxed AS (SELECT set_config('synchronous_commit', 'off', true)) "
+                f"DELETE FROM {INTENTS} WHERE space = %s AND intent_id = ANY(%s) "
+                f"AND {applied} AND EXISTS (SELECT 1 FROM relaxed)"
+            )
+        else:
+            self.forget = (
+                f"DELETE FROM {INTENTS} WHERE space = ? AND intent_id IN ({{ids}}) AND {applied}"
+            )
+        self.server_time = "SELECT clock_timestamp()"
+
+
+_PG = _Statements(pg=True)
+_SQLITE = _Statements(pg=False)
+
+
+# -- waking waiters ----------------------------------------------------------------------------
+
+
+class _Signal:
+    """Change counters per (kind, space) behind a `Condition`, and waits on them.
+
+    Kinds: `INTENT` (an intent was recorded: news for the holder) and `APPLIED` (the event of a
+    recorded intent was written: news for the forwarders waiting for it). `seq` counts
+    changes; `last[(kind, space)]` is the seq of the latest; a reset (the listener reconnected:
+    changes may have been missed) concerns everything. Each thread keeps the seq it saw when its
+    previous wait returned: a change after that ends its next wait at once.
+    """
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.seq = 0
+        self.reset_seq = 0
+        self.last: dict[tuple[str, str], int] = {}
+        self.up = True
+        self.received = 0
+        """Changes recorded (notifications received, on PostgreSQL)."""
+        self.woken = 0
+        """Waits a change ended (the others ran to their timeout)."""
+        self._seen = threading.local()
+
+    def changed(self, changes: Sequence[tuple[str, str]]) -> None:
+        """Record changes, each `(kind, space)`; wake the waiters."""
+        with self.cond:
+            if len(self.last) > MAX_TRACKED_SPACES:
+                self.last.clear()
+                self.reset()
+            for key in changes:
+                self.seq += 1
+                self.last[key] = self.seq
+                self.received += 1
+            self.cond.notify_all()
+
+    def reset(self) -> None:
+        with self.cond:
+            self.seq += 1
+            self.reset_seq = self.seq
+            self.cond.notify_all()
+
+    def set_up(self, up: bool) -> None:
+        with self.cond:
+            self.up = up
+            if up:
+                self.reset()
+            self.cond.notify_all()
+
+    def wait(self, spaces: Sequence[str], timeout: float, awaited: Container[str] = ()) -> bool:
+        """Block until one of `spaces` changed since this thread's previous wait, or `timeout`;
+        while not `up`, at most `FALLBACK_SLEEP`. In the `awaited` spaces (this thread waits for
+        an intent it recorded) only `APPLIED` counts, elsewhere only `INTENT`. True when a change
+        ended the wait."""
+        deadline = time.monotonic() + timeout
+        keys = [(APPLIED if s in awaited else INTENT, s) for s in spaces]
+        with self.cond:
+            base: int = getattr(self._seen, "seq", 0)
+            fallback = False
+            try:
+                while True:
+                    if self.reset_seq > base or any(self.last.get(k, 0) > base for k in keys):
+                        self.woken += 1
+                        return True
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0 or fallback:
+                        return False
+                    if self.up:
+                        self.cond.wait(remaining)
+                    else:
+                        self.cond.wait(min(remaining, FALLBACK_SLEEP))
+                        fallback = not self.up
+            finally:
+                self._seen.seq = self.seq
+
+
+class _Listener:
+    """The PostgreSQL listener: a thread with its own connection running `LISTEN shard_sql`."""
+
+    def __init__(self, connect: Callable[[], Any], where: str) -> None:
+        self._connect = connect
+        self._where = where
+        self.signal = _Signal()
+        self.signal.up = False
+        self.connections = 0
+        """How many times LISTEN was established (1 + reconnections)."""
+        self.backend_pid: int | None = None
+        """The listener connection's server process id while it is up."""
+        self._stopping = False
+        self._pid = os.getpid()
+        self._wake_r, self._wake_w = os.pipe()
+        self._thread = threading.Thread(
+            target=self._run, name=f"shard-sql-listener {where}", daemon=True
+        )
+        self._thread.start()
+
+    def stop(self, wait: bool = True) -> None:
+        """Stop the thread (and close its connection); idempotent; nothing in a forked child."""
+        if self._stopping or self._pid != os.getpid():
+            return
+        self._stopping = True
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"x")
+        if not wait:
+            return
+        self._thread.join(5)
+        if not self._thread.is_alive():
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+
+    def _run(self) -> None:
+        delay = RECONNECT_MIN
+        failures = 0
+        while not self._stopping:
+            conn: Any = None
+            try:
+                conn = self._connect()
+                conn.execute(f"LISTEN {CHANNEL}")
+                _keepalive(conn.fileno())
+                self.backend_pid = conn.info.backend_pid
+                self.connections += 1
+                if failures:
+                    log.info("%s: notification listener reconnected", self._where)
+                failures, delay = 0, RECONNECT_MIN
+                self.signal.set_up(True)
+                self._listen(conn)
+            except Exception as e:
+                if not self._stopping:
+                    failures += 1
+                    level = logging.WARNING if failures == 1 else logging.DEBUG
+                    log.log(
+                        level,
+                        "%s: notification listener down (%s); waits poll until it is back",
+                        self._where,
+                        " ".join(str(e).split()) or type(e).__name__,
+                    )
+            finally:
+                self.backend_pid = None
+                self.signal.set_up(False)
+                if conn is not None:
+                    with contextlib.suppress(Exception):
+                        conn.close()
+            if not self._stopping:
+                pause = delay * (0.5 + random.random())
+                select.select([self._wake_r], [], [], pause)
+                delay = min(delay * 2, RECONNECT_MAX)
+
+    def _listen(self, conn: Any) -> None:
+        self._drain(conn)  # what arrived with the LISTEN's answer
+        sock = conn.fileno()
+        while not self._stopping:
+            ready, _, _ = select.select([sock, self._wake_r], [], [], 30.0)
+            if self._wake_r in ready:
+                return
+            if ready:
+                self._drain(conn)
+            if conn.closed or conn.broken:
+                raise StoreUnavailable(f"{self._where}: the listener connection broke")
+
+    def _drain(self, conn: Any) -> None:
+        changes: list[tuple[str, str]] = []
+        for n in conn.notifies(timeout=0):
+            kind, _, space = n.payload.partition(":")
+            if kind in (INTENT, APPLIED):
+                changes.append((kind, space))
+            else:  # not ours: news for everyone
+                changes += ((INTENT, n.payload), (APPLIED, n.payload))
+        if changes:
+            self.signal.changed(changes)
+
+
+def _keepalive(fd: int) -> None:
+    """TCP keepalive on the listener's socket: a dead peer (no RST) is noticed in ~25 s."""
+    try:
+        s = socket.socket(fileno=os.dup(fd))
+    except OSError:
+        return
+    try:
+        if s.family in (socket.AF_INET, socket.AF_INET6):
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            for name, value in (("TCP_KEEPIDLE", 10), ("TCP_KEEPINTVL", 5), ("TCP_KEEPCNT", 3)):
+                opt = getattr(socket, name, None)
+                if opt is not None:
+                    s.setsockopt(socket.IPPROTO_TCP, opt, value)
+    except OSError:
+        pass
+    finally:
+        s.close()
+
+
+class _Poller:
+    """SQLite: `PRAGMA data_version` on a dedicated connection, shared by the waiting threads."""
+
+    def __init__(self, connect: Callable[[], Any]) -> None:
+        self._connect = connect
+        self._lock = threading.Lock()
+        self._conn: Any = None
+        self._seen = threading.local()
+        self.polls = 0
+
+    def version(self) -> int:
+        with self._lock:
+            if self._conn is None:
+                self._conn = self._connect()
+            self.polls += 1
+            row = self._conn.execute("PRAGMA data_version").fetchone()
+            return int(row[0])
+
+    def seen_now(self) -> None:
+        """Take the current version as this thread's baseline (if it has one)."""
+        if getattr(self._seen, "version", None) is not None:
+            self._seen.version = self.version()
+
+    def wait(self, timeout: float) -> bool:
+        start = time.monotonic()
+        deadline = start + timeout
+        base: int | None = getattr(self._seen, "version", None)
+        delay = POLL_MIN
+        while True:
+            version = self.version()
+            if version != base:
+                self._seen.version = version
+                return True
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            time.sleep(min(delay, remaining))
+            if time.monotonic() - start >= POLL_FAST:
+                delay = min(delay * 1.5, POLL_MAX)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None:
+                with contextlib.suppress(Exception):
+                    self._conn.close()
+                self._conn = None
+
+
+_ORPHANS: list[object] = []
+"""Listeners and pollers inherited over a fork: referenced for good, never closed in the child (a
+PostgreSQL connection closed there would end the parent's session; a SQLite one, its locks)."""
+
+
+def _weak_opener(store: SqlIntents) -> Callable[[], Any]:
+    """`store._dedicated_connection`, without keeping the store alive."""
+    method = weakref.WeakMethod(store._dedicated_connection)
+
+    def open_connection() -> Any:
+        bound = method()
+        if bound is None:
+            raise StoreUnavailable("the store was garbage-collected")
+        return bound()
+
+    return open_connection
+
+
+# -- the mixin ---------------------------------------------------------------------------------
+
+
+class SqlIntents(IntentQueue):
+    """`IntentQueue` and `database_clock` for `SqlEventStore` (see the module docstring)."""
+
+    if TYPE_CHECKING:
+        _site: _Site
+        _sqlite: bool
+        _engine: Engine
+        _closed: bool
+        _d: _Dialect
+        where: str
+
+        def _call(self, fn: Callable[..., _R], *args: Any, retry: bool = True) -> _R: ...
+
+        def _by_intent(self, c: _Conn, space: str, ids: list[str]) -> dict[str, Event]: ...
+
+    def _init_intents(self) -> None:
+        self._wait_lock = threading.Lock()
+        self._wait_pid = os.getpid()
+        self._listener: _Listener | None = None
+        self._poller: _Poller | None = None
+        self._local_signal: _Signal | None = None
+        self._warned: set[tuple[str, int]] = set()
+        self._waiting = threading.local()
+        self._clock_lock = threading.Lock()
+        self._clock_base: datetime | None = None
+        self._clock_at = 0.0
+        self._clock_tried = -CLOCK_REFRESH
+
+    def _close_intents(self) -> None:
+        if self._wait_pid != os.getpid():
+            self._forked()
+            return
+        with self._wait_lock:
+            listener, poller = self._listener, self._poller
+            self._listener = self._poller = None
+        if listener is not None:
+            listener.stop()
+        if poller is not None:
+            poller.close()
+
+    def _lease_granted(self) -> None:
+        """A lease was granted through this store: end this process's waits once, so that a
+        serving thread waiting on the spaces it held before waits on its new set (on SQLite the
+        grant's commit does that already)."""
+        listener, signal = self._listener, self._local_signal
+        if listener is not None and self._wait_pid == os.getpid():
+            listener.signal.reset()
+        if signal is not None:
+            signal.reset()
+
+    @property
+    def _statements(self) -> _Statements:
+        return _SQLITE if self._sqlite else _PG
+
+    # -- recording and reading intents -------------------------------------------------------
+
+    @_guarded
+    def put_intent(self, space: str, item: Pending, *, holder: str) -> None:
+        """Record `item` durably unless it is recorded or applied already; wake the holder."""
+        check_space(space)
+        check_text("holder", holder)
+        intent_id = check_intent_id(item.intent_id) if isinstance(item, Pending) else None
+        if intent_id is None:
+            raise InvalidEvent("intent_id", "a forwarded intent needs one")
+        st = self._statements
+        if st.pg:
+            params: tuple[Any, ...] = (space, item.intent_id, item.type, item.payload_json)
+            params += (holder, space, item.intent_id)
+        else:
+            now = self._d.time(system_clock())
+            params = (space, item.intent_id, item.type, item.payload_json, now, holder)
+            params += (space, item.intent_id)
+        self._call(self._put, st.put, params)
+        self._awaited()[space] = intent_id
+        if self._local_signal is not None:
+            self._local_signal.changed([(INTENT, space)])
+        elif self._poller is not None and self._sqlite:
+            # Our own commit is no news for this thread: its next wait is for the holder's.
+            self._poller.seen_now()
+
+    def _put(self, c: _Conn, sql: str, params: tuple[Any, ...]) -> None:
+        c.cur.execute(sql, params)
+
+    @_guarded
+    def find_intent(self, space: str, intent_id: str) -> Event | None:
+        """The event written for `intent_id` in `space`, if any."""
+        check_space(space)
+        if check_intent_id(intent_id) is None:
+            raise InvalidEvent("intent_id", "must be a string")
+        found = self._call(self._by_intent, space, [intent_id]).get(intent_id)
+        if found is not None:
+            awaited = self._awaited()
+            if awaited.get(space) == intent_id:
+                del awaited[space]
+        return found
+
+    def _awaited(self) -> dict[str, str]:
+        """This thread's spaces where it waits for an intent it recorded (by its intent id)."""
+        try:
+            out: dict[str, str] = self._waiting.spaces
+        except AttributeError:
+            out = self._waiting.spaces = {}
+        return out
+
+    @_guarded
+    def pending_intents(self, space: str, *, limit: int) -> list[Pending]:
+        """Unapplied intents of `space` in arrival order, at most `limit`; applied records met on
+        the way are deleted."""
+        check_space(space)
+        if check_seq("limit", limit) == 0:
+            return []
+        found, swept = self._call(self._pending, space, limit)
+        if swept and self._local_signal is not None:
+            self._local_signal.changed([(APPLIED, space)])
+        return found
+
+    def _pending(self, c: _Conn, space: str, limit: int) -> tuple[list[Pending], bool]:
+        st = self._statements
+        out: list[Pending] = []
+        applied: list[str] = []
+        after = 0
+        while len(out) < limit:
+            want = limit - len(out)
+            c.cur.execute(st.pending, (space, after, want))
+            rows = c.cur.fetchall()
+            for row_id, intent_id, type_, payload, done in rows:
+                after = row_id
+                if done:
+                    applied.append(intent_id)
+                    continue
+                item = self._checked(space, row_id, intent_id, type_, payload)
+                if item is not None:
+                    out.append(item)
+            if len(rows) < want:
+                break
+        if applied:
+            self._forget(c, space, applied)
+        return out, bool(applied)
+
+    def _checked(
+        self, space: str, row_id: int, intent_id: Any, type_: Any, payload: Any
+    ) -> Pending | None:
+        try:
+            if isinstance(payload, str) and self._sqlite:
+                payload = json.loads(payload)
+            return checked_pending(type_, payload, intent_id)
+        except (InvalidEvent, ValueError, TypeError, RecursionError) as e:
+            key = (space, row_id)
+            if key not in self._warned:
+                if len(self._warned) > MAX_TRACKED_SPACES:
+                    self._warned.clear()
+                self._warned.add(key)
+                log.warning(
+                    "%s: forwarded intent id=%s of space %r cannot be applied (%s); skipped. "
+                    "An operator removes it with: DELETE FROM %s WHERE id = %s",
+                    self.where,
+                    row_id,
+                    space,
+                    e,
+                    INTENTS,
+                    row_id,
+                )
+            return None
+
+    @_guarded
+    def forget_intents(self, space: str, intent_ids: Sequence[str]) -> None:
+        """Delete the records of these intents that are applied; wake the waiting forwarders."""
+        check_space(space)
+        if isinstance(intent_ids, str):
+            raise InvalidEvent("intent_ids", "must be a sequence of intent ids, not a string")
+        ids = [i for i in intent_ids if check_intent_id(i) is not None]
+        if not ids:
+            return
+        self._call(self._forget, space, ids)
+        if self._local_signal is not None:
+            self._local_signal.changed([(APPLIED, space)])
+
+    def _forget(self, c: _Conn, space: str, ids: list[str]) -> None:
+        st = self._statements
+        for start in range(0, len(ids), FORGET_CHUNK):
+            chunk = ids[start : start + FORGET_CHUNK]
+            if st.pg:
+                c.cur.execute(st.forget, (space, chunk))
+            else:
+                sql = st.forget.format(ids=", ".join("?" * len(chunk)))
+                c.cur.execute(sql, (space, *chunk))
+
+    # -- waiting -------------------------------------------------------------------------------
+
+    def wait_for_change(self, spaces: Sequence[str], timeout: float) -> None:
+        """Block until an intent or event may have arrived in `spaces`, or `timeout` passes."""
+        if isinstance(spaces, str):
+            raise InvalidEvent("spaces", "must be a sequence of spaces, not a string")
+        names = [check_space(s) for s in spaces]
+        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout < 0:
+            raise InvalidEvent("timeout", "must be a number of seconds >= 0")
+        if self._closed:
+            raise StoreUnavailable(f"{self.where}: the store is closed")
+        if self._sqlite:
+            poller_or_signal = self._sqlite_waiter()
+            if isinstance(poller_or_signal, _Poller):
+                try:
+                    poller_or_signal.wait(float(timeout))
+                except Exception as e:
+                    err = _translated(e, self._site)
+                    if err is e:
+                        raise
+                    raise err from e
+                return
+            poller_or_signal.wait(names, float(timeout), self._awaited())
+            return
+        self._pg_listener().signal.wait(names, float(timeout), self._awaited())
+
+    def _forked(self) -> None:
+        """After a fork: the parent's listener thread and connections are not ours."""
+        if self._wait_pid != os.getpid():
+            _ORPHANS.extend((self._listener, self._poller))
+            self._listener = self._poller = None
+            self._wait_pid = os.getpid()
+            self._wait_lock = threading.Lock()
+
+    def _pg_listener(self) -> _Listener:
+        listener = self._listener
+        if listener is not None and self._wait_pid == os.getpid():
+            return listener
+        self._forked()
+        with self._wait_lock:
+            if self._closed:
+                raise StoreUnavailable(f"{self.where}: the store is closed")
+            if self._listener is None:
+                listener = _Listener(_weak_opener(self), self.where)
+                # A store dropped without close(): its listener stops (and lets go of its
+                # connection) instead of running until the process exits.
+                weakref.finalize(self, listener.stop, False)
+                self._listener = listener
+            return self._listener
+
+    def _sqlite_waiter(self) -> _Poller | _Signal:
+        from shard_sql.sql import _is_memory
+
+        if _is_memory(self._engine.url):
+            with self._wait_lock:
+                if self._local_signal is None:
+                    self._local_signal = _Signal()
+                return self._local_signal
+        poller = self._poller
+        if poller is not None and self._wait_pid == os.getpid():
+            return poller
+        self._forked()
+        with self._wait_lock:
+            if self._poller is None:
+                self._poller = _Poller(self._dedicated_connection)
+            return self._poller
+
+    def _dedicated_connection(self) -> Any:
+        """A driver connection of the store's engine (its connect hooks and arguments), taken
+        out of the pool for good: the listener's or the poller's own."""
+        fairy = self._engine.raw_connection()
+        try:
+            fairy.detach()
+            raw: Any = fairy.dbapi_connection
+            if not self._sqlite and not raw.autocommit:
+                raw.autocommit = True
+        except BaseException:
+            fairy.invalidate()
+            raise
+        return raw
+
+    # -- the database's clock -----------------------------------------------------------------
+
+    def database_clock(self) -> datetime:
+        """The database server's current time (timezone-aware, UTC), for
+        `LeaseRegistry(store, clock=store.database_clock)`: every host then judges lease expiry by
+        one clock. PostgreSQL: `clock_timestamp()`, read at most once a second and extrapolated
+        with the local monotonic clock in between. SQLite: the system clock."""
+        if self._sqlite:
+            return system_clock()
+        with self._clock_lock:
+            now = time.monotonic()
+            if now - self._clock_tried >= CLOCK_REFRESH:
+                self._clock_tried = now
+                try:
+                    before = time.monotonic()
+                    server = self._call(self._server_time)
+                    after = time.monotonic()
+                except Exception as e:
+                    if self._clock_base is None:
+                        err = _translated(e, self._site)
+                        if err is e:
+                            raise
+                        raise err from e
+                    log.debug("%s: database clock not refreshed: %s", self.where, e)
+                else:
+                    self._clock_base, self._clock_at = server, (before + after) / 2
+            assert self._clock_base is not None
+            return self._clock_base + timedelta(seconds=time.monotonic() - self._clock_at)
+
+    def _server_time(self, c: _Conn) -> datetime:
+        c.cur.execute(self._statements.server_time)
+        value = c.cur.fetchone()[0]
+        if not isinstance(value, datetime) or value.tzinfo is None:
+            raise StoreUnavailable(f"{self.where}: clock_timestamp() returned {value!r}")
+        return value.astimezone(UTC)

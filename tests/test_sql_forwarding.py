@@ -1,0 +1,756 @@
+"""Forwarding through a SQL database: `SqlEventStore` as an `IntentQueue`, on SQLite and
+PostgreSQL.
+
+The shared forwarding contract; the `intents` table itself (idempotent puts, arrival order,
+applied records swept, corrupt rows skipped, the schema and its migration); waiting (LISTEN/NOTIFY
+on PostgreSQL, `PRAGMA data_version` polling on SQLite); the database clock; and real processes:
+forwarded appends from three processes to a holder in a fourth, a holder SIGKILLed with intents
+pending, the holder woken by NOTIFY, a killed listener connection, a database that goes away.
+Workers are `spawn`ed and open the database on their own; they share nothing but the database.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import multiprocessing
+import os
+import queue
+import signal
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from alembic import command
+from sqlalchemy import create_engine, inspect
+
+from shard_sql import (
+    AppendAuthority,
+    InvalidEvent,
+    LeaseRegistry,
+    SchemaError,
+    SqlEventStore,
+    StoreUnavailable,
+    migrate,
+)
+from shard_sql.sql import alembic_config, migration_connection
+from shard_sql.store import EventStore, IntentQueue
+from shard_sql.testing import HOSTILE_SPACES, ForwardingContract
+from shard_sql.validation import pending
+from shard_sql.verify import verify
+
+CTX = multiprocessing.get_context("spawn")
+TTL = 1.0
+
+
+def libpq(url: str) -> str:
+    return url.replace("postgresql+psycopg://", "postgresql://", 1)
+
+
+def admin(url: str) -> psycopg.Connection[Any]:
+    return psycopg.connect(libpq(url), autocommit=True)
+
+
+# -- the contract --------------------------------------------------------------------------------
+
+
+class TestSqliteForwarding(ForwardingContract):
+    def make_store(self) -> EventStore:
+        return SqlEventStore(f"sqlite:///{self.tmp_path}/shard.db")
+
+
+class TestSqliteMemoryForwarding(ForwardingContract):
+    def make_store(self) -> EventStore:
+        return SqlEventStore("sqlite://")
+
+
+@pytest.mark.postgres
+class TestPostgresForwarding(ForwardingContract):
+    def make_store(self) -> EventStore:
+        return SqlEventStore(self.request.getfixturevalue("pg_url"), migrate=True)
+
+
+# -- the intents table ----------------------------------------------------------------------------
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/shard.db"
+    pg: str = request.getfixturevalue("pg_url")
+    migrate(pg)
+    return pg
+
+
+@pytest.fixture
+def store(url: str) -> Iterator[SqlEventStore]:
+    with SqlEventStore(url) as s:
+        yield s
+
+
+def rows(url: str, sql: str) -> list[tuple[Any, ...]]:
+    engine = create_engine(url)
+    try:
+        with engine.connect() as conn:
+            return [tuple(r) for r in conn.exec_driver_sql(sql)]
+    finally:
+        engine.dispose()
+
+
+def execute(url: str, sql: str, params: tuple[Any, ...] = ()) -> None:
+    with migration_connection(url) as conn:
+        conn.exec_driver_sql(sql, params)
+
+
+def test_is_an_intent_queue(store: SqlEventStore) -> None:
+    assert isinstance(store, IntentQueue)
+
+
+def test_put_is_durable_idempotent_and_readable(store: SqlEventStore, url: str) -> None:
+    store.put_intent("wiki", pending("alias.set", {"page": "Home"}, "k1"), holder="node-a")
+    store.put_intent("wiki", pending("alias.set", {"page": "Other"}, "k1"), holder="node-b")
+    [(space, intent_id, type_, holder, at)] = rows(
+        url, "SELECT space, intent_id, type, holder, submitted_at FROM intents"
+    )
+    assert (space, intent_id, type_, holder) == ("wiki", "k1", "alias.set", "node-a")
+    assert at is not None
+    [p] = store.pending_intents("wiki", limit=10)
+    assert (p.type, p.payload, p.intent_id) == ("alias.set", {"page": "Home"}, "k1")
+    with SqlEventStore(url) as other:  # another process would see the same
+        assert [x.intent_id for x in other.pending_intents("wiki", limit=10)] == ["k1"]
+    assert store.spaces() == []  # intents are not events
+
+
+def test_arrival_order_limit_applied_and_swept(store: SqlEventStore, url: str) -> None:
+    ids = [f"id-{i}" for i in (7, 3, 11, 0, 5, 1, 9, 2, 10, 4, 8, 6)]
+    for n, i in enumerate(ids):
+        store.put_intent("s", pending("t", {"n": n}, i), holder="h")
+    assert [p.intent_id for p in store.pending_intents("s", limit=100)] == ids
+    assert [p.intent_id for p in store.pending_intents("s", limit=5)] == ids[:5]
+    assert store.pending_intents("s", limit=0) == []
+    # Two applied as a holder would; they stop being pending.
+    e0 = store.append("s", "t", {"n": 0}, expected_seq=0, intent_id=ids[0])
+    e1 = store.append("s", "t", {"n": 2}, expected_seq=1, intent_id=ids[2])
+    assert store.find_intent("s", ids[2]) == e1 and store.find_intent("s", ids[0]) == e0
+    assert store.find_intent("s", ids[1]) is None
+    # forget drops applied records only.
+    store.forget_intents("s", [ids[0], ids[1], "never-put"])
+    recorded = {r[0] for r in rows(url, "SELECT intent_id FROM intents")}
+    assert ids[0] not in recorded and ids[1] in recorded
+    # ids[2] applied but not forgotten (its holder died in between): skipped, and swept.
+    assert ids[2] in recorded
+    rest = [i for i in ids if i not in (ids[0], ids[2])]
+    assert [p.intent_id for p in store.pending_intents("s", limit=100)] == rest
+    assert ids[2] not in {r[0] for r in rows(url, "SELECT intent_id FROM intents")}
+    # A limit still counts unapplied intents only.
+    store.append("s", "t", {}, expected_seq=2, intent_id=rest[0])
+    assert [p.intent_id for p in store.pending_intents("s", limit=3)] == rest[1:4]
+    # A late retry of an applied intent records nothing.
+    store.put_intent("s", pending("t", {"n": 0}, ids[0]), holder="h")
+    assert ids[0] not in {r[0] for r in rows(url, "SELECT intent_id FROM intents")}
+
+
+def test_spaces_do_not_mix(store: SqlEventStore) -> None:
+    names = [*HOSTILE_SPACES, "a", "A", "é" * 200]
+    for n, space in enumerate(names):
+        store.put_intent(space, pending("t", {"n": n}, "same-id"), holder="h")
+    for n, space in enumerate(names):
+        [p] = store.pending_intents(space, limit=10)
+        assert p.payload == {"n": n}
+    store.append("a", "t", {}, expected_seq=0, intent_id="same-id")
+    assert store.pending_intents("a", limit=10) == []
+    assert len(store.pending_intents("A", limit=10)) == 1
+
+
+def test_bad_arguments(store: SqlEventStore) -> None:
+    with pytest.raises(InvalidEvent):
+        store.put_intent("s", pending("t", {}), holder="h")  # no intent id
+    with pytest.raises(InvalidEvent):
+        store.put_intent("", pending("t", {}, "i"), holder="h")
+    with pytest.raises(InvalidEvent):
+        store.put_intent("s", pending("t", {}, "i"), holder="")
+    with pytest.raises(InvalidEvent):
+        store.pending_intents("s", limit=-1)
+    with pytest.raises(InvalidEvent):
+        store.forget_intents("s", "abc")
+    with pytest.raises(InvalidEvent):
+        store.find_intent("s", "")
+    with pytest.raises(InvalidEvent):
+        store.wait_for_change("s", 0.1)
+    with pytest.raises(InvalidEvent):
+        store.wait_for_change(["s"], -1)
+    assert store.pending_intents("s", limit=10) == []
+
+
+def test_corrupt_rows_are_skipped_not_applied(
+    store: SqlEventStore, url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    store.put_intent("s", pending("t", {"ok": 1}, "good"), holder="h")
+    insert = (
+        "INSERT INTO intents (space, intent_id, type, payload, submitted_at, holder) "
+        "VALUES ('s', ?, ?, ?, '2026-01-01 00:00:00.000000', 'h')"
+    )
+    bad = [("empty-type", "", "{}"), ("array", "t", "[1, 2]"), ("control", "a\nb", "{}")]
+    if url.startswith("sqlite"):
+        bad.append(("not-json", "t", "{nope"))
+    else:
+        insert = insert.replace("?", "%s")
+    for row in bad:
+        execute(url, insert, row)
+    with caplog.at_level(logging.WARNING, logger="shard_sql.sql"):
+        assert [p.intent_id for p in store.pending_intents("s", limit=10)] == ["good"]
+        assert [p.intent_id for p in store.pending_intents("s", limit=2)] == ["good"]
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == len(bad)  # once per row, not per poll
+    assert all("DELETE FROM intents WHERE id =" in w for w in warned)
+    holder = AppendAuthority("holder", store, LeaseRegistry(store))
+    holder.acquire("s")
+    assert holder.serve("s") == 1
+    assert [e.intent_id for e in store.events("s")] == ["good"]
+    assert len(rows(url, "SELECT id FROM intents")) == len(bad)  # left for an operator
+
+
+def test_wait_for_change(store: SqlEventStore, url: str) -> None:
+    store.wait_for_change(["s"], 0.5)  # a thread's first wait ends at once (or when listening)
+    if url.startswith("postgresql"):
+        listener = store._listener
+        assert listener is not None
+        deadline = time.monotonic() + 10
+        while not listener.signal.up:
+            assert time.monotonic() < deadline, "the listener did not connect"
+            time.sleep(0.005)
+        store.wait_for_change(["s"], 0.5)  # ended by the listener's start (changes missed?)
+    start = time.monotonic()
+    store.wait_for_change(["s"], 0.2)
+    assert time.monotonic() - start >= 0.19  # nothing changed: the whole timeout
+    other = SqlEventStore(url)
+
+    def later(action: Any) -> float:
+        timer = threading.Timer(0.1, action)
+        timer.start()
+        t0 = time.monotonic()
+        store.wait_for_change(["s", "t"], 10)
+        timer.join()
+        return time.monotonic() - t0
+
+    assert later(lambda: other.put_intent("t", pending("x", {}, "w1"), holder="h")) < 5
+    if url.startswith("postgresql"):
+        listener = store._listener
+        assert listener is not None and listener.signal.received >= 1
+        assert listener.signal.woken >= 1
+    # A change between two waits of a thread ends the next one at once.
+    other.put_intent("s", pending("x", {}, "w2"), holder="h")
+    deadline = time.monotonic() + 5
+    while store._listener is not None and store._listener.signal.last.get(("i", "s")) is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    t0 = time.monotonic()
+    store.wait_for_change(["s"], 10)
+    assert time.monotonic() - t0 < 5
+    other.close()
+    store.close()
+    with pytest.raises(StoreUnavailable):
+        store.wait_for_change(["s"], 0.01)
+
+
+def test_database_clock(store: SqlEventStore, url: str) -> None:
+    a = store.database_clock()
+    b = store.database_clock()
+    assert a.tzinfo is not None and a.utcoffset() == timedelta(0)
+    assert a <= b
+    if url.startswith("postgresql"):
+        [(server,)] = rows(url, "SELECT clock_timestamp()")
+        assert abs((server - store.database_clock()).total_seconds()) < 1
+    else:
+        assert abs((datetime.now(UTC) - a).total_seconds()) < 1
+    registry = LeaseRegistry(store, clock=store.database_clock)
+    lease = registry.acquire("s", "node-a", 10)
+    assert registry.current("s") == lease
+    assert store.append("s", "t", {}, expected_seq=0, fence=lease).writer == "node-a"
+
+
+# -- docs/dba.md ----------------------------------------------------------------------------------
+
+
+def test_dba_query_of_waiting_intents(store: SqlEventStore, url: str) -> None:
+    LeaseRegistry(store).acquire("wiki/home", "node-a", 60)
+    for i in range(3):
+        store.put_intent("wiki/home", pending("t", {"i": i}, f"req-{i}"), holder="node-a")
+    store.append("wiki/home", "t", {"i": 1}, expected_seq=0, intent_id="req-1")  # applied
+    waiting = "now() - i.submitted_at AS waiting"
+    if url.startswith("sqlite"):
+        waiting = "(julianday('now') - julianday(i.submitted_at)) * 86400 AS waiting_seconds"
+    found = rows(
+        url,
+        "SELECT i.space, i.intent_id, i.holder, i.submitted_at, " + waiting + ", "
+        "l.holder AS current_holder, l.expires_at "
+        "FROM intents i LEFT JOIN leases l ON l.space = i.space "
+        "WHERE NOT EXISTS (SELECT 1 FROM events e WHERE e.space = i.space "
+        "AND e.intent_id = i.intent_id) ORDER BY i.id LIMIT 50",
+    )
+    assert [(r[0], r[1], r[2], r[5]) for r in found] == [
+        ("wiki/home", "req-0", "node-a", "node-a"),
+        ("wiki/home", "req-2", "node-a", "node-a"),
+    ]
+    assert all(r[4] is not None for r in found)
+
+
+@pytest.mark.postgres
+def test_dba_application_role_can_forward(pg_url: str) -> None:
+    """The privileges docs/dba.md lists for the application's role are enough to forward."""
+    migrate(pg_url)
+    role = f"shard_app_{uuid.uuid4().hex[:12]}"
+    database = pg_url.rpartition("/")[2]
+    with admin(pg_url) as conn:
+        conn.execute(f"CREATE ROLE {role} LOGIN PASSWORD 'change-me'")
+        try:
+            conn.execute(f'GRANT CONNECT ON DATABASE "{database}" TO {role}')
+            conn.execute(f"GRANT USAGE ON SCHEMA public TO {role}")
+            conn.execute(f"GRANT SELECT, INSERT ON events TO {role}")
+            conn.execute(f"GRANT SELECT, INSERT, UPDATE ON leases TO {role}")
+            conn.execute(f"GRANT SELECT, INSERT, DELETE ON intents TO {role}")
+            conn.execute(f"GRANT SELECT ON shard_sql_version TO {role}")
+            with SqlEventStore(pg_url.replace("postgres@", f"{role}:change-me@", 1)) as app:
+                app.put_intent("s", pending("t", {}, "fwd-1"), holder="h")
+                holder = AppendAuthority("h", app, LeaseRegistry(app, clock=app.database_clock))
+                holder.acquire("s")
+                assert holder.serve("s") == 1
+                app.wait_for_change(["s"], 0.05)
+                assert app.find_intent("s", "fwd-1") is not None
+        finally:
+            conn.execute(f"DROP OWNED BY {role}")
+            conn.execute(f"DROP ROLE {role}")
+
+
+# -- the schema and its migration -----------------------------------------------------------------
+
+
+@pytest.mark.postgres
+def test_intents_schema_on_postgres(pg_url: str) -> None:
+    migrate(pg_url)
+    engine = create_engine(pg_url)
+    try:
+        insp = inspect(engine)
+        assert insp.get_table_comment("intents")["text"]
+        columns = {c["name"]: c for c in insp.get_columns("intents")}
+        assert set(columns) == {
+            "id",
+            "space",
+            "intent_id",
+            "type",
+            "payload",
+            "submitted_at",
+            "holder",
+        }
+        for name, column in columns.items():
+            assert column.get("comment"), name
+        assert str(columns["payload"]["type"]) == "JSONB"
+        assert columns["id"].get("identity") is not None
+        indexes = {i["name"] for i in insp.get_indexes("intents")}
+        assert "intents_space_id_idx" in indexes
+        uniques = {u["name"] for u in insp.get_unique_constraints("intents")}
+        assert uniques == {"intents_space_intent_id_key"}
+    finally:
+        engine.dispose()
+    [(comment,)] = rows(
+        pg_url,
+        "SELECT obj_description(t.oid, 'pg_trigger') FROM pg_trigger t "
+        "WHERE t.tgname = 'events_notify_applied'",
+    )
+    assert "NOTIFY" in comment
+
+
+def trigger_count(url: str) -> int:
+    return len(rows(url, "SELECT 1 FROM pg_trigger WHERE tgname = 'events_notify_applied'"))
+
+
+def test_older_schema_is_refused_then_migrated(url: str) -> None:
+    SqlEventStore(url).close()
+    with migration_connection(url) as conn:
+        command.downgrade(alembic_config(conn), "0001")
+    engine = create_engine(url)
+    try:
+        assert "intents" not in inspect(engine).get_table_names()
+    finally:
+        engine.dispose()
+    if url.startswith("postgresql"):
+        assert trigger_count(url) == 0
+        with pytest.raises(SchemaError) as info:
+            SqlEventStore(url)
+        message = str(info.value)
+        assert "0001" in message and "shard-sql migrate --url" in message
+        migrate(url)
+        assert trigger_count(url) == 1
+    with SqlEventStore(url) as store:  # SQLite: migrated on open
+        store.put_intent("s", pending("t", {"n": 1}, "after-migrate"), holder="h")
+        holder = AppendAuthority("holder", store, LeaseRegistry(store))
+        holder.acquire("s")
+        assert holder.serve("s") == 1
+        assert store.find_intent("s", "after-migrate") is not None
+
+
+# -- across processes ----------------------------------------------------------------------------
+
+
+def holder_proc(
+    url: str, space: str, ttl: float, ready: Any, stop: Any, out: Any, stats: Any = None
+) -> None:
+    store = SqlEventStore(url)
+    node = AppendAuthority("holder", store, LeaseRegistry(store), ttl_seconds=ttl)
+    # Takes the space before serving: the serving thread then waits for intents at once, not
+    # after a first idle pause of min(ttl / 6, 2 s) (see AppendAuthority._run).
+    e = node.append(space, "t", {"by": "holder"}, intent_id="holder-0")
+    with node:
+        out.put(("holder", [(e.intent_id, e.seq, e.writer, e.generation)]))
+        out.close()
+        out.join_thread()  # flushed before `ready`: the test may SIGSTOP this process then
+        ready.set()
+        stop.wait(120)
+        listener = store._listener
+        if stats is not None and listener is not None:
+            stats.put((listener.signal.received, listener.signal.woken))
+    store.close()
+
+
+def forwarder_proc(
+    url: str, space: str, worker: int, count: int, ttl: float, ready: Any, go: Any, out: Any
+) -> None:
+    store = SqlEventStore(url)
+    node = AppendAuthority(
+        f"w{worker}", store, LeaseRegistry(store), ttl_seconds=ttl, forward_timeout=30
+    )
+    with node:  # serves what is forwarded to it if it takes the space over
+        ready.put(worker)
+        go.wait(60)
+        acks = []
+        for i in range(count):
+            e = node.append(space, "t", {"w": worker, "i": i}, intent_id=f"w{worker}-{i}")
+            acks.append((e.intent_id, e.seq, e.writer, e.generation))
+        out.put((worker, acks))
+    store.close()
+
+
+def collect(out: Any, procs: list[Any], n: int, timeout: float = 60) -> dict[Any, Any]:
+    got: dict[Any, Any] = {}
+    deadline = time.monotonic() + timeout
+    while len(got) < n:
+        try:
+            key, value = out.get(timeout=0.2)
+            got[key] = value
+        except queue.Empty:
+            for p in procs:
+                assert p.is_alive() or p.exitcode in (0, -signal.SIGKILL), f"died: {p.exitcode}"
+            assert time.monotonic() < deadline, f"timed out with {sorted(got)}"
+    return got
+
+
+def check_log(store: SqlEventStore, space: str, acks: list[tuple[str, int, str, int]]) -> None:
+    """Every acknowledged append at its seq exactly once, seqs contiguous, verify clean."""
+    events = store.events(space)
+    assert [e.seq for e in events] == list(range(len(events)))
+    ids = [e.intent_id for e in events]
+    assert len(ids) == len(set(ids)) == len(acks)
+    for intent_id, seq, writer, generation in acks:
+        e = events[seq]
+        assert (e.intent_id, e.writer, e.generation) == (intent_id, writer, generation)
+    report = verify(store, spaces=[space])
+    assert report.ok, [str(v) for v in report.violations]
+
+
+def start_forwarders(url: str, space: str, count: int, ttl: float) -> tuple[Any, ...]:
+    ready, go, out = CTX.Queue(), CTX.Event(), CTX.Queue()
+    procs = [
+        CTX.Process(target=forwarder_proc, args=(url, space, w, count, ttl, ready, go, out))
+        for w in range(3)
+    ]
+    for p in procs:
+        p.start()
+    for _ in procs:
+        ready.get(timeout=60)
+    return procs, go, out
+
+
+def stop_all(procs: list[Any]) -> None:
+    for p in procs:
+        p.join(30)
+        if p.is_alive():
+            p.kill()
+            p.join(5)
+
+
+@pytest.mark.slow
+def test_three_processes_forward_to_a_holder_in_a_fourth(url: str) -> None:
+    SqlEventStore(url).close()
+    count = 15
+    forwarders, go, out = start_forwarders(url, "s", count, ttl=30)
+    ready, stop = CTX.Event(), CTX.Event()
+    holder = CTX.Process(target=holder_proc, args=(url, "s", 5.0, ready, stop, out))
+    holder.start()
+    try:
+        assert ready.wait(60)
+        go.set()
+        acks = collect(out, [holder, *forwarders], 4)
+    finally:
+        stop.set()
+        stop_all([holder, *forwarders])
+    assert [p.exitcode for p in [holder, *forwarders]] == [0, 0, 0, 0]
+    with SqlEventStore(url) as store:
+        all_acks = [a for v in acks.values() for a in v]
+        assert len(all_acks) == 1 + 3 * count
+        check_log(store, "s", all_acks)
+        events = store.events("s")
+        assert {e.writer for e in events} == {"holder"}  # every append written by the holder
+        assert len({e.generation for e in events}) == 1
+        for w in range(3):  # each process's appends in its own order
+            seqs = [seq for _, seq, _, _ in acks[w]]
+            assert seqs == sorted(seqs)
+        assert store.pending_intents("s", limit=10) == []
+    assert rows(url, "SELECT intent_id FROM intents") == []  # the holder forgot them all
+
+
+def sqlite_unlocked(url: str) -> bool:
+    """Whether a writer can take the SQLite file's write lock right now."""
+    conn = sqlite3.connect(url.removeprefix("sqlite:///"), timeout=0.05, isolation_level=None)
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("ROLLBACK")
+        return True
+    except sqlite3.OperationalError:
+        return False
+    finally:
+        conn.close()
+
+
+def stop_unlocked(pid: int, url: str) -> None:
+    """SIGSTOP `pid` at a moment it holds no SQLite write lock (on PostgreSQL: any moment; the
+    intents table is not locked by anything the holder does)."""
+    for _ in range(100):
+        os.kill(pid, signal.SIGSTOP)
+        time.sleep(0.005)
+        if not url.startswith("sqlite") or sqlite_unlocked(url):
+            return
+        os.kill(pid, signal.SIGCONT)
+        time.sleep(0.002)
+    raise AssertionError("the holder always held the write lock")
+
+
+@pytest.mark.slow
+def test_holder_killed_with_intents_pending(url: str) -> None:
+    SqlEventStore(url).close()
+    count = 5
+    forwarders, go, out = start_forwarders(url, "s", count, ttl=TTL)
+    ready, stop = CTX.Event(), CTX.Event()
+    holder = CTX.Process(target=holder_proc, args=(url, "s", TTL, ready, stop, out))
+    holder.start()
+    store = SqlEventStore(url)
+    registry = LeaseRegistry(store)
+    try:
+        assert ready.wait(60)
+        assert holder.pid is not None
+        stop_unlocked(holder.pid, url)
+        lease = registry.current("s")
+        assert lease is not None and lease.holder == "holder"
+        go.set()  # the forwarders' first intents pile up: the holder is frozen
+        deadline = time.monotonic() + 10
+        while len(store.pending_intents("s", limit=10)) < 3:
+            assert time.monotonic() < deadline, "the intents were not recorded"
+            time.sleep(0.005)
+        piled = [p.intent_id for p in store.pending_intents("s", limit=10)]
+        assert registry.current("s") == lease, "the lease lapsed before the intents piled up"
+        os.kill(holder.pid, signal.SIGKILL)
+        acks = collect(out, [holder, *forwarders], 4)
+    finally:
+        if holder.is_alive():
+            holder.kill()
+        stop_all([holder, *forwarders])
+    assert holder.exitcode == -signal.SIGKILL
+    assert [p.exitcode for p in forwarders] == [0, 0, 0]
+    all_acks = [a for v in acks.values() for a in v]
+    assert len(all_acks) == 1 + 3 * count
+    check_log(store, "s", all_acks)
+    by_id = {e.intent_id: e for e in store.events("s")}
+    assert sorted(piled) == ["w0-0", "w1-0", "w2-0"]
+    taken = [by_id[i] for i in piled]
+    # The next holder applied every piled-up intent, once, in one generation after the dead one,
+    # in arrival order.
+    assert len({(e.writer, e.generation) for e in taken}) == 1
+    assert taken[0].writer != "holder" and taken[0].generation == lease.generation + 1
+    assert [e.seq for e in taken] == [1, 2, 3]
+    assert store.pending_intents("s", limit=10) == []
+    store.close()
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+def test_notify_wakes_the_holder_and_the_forwarder(pg_url: str) -> None:
+    """The holder serves from a LISTEN wake-up, not from its polling interval (TTL / 6 = 2 s
+    here), and the forwarder is woken by the NOTIFY its event's commit sends."""
+    migrate(pg_url)
+    ready, stop, out, stats = CTX.Event(), CTX.Event(), CTX.Queue(), CTX.Queue()
+    holder = CTX.Process(target=holder_proc, args=(pg_url, "s", 600.0, ready, stop, out, stats))
+    holder.start()
+    n = 10
+    store = SqlEventStore(pg_url)
+    try:
+        assert ready.wait(60)
+        node = AppendAuthority("fwd", store, LeaseRegistry(store))
+        for i in range(3):  # both listeners up (until then, waits are 50 ms sleeps)
+            node.append("s", "t", {"warm-up": i})
+        for i in range(n):
+            assert node.append("s", "t", {"i": i}).writer == "holder"
+        listener = store._listener
+        assert listener is not None
+        # The events' commits notified this process ("a:s"), which ended its waits.
+        assert listener.signal.last.get(("a", "s")) is not None
+        assert listener.signal.woken >= 1
+    finally:
+        stop.set()
+        received, woken = stats.get(timeout=30)
+        stop_all([holder])
+        store.close()
+    # Every forwarded intent was announced to the holder ("i:s"), and woke its serving thread
+    # (each is put after the previous one was applied: one wake-up each; its polling interval
+    # is 2 s, and the appends took far less).
+    assert received >= n + 3 and woken >= n
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+def test_listener_connection_terminated(pg_url: str) -> None:
+    migrate(pg_url)
+    ready, stop, out, stats = CTX.Event(), CTX.Event(), CTX.Queue(), CTX.Queue()
+    holder = CTX.Process(target=holder_proc, args=(pg_url, "s", 600.0, ready, stop, out, stats))
+    holder.start()
+    store = SqlEventStore(pg_url)
+    try:
+        assert ready.wait(60)
+        node = AppendAuthority("fwd", store, LeaseRegistry(store))
+        node.append("s", "t", {"before": True})
+        listener = store._listener
+        assert listener is not None
+        listening = (
+            "FROM pg_stat_activity WHERE datname = current_database() "
+            "AND query = 'LISTEN shard_sql'"
+        )
+        with admin(pg_url) as conn:
+            # The holder's serving thread starts listening at its first wait (holding a space).
+            deadline = time.monotonic() + 20
+            while len(conn.execute(f"SELECT pid {listening}").fetchall()) < 2:
+                assert time.monotonic() < deadline, "the holder is not listening"
+                time.sleep(0.01)
+            assert listener.connections == 1
+            killed = conn.execute(f"SELECT pg_terminate_backend(pid) {listening}").fetchall()
+        assert len(killed) == 2  # this process's listener and the holder's
+        deadline = time.monotonic() + 20
+        while listener.connections < 2:
+            assert time.monotonic() < deadline, "the listener did not reconnect"
+            time.sleep(0.01)
+        assert listener.backend_pid is not None
+        for i in range(5):
+            assert node.append("s", "t", {"after": i}).writer == "holder"
+    finally:
+        stop.set()
+        stats.get(timeout=30)
+        stop_all([holder])
+        store.close()
+    assert holder.exitcode == 0
+
+
+@pytest.mark.postgres
+def test_listener_ends_with_its_store(pg_url: str) -> None:
+    migrate(pg_url)
+
+    def listening() -> list[threading.Thread]:
+        return [t for t in threading.enumerate() if t.name.startswith("shard-sql-listener")]
+
+    before = set(listening())
+    store = SqlEventStore(pg_url)
+    store.wait_for_change(["s"], 0.1)
+    [thread] = set(listening()) - before
+    store.close()
+    assert not thread.is_alive()
+    store = SqlEventStore(pg_url)  # dropped without close(): the listener goes with it
+    store.wait_for_change(["s"], 0.1)
+    [thread] = set(listening()) - before
+    del store
+    gc.collect()
+    thread.join(10)
+    assert not thread.is_alive()
+
+
+@pytest.mark.postgres
+def test_database_going_away_is_store_unavailable(pg_url: str) -> None:
+    """A connection lost mid-statement, then no connection possible (as during a restart):
+    `StoreUnavailable`; waits fall back to bounded sleeps; all is well when it is back."""
+    migrate(pg_url)
+    database = pg_url.rpartition("/")[2]
+    store = SqlEventStore(pg_url)
+    store.wait_for_change(["s"], 1)  # starts the listener
+    listener = store._listener
+    assert listener is not None
+    deadline = time.monotonic() + 10
+    while listener.connections < 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    errors: list[BaseException] = []
+    with admin(pg_url) as locker, admin(pg_url.rpartition("/")[0] + "/postgres") as postgres:
+        locker.execute("BEGIN")
+        locker.execute("LOCK TABLE intents IN ACCESS EXCLUSIVE MODE")
+
+        def put() -> None:
+            try:
+                store.put_intent("s", pending("t", {}, "mid-commit"), holder="h")
+            except BaseException as e:
+                errors.append(e)
+
+        thread = threading.Thread(target=put)
+        thread.start()
+        deadline = time.monotonic() + 10
+        while True:  # the put waits for the lock: it is in flight
+            waiting = postgres.execute(
+                "SELECT pid FROM pg_stat_activity WHERE datname = %s AND wait_event_type = 'Lock'",
+                (database,),
+            ).fetchall()
+            if waiting:
+                break
+            assert time.monotonic() < deadline, "the put never reached the server"
+            time.sleep(0.01)
+        postgres.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS false')
+        try:
+            postgres.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = %s AND pid <> %s",
+                (database, locker.info.backend_pid),
+            )
+            thread.join(30)
+            assert not thread.is_alive()
+            [err] = errors
+            assert isinstance(err, StoreUnavailable), err
+            assert "connect" in str(err)
+            # The listener is down: a wait is a bounded sleep, not an error.
+            deadline = time.monotonic() + 10
+            while listener.signal.up:
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            t0 = time.monotonic()
+            store.wait_for_change(["s"], 5)
+            assert time.monotonic() - t0 < 2
+            with pytest.raises(StoreUnavailable):
+                store.find_intent("s", "mid-commit")
+        finally:
+            postgres.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS true')
+            locker.execute("ROLLBACK")
+    deadline = time.monotonic() + 20
+    while listener.connections < 2:  # back, with back-off
+        assert time.monotonic() < deadline, "the listener did not reconnect"
+        time.sleep(0.01)
+    store.put_intent("s", pending("t", {}, "mid-commit"), holder="h")
+    assert [p.intent_id for p in store.pending_intents("s", limit=10)] == ["mid-commit"]
+    store.close()
