@@ -24,6 +24,8 @@ Design (see docs/dba.md for the DBA's view):
 - Leases are compare-and-set `UPDATE ... WHERE ...` statements (plus `INSERT ... ON CONFLICT DO
   NOTHING` for a space's first grant), checked by the rows they return. Rows are never deleted.
 - Every driver error is translated in one place, `_translate`, into a `ShardSqlError`.
+- Forwarded intents (`IntentQueue`: the `intents` table, LISTEN/NOTIFY or polling wake-ups) and
+  `database_clock` live in the mixin `shard_sql._sql_intents.SqlIntents`.
 """
 
 from __future__ import annotations

@@ -754,3 +754,23 @@ def test_database_going_away_is_store_unavailable(pg_url: str) -> None:
     store.put_intent("s", pending("t", {}, "mid-commit"), holder="h")
     assert [p.intent_id for p in store.pending_intents("s", limit=10)] == ["mid-commit"]
     store.close()
+
+
+# -- the benchmark ---------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_forwarding_bench_smoke() -> None:
+    """benchmarks/forwarding_bench.py runs (tiny counts, SQLite only: the figures mean nothing)."""
+    import sys
+
+    root = str(Path(__file__).resolve().parent.parent)
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    from benchmarks import forwarding_bench
+
+    got = forwarding_bench.run(appends=25, rounds=1, ttl=0.5, backends=("sqlite",))
+    assert [r["unit"] for r in got] == ["ms", "ms", "s", "s"]
+    for r in got:
+        assert r["figure"] > 0 and r["baseline"] > 0
+    assert got[3]["ok"] in (True, False)
