@@ -119,6 +119,12 @@ class AppendAuthority:
         queued = False
         backoff = 0.001
         while True:
+            if queued:
+                # Waiting for a holder in another process: the event is what we wait for.
+                assert self._queue is not None and item.intent_id is not None
+                done = self._queue.find_intent(space, item.intent_id)
+                if done is not None:
+                    return done
             lease = self._leases.get(space)
             now = self.registry.now() if lease is not None else None
             if lease is not None and now is not None and now < lease.expires_at:
@@ -155,10 +161,6 @@ class AppendAuthority:
                     if not queued:
                         self._queue.put_intent(space, item, holder=cur.holder)
                         queued = True
-                    assert item.intent_id is not None
-                    done = self._queue.find_intent(space, item.intent_id)
-                    if done is not None:
-                        return done
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise IntentTimeout(
