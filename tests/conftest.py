@@ -72,3 +72,13 @@ def pg_url() -> Iterator[str]:
 def sqlite_url(tmp_path: os.PathLike[str]) -> str:
     """A SQLite file URL in the test's temporary folder (the file does not exist yet)."""
     return f"sqlite:///{os.fspath(tmp_path)}/shard.db"
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Print the fault-injection runs: operations, faults injected by kind, violations."""
+    from faults.harness import SUMMARY
+
+    if SUMMARY:
+        terminalreporter.section("fault injection")
+        for line in SUMMARY:
+            terminalreporter.write_line(line)

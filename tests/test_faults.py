@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from faults.backends import git_stale_lock, pg_restart, pg_terminate, sqlite_lock
-from faults.harness import Fault, describe, env_flag, kill_holder, pause_holder, run
+from faults.harness import SUMMARY, Fault, describe, env_flag, kill_holder, pause_holder, run
 
 pytestmark = pytest.mark.slow
 
@@ -24,7 +24,7 @@ DURATION = float(os.environ.get("SHARD_SQL_FAULT_SECONDS", "18"))
 def _run(backend: str, url: str, workdir: Path, faults: dict[str, Fault]) -> None:
     report, injected = run(url, workdir, faults=faults, duration=DURATION)
     line = describe(backend, report, injected)
-    print(line)
+    SUMMARY.append(line)
     assert report.ok, line + "\n" + "\n".join(report.violations[:20])
     assert report.outcomes["ok"] > 50, line
     for kind in faults:
@@ -68,6 +68,6 @@ def test_checker_catches_unfenced_nodes(tmp_path: Path) -> None:
         duration=8,
         no_fence=True,
     )
-    print(describe("sqlite, fencing off", report, injected))
+    SUMMARY.append(describe("sqlite, fencing off (must be caught)", report, injected))
     assert not report.ok
     assert any("generation" in v for v in report.violations)

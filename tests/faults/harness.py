@@ -23,6 +23,8 @@ from shard_sql.history import Report, check, load
 from shard_sql.urls import open_store
 
 NODE = Path(__file__).with_name("node.py")
+SUMMARY: list[str] = []
+"""One line per run of this session, printed at the end of pytest's report (conftest.py)."""
 
 
 @dataclass
