@@ -66,6 +66,7 @@ from shard_sql.store import (
     StoreBase,
     already_written,
     check_fence,
+    gc_paused,
     stamp,
     system_clock,
 )
@@ -911,7 +912,11 @@ class SqlEventStore(StoreBase, LeaseStore, SqlIntents):
             cur.execute(self._d.read_sql, (space, from_seq))
         else:
             cur.execute(self._d.read_limit_sql, (space, from_seq, limit))
-        return self._d.to_events(space, cur.fetchall())
+        rows = cur.fetchall()
+        if len(rows) < 256:
+            return self._d.to_events(space, rows)
+        with gc_paused():
+            return self._d.to_events(space, rows)
 
     @_guarded
     def head(self, space: str) -> int:
