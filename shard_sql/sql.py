@@ -912,11 +912,11 @@ class SqlEventStore(StoreBase, LeaseStore, SqlIntents):
             cur.execute(self._d.read_sql, (space, from_seq))
         else:
             cur.execute(self._d.read_limit_sql, (space, from_seq, limit))
-        rows = cur.fetchall()
-        if len(rows) < 256:
-            return self._d.to_events(space, rows)
+        if limit is not None and limit < 256:
+            return self._d.to_events(space, cur.fetchall())
+        # The driver builds the rows (psycopg parses JSONB) in fetchall: pause there too.
         with gc_paused():
-            return self._d.to_events(space, rows)
+            return self._d.to_events(space, cur.fetchall())
 
     @_guarded
     def head(self, space: str) -> int:
