@@ -1032,6 +1032,8 @@ class SqlEventStore(StoreBase, LeaseStore, SqlIntents):
         if done is not None:
             d.rollback(c)
             return done
+        # A batch shares one time (an import keeps each event's): format each time once.
+        times = {t: d.time(t) for t in {e.recorded_at for e in events}}
         d.insert_rows(
             c,
             [
@@ -1040,7 +1042,7 @@ class SqlEventStore(StoreBase, LeaseStore, SqlIntents):
                     e.seq,
                     e.type,
                     p.payload_json,
-                    d.time(e.recorded_at),
+                    times[e.recorded_at],
                     e.writer,
                     e.generation,
                     e.intent_id,

@@ -209,6 +209,7 @@ def _fast_items(seq_items: list[Any]) -> list[Pending] | None:
     payloads: list[Any] = []
     types: list[str] = []
     ids: list[str | None] = []
+    good_types: dict[Any, str] = {}
     try:
         for item in seq_items:
             kind = type(item)
@@ -229,7 +230,10 @@ def _fast_items(seq_items: list[Any]) -> list[Pending] | None:
                 return None
             if len(text if text.isascii() else text.encode("utf-8")) > MAX_PAYLOAD_BYTES:
                 return None
-            types.append(check_type(t))
+            checked = good_types.get(t)
+            if checked is None:  # a batch repeats few types: check each once
+                checked = good_types[t] = check_type(t)
+            types.append(checked)
             texts.append(text)
             payloads.append(payload)
             ids.append(intent_id)
