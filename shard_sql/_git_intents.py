@@ -62,12 +62,13 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 import pygit2
 from pygit2.enums import ObjectType
 
-from shard_sql.errors import InvalidEvent, ShardSqlError, StoreUnavailable
+from shard_sql._git_errors import guarded as _guarded
+from shard_sql.errors import InvalidEvent, ShardSqlError
 from shard_sql.store import IntentQueue
 from shard_sql.validation import (
     Pending,
@@ -187,28 +188,6 @@ def _fsync_dir(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _guarded(
-    fn: Callable[Concatenate[GitIntents, P], R],
-) -> Callable[Concatenate[GitIntents, P], R]:
-    """git and parsing errors become `StoreUnavailable`, as in `shard_sql.git`."""
-
-    @functools.wraps(fn)
-    def call(self: GitIntents, /, *args: P.args, **kwargs: P.kwargs) -> R:
-        try:
-            return fn(self, *args, **kwargs)
-        except ShardSqlError:
-            raise
-        except Exception as e:
-            # Imported here: shard_sql.git imports this module to build GitEventStore.
-            from shard_sql.git import _GIT_ERRORS
-
-            if isinstance(e, _GIT_ERRORS):
-                raise StoreUnavailable(f"git store {self.path}: {type(e).__name__}: {e}") from e
-            raise
-
-    return call
 
 
 class GitIntents(IntentQueue):

@@ -62,11 +62,15 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, Concatenate, ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 import pygit2
 from pygit2.enums import FileMode, ObjectType, RepositoryOpenFlag
 
+from shard_sql._git_errors import GIT_ERRORS as _GIT_ERRORS
+from shard_sql._git_errors import guarded as _guarded
+from shard_sql._git_errors import guarded_iter as _guarded_iter
+from shard_sql._git_errors import translate as _translate
 from shard_sql._git_intents import GitIntents
 from shard_sql.errors import LeaseHeld, SeqConflict, ShardSqlError, StaleLease, StoreUnavailable
 from shard_sql.memory import check_ttl
@@ -296,51 +300,7 @@ def _lease_of(space: str, data: bytes) -> Lease:
     return Lease(space, holder, expires_at, generation)
 
 
-# -- errors --------------------------------------------------------------------------------------
-
-_GIT_ERRORS = (
-    pygit2.GitError,
-    OSError,
-    ValueError,
-    LookupError,
-    TypeError,
-    AttributeError,
-    RuntimeError,
-    MemoryError,
-)
-"""What pygit2 and the parsing of stored (maybe corrupt or foreign) objects raise; `_guarded`
-turns it into `StoreUnavailable`."""
-
-
-def _translate(where: GitEventStore, e: BaseException) -> StoreUnavailable:
-    return StoreUnavailable(f"git store {where.path}: {type(e).__name__}: {e}")
-
-
-def _guarded(
-    fn: Callable[Concatenate[GitEventStore, P], R],
-) -> Callable[Concatenate[GitEventStore, P], R]:
-    """The one place where git and parsing errors become `StoreUnavailable`."""
-
-    @functools.wraps(fn)
-    def call(self: GitEventStore, /, *args: P.args, **kwargs: P.kwargs) -> R:
-        try:
-            return fn(self, *args, **kwargs)
-        except ShardSqlError:
-            raise
-        except _GIT_ERRORS as e:
-            raise _translate(self, e) from e
-
-    return call
-
-
-def _guarded_iter(self: GitEventStore, it: Iterator[Event]) -> Iterator[Event]:
-    try:
-        yield from it
-    except ShardSqlError:
-        raise
-    except _GIT_ERRORS as e:
-        raise _translate(self, e) from e
-
+# -- object writes -------------------------------------------------------------------------------
 
 OBJECT_RETRIES = 5
 _BUSY = ("failed to lock", "File exists", "No such file or directory")

@@ -1,0 +1,64 @@
+"""The one place where git errors become ours: pygit2's, and those of parsing stored objects."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterator
+from typing import Concatenate, ParamSpec, Protocol, TypeVar
+
+import pygit2
+
+from shard_sql.errors import ShardSqlError, StoreUnavailable
+
+GIT_ERRORS = (
+    pygit2.GitError,
+    OSError,
+    ValueError,
+    LookupError,
+    TypeError,
+    AttributeError,
+    RuntimeError,
+    MemoryError,
+)
+"""What pygit2 and the parsing of stored (maybe corrupt or foreign) objects raise; `guarded`
+turns it into `StoreUnavailable`."""
+
+
+class _AtPath(Protocol):
+    @property
+    def path(self) -> object: ...
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+S = TypeVar("S", bound=_AtPath)
+T = TypeVar("T")
+
+
+def translate(where: _AtPath, e: BaseException) -> StoreUnavailable:
+    return StoreUnavailable(f"git store {where.path}: {type(e).__name__}: {e}")
+
+
+def guarded(fn: Callable[Concatenate[S, P], R]) -> Callable[Concatenate[S, P], R]:
+    """A store method whose git and parsing errors become `StoreUnavailable`."""
+
+    @functools.wraps(fn)
+    def call(self: S, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return fn(self, *args, **kwargs)
+        except ShardSqlError:
+            raise
+        except GIT_ERRORS as e:
+            raise translate(self, e) from e
+
+    return call
+
+
+def guarded_iter(where: _AtPath, it: Iterator[T]) -> Iterator[T]:
+    """The same for a generator's items."""
+    try:
+        yield from it
+    except ShardSqlError:
+        raise
+    except GIT_ERRORS as e:
+        raise translate(where, e) from e
