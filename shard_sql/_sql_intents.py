@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import json
 import logging
 import os
@@ -71,10 +72,10 @@ from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 
 from shard_sql._orm import EVENTS, INTENTS
 from shard_sql.errors import InvalidEvent, ShardSqlError, StoreUnavailable
-from shard_sql.store import IntentQueue, system_clock
+from shard_sql.store import IntentInbox, IntentQueue, system_clock
 from shard_sql.validation import Pending, check_intent_id, check_seq, check_space, check_text
 from shard_sql.validation import pending as checked_pending
-from shard_sql.values import Event
+from shard_sql.values import Event, new_event
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
@@ -92,6 +93,21 @@ INTENT = "i"
 APPLIED = "a"
 """Notification kind: the event of an intent recorded in the space was written (PostgreSQL: by the
 trigger `events_notify_applied`; in-memory SQLite: when the holder forgets the intent)."""
+INTENT_BODY = "j"
+"""Notification kind (PostgreSQL): an intent was recorded; the payload is the intent as JSON
+(`{"s": space, "i": intent_id, "t": type, "p": payload}`), so that the holder need not read it."""
+EVENT_BODY = "e"
+"""Notification kind (PostgreSQL, trigger of migration 0003): the event of a recorded intent was
+written; the payload is the event as JSON, so that its forwarder need not read it."""
+NOTIFY_LIMIT = 7900
+"""Bytes: a notification body larger than this is replaced by `<kind>:<space>` (PostgreSQL
+refuses payloads of 8000 bytes or more); the reader then reads the table."""
+INBOX_IDLE = 10.0
+"""Seconds: a space's inbox nobody looked at for this long is dropped."""
+INBOX_MAX = 10_000
+INBOX_RESYNC = 1.0
+"""Seconds: a holder reads the table at least this often even while its inbox is in sync (a
+safety net; the inbox is complete by construction)."""
 POLL_MIN = 0.001
 """SQLite: the pause between two `PRAGMA data_version` polls, in seconds, for the first
 `POLL_FAST` seconds of a wait (an answer is usually that close) ..."""
@@ -106,6 +122,7 @@ CLOCK_REFRESH = 1.0
 """Seconds between two reads of the server's clock by `database_clock`."""
 FORGET_CHUNK = 500
 MAX_TRACKED_SPACES = 10_000
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
@@ -164,10 +181,15 @@ class _Statements:
             # waiting for the event (whose write does wait for the flush), gets IntentTimeout and
             # retries with the same intent id. A holder dying loses nothing: the row is committed
             # and visible to the next holder. This takes one disk flush off a forwarded append.
+            # The notification carries the intent when it fits: the holder applies it without
+            # reading the table (see `_Listener`).
+            body = "json_build_object('s', space, 'i', intent_id, 't', type, 'p', payload)::text"
             self.put = (
                 "WITH relaxed AS (SELECT set_config('synchronous_commit', 'off', true) AS v), "
-                f"added AS ({insert} RETURNING space) "
-                f"SELECT pg_notify('{CHANNEL}', '{INTENT}:' || space) FROM added, relaxed"
+                f"added AS ({insert} RETURNING space, intent_id, type, payload) "
+                f"SELECT pg_notify('{CHANNEL}', CASE WHEN octet_length(b) <= {NOTIFY_LIMIT} "
+                f"THEN '{INTENT_BODY}:' || b ELSE '{INTENT}:' || space END) "
+                f"FROM (SELECT space, {body} AS b FROM added) AS x, relaxed"
             )
         else:
             self.put = insert
@@ -274,8 +296,14 @@ class _Signal:
 class _Listener:
     """The PostgreSQL listener: a thread with its own connection running `LISTEN shard_sql`."""
 
-    def __init__(self, connect: Callable[[], Any], where: str) -> None:
+    def __init__(
+        self,
+        connect: Callable[[], Any],
+        where: str,
+        watchers: Sequence[Callable[[str], None]] = (),
+    ) -> None:
         self._connect = connect
+        self._watchers = watchers
         self._where = where
         self.signal = _Signal()
         self.signal.up = False
@@ -283,6 +311,16 @@ class _Listener:
         """How many times LISTEN was established (1 + reconnections)."""
         self.backend_pid: int | None = None
         """The listener connection's server process id while it is up."""
+        self.lock = threading.Lock()
+        """Guards `inboxes`, `expected`, `results` and `arrivals`."""
+        self.inboxes: dict[str, _Inbox] = {}
+        """The intents notified per space, for the spaces whose pending intents this process
+        reads (a holder's), see `SqlIntents.notified_intents`."""
+        self.expected: set[tuple[str, str]] = set()
+        """(space, intent_id) of the intents this process recorded and waits for."""
+        self.results: dict[tuple[str, str], Event] = {}
+        """Their events, as notified, until `find_intent` takes them."""
+        self.arrivals = 0
         self._stopping = False
         self._pid = os.getpid()
         self._wake_r, self._wake_w = os.pipe()
@@ -343,27 +381,201 @@ class _Listener:
                 delay = min(delay * 2, RECONNECT_MAX)
 
     def _listen(self, conn: Any) -> None:
-        self._drain(conn)  # what arrived with the LISTEN's answer
+        # What arrived with the LISTEN's answer is in psycopg's backlog: read it the public way.
+        self._drain([n.payload for n in conn.notifies(timeout=0)])
         sock = conn.fileno()
+        pgconn = conn.pgconn
+        encoding = conn.info.encoding
         while not self._stopping:
             ready, _, _ = select.select([sock, self._wake_r], [], [], 30.0)
             if self._wake_r in ready:
                 return
             if ready:
-                self._drain(conn)
+                # libpq directly (https://www.postgresql.org/docs/current/libpq-notify.html):
+                # PQconsumeInput, then PQnotifies until empty. A tenth of the cost of
+                # `Connection.notifies(timeout=0)`, and this thread is on the path of every
+                # forwarded append. A broken connection raises here: the caller reconnects.
+                pgconn.consume_input()
+                payloads = []
+                while (n := pgconn.notifies()) is not None:
+                    payloads.append(n.extra.decode(encoding))
+                if payloads:
+                    self._drain(payloads)
             if conn.closed or conn.broken:
                 raise StoreUnavailable(f"{self._where}: the listener connection broke")
 
-    def _drain(self, conn: Any) -> None:
+    def _drain(self, payloads: list[str]) -> None:
         changes: list[tuple[str, str]] = []
-        for n in conn.notifies(timeout=0):
-            kind, _, space = n.payload.partition(":")
+        for payload in payloads:
+            kind, _, rest = payload.partition(":")
             if kind in (INTENT, APPLIED):
+                if kind == INTENT:
+                    self._unsync(rest)
+                changes.append((kind, rest))
+                continue
+            space = None
+            if kind == INTENT_BODY:
+                space = self._intent_notified(rest)
+                kind = INTENT
+            elif kind == EVENT_BODY:
+                space = self._event_notified(rest)
+                kind = APPLIED
+            if space is not None:
                 changes.append((kind, space))
-            else:  # not ours: news for everyone
-                changes += ((INTENT, n.payload), (APPLIED, n.payload))
+            else:  # not ours, or not readable: news for everyone
+                self._unsync(None)
+                changes += ((INTENT, payload), (APPLIED, payload))
         if changes:
             self.signal.changed(changes)
+            if self._watchers:
+                for space in dict.fromkeys(space for kind, space in changes if kind == INTENT):
+                    for watcher in list(self._watchers):
+                        try:
+                            watcher(space)
+                        except Exception as e:  # the watcher's own thread catches up
+                            log.debug("%s: intent watcher failed: %s", self._where, e)
+
+    def begin_sync(self, space: str) -> tuple[int, int] | None:
+        """Before a read of the space's pending intents: (connection, arrivals) now."""
+        with self.lock:
+            if not self.signal.up:
+                return None
+            inbox = self.inboxes.get(space)
+            if inbox is None:
+                if len(self.inboxes) >= MAX_TRACKED_SPACES:
+                    self.inboxes.clear()
+                inbox = self.inboxes[space] = _Inbox()
+            inbox.used = time.monotonic()
+            return self.connections, self.arrivals
+
+    def end_sync(
+        self, space: str, token: tuple[int, int], found: list[Pending], complete: bool
+    ) -> None:
+        """After the read: the inbox is what was pending then plus what arrived since, if the
+        listener stayed up throughout (no notification was missed) and the read saw all."""
+        connection, arrivals = token
+        with self.lock:
+            inbox = self.inboxes.get(space)
+            if inbox is None:
+                return
+            if not complete or not self.signal.up or self.connections != connection:
+                inbox.synced = 0
+                return
+            items = {p.intent_id: (0, p) for p in found if p.intent_id is not None}
+            for intent_id, (n, item) in inbox.items.items():
+                if n > arrivals and intent_id not in items:
+                    items[intent_id] = (n, item)
+            inbox.items = items
+            inbox.synced = connection
+            inbox.synced_at = time.monotonic()
+
+    def notified(self, space: str, limit: int) -> list[Pending] | None:
+        """The space's pending intents from the inbox; None unless it is in sync."""
+        with self.lock:
+            inbox = self.inboxes.get(space)
+            if inbox is None or not self.signal.up or inbox.synced != self.connections:
+                return None
+            now = time.monotonic()
+            if now - inbox.synced_at > INBOX_RESYNC:
+                return None
+            inbox.used = now
+            return [item for _, item in itertools.islice(inbox.items.values(), limit)]
+
+    def drop(self, space: str, intent_ids: Sequence[str]) -> None:
+        with self.lock:
+            inbox = self.inboxes.get(space)
+            if inbox is not None:
+                for intent_id in intent_ids:
+                    inbox.items.pop(intent_id, None)
+
+    def expect(self, space: str, intent_id: str) -> None:
+        with self.lock:
+            if len(self.expected) >= MAX_TRACKED_SPACES:
+                self.expected.clear()
+                self.results.clear()
+            self.expected.add((space, intent_id))
+
+    def take(self, space: str, intent_id: str, found: bool) -> Event | None:
+        """The notified event of an expected intent; `found`: the caller has it already."""
+        key = (space, intent_id)
+        with self.lock:
+            event = self.results.pop(key, None)
+            if event is not None or found:
+                self.expected.discard(key)
+            return event
+
+    def _unsync(self, space: str | None) -> None:
+        """An intent arrived without its body (in `space`, or anywhere): the inbox no longer
+        holds all that is pending there; the next `pending_intents` reads the table."""
+        with self.lock:
+            for name, inbox in self.inboxes.items():
+                if space is None or name == space:
+                    inbox.synced = 0
+
+    def _intent_notified(self, body: str) -> str | None:
+        try:
+            d = json.loads(body)
+            space, intent_id = d["s"], d["i"]
+            if not isinstance(space, str) or not isinstance(intent_id, str):
+                return None
+        except (ValueError, TypeError, KeyError, RecursionError):
+            return None
+        inbox = self.inboxes.get(space)
+        if inbox is None:
+            return space
+        try:
+            item: Pending | None = checked_pending(d["t"], d["p"], intent_id)
+        except (InvalidEvent, ValueError, TypeError, KeyError, RecursionError):
+            item = None  # `pending_intents` reads it, warns and skips it
+        now = time.monotonic()
+        with self.lock:
+            if now - inbox.used > INBOX_IDLE:
+                self.inboxes.pop(space, None)
+            elif item is None or len(inbox.items) >= INBOX_MAX:
+                inbox.synced = 0
+                inbox.items.clear()
+            else:
+                self.arrivals += 1
+                inbox.items.setdefault(intent_id, (self.arrivals, item))
+        return space
+
+    def _event_notified(self, body: str) -> str | None:
+        try:
+            d = json.loads(body)
+            space, intent_id = d["s"], d["i"]
+            if not isinstance(space, str) or not isinstance(intent_id, str):
+                return None
+            key = (space, intent_id)
+            event = None
+            if key in self.expected:
+                at = EPOCH + timedelta(microseconds=d["r"])
+                event = new_event(space, d["q"], d["t"], d["p"], at, d["w"], d["g"], intent_id)
+        except (ValueError, TypeError, KeyError, OverflowError, RecursionError):
+            return None
+        with self.lock:
+            inbox = self.inboxes.get(space)
+            if inbox is not None:
+                inbox.items.pop(intent_id, None)
+            if event is not None and key in self.expected:
+                self.results[key] = event
+        return space
+
+
+class _Inbox:
+    """One space's notified intents, by intent id in arrival order (with their arrival number).
+
+    `synced`: the listener connection number (`_Listener.connections`) since which the inbox
+    holds every intent pending in the space; 0 while it does not (the listener was down, a body
+    did not fit a notification): then the holder reads the table (`pending_intents`).
+    """
+
+    __slots__ = ("items", "synced", "synced_at", "used")
+
+    def __init__(self) -> None:
+        self.items: dict[str, tuple[int, Pending]] = {}
+        self.synced = 0
+        self.synced_at = 0.0
+        self.used = time.monotonic()
 
 
 def _keepalive(fd: int) -> None:
@@ -454,7 +666,7 @@ def _weak_opener(store: SqlIntents) -> Callable[[], Any]:
 # -- the mixin ---------------------------------------------------------------------------------
 
 
-class SqlIntents(IntentQueue):
+class SqlIntents(IntentQueue, IntentInbox):
     """`IntentQueue` and `database_clock` for `SqlEventStore` (see the module docstring)."""
 
     if TYPE_CHECKING:
@@ -470,6 +682,7 @@ class SqlIntents(IntentQueue):
         def _by_intent(self, c: _Conn, space: str, ids: list[str]) -> dict[str, Event]: ...
 
     def _init_intents(self) -> None:
+        self._intent_watchers: list[Callable[[str], None]] = []
         self._wait_lock = threading.Lock()
         self._wait_pid = os.getpid()
         self._listener: _Listener | None = None
@@ -526,6 +739,9 @@ class SqlIntents(IntentQueue):
             now = self._d.time(system_clock())
             params = (space, item.intent_id, item.type, item.payload_json, now, holder)
             params += (space, item.intent_id)
+        listener = self._live_listener()
+        if listener is not None:
+            listener.expect(space, intent_id)  # before the put: its answer may come at once
         self._call(self._put, st.put, params)
         self._awaited()[space] = intent_id
         if self._local_signal is not None:
@@ -543,7 +759,12 @@ class SqlIntents(IntentQueue):
         check_space(space)
         if check_intent_id(intent_id) is None:
             raise InvalidEvent("intent_id", "must be a string")
-        found = self._call(self._by_intent, space, [intent_id]).get(intent_id)
+        listener = self._live_listener()
+        found = None if listener is None else listener.take(space, intent_id, False)
+        if found is None:
+            found = self._call(self._by_intent, space, [intent_id]).get(intent_id)
+            if found is not None and listener is not None:
+                listener.take(space, intent_id, True)
         if found is not None:
             awaited = self._awaited()
             if awaited.get(space) == intent_id:
@@ -565,7 +786,11 @@ class SqlIntents(IntentQueue):
         check_space(space)
         if check_seq("limit", limit) == 0:
             return []
+        listener = self._live_listener()
+        token = None if listener is None else listener.begin_sync(space)
         found, swept = self._call(self._pending, space, limit)
+        if listener is not None and token is not None:
+            listener.end_sync(space, token, found, complete=len(found) < limit)
         if swept and self._local_signal is not None:
             self._local_signal.changed([(APPLIED, space)])
         return found
@@ -627,9 +852,45 @@ class SqlIntents(IntentQueue):
         ids = [i for i in intent_ids if check_intent_id(i) is not None]
         if not ids:
             return
+        self.drop_notified(space, ids)
         self._call(self._forget, space, ids)
         if self._local_signal is not None:
             self._local_signal.changed([(APPLIED, space)])
+
+    # -- the inbox (`IntentInbox`) -----------------------------------------------------------
+
+    def notified_intents(self, space: str, *, limit: int) -> list[Pending] | None:
+        """PostgreSQL: the space's pending intents as their notifications brought them, without
+        a read, when this store's listener has every one since its last `pending_intents` (less
+        than `INBOX_RESYNC` seconds ago); else None: call `pending_intents`. May include intents
+        applied meanwhile by another node (writing one again returns its event). SQLite: None."""
+        listener = self._live_listener()
+        if listener is None:
+            return None
+        return listener.notified(check_space(space), check_seq("limit", limit))
+
+    def drop_notified(self, space: str, intent_ids: Sequence[str]) -> None:
+        """These intents are applied: out of the inbox (their records stay until forgotten)."""
+        listener = self._live_listener()
+        if listener is not None:
+            listener.drop(space, intent_ids)
+
+    def watch_intents(self, callback: Callable[[str], None]) -> Callable[[], None]:
+        """PostgreSQL: `callback(space)` runs on the listener thread for every intent notified
+        in `space`. SQLite: never (there are no notifications); the holder's thread polls."""
+        self._intent_watchers.append(callback)
+
+        def stop() -> None:
+            with contextlib.suppress(ValueError):
+                self._intent_watchers.remove(callback)
+
+        return stop
+
+    def _live_listener(self) -> _Listener | None:
+        listener = self._listener
+        if listener is None or self._wait_pid != os.getpid():
+            return None
+        return listener
 
     def _forget(self, c: _Conn, space: str, ids: list[str]) -> None:
         st = self._statements
@@ -684,7 +945,7 @@ class SqlIntents(IntentQueue):
             if self._closed:
                 raise StoreUnavailable(f"{self.where}: the store is closed")
             if self._listener is None:
-                listener = _Listener(_weak_opener(self), self.where)
+                listener = _Listener(_weak_opener(self), self.where, self._intent_watchers)
                 # A store dropped without close(): its listener stops (and lets go of its
                 # connection) instead of running until the process exits.
                 weakref.finalize(self, listener.stop, False)

@@ -7,6 +7,7 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from datetime import datetime
 from types import TracebackType
 from typing import Any
@@ -21,13 +22,16 @@ from shard_sql.errors import (
 )
 from shard_sql.leases import LeaseRegistry
 from shard_sql.memory import check_ttl
-from shard_sql.store import BatchWriter, EventStore, IntentQueue
+from shard_sql.store import BatchWriter, EventStore, IntentInbox, IntentQueue
 from shard_sql.validation import Pending, check_space, check_text, pending
 from shard_sql.values import Event, Lease
 
 MAX_CONFLICT_RETRIES = 5
 SERVE_BATCH = 500
 SERVE_EVERY = 0.1
+FORGET_AFTER = 0.05
+"""Seconds: the serving thread deletes the records of the intents it applied in batches, when the
+oldest has waited this long (or when it has nothing else to do); see `_serve`."""
 log = logging.getLogger("shard_sql.authority")
 
 
@@ -62,6 +66,14 @@ class AppendAuthority:
         self._writer: BatchWriter = store
         # Forwarding across processes needs the leases and the intents in one shared store.
         self._queue = store if isinstance(store, IntentQueue) and registry.store is store else None
+        self._inbox = store if self._queue is not None and isinstance(store, IntentInbox) else None
+        self._routes: dict[str, Lease] = {}
+        """The latest lease of another node seen per space: where to forward, without a read."""
+        self._unforgotten: dict[str, list[str]] = {}
+        self._unforgotten_since = 0.0
+        self._forget_lock = threading.Lock()
+        self._serving: dict[str, threading.Lock] = {}
+        self._unwatch: Callable[[], None] | None = None
         self.registry = registry
         self.forward_timeout = forward_timeout
         self._leases: dict[str, Lease] = {}
@@ -118,7 +130,9 @@ class AppendAuthority:
         deadline = time.monotonic() + self.forward_timeout
         queued = False
         backoff = 0.001
+        attempt = -1
         while True:
+            attempt += 1
             if queued:
                 # Waiting for a holder in another process: the event is what we wait for.
                 assert self._queue is not None and item.intent_id is not None
@@ -137,7 +151,19 @@ class AppendAuthority:
                         self._serve_now_and_then(space)
                     return event
             else:
-                cur = self.registry.current(space)
+                route = self._routes.get(space) if attempt == 0 else None
+                if route is not None and now is None:
+                    now = self.registry.now()
+                if route is not None and now is not None and now < route.expires_at:
+                    # Forward to where the lease was last seen: a wrong route costs a wait (the
+                    # next attempt reads the lease), never safety (the holder's fence decides).
+                    cur: Lease | None = route
+                else:
+                    cur = self.registry.current(space)
+                    if cur is not None and cur.holder != self.node_id:
+                        self._routes[space] = cur
+                    else:
+                        self._routes.pop(space, None)
                 if cur is None or cur.holder == self.node_id:
                     try:
                         self.acquire(space)
@@ -146,6 +172,7 @@ class AppendAuthority:
                         continue
                     except LeaseHeld as e:
                         cur = e.lease
+                        self._routes[space] = cur
                 target = self.registry.local_node(cur.holder)
                 if target is not None and target is not self:
                     # Same process: hand the intent to the holder directly.
@@ -238,11 +265,18 @@ class AppendAuthority:
 
         Returns how many were applied; 0 when this node does not hold the space.
         """
+        return self._serve(space, defer_forget=False)
+
+    def _serve(self, space: str, *, defer_forget: bool) -> int:
         if self._queue is None:
             return 0
         applied = 0
         while True:
-            batch = self._queue.pending_intents(space, limit=SERVE_BATCH)
+            batch = None
+            if self._inbox is not None:
+                batch = self._inbox.notified_intents(space, limit=SERVE_BATCH)
+            if batch is None:
+                batch = self._queue.pending_intents(space, limit=SERVE_BATCH)
             if not batch:
                 return applied
             try:
@@ -257,10 +291,39 @@ class AppendAuthority:
                     except NotHolder:
                         return applied
             applied += len(batch)
-            self._queue.forget_intents(space, [i.intent_id for i in batch if i.intent_id])
+            ids = [i.intent_id for i in batch if i.intent_id]
+            if self._inbox is not None:
+                self._inbox.drop_notified(space, ids)
+            if not defer_forget:
+                self._queue.forget_intents(space, ids)
+                continue
+            # The serving thread deletes applied records later, in batches (`_forget_due`): a
+            # record whose event exists is garbage that every reader skips; this keeps a round
+            # trip out of the way of the next forwarded append.
+            with self._forget_lock:
+                if not self._unforgotten:
+                    self._unforgotten_since = time.monotonic()
+                self._unforgotten.setdefault(space, []).extend(ids)
+
+    def _forget_due(self, force: bool = False) -> float:
+        """Delete the applied records kept back when the oldest has waited `FORGET_AFTER` (or
+        `force`); return the seconds until the next are due (inf: none kept)."""
+        with self._forget_lock:
+            if not self._unforgotten or self._queue is None:
+                return float("inf")
+            wait = self._unforgotten_since + FORGET_AFTER - time.monotonic()
+            if wait > 0 and not force:
+                return wait
+            kept, self._unforgotten = self._unforgotten, {}
+        for space, ids in kept.items():
+            self._queue.forget_intents(space, ids)
+        return float("inf")
 
     def tick(self) -> None:
         """One round of upkeep: renew the leases due, drop lost ones, serve forwarded intents."""
+        self._tick(defer_forget=False)
+
+    def _tick(self, *, defer_forget: bool) -> None:
         for lease in self.leases():
             space = lease.space
             with self._lock(space):
@@ -277,7 +340,34 @@ class AppendAuthority:
                         self._renew(space, cur)
                     except NotHolder:
                         continue
-            self.serve(space)
+            if defer_forget:
+                with self._serve_lock(space):
+                    self._serve(space, defer_forget=True)
+            else:
+                self._serve(space, defer_forget=False)
+
+    def _serve_lock(self, space: str) -> threading.Lock:
+        lock = self._serving.get(space)
+        if lock is None:
+            with self._guard:
+                lock = self._serving.setdefault(space, threading.Lock())
+        return lock
+
+    def _intent_arrived(self, space: str) -> None:
+        # On the store's notification thread (`IntentInbox.watch_intents`): apply the intent
+        # now rather than wake the serving thread for it, one thread switch less per forwarded
+        # append. If the serving thread is at it already, it will see this intent too.
+        if self._stop.is_set() or space not in self._leases:
+            return
+        lock = self._serve_lock(space)
+        if not lock.acquire(blocking=False):
+            return
+        try:
+            self._serve(space, defer_forget=True)
+        except Exception as e:  # the serving thread retries in its next round
+            log.debug("node %s: serving %r on notification failed: %s", self.node_id, space, e)
+        finally:
+            lock.release()
 
     def _serve_now_and_then(self, space: str) -> None:
         # A holder outside a `with` block has no serving thread: apply what other processes
@@ -305,11 +395,12 @@ class AppendAuthority:
             spaces = [lease.space for lease in self.leases()]
             try:
                 if self._queue is not None and spaces:
-                    self._queue.wait_for_change(spaces, interval)
+                    due = self._forget_due()
+                    self._queue.wait_for_change(spaces, max(min(interval, due), 0.0))
                 else:
                     self._stop.wait(interval)
                 if not self._stop.is_set():
-                    self.tick()
+                    self._tick(defer_forget=True)
                 pause = 0.05
             except Exception as e:
                 # A failed round (database restarting, lock busy) is retried soon, with back-off.
@@ -319,6 +410,8 @@ class AppendAuthority:
 
     def __enter__(self) -> AppendAuthority:
         self._stop.clear()
+        if self._inbox is not None:
+            self._unwatch = self._inbox.watch_intents(self._intent_arrived)
         self._thread = threading.Thread(
             target=self._run, name=f"shard-sql-authority-{self.node_id}", daemon=True
         )
@@ -332,8 +425,15 @@ class AppendAuthority:
         tb: TracebackType | None,
     ) -> None:
         self._stop.set()
+        if self._unwatch is not None:
+            self._unwatch()
+            self._unwatch = None
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+        try:
+            self._forget_due(force=True)
+        except ShardSqlError as e:  # garbage the next holder sweeps
+            log.warning("node %s: forgetting applied intents failed: %s", self.node_id, e)
         for lease in self.leases():
             self.release(lease.space)

@@ -133,6 +133,27 @@ class IntentQueue(Protocol):
 
 
 @runtime_checkable
+class IntentInbox(Protocol):
+    """Optional, beside `IntentQueue`: pending intents as the store's notifications delivered
+    them, so that a holder need not read them (PostgreSQL)."""
+
+    def notified_intents(self, space: str, *, limit: int) -> list[Pending] | None:
+        """Pending intents of `space` without a read, or None: then call `pending_intents`.
+        May include intents applied meanwhile (writing one again returns its event)."""
+        ...
+
+    def drop_notified(self, space: str, intent_ids: Sequence[str]) -> None:
+        """These intents are applied: no longer offered by `notified_intents`."""
+        ...
+
+    def watch_intents(self, callback: Callable[[str], None]) -> Callable[[], None]:
+        """Call `callback(space)` on the store's notification thread whenever an intent of
+        `space` arrives (a holder then applies it at once, without a thread switch); return the
+        function that stops the calls. `callback` must not raise and should not linger."""
+        ...
+
+
+@runtime_checkable
 class LeaseStore(Protocol):
     """Durable lease records kept beside the events, shared by every process that opens them.
 

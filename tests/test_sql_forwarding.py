@@ -621,6 +621,79 @@ def test_notify_wakes_the_holder_and_the_forwarder(pg_url: str) -> None:
     assert received >= n + 3 and woken >= n
 
 
+def until(check: Any, store: SqlEventStore, timeout: float = 20.0) -> Any:
+    """Wait (on the store's notifications) until `check()` is truthy; return it."""
+    deadline = time.monotonic() + timeout
+    while not (value := check()):
+        assert time.monotonic() < deadline, "timed out"
+        store.wait_for_change(["s"], 0.05)
+    return value
+
+
+@pytest.mark.postgres
+def test_notifications_carry_intents_and_events(pg_url: str) -> None:
+    """PostgreSQL: a holder's inbox has each intent as its notification brought it, and the
+    forwarder gets its event from its commit's notification, equal to the stored event. A body
+    too large for a notification is announced by space only: the inbox is out of sync until the
+    next read."""
+    migrate(pg_url)
+    with SqlEventStore(pg_url) as holder, SqlEventStore(pg_url) as fwd:
+        for s in (holder, fwd):
+            s.wait_for_change(["s"], 0)  # starts its listener
+            until(lambda s=s: s._listener is not None and s._listener.signal.up, s)
+        assert holder.notified_intents("s", limit=10) is None  # never read: not in sync
+        assert holder.pending_intents("s", limit=10) == []
+        assert holder.notified_intents("s", limit=10) == []
+        payload = {"n": 1, "é": [1.5, None, {"deep": "x"}], "t": True}
+        fwd.put_intent("s", pending("page.edited", payload, "k1"), holder="h")
+        [p] = until(lambda: holder.notified_intents("s", limit=10), holder)
+        assert (p.type, p.payload, p.intent_id) == ("page.edited", payload, "k1")
+        written = holder.append("s", p.type, p.payload, expected_seq=0, intent_id="k1")
+        listener = fwd._listener
+        assert listener is not None
+        until(lambda: ("s", "k1") in listener.results, fwd)
+        found = fwd.find_intent("s", "k1")
+        assert found == written == holder.events("s")[0]
+        assert found is not None and found.recorded_at == written.recorded_at
+        assert not listener.results and not listener.expected
+        until(lambda: holder.notified_intents("s", limit=10) == [], holder)  # applied: dropped
+        big = {"blob": "x" * 9000}
+        fwd.put_intent("s", pending("t", big, "k2"), holder="h")
+        until(lambda: holder.notified_intents("s", limit=10) is None, holder)
+        assert [p.intent_id for p in holder.pending_intents("s", limit=10)] == ["k2"]
+        [p] = holder.notified_intents("s", limit=10) or []
+        assert p.payload == big
+        written = holder.append("s", "t", big, expected_seq=1, intent_id="k2")
+        assert fwd.find_intent("s", "k2") == written  # announced by space only: read
+
+
+def test_serving_thread_forgets_applied_intents(url: str) -> None:
+    """A holder in a `with` block deletes the records of the intents it applied in batches
+    (later, off the path of the next append); none is left once its block has exited."""
+    with SqlEventStore(url) as a, SqlEventStore(url) as b:
+        holder = AppendAuthority("holder", a, LeaseRegistry(a), ttl_seconds=30)
+        fwd = AppendAuthority("fwd", b, LeaseRegistry(b), ttl_seconds=30, forward_timeout=20)
+        with holder:
+            holder.acquire("s")
+            events = [fwd.append("s", "t", {"i": i}) for i in range(20)]
+            assert [e.writer for e in events] == ["holder"] * 20
+            assert [e.seq for e in events] == list(range(20))
+        assert rows(url, "SELECT count(*) FROM intents") == [(0,)]
+        assert verify(a).ok
+
+
+def test_sqlite_has_no_inbox(tmp_path: Path) -> None:
+    with SqlEventStore(f"sqlite:///{tmp_path}/shard.db") as store:
+        store.put_intent("s", pending("t", {}, "k"), holder="h")
+        assert [p.intent_id for p in store.pending_intents("s", limit=10)] == ["k"]
+        assert store.notified_intents("s", limit=10) is None
+        calls: list[str] = []
+        stop = store.watch_intents(calls.append)
+        store.put_intent("s", pending("t", {}, "k2"), holder="h")
+        stop()
+        assert calls == []
+
+
 @pytest.mark.slow
 @pytest.mark.postgres
 def test_listener_connection_terminated(pg_url: str) -> None:
