@@ -300,7 +300,7 @@ class _Listener:
         self,
         connect: Callable[[], Any],
         where: str,
-        watchers: Sequence[Callable[[str], None]] = (),
+        watchers: Sequence[Callable[[str], bool]] = (),
     ) -> None:
         self._connect = connect
         self._watchers = watchers
@@ -321,6 +321,10 @@ class _Listener:
         self.results: dict[tuple[str, str], Event] = {}
         """Their events, as notified, until `find_intent` takes them."""
         self.arrivals = 0
+        self.intents = 0
+        """Intents notified (with or without their body)."""
+        self.applied = 0
+        """Spaces whose notified intents a watcher applied on this thread."""
         self._stopping = False
         self._pid = os.getpid()
         self._wake_r, self._wake_w = os.pipe()
@@ -410,11 +414,13 @@ class _Listener:
             kind, _, rest = payload.partition(":")
             if kind in (INTENT, APPLIED):
                 if kind == INTENT:
+                    self.intents += 1
                     self._unsync(rest)
                 changes.append((kind, rest))
                 continue
             space = None
             if kind == INTENT_BODY:
+                self.intents += 1
                 space = self._intent_notified(rest)
                 kind = INTENT
             elif kind == EVENT_BODY:
@@ -425,15 +431,27 @@ class _Listener:
             else:  # not ours, or not readable: news for everyone
                 self._unsync(None)
                 changes += ((INTENT, payload), (APPLIED, payload))
+        if changes and self._watchers:
+            # A watcher (a holder's `AppendAuthority`) applies the new intents here and now.
+            # Other news first: forwarders of this process waiting for their events must not
+            # wait for that write. Intents a watcher applied wake nobody (the holder's serving
+            # thread would only find them gone).
+            self.signal.changed([c for c in changes if c[0] != INTENT])
+            unhandled = []
+            for space in dict.fromkeys(space for kind, space in changes if kind == INTENT):
+                handled = False
+                for watcher in list(self._watchers):
+                    try:
+                        handled = watcher(space) or handled
+                    except Exception as e:  # the serving thread catches up
+                        log.debug("%s: intent watcher failed: %s", self._where, e)
+                if handled:
+                    self.applied += 1
+                else:
+                    unhandled.append((INTENT, space))
+            changes = unhandled
         if changes:
             self.signal.changed(changes)
-            if self._watchers:
-                for space in dict.fromkeys(space for kind, space in changes if kind == INTENT):
-                    for watcher in list(self._watchers):
-                        try:
-                            watcher(space)
-                        except Exception as e:  # the watcher's own thread catches up
-                            log.debug("%s: intent watcher failed: %s", self._where, e)
 
     def begin_sync(self, space: str) -> tuple[int, int] | None:
         """Before a read of the space's pending intents: (connection, arrivals) now."""
@@ -682,7 +700,7 @@ class SqlIntents(IntentQueue, IntentInbox):
         def _by_intent(self, c: _Conn, space: str, ids: list[str]) -> dict[str, Event]: ...
 
     def _init_intents(self) -> None:
-        self._intent_watchers: list[Callable[[str], None]] = []
+        self._intent_watchers: list[Callable[[str], bool]] = []
         self._wait_lock = threading.Lock()
         self._wait_pid = os.getpid()
         self._listener: _Listener | None = None
@@ -875,9 +893,10 @@ class SqlIntents(IntentQueue, IntentInbox):
         if listener is not None:
             listener.drop(space, intent_ids)
 
-    def watch_intents(self, callback: Callable[[str], None]) -> Callable[[], None]:
+    def watch_intents(self, callback: Callable[[str], bool]) -> Callable[[], None]:
         """PostgreSQL: `callback(space)` runs on the listener thread for every intent notified
-        in `space`. SQLite: never (there are no notifications); the holder's thread polls."""
+        in `space`; when it returns True (it applied them), the intent wakes no waiter. SQLite:
+        never (there are no notifications); the holder's thread polls."""
         self._intent_watchers.append(callback)
 
         def stop() -> None:

@@ -353,21 +353,24 @@ class AppendAuthority:
                 lock = self._serving.setdefault(space, threading.Lock())
         return lock
 
-    def _intent_arrived(self, space: str) -> None:
+    def _intent_arrived(self, space: str) -> bool:
         # On the store's notification thread (`IntentInbox.watch_intents`): apply the intent
         # now rather than wake the serving thread for it, one thread switch less per forwarded
-        # append. If the serving thread is at it already, it will see this intent too.
+        # append. True when done; else (the serving thread is at it, a failure) the serving
+        # thread is woken and does it.
         if self._stop.is_set() or space not in self._leases:
-            return
+            return False
         lock = self._serve_lock(space)
         if not lock.acquire(blocking=False):
-            return
+            return False
         try:
             self._serve(space, defer_forget=True)
-        except Exception as e:  # the serving thread retries in its next round
+        except Exception as e:
             log.debug("node %s: serving %r on notification failed: %s", self.node_id, space, e)
+            return False
         finally:
             lock.release()
+        return space in self._leases
 
     def _serve_now_and_then(self, space: str) -> None:
         # A holder outside a `with` block has no serving thread: apply what other processes

@@ -146,10 +146,11 @@ class IntentInbox(Protocol):
         """These intents are applied: no longer offered by `notified_intents`."""
         ...
 
-    def watch_intents(self, callback: Callable[[str], None]) -> Callable[[], None]:
+    def watch_intents(self, callback: Callable[[str], bool]) -> Callable[[], None]:
         """Call `callback(space)` on the store's notification thread whenever an intent of
-        `space` arrives (a holder then applies it at once, without a thread switch); return the
-        function that stops the calls. `callback` must not raise and should not linger."""
+        `space` arrives (a holder then applies it at once, without a thread switch; it returns
+        True when it did, and the intent then wakes no waiter); return the function that stops
+        the calls. `callback` should not raise."""
         ...
 
 

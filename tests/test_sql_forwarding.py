@@ -415,7 +415,7 @@ def holder_proc(
         stop.wait(120)
         listener = store._listener
         if stats is not None and listener is not None:
-            stats.put((listener.signal.received, listener.signal.woken))
+            stats.put((listener.intents, listener.applied + listener.signal.woken))
     store.close()
 
 
@@ -590,8 +590,8 @@ def test_holder_killed_with_intents_pending(url: str) -> None:
 @pytest.mark.slow
 @pytest.mark.postgres
 def test_notify_wakes_the_holder_and_the_forwarder(pg_url: str) -> None:
-    """The holder serves from a LISTEN wake-up, not from its polling interval (TTL / 6 = 2 s
-    here), and the forwarder is woken by the NOTIFY its event's commit sends."""
+    """The holder serves on a notification, not on its polling interval (TTL / 6 = 2 s here),
+    and the forwarder is woken by the NOTIFY its event's commit sends."""
     migrate(pg_url)
     ready, stop, out, stats = CTX.Event(), CTX.Event(), CTX.Queue(), CTX.Queue()
     holder = CTX.Process(target=holder_proc, args=(pg_url, "s", 600.0, ready, stop, out, stats))
@@ -612,13 +612,13 @@ def test_notify_wakes_the_holder_and_the_forwarder(pg_url: str) -> None:
         assert listener.signal.woken >= 1
     finally:
         stop.set()
-        received, woken = stats.get(timeout=30)
+        notified, acted = stats.get(timeout=30)
         stop_all([holder])
         store.close()
-    # Every forwarded intent was announced to the holder ("i:s"), and woke its serving thread
-    # (each is put after the previous one was applied: one wake-up each; its polling interval
-    # is 2 s, and the appends took far less).
-    assert received >= n + 3 and woken >= n
+    # Every forwarded intent was announced to the holder (a "j:" notification), and was applied
+    # on its listener thread or woke its serving thread (each is put after the previous one was
+    # applied: once each; its polling interval is 2 s, and the appends took far less).
+    assert notified >= n and acted >= n
 
 
 def until(check: Any, store: SqlEventStore, timeout: float = 20.0) -> Any:
@@ -688,7 +688,7 @@ def test_sqlite_has_no_inbox(tmp_path: Path) -> None:
         assert [p.intent_id for p in store.pending_intents("s", limit=10)] == ["k"]
         assert store.notified_intents("s", limit=10) is None
         calls: list[str] = []
-        stop = store.watch_intents(calls.append)
+        stop = store.watch_intents(lambda space: calls.append(space) is None)
         store.put_intent("s", pending("t", {}, "k2"), holder="h")
         stop()
         assert calls == []
