@@ -23,7 +23,13 @@ MAX_BATCH = 10_000
 """`append_many` takes at most 10,000 events at once."""
 
 
-def _check_name(field: str, value: object, max_length: int) -> str:
+_good_names: set[str] = set()
+"""Names that passed `_check_name` (all but its length check): spaces and types repeat."""
+
+
+def _check_name(field: str, value: object, max_length: int, remember: bool = True) -> str:
+    if type(value) is str and value in _good_names and len(value) <= max_length:
+        return value
     if not isinstance(value, str):
         raise InvalidEvent(field, f"must be a string, not {type(value).__name__}")
     if not value:
@@ -40,6 +46,10 @@ def _check_name(field: str, value: object, max_length: int) -> str:
         value.encode("utf-8")
     except UnicodeEncodeError as e:
         raise InvalidEvent(field, "is not valid Unicode (lone surrogate)") from e
+    if remember and type(value) is str:
+        if len(_good_names) >= 1024:
+            _good_names.clear()
+        _good_names.add(value)
     return value
 
 
@@ -61,7 +71,8 @@ def check_type(type_: object) -> str:
 def check_intent_id(intent_id: object) -> str | None:
     if intent_id is None:
         return None
-    return _check_name("intent_id", intent_id, MAX_INTENT_ID_LENGTH)
+    # Not remembered: intent ids seldom repeat.
+    return _check_name("intent_id", intent_id, MAX_INTENT_ID_LENGTH, remember=False)
 
 
 def check_seq(field: str, value: object) -> int:
