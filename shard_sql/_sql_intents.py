@@ -55,6 +55,7 @@ and ignores steps of the local wall clock); on SQLite, the system clock.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
 import itertools
 import json
@@ -63,10 +64,11 @@ import os
 import random
 import select
 import socket
+import sys
 import threading
 import time
 import weakref
-from collections.abc import Callable, Container, Sequence
+from collections.abc import Callable, Container, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 
@@ -105,9 +107,19 @@ refuses payloads of 8000 bytes or more); the reader then reads the table."""
 INBOX_IDLE = 10.0
 """Seconds: a space's inbox nobody looked at for this long is dropped."""
 INBOX_MAX = 10_000
+EXPECT_REREAD = 0.5
+"""Seconds: a forwarder waiting for its event reads the table at least this often even though
+the event's notification would tell it (a safety net, e.g. an event written by a concurrent
+direct append of the same intent id, whose trigger could not see the intent yet)."""
 INBOX_RESYNC = 1.0
 """Seconds: a holder reads the table at least this often even while its inbox is in sync (a
 safety net; the inbox is complete by construction)."""
+WATCH_MAX = 0.02
+"""SQLite with inotify: the longest a waiter sleeps on the `-wal` file before it looks anyway."""
+WATCH_SETTLE = 0.005
+WATCH_POLL = 0.0001
+"""SQLite with inotify: after the `-wal` file was written, poll every WATCH_POLL seconds for at
+most WATCH_SETTLE seconds until the commit shows."""
 POLL_MIN = 0.001
 """SQLite: the pause between two `PRAGMA data_version` polls, in seconds, for the first
 `POLL_FAST` seconds of a wait (an answer is usually that close) ..."""
@@ -316,8 +328,10 @@ class _Listener:
         self.inboxes: dict[str, _Inbox] = {}
         """The intents notified per space, for the spaces whose pending intents this process
         reads (a holder's), see `SqlIntents.notified_intents`."""
-        self.expected: set[tuple[str, str]] = set()
-        """(space, intent_id) of the intents this process recorded and waits for."""
+        self.expected: dict[tuple[str, str], tuple[int, float]] = {}
+        """(space, intent_id) of the intents this process recorded and waits for: the listener
+        connection that will bring its event's notification (0: none, read the table) and
+        when the table was last read for it."""
         self.results: dict[tuple[str, str], Event] = {}
         """Their events, as notified, until `find_intent` takes them."""
         self.arrivals = 0
@@ -416,6 +430,8 @@ class _Listener:
                 if kind == INTENT:
                     self.intents += 1
                     self._unsync(rest)
+                else:
+                    self._unexpect_space(rest)
                 changes.append((kind, rest))
                 continue
             space = None
@@ -430,6 +446,7 @@ class _Listener:
                 changes.append((kind, space))
             else:  # not ours, or not readable: news for everyone
                 self._unsync(None)
+                self._unexpect_space(None)
                 changes += ((INTENT, payload), (APPLIED, payload))
         if changes and self._watchers:
             # A watcher (a holder's `AppendAuthority`) applies the new intents here and now.
@@ -507,20 +524,56 @@ class _Listener:
                     inbox.items.pop(intent_id, None)
 
     def expect(self, space: str, intent_id: str) -> None:
+        """Before recording an intent: its event's notification will come to this listener."""
         with self.lock:
             if len(self.expected) >= MAX_TRACKED_SPACES:
                 self.expected.clear()
                 self.results.clear()
-            self.expected.add((space, intent_id))
+            connection = self.connections if self.signal.up else 0
+            self.expected[(space, intent_id)] = (connection, time.monotonic())
 
-    def take(self, space: str, intent_id: str, found: bool) -> Event | None:
-        """The notified event of an expected intent; `found`: the caller has it already."""
+    def unexpect(self, space: str, intent_id: str) -> None:
+        """No notification will come for it (its record was not inserted): read the table."""
+        with self.lock:
+            if (space, intent_id) in self.expected:
+                self.expected[(space, intent_id)] = (0, 0.0)
+
+    def take(self, space: str, intent_id: str) -> tuple[Event | None, bool]:
+        """(the notified event of an expected intent, or None; True if None means "not written
+        yet" for sure: the listener has been up since the intent was recorded, its event would
+        have been notified, and the table was read less than `EXPECT_REREAD` seconds ago)."""
         key = (space, intent_id)
         with self.lock:
             event = self.results.pop(key, None)
-            if event is not None or found:
-                self.expected.discard(key)
-            return event
+            if event is not None:
+                self.expected.pop(key, None)
+                return event, True
+            connection, read_at = self.expected.get(key, (0, 0.0))
+            sure = (
+                connection != 0
+                and connection == self.connections
+                and self.signal.up
+                and time.monotonic() - read_at < EXPECT_REREAD
+            )
+            return None, sure
+
+    def was_read(self, space: str, intent_id: str, found: bool) -> None:
+        """The table was read for this intent: found (done with it), or not yet written."""
+        key = (space, intent_id)
+        with self.lock:
+            if found:
+                self.expected.pop(key, None)
+            elif key in self.expected:
+                connection, _ = self.expected[key]
+                self.expected[key] = (connection, time.monotonic())
+
+    def _unexpect_space(self, space: str | None) -> None:
+        """An event was notified without its body (in `space`, or anywhere): the waiters there
+        read the table."""
+        with self.lock:
+            for key in self.expected:
+                if space is None or key[0] == space:
+                    self.expected[key] = (0, 0.0)
 
     def _unsync(self, space: str | None) -> None:
         """An intent arrived without its body (in `space`, or anywhere): the inbox no longer
@@ -615,11 +668,97 @@ def _keepalive(fd: int) -> None:
         s.close()
 
 
-class _Poller:
-    """SQLite: `PRAGMA data_version` on a dedicated connection, shared by the waiting threads."""
+class _WalWatch:
+    """Linux inotify on the database's `-wal` file, for one thread.
 
-    def __init__(self, connect: Callable[[], Any]) -> None:
+    In WAL mode every commit, by any process on this host, writes that file: a waiter blocks in
+    `select` until one does instead of polling (https://www.sqlite.org/wal.html; SQLite's WAL
+    needs all its users on one host, so nothing is missed across hosts). The commit becomes
+    visible a moment after its last write (the WAL's fsync, then the wal-index update), so the
+    waiter then polls `data_version` closely for `WATCH_SETTLE` seconds.
+    """
+
+    IN_MODIFY = 0x00000002
+    IN_IGNORED = 0x00008000
+    FLAGS = os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.alive = True
+
+    @classmethod
+    def open(cls, path: str) -> _WalWatch | None:
+        """A watch on `path`, or None (not Linux, no inotify, no such file yet)."""
+        libc = _libc()
+        if libc is None or not os.path.exists(path):
+            return None
+        fd = libc.inotify_init1(cls.FLAGS)
+        if fd < 0:
+            return None
+        if libc.inotify_add_watch(fd, os.fsencode(path), cls.IN_MODIFY) < 0:
+            os.close(fd)
+            return None
+        return cls(fd)
+
+    def drain(self) -> bool:
+        """Read the pending events; True if there were any."""
+        got = False
+        while True:
+            try:
+                data = os.read(self.fd, 4096)
+            except BlockingIOError:
+                return got
+            except OSError:
+                self.alive = False
+                return True
+            if not data:
+                return got
+            got = True
+            # struct inotify_event: int wd; uint32 mask, cookie, len; char name[len]
+            offset = 0
+            while offset + 16 <= len(data):
+                mask = int.from_bytes(data[offset + 4 : offset + 8], sys.byteorder)
+                if mask & self.IN_IGNORED:  # the file went away: watch it again next time
+                    self.alive = False
+                offset += 16 + int.from_bytes(data[offset + 12 : offset + 16], sys.byteorder)
+
+    def wait(self, timeout: float) -> bool:
+        """Block until the file is written, at most `timeout` seconds; True if it was."""
+        ready, _, _ = select.select([self.fd], [], [], timeout)
+        return bool(ready) and self.drain()
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
+
+    def __del__(self) -> None:
+        self.close()
+
+
+_LIBC: list[Any] = []
+
+
+def _libc() -> Any:
+    if not _LIBC:
+        lib = None
+        if sys.platform.startswith("linux"):
+            try:
+                lib = ctypes.CDLL(None, use_errno=True)
+                lib.inotify_init1.argtypes = [ctypes.c_int]
+                lib.inotify_add_watch.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
+            except (OSError, AttributeError):
+                lib = None
+        _LIBC.append(lib)
+    return _LIBC[0]
+
+
+class _Poller:
+    """SQLite: `PRAGMA data_version` on a dedicated connection, shared by the waiting threads;
+    each thread sleeps on its `_WalWatch` between polls where it can."""
+
+    def __init__(self, connect: Callable[[], Any], wal: str | None = None) -> None:
         self._connect = connect
+        self._wal = wal
         self._lock = threading.Lock()
         self._conn: Any = None
         self._seen = threading.local()
@@ -638,19 +777,44 @@ class _Poller:
         if getattr(self._seen, "version", None) is not None:
             self._seen.version = self.version()
 
+    def _watch(self) -> _WalWatch | None:
+        if self._wal is None:
+            return None
+        watch: _WalWatch | None = getattr(self._seen, "watch", None)
+        if watch is not None and not watch.alive:
+            watch.close()
+            watch = None
+        if watch is None:
+            watch = self._seen.watch = _WalWatch.open(self._wal)
+        return watch
+
     def wait(self, timeout: float) -> bool:
         start = time.monotonic()
         deadline = start + timeout
         base: int | None = getattr(self._seen, "version", None)
+        watch = self._watch()
+        if watch is not None:
+            watch.drain()  # old news: the version read next covers it
         delay = POLL_MIN
+        close_until = 0.0
         while True:
             version = self.version()
             if version != base:
                 self._seen.version = version
                 return True
-            remaining = deadline - time.monotonic()
+            now = time.monotonic()
+            remaining = deadline - now
             if remaining <= 0:
                 return False
+            if watch is not None and watch.alive and now >= close_until:
+                # Capped: a commit whose last write came just before the drain above is seen
+                # within WATCH_MAX.
+                if watch.wait(min(remaining, WATCH_MAX)):
+                    close_until = time.monotonic() + WATCH_SETTLE
+                continue
+            if watch is not None and now < close_until:
+                time.sleep(min(WATCH_POLL, remaining))
+                continue
             time.sleep(min(delay, remaining))
             if time.monotonic() - start >= POLL_FAST:
                 delay = min(delay * 1.5, POLL_MAX)
@@ -661,6 +825,25 @@ class _Poller:
                 with contextlib.suppress(Exception):
                     self._conn.close()
                 self._conn = None
+
+
+@contextlib.contextmanager
+def _relaxed(c: _Conn, sqlite: bool) -> Iterator[None]:
+    """SQLite: run the statement (one autocommit statement) with `synchronous=NORMAL` unless
+    the connection is below it already; as `synchronous_commit` off on PostgreSQL (see
+    `_Statements`), for commits that need not reach the disk before anyone is told anything:
+    an intent's record (its event's commit does), the deletion of garbage. In WAL mode NORMAL
+    skips the fsync of that commit only (https://www.sqlite.org/pragma.html#pragma_synchronous)
+    and the next FULL commit syncs the WAL, this one included."""
+    level = int(c.cur.execute("PRAGMA synchronous").fetchone()[0]) if sqlite else 0
+    if level < 2:
+        yield
+        return
+    c.cur.execute("PRAGMA synchronous = NORMAL")
+    try:
+        yield
+    finally:
+        c.cur.execute(f"PRAGMA synchronous = {level}")
 
 
 _ORPHANS: list[object] = []
@@ -760,7 +943,9 @@ class SqlIntents(IntentQueue, IntentInbox):
         listener = self._live_listener()
         if listener is not None:
             listener.expect(space, intent_id)  # before the put: its answer may come at once
-        self._call(self._put, st.put, params)
+        inserted = self._call(self._put, st.put, params)
+        if listener is not None and not inserted:
+            listener.unexpect(space, intent_id)  # recorded or applied already: no news to come
         self._awaited()[space] = intent_id
         if self._local_signal is not None:
             self._local_signal.changed([(INTENT, space)])
@@ -768,8 +953,10 @@ class SqlIntents(IntentQueue, IntentInbox):
             # Our own commit is no news for this thread: its next wait is for the holder's.
             self._poller.seen_now()
 
-    def _put(self, c: _Conn, sql: str, params: tuple[Any, ...]) -> None:
-        c.cur.execute(sql, params)
+    def _put(self, c: _Conn, sql: str, params: tuple[Any, ...]) -> bool:
+        with _relaxed(c, self._sqlite):
+            c.cur.execute(sql, params)
+            return bool(c.cur.rowcount)
 
     @_guarded
     def find_intent(self, space: str, intent_id: str) -> Event | None:
@@ -778,11 +965,13 @@ class SqlIntents(IntentQueue, IntentInbox):
         if check_intent_id(intent_id) is None:
             raise InvalidEvent("intent_id", "must be a string")
         listener = self._live_listener()
-        found = None if listener is None else listener.take(space, intent_id, False)
+        found = None
+        if listener is not None:
+            found, _ = listener.take(space, intent_id)
         if found is None:
             found = self._call(self._by_intent, space, [intent_id]).get(intent_id)
-            if found is not None and listener is not None:
-                listener.take(space, intent_id, True)
+            if listener is not None:
+                listener.was_read(space, intent_id, found is not None)
         if found is not None:
             awaited = self._awaited()
             if awaited.get(space) == intent_id:
@@ -887,6 +1076,24 @@ class SqlIntents(IntentQueue, IntentInbox):
             return None
         return listener.notified(check_space(space), check_seq("limit", limit))
 
+    def awaited_event(self, space: str, intent_id: str) -> tuple[Event | None, bool]:
+        """PostgreSQL, for an intent this store recorded: (its event as its notification
+        brought it, True), or (None, True) when it is surely not written yet (the listener has
+        been up since the intent was recorded and would have brought it), or (None, False):
+        unknown, call `find_intent`. SQLite: (None, False)."""
+        listener = self._live_listener()
+        if listener is None:
+            return None, False
+        event, sure = listener.take(space, intent_id)
+        if event is not None:
+            self._found(space, intent_id)
+        return event, sure
+
+    def _found(self, space: str, intent_id: str) -> None:
+        awaited = self._awaited()
+        if awaited.get(space) == intent_id:
+            del awaited[space]
+
     def drop_notified(self, space: str, intent_ids: Sequence[str]) -> None:
         """These intents are applied: out of the inbox (their records stay until forgotten)."""
         listener = self._live_listener()
@@ -912,6 +1119,10 @@ class SqlIntents(IntentQueue, IntentInbox):
         return listener
 
     def _forget(self, c: _Conn, space: str, ids: list[str]) -> None:
+        with _relaxed(c, self._sqlite):
+            self._forget_now(c, space, ids)
+
+    def _forget_now(self, c: _Conn, space: str, ids: list[str]) -> None:
         st = self._statements
         for start in range(0, len(ids), FORGET_CHUNK):
             chunk = ids[start : start + FORGET_CHUNK]
@@ -985,7 +1196,9 @@ class SqlIntents(IntentQueue, IntentInbox):
         self._forked()
         with self._wait_lock:
             if self._poller is None:
-                self._poller = _Poller(self._dedicated_connection)
+                database = self._engine.url.database
+                wal = f"{os.path.abspath(database)}-wal" if database else None
+                self._poller = _Poller(self._dedicated_connection, wal)
             return self._poller
 
     def _dedicated_connection(self) -> Any:

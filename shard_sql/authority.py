@@ -29,7 +29,14 @@ from shard_sql.values import Event, Lease
 MAX_CONFLICT_RETRIES = 5
 SERVE_BATCH = 500
 SERVE_EVERY = 0.1
+LEASE_RECHECK = 0.05
+"""Seconds: how often a forwarder waiting for its event looks at the space's lease again (a
+holder that released or died is replaced by this node taking the lease)."""
 FORGET_AFTER = 0.05
+QUIET_MIN = 0.001
+QUIET_MAX = 0.02
+"""Seconds: the longest the serving thread rests between rounds that found nothing to apply, on
+stores whose wake-ups are not per space (see `_run`)."""
 """Seconds: the serving thread deletes the records of the intents it applied in batches, when the
 oldest has waited this long (or when it has nothing else to do); see `_serve`."""
 log = logging.getLogger("shard_sql.authority")
@@ -131,14 +138,28 @@ class AppendAuthority:
         queued = False
         backoff = 0.001
         attempt = -1
+        recheck_at = 0.0
         while True:
             attempt += 1
             if queued:
                 # Waiting for a holder in another process: the event is what we wait for.
                 assert self._queue is not None and item.intent_id is not None
-                done = self._queue.find_intent(space, item.intent_id)
+                done, sure = None, False
+                if self._inbox is not None:
+                    done, sure = self._inbox.awaited_event(space, item.intent_id)
+                if done is None and not sure:
+                    done = self._queue.find_intent(space, item.intent_id)
                 if done is not None:
                     return done
+                now_m = time.monotonic()
+                if now_m < recheck_at:
+                    # Woken by news of other intents: the lease is looked at again only every
+                    # LEASE_RECHECK seconds, not at every wake-up (many forwarders, one space).
+                    if now_m >= deadline:
+                        raise self._timeout(space, item)
+                    self._queue.wait_for_change([space], min(recheck_at, deadline) - now_m)
+                    continue
+                recheck_at = now_m + LEASE_RECHECK
             lease = self._leases.get(space)
             now = self.registry.now() if lease is not None else None
             if lease is not None and now is not None and now < lease.expires_at:
@@ -188,18 +209,22 @@ class AppendAuthority:
                     if not queued:
                         self._queue.put_intent(space, item, holder=cur.holder)
                         queued = True
+                        recheck_at = time.monotonic() + LEASE_RECHECK
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise IntentTimeout(
-                    f"space {space!r}: no holder wrote the append within "
-                    f"{self.forward_timeout}s; retry with the same intent_id"
-                    + (f" ({item.intent_id})" if item.intent_id else "")
-                )
+                raise self._timeout(space, item)
             if queued and self._queue is not None:
                 self._queue.wait_for_change([space], min(max(backoff, 0.05), remaining))
             else:
                 time.sleep(min(backoff, remaining))
             backoff = min(backoff * 2, 0.05)
+
+    def _timeout(self, space: str, item: Pending) -> IntentTimeout:
+        return IntentTimeout(
+            f"space {space!r}: no holder wrote the append within "
+            f"{self.forward_timeout}s; retry with the same intent_id"
+            + (f" ({item.intent_id})" if item.intent_id else "")
+        )
 
     def _write_own(self, space: str, item: Pending) -> Event:
         return self._write_batch(space, [item])[0]
@@ -209,32 +234,40 @@ class AppendAuthority:
     ) -> list[Event]:
         """Write under this node's lease. `now`: the registry's time, read just before by the
         caller (one clock read per append); else read here."""
-        with self._lock(space):
+        with self._locks.get(space) or self._lock(space):
             lease = self._leases.get(space)
+            registry = self.registry
             if now is None:
-                now = self.registry.now()
-            if lease is None or not lease.valid_at(now):
+                now = registry.now()
+            if lease is None or not now < lease.expires_at:
                 raise NotHolder(space)
             if (lease.expires_at - now).total_seconds() < self.ttl_seconds / 2:
                 lease = self._renew(space, lease)
+            writer, heads = self._writer, self._heads
+            # A store that keeps the leases checks the fence itself (`fenced_write`'s first case,
+            # called directly: one frame less per append).
+            direct = registry.store is writer
             expected = -1
             for _ in range(MAX_CONFLICT_RETRIES):
-                known = self._heads.get(space)
+                known = heads.get(space)
                 expected = self.store.head(space) if known is None else known
                 try:
-                    events = self.registry.fenced_write(
-                        self._writer, space, batch, expected_seq=expected, lease=lease
-                    )
+                    if direct:
+                        events = writer.write(space, batch, expected_seq=expected, fence=lease)
+                    else:
+                        events = registry.fenced_write(
+                            writer, space, batch, expected_seq=expected, lease=lease
+                        )
                 except SeqConflict:
                     # Someone wrote without the lease (a direct store.append): re-read the head.
-                    self._heads.pop(space, None)
+                    heads.pop(space, None)
                     continue
                 except StaleLease:
                     self._leases.pop(space, None)
-                    self._heads.pop(space, None)
+                    heads.pop(space, None)
                     raise NotHolder(space) from None
                 if events[0].seq == expected:
-                    self._heads[space] = expected + len(events)
+                    heads[space] = expected + len(events)
                 return events
             raise SeqConflict(space, expected)
 
@@ -323,7 +356,8 @@ class AppendAuthority:
         """One round of upkeep: renew the leases due, drop lost ones, serve forwarded intents."""
         self._tick(defer_forget=False)
 
-    def _tick(self, *, defer_forget: bool) -> None:
+    def _tick(self, *, defer_forget: bool) -> int:
+        applied = 0
         for lease in self.leases():
             space = lease.space
             with self._lock(space):
@@ -340,11 +374,14 @@ class AppendAuthority:
                         self._renew(space, cur)
                     except NotHolder:
                         continue
-            if defer_forget:
+            if defer_forget and self._inbox is not None:
                 with self._serve_lock(space):
-                    self._serve(space, defer_forget=True)
+                    applied += self._serve(space, defer_forget=True)
             else:
-                self._serve(space, defer_forget=False)
+                # Without an inbox every round reads the table, which deletes applied records
+                # anyway (`pending_intents`): nothing to gain from deferring.
+                applied += self._serve(space, defer_forget=False)
+        return applied
 
     def _serve_lock(self, space: str) -> threading.Lock:
         lock = self._serving.get(space)
@@ -394,16 +431,27 @@ class AppendAuthority:
         # signal (polling stores) is seen within it.
         interval = max(min(self.ttl_seconds / 6, 0.25), 0.01)
         pause = 0.05
+        quiet = 0.0
         while not self._stop.is_set():
             spaces = [lease.space for lease in self.leases()]
             try:
                 if self._queue is not None and spaces:
                     due = self._forget_due()
+                    if quiet:
+                        # A store without per-space news (SQLite, git) wakes this thread at
+                        # every commit, to anything: after rounds that found nothing, it rests
+                        # a little (up to QUIET_MAX) before it listens again, so that nodes
+                        # serving idle spaces do not all read the table at every commit.
+                        self._stop.wait(min(quiet, due))
                     self._queue.wait_for_change(spaces, max(min(interval, due), 0.0))
                 else:
                     self._stop.wait(interval)
                 if not self._stop.is_set():
-                    self._tick(defer_forget=True)
+                    applied = self._tick(defer_forget=True)
+                    if applied or self._inbox is not None:
+                        quiet = 0.0
+                    else:
+                        quiet = min(max(quiet * 2, QUIET_MIN), QUIET_MAX)
                 pause = 0.05
             except Exception as e:
                 # A failed round (database restarting, lock busy) is retried soon, with back-off.

@@ -146,6 +146,11 @@ class IntentInbox(Protocol):
         """These intents are applied: no longer offered by `notified_intents`."""
         ...
 
+    def awaited_event(self, space: str, intent_id: str) -> tuple[Event | None, bool]:
+        """For an intent put through this store: (its event, True) as notified; (None, True)
+        when it is surely not written yet; (None, False) when unknown: call `find_intent`."""
+        ...
+
     def watch_intents(self, callback: Callable[[str], bool]) -> Callable[[], None]:
         """Call `callback(space)` on the store's notification thread whenever an intent of
         `space` arrives (a holder then applies it at once, without a thread switch; it returns
