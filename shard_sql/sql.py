@@ -561,6 +561,28 @@ def _insert_one_sql(p: str, *, pg: bool, fence: bool, intent: bool) -> str:
     return sql
 
 
+def _insert_small_sql(fence: bool, intent: bool) -> str:
+    """PostgreSQL: a small batch in one statement, rows from arrays in order (`WITH
+    ORDINALITY` numbers them: seq = expected + n - 1), under the checks of `_insert_one_sql`
+    (evaluated once: they do not depend on the row)."""
+    sql = (
+        f"INSERT INTO {EVENTS} ({_COLUMNS}) "
+        "SELECT %s, %s + b.n - 1, b.t, CAST(b.p AS jsonb), b.at, b.w, b.g, b.i "
+        "FROM unnest(%s::text[], %s::text[], %s::timestamptz[], %s::text[], %s::bigint[], "
+        "%s::text[]) WITH ORDINALITY AS b(t, p, at, w, g, i, n) "
+        f"WHERE COALESCE((SELECT seq + 1 FROM {EVENTS} WHERE space = %s "
+        "ORDER BY seq DESC LIMIT 1), 0) = %s"
+    )
+    if fence:
+        sql += (
+            f" AND EXISTS (SELECT 1 FROM {LEASES} WHERE space = %s AND holder = %s "
+            "AND generation = %s FOR SHARE)"
+        )
+    if intent:
+        sql += f" AND NOT EXISTS (SELECT 1 FROM {EVENTS} WHERE space = %s AND intent_id = ANY(%s))"
+    return sql
+
+
 def _sqlite_insert_one_sql(*, fence: bool, intent: bool) -> str:
     """SQLite's append of one event: `INSERT ... VALUES` whose seq is NULL unless the checks
     hold, so a failed check stops the statement with a NOT NULL violation and writes nothing.
@@ -722,6 +744,7 @@ class _Postgres(_Dialect):
     def __init__(self) -> None:
         super().__init__()
         self.copy_sql = f"COPY {EVENTS} ({_COLUMNS}) FROM STDIN"
+        self._small: dict[tuple[bool, bool], str] = {}
         self.lease_locked_sql = self.lease_sql + " FOR SHARE"
 
     def time(self, dt: datetime) -> Any:
@@ -742,6 +765,46 @@ class _Postgres(_Dialect):
     def rollback(self, c: _Conn) -> None:
         if c.raw.info.transaction_status != 0:  # not idle
             c.raw.rollback()
+
+    SMALL_BATCH = 10
+    SMALL_BATCH_INTENTS = 100
+    """Batches up to SMALL_BATCH events (SMALL_BATCH_INTENTS if the first has an intent id)
+    are one `INSERT ... SELECT FROM unnest(...)` statement in autocommit with the checks of
+    `insert_one`; larger ones are BEGIN, checks, COPY, COMMIT. Measured (ms per batch, COPY
+    against one statement): 2 events 0.60/0.38, 10 0.62/0.60, 30 0.82/1.19; with intent ids
+    (checked before COPY) 10 1.31/0.83, 100 11.0/8.5."""
+
+    def insert_small(
+        self,
+        space: str,
+        events: list[Event],
+        batch: Sequence[Pending],
+        fence: Lease | None,
+        expected_seq: int,
+    ) -> tuple[str, tuple[Any, ...]]:
+        """The statement and parameters writing `events` at `expected_seq`, or nothing."""
+        intents = [e.intent_id for e in events if e.intent_id is not None]
+        key = (fence is not None, bool(intents))
+        sql = self._small.get(key)
+        if sql is None:
+            sql = self._small[key] = _insert_small_sql(*key)
+        params: tuple[Any, ...] = (
+            space,
+            expected_seq,
+            [e.type for e in events],
+            [p.payload_json for p in batch],
+            [e.recorded_at for e in events],
+            [e.writer for e in events],
+            [e.generation for e in events],
+            [e.intent_id for e in events],
+            space,
+            expected_seq,
+        )
+        if fence is not None:
+            params += (space, fence.holder, fence.generation)
+        if intents:
+            params += (space, intents)
+        return sql, params
 
     def insert_rows(self, c: _Conn, rows: list[tuple[Any, ...]]) -> None:
         # COPY beats executemany (measured: 100 rows 1.5 ms against 1.8-2.0 ms, pipelined).
@@ -1120,6 +1183,15 @@ class SqlEventStore(StoreBase, LeaseStore, SqlIntents):
         """One attempt at a batch: the events written, the events an earlier call wrote for these
         intent ids, a raised error, or None (a benign race: try again)."""
         d = self._d
+        if isinstance(d, _Postgres) and len(events) <= (
+            d.SMALL_BATCH if events[0].intent_id is None else d.SMALL_BATCH_INTENTS
+        ):
+            # One statement, one round trip (BEGIN, checks, COPY, COMMIT are four): what a
+            # holder applying a few forwarded intents at a time writes.
+            c.cur.execute(*d.insert_small(space, events, batch, fence, expected_seq))
+            if c.cur.rowcount == len(events):
+                return events
+            return self._precheck(c, space, batch, expected_seq, fence)
         d.begin_write(c)
         done = self._precheck(c, space, batch, expected_seq, fence, locked=True)
         if done is not None:
