@@ -60,6 +60,8 @@ def check_text(field: str, value: object) -> str:
 
 def check_space(space: object) -> str:
     """A non-empty string of at most 200 characters with no control characters."""
+    if type(space) is str and space in _good_names and len(space) <= MAX_SPACE_LENGTH:
+        return space
     return _check_name("space", space, MAX_SPACE_LENGTH)
 
 
@@ -146,6 +148,11 @@ def check_payload(payload: object) -> tuple[str, dict[str, Any]]:
     fast = _fast_payload(payload)
     if fast is not None:
         return fast
+    return _check_payload(payload)
+
+
+def _check_payload(payload: object) -> tuple[str, dict[str, Any]]:
+    """`check_payload` without its fast path: the error that says which rule is broken."""
     if not isinstance(payload, Mapping) or not isinstance(payload, dict):
         raise InvalidEvent("payload", f"must be a JSON object (dict), not {type(payload).__name__}")
     try:
@@ -172,9 +179,16 @@ def check_payload(payload: object) -> tuple[str, dict[str, Any]]:
 
 def pending(type_: object, payload: object, intent_id: object = None) -> Pending:
     """Check one event's fields and return it ready to write."""
-    t = check_type(type_)
-    text, copy = check_payload(payload)
-    p: Pending = _new_pending(t, text, copy, check_intent_id(intent_id))
+    # The checks' common cases inline (one call per check less: 0.3 us of ~3).
+    if type(type_) is str and type_ in _good_names and len(type_) <= MAX_TYPE_LENGTH:
+        t = type_
+    else:
+        t = check_type(type_)
+    fast = _fast_payload(payload)
+    text, copy = fast if fast is not None else _check_payload(payload)
+    p: Pending = _new_pending(
+        t, text, copy, None if intent_id is None else check_intent_id(intent_id)
+    )
     return p
 
 
