@@ -68,7 +68,7 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Callable, Container, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 
@@ -232,17 +232,20 @@ _SQLITE = _Statements(pg=False)
 
 
 class _Signal:
-    """Change counters per (kind, space) behind a `Condition`, and waits on them.
+    """Change counters per key behind one lock, and waits on them.
 
-    Kinds: `INTENT` (an intent was recorded: news for the holder) and `APPLIED` (the event of a
-    recorded intent was written: news for the forwarders waiting for it). `seq` counts
-    changes; `last[(kind, space)]` is the seq of the latest; a reset (the listener reconnected:
-    changes may have been missed) concerns everything. Each thread keeps the seq it saw when its
-    previous wait returned: a change after that ends its next wait at once.
+    Keys: `(INTENT, space)` (an intent was recorded: news for the holder), `(APPLIED, space)`
+    (the event of a recorded intent was written, announced by space only) and `(EVENT_BODY,
+    "<space>\\0<intent id>")` (that intent's event was written: news for its forwarder alone).
+    `seq` counts changes; `last[key]` is the seq of the latest; a reset (the listener
+    reconnected: changes may have been missed) concerns everything. Each thread keeps the seq
+    it saw when its previous wait returned: a change after that ends its next wait at once. A
+    change wakes only the threads waiting on its key (each waits on its own `threading.Event`):
+    with many forwarders on one space, each wakes for its own event, not for everyone's.
     """
 
     def __init__(self) -> None:
-        self.cond = threading.Condition()
+        self.cond = threading.Lock()
         self.seq = 0
         self.reset_seq = 0
         self.last: dict[tuple[str, str], int] = {}
@@ -251,58 +254,91 @@ class _Signal:
         """Changes recorded (notifications received, on PostgreSQL)."""
         self.woken = 0
         """Waits a change ended (the others ran to their timeout)."""
+        self._waiting: dict[tuple[str, str], set[threading.Event]] = {}
+        self._everyone: set[threading.Event] = set()
         self._seen = threading.local()
 
     def changed(self, changes: Sequence[tuple[str, str]]) -> None:
-        """Record changes, each `(kind, space)`; wake the waiters."""
+        """Record changes, each `(kind, key)`; wake the threads waiting on them."""
         with self.cond:
             if len(self.last) > MAX_TRACKED_SPACES:
                 self.last.clear()
-                self.reset()
+                self._reset()
             for key in changes:
                 self.seq += 1
                 self.last[key] = self.seq
                 self.received += 1
-            self.cond.notify_all()
+                for event in self._waiting.get(key, ()):
+                    event.set()
 
     def reset(self) -> None:
         with self.cond:
-            self.seq += 1
-            self.reset_seq = self.seq
-            self.cond.notify_all()
+            self._reset()
+
+    def _reset(self) -> None:
+        self.seq += 1
+        self.reset_seq = self.seq
+        for event in self._everyone:
+            event.set()
 
     def set_up(self, up: bool) -> None:
         with self.cond:
             self.up = up
             if up:
-                self.reset()
-            self.cond.notify_all()
+                self._reset()
+            for event in self._everyone:
+                event.set()
 
-    def wait(self, spaces: Sequence[str], timeout: float, awaited: Container[str] = ()) -> bool:
+    def wait(
+        self, spaces: Sequence[str], timeout: float, awaited: Mapping[str, str] | None = None
+    ) -> bool:
         """Block until one of `spaces` changed since this thread's previous wait, or `timeout`;
         while not `up`, at most `FALLBACK_SLEEP`. In the `awaited` spaces (this thread waits for
-        an intent it recorded) only `APPLIED` counts, elsewhere only `INTENT`. True when a change
-        ended the wait."""
+        the intent it recorded there, by intent id) only its event counts, elsewhere only
+        `INTENT`. True when a change ended the wait."""
         deadline = time.monotonic() + timeout
-        keys = [(APPLIED if s in awaited else INTENT, s) for s in spaces]
+        keys: list[tuple[str, str]] = []
+        for space in spaces:
+            intent_id = awaited.get(space) if awaited else None
+            if intent_id is None:
+                keys.append((INTENT, space))
+            else:
+                keys += ((APPLIED, space), (EVENT_BODY, f"{space}\0{intent_id}"))
+        event: threading.Event | None = getattr(self._seen, "event", None)
+        if event is None:
+            event = self._seen.event = threading.Event()
+        base: int = getattr(self._seen, "seq", 0)
+        fallback = False
         with self.cond:
-            base: int = getattr(self._seen, "seq", 0)
-            fallback = False
-            try:
-                while True:
+            for key in keys:
+                self._waiting.setdefault(key, set()).add(event)
+            self._everyone.add(event)
+        try:
+            while True:
+                with self.cond:
                     if self.reset_seq > base or any(self.last.get(k, 0) > base for k in keys):
                         self.woken += 1
                         return True
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0 or fallback:
-                        return False
-                    if self.up:
-                        self.cond.wait(remaining)
-                    else:
-                        self.cond.wait(min(remaining, FALLBACK_SLEEP))
-                        fallback = not self.up
-            finally:
+                    event.clear()
+                    up = self.up
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or fallback:
+                    return False
+                if up:
+                    event.wait(remaining)
+                else:
+                    event.wait(min(remaining, FALLBACK_SLEEP))
+                    fallback = not self.up
+        finally:
+            with self.cond:
                 self._seen.seq = self.seq
+                self._everyone.discard(event)
+                for key in keys:
+                    waiting = self._waiting.get(key)
+                    if waiting is not None:
+                        waiting.discard(event)
+                        if not waiting:
+                            del self._waiting[key]
 
 
 class _Listener:
@@ -440,8 +476,10 @@ class _Listener:
                 space = self._intent_notified(rest)
                 kind = INTENT
             elif kind == EVENT_BODY:
-                space = self._event_notified(rest)
-                kind = APPLIED
+                space, intent_id = self._event_notified(rest)
+                if space is not None:
+                    changes.append((EVENT_BODY, f"{space}\0{intent_id}"))
+                    continue
             if space is not None:
                 changes.append((kind, space))
             else:  # not ours, or not readable: news for everyone
@@ -610,26 +648,27 @@ class _Listener:
                 inbox.items.setdefault(intent_id, (self.arrivals, item))
         return space
 
-    def _event_notified(self, body: str) -> str | None:
+    def _event_notified(self, body: str) -> tuple[str | None, str]:
+        """(space, intent id) of a notified event (None: unreadable); kept if awaited here."""
         try:
             d = json.loads(body)
             space, intent_id = d["s"], d["i"]
             if not isinstance(space, str) or not isinstance(intent_id, str):
-                return None
+                return None, ""
             key = (space, intent_id)
             event = None
             if key in self.expected:
                 at = EPOCH + timedelta(microseconds=d["r"])
                 event = new_event(space, d["q"], d["t"], d["p"], at, d["w"], d["g"], intent_id)
         except (ValueError, TypeError, KeyError, OverflowError, RecursionError):
-            return None
+            return None, ""
         with self.lock:
             inbox = self.inboxes.get(space)
             if inbox is not None:
                 inbox.items.pop(intent_id, None)
             if event is not None and key in self.expected:
                 self.results[key] = event
-        return space
+        return space, intent_id
 
 
 class _Inbox:
