@@ -1,4 +1,5 @@
-"""Forwarded intents in SQL: the `IntentQueue` half of `SqlEventStore`, and the database clock.
+"""Forwarded intents in SQL: the `IntentQueue` and `IntentInbox` half of `SqlEventStore`, and
+the database clock.
 
 The `intents` table (see `shard_sql._orm.IntentRow`, migration 0002) holds appends forwarded to a
 space's lease holder by nodes in other processes or hosts:
@@ -6,44 +7,52 @@ space's lease holder by nodes in other processes or hosts:
 - `put_intent`: one statement, `INSERT ... SELECT ... WHERE NOT EXISTS (<its event>) ON CONFLICT
   (space, intent_id) DO NOTHING`, so a repeated put (a caller retrying, from any process) records
   it once, and a late retry of an applied intent records nothing. Its own transaction, committed
-  durably. On PostgreSQL the same statement sends `NOTIFY shard_sql, 'i:<space>'` when it inserted
-  the row: the holder wakes up.
+  without waiting for the disk (PostgreSQL `synchronous_commit` off, SQLite `synchronous=NORMAL`,
+  for that commit only; see `_Statements` and `_relaxed`). On PostgreSQL the same statement sends
+  `NOTIFY shard_sql, 'j:<the intent as JSON>'` (`'i:<space>'` if too large) when it inserted the
+  row: the holder has it without a read.
 - Applied = its event exists (the holder writes the event with the intent id; the unique
   `(space, intent_id)` index on `events` makes a second application impossible). `find_intent`
-  reads that event. On PostgreSQL the trigger `events_notify_applied` (migration 0002) sends
-  `NOTIFY shard_sql, 'a:<space>'` from the transaction that writes the event of a queued intent,
-  so the forwarders waiting for it wake up when it commits. Appends without intent id do not run
-  the trigger's function (its `WHEN`), and appends whose intent is not queued do not notify: plain
-  appends never take NOTIFY's commit lock.
+  reads that event. On PostgreSQL the trigger `events_notify_applied` (migrations 0002, 0003)
+  sends `NOTIFY shard_sql, 'e:<the event as JSON>'` (`'a:<space>'` if too large) from the
+  transaction that writes the event of a queued intent, so its forwarder has it when it commits
+  (`awaited_event`), without a read. Appends without intent id do not run the trigger's function
+  (its `WHEN`), and appends whose intent is not queued do not notify: plain appends never take
+  NOTIFY's commit lock.
 - `pending_intents`: the space's rows in `id` order (the arrival order: an identity on PostgreSQL,
   the rowid on SQLite), each flagged applied or not in the same statement. Unapplied rows come back
   as `Pending` values checked again by `validation.pending` (a row that does not pass, written by
   hand or corrupted, is skipped with one warning on the `shard_sql.sql` logger, never applied and
   never deleted). Applied rows (a holder died between its write and its `forget_intents`) are
   deleted on the way.
-- `forget_intents` (the holder calls it right after applying a batch): `DELETE` of those rows
-  whose event exists. On PostgreSQL it commits without waiting for the WAL flush
-  (`synchronous_commit` off for that transaction only): a delete lost in a server crash leaves a
-  record of an applied intent, which the next `pending_intents` sweeps.
+- `notified_intents` (PostgreSQL): the same, from the listener's per-space inbox of `j:`
+  notifications, without a read, while the inbox is known complete: since a `pending_intents`
+  read (less than `INBOX_RESYNC` seconds ago) with the listener up throughout and every intent
+  notified with its body. `watch_intents` lets a holder apply them on the listener thread itself.
+- `forget_intents` (a holder's serving thread calls it in batches after applying): `DELETE` of
+  those rows whose event exists, committed without waiting for the disk: a delete lost in a crash
+  leaves a record of an applied intent, which the next `pending_intents` sweeps.
 
 Waiting (`wait_for_change`):
 
 - PostgreSQL: one listener thread per store, started by the first wait, owns a dedicated
-  connection (taken out of the engine's pool for good) that runs `LISTEN shard_sql`; waiters block
-  on a `threading.Condition`, so the holder's serving thread and any number of forwarding threads
-  wait at once on one connection. A thread waiting for an intent it recorded (since its
-  `put_intent`, until its `find_intent` returns the event) wakes for `a:` notifications of that
-  space; any other wait (the holder's) wakes for `i:` ones. Each thread's wait ends at once if such
-  a notification arrived since that thread's previous wait returned (its first wait ends at once),
-  so a notification that arrives between a caller's check and its wait is never missed. A lost
-  listener connection (server restart, `pg_terminate_backend`, a dead peer noticed by TCP
-  keepalive) is reopened with back-off (50 ms doubling to 2 s); meanwhile waits are bounded sleeps
-  of `FALLBACK_SLEEP`, and every waiter wakes when the listener is back (a notification may have
-  been lost in between).
-- SQLite file: no notifications. The waiter polls `PRAGMA data_version` on a dedicated connection
-  (it changes when any other connection commits) every `POLL_MIN` seconds for `POLL_FAST` seconds,
-  then backing off to `POLL_MAX`, with the same per-thread baseline (a thread's own `put_intent`
-  moves its baseline: no news for itself).
+  connection (taken out of the engine's pool for good) that runs `LISTEN shard_sql` and reads
+  notifications through libpq directly; waiters block on their own `threading.Event`, woken only
+  by changes they wait for (`_Signal`), so the holder's serving thread and any number of
+  forwarding threads wait at once on one connection. A thread waiting for an intent it recorded
+  (since its `put_intent`, until its event is found) wakes for that event (`e:`) or for `a:` news
+  of its space; any other wait (the holder's) wakes for intents of its spaces. Each thread's wait
+  ends at once if such a notification arrived since that thread's previous wait returned (its
+  first wait ends at once), so a notification that arrives between a caller's check and its wait
+  is never missed. A lost listener connection (server restart, `pg_terminate_backend`, a dead
+  peer noticed by TCP keepalive) is reopened with back-off (50 ms doubling to 2 s); meanwhile
+  waits are bounded sleeps of `FALLBACK_SLEEP`, every waiter wakes when the listener is back (a
+  notification may have been lost in between), and inboxes are out of sync until read again.
+- SQLite file: no notifications. The waiter checks `PRAGMA data_version` on a dedicated
+  connection (it changes when any other connection commits). On Linux it sleeps in between on
+  inotify of the `-wal` file (`_WalWatch`), else it polls every `POLL_MIN` seconds for
+  `POLL_FAST` seconds, then backing off to `POLL_MAX`; with the same per-thread baseline (a
+  thread's own `put_intent` moves its baseline: no news for itself).
 - In-memory SQLite (one connection, one process): the store's own `put_intent` and
   `forget_intents` wake the waiters.
 

@@ -18,6 +18,7 @@ import os
 import queue
 import signal
 import sqlite3
+import sys
 import threading
 import time
 import uuid
@@ -40,6 +41,7 @@ from shard_sql import (
     StoreUnavailable,
     migrate,
 )
+from shard_sql._sql_intents import _WalWatch
 from shard_sql.sql import alembic_config, migration_connection
 from shard_sql.store import EventStore, IntentQueue
 from shard_sql.testing import HOSTILE_SPACES, ForwardingContract
@@ -681,6 +683,39 @@ def test_serving_thread_forgets_applied_intents(url: str) -> None:
             assert [e.seq for e in events] == list(range(20))
         assert rows(url, "SELECT count(*) FROM intents") == [(0,)]
         assert verify(a).ok
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="inotify is Linux's")
+def test_sqlite_waiters_sleep_on_the_wal_file(tmp_path: Path) -> None:
+    """On Linux a SQLite waiter sleeps on inotify of the `-wal` file: a commit by another
+    connection (another process would do the same) wakes it."""
+    url = f"sqlite:///{tmp_path}/shard.db"
+    assert _WalWatch.open(f"{tmp_path}/missing.db-wal") is None
+    with SqlEventStore(url) as store, SqlEventStore(url) as other:
+        store.append("s", "t", {}, expected_seq=0)
+        watch = _WalWatch.open(f"{tmp_path}/shard.db-wal")
+        assert watch is not None
+        try:
+            watch.drain()
+            assert not watch.wait(0)
+            other.append("s", "t", {}, expected_seq=1)
+            assert watch.wait(10)
+            assert not watch.wait(0)  # drained
+        finally:
+            watch.close()
+        store.wait_for_change(["s"], 0)  # sets this thread's baseline
+        done = threading.Event()
+
+        def commit_soon() -> None:
+            done.wait(10)
+            other.put_intent("s", pending("t", {}, "k"), holder="h")
+
+        thread = threading.Thread(target=commit_soon)
+        thread.start()
+        done.set()
+        store.wait_for_change(["s"], 30)
+        thread.join()
+        assert [p.intent_id for p in store.pending_intents("s", limit=10)] == ["k"]
 
 
 def test_sqlite_has_no_inbox(tmp_path: Path) -> None:
