@@ -134,6 +134,20 @@ class AppendAuthority:
         """
         check_space(space)
         item = pending(type, payload, intent_id)
+        held = self._leases.get(space)
+        if held is not None:
+            # Held here: write at once, before the forwarding loop's set-up (its first round
+            # would do the same).
+            t = self.registry.now()
+            if t < held.expires_at:
+                try:
+                    event = self._write_batch(space, [item], t)[0]
+                except NotHolder:
+                    pass
+                else:
+                    if self._thread is None:
+                        self._serve_now_and_then(space)
+                    return event
         deadline = time.monotonic() + self.forward_timeout
         queued = False
         backoff = 0.001
@@ -234,7 +248,9 @@ class AppendAuthority:
     ) -> list[Event]:
         """Write under this node's lease. `now`: the registry's time, read just before by the
         caller (one clock read per append); else read here."""
-        with self._locks.get(space) or self._lock(space):
+        lock = self._locks.get(space) or self._lock(space)
+        lock.acquire()  # not `with`: 0.1 us less
+        try:
             lease = self._leases.get(space)
             registry = self.registry
             if now is None:
@@ -270,6 +286,8 @@ class AppendAuthority:
                     heads[space] = expected + len(events)
                 return events
             raise SeqConflict(space, expected)
+        finally:
+            lock.release()
 
     def _renew(self, space: str, lease: Lease) -> Lease:
         try:
