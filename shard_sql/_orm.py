@@ -204,6 +204,12 @@ class IntentRow(Base):
         "Node id of the lease holder the sender forwarded to. Informative: whichever node holds "
         "the space applies it."
     )
+    reply_to: Mapped[str | None] = mapped_column(
+        String(63),
+        nullable=True,
+        comment="PostgreSQL: the notification channel (LISTEN) of the sender, where the trigger "
+        "events_notify_applied announces the intent's event; NULL: channel shard_sql.",
+    )
 
 
 metadata = Base.metadata

@@ -10,7 +10,9 @@ space's lease holder by nodes in other processes or hosts:
   without waiting for the disk (PostgreSQL `synchronous_commit` off, SQLite `synchronous=NORMAL`,
   for that commit only; see `_Statements` and `_relaxed`). On PostgreSQL the same statement sends
   `NOTIFY shard_sql, 'j:<the intent as JSON>'` (`'i:<space>'` if too large) when it inserted the
-  row: the holder has it without a read.
+  row: the holder has it without a read. Notifications are addressed: an intent to the channel
+  of its space (`intents_channel`, LISTENed to by the processes holding it, see
+  `_Listener.want`), an event to its sender's channel (`intents.reply_to`, migration 0003).
 - Applied = its event exists (the holder writes the event with the intent id; the unique
   `(space, intent_id)` index on `events` makes a second application impossible). `find_intent`
   reads that event. On PostgreSQL the trigger `events_notify_applied` (migrations 0002, 0003)
@@ -66,6 +68,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import hashlib
 import itertools
 import json
 import logging
@@ -76,6 +79,7 @@ import socket
 import sys
 import threading
 import time
+import uuid
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
@@ -145,6 +149,12 @@ FORGET_CHUNK = 500
 MAX_TRACKED_SPACES = 10_000
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
+
+def intents_channel(space: str) -> str:
+    """The notification channel of a space's intents (PostgreSQL): only its holder listens."""
+    return f"{CHANNEL}_i_{hashlib.md5(space.encode(), usedforsecurity=False).hexdigest()[:16]}"
+
+
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
 
@@ -190,9 +200,10 @@ class _Statements:
             f"AND e.intent_id = {INTENTS}.intent_id)"
         )
         insert = (
-            f"INSERT INTO {INTENTS} (space, intent_id, type, payload, submitted_at, holder) "
+            f"INSERT INTO {INTENTS} "
+            "(space, intent_id, type, payload, submitted_at, holder, reply_to) "
             f"SELECT {p}, {p}, {p}, {f'CAST({p} AS jsonb)' if pg else p}, "
-            f"{'now()' if pg else p}, {p} "
+            f"{'now()' if pg else p}, {p}, {p} "
             f"WHERE NOT EXISTS (SELECT 1 FROM {EVENTS} WHERE space = {p} AND intent_id = {p}) "
             "ON CONFLICT (space, intent_id) DO NOTHING"
         )
@@ -208,7 +219,7 @@ class _Statements:
             self.put = (
                 "WITH relaxed AS (SELECT set_config('synchronous_commit', 'off', true) AS v), "
                 f"added AS ({insert} RETURNING space, intent_id, type, payload) "
-                f"SELECT pg_notify('{CHANNEL}', CASE WHEN octet_length(b) <= {NOTIFY_LIMIT} "
+                f"SELECT pg_notify(%s, CASE WHEN octet_length(b) <= {NOTIFY_LIMIT} "
                 f"THEN '{INTENT_BODY}:' || b ELSE '{INTENT}:' || space END) "
                 f"FROM (SELECT space, {body} AS b FROM added) AS x, relaxed"
             )
@@ -380,6 +391,12 @@ class _Listener:
         self.results: dict[tuple[str, str], Event] = {}
         """Their events, as notified, until `find_intent` takes them."""
         self.arrivals = 0
+        self.reply_channel = f"{CHANNEL}_r_{uuid.uuid4().hex[:16]}"
+        """This listener's own channel: the events of the intents its store records come here."""
+        self.wanted: set[str] = set()
+        """The intents channels of the spaces this process holds (see `want`)."""
+        self.active: set[str] = set()
+        """Those LISTENed to on the current connection."""
         self.intents = 0
         """Intents notified (with or without their body)."""
         self.applied = 0
@@ -414,6 +431,8 @@ class _Listener:
             try:
                 conn = self._connect()
                 conn.execute(f"LISTEN {CHANNEL}")
+                conn.execute(f"LISTEN {self.reply_channel}")
+                self._listen_wanted(conn)
                 _keepalive(conn.fileno())
                 self.backend_pid = conn.info.backend_pid
                 self.connections += 1
@@ -434,13 +453,17 @@ class _Listener:
                     )
             finally:
                 self.backend_pid = None
+                with self.lock:
+                    self.active.clear()
                 self.signal.set_up(False)
                 if conn is not None:
                     with contextlib.suppress(Exception):
                         conn.close()
             if not self._stopping:
                 pause = delay * (0.5 + random.random())
-                select.select([self._wake_r], [], [], pause)
+                ready, _, _ = select.select([self._wake_r], [], [], pause)
+                if ready:
+                    os.read(self._wake_r, 4096)
                 delay = min(delay * 2, RECONNECT_MAX)
 
     def _listen(self, conn: Any) -> None:
@@ -452,8 +475,11 @@ class _Listener:
         while not self._stopping:
             ready, _, _ = select.select([sock, self._wake_r], [], [], 30.0)
             if self._wake_r in ready:
-                return
-            if ready:
+                os.read(self._wake_r, 4096)
+                if self._stopping:
+                    return
+                self._listen_wanted(conn)
+            if sock in ready:
                 # libpq directly (https://www.postgresql.org/docs/current/libpq-notify.html):
                 # PQconsumeInput, then PQnotifies until empty. A tenth of the cost of
                 # `Connection.notifies(timeout=0)`, and this thread is on the path of every
@@ -517,8 +543,41 @@ class _Listener:
         if changes:
             self.signal.changed(changes)
 
+    def _listen_wanted(self, conn: Any) -> None:
+        """LISTEN to the channels wanted and not listened to yet (on this thread, which owns the
+        connection); what psycopg received meanwhile is handled."""
+        with self.lock:
+            todo = sorted(self.wanted - self.active)
+        if not todo:
+            return
+        for channel in todo:
+            conn.execute(f"LISTEN {channel}")
+        with self.lock:
+            self.active.update(todo)
+        self._drain([n.payload for n in conn.notifies(timeout=0)])
+        # Intents recorded before the LISTEN were not announced here: the holders look again.
+        self.signal.reset()
+
+    def want(self, space: str) -> bool:
+        """The space's intents should come here (this process holds it); True once they do."""
+        channel = intents_channel(space)
+        with self.lock:
+            if channel in self.active:
+                return True
+            if channel in self.wanted:
+                return False
+            if len(self.wanted) >= MAX_TRACKED_SPACES:
+                self.wanted.clear()  # LISTENs stay; channels wanted again are asked again
+            self.wanted.add(channel)
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"l")
+        return False
+
     def begin_sync(self, space: str) -> tuple[int, int] | None:
-        """Before a read of the space's pending intents: (connection, arrivals) now."""
+        """Before a read of the space's pending intents: (connection, arrivals) now; None while
+        the space's intents do not come here yet."""
+        if not self.want(space):
+            return None
         with self.lock:
             if not self.signal.up:
                 return None
@@ -981,16 +1040,18 @@ class SqlIntents(IntentQueue, IntentInbox):
         if intent_id is None:
             raise InvalidEvent("intent_id", "a forwarded intent needs one")
         st = self._statements
-        if st.pg:
-            params: tuple[Any, ...] = (space, item.intent_id, item.type, item.payload_json)
-            params += (holder, space, item.intent_id)
-        else:
-            now = self._d.time(system_clock())
-            params = (space, item.intent_id, item.type, item.payload_json, now, holder)
-            params += (space, item.intent_id)
         listener = self._live_listener()
+        reply = None
         if listener is not None:
             listener.expect(space, intent_id)  # before the put: its answer may come at once
+            reply = listener.reply_channel if listener.signal.up else None
+        if st.pg:
+            params: tuple[Any, ...] = (space, item.intent_id, item.type, item.payload_json)
+            params += (holder, reply, space, item.intent_id, intents_channel(space))
+        else:
+            now = self._d.time(system_clock())
+            params = (space, item.intent_id, item.type, item.payload_json, now, holder, None)
+            params += (space, item.intent_id)
         inserted = self._call(self._put, st.put, params)
         if listener is not None and not inserted:
             listener.unexpect(space, intent_id)  # recorded or applied already: no news to come
@@ -1204,7 +1265,12 @@ class SqlIntents(IntentQueue, IntentInbox):
                 return
             poller_or_signal.wait(names, float(timeout), self._awaited())
             return
-        self._pg_listener().signal.wait(names, float(timeout), self._awaited())
+        listener = self._pg_listener()
+        awaited = self._awaited()
+        for name in names:
+            if name not in awaited:
+                listener.want(name)  # a holder's wait: the space's intents must come here
+        listener.signal.wait(names, float(timeout), awaited)
 
     def _forked(self) -> None:
         """After a fork: the parent's listener thread and connections are not ours."""
