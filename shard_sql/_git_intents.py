@@ -16,6 +16,13 @@ the sender takes the ref's lock (`<ref>.lock`, O_EXCL), and writes the ref only 
 exist under the lock. Two senders of one intent id (a caller retrying from another process while
 the first still waits) can never record it twice; the first record wins, as in memory.
 
+Neither the record nor its ref is fsynced (the SQL adapter commits intents without waiting for
+the flush, for the same reason): nobody is told anything until the intent's event is written,
+durably, by the holder. A record lost in a crash (or, after a power loss, a ref left empty or
+naming a lost object: skipped as unreadable, see below) leaves its caller waiting until it times
+out (`IntentTimeout`) and retries with the same intent id. The ref is written as git writes one
+(`<ref>.lock`, renamed over the ref), not through libgit2, whose fsync switch is process-wide.
+
 Arrival order is `(arrived_ns, h)`: `arrived_ns` is the sender's wall clock (nanoseconds since the
 epoch, strictly increasing within a process) when it recorded the intent. Across hosts it is as
 good as their clocks agree; it orders only intents pending at the same time, for fairness, and
@@ -31,9 +38,10 @@ deletes) any it meets, such as those of a holder that died between its write and
 Deleting never goes through libgit2, whose deletion of a packed ref rewrites `packed-refs` from
 a cache not re-read under `packed-refs.lock`, and so can roll back refs that a concurrent
 `git pack-refs` (run by `git gc`) has just packed, a space's tip among them: a loose intent ref is
-unlinked under its own `<ref>.lock`, a packed one dropped from `packed-refs` rewritten under
-`packed-refs.lock` from the file read under that lock, as git itself does. A lock held by someone
-else leaves the ref for a later round. `git gc` may run beside forwarding, as beside appends.
+unlinked (without its lock: it is garbage whatever happens beside it), a packed one dropped from
+`packed-refs` rewritten under `packed-refs.lock` from the file read under that lock, as git itself
+does (a `packed-refs.lock` held by someone else leaves it for a later round). `git gc` may run
+beside forwarding, as beside appends.
 
 A record that cannot be read or does not validate (a foreign or corrupt blob, a pruned object) is
 skipped with one warning on the `shard_sql.git` logger, never applied and never deleted: an
@@ -53,14 +61,14 @@ change between two waits (while the holder was serving) ends the next wait at on
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import json
 import logging
 import os
+import random
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
@@ -68,7 +76,7 @@ import pygit2
 from pygit2.enums import ObjectType
 
 from shard_sql._git_errors import guarded as _guarded
-from shard_sql.errors import InvalidEvent, ShardSqlError
+from shard_sql.errors import InvalidEvent, ShardSqlError, StoreUnavailable
 from shard_sql.store import IntentQueue
 from shard_sql.validation import (
     Pending,
@@ -81,7 +89,7 @@ from shard_sql.validation import (
 from shard_sql.values import Event
 
 if TYPE_CHECKING:
-    from shard_sql.git import _Locked, _Tip
+    from shard_sql.git import _Objects, _Tip
 
 INTENT_REFS = "refs/shard-sql/intents/"
 """Where pending intents live: `INTENT_REFS + <encoded space> + "/" + <sha256 of intent id>`."""
@@ -182,14 +190,6 @@ def _names(path: str) -> frozenset[str] | None:
         return None
 
 
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class GitIntents(IntentQueue):
     """The `IntentQueue` of `GitEventStore` (a mixin: it uses the store's handles and locks)."""
 
@@ -202,8 +202,7 @@ class GitIntents(IntentQueue):
         def _repo(self) -> Any: ...
         def _target(self, repo: Any, ref: str) -> str | None: ...
         def _read(self, repo: Any, oid: str, kind: int) -> bytes: ...
-        def _put(self, repo: Any, write: Callable[[], Any]) -> str: ...
-        def _lock(self, repo: Any, ref: str, deadline: float) -> _Locked: ...
+        def _objects(self, durable: bool | None = None) -> _Objects: ...
         def _tip(self, repo: Any, space: str) -> _Tip | None: ...
         def _find_intent(self, space: str, tip: _Tip | None, intent_id: str) -> Event | None: ...
 
@@ -211,7 +210,6 @@ class GitIntents(IntentQueue):
         """Called by `GitEventStore.__init__` once `_gitdir` is known."""
         self._records: dict[tuple[str, str], tuple[int, Pending] | None] = {}
         self._warned: set[tuple[str, str]] = set()
-        self._dir_stamps: dict[str, tuple[int, int]] = {}
         self._packed: tuple[_Stamp | None, list[str]] = (None, [])
         self._waits = threading.local()
         # Refs shared by the worktrees of a repository live in its common directory.
@@ -250,41 +248,48 @@ class GitIntents(IntentQueue):
         if self._find_intent(space, self._tip(repo, space), item.intent_id) is not None:
             return  # applied already: a late retry leaves nothing behind
         data = record_bytes(space, item, holder, arrival_ns())
-        blob = self._put(repo, functools.partial(repo.create_blob, data))
-        locked = self._lock(repo, ref, time.monotonic() + self.lock_timeout)
+        # Neither the record nor its ref is fsynced: nobody is told anything until the event is
+        # written, durably; a record lost in a crash leaves its caller waiting until it times out
+        # and retries with the same intent id (see the module docstring).
+        blob = self._objects(durable=False).put(ObjectType.BLOB, data)
+        self._create_ref(repo, ref, blob, time.monotonic() + self.lock_timeout)
+
+    def _create_ref(self, repo: Any, ref: str, target: str, deadline: float) -> None:
+        """Create `ref` at `target` unless it exists, under `<ref>.lock` as git does, without
+        fsync (libgit2's fsync setting is process-wide: this does not go through libgit2)."""
+        path = self._file(ref)
+        lock = path + ".lock"
+        backoff = 0.0005
+        while True:
+            try:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+                break
+            except FileNotFoundError:
+                pass  # `git pack-refs` removed the emptied directory meanwhile: again
+            except FileExistsError:
+                if time.monotonic() >= deadline:
+                    raise StoreUnavailable(
+                        f"git store {self.path}: {ref} stayed locked for {self.lock_timeout}s; "
+                        f"if no writer is running, a crashed one left {lock} behind: remove it"
+                    ) from None
+                time.sleep(backoff * random.uniform(0.5, 1.5))
+                backoff = min(backoff * 2, 0.02)
+        renamed = False
         try:
             if self._target(repo, ref) is not None:
                 return  # another sender of the same intent id was first
-            locked.set(blob, "shard-sql: intent")
+            os.write(fd, (target + "\n").encode("ascii"))
+            os.close(fd)
+            fd = -1
+            os.rename(lock, path)
+            renamed = True
         finally:
-            locked.free()
-        self._settle(ref)
-
-    def _settle(self, ref: str) -> None:
-        """Make the directories leading to `ref`'s directory durable (libgit2 fsyncs the ref and
-        its directory).
-
-        `git pack-refs` removes empty ref directories and a later write creates them anew: a
-        directory is fsynced again whenever its entries may have changed since this process
-        synced it (another inode, or another ctime).
-        """
-        if not self.durable:
-            return
-        parts = ref.split("/")[:-2]
-        for n in range(1, len(parts) + 1):
-            path = os.path.join(self._refs_root, *parts[:n])
-            try:
-                st = os.stat(path)
-                if self._dir_stamps.get(path) != (st.st_ino, st.st_ctime_ns):
-                    _fsync_dir(path)
-            except (FileNotFoundError, NotADirectoryError):
-                # Pruned meanwhile: `git pack-refs` moved the ref into `packed-refs` (durable
-                # by git's own fsync) and removed the emptied directory, or the intent was
-                # applied and forgotten already. Nothing left here to make durable.
-                return
-            if len(self._dir_stamps) >= RECORD_CACHE:
-                self._dir_stamps.clear()
-            self._dir_stamps[path] = (st.st_ino, st.st_ctime_ns)
+            if fd >= 0:
+                os.close(fd)
+            if not renamed:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(lock)
 
     # -- reading -----------------------------------------------------------------------------
 
@@ -430,9 +435,9 @@ class GitIntents(IntentQueue):
         Never through libgit2: deleting a packed ref makes it rewrite `packed-refs` from its
         cache without re-reading it under `packed-refs.lock`, which can roll back refs that a
         concurrent `git pack-refs` (`git gc`) has just packed, a space's tip among them. So:
-        a loose ref is unlinked under its own `<ref>.lock`; a packed one is dropped from
+        a loose ref is unlinked (see `_unlink_loose`); a packed one is dropped from
         `packed-refs` rewritten under `packed-refs.lock` from the file read under that lock,
-        as git does. A lock held by anyone else leaves the ref for a later round.
+        as git does. A `packed-refs.lock` held by anyone else leaves it for a later round.
         """
         if not refs:
             return
@@ -447,17 +452,11 @@ class GitIntents(IntentQueue):
             log.warning("git store %s: applied intents left for later: %s", self.path, e)
 
     def _unlink_loose(self, ref: str) -> None:
-        path = self._file(ref)
-        try:
-            fd = os.open(path + ".lock", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        except (FileExistsError, FileNotFoundError, NotADirectoryError):
-            return  # locked by someone else (later), or not loose at all
-        try:
-            os.close(fd)
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
-        finally:
-            os.unlink(path + ".lock")
+        # Without taking `<ref>.lock`: the ref of an applied intent is garbage whatever happens
+        # beside it. A sender retrying the same intent id may record it again (garbage too, swept
+        # later); `git pack-refs` may have packed it first (dropped from `packed-refs` below).
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+            os.unlink(self._file(ref))
 
     def _unpack(self, refs: Sequence[str]) -> None:
         """Drop `refs` from `packed-refs` under `packed-refs.lock` (git's own protocol)."""

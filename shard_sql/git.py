@@ -28,20 +28,28 @@ with `.`, ends with `.lock` or holds `..`/`@{`, and no name is a prefix director
 A name whose spelling would pass 900 characters (mostly non-ASCII names; libgit2 takes ref names
 up to 1023 bytes) is `=<SHA-256 of its UTF-8>` instead, and its events spell it out.
 
-Atomicity across processes comes from git's own ref locks (`<ref>.lock`, created with `O_EXCL`
-through libgit2's ref transactions, honoured by stock git too). An append prepares its objects,
-then locks the space ref, re-reads under the lock that the tip is still the expected commit and
-(when fenced) that the lease ref still holds the fence's holder and generation, and moves the
-space ref. A lease update that changes holder or generation (a new grant, a revocation) holds the
-lease ref's lock and also the space ref's lock while it replaces the record, so no fenced write
-can sit between its check and its ref update across a new grant; renewals and releases keep
-holder and generation and lock the lease ref only. A lock held by someone else is retried with
-back-off for `lock_timeout` seconds, then `StoreUnavailable` names the lock file (a writer killed
-mid-update can leave one behind; it is never removed automatically, since nothing proves it
-abandoned). Objects and refs are fsynced before an append returns (`durable=True`, the default,
-turns on libgit2's process-wide `GIT_OPT_ENABLE_FSYNC_GITDIR`). `git gc` may run beside writers;
-`git gc --prune=now` / `git prune --expire=now` may not (as for any git writer: they delete
-objects written but not yet referenced).
+Atomicity across processes comes from git's own ref locks (`<ref>.lock`, created only if absent,
+honoured by stock git and libgit2 too). An append prepares its objects, then locks the space ref,
+re-reads under the lock that the tip is still the expected commit and (when fenced) that the
+lease ref still holds the fence's holder and generation, and moves the space ref. A lease update
+that changes holder or generation (a new grant, a revocation) holds the lease ref's lock and also
+the space ref's lock while it replaces the record, so no fenced write can sit between its check
+and its ref update across a new grant; renewals and releases keep holder and generation and lock
+the lease ref only. A lock held by someone else is retried with back-off for `lock_timeout`
+seconds, then `StoreUnavailable` names the lock file (a writer killed mid-update can leave one
+behind; it is never removed automatically, since nothing proves it abandoned).
+
+Durability (`durable=True`, the default): objects and refs are fsynced before an append returns.
+Objects are written by this module as git writes loose objects (zlib, a temporary file renamed
+into `objects/xx/`), not by libgit2, whose fsync switch is process-wide and fsyncs each object
+and its directory in a row: here a write's objects, their directories and the ref's new content
+(staged in `<ref>.<random>.lock`) are fsynced in one round of concurrent fsyncs, then the lock is
+taken (a hard link of the staged file to `<ref>.lock`), the checks made, the lock renamed over the
+ref and the directory fsynced: two rounds per write, whatever its size, and the lock held for one
+(libgit2: two fsyncs per object, then two more under the lock). libgit2's
+`GIT_OPT_ENABLE_FSYNC_GITDIR` is still turned on for whatever else it writes. `git gc` may run
+beside writers; `git gc --prune=now` / `git prune --expire=now` may not (as for any git writer:
+they delete objects written but not yet referenced).
 
 Opening: a missing path or an empty directory becomes a new bare repository; an existing
 repository (bare, or a work tree with `.git`) is used as is; anything else (a file, a non-empty
@@ -51,21 +59,26 @@ searched for a repository.
 
 from __future__ import annotations
 
+import bisect
+import contextlib
 import functools
 import hashlib
 import json
 import os
 import random
+import re
 import threading
 import time
+import zlib
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
 import pygit2
-from pygit2.enums import FileMode, ObjectType, RepositoryOpenFlag
+from pygit2.enums import ObjectType, RepositoryOpenFlag
 
 from shard_sql._git_errors import GIT_ERRORS as _GIT_ERRORS
 from shard_sql._git_errors import guarded as _guarded
@@ -303,29 +316,227 @@ def _lease_of(space: str, data: bytes) -> Lease:
 # -- object writes -------------------------------------------------------------------------------
 
 OBJECT_RETRIES = 5
-_BUSY = ("failed to lock", "File exists", "No such file or directory")
+_KIND: dict[int, bytes] = {
+    ObjectType.COMMIT: b"commit",
+    ObjectType.TREE: b"tree",
+    ObjectType.BLOB: b"blob",
+}
+_TREE_MODE = b"40000"
+_BLOB_MODE = b"100644"
+_ENTRY = re.compile(rb"([0-7]{5,6}) ([^\0/]+)\0(.{20})", re.DOTALL)
+_EMPTY_RAW = bytes.fromhex(EMPTY_BLOB)
+_LEAF_END = b"\0" + _EMPTY_RAW
+"""How every entry of an `intents-xx` tree ends (all name the empty blob): `split` finds them."""
+FRESHEN_AFTER = 3600.0
+"""Seconds: an object found written already gets a new mtime when its own is older than this, so
+that `git gc` (which prunes unreferenced loose objects weeks old) sees it as new, as git does."""
+SYNC_THREADS = 8
+"""Threads that issue the fsyncs of one write together (ext4 commits them in one transaction)."""
+
+_sync_pool: tuple[int, ThreadPoolExecutor] | None = None
+_sync_pool_lock = threading.Lock()
 
 
-def _write_object(write: Callable[[], Any]) -> str:
-    """Write one object, retrying a failure: `git gc` may remove an empty `objects/xx/` between
-    libgit2's mkdir and its rename into it. Objects are content-addressed, so a retry is
-    idempotent; a lasting failure is raised after the last attempt."""
-    for attempt in range(OBJECT_RETRIES):
+def _pool() -> ThreadPoolExecutor:
+    """The process's fsync threads (anew in a forked child: the parent's threads are not there)."""
+    global _sync_pool
+    with _sync_pool_lock:
+        if _sync_pool is None or _sync_pool[0] != os.getpid():
+            pool = ThreadPoolExecutor(SYNC_THREADS, thread_name_prefix="shard-sql-git-fsync")
+            _sync_pool = (os.getpid(), pool)
+        return _sync_pool[1]
+
+
+def _all_at_once(calls: Sequence[Callable[[], object]]) -> None:
+    """Run `calls` (fsyncs) concurrently: the first in this thread, the rest in the pool; raise
+    the first failure once all have ended."""
+    if not calls:
+        return
+    futures = [_pool().submit(c) for c in calls[1:]]
+    error: BaseException | None = None
+    try:
+        calls[0]()
+    except BaseException as e:
+        error = e
+    for f in futures:
         try:
-            return str(write())
-        except (OSError, pygit2.GitError):
-            if attempt == OBJECT_RETRIES - 1:
-                raise
-            time.sleep(0.001 * (attempt + 1))
-    raise AssertionError("unreachable")
+            f.result()
+        except BaseException as e:
+            error = error or e
+    if error is not None:
+        raise error
 
 
 def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _fsync_close(fd: int) -> None:
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class _Objects:
+    """The loose objects of one write, written without fsync; `sync` then makes them durable
+    with their fan-out directories in one round of concurrent fsyncs, instead of libgit2's two
+    fsyncs in a row per object (libgit2's fsync setting is process-wide, so objects are written
+    here, in git's own format: zlib of `<kind> <size>\\0<data>` at `objects/xx/<rest of id>`).
+
+    `durable=False`: nothing is synced (intent records, see `shard_sql._git_intents`).
+    """
+
+    def __init__(self, objects: str, synced: set[str], durable: bool) -> None:
+        self.objects = objects
+        self.synced = synced
+        self.durable = durable
+        self.fds: list[int] = []
+        self.dirs: set[str] = set()
+        self.fanouts: set[str] = set()
+
+    def put(self, kind: int, data: bytes) -> str:
+        """Write one object (or freshen it if present) and return its id.
+
+        `git gc` may remove an empty `objects/xx/` between the mkdir and the file's creation:
+        retried (objects are content-addressed, so a retry is idempotent).
+        """
+        head = b"%s %d\0" % (_KIND[kind], len(data))
+        oid = hashlib.sha1(head + data).hexdigest()  # git's object ids
+        fan = os.path.join(self.objects, oid[:2])
+        path = os.path.join(fan, oid[2:])
+        body: bytes | None = None
+        for attempt in range(OBJECT_RETRIES):
+            try:
+                if self._present(path):
+                    self._track(oid, fan, path)
+                    return oid
+                if body is None:
+                    body = zlib.compress(head + data, 1)
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(fan)
+                self._create(fan, path, body, oid)
+                return oid
+            except (FileNotFoundError, NotADirectoryError):
+                if attempt == OBJECT_RETRIES - 1:
+                    raise
+                time.sleep(0.001 * (attempt + 1))
+        raise AssertionError("unreachable")
+
+    @staticmethod
+    def _present(path: str) -> bool:
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            return False
+        if time.time() - st.st_mtime > FRESHEN_AFTER:
+            with contextlib.suppress(OSError):
+                os.utime(path)
+        return True
+
+    def _create(self, fan: str, path: str, body: bytes, oid: str) -> None:
+        tmp = os.path.join(fan, f"tmp_obj_{os.getpid()}_{random.getrandbits(64):016x}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444)
+        try:
+            view = memoryview(body)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.rename(tmp, path)
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        if self.durable:
+            self.fds.append(fd)
+            self._dir(oid, fan)
+        else:
+            os.close(fd)
+
+    def _track(self, oid: str, fan: str, path: str) -> None:
+        """An object present already may not be durable yet (its writer may not have synced
+        it): synced with the others."""
+        if self.durable:
+            self.fds.append(os.open(path, os.O_RDONLY | os.O_CLOEXEC))
+            self._dir(oid, fan)
+
+    def _dir(self, oid: str, fan: str) -> None:
+        self.dirs.add(fan)
+        if oid[:2] not in self.synced:
+            self.fanouts.add(oid[:2])  # `objects/` holds an entry for it this process never synced
+
+    def sync(self, *also: int) -> None:
+        """Make every object written so far durable, and the files `also` (fsyncs issued
+        together; nothing without `durable`)."""
+        if not self.durable:
+            return
+        fds, self.fds = self.fds, []
+        calls: list[Callable[[], object]] = [functools.partial(_fsync_close, fd) for fd in fds]
+        calls += [functools.partial(os.fsync, fd) for fd in also]
+        calls += [functools.partial(_fsync_dir, d) for d in sorted(self.dirs)]
+        if self.fanouts:
+            calls.append(functools.partial(_fsync_dir, self.objects))
+        _all_at_once(calls)
+        self.synced.update(self.fanouts)
+        self.dirs.clear()
+        self.fanouts.clear()
+
+    def close(self) -> None:
+        """Drop what was not synced (a write given up)."""
+        fds, self.fds = self.fds, []
+        for fd in fds:
+            os.close(fd)
+
+
+def _tree_entries(data: bytes) -> dict[bytes, tuple[bytes, bytes]]:
+    """The entries of a raw tree object: name -> (mode, raw id)."""
+    entries: dict[bytes, tuple[bytes, bytes]] = {}
+    at = 0
+    for m in _ENTRY.finditer(data):
+        if m.start() != at:
+            break
+        entries[m[2]] = (m[1], m[3])
+        at = m.end()
+    if at != len(data):
+        raise StoreUnavailable("a tree object is malformed")
+    return entries
+
+
+def _tree_bytes(entries: dict[bytes, tuple[bytes, bytes]]) -> bytes:
+    """The raw tree object of `entries`, in git's order (a tree sorts as its name plus `/`)."""
+    names = sorted(entries, key=lambda n: n + b"/" if entries[n][0] == _TREE_MODE else n)
+    return b"".join(b"%s %s\0%s" % (entries[n][0], n, entries[n][1]) for n in names)
+
+
+def _leaf_with(data: bytes, names: Sequence[bytes]) -> bytes:
+    """An `intents-xx` tree (every entry an empty blob) with the entries `names` added.
+
+    Its entries are found by splitting at their common end, not parsed one by one: a write costs
+    O(entries) in C, as in libgit2, however large the leaf has grown."""
+    head = _BLOB_MODE + b" "
+    if not data:
+        items: list[bytes] = []
+    elif (
+        data.startswith(head)
+        and data.endswith(_LEAF_END)
+        and data.count(b"\0") == data.count(_LEAF_END) == data.count(_LEAF_END + head) + 1
+    ):
+        items = data[: -len(_LEAF_END)].split(_LEAF_END)
+    else:  # not all `100644` empty blobs (written by hand?): the general way
+        entries = _tree_entries(data)
+        for name in names:
+            entries[name] = (_BLOB_MODE, _EMPTY_RAW)
+        return _tree_bytes(entries)
+    for name in names:
+        item = head + name
+        at = bisect.bisect_left(items, item)
+        if at == len(items) or items[at] != item:
+            items.insert(at, item)
+    return _LEAF_END.join(items) + _LEAF_END
 
 
 # -- the store -----------------------------------------------------------------------------------
@@ -357,28 +568,52 @@ class _Reader:
 
 
 class _Locked:
-    """A libgit2 ref transaction holding one ref's lock (`<ref>.lock`) until `free`."""
+    """A ref's lock, `<ref>.lock` (as git and libgit2 take it: created only if absent), held
+    until `free`. Not a libgit2 transaction (whose fsyncs cannot be grouped with ours).
 
-    def __init__(self, tx: Any, ref: str, read: Callable[[], str | None]) -> None:
-        self.tx = tx
-        self.ref = ref
+    Taken empty (`set` then writes the target and fsyncs it in one round with the objects it
+    names), or taken as a hard link to a staged file whose content is durable already (see
+    `GitEventStore._swap`; `commit` then only renames): either way the lock file is renamed over
+    the ref, and the directory fsynced.
+    """
+
+    def __init__(self, path: str, fd: int, read: Callable[[], str | None], durable: bool) -> None:
+        self.path = path
+        self.fd = fd
         self.read = read
+        self.durable = durable
+        self.renamed = False
 
-    def set(self, target: str, message: str) -> None:
-        self.tx.set_target(self.ref, pygit2.Oid(hex=target), None, message)
-        try:
-            self.tx.commit()
-        except pygit2.GitError:
-            # libgit2 fsyncs the ref's directory after its rename; if `git pack-refs` has packed
-            # the new ref and pruned that directory meanwhile, it reports a failure although the
-            # ref was written (and is now packed, made durable by git). Only that is success.
-            if self.read() != target:
-                raise
+    def set(self, target: str, objects: _Objects) -> None:
+        """Point the ref at `target`, once `objects` (the new ones it reaches) are durable."""
+        os.write(self.fd, (target + "\n").encode("ascii"))
+        objects.sync(self.fd)
+        os.close(self.fd)
+        self.fd = -1
+        self.commit(target)
+
+    def commit(self, target: str) -> None:
+        """Rename the lock file (holding `target`, durably) over the ref."""
+        os.rename(self.path + ".lock", self.path)
+        self.renamed = True
+        if self.durable:
+            try:
+                _fsync_dir(os.path.dirname(self.path))
+            except FileNotFoundError:
+                # `git pack-refs` packed the new ref (durable by git's own fsync) and pruned its
+                # directory meanwhile: only that is success.
+                if self.read() != target:
+                    raise
 
     def free(self) -> None:
-        # Exiting with an exception type frees the transaction without committing it; a ref
-        # still locked is unlocked unchanged.
-        self.tx.__exit__(RuntimeError, None, None)
+        """Unlock; a ref not `set` is left unchanged."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        if not self.renamed:
+            self.renamed = True
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path + ".lock")
 
 
 class GitEventStore(StoreBase, LeaseStore, GitIntents):
@@ -408,6 +643,8 @@ class GitEventStore(StoreBase, LeaseStore, GitIntents):
         self._local.repo = repo
         self._repos.append(repo)
         self._init_intents()
+        # Objects shared by the worktrees of a repository live in its common directory.
+        self._objects_dir = os.path.join(self._refs_root, "objects")
 
     def __repr__(self) -> str:
         return f"GitEventStore({str(self.path)!r})"
@@ -466,22 +703,31 @@ class GitEventStore(StoreBase, LeaseStore, GitIntents):
 
     # -- ref locks ---------------------------------------------------------------------------
 
-    def _lock(self, repo: Any, ref: str, deadline: float) -> _Locked:
-        """Take `ref`'s lock, retrying while another writer holds it, until `deadline`."""
+    def _lock(self, repo: Any, ref: str, deadline: float, staged: str | None = None) -> _Locked:
+        """Take `ref`'s lock, retrying while another writer holds it, until `deadline`.
+
+        `staged`: a file beside the ref holding its new content (see `_swap`), which becomes the
+        lock file (a hard link: created only if absent, like `O_EXCL`).
+        """
+        path = self._file(ref)
+        lock = path + ".lock"
         backoff = 0.0005
+        read = functools.partial(self._target, repo, ref)
         while True:
-            tx = repo.transaction()
             try:
-                tx.lock_ref(ref)
-                return _Locked(tx, ref, functools.partial(self._target, repo, ref))
-            except pygit2.GitError as e:
-                tx.__exit__(RuntimeError, None, None)
-                # libgit2 reports an existing `<ref>.lock` (O_EXCL) in one of the first two
-                # ways; the third is `git pack-refs` removing an empty directory meanwhile.
-                if not any(m in str(e) for m in _BUSY):
-                    raise
+                if staged is not None:
+                    os.link(staged, lock)
+                    return _Locked(path, -1, read, self.durable)
+                fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+                return _Locked(path, fd, read, self.durable)
+            except FileNotFoundError:
+                # The ref's first write, or `git pack-refs` removed its emptied directory.
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                if time.monotonic() < deadline:
+                    continue
+            except FileExistsError:
+                pass
             if time.monotonic() >= deadline:
-                lock = os.path.join(self._gitdir, ref + ".lock")
                 raise StoreUnavailable(
                     f"git store {self.path}: {ref} stayed locked for {self.lock_timeout}s; "
                     f"if no writer is running, a crashed one left {lock} behind: remove it"
@@ -491,14 +737,13 @@ class GitEventStore(StoreBase, LeaseStore, GitIntents):
 
     # -- durability --------------------------------------------------------------------------
 
-    def _put(self, repo: Any, write: Callable[[], Any]) -> str:
-        """Write an object; with `durable`, make a fan-out directory new to this process durable
-        too (libgit2 fsyncs the object file and `objects/xx/`, not the entry of `xx` itself)."""
-        oid = _write_object(write)
-        if self.durable and oid[:2] not in self._synced:
-            _fsync_dir(os.path.join(self._gitdir, "objects"))
-            self._synced.add(oid[:2])
-        return oid
+    def _objects(self, durable: bool | None = None) -> _Objects:
+        """A writer of loose objects, synced together by its `sync` (with `durable`; see
+        `_Objects`); a fan-out directory new to this process has its entry in `objects/` synced
+        too."""
+        return _Objects(
+            self._objects_dir, self._synced, self.durable if durable is None else durable
+        )
 
     def _settle_ref(self, ref: str) -> None:
         """Make the directories leading to `ref` durable (once per process and directory)."""
@@ -716,10 +961,14 @@ class GitEventStore(StoreBase, LeaseStore, GitIntents):
             if not batch:
                 return []
             out = [stamp(space, expected_seq + n, p, fence, now) for n, p in enumerate(batch)]
-            new = self._commits(repo, tip, batch, out)
-            if self._swap(repo, space, fenced, fence, tip, new.oid, deadline):
-                self._remember((space, new.oid), new)
-                return out
+            objects = self._objects()
+            try:
+                new = self._commits(repo, objects, tip, batch, out)
+                if self._swap(repo, space, fenced, fence, tip, new.oid, objects, deadline):
+                    self._remember((space, new.oid), new)
+                    return out
+            finally:
+                objects.close()
 
     def _swap(
         self,
@@ -729,53 +978,100 @@ class GitEventStore(StoreBase, LeaseStore, GitIntents):
         fence: Lease | None,
         tip: _Tip | None,
         new: str,
+        objects: _Objects,
         deadline: float,
     ) -> bool:
-        """Move the space ref from `tip` to `new` under its lock, the fence checked under it.
+        """Move the space ref from `tip` to `new` under its lock, the fence checked under it;
+        `objects` (those `new` reaches) are made durable with the ref.
 
         A lease changes hands (a new generation) only under the same space ref lock (see
         `_lease_update`), so the grant read here stays current until the ref has moved.
         False when another writer moved the tip since it was read: the caller re-checks.
         """
         sref = space_ref(space)
-        locked = self._lock(repo, sref, deadline)
+        staged = self._stage(sref, new, objects)
         try:
-            if self._target(repo, sref) != (tip.oid if tip else None):
-                return False
-            if fenced:
-                check_fence(fence, self._lease_record(repo, space))
-            locked.set(new, f"shard-sql: append to {_oneline(space)}")
+            locked = self._lock(repo, sref, deadline, staged)
+            try:
+                if self._target(repo, sref) != (tip.oid if tip else None):
+                    return False
+                if fenced:
+                    check_fence(fence, self._lease_record(repo, space))
+                locked.commit(new)
+            finally:
+                locked.free()
         finally:
-            locked.free()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(staged)
         self._settle_ref(sref)
         return True
 
+    def _stage(self, ref: str, target: str, objects: _Objects) -> str:
+        """A new file beside `ref` holding `target`, fsynced in one round with `objects`, before
+        the ref's lock is taken: the lock is then held for a check, a rename and a directory
+        fsync only (a writer killed under it leaves a lock behind that blocks its space until an
+        operator removes it, so the shorter the better).
+
+        Named `<ref>.<random>.lock`: git and libgit2 skip `*.lock` files when they list refs, and
+        no ref name has a `.` (`encode_name`), so it is nobody's lock.
+        """
+        path = self._file(ref)
+        for attempt in range(OBJECT_RETRIES):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            staged = f"{path}.{random.getrandbits(64):016x}.lock"
+            try:
+                fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+            except FileNotFoundError:  # `git pack-refs` removed the emptied directory: again
+                if attempt == OBJECT_RETRIES - 1:
+                    raise
+                continue
+            try:
+                os.write(fd, (target + "\n").encode("ascii"))
+                objects.sync(fd)
+            except BaseException:
+                os.close(fd)
+                os.unlink(staged)
+                raise
+            os.close(fd)
+            return staged
+        raise AssertionError("unreachable")
+
     def _commits(
-        self, repo: Any, tip: _Tip | None, batch: Sequence[Pending], out: Sequence[Event]
+        self,
+        repo: Any,
+        objects: _Objects,
+        tip: _Tip | None,
+        batch: Sequence[Pending],
+        out: Sequence[Event],
     ) -> _Tip:
         """Write the batch's commits; return the new tip. Only the last gets the new tree."""
         parent = tip.oid if tip else None
-        base = tip.tree if tip else self._empty(repo)
+        # The empty tree is written (or freshened) each time: a cached id could outlive a pruned
+        # object.
+        base = tip.tree if tip else objects.put(ObjectType.TREE, b"")
         made: list[str] = []
         tree = base
         for n, (p, e) in enumerate(zip(batch, out, strict=True)):
-            tree = self._next_tree(repo, tip, base, out, made) if n == len(out) - 1 else base
-            data = commit_bytes(tree, parent, e, p.payload_json)
-            parent = self._put(repo, functools.partial(repo.odb.write, ObjectType.COMMIT, data))
+            if n == len(out) - 1:
+                tree = self._next_tree(repo, objects, tip, base, out, made)
+            parent = objects.put(ObjectType.COMMIT, commit_bytes(tree, parent, e, p.payload_json))
             made.append(parent)
         assert parent is not None
         return _Tip(parent, out[-1].seq, tree)
 
-    def _empty(self, repo: Any) -> str:
-        # Written (or freshened) each time: a cached id could outlive a pruned object.
-        return self._put(repo, repo.TreeBuilder().write)
-
     def _next_tree(
-        self, repo: Any, tip: _Tip | None, base: str, out: Sequence[Event], made: list[str]
+        self,
+        repo: Any,
+        objects: _Objects,
+        tip: _Tip | None,
+        base: str,
+        out: Sequence[Event],
+        made: list[str],
     ) -> str:
         """The tip tree after `out`: `base` plus the batch's intents and newly complete chunks.
 
-        `made` holds the commits of `out[:-1]`.
+        `made` holds the commits of `out[:-1]`. Trees are edited as raw objects (see `_Objects`
+        for why libgit2 does not write them).
         """
         last = out[-1].seq
         old = tip.seq // CHUNK if tip else 0
@@ -783,38 +1079,41 @@ class GitEventStore(StoreBase, LeaseStore, GitIntents):
         intents = [(e.intent_id, e.seq) for e in out if e.intent_id is not None]
         if not chunks and not intents:
             return base
-        root = repo.TreeBuilder(repo[base])
+        root = _tree_entries(self._read(repo, base, ObjectType.TREE))
         if chunks:
             known = self._chain_oids(repo, tip, chunks.start * CHUNK) + made
-            index = self._subtree(repo, root, "index")
+            index = self._subtree(repo, root, b"index")
             for k in chunks:
                 lines = known[k * CHUNK - chunks.start * CHUNK :][:CHUNK]
                 text = ("\n".join(lines) + "\n").encode("ascii")
-                blob = self._put(repo, functools.partial(repo.create_blob, text))
-                index.insert(f"{k * CHUNK:012d}", blob, FileMode.BLOB)
-            root.insert("index", self._put(repo, index.write), FileMode.TREE)
+                blob = objects.put(ObjectType.BLOB, text)
+                index[f"{k * CHUNK:012d}".encode()] = (_BLOB_MODE, bytes.fromhex(blob))
+            tree = objects.put(ObjectType.TREE, _tree_bytes(index))
+            root[b"index"] = (_TREE_MODE, bytes.fromhex(tree))
         if intents:
             # The empty blob stays reachable (so safe from gc) once the tip indexes an intent;
             # before that it is written (or freshened) like any new object.
-            if any(e.name.startswith(INTENTS) for e in repo[base]):
-                empty = EMPTY_BLOB
-            else:
-                empty = self._put(repo, functools.partial(repo.create_blob, b""))
-            groups: dict[str, list[tuple[str, int]]] = {}
+            prefix = INTENTS.encode()
+            if not any(name.startswith(prefix) for name in root):
+                objects.put(ObjectType.BLOB, b"")
+            groups: dict[str, list[bytes]] = {}
             for intent_id, seq in intents:
                 first, rest = intent_path(intent_id)
-                groups.setdefault(first, []).append((rest, seq))
-            for first, items in groups.items():
-                leaf = self._subtree(repo, root, INTENTS + first)
-                for rest, seq in items:
-                    leaf.insert(f"{rest}.{seq}", empty, FileMode.BLOB)
-                root.insert(INTENTS + first, self._put(repo, leaf.write), FileMode.TREE)
-        return self._put(repo, root.write)
+                groups.setdefault(first, []).append(f"{rest}.{seq}".encode())
+            for first, names in groups.items():
+                entry = root.get(prefix + first.encode())
+                data = self._read(repo, entry[1].hex(), ObjectType.TREE) if entry else b""
+                leaf = objects.put(ObjectType.TREE, _leaf_with(data, names))
+                root[prefix + first.encode()] = (_TREE_MODE, bytes.fromhex(leaf))
+        return objects.put(ObjectType.TREE, _tree_bytes(root))
 
-    @staticmethod
-    def _subtree(repo: Any, parent: Any, name: str) -> Any:
-        entry = parent.get(name)
-        return repo.TreeBuilder(repo[entry.id]) if entry is not None else repo.TreeBuilder()
+    def _subtree(
+        self, repo: Any, root: dict[bytes, tuple[bytes, bytes]], name: bytes
+    ) -> dict[bytes, tuple[bytes, bytes]]:
+        entry = root.get(name)
+        if entry is None:
+            return {}
+        return _tree_entries(self._read(repo, entry[1].hex(), ObjectType.TREE))
 
     def _chain_oids(self, repo: Any, tip: _Tip | None, start: int) -> list[str]:
         """The commit ids of seqs `start .. tip.seq`, walking back from the tip."""
@@ -852,22 +1151,23 @@ class GitEventStore(StoreBase, LeaseStore, GitIntents):
         repo = self._repo()
         deadline = time.monotonic() + self.lock_timeout
         locked = self._lock(repo, lease_ref(space), deadline)
+        objects = self._objects()
         try:
             cur = self._lease_record(repo, space)
             new = change(cur)
             if new is None:
                 return
-            blob = self._put(repo, functools.partial(repo.create_blob, _lease_bytes(new)))
-            message = f"shard-sql: lease {_oneline(new.holder)} #{new.generation}"
+            blob = objects.put(ObjectType.BLOB, _lease_bytes(new))
             if cur is not None and (cur.holder, cur.generation) == (new.holder, new.generation):
-                locked.set(blob, message)
+                locked.set(blob, objects)
             else:
                 writes = self._lock(repo, space_ref(space), deadline)
                 try:
-                    locked.set(blob, message)
+                    locked.set(blob, objects)
                 finally:
                     writes.free()
         finally:
+            objects.close()
             locked.free()
         self._settle_ref(lease_ref(space))
 
