@@ -260,20 +260,14 @@ class AppendAuthority:
             if (lease.expires_at - now).total_seconds() < self.ttl_seconds / 2:
                 lease = self._renew(space, lease)
             writer, heads = self._writer, self._heads
-            # A store that keeps the leases checks the fence itself (`fenced_write`'s first case,
-            # called directly: one frame less per append).
-            direct = registry.store is writer
             expected = -1
             for _ in range(MAX_CONFLICT_RETRIES):
                 known = heads.get(space)
                 expected = self.store.head(space) if known is None else known
                 try:
-                    if direct:
-                        events = writer.write(space, batch, expected_seq=expected, fence=lease)
-                    else:
-                        events = registry.fenced_write(
-                            writer, space, batch, expected_seq=expected, lease=lease
-                        )
+                    events = registry.fenced_write(
+                        writer, space, batch, expected_seq=expected, lease=lease
+                    )
                 except SeqConflict:
                     # Someone wrote without the lease (a direct store.append): re-read the head.
                     heads.pop(space, None)
