@@ -1117,9 +1117,9 @@ class SqlEventStore(StoreBase, LeaseStore, SqlIntents):
             return False
         healthy = True
         try:
-            cur = c.cur
+            cur: sqlite3.Cursor = c.cur
             cur.execute(sql, params)
-            return bool(cur.rowcount == 1)
+            return cur.rowcount == 1
         except Exception:
             try:
                 self._d.rollback(c)
