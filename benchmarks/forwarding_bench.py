@@ -5,8 +5,9 @@ Two figures per backend (a SQLite file, `synchronous=FULL`, and a scratch Postgr
 - forwarded-append latency: a holder process serves a space (`with AppendAuthority(...) as
   node:`); this process, which does not hold it, appends to it one at a time through
   `AppendAuthority.append` (the intent goes through the `intents` table; the holder is woken by
-  LISTEN/NOTIFY on PostgreSQL, by polling on SQLite). Next to it, in the same run and interleaved
-  every `CHUNK` appends, the direct append: the same node appending to a space it holds itself.
+  LISTEN/NOTIFY on PostgreSQL, by inotify on the `-wal` file on SQLite, Linux). Next to it, in the
+  same run and interleaved every `CHUNK` appends, the direct append: the same node appending to a
+  space it holds itself.
   p50 and p99 of each; target: forwarded p50 under 3 times the direct p50 on PostgreSQL.
 - failover: a holder process with a short TTL holds a space; at a random moment of its renewal
   cycle it is SIGKILLed while this process appends to the space (forwarded, so the intent is
