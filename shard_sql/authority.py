@@ -137,7 +137,13 @@ class AppendAuthority:
         held = self._leases.get(space)
         if held is not None:
             # Held here: write at once, before the forwarding loop's set-up (its first round
-            # would do the same).
+            # would do the same). If another thread is applying forwarded intents here, let it
+            # finish first: Python's locks are not fair, and a caller appending in a loop would
+            # otherwise keep the space's lock, and the forwarders waiting, for as long as it runs.
+            serving = self._serving.get(space)
+            if serving is not None and serving.locked():
+                with serving:
+                    pass
             t = self.registry.now()
             if t < held.expires_at:
                 try:
@@ -386,13 +392,10 @@ class AppendAuthority:
                         self._renew(space, cur)
                     except NotHolder:
                         continue
-            if defer_forget and self._inbox is not None:
-                with self._serve_lock(space):
-                    applied += self._serve(space, defer_forget=True)
-            else:
+            with self._serve_lock(space):
                 # Without an inbox every round reads the table, which deletes applied records
                 # anyway (`pending_intents`): nothing to gain from deferring.
-                applied += self._serve(space, defer_forget=False)
+                applied += self._serve(space, defer_forget=defer_forget and bool(self._inbox))
         return applied
 
     def _serve_lock(self, space: str) -> threading.Lock:
