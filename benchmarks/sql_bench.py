@@ -48,7 +48,7 @@ from sqlalchemy.orm import Session
 
 from shard_sql import AppendAuthority, LeaseRegistry, SqlEventStore
 from shard_sql._orm import EventRow, events_table
-from shard_sql.sql import _insert_one_sql
+from shard_sql.sql import _insert_one_sql, _sqlite_insert_one_sql
 from shard_sql.validation import pending
 
 PAYLOAD: dict[str, Any] = {"page": "Home", "title": "A wiki page", "tags": ["a", "b"], "rev": 7}
@@ -137,7 +137,7 @@ class RawSqlite:
         self.cur = self.conn.cursor()
         self.insert = INSERT_SQL.format(p="?", payload="?")
         self.select = SELECT_SQL.format(p="?", payload="payload")
-        self.guarded = _insert_one_sql("?", pg=False, fence=True, intent=False)
+        self.guarded = _sqlite_insert_one_sql(fence=True, intent=False, own=True)
 
     def insert_one(self, space: str, seq: int) -> None:
         # One statement in autocommit: its own transaction, the cheapest form there is.
@@ -158,9 +158,10 @@ class RawSqlite:
         return [(s, t, loads(p), at, w, g, i) for s, t, p, at, w, g, i in self.cur.fetchall()]
 
     def fenced_one_statement(self, space: str, seq: int, holder: str, generation: int) -> None:
-        """The store's guarded INSERT ... SELECT ... WHERE, bare: the cost of the checks alone."""
+        """The store's guarded INSERT ... VALUES (CASE WHEN <checks> ...), bare: the cost of the
+        checks alone (the fence is the row's writer and generation, as in the store)."""
         params = (space, seq, TYPE, json.dumps(PAYLOAD), _now_text(), holder, generation, None)
-        self.cur.execute(self.guarded, (*params, space, seq, space, holder, generation))
+        self.cur.execute(self.guarded, params)
         assert self.cur.rowcount == 1
 
     def fenced_multi_statement(self, space: str, seq: int, holder: str, generation: int) -> None:
