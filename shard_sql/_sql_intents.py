@@ -117,6 +117,8 @@ written; the payload is the event as JSON, so that its forwarder need not read i
 NOTIFY_LIMIT = 7900
 """Bytes: a notification body larger than this is replaced by `<kind>:<space>` (PostgreSQL
 refuses payloads of 8000 bytes or more); the reader then reads the table."""
+CHANNEL_IDLE = 60.0
+"""Seconds: a space's intents channel nobody here asked for this long is UNLISTENed."""
 INBOX_IDLE = 10.0
 """Seconds: a space's inbox nobody looked at for this long is dropped."""
 INBOX_MAX = 10_000
@@ -393,8 +395,10 @@ class _Listener:
         self.arrivals = 0
         self.reply_channel = f"{CHANNEL}_r_{uuid.uuid4().hex[:16]}"
         """This listener's own channel: the events of the intents its store records come here."""
-        self.wanted: set[str] = set()
-        """The intents channels of the spaces this process holds (see `want`)."""
+        self.wanted: dict[str, float] = {}
+        """The intents channels of the spaces this process holds (see `want`), with when they
+        were last asked for; UNLISTENed after `CHANNEL_IDLE` seconds without."""
+        self._pruned_at = time.monotonic()
         self.active: set[str] = set()
         """Those LISTENed to on the current connection."""
         self.intents = 0
@@ -473,7 +477,9 @@ class _Listener:
         pgconn = conn.pgconn
         encoding = conn.info.encoding
         while not self._stopping:
-            ready, _, _ = select.select([sock, self._wake_r], [], [], 30.0)
+            ready, _, _ = select.select([sock, self._wake_r], [], [], CHANNEL_IDLE / 6)
+            if time.monotonic() - self._pruned_at > CHANNEL_IDLE / 6:
+                self._prune(conn)
             if self._wake_r in ready:
                 os.read(self._wake_r, 4096)
                 if self._stopping:
@@ -547,7 +553,7 @@ class _Listener:
         """LISTEN to the channels wanted and not listened to yet (on this thread, which owns the
         connection); what psycopg received meanwhile is handled."""
         with self.lock:
-            todo = sorted(self.wanted - self.active)
+            todo = sorted(set(self.wanted) - self.active)
         if not todo:
             return
         for channel in todo:
@@ -558,17 +564,37 @@ class _Listener:
         # Intents recorded before the LISTEN were not announced here: the holders look again.
         self.signal.reset()
 
+    def _prune(self, conn: Any) -> None:
+        """UNLISTEN the channels of spaces nobody here asked for in `CHANNEL_IDLE` seconds (a
+        space given up): each channel listened to costs the server a little on every
+        notification. Their inboxes are out of sync from then on."""
+        now = self._pruned_at = time.monotonic()
+        with self.lock:
+            stale = [ch for ch, t in self.wanted.items() if now - t > CHANNEL_IDLE]
+            for channel in stale:
+                del self.wanted[channel]
+            drop = [ch for ch in stale if ch in self.active]
+            self.active.difference_update(drop)
+            if drop:
+                gone = set(drop)
+                for space, inbox in self.inboxes.items():
+                    if intents_channel(space) in gone:
+                        inbox.synced = 0
+        for channel in drop:
+            conn.execute(f"UNLISTEN {channel}")
+        if drop:
+            self._drain([n.payload for n in conn.notifies(timeout=0)])
+
     def want(self, space: str) -> bool:
         """The space's intents should come here (this process holds it); True once they do."""
         channel = intents_channel(space)
         with self.lock:
+            known = channel in self.wanted
+            self.wanted[channel] = time.monotonic()
             if channel in self.active:
                 return True
-            if channel in self.wanted:
+            if known:
                 return False
-            if len(self.wanted) >= MAX_TRACKED_SPACES:
-                self.wanted.clear()  # LISTENs stay; channels wanted again are asked again
-            self.wanted.add(channel)
         with contextlib.suppress(OSError):
             os.write(self._wake_w, b"l")
         return False

@@ -731,6 +731,45 @@ def test_sqlite_waiters_sleep_on_the_wal_file(tmp_path: Path) -> None:
         assert [p.intent_id for p in store.pending_intents("s", limit=10)] == ["k"]
 
 
+@pytest.mark.postgres
+def test_channels_of_spaces_given_up_are_unlistened(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A space's intents channel is LISTENed while a holder here waits on it, UNLISTENed once
+    nobody asked for it in CHANNEL_IDLE seconds (its inbox then out of sync), and LISTENed
+    again when asked."""
+    import shard_sql._sql_intents as intents
+
+    migrate(pg_url)
+    monkeypatch.setattr(intents, "CHANNEL_IDLE", 0.6)
+    with SqlEventStore(pg_url) as store:
+        store.wait_for_change(["a", "b"], 0)
+        listener = store._listener
+        assert listener is not None
+        channels = {intents_channel("a"), intents_channel("b")}
+        deadline = time.monotonic() + 20
+        while not channels <= listener.active:
+            assert time.monotonic() < deadline
+            store.wait_for_change(["a", "b"], 0.05)
+        until(
+            lambda: (
+                store.pending_intents("a", limit=1) == []
+                and store.notified_intents("a", limit=1) == []
+            ),
+            store,
+        )
+        # Only "b" is asked for from now on: "a" goes.
+        while intents_channel("a") in listener.active:
+            assert time.monotonic() < deadline
+            store.wait_for_change(["b"], 0.05)
+        assert intents_channel("b") in listener.active
+        assert store.notified_intents("a", limit=1) is None
+        store.wait_for_change(["a"], 0)
+        while intents_channel("a") not in listener.active:
+            assert time.monotonic() < deadline
+            store.wait_for_change(["a"], 0.05)
+
+
 def test_sqlite_has_no_inbox(tmp_path: Path) -> None:
     with SqlEventStore(f"sqlite:///{tmp_path}/shard.db") as store:
         store.put_intent("s", pending("t", {}, "k"), holder="h")
