@@ -33,12 +33,12 @@ LEASE_RECHECK = 0.05
 """Seconds: how often a forwarder waiting for its event looks at the space's lease again (a
 holder that released or died is replaced by this node taking the lease)."""
 FORGET_AFTER = 0.05
+"""Seconds: the serving thread deletes the records of the intents it applied in batches, when the
+oldest has waited this long; see `_serve`."""
 QUIET_MIN = 0.001
 QUIET_MAX = 0.02
 """Seconds: the longest the serving thread rests between rounds that found nothing to apply, on
 stores whose wake-ups are not per space (see `_run`)."""
-"""Seconds: the serving thread deletes the records of the intents it applied in batches, when the
-oldest has waited this long (or when it has nothing else to do); see `_serve`."""
 log = logging.getLogger("shard_sql.authority")
 
 
