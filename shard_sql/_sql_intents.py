@@ -1095,29 +1095,14 @@ class SqlIntents(IntentQueue, IntentInbox):
         return bool(c.cur.rowcount)
 
     def _put_sqlite(self, c: _Conn, sql: str, params: tuple[Any, ...]) -> bool:
-        # SQLite's busy handler sleeps 1, 2, 5, 10, 15, 20, 25, ... ms between its tries
-        # (sqliteDefaultBusyCallback, https://www.sqlite.org/c3ref/busy_timeout.html): a writer
-        # that takes the lock again and again (a holder appending in a loop) can keep a sender
-        # out for 180 ms. The record of an intent tries again on its own, every 50-250 us, for
-        # as long as the connection's busy_timeout.
-        from shard_sql.sql import _is_sqlite_busy  # sql.py imports this module
+        from shard_sql.sql import _busy_retry  # sql.py imports this module
 
-        cur = c.cur
-        busy_ms = int(cur.execute("PRAGMA busy_timeout").fetchone()[0])
-        deadline = time.monotonic() + busy_ms / 1000
-        cur.execute("PRAGMA busy_timeout = 0")
-        try:
-            with _relaxed(c, True):
-                while True:
-                    try:
-                        cur.execute(sql, params)
-                        return bool(cur.rowcount)
-                    except Exception as e:
-                        if not _is_sqlite_busy(e) or time.monotonic() >= deadline:
-                            raise
-                    time.sleep(random.uniform(0.00005, 0.00025))
-        finally:
-            cur.execute(f"PRAGMA busy_timeout = {busy_ms}")
+        def attempt() -> bool:
+            c.cur.execute(sql, params)
+            return bool(c.cur.rowcount)
+
+        with _relaxed(c, True):
+            return _busy_retry(c, attempt)
 
     @_guarded
     def find_intent(self, space: str, intent_id: str) -> Event | None:

@@ -146,13 +146,8 @@ class AppendAuthority:
                     pass
             t = self.registry.now()
             if t < held.expires_at:
-                try:
-                    event = self._write_batch(space, [item], t)[0]
-                except NotHolder:
-                    pass
-                else:
-                    if self._thread is None:
-                        self._serve_now_and_then(space)
+                event = self._write_held(space, item, t)
+                if event is not None:
                     return event
         deadline = time.monotonic() + self.forward_timeout
         queued = False
@@ -183,13 +178,8 @@ class AppendAuthority:
             lease = self._leases.get(space)
             now = self.registry.now() if lease is not None else None
             if lease is not None and now is not None and now < lease.expires_at:
-                try:
-                    event = self._write_batch(space, [item], now)[0]
-                except NotHolder:
-                    pass
-                else:
-                    if self._thread is None:
-                        self._serve_now_and_then(space)
+                event = self._write_held(space, item, now)
+                if event is not None:
                     return event
             else:
                 route = self._routes.get(space) if attempt == 0 else None
@@ -238,6 +228,16 @@ class AppendAuthority:
             else:
                 time.sleep(min(backoff, remaining))
             backoff = min(backoff * 2, 0.05)
+
+    def _write_held(self, space: str, item: Pending, now: datetime) -> Event | None:
+        """Write `item` under this node's lease; None when this node does not hold it (any more)."""
+        try:
+            event = self._write_batch(space, [item], now)[0]
+        except NotHolder:
+            return None
+        if self._thread is None:
+            self._serve_now_and_then(space)
+        return event
 
     def _timeout(self, space: str, item: Pending) -> IntentTimeout:
         return IntentTimeout(

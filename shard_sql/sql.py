@@ -265,6 +265,31 @@ def _is_sqlite_busy(e: BaseException) -> bool:
     return "locked" in str(root) or "busy" in str(root)
 
 
+def _busy_retry(c: _Conn, attempt: Callable[[], _R]) -> _R:
+    """SQLite: `attempt()` (one statement that takes the write lock) retried on a busy database
+    every 50 us growing to 2 ms, for as long as the connection's busy_timeout, with SQLite's own
+    busy handler off meanwhile. That handler sleeps 1, 2, 5, 10, 15, 20, 25, ... ms between its
+    tries (sqliteDefaultBusyCallback, https://www.sqlite.org/c3ref/busy_timeout.html): beside a
+    writer that takes the lock again and again (a holder appending in a loop) a lease grant or a
+    forwarded intent waited 180-250 ms."""
+    cur = c.cur
+    busy_ms = int(cur.execute("PRAGMA busy_timeout").fetchone()[0])
+    cur.execute("PRAGMA busy_timeout = 0")
+    try:
+        deadline = time.monotonic() + busy_ms / 1000
+        delay = 0.00005
+        while True:
+            try:
+                return attempt()
+            except sqlite3.OperationalError as e:
+                if not _is_sqlite_busy(e) or time.monotonic() >= deadline:
+                    raise
+            time.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 1.5, 0.002)
+    finally:
+        cur.execute(f"PRAGMA busy_timeout = {busy_ms}")
+
+
 def _is_unique_violation(e: BaseException) -> bool:
     root = _root(e)
     if isinstance(root, sqlite3.IntegrityError):
@@ -737,29 +762,8 @@ class _Sqlite(_Dialect):
         ]
 
     def begin_write(self, c: _Conn) -> None:
-        # SQLite's busy handler sleeps 1, 2, 5, 10, 15, 20, 25, ... ms between its tries
-        # (sqliteDefaultBusyCallback, https://www.sqlite.org/c3ref/busy_timeout.html): beside a
-        # writer that takes the lock again and again (a holder appending in a loop) a lease
-        # grant or a batch waited 180-250 ms. Taking the write lock is retried here instead,
-        # every 50 us growing to 2 ms, for as long as the connection's busy_timeout; once taken,
-        # nothing else in the transaction waits for it.
-        cur = c.cur
-        busy_ms = int(cur.execute("PRAGMA busy_timeout").fetchone()[0])
-        cur.execute("PRAGMA busy_timeout = 0")
-        try:
-            deadline = time.monotonic() + busy_ms / 1000
-            delay = 0.00005
-            while True:
-                try:
-                    cur.execute("BEGIN IMMEDIATE")
-                    return
-                except sqlite3.OperationalError as e:
-                    if not _is_sqlite_busy(e) or time.monotonic() >= deadline:
-                        raise
-                time.sleep(delay * (0.5 + random.random()))
-                delay = min(delay * 1.5, 0.002)
-        finally:
-            cur.execute(f"PRAGMA busy_timeout = {busy_ms}")
+        # Once the write lock is taken, nothing else in the transaction waits for it.
+        _busy_retry(c, lambda: c.cur.execute("BEGIN IMMEDIATE"))
 
     def rollback(self, c: _Conn) -> None:
         if c.raw.in_transaction:
