@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
-import multiprocessing
 import os
-import queue
 import signal
 import subprocess
 import threading
@@ -21,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from forwarding_procs import CTX, check_log, collect, start_forwarders, stop_all
 
 from shard_sql import AppendAuthority, GitEventStore, LeaseRegistry, StoreUnavailable
 from shard_sql._git_intents import INTENT_REFS, intent_key
@@ -28,9 +27,6 @@ from shard_sql.git import encode_name
 from shard_sql.store import EventStore, IntentQueue
 from shard_sql.testing import HOSTILE_SPACES, ForwardingContract
 from shard_sql.validation import pending
-from shard_sql.verify import verify
-
-CTX = multiprocessing.get_context("spawn")
 
 
 def git(repo: Path, *args: str, stdin: str | None = None) -> str:
@@ -305,79 +301,12 @@ def holder_proc(path: str, space: str, ttl: float, stop: Any, out: Any) -> None:
     store.close()
 
 
-def forwarder_proc(
-    path: str, space: str, worker: int, count: int, ttl: float, ready: Any, go: Any, out: Any
-) -> None:
-    store = GitEventStore(path)
-    node = AppendAuthority(
-        f"w{worker}", store, LeaseRegistry(store), ttl_seconds=ttl, forward_timeout=30
-    )
-    with node:  # serves what is forwarded to it if it takes the space over
-        ready.put(worker)
-        go.wait(60)
-        acks = []
-        for i in range(count):
-            e = node.append(space, "t", {"w": worker, "i": i}, intent_id=f"w{worker}-{i}")
-            acks.append((e.intent_id, e.seq, e.writer, e.generation))
-        out.put((worker, acks))
-    store.close()
-
-
-def finish(procs: list[Any]) -> None:
-    """Join the workers; kill what is left (pytest would wait for it at exit forever)."""
-    for p in procs:
-        p.join(30)
-        if p.is_alive():
-            p.kill()
-            p.join(5)
-
-
-def collect(out: Any, procs: list[Any], n: int, timeout: float = 60) -> dict[Any, Any]:
-    got: dict[Any, Any] = {}
-    deadline = time.monotonic() + timeout
-    while len(got) < n:
-        try:
-            key, value = out.get(timeout=0.2)
-            got[key] = value
-        except queue.Empty:
-            for p in procs:
-                assert p.is_alive() or p.exitcode in (0, -signal.SIGKILL), f"died: {p.exitcode}"
-            assert time.monotonic() < deadline, f"timed out with {sorted(got)}"
-    return got
-
-
-def check_log(store: GitEventStore, space: str, acks: list[tuple[str, int, str, int]]) -> None:
-    """Every acknowledged append at its seq exactly once, seqs contiguous, verify clean."""
-    events = store.events(space)
-    assert [e.seq for e in events] == list(range(len(events)))
-    ids = [e.intent_id for e in events]
-    assert len(ids) == len(set(ids)) == len(acks)
-    for intent_id, seq, writer, generation in acks:
-        e = events[seq]
-        assert (e.intent_id, e.writer, e.generation) == (intent_id, writer, generation)
-    report = verify(store, spaces=[space])
-    assert report.ok, [str(v) for v in report.violations]
-
-
-def start_forwarders(path: Path, space: str, count: int, ttl: float) -> tuple[Any, ...]:
-    ready, go, out = CTX.Queue(), CTX.Event(), CTX.Queue()
-    procs = [
-        CTX.Process(target=forwarder_proc, args=(str(path), space, w, count, ttl, ready, go, out))
-        for w in range(3)
-    ]
-    for p in procs:
-        p.start()
-    for _ in procs:
-        ready.get(timeout=60)
-    return procs, go, out
-
-
 @pytest.mark.slow
 def test_three_processes_forward_to_a_holder_in_a_fourth(tmp_path: Path) -> None:
     path = tmp_path / "log.git"
     GitEventStore(path).close()
     count = 15
-    forwarders, go, out = start_forwarders(path, "s", count, ttl=30)
+    forwarders, go, out = start_forwarders(f"git+file://{path}", "s", count, ttl=30)
     stop, holder_out = CTX.Event(), CTX.Queue()
     holder = CTX.Process(target=holder_proc, args=(str(path), "s", 5.0, stop, holder_out))
     holder.start()
@@ -388,7 +317,7 @@ def test_three_processes_forward_to_a_holder_in_a_fourth(tmp_path: Path) -> None
     finally:
         stop.set()
         go.set()
-        finish([holder, *forwarders])
+        stop_all([holder, *forwarders])
     assert [p.exitcode for p in [holder, *forwarders]] == [0, 0, 0, 0]
     store = GitEventStore(path)
     all_acks = [a for v in acks.values() for a in v]
@@ -422,7 +351,7 @@ def test_holder_killed_with_intents_pending(tmp_path: Path) -> None:
     path = tmp_path / "log.git"
     GitEventStore(path).close()
     count = 6
-    forwarders, go, out = start_forwarders(path, "s", count, ttl=TTL)
+    forwarders, go, out = start_forwarders(f"git+file://{path}", "s", count, ttl=TTL)
     # The holder gets a queue of its own: killed while its queue's feeder thread holds the
     # queue's lock, it would leave any queue it shares with the survivors locked for good.
     stop, holder_out = CTX.Event(), CTX.Queue()
@@ -451,7 +380,7 @@ def test_holder_killed_with_intents_pending(tmp_path: Path) -> None:
         if holder.is_alive():
             holder.kill()
         go.set()
-        finish([holder, *forwarders])
+        stop_all([holder, *forwarders])
     assert holder.exitcode == -signal.SIGKILL
     assert [p.exitcode for p in forwarders] == [0, 0, 0]
     all_acks = [a for v in acks.values() for a in v]

@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import gc
 import logging
-import multiprocessing
 import os
-import queue
 import signal
 import sqlite3
 import sys
@@ -30,6 +28,7 @@ from typing import Any
 import psycopg
 import pytest
 from alembic import command
+from forwarding_procs import CTX, check_log, collect, start_forwarders, stop_all
 from sqlalchemy import create_engine, inspect
 
 from shard_sql import (
@@ -48,7 +47,6 @@ from shard_sql.testing import HOSTILE_SPACES, ForwardingContract
 from shard_sql.validation import pending
 from shard_sql.verify import verify
 
-CTX = multiprocessing.get_context("spawn")
 TTL = 1.0
 
 
@@ -423,72 +421,6 @@ def holder_proc(
         if stats is not None and listener is not None:
             stats.put((listener.intents, listener.applied + listener.signal.woken))
     store.close()
-
-
-def forwarder_proc(
-    url: str, space: str, worker: int, count: int, ttl: float, ready: Any, go: Any, out: Any
-) -> None:
-    store = SqlEventStore(url)
-    node = AppendAuthority(
-        f"w{worker}", store, LeaseRegistry(store), ttl_seconds=ttl, forward_timeout=30
-    )
-    with node:  # serves what is forwarded to it if it takes the space over
-        ready.put(worker)
-        go.wait(60)
-        acks = []
-        for i in range(count):
-            e = node.append(space, "t", {"w": worker, "i": i}, intent_id=f"w{worker}-{i}")
-            acks.append((e.intent_id, e.seq, e.writer, e.generation))
-        out.put((worker, acks))
-    store.close()
-
-
-def collect(out: Any, procs: list[Any], n: int, timeout: float = 60) -> dict[Any, Any]:
-    got: dict[Any, Any] = {}
-    deadline = time.monotonic() + timeout
-    while len(got) < n:
-        try:
-            key, value = out.get(timeout=0.2)
-            got[key] = value
-        except queue.Empty:
-            for p in procs:
-                assert p.is_alive() or p.exitcode in (0, -signal.SIGKILL), f"died: {p.exitcode}"
-            assert time.monotonic() < deadline, f"timed out with {sorted(got)}"
-    return got
-
-
-def check_log(store: SqlEventStore, space: str, acks: list[tuple[str, int, str, int]]) -> None:
-    """Every acknowledged append at its seq exactly once, seqs contiguous, verify clean."""
-    events = store.events(space)
-    assert [e.seq for e in events] == list(range(len(events)))
-    ids = [e.intent_id for e in events]
-    assert len(ids) == len(set(ids)) == len(acks)
-    for intent_id, seq, writer, generation in acks:
-        e = events[seq]
-        assert (e.intent_id, e.writer, e.generation) == (intent_id, writer, generation)
-    report = verify(store, spaces=[space])
-    assert report.ok, [str(v) for v in report.violations]
-
-
-def start_forwarders(url: str, space: str, count: int, ttl: float) -> tuple[Any, ...]:
-    ready, go, out = CTX.Queue(), CTX.Event(), CTX.Queue()
-    procs = [
-        CTX.Process(target=forwarder_proc, args=(url, space, w, count, ttl, ready, go, out))
-        for w in range(3)
-    ]
-    for p in procs:
-        p.start()
-    for _ in procs:
-        ready.get(timeout=60)
-    return procs, go, out
-
-
-def stop_all(procs: list[Any]) -> None:
-    for p in procs:
-        p.join(30)
-        if p.is_alive():
-            p.kill()
-            p.join(5)
 
 
 @pytest.mark.slow
