@@ -716,12 +716,8 @@ class _Listener:
                     inbox.synced = 0
 
     def _intent_notified(self, body: str) -> str | None:
-        try:
-            d = json.loads(body)
-            space, intent_id = d["s"], d["i"]
-            if not isinstance(space, str) or not isinstance(intent_id, str):
-                return None
-        except (ValueError, TypeError, KeyError, RecursionError):
+        d, space, intent_id = _body(body)
+        if space is None:
             return None
         inbox = self.inboxes.get(space)
         if inbox is None:
@@ -744,11 +740,10 @@ class _Listener:
 
     def _event_notified(self, body: str) -> tuple[str | None, str]:
         """(space, intent id) of a notified event (None: unreadable); kept if awaited here."""
+        d, space, intent_id = _body(body)
+        if space is None:
+            return None, ""
         try:
-            d = json.loads(body)
-            space, intent_id = d["s"], d["i"]
-            if not isinstance(space, str) or not isinstance(intent_id, str):
-                return None, ""
             key = (space, intent_id)
             event = None
             if key in self.expected:
@@ -763,6 +758,18 @@ class _Listener:
             if event is not None and key in self.expected:
                 self.results[key] = event
         return space, intent_id
+
+
+def _body(body: str) -> tuple[dict[str, Any], str | None, str]:
+    """A notification's JSON body, its space and intent id (space None: not readable)."""
+    try:
+        d = json.loads(body)
+        space, intent_id = d["s"], d["i"]
+    except (ValueError, TypeError, KeyError, RecursionError):
+        return {}, None, ""
+    if not isinstance(space, str) or not isinstance(intent_id, str):
+        return {}, None, ""
+    return d, space, intent_id
 
 
 class _Inbox:
@@ -1119,9 +1126,7 @@ class SqlIntents(IntentQueue, IntentInbox):
             if listener is not None:
                 listener.was_read(space, intent_id, found is not None)
         if found is not None:
-            awaited = self._awaited()
-            if awaited.get(space) == intent_id:
-                del awaited[space]
+            self._found(space, intent_id)
         return found
 
     def _awaited(self) -> dict[str, str]:

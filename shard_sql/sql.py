@@ -1215,16 +1215,9 @@ class SqlEventStore(StoreBase, LeaseStore, SqlIntents):
                 return done
         raise err from e
 
+    @_guarded
     def _guarded_call(self, fn: Callable[..., _R], *args: Any) -> _R:
-        try:
-            return self._call(fn, *args)
-        except ShardSqlError:
-            raise
-        except Exception as e:
-            err = _translate(e, self._site)
-            if err is None:
-                raise
-            raise err from e
+        return self._call(fn, *args)
 
     def _write(
         self,
