@@ -267,7 +267,7 @@ class _Signal:
     """
 
     def __init__(self) -> None:
-        self.cond = threading.Lock()
+        self._lock = threading.Lock()
         self.seq = 0
         self.reset_seq = 0
         self.last: dict[tuple[str, str], int] = {}
@@ -282,7 +282,7 @@ class _Signal:
 
     def changed(self, changes: Sequence[tuple[str, str]]) -> None:
         """Record changes, each `(kind, key)`; wake the threads waiting on them."""
-        with self.cond:
+        with self._lock:
             if len(self.last) > MAX_TRACKED_SPACES:
                 self.last.clear()
                 self._reset()
@@ -294,7 +294,7 @@ class _Signal:
                     event.set()
 
     def reset(self) -> None:
-        with self.cond:
+        with self._lock:
             self._reset()
 
     def _reset(self) -> None:
@@ -304,7 +304,7 @@ class _Signal:
             event.set()
 
     def set_up(self, up: bool) -> None:
-        with self.cond:
+        with self._lock:
             self.up = up
             if up:
                 self._reset()
@@ -331,13 +331,13 @@ class _Signal:
             event = self._seen.event = threading.Event()
         base: int = getattr(self._seen, "seq", 0)
         fallback = False
-        with self.cond:
+        with self._lock:
             for key in keys:
                 self._waiting.setdefault(key, set()).add(event)
             self._everyone.add(event)
         try:
             while True:
-                with self.cond:
+                with self._lock:
                     if self.reset_seq > base or any(self.last.get(k, 0) > base for k in keys):
                         self.woken += 1
                         return True
@@ -352,7 +352,7 @@ class _Signal:
                     event.wait(min(remaining, FALLBACK_SLEEP))
                     fallback = not self.up
         finally:
-            with self.cond:
+            with self._lock:
                 self._seen.seq = self.seq
                 self._everyone.discard(event)
                 for key in keys:
