@@ -103,7 +103,7 @@ class Counts:
     def of(cls, quick: bool, rounds: int | None) -> Counts:
         if quick:
             return cls(50, 2, 2_000, rounds or 1, 30, 500, 20, 5_000)
-        return cls(600, 20, 100_000, rounds or 5, 400, 10_000, 150, 1_000_000)
+        return cls(600, 20, 100_000, rounds or 5, 400, 10_000, 1_000, 1_000_000)
 
 
 def _row(
@@ -423,13 +423,15 @@ def sql_rows(
 
 def _proc_worker(url: str, name: str, space: str, count: int, go: Any, out: Any, flag: str) -> None:
     """One process: its own store and authority (serving what is forwarded to it), `count`
-    appends to `space`; reports (start, end) on the monotonic clock shared by the machine."""
+    appends to `space`; reports (start, end) on the monotonic clock shared by the machine, then
+    the CPU seconds it used (all its threads) from the start until every worker was done."""
     store = SqlEventStore(url) if not url.startswith("git:") else _git_store(url)
     node = AppendAuthority(name, store, LeaseRegistry(store), ttl_seconds=60, forward_timeout=120)
     with node:
         node.append(f"warm-{name}", TYPE, PAYLOAD)
         out.put(("ready", name, 0.0, 0.0))
         go.wait(120)
+        c0 = os.times()
         t0 = time.monotonic()
         for _ in range(count):
             node.append(space, TYPE, PAYLOAD)
@@ -438,6 +440,8 @@ def _proc_worker(url: str, name: str, space: str, count: int, go: Any, out: Any,
         # Keep serving until every worker is done: the holder must outlive the forwarders.
         while not os.path.exists(flag):
             time.sleep(0.01)
+        c1 = os.times()
+        out.put(("cpu", name, c1.user - c0.user + c1.system - c0.system, 0.0))
     store.close()
 
 
@@ -447,8 +451,31 @@ def _git_store(url: str) -> Any:
     return GitEventStore(url.removeprefix("git:"))
 
 
-def _processes(url: str, space: str, workers: int, count: int) -> float:
-    """Total events/s of `workers` processes appending `count` each to `space`."""
+def _machine_busy() -> float:
+    """CPU seconds the whole machine has been busy (every core, every process: the database
+    server and the kernel too), from /proc/stat; 0.0 where there is none."""
+    try:
+        first = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+    except OSError:
+        return 0.0
+    # user nice system idle iowait irq softirq steal: all but idle and iowait are busy
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in first[1:9])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class _Spent:
+    rate: float
+    """Total events/s."""
+    machine_us: float
+    """Machine-wide CPU microseconds per event."""
+    workers_us: float
+    """CPU microseconds per event of the worker processes."""
+
+
+def _processes(url: str, space: str, workers: int, count: int) -> _Spent:
+    """Total events/s of `workers` processes appending `count` each to `space`, and the CPU it
+    took per event."""
     flag = os.path.join(tempfile.gettempdir(), f"shard-perf-{uuid.uuid4().hex}.done")
     go, out = CTX.Event(), CTX.Queue()
     procs = [
@@ -461,9 +488,12 @@ def _processes(url: str, space: str, workers: int, count: int) -> float:
         for _ in range(workers):
             kind = out.get(timeout=120)[0]
             assert kind == "ready"
+        busy = _machine_busy()
         go.set()
         spans = [out.get(timeout=600) for _ in range(workers)]
+        busy = _machine_busy() - busy
         Path(flag).touch()
+        cpu = sum(out.get(timeout=60)[2] for _ in range(workers))
         for p in procs:
             p.join(60)
     finally:
@@ -474,7 +504,8 @@ def _processes(url: str, space: str, workers: int, count: int) -> float:
         Path(flag).unlink(missing_ok=True)
     start = min(s[2] for s in spans)
     end = max(s[3] for s in spans)
-    return workers * count / (end - start)
+    events = workers * count
+    return _Spent(events / (end - start), busy / events * 1e6, cpu / events * 1e6)
 
 
 def process_rows(label: str, url: str, counts: Counts, rounds: int) -> list[Row]:
@@ -483,8 +514,12 @@ def process_rows(label: str, url: str, counts: Counts, rounds: int) -> list[Row]
     for r in range(rounds):
         alone.append(_processes(url, f"alone-{r}", 1, 4 * n))
         four.append(_processes(url, f"four-{r}", 4, n))
-    fig, base = statistics.median(four), statistics.median(alone)
-    return [
+
+    def median(spent: list[_Spent], field: str) -> float:
+        return float(statistics.median(getattr(s, field) for s in spent))
+
+    fig, base = median(four, "rate"), median(alone, "rate")
+    rows = [
         _row(
             "4 processes appending to one space (total)",
             label,
@@ -495,6 +530,29 @@ def process_rows(label: str, url: str, counts: Counts, rounds: int) -> list[Row]
             note=f"{n} appends each, 3 forwarding to the holder; medians of {rounds}",
         )
     ]
+    machine, workers = median(four, "machine_us"), median(four, "workers_us")
+    if machine:
+        # Where the time goes: a forwarded event costs more CPU than a direct one, and the
+        # machine's cores bound the rate at cores / (CPU per event).
+        cores = os.cpu_count() or 1
+        rows.append(
+            _row(
+                "  CPU per event, machine-wide (4 processes)",
+                label,
+                "1 process alone",
+                machine,
+                median(alone, "machine_us"),
+                None,
+                unit="us",
+                note=(
+                    f"of it the worker processes {workers:,.0f} us (alone "
+                    f"{median(alone, 'workers_us'):,.0f} us), the rest the database server and "
+                    f"the kernel; {cores} cores bound 4 processes to "
+                    f"{cores / machine * 1e6:,.0f} events/s at full use"
+                ),
+            )
+        )
+    return rows
 
 
 # -- memory of a long iteration --------------------------------------------------------------------
@@ -690,6 +748,8 @@ def _fmt(value: float | None, unit: str) -> str:
         return "-"
     if unit == "MB":
         return f"{value:,.1f} MB"
+    if unit == "us":
+        return f"{value:,.0f} us"
     return f"{value:,.0f}"
 
 

@@ -265,29 +265,36 @@ def _is_sqlite_busy(e: BaseException) -> bool:
     return "locked" in str(root) or "busy" in str(root)
 
 
+BUSY_FIRST = 0.00005
+BUSY_MAX = 0.002
+"""Seconds: a statement that found the SQLite database busy is retried after 50 us, growing to
+2 ms between tries (see `_busy_retry`)."""
+
+
 def _busy_retry(c: _Conn, attempt: Callable[[], _R]) -> _R:
     """SQLite: `attempt()` (one statement that takes the write lock) retried on a busy database
-    every 50 us growing to 2 ms, for as long as the connection's busy_timeout, with SQLite's own
-    busy handler off meanwhile. That handler sleeps 1, 2, 5, 10, 15, 20, 25, ... ms between its
-    tries (sqliteDefaultBusyCallback, https://www.sqlite.org/c3ref/busy_timeout.html): beside a
-    writer that takes the lock again and again (a holder appending in a loop) a lease grant or a
-    forwarded intent waited 180-250 ms."""
-    cur = c.cur
-    busy_ms = int(cur.execute("PRAGMA busy_timeout").fetchone()[0])
-    cur.execute("PRAGMA busy_timeout = 0")
-    try:
-        deadline = time.monotonic() + busy_ms / 1000
-        delay = 0.00005
-        while True:
-            try:
-                return attempt()
-            except sqlite3.OperationalError as e:
-                if not _is_sqlite_busy(e) or time.monotonic() >= deadline:
-                    raise
-            time.sleep(delay * (0.5 + random.random()))
-            delay = min(delay * 1.5, 0.002)
-    finally:
-        cur.execute(f"PRAGMA busy_timeout = {busy_ms}")
+    every 50 us growing to 2 ms, for `c.busy` seconds.
+
+    The store's connections run with SQLite's own busy handler off (`busy_timeout = 0`, set in
+    `SqlEventStore._setup`): that handler sleeps 1, 2, 5, 10, 15, 20, 25, ... ms between its
+    tries (sqliteDefaultBusyCallback, https://www.sqlite.org/c3ref/busy_timeout.html), and beside
+    a writer that takes the lock again and again (a holder appending in a loop) a lease grant or
+    a forwarded intent waited 180-250 ms; a holder's append waited 1-3 ms beside forwarders."""
+    deadline = 0.0
+    delay = BUSY_FIRST
+    while True:
+        try:
+            return attempt()
+        except sqlite3.OperationalError as e:
+            if not _is_sqlite_busy(e):
+                raise
+            now = time.monotonic()
+            if not deadline:
+                deadline = now + c.busy
+            if now >= deadline:
+                raise
+        time.sleep(delay * (0.5 + random.random()))
+        delay = min(delay * 1.5, BUSY_MAX)
 
 
 def _is_unique_violation(e: BaseException) -> bool:
@@ -417,12 +424,14 @@ def _guarded(
 class _Conn:
     """A driver connection the store keeps, with a reusable cursor."""
 
-    __slots__ = ("cur", "fairy", "raw")
+    __slots__ = ("busy", "cur", "fairy", "raw")
 
     def __init__(self, fairy: Any) -> None:
         self.fairy = fairy
         self.raw: Any = fairy.dbapi_connection
         self.cur: Any = self.raw.cursor()
+        self.busy = 0.0
+        """SQLite: seconds a statement may retry a busy database (`_busy_retry`, `_call`)."""
 
 
 class _Connections:
@@ -928,14 +937,21 @@ class SqlEventStore(StoreBase, LeaseStore, SqlIntents):
     # -- connections, retries and errors ---------------------------------------------------
 
     def _setup(self, c: _Conn) -> None:
-        if not self._sqlite and not c.raw.autocommit:
+        if self._sqlite:
+            # Busy waits are ours, finer than SQLite's busy handler: see `_busy_retry`. Every
+            # statement the store runs goes through it or through `_call`, which retries alike.
+            c.busy = self._busy_timeout
+            c.cur.execute("PRAGMA busy_timeout = 0")
+        elif not c.raw.autocommit:
             # A connection of an engine passed in: the store's statements are each their own
             # transaction, and it opens explicit ones with BEGIN.
             c.raw.autocommit = True
             c.raw.execute("SET TIME ZONE 'UTC'")
 
     def _teardown(self, c: _Conn) -> None:
-        if not self._owned and not self._sqlite:
+        if self._sqlite:
+            c.raw.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout * 1000)}")
+        elif not self._owned:
             c.raw.execute("RESET TIME ZONE")
             c.raw.autocommit = False
 
@@ -948,14 +964,14 @@ class SqlEventStore(StoreBase, LeaseStore, SqlIntents):
         """Run `fn(conn, *args)` on a kept connection; every failed attempt rolls back first, so
         nothing is half-written.
 
-        SQLite busy errors (the busy handler already waited, or could not wait) are retried with
-        backoff until `busy_timeout` has passed. A PostgreSQL connection found dead (a server
+        SQLite busy errors are retried every 50 us growing to 2 ms (as `_busy_retry`) until
+        `busy_timeout` has passed. A PostgreSQL connection found dead (a server
         restart, a terminated backend) is dropped with every idle one, and with `retry` (the
         call is idempotent: a read, or a write whose intent ids make a repeat harmless) the call
         runs once more on a new connection.
         """
         deadline = 0.0
-        delay = 0.001
+        delay = BUSY_FIRST
         reconnected = False
         while True:
             try:
@@ -995,7 +1011,7 @@ class SqlEventStore(StoreBase, LeaseStore, SqlIntents):
         if now >= deadline:
             raise e
         time.sleep(delay * (0.5 + random.random()))
-        return deadline, min(delay * 2, 0.1)
+        return deadline, min(delay * 1.5, BUSY_MAX)
 
     # -- schema ----------------------------------------------------------------------------
 
