@@ -51,7 +51,7 @@ from sqlalchemy.engine import URL, Connection, Engine, make_url
 from sqlalchemy.pool import NullPool, StaticPool
 
 from shard_sql._orm import EVENTS, LEASES, SCHEMA_REVISION, VERSION_TABLE
-from shard_sql._sql_intents import SqlIntents
+from shard_sql._sql_intents import SqlIntents, _Bells
 from shard_sql.errors import (
     InvalidEvent,
     LeaseHeld,
@@ -901,6 +901,8 @@ class SqlEventStore(StoreBase, LeaseStore, SqlIntents):
         self.where = self._site.where
         self._sqlite = engine.dialect.name == "sqlite"
         self._d: _Dialect = _Sqlite() if self._sqlite else _Postgres()
+        if self._sqlite and not _is_memory(engine.url):
+            self._bells = _Bells.of(engine.url.database)
         self._conns = _Connections(
             engine, self._setup, self._teardown, single=self._sqlite and _is_memory(engine.url)
         )
@@ -1125,10 +1127,15 @@ class SqlEventStore(StoreBase, LeaseStore, SqlIntents):
                     intent_id, check.holder, check.generation,
                 )  # fmt: skip
             if self._sqlite and self._insert_once(sql, params):
+                if intent_id is not None and self._bells is not None:
+                    self._bells.ring("e", space)  # a forwarder may wait for it: `_Bells`
                 return [
                     new_event(space, expected_seq, p.type, p.payload, at, writer, gen, intent_id)
                 ]
-            return self._write_one(space, p, expected_seq, check, sql, params, at, writer, gen)
+            written = self._write_one(space, p, expected_seq, check, sql, params, at, writer, gen)
+            if intent_id is not None and self._bells is not None:
+                self._bells.ring("e", space)
+            return written
         if not batch:
             raise InvalidEvent("items", "must not be empty")
         now = system_clock()
@@ -1142,6 +1149,8 @@ class SqlEventStore(StoreBase, LeaseStore, SqlIntents):
                     self._write, space, events, batch, check, expected_seq, retry=repeatable
                 )
                 if done is not None:
+                    if self._bells is not None and any(p.intent_id for p in batch):
+                        self._bells.ring("e", space)
                     return done
             # Three benign races in a row (the head moved between the write and the check).
             raise SeqConflict(space, expected_seq)
