@@ -52,8 +52,8 @@ Waiting (`wait_for_change`):
   notification may have been lost in between), and inboxes are out of sync until read again.
 - SQLite file: no notifications. The waiter checks `PRAGMA data_version` on a dedicated
   connection (it changes when any other connection commits). On Linux it sleeps in between on
-  per-space bell files (`_Bells`: a holder's serving thread on its spaces' intent bells, a
-  forwarder on the event bell of the space it awaits), looking at `data_version` every
+  per-space bell files (`shard_sql._bells`: a holder's serving thread on its spaces' intent
+  bells, a forwarder on the event bell of the space it awaits), looking at `data_version` every
   `BELL_FALLBACK` seconds; where bells cannot be made, on inotify of the `-wal` file
   (`_WalWatch`); else it polls every `POLL_MIN` seconds for
   `POLL_FAST` seconds, then backing off to `POLL_MAX`; with the same per-thread baseline (a
@@ -69,7 +69,6 @@ and ignores steps of the local wall clock); on SQLite, the system clock.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import functools
 import hashlib
 import itertools
@@ -88,6 +87,8 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 
+from shard_sql import _bells
+from shard_sql._bells import Bells, Inotify, inotify_libc
 from shard_sql._orm import EVENTS, INTENTS
 from shard_sql.errors import InvalidEvent, ShardSqlError, StoreUnavailable
 from shard_sql.store import IntentInbox, IntentQueue, system_clock
@@ -144,9 +145,6 @@ POLL_MIN = 0.001
 POLL_FAST = 0.02
 POLL_MAX = 0.02
 """... then growing by half at every unchanged poll up to this."""
-BELL_FALLBACK = 0.02
-"""SQLite with bells: a waiter looks at `data_version` at least this often in seconds (a commit
-nobody rang for: a lease grant, a direct append, a writer that died between commit and ring)."""
 FALLBACK_SLEEP = 0.05
 """PostgreSQL: the longest a wait sleeps while the listener is down (then the caller looks)."""
 RECONNECT_MIN = 0.05
@@ -814,7 +812,7 @@ def _keepalive(fd: int) -> None:
         s.close()
 
 
-class _WalWatch:
+class _WalWatch(Inotify):
     """Linux inotify on the database's `-wal` file, for one thread.
 
     In WAL mode every commit, by any process on this host, writes that file: a waiter blocks in
@@ -825,17 +823,11 @@ class _WalWatch:
     """
 
     IN_MODIFY = 0x00000002
-    IN_IGNORED = 0x00008000
-    FLAGS = os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-        self.alive = True
 
     @classmethod
     def open(cls, path: str) -> _WalWatch | None:
         """A watch on `path`, or None (not Linux, no inotify, no such file yet)."""
-        libc = _libc()
+        libc = inotify_libc()
         if libc is None or not os.path.exists(path):
             return None
         fd = libc.inotify_init1(cls.FLAGS)
@@ -873,147 +865,13 @@ class _WalWatch:
         ready, _, _ = select.select([self.fd], [], [], timeout)
         return bool(ready) and self.drain()
 
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            os.close(self.fd)
-
-    def __del__(self) -> None:
-        self.close()
-
-
-_LIBC: list[Any] = []
-
-
-def _libc() -> Any:
-    if not _LIBC:
-        lib = None
-        if sys.platform.startswith("linux"):
-            try:
-                lib = ctypes.CDLL(None, use_errno=True)
-                lib.inotify_init1.argtypes = [ctypes.c_int]
-                lib.inotify_add_watch.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
-            except (OSError, AttributeError):
-                lib = None
-        _LIBC.append(lib)
-    return _LIBC[0]
-
-
-class _Bells:
-    """SQLite on Linux: per-space bell files in a directory beside the database (`<file>-bells`),
-    the `-wal` file's inotify made per space, as PostgreSQL's channels are.
-
-    Every commit writes the `-wal` file, so a waiter on it wakes at every commit of anyone and
-    then polls until the commit shows: with three processes forwarding to a holder, about 1 ms
-    of CPU per forwarded event, most of it waiters woken for nothing. Instead, after its commit
-    a forwarder rings its space's intent bell (`i`) and a holder that wrote forwarded intents
-    rings the space's event bell (`e`), by setting the file's mtime; a holder's serving thread
-    watches the intent bells of its spaces, a forwarder the event bell of the space it awaits
-    (inotify IN_ATTRIB, https://man7.org/linux/man-pages/man7/inotify.7.html). A bell rings
-    after the commit, so the waiter sees it at once. A bell is a hint, never the truth: a ring
-    is followed by a read, and waiters still look at `data_version` every `BELL_FALLBACK`
-    seconds. Only waiters create bell files; ringing a missing one costs a failed `utime`."""
-
-    IN_ATTRIB = 0x00000004
-
-    def __init__(self, database: str) -> None:
-        self.dir = f"{os.path.abspath(database)}-bells"
-        self._paths: dict[tuple[str, str], str] = {}
-
-    @classmethod
-    def of(cls, database: str | None) -> _Bells | None:
-        if not database or database == ":memory:" or _libc() is None:
-            return None
-        return cls(database)
-
-    def path(self, kind: str, space: str) -> str:
-        key = (kind, space)
-        path = self._paths.get(key)
-        if path is None:
-            if len(self._paths) >= MAX_TRACKED_SPACES:
-                self._paths.clear()
-            digest = hashlib.md5(space.encode("utf-8", "surrogatepass")).hexdigest()[:16]
-            path = self._paths[key] = os.path.join(self.dir, kind + digest)
-        return path
-
-    def ring(self, kind: str, space: str) -> None:
-        with contextlib.suppress(OSError):  # no such bell: nobody waits on it
-            os.utime(self.path(kind, space))
-
-    def watch(self, paths: list[str]) -> _BellWatch | None:
-        """A new watch of this thread on `paths` (their files created), or None (no inotify)."""
-        libc = _libc()
-        fd = libc.inotify_init1(_WalWatch.FLAGS)
-        if fd < 0:
-            return None
-        watch = _BellWatch(fd)
-        if not watch.add(paths):
-            watch.close()
-            return None
-        return watch
-
-
-class _BellWatch(_WalWatch):
-    """One thread's inotify descriptor on the bells it waits on (kept between its waits, so a
-    ring between a caller's read and its next wait ends that wait at once)."""
-
-    def __init__(self, fd: int) -> None:
-        super().__init__(fd)
-        self.wds: dict[str, int] = {}
-        self.current: set[int] = set()
-
-    def add(self, paths: list[str]) -> bool:
-        """Watch `paths` too; False when one cannot be watched."""
-        libc = _libc()
-        for path in paths:
-            if path in self.wds:
-                continue
-            try:
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                with open(path, "a"):
-                    pass
-            except OSError:
-                return False
-            wd = libc.inotify_add_watch(self.fd, os.fsencode(path), _Bells.IN_ATTRIB)
-            if wd < 0:
-                return False
-            self.wds[path] = wd
-        return True
-
-    def rung(self, timeout: float) -> bool:
-        """Block until a bell of `current` rings, at most `timeout` seconds."""
-        deadline = time.monotonic() + timeout
-        while True:
-            ready, _, _ = select.select([self.fd], [], [], max(deadline - time.monotonic(), 0))
-            if not ready:
-                return False
-            if self._rung():
-                return True
-
-    def _rung(self) -> bool:
-        got = False
-        while True:
-            try:
-                data = os.read(self.fd, 4096)
-            except BlockingIOError:
-                return got
-            except OSError:
-                self.alive = False
-                return True
-            if not data:
-                return got
-            offset = 0
-            while offset + 16 <= len(data):
-                wd = int.from_bytes(data[offset : offset + 4], sys.byteorder, signed=True)
-                got = got or wd in self.current
-                offset += 16 + int.from_bytes(data[offset + 12 : offset + 16], sys.byteorder)
-
 
 class _Poller:
     """SQLite: `PRAGMA data_version` on a dedicated connection, shared by the waiting threads;
-    each thread sleeps on its `_BellWatch` or `_WalWatch` between polls where it can."""
+    each thread sleeps on its `BellWatch` or `_WalWatch` between polls where it can."""
 
     def __init__(
-        self, connect: Callable[[], Any], wal: str | None = None, bells: _Bells | None = None
+        self, connect: Callable[[], Any], wal: str | None = None, bells: Bells | None = None
     ) -> None:
         self._connect = connect
         self._wal = wal
@@ -1048,23 +906,13 @@ class _Poller:
         return watch
 
     def wait_bells(self, paths: list[str], timeout: float) -> bool:
-        """Wait until one of the bells `paths` rings (see `_Bells`), or `data_version` moved at a
+        """Wait until one of the bells `paths` rings (see `Bells`), or `data_version` moved at a
         look every `BELL_FALLBACK` seconds; True if either. Without bells, as `wait`."""
         seen = self._seen
-        watch: _BellWatch | None = getattr(seen, "bells", None)
-        if watch is not None and not watch.alive:
-            watch.close()
-            watch = seen.bells = None
-        fresh = watch is None or any(p not in watch.wds for p in paths)
-        if self.bells is None:
+        found = None if self.bells is None else self.bells.watch(seen, paths)
+        if found is None:
             return self.wait(timeout)
-        if watch is None:
-            watch = seen.bells = self.bells.watch(paths)
-        elif fresh and not watch.add(paths):
-            watch = None
-        if watch is None:
-            return self.wait(timeout)
-        watch.current = {watch.wds[p] for p in paths}
+        watch, fresh = found
         base: int | None = getattr(seen, "version", None)
         if fresh or base is None:
             # A ring before the watch was missed: the caller looks (and its next wait is sure).
@@ -1073,12 +921,12 @@ class _Poller:
         deadline = time.monotonic() + timeout
         while True:
             remaining = deadline - time.monotonic()
-            rung = remaining > 0 and watch.rung(min(remaining, BELL_FALLBACK))
+            rung = remaining > 0 and watch.rung(min(remaining, _bells.BELL_FALLBACK))
             version = self.version()
             if rung or version != base:
                 seen.version = version
                 return True
-            if remaining <= BELL_FALLBACK:
+            if remaining <= _bells.BELL_FALLBACK:
                 return False
 
     def wait(self, timeout: float) -> bool:
@@ -1181,7 +1029,7 @@ class SqlIntents(IntentQueue, IntentInbox):
         self._wait_pid = os.getpid()
         self._listener: _Listener | None = None
         self._poller: _Poller | None = None
-        self._bells: _Bells | None = None
+        self._bells: Bells | None = None
         """SQLite file on Linux: the bells (set by the store once its engine is open)."""
         self._local_signal: _Signal | None = None
         self._warned: set[tuple[str, int]] = set()

@@ -50,8 +50,9 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import URL, Connection, Engine, make_url
 from sqlalchemy.pool import NullPool, StaticPool
 
+from shard_sql._bells import Bells
 from shard_sql._orm import EVENTS, LEASES, SCHEMA_REVISION, VERSION_TABLE
-from shard_sql._sql_intents import SqlIntents, _Bells
+from shard_sql._sql_intents import SqlIntents
 from shard_sql.errors import (
     InvalidEvent,
     LeaseHeld,
@@ -902,7 +903,7 @@ class SqlEventStore(StoreBase, LeaseStore, SqlIntents):
         self._sqlite = engine.dialect.name == "sqlite"
         self._d: _Dialect = _Sqlite() if self._sqlite else _Postgres()
         if self._sqlite and not _is_memory(engine.url):
-            self._bells = _Bells.of(engine.url.database)
+            self._bells = Bells.beside(f"{engine.url.database}-bells")
         self._conns = _Connections(
             engine, self._setup, self._teardown, single=self._sqlite and _is_memory(engine.url)
         )
@@ -1128,7 +1129,7 @@ class SqlEventStore(StoreBase, LeaseStore, SqlIntents):
                 )  # fmt: skip
             if self._sqlite and self._insert_once(sql, params):
                 if intent_id is not None and self._bells is not None:
-                    self._bells.ring("e", space)  # a forwarder may wait for it: `_Bells`
+                    self._bells.ring("e", space)  # a forwarder may wait for it: `shard_sql._bells`
                 return [
                     new_event(space, expected_seq, p.type, p.payload, at, writer, gen, intent_id)
                 ]

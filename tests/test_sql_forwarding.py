@@ -669,7 +669,7 @@ def test_sqlite_bells(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     the event bell of the space it awaits; a forwarded intent's put rings the first, the write
     of events with intent ids the second, each after its commit. With the `data_version` look
     pushed out of reach, only a ring can end these waits."""
-    import shard_sql._sql_intents as intents
+    import shard_sql._bells as bells_module
 
     url = f"sqlite:///{tmp_path}/shard.db"
     with SqlEventStore(url) as holder, SqlEventStore(url) as fwd:
@@ -678,7 +678,7 @@ def test_sqlite_bells(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         i_bell, e_bell = Path(bells.path("i", "s")), Path(bells.path("e", "s"))
         holder.wait_for_change(["s"], 0)  # the first wait: the bell is made, the wait ends
         assert i_bell.exists() and not e_bell.exists()  # rung bells are made by waiters only
-        monkeypatch.setattr(intents, "BELL_FALLBACK", 60.0)
+        monkeypatch.setattr(bells_module, "BELL_FALLBACK", 60.0)
         stamp = i_bell.stat().st_mtime_ns
         watching, found = threading.Event(), []
 

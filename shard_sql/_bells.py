@@ -1,0 +1,182 @@
+"""Bells: per-space wake-ups across the processes of one host, for the stores without
+notifications (a SQLite file, a git repository), on Linux.
+
+A bell is an empty file in a directory beside the data (`<database file>-bells`, or
+`<git dir>/shard-sql-bells`), two per space that forwarding waited on: `i<md5(space)[:16]>`,
+rung (its mtime set) after a forwarded intent's record is committed, and `e<...>`, rung after a
+holder wrote events of forwarded intents. A holder's serving thread sleeps on the intent bells
+of its spaces, a forwarder on the event bell of the space it awaits, with inotify IN_ATTRIB
+(https://man7.org/linux/man-pages/man7/inotify.7.html).
+
+Without them a waiter wakes at every commit of anyone (SQLite: every `-wal` write; git: a poll
+every millisecond): with three processes forwarding to a holder, about 1 ms of CPU per forwarded
+event on SQLite, most of it waiters woken for nothing. A bell rings after the commit, so the
+waiter sees the change at once. A bell is a hint, never the truth: a ring is followed by a read,
+and waiters still look at the store's own change stamp every `BELL_FALLBACK` seconds (a change
+nobody rang for: a lease grant, a direct append, a writer that died between commit and ring).
+Only waiters create bell files; ringing a missing one costs a failed `utime`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import os
+import select
+import sys
+import time
+from typing import Any
+
+BELL_FALLBACK = 0.02
+"""Seconds: a waiter on bells looks at the store's change stamp at least this often."""
+MAX_PATHS = 10_000
+"""Bell paths remembered per store (spaces seldom number more)."""
+
+_LIBC: list[Any] = []
+
+
+def inotify_libc() -> Any:
+    """libc with inotify's functions typed, or None (not Linux)."""
+    if not _LIBC:
+        lib = None
+        if sys.platform.startswith("linux"):
+            try:
+                lib = ctypes.CDLL(None, use_errno=True)
+                lib.inotify_init1.argtypes = [ctypes.c_int]
+                lib.inotify_add_watch.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
+            except (OSError, AttributeError):
+                lib = None
+        _LIBC.append(lib)
+    return _LIBC[0]
+
+
+class Inotify:
+    """An inotify descriptor, for one thread."""
+
+    IN_IGNORED = 0x00008000
+    FLAGS = os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.alive = True
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
+
+    def __del__(self) -> None:
+        self.close()
+
+
+class Bells:
+    """The bells of one database file or repository (see the module docstring)."""
+
+    IN_ATTRIB = 0x00000004
+
+    def __init__(self, directory: str) -> None:
+        self.dir = directory
+        self._paths: dict[tuple[str, str], str] = {}
+
+    @classmethod
+    def beside(cls, directory: str | None) -> Bells | None:
+        """Bells in `directory`, or None where inotify is missing."""
+        if not directory or inotify_libc() is None:
+            return None
+        return cls(os.path.abspath(directory))
+
+    def path(self, kind: str, space: str) -> str:
+        key = (kind, space)
+        path = self._paths.get(key)
+        if path is None:
+            if len(self._paths) >= MAX_PATHS:
+                self._paths.clear()
+            digest = hashlib.md5(space.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+            path = self._paths[key] = os.path.join(self.dir, kind + digest)
+        return path
+
+    def ring(self, kind: str, space: str) -> None:
+        with contextlib.suppress(OSError):  # no such bell: nobody waits on it
+            os.utime(self.path(kind, space))
+
+    def watch(self, state: Any, paths: list[str]) -> tuple[BellWatch, bool] | None:
+        """This thread's watch (kept as `state.bells`) on `paths`, and whether it is new for one
+        of them (a ring before it began was missed: the caller should look at once); None when
+        no watch can be made (the caller waits as it would without bells)."""
+        watch: BellWatch | None = getattr(state, "bells", None)
+        if watch is not None and not watch.alive:
+            watch.close()
+            watch = state.bells = None
+        fresh = watch is None or any(p not in watch.wds for p in paths)
+        if watch is None:
+            fd = inotify_libc().inotify_init1(Inotify.FLAGS)
+            if fd < 0:
+                return None
+            watch = state.bells = BellWatch(fd)
+        if fresh and not watch.add(paths):
+            watch.close()
+            state.bells = None
+            return None
+        watch.current = {watch.wds[p] for p in paths}
+        return watch, fresh
+
+
+class BellWatch(Inotify):
+    """One thread's inotify descriptor on the bells it waits on, kept between its waits: a ring
+    between a caller's read and its next wait ends that wait at once."""
+
+    def __init__(self, fd: int) -> None:
+        super().__init__(fd)
+        self.wds: dict[str, int] = {}
+        self.current: set[int] = set()
+
+    def add(self, paths: list[str]) -> bool:
+        """Watch `paths` too (their files made); False when one cannot be watched."""
+        libc = inotify_libc()
+        for path in paths:
+            if path in self.wds:
+                continue
+            try:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                with open(path, "a"):
+                    pass
+            except OSError:
+                return False
+            wd = libc.inotify_add_watch(self.fd, os.fsencode(path), Bells.IN_ATTRIB)
+            if wd < 0:
+                return False
+            self.wds[path] = wd
+        return True
+
+    def rung(self, timeout: float) -> bool:
+        """Block until a bell of `current` rings, at most `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            ready, _, _ = select.select([self.fd], [], [], max(deadline - time.monotonic(), 0))
+            if not ready:
+                return False
+            if self._rung():
+                return True
+
+    def _rung(self) -> bool:
+        got = False
+        while True:
+            try:
+                data = os.read(self.fd, 4096)
+            except BlockingIOError:
+                return got
+            except OSError:
+                self.alive = False
+                return True
+            if not data:
+                return got
+            # struct inotify_event: int wd; uint32 mask, cookie, len; char name[len]
+            offset = 0
+            while offset + 16 <= len(data):
+                wd = int.from_bytes(data[offset : offset + 4], sys.byteorder, signed=True)
+                mask = int.from_bytes(data[offset + 4 : offset + 8], sys.byteorder)
+                if mask & self.IN_IGNORED:  # a bell file went away: watch anew next time
+                    self.alive = False
+                    got = True
+                got = got or wd in self.current
+                offset += 16 + int.from_bytes(data[offset + 12 : offset + 16], sys.byteorder)
