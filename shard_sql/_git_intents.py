@@ -47,7 +47,11 @@ A record that cannot be read or does not validate (a foreign or corrupt blob, a 
 skipped with one warning on the `shard_sql.git` logger, never applied and never deleted: an
 operator removes it with `git update-ref -d <ref>`. The holder keeps serving the other intents.
 
-Waiting (`wait_for_change`): git has no notifications. The waiter polls a cheap stamp of what it
+Waiting (`wait_for_change`): git has no notifications. On Linux a waiter sleeps on bells
+(`shard_sql._bells`, in `<git dir>/shard-sql-bells`): a holder's serving thread on the intent
+bells of its spaces, rung by `put_intent`, a forwarder on the event bell of the space it awaits,
+rung by a write of forwarded intents; it looks at the stamp below every `BELL_FALLBACK` seconds.
+Elsewhere, or where the bells cannot be made, the waiter polls a cheap stamp of what it
 waits for: `stat` of each space's loose space and lease refs, the names in its intent directory,
 and `stat` of `packed-refs`; every loose ref update is a rename (a new inode), so a change shows
 even within one mtime tick. A poll costs ~20 us for one space. Polls come every `POLL_MIN`
@@ -75,6 +79,8 @@ from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 import pygit2
 from pygit2.enums import ObjectType
 
+from shard_sql import _bells
+from shard_sql._bells import Bells
 from shard_sql._git_errors import guarded as _guarded
 from shard_sql.errors import InvalidEvent, ShardSqlError, StoreUnavailable
 from shard_sql.store import IntentQueue
@@ -219,6 +225,7 @@ class GitIntents(IntentQueue):
             with open(common, encoding="utf-8") as f:
                 root = os.path.normpath(os.path.join(self._gitdir, f.read().strip()))
         self._refs_root = root
+        self._bells = Bells.beside(os.path.join(root, "shard-sql-bells"))
 
     # -- names -------------------------------------------------------------------------------
 
@@ -253,6 +260,17 @@ class GitIntents(IntentQueue):
         # and retries with the same intent id (see the module docstring).
         blob = self._objects(durable=False).put(ObjectType.BLOB, data)
         self._create_ref(repo, ref, blob, time.monotonic() + self.lock_timeout)
+        self._awaited()[space] = item.intent_id
+        if self._bells is not None:
+            self._bells.ring("i", space)
+
+    def _awaited(self) -> dict[str, str]:
+        """This thread's spaces where it waits for an intent it recorded (by its intent id)."""
+        try:
+            out: dict[str, str] = self._waits.awaited
+        except AttributeError:
+            out = self._waits.awaited = {}
+        return out
 
     def _create_ref(self, repo: Any, ref: str, target: str, deadline: float) -> None:
         """Create `ref` at `target` unless it exists, under `<ref>.lock` as git does, without
@@ -298,7 +316,10 @@ class GitIntents(IntentQueue):
         check_space(space)
         checked = check_intent_id(intent_id)
         assert checked is not None
-        return self._find_intent(space, self._tip(self._repo(), space), checked)
+        found = self._find_intent(space, self._tip(self._repo(), space), checked)
+        if found is not None and self._awaited().get(space) == checked:
+            del self._awaited()[space]
+        return found
 
     def _intent_refs(self, space: str) -> list[str]:
         """The names of the space's intent refs, loose and packed.
@@ -522,6 +543,31 @@ class GitIntents(IntentQueue):
         now_stamp = stamp()
         cost = time.monotonic() - start
         baseline = seen.get(watched, now_stamp)
+        bells = self._bells
+        found = None
+        if bells is not None:
+            # A forwarder waits for its event, any other waiter for intents (`shard_sql._bells`).
+            awaited = self._awaited()
+            rings = [bells.path("e" if s in awaited else "i", s) for s in watched]
+            found = bells.watch(self._waits, rings)
+        if found is not None:
+            # A ring missed before the watch began (`fresh`) shows in the stamp, looked at
+            # every BELL_FALLBACK seconds.
+            watch, _fresh = found
+            try:
+                while now_stamp == baseline:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        return
+                    rung = watch.rung(min(remaining, _bells.BELL_FALLBACK))
+                    now_stamp = stamp()
+                    if rung:
+                        return
+            finally:
+                if len(seen) >= 64:
+                    seen.clear()
+                seen[watched] = now_stamp
+            return
         delay = POLL_MIN
         try:
             while now_stamp == baseline:

@@ -966,6 +966,8 @@ class GitEventStore(StoreBase, LeaseStore, GitIntents):
                 new = self._commits(repo, objects, tip, batch, out)
                 if self._swap(repo, space, fenced, fence, tip, new.oid, objects, deadline):
                     self._remember((space, new.oid), new)
+                    if self._bells is not None and any(p.intent_id for p in batch):
+                        self._bells.ring("e", space)  # a forwarder may wait for it
                     return out
             finally:
                 objects.close()

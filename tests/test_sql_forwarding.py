@@ -663,51 +663,6 @@ def test_sqlite_waiters_sleep_on_the_wal_file(tmp_path: Path) -> None:
         assert [p.intent_id for p in store.pending_intents("s", limit=10)] == ["k"]
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="inotify is Linux's")
-def test_sqlite_bells(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """SQLite on Linux: a holder's wait sleeps on its spaces' intent bells, a forwarder's on
-    the event bell of the space it awaits; a forwarded intent's put rings the first, the write
-    of events with intent ids the second, each after its commit. With the `data_version` look
-    pushed out of reach, only a ring can end these waits."""
-    import shard_sql._bells as bells_module
-
-    url = f"sqlite:///{tmp_path}/shard.db"
-    with SqlEventStore(url) as holder, SqlEventStore(url) as fwd:
-        bells = holder._bells
-        assert bells is not None and bells.dir == f"{tmp_path}/shard.db-bells"
-        i_bell, e_bell = Path(bells.path("i", "s")), Path(bells.path("e", "s"))
-        holder.wait_for_change(["s"], 0)  # the first wait: the bell is made, the wait ends
-        assert i_bell.exists() and not e_bell.exists()  # rung bells are made by waiters only
-        monkeypatch.setattr(bells_module, "BELL_FALLBACK", 60.0)
-        stamp = i_bell.stat().st_mtime_ns
-        watching, found = threading.Event(), []
-
-        def forwarder() -> None:
-            fwd.put_intent("s", pending("t", {}, "k1"), holder="h")
-            fwd.wait_for_change(["s"], 60)  # its first: the event bell is made, the wait ends
-            watching.set()
-            fwd.wait_for_change(["s"], 60)
-            found.append(fwd.find_intent("s", "k1"))
-
-        thread = threading.Thread(target=forwarder)
-        thread.start()
-        holder.wait_for_change(["s"], 60)  # ended by the put's ring
-        assert i_bell.stat().st_mtime_ns > stamp
-        [item] = holder.pending_intents("s", limit=10)
-        assert watching.wait(10) and e_bell.exists()
-        stamp = e_bell.stat().st_mtime_ns
-        time.sleep(0.01)  # past the file system's timestamp granularity
-        holder.append("s", "t", {}, expected_seq=0)  # no intent id: nobody waits, no ring
-        assert e_bell.stat().st_mtime_ns == stamp
-        holder.write("s", [item], expected_seq=1, fence=None)
-        thread.join(30)
-        assert not thread.is_alive() and found[0] is not None and found[0].seq == 1
-        assert e_bell.stat().st_mtime_ns > stamp
-        # A ring between a caller's look and its next wait ends that wait at once.
-        bells.ring("i", "s")
-        holder.wait_for_change(["s"], 60)
-
-
 @pytest.mark.postgres
 def test_channels_of_spaces_given_up_are_unlistened(
     pg_url: str, monkeypatch: pytest.MonkeyPatch

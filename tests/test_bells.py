@@ -1,0 +1,68 @@
+"""Bells (`shard_sql._bells`): the per-space wake-ups of forwarding on the stores without
+notifications, SQLite files and git repositories, on Linux."""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from shard_sql import GitEventStore, SqlEventStore
+from shard_sql.validation import pending
+
+STORES: dict[str, Callable[[Path], Any]] = {
+    "sqlite": lambda d: SqlEventStore(f"sqlite:///{d}/shard.db"),
+    "git": lambda d: GitEventStore(d / "log.git"),
+}
+BELLS = {"sqlite": "shard.db-bells", "git": "log.git/shard-sql-bells"}
+
+
+@pytest.mark.parametrize("kind", sorted(STORES))
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="inotify is Linux's")
+def test_bells(kind: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SQLite and git on Linux: a holder's wait sleeps on its spaces' intent bells, a forwarder's on
+    the event bell of the space it awaits; a forwarded intent's put rings the first, the write
+    of events with intent ids the second, each after its commit. With the `data_version` look
+    pushed out of reach, only a ring can end these waits."""
+    import shard_sql._bells as bells_module
+
+    open_ = STORES[kind]
+    with open_(tmp_path) as holder, open_(tmp_path) as fwd:
+        bells = holder._bells
+        assert bells is not None and bells.dir == str(tmp_path / BELLS[kind])
+        i_bell, e_bell = Path(bells.path("i", "s")), Path(bells.path("e", "s"))
+        holder.wait_for_change(["s"], 0)  # the first wait: the bell is made
+        assert i_bell.exists() and not e_bell.exists()  # rung bells are made by waiters only
+        monkeypatch.setattr(bells_module, "BELL_FALLBACK", 60.0)
+        stamp = i_bell.stat().st_mtime_ns
+        watching, found = threading.Event(), []
+
+        def forwarder() -> None:
+            fwd.put_intent("s", pending("t", {}, "k1"), holder="h")
+            fwd.wait_for_change(["s"], 0.1)  # its first: the event bell is made
+            watching.set()
+            fwd.wait_for_change(["s"], 60)
+            found.append(fwd.find_intent("s", "k1"))
+
+        thread = threading.Thread(target=forwarder)
+        thread.start()
+        holder.wait_for_change(["s"], 60)  # ended by the put's ring
+        assert i_bell.stat().st_mtime_ns > stamp
+        [item] = holder.pending_intents("s", limit=10)
+        assert watching.wait(10) and e_bell.exists()
+        stamp = e_bell.stat().st_mtime_ns
+        time.sleep(0.01)  # past the file system's timestamp granularity
+        holder.append("s", "t", {}, expected_seq=0)  # no intent id: nobody waits, no ring
+        assert e_bell.stat().st_mtime_ns == stamp
+        holder.write("s", [item], expected_seq=1, fence=None)
+        thread.join(30)
+        assert not thread.is_alive() and found[0] is not None and found[0].seq == 1
+        assert e_bell.stat().st_mtime_ns > stamp
+        # A ring between a caller's look and its next wait ends that wait at once.
+        bells.ring("i", "s")
+        holder.wait_for_change(["s"], 60)
