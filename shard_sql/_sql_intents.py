@@ -1351,9 +1351,10 @@ class SqlIntents(IntentQueue, IntentInbox):
             return self._listener
 
     def _sqlite_waiter(self) -> _Poller | _Signal:
-        from shard_sql.sql import _is_memory
+        from shard_sql.sql import sqlite_file  # sql.py imports this module
 
-        if _is_memory(self._engine.url):
+        database = sqlite_file(self._engine.url)
+        if database is None:
             with self._wait_lock:
                 if self._local_signal is None:
                     self._local_signal = _Signal()
@@ -1364,8 +1365,7 @@ class SqlIntents(IntentQueue, IntentInbox):
         self._forked()
         with self._wait_lock:
             if self._poller is None:
-                database = self._engine.url.database
-                wal = f"{os.path.abspath(database)}-wal" if database else None
+                wal = f"{os.path.abspath(database)}-wal"
                 self._poller = _Poller(self._dedicated_connection, wal, self._bells)
             return self._poller
 

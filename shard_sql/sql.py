@@ -125,14 +125,22 @@ def _is_memory(url: URL) -> bool:
     return db in ("", ":memory:") or url.query.get("mode") == "memory"
 
 
+def sqlite_file(url: URL) -> str | None:
+    """The file a SQLite URL opens (also as `file:...?mode=ro` with `uri=true`); None in memory."""
+    if _is_memory(url):
+        return None
+    path = str(url.database)
+    if url.query.get("uri") in ("true", "1") and path.startswith("file:"):
+        path = path[len("file:") :].partition("?")[0]
+    return path
+
+
 def _describe(url: URL) -> str:
     """Where the store is, for error messages: never the password."""
     if url.get_backend_name() == "sqlite":
-        if _is_memory(url):
+        path = sqlite_file(url)
+        if path is None:
             return "SQLite in-memory database"
-        path = str(url.database)
-        if url.query.get("uri") in ("true", "1") and path.startswith("file:"):
-            path = path[len("file:") :].partition("?")[0]
         return f"SQLite file {path}"
     host = url.host or "the local socket"
     port = f":{url.port}" if url.port else ""
@@ -902,8 +910,9 @@ class SqlEventStore(StoreBase, LeaseStore, SqlIntents):
         self.where = self._site.where
         self._sqlite = engine.dialect.name == "sqlite"
         self._d: _Dialect = _Sqlite() if self._sqlite else _Postgres()
-        if self._sqlite and not _is_memory(engine.url):
-            self._bells = Bells.beside(f"{engine.url.database}-bells")
+        database = sqlite_file(engine.url) if self._sqlite else None
+        if database is not None:
+            self._bells = Bells.beside(f"{database}-bells")
         self._conns = _Connections(
             engine, self._setup, self._teardown, single=self._sqlite and _is_memory(engine.url)
         )

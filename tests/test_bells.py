@@ -66,3 +66,19 @@ def test_bells(kind: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
         # A ring between a caller's look and its next wait ends that wait at once.
         bells.ring("i", "s")
         holder.wait_for_change(["s"], 60)
+
+
+def test_sqlite_uri_filename_bells_beside_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A `file:` URI filename (`uri=true`) puts the bells beside that file, not under a
+    directory called `file:` in the working directory."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    url = f"sqlite:///file:{tmp_path}/data/u.db?uri=true"
+    with SqlEventStore(url) as store:
+        store.wait_for_change(["s"], 0)
+        if store._bells is not None:
+            assert store._bells.dir == f"{tmp_path}/data/u.db-bells"
+            assert Path(store._bells.path("i", "s")).exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
