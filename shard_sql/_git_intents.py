@@ -83,7 +83,7 @@ from shard_sql import _bells
 from shard_sql._bells import Bells
 from shard_sql._git_errors import guarded as _guarded
 from shard_sql.errors import InvalidEvent, ShardSqlError, StoreUnavailable
-from shard_sql.store import IntentQueue
+from shard_sql.store import IntentQueue, SpaceWakeups
 from shard_sql.validation import (
     Pending,
     check_intent_id,
@@ -196,7 +196,7 @@ def _names(path: str) -> frozenset[str] | None:
         return None
 
 
-class GitIntents(IntentQueue):
+class GitIntents(IntentQueue, SpaceWakeups):
     """The `IntentQueue` of `GitEventStore` (a mixin: it uses the store's handles and locks)."""
 
     if TYPE_CHECKING:
@@ -521,6 +521,10 @@ class GitIntents(IntentQueue):
                 os.unlink(lock)
 
     # -- waiting -----------------------------------------------------------------------------
+
+    def wakes_per_space(self) -> bool:
+        """`SpaceWakeups`: True with bells (Linux)."""
+        return self._bells is not None
 
     def wait_for_change(self, spaces: Sequence[str], timeout: float) -> None:
         from shard_sql.git import lease_ref, space_ref

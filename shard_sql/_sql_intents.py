@@ -91,7 +91,7 @@ from shard_sql import _bells
 from shard_sql._bells import Bells, Inotify, inotify_libc
 from shard_sql._orm import EVENTS, INTENTS
 from shard_sql.errors import InvalidEvent, ShardSqlError, StoreUnavailable
-from shard_sql.store import IntentInbox, IntentQueue, system_clock
+from shard_sql.store import IntentInbox, IntentQueue, SpaceWakeups, system_clock
 from shard_sql.validation import Pending, check_intent_id, check_seq, check_space, check_text
 from shard_sql.validation import pending as checked_pending
 from shard_sql.values import Event, new_event
@@ -1008,7 +1008,7 @@ def _weak_opener(store: SqlIntents) -> Callable[[], Any]:
 # -- the mixin ---------------------------------------------------------------------------------
 
 
-class SqlIntents(IntentQueue, IntentInbox):
+class SqlIntents(IntentQueue, IntentInbox, SpaceWakeups):
     """`IntentQueue` and `database_clock` for `SqlEventStore` (see the module docstring)."""
 
     if TYPE_CHECKING:
@@ -1219,6 +1219,10 @@ class SqlIntents(IntentQueue, IntentInbox):
         self._call(self._forget, space, ids)
         if self._local_signal is not None:
             self._local_signal.changed([(APPLIED, space)])
+
+    def wakes_per_space(self) -> bool:
+        """`SpaceWakeups`: PostgreSQL (notifications per space), a SQLite file with bells."""
+        return not self._sqlite or self._bells is not None
 
     # -- the inbox (`IntentInbox`) -----------------------------------------------------------
 

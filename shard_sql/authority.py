@@ -22,7 +22,7 @@ from shard_sql.errors import (
 )
 from shard_sql.leases import LeaseRegistry
 from shard_sql.memory import check_ttl
-from shard_sql.store import BatchWriter, EventStore, IntentInbox, IntentQueue
+from shard_sql.store import BatchWriter, EventStore, IntentInbox, IntentQueue, SpaceWakeups
 from shard_sql.validation import Pending, check_space, check_text, pending
 from shard_sql.values import Event, Lease
 
@@ -74,6 +74,8 @@ class AppendAuthority:
         # Forwarding across processes needs the leases and the intents in one shared store.
         self._queue = store if isinstance(store, IntentQueue) and registry.store is store else None
         self._inbox = store if self._queue is not None and isinstance(store, IntentInbox) else None
+        self._precise = isinstance(store, SpaceWakeups) and store.wakes_per_space()
+        """The store's waits end for news of the spaces waited on only: no rest between rounds."""
         self._routes: dict[str, Lease] = {}
         """The latest lease of another node seen per space: where to forward, without a read."""
         self._unforgotten: dict[str, list[str]] = {}
@@ -326,7 +328,8 @@ class AppendAuthority:
             batch = None
             if self._inbox is not None:
                 batch = self._inbox.notified_intents(space, limit=SERVE_BATCH)
-            if batch is None:
+            read = batch is None
+            if read:
                 batch = self._queue.pending_intents(space, limit=SERVE_BATCH)
             if not batch:
                 return applied
@@ -355,6 +358,11 @@ class AppendAuthority:
                 if not self._unforgotten:
                     self._unforgotten_since = time.monotonic()
                 self._unforgotten.setdefault(space, []).extend(ids)
+            if read and self._precise and len(batch) < SERVE_BATCH:
+                # The table had no more: what arrived since has woken the next wait already
+                # (precise wake-ups end a wait for news since the previous one returned), so
+                # the serving thread's next round reads it, one read fewer per round.
+                return applied
 
     def _forget_due(self, force: bool = False) -> float:
         """Delete the applied records kept back when the oldest has waited `FORGET_AFTER` (or
@@ -453,7 +461,7 @@ class AppendAuthority:
                 if self._queue is not None and spaces:
                     due = self._forget_due()
                     if quiet:
-                        # A store without per-space news (SQLite, git) wakes this thread at
+                        # A store without per-space news (SQLite, git without bells) wakes it at
                         # every commit, to anything: after rounds that found nothing, it rests
                         # a little (up to QUIET_MAX) before it listens again, so that nodes
                         # serving idle spaces do not all read the table at every commit.
@@ -463,7 +471,7 @@ class AppendAuthority:
                     self._stop.wait(interval)
                 if not self._stop.is_set():
                     applied = self._tick(defer_forget=True)
-                    if applied or self._inbox is not None:
+                    if applied or self._precise:
                         quiet = 0.0
                     else:
                         quiet = min(max(quiet * 2, QUIET_MIN), QUIET_MAX)

@@ -133,6 +133,16 @@ class IntentQueue(Protocol):
 
 
 @runtime_checkable
+class SpaceWakeups(Protocol):
+    """Optional, beside `IntentQueue`: how precise `wait_for_change` is."""
+
+    def wakes_per_space(self) -> bool:
+        """True when a wait ends for news of the spaces waited on (notifications, bells), not
+        at every change of the store (a holder then needs no rest between empty rounds)."""
+        ...
+
+
+@runtime_checkable
 class IntentInbox(Protocol):
     """Optional, beside `IntentQueue`: pending intents as the store's notifications delivered
     them, so that a holder need not read them (PostgreSQL)."""
