@@ -82,3 +82,35 @@ def test_sqlite_uri_filename_bells_beside_the_file(
             assert store._bells.dir == f"{tmp_path}/data/u.db-bells"
             assert Path(store._bells.path("i", "s")).exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
+
+
+@pytest.mark.parametrize("kind", sorted(STORES))
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="inotify is Linux's")
+def test_bells_removed_under_a_waiter(
+    kind: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The bell directory removed while a thread waits on it (an operator's cleanup): that wait
+    ends, the next one makes the bells again, and rings reach it."""
+    import shutil
+
+    import shard_sql._bells as bells_module
+
+    open_ = STORES[kind]
+    with open_(tmp_path) as holder, open_(tmp_path) as fwd:
+        bells = holder._bells
+        assert bells is not None
+        holder.wait_for_change(["s"], 0)
+        monkeypatch.setattr(bells_module, "BELL_FALLBACK", 60.0)
+        timer = threading.Timer(0.05, shutil.rmtree, args=(bells.dir,))
+        timer.start()
+        holder.wait_for_change(["s"], 60)  # ended by the removal, not the timeout
+        timer.join()
+        holder.wait_for_change(["s"], 0)  # watches anew
+        assert Path(bells.path("i", "s")).exists()
+        timer = threading.Timer(
+            0.05, lambda: fwd.put_intent("s", pending("t", {}, "k"), holder="h")
+        )
+        timer.start()
+        holder.wait_for_change(["s"], 60)
+        timer.join()
+        assert [p.intent_id for p in holder.pending_intents("s", limit=10)] == ["k"]
