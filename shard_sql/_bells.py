@@ -62,8 +62,12 @@ class Inotify:
         self.alive = True
 
     def close(self) -> None:
-        with contextlib.suppress(OSError):
-            os.close(self.fd)
+        """Close the descriptor, once: a second close could hit a reused descriptor number."""
+        fd, self.fd = self.fd, -1
+        self.alive = False
+        if fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
     def __del__(self) -> None:
         self.close()

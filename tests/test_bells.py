@@ -3,6 +3,7 @@ notifications, SQLite files and git repositories, on Linux."""
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 import time
@@ -114,3 +115,19 @@ def test_bells_removed_under_a_waiter(
         holder.wait_for_change(["s"], 60)
         timer.join()
         assert [p.intent_id for p in holder.pending_intents("s", limit=10)] == ["k"]
+
+
+def test_a_watch_closes_its_descriptor_once(tmp_path: Path) -> None:
+    """Closed, then collected: the second close must not hit a descriptor number reused by
+    another file meanwhile."""
+    from shard_sql._bells import Inotify
+
+    watch = Inotify(os.open(os.devnull, os.O_RDONLY))
+    watch.close()
+    assert watch.fd == -1 and not watch.alive
+    other = os.open(tmp_path / "f", os.O_CREAT | os.O_WRONLY)  # may reuse the number
+    try:
+        del watch
+        os.write(other, b"still open")
+    finally:
+        os.close(other)
