@@ -32,6 +32,19 @@ BELL_FALLBACK = 0.02
 """Seconds: a waiter on bells looks at the store's change stamp at least this often."""
 MAX_PATHS = 10_000
 """Bell paths remembered per store (spaces seldom number more)."""
+MAX_WATCHED = 64
+"""Bells one thread's watch keeps; past it the watch starts anew (a thread that waited on many
+spaces over time would hold inotify watches, and queue rings, for all of them)."""
+
+
+def readable(fds: list[int], timeout: float) -> list[int]:
+    """The descriptors of `fds` ready to read within `timeout` seconds (`poll`, not `select`:
+    `select` refuses descriptor numbers of 1024 and above, which a busy process reaches)."""
+    poller = select.poll()
+    for fd in fds:
+        poller.register(fd, select.POLLIN)
+    return [fd for fd, _ in poller.poll(max(timeout, 0.0) * 1000)]
+
 
 _LIBC: list[Any] = []
 
@@ -52,14 +65,16 @@ def inotify_libc() -> Any:
 
 
 class Inotify:
-    """An inotify descriptor, for one thread."""
+    """An inotify descriptor, for one thread of one process."""
 
+    IN_Q_OVERFLOW = 0x00004000
     IN_IGNORED = 0x00008000
     FLAGS = os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
         self.alive = True
+        self.pid = os.getpid()
 
     def close(self) -> None:
         """Close the descriptor, once: a second close could hit a reused descriptor number."""
@@ -81,6 +96,9 @@ class Bells:
     def __init__(self, directory: str) -> None:
         self.dir = directory
         self._paths: dict[tuple[str, str], str] = {}
+        self.working = True
+        """False after a watch could not be made (no permission, inotify limits): waits then
+        wake at every change, as without bells (`wakes_per_space`)."""
 
     @classmethod
     def beside(cls, directory: str | None) -> Bells | None:
@@ -95,7 +113,8 @@ class Bells:
         if path is None:
             if len(self._paths) >= MAX_PATHS:
                 self._paths.clear()
-            digest = hashlib.md5(space.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+            key_bytes = space.encode("utf-8", "surrogatepass")
+            digest = hashlib.md5(key_bytes, usedforsecurity=False).hexdigest()[:16]
             path = self._paths[key] = os.path.join(self.dir, kind + digest)
         return path
 
@@ -108,19 +127,26 @@ class Bells:
         of them (a ring before it began was missed: the caller should look at once); None when
         no watch can be made (the caller waits as it would without bells)."""
         watch: BellWatch | None = getattr(state, "bells", None)
-        if watch is not None and not watch.alive:
+        if watch is not None and watch.pid != os.getpid():
+            # Inherited over a fork: the parent's queue. Dropping this copy leaves the parent's.
+            watch.close()
+            watch = state.bells = None
+        if watch is not None and (not watch.alive or len(watch.wds) > MAX_WATCHED):
             watch.close()
             watch = state.bells = None
         fresh = watch is None or any(p not in watch.wds for p in paths)
         if watch is None:
             fd = inotify_libc().inotify_init1(Inotify.FLAGS)
             if fd < 0:
+                self.working = False
                 return None
             watch = state.bells = BellWatch(fd)
         if fresh and not watch.add(paths):
             watch.close()
             state.bells = None
+            self.working = False
             return None
+        self.working = True
         watch.current = {watch.wds[p] for p in paths}
         return watch, fresh
 
@@ -156,8 +182,7 @@ class BellWatch(Inotify):
         """Block until a bell of `current` rings, at most `timeout` seconds."""
         deadline = time.monotonic() + timeout
         while True:
-            ready, _, _ = select.select([self.fd], [], [], max(deadline - time.monotonic(), 0))
-            if not ready:
+            if not readable([self.fd], deadline - time.monotonic()):
                 return False
             if self._rung():
                 return True
@@ -181,6 +206,8 @@ class BellWatch(Inotify):
                 mask = int.from_bytes(data[offset + 4 : offset + 8], sys.byteorder)
                 if mask & self.IN_IGNORED:  # a bell file went away: watch anew next time
                     self.alive = False
+                    got = True
+                if mask & self.IN_Q_OVERFLOW:  # rings were dropped: as if ours rang
                     got = True
                 got = got or wd in self.current
                 offset += 16 + int.from_bytes(data[offset + 12 : offset + 16], sys.byteorder)

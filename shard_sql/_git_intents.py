@@ -250,6 +250,7 @@ class GitIntents(IntentQueue, SpaceWakeups):
         assert item.intent_id is not None
         ref = self._intent_dir(space) + intent_key(item.intent_id)
         repo = self._repo()
+        self._awaited()[space] = item.intent_id  # this thread's waits are for its event now
         if self._target(repo, ref) is not None:
             return  # recorded before
         if self._find_intent(space, self._tip(repo, space), item.intent_id) is not None:
@@ -260,7 +261,6 @@ class GitIntents(IntentQueue, SpaceWakeups):
         # and retries with the same intent id (see the module docstring).
         blob = self._objects(durable=False).put(ObjectType.BLOB, data)
         self._create_ref(repo, ref, blob, time.monotonic() + self.lock_timeout)
-        self._awaited()[space] = item.intent_id
         if self._bells is not None:
             self._bells.ring("i", space)
 
@@ -524,7 +524,7 @@ class GitIntents(IntentQueue, SpaceWakeups):
 
     def wakes_per_space(self) -> bool:
         """`SpaceWakeups`: True with bells (Linux)."""
-        return self._bells is not None
+        return self._bells is not None and self._bells.working
 
     def wait_for_change(self, spaces: Sequence[str], timeout: float) -> None:
         from shard_sql.git import lease_ref, space_ref
@@ -556,7 +556,8 @@ class GitIntents(IntentQueue, SpaceWakeups):
             found = bells.watch(self._waits, rings)
         if found is not None:
             # A ring missed before the watch began (`fresh`) shows in the stamp, looked at
-            # every BELL_FALLBACK seconds.
+            # every BELL_FALLBACK seconds, when its change came after the baseline was taken;
+            # a first wait on these spaces takes the stamp now as its baseline, as without bells.
             watch, _fresh = found
             try:
                 while now_stamp == baseline:

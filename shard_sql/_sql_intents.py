@@ -76,7 +76,6 @@ import json
 import logging
 import os
 import random
-import select
 import socket
 import sys
 import threading
@@ -88,7 +87,7 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 
 from shard_sql import _bells
-from shard_sql._bells import Bells, Inotify, inotify_libc
+from shard_sql._bells import Bells, Inotify, inotify_libc, readable
 from shard_sql._orm import EVENTS, INTENTS
 from shard_sql.errors import InvalidEvent, ShardSqlError, StoreUnavailable
 from shard_sql.store import IntentInbox, IntentQueue, SpaceWakeups, system_clock
@@ -469,8 +468,7 @@ class _Listener:
                         conn.close()
             if not self._stopping:
                 pause = delay * (0.5 + random.random())
-                ready, _, _ = select.select([self._wake_r], [], [], pause)
-                if ready:
+                if readable([self._wake_r], pause):
                     os.read(self._wake_r, 4096)
                 delay = min(delay * 2, RECONNECT_MAX)
 
@@ -481,7 +479,7 @@ class _Listener:
         pgconn = conn.pgconn
         encoding = conn.info.encoding
         while not self._stopping:
-            ready, _, _ = select.select([sock, self._wake_r], [], [], CHANNEL_IDLE / 6)
+            ready = readable([sock, self._wake_r], CHANNEL_IDLE / 6)
             if time.monotonic() - self._pruned_at > CHANNEL_IDLE / 6:
                 self._prune(conn)
             if self._wake_r in ready:
@@ -862,8 +860,7 @@ class _WalWatch(Inotify):
 
     def wait(self, timeout: float) -> bool:
         """Block until the file is written, at most `timeout` seconds; True if it was."""
-        ready, _, _ = select.select([self.fd], [], [], timeout)
-        return bool(ready) and self.drain()
+        return bool(readable([self.fd], timeout)) and self.drain()
 
 
 class _Poller:
@@ -1222,7 +1219,7 @@ class SqlIntents(IntentQueue, IntentInbox, SpaceWakeups):
 
     def wakes_per_space(self) -> bool:
         """`SpaceWakeups`: PostgreSQL (notifications per space), a SQLite file with bells."""
-        return not self._sqlite or self._bells is not None
+        return not self._sqlite or (self._bells is not None and self._bells.working)
 
     # -- the inbox (`IntentInbox`) -----------------------------------------------------------
 

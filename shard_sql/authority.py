@@ -74,8 +74,7 @@ class AppendAuthority:
         # Forwarding across processes needs the leases and the intents in one shared store.
         self._queue = store if isinstance(store, IntentQueue) and registry.store is store else None
         self._inbox = store if self._queue is not None and isinstance(store, IntentInbox) else None
-        self._precise = isinstance(store, SpaceWakeups) and store.wakes_per_space()
-        """The store's waits end for news of the spaces waited on only: no rest between rounds."""
+        self._wakeups = store if isinstance(store, SpaceWakeups) else None
         self._routes: dict[str, Lease] = {}
         """The latest lease of another node seen per space: where to forward, without a read."""
         self._unforgotten: dict[str, list[str]] = {}
@@ -358,11 +357,16 @@ class AppendAuthority:
                 if not self._unforgotten:
                     self._unforgotten_since = time.monotonic()
                 self._unforgotten.setdefault(space, []).extend(ids)
-            if read and self._precise and len(batch) < SERVE_BATCH:
+            if read and len(batch) < SERVE_BATCH and self._precise():
                 # The table had no more: what arrived since has woken the next wait already
                 # (precise wake-ups end a wait for news since the previous one returned), so
                 # the serving thread's next round reads it, one read fewer per round.
                 return applied
+
+    def _precise(self) -> bool:
+        """The store's waits end for news of the spaces waited on only (asked each time: bells
+        that cannot be made any more fall back to waking at every change)."""
+        return self._wakeups is not None and self._wakeups.wakes_per_space()
 
     def _forget_due(self, force: bool = False) -> float:
         """Delete the applied records kept back when the oldest has waited `FORGET_AFTER` (or
@@ -471,7 +475,7 @@ class AppendAuthority:
                     self._stop.wait(interval)
                 if not self._stop.is_set():
                     applied = self._tick(defer_forget=True)
-                    if applied or self._precise:
+                    if applied or self._precise():
                         quiet = 0.0
                     else:
                         quiet = min(max(quiet * 2, QUIET_MIN), QUIET_MAX)

@@ -13,7 +13,8 @@ Design (see docs/dba.md for the DBA's view):
   append to commit, or the append sees the new generation and writes nothing: no write under
   generation g ever commits after the grant of g+1. On SQLite a write statement in autocommit takes
   the write lock when it starts, exactly like `BEGIN IMMEDIATE` (both go through the same
-  btree-begin with the busy handler), so no lock upgrade can deadlock.
+  btree-begin), so no lock upgrade can deadlock; a busy database is retried by the store
+  (`_busy_retry`, `_call`), SQLite's busy handler being off on its connections.
   Only when the statement writes nothing does a follow-up read tell why, in the order of the
   reference adapter: intent already written (return it), stale fence, seq conflict.
   The primary key (space, seq) is the last line of defence; its violation is `SeqConflict`.
@@ -44,6 +45,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Concatenate, ParamSpec, TypeVar
+from urllib.parse import unquote
 
 from sqlalchemy import create_engine, event
 from sqlalchemy import exc as sa_exc
@@ -131,7 +133,12 @@ def sqlite_file(url: URL) -> str | None:
         return None
     path = str(url.database)
     if url.query.get("uri") in ("true", "1") and path.startswith("file:"):
-        path = path[len("file:") :].partition("?")[0]
+        # https://www.sqlite.org/uri.html: an optional //authority (empty or localhost), then
+        # the path, percent-encoded, before the query and the fragment.
+        rest = path[len("file:") :].partition("?")[0].partition("#")[0]
+        if rest.startswith("//"):
+            rest = "/" + rest[2:].partition("/")[2]
+        path = unquote(rest)
     return path
 
 

@@ -52,7 +52,9 @@ def test_bells(kind: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
 
         thread = threading.Thread(target=forwarder)
         thread.start()
-        holder.wait_for_change(["s"], 60)  # ended by the put's ring
+        t0 = time.monotonic()
+        holder.wait_for_change(["s"], 60)  # ended by the put's ring, not the timeout
+        assert time.monotonic() - t0 < 30
         assert i_bell.stat().st_mtime_ns > stamp
         [item] = holder.pending_intents("s", limit=10)
         assert watching.wait(10) and e_bell.exists()
@@ -61,12 +63,14 @@ def test_bells(kind: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
         holder.append("s", "t", {}, expected_seq=0)  # no intent id: nobody waits, no ring
         assert e_bell.stat().st_mtime_ns == stamp
         holder.write("s", [item], expected_seq=1, fence=None)
-        thread.join(30)
+        thread.join(30)  # a forwarder's wait left to its 60 s timeout would still be running
         assert not thread.is_alive() and found[0] is not None and found[0].seq == 1
         assert e_bell.stat().st_mtime_ns > stamp
         # A ring between a caller's look and its next wait ends that wait at once.
         bells.ring("i", "s")
+        t0 = time.monotonic()
         holder.wait_for_change(["s"], 60)
+        assert time.monotonic() - t0 < 30
 
 
 def test_sqlite_uri_filename_bells_beside_the_file(
@@ -104,7 +108,9 @@ def test_bells_removed_under_a_waiter(
         monkeypatch.setattr(bells_module, "BELL_FALLBACK", 60.0)
         timer = threading.Timer(0.05, shutil.rmtree, args=(bells.dir,))
         timer.start()
+        t0 = time.monotonic()
         holder.wait_for_change(["s"], 60)  # ended by the removal, not the timeout
+        assert time.monotonic() - t0 < 30
         timer.join()
         holder.wait_for_change(["s"], 0)  # watches anew
         assert Path(bells.path("i", "s")).exists()
@@ -112,7 +118,9 @@ def test_bells_removed_under_a_waiter(
             0.05, lambda: fwd.put_intent("s", pending("t", {}, "k"), holder="h")
         )
         timer.start()
+        t0 = time.monotonic()
         holder.wait_for_change(["s"], 60)
+        assert time.monotonic() - t0 < 30
         timer.join()
         assert [p.intent_id for p in holder.pending_intents("s", limit=10)] == ["k"]
 
@@ -131,3 +139,43 @@ def test_a_watch_closes_its_descriptor_once(tmp_path: Path) -> None:
         os.write(other, b"still open")
     finally:
         os.close(other)
+
+
+def test_sqlite_file_of_uri_filenames() -> None:
+    """https://www.sqlite.org/uri.html: authority, percent-encoding, query and fragment."""
+    from sqlalchemy.engine import make_url
+
+    from shard_sql.sql import sqlite_file
+
+    def of(url: str) -> str | None:
+        return sqlite_file(make_url(url))
+
+    assert of("sqlite:///rel/a.db") == "rel/a.db"
+    assert of("sqlite:////abs/a.db") == "/abs/a.db"
+    assert of("sqlite:///file:/abs/a%20b.db?uri=true") == "/abs/a b.db"
+    assert of("sqlite:///file://localhost/abs/a.db?mode=ro&uri=true") == "/abs/a.db"
+    assert of("sqlite:///file:///abs/a.db?uri=true") == "/abs/a.db"
+    assert of("sqlite:///file:/abs/a.db?uri=true") == "/abs/a.db"
+    assert of("sqlite://") is None and of("sqlite:///:memory:") is None
+
+
+def test_readable_takes_descriptors_past_1024() -> None:
+    """`select` refuses descriptor numbers of 1024 and above; the waits use `poll`."""
+    import resource
+
+    from shard_sql._bells import readable
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1200:
+        pytest.skip(f"the hard limit of open files is {hard}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1200), hard))
+    r, w = os.pipe()
+    high = os.dup2(r, 1100)
+    try:
+        assert readable([high], 0) == []
+        os.write(w, b"x")
+        assert readable([high], 1) == [high]
+    finally:
+        for fd in (r, w, high):
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

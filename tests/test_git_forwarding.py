@@ -416,3 +416,19 @@ def test_forwarding_bench_quick_run() -> None:
     assert any("forwarded append across processes, p50" in w for w in works)
     assert any("failover" in w for w in works)
     assert all(r["figure"] > 0 for r in rows)
+
+
+def test_a_retried_put_waits_for_the_event(store: GitEventStore) -> None:
+    """A put of an intent recorded before (a retry, maybe from another thread) still makes this
+    thread's waits on its space waits for the event (the event bell), as a first put does."""
+    store.put_intent("s", pending("t", {}, "k"), holder="h")
+    seen = []
+
+    def retry() -> None:
+        store.put_intent("s", pending("t", {}, "k"), holder="h")  # recorded before: no new ref
+        seen.append(dict(store._awaited()))
+
+    thread = threading.Thread(target=retry)
+    thread.start()
+    thread.join(30)
+    assert seen == [{"s": "k"}]
