@@ -989,7 +989,8 @@ class SqlEventStore(StoreBase, LeaseStore, SqlIntents):
         call is idempotent: a read, or a write whose intent ids make a repeat harmless) the call
         runs once more on a new connection.
         """
-        deadline = 0.0
+        # One busy_timeout for the whole call, `_busy_retry`'s waits inside `fn` included.
+        deadline = time.monotonic() + self._busy_timeout
         delay = BUSY_FIRST
         reconnected = False
         while True:
@@ -1002,6 +1003,8 @@ class SqlEventStore(StoreBase, LeaseStore, SqlIntents):
                 raise
             healthy = True
             try:
+                if self._sqlite:
+                    c.busy = max(deadline - time.monotonic(), 0.0)
                 return fn(c, *args)
             except BaseException as e:
                 try:
@@ -1024,10 +1027,7 @@ class SqlEventStore(StoreBase, LeaseStore, SqlIntents):
                 self._conns.put(c, healthy)
 
     def _backoff(self, deadline: float, delay: float, e: Exception) -> tuple[float, float]:
-        now = time.monotonic()
-        if not deadline:
-            deadline = now + self._busy_timeout
-        if now >= deadline:
+        if time.monotonic() >= deadline:
             raise e
         time.sleep(delay * (0.5 + random.random()))
         return deadline, min(delay * 1.5, BUSY_MAX)

@@ -275,6 +275,12 @@ def test_sqlite_lock_held_too_long(tmp_path: Path) -> None:
             store.append("s", "t", {}, expected_seq=1)
         assert time.monotonic() - started >= 0.3
         assert "locked" in str(info.value) and "0.3s" in str(info.value)
+        # A batch (BEGIN IMMEDIATE, retried inside the store's call) waits one busy_timeout in
+        # all, not one per layer of retries.
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailable):
+            store.append_many("s", [("t", {})], expected_seq=1)
+        assert 0.3 <= time.monotonic() - started < 0.55
         # A lock released in time: the append waits for it and goes through.
         threading.Timer(0.1, other.rollback).start()
         assert store.append("s", "t", {}, expected_seq=1).seq == 1
