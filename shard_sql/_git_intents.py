@@ -59,7 +59,8 @@ even within one mtime tick. A poll costs ~20 us for one space. Polls come every 
 holder costs ~0.5% of a core and notices a new intent 2.5 ms later on average (and a pause is
 never shorter than 20 times the poll's own cost, so many spaces stay under ~5%). The stamp
 seen when the previous wait of the same thread on the same spaces returned is the baseline, so a
-change between two waits (while the holder was serving) ends the next wait at once.
+change between two waits (while the holder was serving) ends the next wait at once; a thread's
+first wait on a set of spaces ends at once (it has no baseline).
 """
 
 from __future__ import annotations
@@ -546,7 +547,6 @@ class GitIntents(IntentQueue, SpaceWakeups):
         deadline = start + max(0.0, timeout)
         now_stamp = stamp()
         cost = time.monotonic() - start
-        baseline = seen.get(watched, now_stamp)
         bells = self._bells
         found = None
         if bells is not None:
@@ -554,10 +554,17 @@ class GitIntents(IntentQueue, SpaceWakeups):
             awaited = self._awaited()
             rings = [bells.path("e" if s in awaited else "i", s) for s in watched]
             found = bells.watch(self._waits, rings)
+        if watched not in seen:
+            # A first wait on these spaces: what changed since the caller's look is unknown,
+            # so it ends at once (the caller looks again); the next has this stamp to go by.
+            if len(seen) >= 64:
+                seen.clear()
+            seen[watched] = now_stamp
+            return
+        baseline = seen[watched]
         if found is not None:
             # A ring missed before the watch began (`fresh`) shows in the stamp, looked at
-            # every BELL_FALLBACK seconds, when its change came after the baseline was taken;
-            # a first wait on these spaces takes the stamp now as its baseline, as without bells.
+            # every BELL_FALLBACK seconds: its change came after the baseline was taken.
             watch, _fresh = found
             try:
                 while now_stamp == baseline:
