@@ -26,6 +26,7 @@ import os
 import select
 import sys
 import time
+from collections.abc import Container, Sequence
 from typing import Any
 
 BELL_FALLBACK = 0.02
@@ -76,6 +77,30 @@ class Inotify:
         self.alive = True
         self.pid = os.getpid()
 
+    def read_events(self) -> list[tuple[int, int]] | None:
+        """The queued events as (watch descriptor, mask), without waiting; None when reading
+        failed. Either, or a watched file gone (IN_IGNORED), ends this watch's life (`alive`)."""
+        events: list[tuple[int, int]] = []
+        while True:
+            try:
+                data = os.read(self.fd, 4096)
+            except BlockingIOError:
+                return events
+            except OSError:
+                self.alive = False
+                return None
+            if not data:
+                return events
+            # struct inotify_event: int wd; uint32 mask, cookie, len; char name[len]
+            offset = 0
+            while offset + 16 <= len(data):
+                wd = int.from_bytes(data[offset : offset + 4], sys.byteorder, signed=True)
+                mask = int.from_bytes(data[offset + 4 : offset + 8], sys.byteorder)
+                if mask & self.IN_IGNORED:
+                    self.alive = False
+                events.append((wd, mask))
+                offset += 16 + int.from_bytes(data[offset + 12 : offset + 16], sys.byteorder)
+
     def close(self) -> None:
         """Close the descriptor, once: a second close could hit a reused descriptor number."""
         fd, self.fd = self.fd, -1
@@ -117,6 +142,11 @@ class Bells:
             digest = hashlib.md5(key_bytes, usedforsecurity=False).hexdigest()[:16]
             path = self._paths[key] = os.path.join(self.dir, kind + digest)
         return path
+
+    def waited_on(self, spaces: Sequence[str], awaited: Container[str]) -> list[str]:
+        """The bells a wait on `spaces` sleeps on: a forwarder's (its space in `awaited`, where
+        it recorded an intent) on the event bell, any other waiter's on the intent bell."""
+        return [self.path("e" if s in awaited else "i", s) for s in spaces]
 
     def ring(self, kind: str, space: str) -> None:
         with contextlib.suppress(OSError):  # no such bell: nobody waits on it
@@ -188,26 +218,9 @@ class BellWatch(Inotify):
                 return True
 
     def _rung(self) -> bool:
-        got = False
-        while True:
-            try:
-                data = os.read(self.fd, 4096)
-            except BlockingIOError:
-                return got
-            except OSError:
-                self.alive = False
-                return True
-            if not data:
-                return got
-            # struct inotify_event: int wd; uint32 mask, cookie, len; char name[len]
-            offset = 0
-            while offset + 16 <= len(data):
-                wd = int.from_bytes(data[offset : offset + 4], sys.byteorder, signed=True)
-                mask = int.from_bytes(data[offset + 4 : offset + 8], sys.byteorder)
-                if mask & self.IN_IGNORED:  # a bell file went away: watch anew next time
-                    self.alive = False
-                    got = True
-                if mask & self.IN_Q_OVERFLOW:  # rings were dropped: as if ours rang
-                    got = True
-                got = got or wd in self.current
-                offset += 16 + int.from_bytes(data[offset + 12 : offset + 16], sys.byteorder)
+        events = self.read_events()
+        if events is None:
+            return True
+        # A bell file gone (watched anew next time) or rings dropped: as if ours rang.
+        lost = self.IN_IGNORED | self.IN_Q_OVERFLOW
+        return any(wd in self.current or mask & lost for wd, mask in events)

@@ -550,10 +550,7 @@ class GitIntents(IntentQueue, SpaceWakeups):
         bells = self._bells
         found = None
         if bells is not None:
-            # A forwarder waits for its event, any other waiter for intents (`shard_sql._bells`).
-            awaited = self._awaited()
-            rings = [bells.path("e" if s in awaited else "i", s) for s in watched]
-            found = bells.watch(self._waits, rings)
+            found = bells.watch(self._waits, bells.waited_on(watched, self._awaited()))
         if watched not in seen:
             # A first wait on these spaces: what changed since the caller's look is unknown,
             # so it ends at once (the caller looks again); the next has this stamp to go by.

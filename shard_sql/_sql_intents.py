@@ -77,7 +77,6 @@ import logging
 import os
 import random
 import socket
-import sys
 import threading
 import time
 import uuid
@@ -837,26 +836,10 @@ class _WalWatch(Inotify):
         return cls(fd)
 
     def drain(self) -> bool:
-        """Read the pending events; True if there were any."""
-        got = False
-        while True:
-            try:
-                data = os.read(self.fd, 4096)
-            except BlockingIOError:
-                return got
-            except OSError:
-                self.alive = False
-                return True
-            if not data:
-                return got
-            got = True
-            # struct inotify_event: int wd; uint32 mask, cookie, len; char name[len]
-            offset = 0
-            while offset + 16 <= len(data):
-                mask = int.from_bytes(data[offset + 4 : offset + 8], sys.byteorder)
-                if mask & self.IN_IGNORED:  # the file went away: watch it again next time
-                    self.alive = False
-                offset += 16 + int.from_bytes(data[offset + 12 : offset + 16], sys.byteorder)
+        """Read the pending events; True if there were any (or reading failed). A file gone
+        leaves the watch not `alive`: it is watched again next time."""
+        events = self.read_events()
+        return events is None or bool(events)
 
     def wait(self, timeout: float) -> bool:
         """Block until the file is written, at most `timeout` seconds; True if it was."""
@@ -1104,14 +1087,9 @@ class SqlIntents(IntentQueue, IntentInbox, SpaceWakeups):
         return bool(c.cur.rowcount)
 
     def _put_sqlite(self, c: _Conn, sql: str, params: tuple[Any, ...]) -> bool:
-        from shard_sql.sql import _busy_retry  # sql.py imports this module
-
-        def attempt() -> bool:
+        with _relaxed(c, True):
             c.cur.execute(sql, params)
             return bool(c.cur.rowcount)
-
-        with _relaxed(c, True):
-            return _busy_retry(c, attempt)
 
     @_guarded
     def find_intent(self, space: str, intent_id: str) -> Event | None:
@@ -1308,9 +1286,7 @@ class SqlIntents(IntentQueue, IntentInbox, SpaceWakeups):
                     if bells is None:
                         poller_or_signal.wait(float(timeout))
                     else:
-                        # A forwarder waits for its event, any other waiter for intents.
-                        awaited = self._awaited()
-                        paths = [bells.path("e" if n in awaited else "i", n) for n in names]
+                        paths = bells.waited_on(names, self._awaited())
                         poller_or_signal.wait_bells(paths, float(timeout))
                 except Exception as e:
                     err = _translated(e, self._site)

@@ -405,9 +405,11 @@ class AppendAuthority:
                     except NotHolder:
                         continue
             with self._serve_lock(space):
-                # Without an inbox every round reads the table, which deletes applied records
-                # anyway (`pending_intents`): nothing to gain from deferring.
-                applied += self._serve(space, defer_forget=defer_forget and bool(self._inbox))
+                # A store without an inbox (git) reads its intents every round, and that read
+                # deletes the applied records it meets (`pending_intents`): nothing to gain from
+                # deferring their deletion.
+                deferred = defer_forget and self._inbox is not None
+                applied += self._serve(space, defer_forget=deferred)
         return applied
 
     def _serve_lock(self, space: str) -> threading.Lock:

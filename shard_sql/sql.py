@@ -14,7 +14,7 @@ Design (see docs/dba.md for the DBA's view):
   generation g ever commits after the grant of g+1. On SQLite a write statement in autocommit takes
   the write lock when it starts, exactly like `BEGIN IMMEDIATE` (both go through the same
   btree-begin), so no lock upgrade can deadlock; a busy database is retried by the store
-  (`_busy_retry`, `_call`), SQLite's busy handler being off on its connections.
+  (`_call`), SQLite's busy handler being off on its connections.
   Only when the statement writes nothing does a follow-up read tell why, in the order of the
   reference adapter: intent already written (return it), stale fence, seq conflict.
   The primary key (space, seq) is the last line of defence; its violation is `SeqConflict`.
@@ -283,34 +283,8 @@ def _is_sqlite_busy(e: BaseException) -> bool:
 
 BUSY_FIRST = 0.00005
 BUSY_MAX = 0.002
-"""Seconds: a statement that found the SQLite database busy is retried after 50 us, growing to
-2 ms between tries (see `_busy_retry`)."""
-
-
-def _busy_retry(c: _Conn, attempt: Callable[[], _R]) -> _R:
-    """SQLite: `attempt()` (one statement that takes the write lock) retried on a busy database
-    every 50 us growing to 2 ms, for `c.busy` seconds.
-
-    The store's connections run with SQLite's own busy handler off (`busy_timeout = 0`, set in
-    `SqlEventStore._setup`): that handler sleeps 1, 2, 5, 10, 15, 20, 25, ... ms between its
-    tries (sqliteDefaultBusyCallback, https://www.sqlite.org/c3ref/busy_timeout.html), and beside
-    a writer that takes the lock again and again (a holder appending in a loop) a lease grant or
-    a forwarded intent waited 180-250 ms; a holder's append waited 1-3 ms beside forwarders."""
-    deadline = 0.0
-    delay = BUSY_FIRST
-    while True:
-        try:
-            return attempt()
-        except sqlite3.OperationalError as e:
-            if not _is_sqlite_busy(e):
-                raise
-            now = time.monotonic()
-            if not deadline:
-                deadline = now + c.busy
-            if now >= deadline:
-                raise
-        time.sleep(delay * (0.5 + random.random()))
-        delay = min(delay * 1.5, BUSY_MAX)
+"""Seconds: a call that found the SQLite database busy is retried after 50 us, growing to 2 ms
+between tries (see `SqlEventStore._call`)."""
 
 
 def _is_unique_violation(e: BaseException) -> bool:
@@ -440,14 +414,12 @@ def _guarded(
 class _Conn:
     """A driver connection the store keeps, with a reusable cursor."""
 
-    __slots__ = ("busy", "cur", "fairy", "raw")
+    __slots__ = ("cur", "fairy", "raw")
 
     def __init__(self, fairy: Any) -> None:
         self.fairy = fairy
         self.raw: Any = fairy.dbapi_connection
         self.cur: Any = self.raw.cursor()
-        self.busy = 0.0
-        """SQLite: seconds a statement may retry a busy database (`_busy_retry`, `_call`)."""
 
 
 class _Connections:
@@ -787,8 +759,9 @@ class _Sqlite(_Dialect):
         ]
 
     def begin_write(self, c: _Conn) -> None:
-        # Once the write lock is taken, nothing else in the transaction waits for it.
-        _busy_retry(c, lambda: c.cur.execute("BEGIN IMMEDIATE"))
+        # Once the write lock is taken, nothing else in the transaction waits for it; a busy
+        # database fails it at once, and `_call` retries.
+        c.cur.execute("BEGIN IMMEDIATE")
 
     def rollback(self, c: _Conn) -> None:
         if c.raw.in_transaction:
@@ -957,9 +930,11 @@ class SqlEventStore(StoreBase, LeaseStore, SqlIntents):
 
     def _setup(self, c: _Conn) -> None:
         if self._sqlite:
-            # Busy waits are ours, finer than SQLite's busy handler: see `_busy_retry`. Every
-            # statement the store runs goes through it or through `_call`, which retries alike.
-            c.busy = self._busy_timeout
+            # Busy waits are ours, in `_call`, finer than SQLite's busy handler, which sleeps 1,
+            # 2, 5, 10, 15, 20, 25, ... ms between its tries (sqliteDefaultBusyCallback,
+            # https://www.sqlite.org/c3ref/busy_timeout.html): beside a writer that takes the
+            # lock again and again (a holder appending in a loop) a lease grant or a forwarded
+            # intent waited 180-250 ms, and a holder's append 1-3 ms beside forwarders.
             c.cur.execute("PRAGMA busy_timeout = 0")
         elif not c.raw.autocommit:
             # A connection of an engine passed in: the store's statements are each their own
@@ -983,13 +958,12 @@ class SqlEventStore(StoreBase, LeaseStore, SqlIntents):
         """Run `fn(conn, *args)` on a kept connection; every failed attempt rolls back first, so
         nothing is half-written.
 
-        SQLite busy errors are retried every 50 us growing to 2 ms (as `_busy_retry`) until
-        `busy_timeout` has passed. A PostgreSQL connection found dead (a server
-        restart, a terminated backend) is dropped with every idle one, and with `retry` (the
-        call is idempotent: a read, or a write whose intent ids make a repeat harmless) the call
-        runs once more on a new connection.
+        SQLite busy errors (its busy handler is off: see `_setup`) are retried every 50 us growing
+        to 2 ms until `busy_timeout` has passed since the call began. A PostgreSQL connection
+        found dead (a server restart, a terminated backend) is dropped with every idle one, and
+        with `retry` (the call is idempotent: a read, or a write whose intent ids make a repeat
+        harmless) the call runs once more on a new connection.
         """
-        # One busy_timeout for the whole call, `_busy_retry`'s waits inside `fn` included.
         deadline = time.monotonic() + self._busy_timeout
         delay = BUSY_FIRST
         reconnected = False
@@ -998,13 +972,11 @@ class SqlEventStore(StoreBase, LeaseStore, SqlIntents):
                 c = self._conns.get()
             except Exception as e:
                 if self._sqlite and _is_sqlite_busy(e):
-                    deadline, delay = self._backoff(deadline, delay, e)
+                    delay = self._backoff(deadline, delay, e)
                     continue
                 raise
             healthy = True
             try:
-                if self._sqlite:
-                    c.busy = max(deadline - time.monotonic(), 0.0)
                 return fn(c, *args)
             except BaseException as e:
                 try:
@@ -1015,7 +987,7 @@ class SqlEventStore(StoreBase, LeaseStore, SqlIntents):
                 if not isinstance(e, Exception) or isinstance(e, ShardSqlError):
                     raise
                 if self._sqlite and _is_sqlite_busy(e):
-                    deadline, delay = self._backoff(deadline, delay, e)
+                    delay = self._backoff(deadline, delay, e)
                     continue
                 if not healthy:
                     self._conns.drop_idle()
@@ -1026,11 +998,13 @@ class SqlEventStore(StoreBase, LeaseStore, SqlIntents):
             finally:
                 self._conns.put(c, healthy)
 
-    def _backoff(self, deadline: float, delay: float, e: Exception) -> tuple[float, float]:
+    def _backoff(self, deadline: float, delay: float, e: Exception) -> float:
+        """Sleep `delay` (jittered) before the next try, or raise `e` past `deadline`; return the
+        next delay."""
         if time.monotonic() >= deadline:
             raise e
         time.sleep(delay * (0.5 + random.random()))
-        return deadline, min(delay * 1.5, BUSY_MAX)
+        return min(delay * 1.5, BUSY_MAX)
 
     # -- schema ----------------------------------------------------------------------------
 
