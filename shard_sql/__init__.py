@@ -20,7 +20,7 @@ from shard_sql.errors import (
 )
 from shard_sql.leases import LeaseRegistry
 from shard_sql.memory import InMemoryEventStore
-from shard_sql.store import EventStore
+from shard_sql.ports import EventStore
 from shard_sql.values import Event, EventType, Lease
 
 if TYPE_CHECKING:

@@ -48,7 +48,7 @@ skipped with one warning on the `shard_sql.git` logger, never applied and never 
 operator removes it with `git update-ref -d <ref>`. The holder keeps serving the other intents.
 
 Waiting (`wait_for_change`): git has no notifications. On Linux a waiter sleeps on bells
-(`shard_sql._bells`, in `<git dir>/shard-sql-bells`): a holder's serving thread on the intent
+(`shard_sql.wake`, in `<git dir>/shard-sql-bells`): a holder's serving thread on the intent
 bells of its spaces, rung by `put_intent`, a forwarder on the event bell of the space it awaits,
 rung by a write of forwarded intents; it looks at the stamp below every `BELL_FALLBACK` seconds.
 Elsewhere, or where the bells cannot be made, the waiter polls a cheap stamp of what it
@@ -80,11 +80,10 @@ from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 import pygit2
 from pygit2.enums import ObjectType
 
-from shard_sql import _bells
-from shard_sql._bells import Bells
+from shard_sql import wake
 from shard_sql._git_errors import guarded as _guarded
 from shard_sql.errors import InvalidEvent, ShardSqlError, StoreUnavailable
-from shard_sql.store import IntentQueue, SpaceWakeups
+from shard_sql.ports import IntentQueue, SpaceWakeups
 from shard_sql.validation import (
     Pending,
     check_intent_id,
@@ -94,6 +93,7 @@ from shard_sql.validation import (
     pending,
 )
 from shard_sql.values import Event
+from shard_sql.wake import Bells
 
 if TYPE_CHECKING:
     from shard_sql.git import _Objects, _Tip
@@ -568,7 +568,7 @@ class GitIntents(IntentQueue, SpaceWakeups):
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
                         return
-                    rung = watch.rung(min(remaining, _bells.BELL_FALLBACK))
+                    rung = watch.rung(min(remaining, wake.BELL_FALLBACK))
                     now_stamp = stamp()
                     if rung:
                         return

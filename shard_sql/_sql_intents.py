@@ -52,7 +52,7 @@ Waiting (`wait_for_change`):
   notification may have been lost in between), and inboxes are out of sync until read again.
 - SQLite file: no notifications. The waiter checks `PRAGMA data_version` on a dedicated
   connection (it changes when any other connection commits). On Linux it sleeps in between on
-  per-space bell files (`shard_sql._bells`: a holder's serving thread on its spaces' intent
+  per-space bell files (`shard_sql.wake`: a holder's serving thread on its spaces' intent
   bells, a forwarder on the event bell of the space it awaits), looking at `data_version` every
   `BELL_FALLBACK` seconds; where bells cannot be made, on inotify of the `-wal` file
   (`_WalWatch`); else it polls every `POLL_MIN` seconds for
@@ -85,14 +85,14 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 
-from shard_sql import _bells
-from shard_sql._bells import Bells, Inotify, inotify_libc, readable
+from shard_sql import wake
 from shard_sql._orm import EVENTS, INTENTS
 from shard_sql.errors import InvalidEvent, ShardSqlError, StoreUnavailable
-from shard_sql.store import IntentInbox, IntentQueue, SpaceWakeups, system_clock
+from shard_sql.ports import IntentInbox, IntentQueue, SpaceWakeups, system_clock
 from shard_sql.validation import Pending, check_intent_id, check_seq, check_space, check_text
 from shard_sql.validation import pending as checked_pending
 from shard_sql.values import Event, new_event
+from shard_sql.wake import Bells, Inotify, inotify_libc, readable
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
@@ -901,12 +901,12 @@ class _Poller:
         deadline = time.monotonic() + timeout
         while True:
             remaining = deadline - time.monotonic()
-            rung = remaining > 0 and watch.rung(min(remaining, _bells.BELL_FALLBACK))
+            rung = remaining > 0 and watch.rung(min(remaining, wake.BELL_FALLBACK))
             version = self.version()
             if rung or version != base:
                 seen.version = version
                 return True
-            if remaining <= _bells.BELL_FALLBACK:
+            if remaining <= wake.BELL_FALLBACK:
                 return False
 
     def wait(self, timeout: float) -> bool:

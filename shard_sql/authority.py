@@ -20,9 +20,8 @@ from shard_sql.errors import (
     ShardSqlError,
     StaleLease,
 )
-from shard_sql.leases import LeaseRegistry
-from shard_sql.memory import check_ttl
-from shard_sql.store import BatchWriter, EventStore, IntentInbox, IntentQueue, SpaceWakeups
+from shard_sql.leases import LeaseRegistry, check_ttl
+from shard_sql.ports import BatchWriter, EventStore, IntentInbox, IntentQueue, SpaceWakeups
 from shard_sql.validation import Pending, check_space, check_text, pending
 from shard_sql.values import Event, Lease
 

@@ -51,7 +51,7 @@ from shard_sql.errors import (
     ShardSqlError,
     StaleLease,
 )
-from shard_sql.store import BatchWriter, EventStore, IntentQueue, LeaseStore
+from shard_sql.ports import BatchWriter, EventStore, IntentQueue, LeaseStore
 from shard_sql.urls import DEFAULT_URL, URL_ENV, default_url, git_path, is_git_url, open_store
 from shard_sql.validation import Pending, check_seq, check_space, check_text, pending
 from shard_sql.values import Event

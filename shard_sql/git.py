@@ -86,8 +86,9 @@ from shard_sql._git_errors import guarded_iter as _guarded_iter
 from shard_sql._git_errors import translate as _translate
 from shard_sql._git_intents import GitIntents
 from shard_sql.errors import LeaseHeld, SeqConflict, ShardSqlError, StaleLease, StoreUnavailable
-from shard_sql.memory import check_ttl
-from shard_sql.store import LeaseStore, StoreBase, already_written, check_fence, stamp, system_clock
+from shard_sql.leases import check_fence, check_ttl
+from shard_sql.ports import LeaseStore, system_clock
+from shard_sql.store_base import StoreBase, already_written, stamp
 from shard_sql.validation import Pending, check_seq, check_space
 from shard_sql.values import Event, Lease
 

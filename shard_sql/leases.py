@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+import threading
 import weakref
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
-from shard_sql.errors import InvalidEvent
-from shard_sql.memory import MemoryLeases, check_ttl
-from shard_sql.store import BatchWriter, Clock, LeaseStore, check_fence, system_clock
+from shard_sql.errors import InvalidEvent, LeaseHeld, StaleLease
+from shard_sql.ports import BatchWriter, Clock, LeaseStore, system_clock
 from shard_sql.validation import Pending, check_space, check_text
 from shard_sql.values import Event, Lease
 
@@ -18,6 +18,124 @@ if TYPE_CHECKING:
 
 DEFAULT_TTL = 30.0
 _now = datetime.now
+
+
+# -- the lease rules: pure functions of the current record and now ---------------------------
+# Every adapter applies these (memory and git in Python, SQL in statements that mirror them;
+# one contract test holds all of them to the same answers).
+
+
+def check_ttl(ttl_seconds: object) -> float:
+    if isinstance(ttl_seconds, bool) or not isinstance(ttl_seconds, int | float):
+        raise InvalidEvent("ttl_seconds", "must be a number")
+    if not 0 < ttl_seconds <= 86_400 * 365:
+        raise InvalidEvent("ttl_seconds", "must be > 0 and at most a year")
+    return float(ttl_seconds)
+
+
+def granted(cur: Lease | None, space: str, holder: str, ttl_seconds: float, now: datetime) -> Lease:
+    """The record after `holder` acquires `space`: a renewal while it holds it, a new grant
+    (generation + 1) when the lease lapsed; `LeaseHeld` while another holder's lease is valid."""
+    expires = now + timedelta(seconds=check_ttl(ttl_seconds))
+    if cur is not None and cur.valid_at(now):
+        if cur.holder != holder:
+            raise LeaseHeld(cur)
+        return Lease(space, holder, max(expires, cur.expires_at), cur.generation)
+    return Lease(space, holder, expires, (cur.generation if cur else 0) + 1)
+
+
+def renewed(cur: Lease | None, lease: Lease, ttl_seconds: float, now: datetime) -> Lease:
+    """The record after `lease` is renewed; `StaleLease` unless it is still the valid grant."""
+    expires = now + timedelta(seconds=check_ttl(ttl_seconds))
+    if (
+        cur is None
+        or (cur.holder, cur.generation) != (lease.holder, lease.generation)
+        or not cur.valid_at(now)
+    ):
+        raise StaleLease(lease, "lost before renewal")
+    return Lease(lease.space, lease.holder, max(expires, cur.expires_at), cur.generation)
+
+
+def released(cur: Lease | None, lease: Lease, now: datetime) -> Lease | None:
+    """The record after `lease` is released (ended at `now`), or None: it is not current."""
+    if cur is None or (cur.holder, cur.generation) != (lease.holder, lease.generation):
+        return None
+    return Lease(lease.space, lease.holder, min(now, cur.expires_at), cur.generation)
+
+
+def revoked(cur: Lease | None, space: str, now: datetime) -> Lease | None:
+    """The record after an operator revokes the space's lease: ended now, generation + 1 (its
+    holder is fenced); None when the space never had a lease."""
+    if cur is None:
+        return None
+    return Lease(space, cur.holder, min(now, cur.expires_at), cur.generation + 1)
+
+
+def valid(cur: Lease | None, now: datetime) -> Lease | None:
+    """`cur` if it is valid at `now`."""
+    return cur if cur is not None and cur.valid_at(now) else None
+
+
+def check_fence(fence: Lease | None, current: Lease | None) -> None:
+    """Raise `StaleLease` unless `fence` is the current grant (same holder and generation).
+
+    Adapters call this inside the write's transaction, with `current` read in it.
+    """
+    if fence is None:
+        return
+    if current is None:
+        raise StaleLease(fence, "the space has no lease record")
+    if current.holder != fence.holder or current.generation != fence.generation:
+        raise StaleLease(
+            fence, f"the current grant is {current.holder!r} generation {current.generation}"
+        )
+
+
+class MemoryLeases(LeaseStore):
+    """Lease records in memory behind one lock; used by `InMemoryEventStore` and by a
+    `LeaseRegistry()` that has no store."""
+
+    def __init__(self, lock: threading.RLock | None = None) -> None:
+        self._lock = lock or threading.RLock()
+        self._leases: dict[str, Lease] = {}
+
+    def locked(self) -> threading.RLock:
+        """The lock guarding the records (and, in `InMemoryEventStore`, the logs)."""
+        return self._lock
+
+    def lease_record(self, space: str) -> Lease | None:
+        """The space's lease record, valid or not."""
+        with self._lock:
+            return self._leases.get(space)
+
+    def lease_acquire(self, space: str, holder: str, ttl_seconds: float, now: datetime) -> Lease:
+        with self._lock:
+            new = granted(self._leases.get(space), space, holder, ttl_seconds, now)
+            self._leases[space] = new
+            return new
+
+    def lease_renew(self, lease: Lease, ttl_seconds: float, now: datetime) -> Lease:
+        with self._lock:
+            new = renewed(self._leases.get(lease.space), lease, ttl_seconds, now)
+            self._leases[lease.space] = new
+            return new
+
+    def lease_release(self, lease: Lease, now: datetime) -> None:
+        with self._lock:
+            new = released(self._leases.get(lease.space), lease, now)
+            if new is not None:
+                self._leases[lease.space] = new
+
+    def lease_current(self, space: str, now: datetime) -> Lease | None:
+        with self._lock:
+            return valid(self._leases.get(space), now)
+
+    def lease_revoke(self, space: str, now: datetime) -> Lease | None:
+        with self._lock:
+            new = revoked(self._leases.get(space), space, now)
+            if new is not None:
+                self._leases[space] = new
+            return new
 
 
 class LeaseRegistry:

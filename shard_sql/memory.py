@@ -4,94 +4,13 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
-from datetime import datetime, timedelta
 
-from shard_sql.errors import InvalidEvent, LeaseHeld, SeqConflict, StaleLease
-from shard_sql.store import (
-    IntentQueue,
-    LeaseStore,
-    StoreBase,
-    already_written,
-    check_fence,
-    stamp,
-    system_clock,
-)
+from shard_sql.errors import SeqConflict
+from shard_sql.leases import MemoryLeases, check_fence
+from shard_sql.ports import IntentQueue, system_clock
+from shard_sql.store_base import StoreBase, already_written, stamp
 from shard_sql.validation import Pending, check_seq, check_space
 from shard_sql.values import Event, Lease
-
-
-def check_ttl(ttl_seconds: object) -> float:
-    if isinstance(ttl_seconds, bool) or not isinstance(ttl_seconds, int | float):
-        raise InvalidEvent("ttl_seconds", "must be a number")
-    if not 0 < ttl_seconds <= 86_400 * 365:
-        raise InvalidEvent("ttl_seconds", "must be > 0 and at most a year")
-    return float(ttl_seconds)
-
-
-class MemoryLeases(LeaseStore):
-    """Lease records in memory behind one lock; used by `InMemoryEventStore` and by a
-    `LeaseRegistry()` that has no store."""
-
-    def __init__(self, lock: threading.RLock | None = None) -> None:
-        self._lock = lock or threading.RLock()
-        self._leases: dict[str, Lease] = {}
-
-    def locked(self) -> threading.RLock:
-        """The lock guarding the records (and, in `InMemoryEventStore`, the logs)."""
-        return self._lock
-
-    def lease_record(self, space: str) -> Lease | None:
-        """The space's lease record, valid or not."""
-        with self._lock:
-            return self._leases.get(space)
-
-    def lease_acquire(self, space: str, holder: str, ttl_seconds: float, now: datetime) -> Lease:
-        expires = now + timedelta(seconds=check_ttl(ttl_seconds))
-        with self._lock:
-            cur = self._leases.get(space)
-            if cur is not None and cur.valid_at(now):
-                if cur.holder != holder:
-                    raise LeaseHeld(cur)
-                new = Lease(space, holder, max(expires, cur.expires_at), cur.generation)
-            else:
-                new = Lease(space, holder, expires, (cur.generation if cur else 0) + 1)
-            self._leases[space] = new
-            return new
-
-    def lease_renew(self, lease: Lease, ttl_seconds: float, now: datetime) -> Lease:
-        expires = now + timedelta(seconds=check_ttl(ttl_seconds))
-        with self._lock:
-            cur = self._leases.get(lease.space)
-            if (
-                cur is None
-                or (cur.holder, cur.generation) != (lease.holder, lease.generation)
-                or not cur.valid_at(now)
-            ):
-                raise StaleLease(lease, "lost before renewal")
-            new = Lease(lease.space, lease.holder, max(expires, cur.expires_at), cur.generation)
-            self._leases[lease.space] = new
-            return new
-
-    def lease_release(self, lease: Lease, now: datetime) -> None:
-        with self._lock:
-            cur = self._leases.get(lease.space)
-            if cur is not None and (cur.holder, cur.generation) == (lease.holder, lease.generation):
-                ended = min(now, cur.expires_at)
-                self._leases[lease.space] = Lease(lease.space, lease.holder, ended, cur.generation)
-
-    def lease_current(self, space: str, now: datetime) -> Lease | None:
-        with self._lock:
-            cur = self._leases.get(space)
-            return cur if cur is not None and cur.valid_at(now) else None
-
-    def lease_revoke(self, space: str, now: datetime) -> Lease | None:
-        with self._lock:
-            cur = self._leases.get(space)
-            if cur is None:
-                return None
-            new = Lease(space, cur.holder, min(now, cur.expires_at), cur.generation + 1)
-            self._leases[space] = new
-            return new
 
 
 class InMemoryEventStore(StoreBase, MemoryLeases, IntentQueue):

@@ -52,7 +52,6 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import URL, Connection, Engine, make_url
 from sqlalchemy.pool import NullPool, StaticPool
 
-from shard_sql._bells import Bells
 from shard_sql._orm import EVENTS, LEASES, SCHEMA_REVISION, VERSION_TABLE
 from shard_sql._sql_intents import SqlIntents
 from shard_sql.errors import (
@@ -64,18 +63,12 @@ from shard_sql.errors import (
     StaleLease,
     StoreUnavailable,
 )
-from shard_sql.memory import check_ttl
-from shard_sql.store import (
-    LeaseStore,
-    StoreBase,
-    already_written,
-    check_fence,
-    gc_paused,
-    stamp,
-    system_clock,
-)
+from shard_sql.leases import check_fence, check_ttl
+from shard_sql.ports import LeaseStore, system_clock
+from shard_sql.store_base import StoreBase, already_written, gc_paused, stamp
 from shard_sql.validation import Pending, check_seq, check_space
 from shard_sql.values import Event, Lease, new_event
+from shard_sql.wake import Bells
 
 _now = datetime.now
 

@@ -29,7 +29,7 @@ from shard_sql.errors import (
     StaleLease,
 )
 from shard_sql.leases import LeaseRegistry
-from shard_sql.store import EventStore
+from shard_sql.ports import EventStore
 from shard_sql.values import Event, EventType, Lease
 
 

@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from shard_sql.store import EventStore
+from shard_sql.ports import EventStore
 
 MAX_VIOLATIONS = 1000
 """A report keeps the first 1000 violations in detail and counts the rest."""

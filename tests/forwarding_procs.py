@@ -14,7 +14,7 @@ import time
 from typing import Any
 
 from shard_sql import AppendAuthority, LeaseRegistry
-from shard_sql.store import EventStore
+from shard_sql.ports import EventStore
 from shard_sql.urls import open_store
 from shard_sql.verify import verify
 

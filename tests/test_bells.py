@@ -1,4 +1,4 @@
-"""Bells (`shard_sql._bells`): the per-space wake-ups of forwarding on the stores without
+"""Bells (`shard_sql.wake`): the per-space wake-ups of forwarding on the stores without
 notifications, SQLite files and git repositories, on Linux."""
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def test_bells(kind: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     the event bell of the space it awaits; a forwarded intent's put rings the first, the write
     of events with intent ids the second, each after its commit. With the `data_version` look
     pushed out of reach, only a ring can end these waits."""
-    import shard_sql._bells as bells_module
+    import shard_sql.wake as bells_module
 
     open_ = STORES[kind]
     with open_(tmp_path) as holder, open_(tmp_path) as fwd:
@@ -98,7 +98,7 @@ def test_bells_removed_under_a_waiter(
     ends, the next one makes the bells again, and rings reach it."""
     import shutil
 
-    import shard_sql._bells as bells_module
+    import shard_sql.wake as bells_module
 
     open_ = STORES[kind]
     with open_(tmp_path) as holder, open_(tmp_path) as fwd:
@@ -128,7 +128,7 @@ def test_bells_removed_under_a_waiter(
 def test_a_watch_closes_its_descriptor_once(tmp_path: Path) -> None:
     """Closed, then collected: the second close must not hit a descriptor number reused by
     another file meanwhile."""
-    from shard_sql._bells import Inotify
+    from shard_sql.wake import Inotify
 
     watch = Inotify(os.open(os.devnull, os.O_RDONLY))
     watch.close()
@@ -163,7 +163,7 @@ def test_readable_takes_descriptors_past_1024() -> None:
     """`select` refuses descriptor numbers of 1024 and above; the waits use `poll`."""
     import resource
 
-    from shard_sql._bells import readable
+    from shard_sql.wake import readable
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard != resource.RLIM_INFINITY and hard < 1200:

@@ -309,7 +309,7 @@ def test_lease_held_by_another_node(pg_url: str) -> None:
 def test_append_forwarded_to_a_live_holder(backend: str) -> None:
     """The command forwards to a holder serving in another process, which writes the event."""
     from shard_sql import AppendAuthority, LeaseRegistry
-    from shard_sql.store import IntentQueue
+    from shard_sql.ports import IntentQueue
     from shard_sql.urls import open_store
 
     url = migrated(backend)

@@ -13,7 +13,7 @@ import pytest
 
 from shard_sql import GitEventStore, LeaseRegistry, ShardSqlError, StoreUnavailable
 from shard_sql.git import CHUNK, LEASES, SPACES, decode_name, encode_name, lease_ref, space_ref
-from shard_sql.store import EventStore
+from shard_sql.ports import EventStore
 from shard_sql.testing import HOSTILE_SPACES, AuthorityContract, ManualClock, StoreContract
 
 

@@ -24,7 +24,7 @@ from forwarding_procs import CTX, check_log, collect, start_forwarders, stop_all
 from shard_sql import AppendAuthority, GitEventStore, LeaseRegistry, StoreUnavailable
 from shard_sql._git_intents import INTENT_REFS, intent_key
 from shard_sql.git import encode_name
-from shard_sql.store import EventStore, IntentQueue
+from shard_sql.ports import EventStore, IntentQueue
 from shard_sql.testing import HOSTILE_SPACES, ForwardingContract
 from shard_sql.validation import pending
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from shard_sql import AppendAuthority, InMemoryEventStore, InvalidEvent, LeaseRegistry
-from shard_sql.store import EventStore
+from shard_sql.ports import EventStore
 from shard_sql.testing import AuthorityContract, ForwardingContract, ManualClock, StoreContract
 
 

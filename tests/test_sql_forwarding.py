@@ -41,8 +41,8 @@ from shard_sql import (
     migrate,
 )
 from shard_sql._sql_intents import _WalWatch, intents_channel
+from shard_sql.ports import EventStore, IntentQueue
 from shard_sql.sql import alembic_config, migration_connection
-from shard_sql.store import EventStore, IntentQueue
 from shard_sql.testing import HOSTILE_SPACES, ForwardingContract
 from shard_sql.validation import pending
 from shard_sql.verify import verify

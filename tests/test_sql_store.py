@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from shard_sql.ports import EventStore
 from shard_sql.sql import SqlEventStore
-from shard_sql.store import EventStore
 from shard_sql.testing import AuthorityContract, StoreContract
 
 

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 
 from shard_sql import AppendAuthority, InMemoryEventStore, LeaseRegistry
-from shard_sql.store import StoreBase
+from shard_sql.store_base import StoreBase
 from shard_sql.validation import Pending, pending
 from shard_sql.values import Event
 from shard_sql.verify import MAX_VIOLATIONS, Violation, verify
