@@ -1,13 +1,12 @@
-"""The command line in-process: every command and error path on in-memory stores.
+"""The command line in-process: every command and error path, on SQLite files.
 
-`main()` runs in this process with `open_store` patched so that `mem://NAME` URLs name shared
-in-memory stores; tests/test_cli_process.py drives the installed command against SQLite,
-PostgreSQL and git.
+`main()` runs in this process; `stores["NAME"]` is a store the test opens on the file that
+`stores.url("NAME")` names for the command. tests/test_cli_process.py drives the installed
+command against SQLite, PostgreSQL and git.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import io
 import json
@@ -20,8 +19,15 @@ from typing import Any
 
 import pytest
 
-from shard_sql import InMemoryEventStore, LeaseRegistry, StoreUnavailable, cli
+from shard_sql import LeaseRegistry, SqlEventStore
+from shard_sql.cli import bench, main
+from shard_sql.cli.events import default_node_id
+from shard_sql.cli.output import human_time, progress
+from shard_sql.cli.parser import build_parser, commands
+from shard_sql.cli.stores import display_url
 from shard_sql.validation import pending
+
+UNREACHABLE = "postgresql+psycopg://nobody@127.0.0.1:1/x"
 
 
 class Run:
@@ -32,28 +38,41 @@ class Run:
         return [json.loads(line) for line in self.out.splitlines()]
 
 
+class Stores:
+    """SQLite files by name: `url(name)` for the command, `[name]` a store on it for the test."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.opened: dict[str, SqlEventStore] = {}
+
+    def url(self, name: str) -> str:
+        return f"sqlite:///{self.root}/{name}.db"
+
+    def __getitem__(self, name: str) -> SqlEventStore:
+        if name not in self.opened:
+            self.opened[name] = SqlEventStore(self.url(name))
+        return self.opened[name]
+
+    def close(self) -> None:
+        for store in self.opened.values():
+            store.close()
+
+
 @pytest.fixture
-def stores(monkeypatch: pytest.MonkeyPatch) -> dict[str, InMemoryEventStore]:
-    opened: dict[str, InMemoryEventStore] = {}
-
-    def fake_open(url: str | None = None, *, migrate: bool = False) -> InMemoryEventStore:
-        assert url is not None
-        if not url.startswith("mem://"):
-            raise StoreUnavailable(f"cannot reach {url}")
-        return opened.setdefault(url, InMemoryEventStore())
-
-    monkeypatch.setattr(cli, "open_store", fake_open)
-    monkeypatch.setenv("SHARD_SQL_URL", "mem://main")
-    return opened
+def stores(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Stores]:
+    opened = Stores(tmp_path)
+    monkeypatch.setenv("SHARD_SQL_URL", opened.url("main"))
+    yield opened
+    opened.close()
 
 
 @pytest.fixture
-def run(capsys: pytest.CaptureFixture[str], stores: dict[str, InMemoryEventStore]) -> Iterator[Any]:
+def run(capsys: pytest.CaptureFixture[str], stores: Stores) -> Iterator[Any]:
     def go(*argv: str, stdin: str | None = None) -> Run:
         if stdin is not None:
             sys.stdin = io.TextIOWrapper(io.BytesIO(stdin.encode()), encoding="utf-8")
         try:
-            code = cli.main(list(argv))
+            code = main(list(argv))
         finally:
             sys.stdin = sys.__stdin__
         out, err = capsys.readouterr()
@@ -66,24 +85,17 @@ def run(capsys: pytest.CaptureFixture[str], stores: dict[str, InMemoryEventStore
     yield go
 
 
-def main_store(stores: dict[str, InMemoryEventStore]) -> InMemoryEventStore:
-    return stores.setdefault("mem://main", InMemoryEventStore())
+def main_store(stores: Stores) -> SqlEventStore:
+    return stores["main"]
 
 
 # -- help ----------------------------------------------------------------------------------------
 
 
-def subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            return dict(action.choices)
-    raise AssertionError("no subcommands")
-
-
 def test_every_command_has_a_description_and_an_example() -> None:
-    parser = cli.build_parser()
-    commands = subparsers(parser)
-    assert set(commands) >= {
+    parser = build_parser()
+    every = commands(parser)
+    assert set(every) >= {
         "migrate",
         "append",
         "log",
@@ -96,7 +108,7 @@ def test_every_command_has_a_description_and_an_example() -> None:
         "bench",
     }
     assert parser.description and "shard-sql append" in (parser.epilog or "")
-    for name, sub in commands.items():
+    for name, sub in every.items():
         assert sub.description and len(sub.description) > 30, name
         assert sub.epilog and "examples:" in sub.epilog, name
         assert f"shard-sql {name}" in sub.epilog, name
@@ -130,7 +142,7 @@ def test_usage_errors(run: Any, argv: list[str], message: str) -> None:
 # -- append and log ------------------------------------------------------------------------------
 
 
-def test_append_and_log(run: Any, stores: dict[str, InMemoryEventStore]) -> None:
+def test_append_and_log(run: Any, stores: Stores) -> None:
     r = run("append", "demo", "page.created", '{"title": "Home"}')
     assert r.code == 0 and r.out.startswith("demo seq 0: page.created (writer cli-")
     r = run("append", "demo", "alias.set", '{"alias": "index", "n": [1, {"x": null}]}', "--json")
@@ -165,7 +177,7 @@ def test_append_and_log(run: Any, stores: dict[str, InMemoryEventStore]) -> None
     assert r.code == 0 and r.out == ""
 
 
-def test_append_options(run: Any, stores: dict[str, InMemoryEventStore]) -> None:
+def test_append_options(run: Any, stores: Stores) -> None:
     r = run(
         "append", "s", "t", "-", "--intent-id", "req-1", "--node", "ops", "--json", stdin='{"a": 1}'
     )
@@ -176,7 +188,7 @@ def test_append_options(run: Any, stores: dict[str, InMemoryEventStore]) -> None
     assert main_store(stores).head("s") == 1
 
 
-def test_many_appends_page_through_log(run: Any, stores: dict[str, InMemoryEventStore]) -> None:
+def test_many_appends_page_through_log(run: Any, stores: Stores) -> None:
     store = main_store(stores)
     store.append_many("big", [("t", {"i": i}) for i in range(2500)], expected_seq=0)
     r = run("log", "big", "--json")
@@ -198,9 +210,7 @@ def test_many_appends_page_through_log(run: Any, stores: dict[str, InMemoryEvent
         ('{"x": "\\u0000"}', "invalid payload: contains a NUL character"),
     ],
 )
-def test_bad_payloads(
-    run: Any, stores: dict[str, InMemoryEventStore], payload: str, message: str
-) -> None:
+def test_bad_payloads(run: Any, stores: Stores, payload: str, message: str) -> None:
     r = run("append", "s", "t", payload)
     assert r.code == 2 and message in r.err
     assert main_store(stores).spaces() == []
@@ -227,20 +237,18 @@ def test_unknown_space(run: Any) -> None:
 
 
 def test_store_errors_are_one_line(run: Any) -> None:
-    r = run("--url", "postgresql+psycopg://nobody@127.0.0.1:1/x", "spaces")
-    assert r.code == 1 and "cannot reach postgresql" in r.err
+    r = run("--url", UNREACHABLE, "spaces")
+    assert r.code == 1 and "cannot connect to PostgreSQL at 127.0.0.1:1" in r.err
 
 
-def test_url_option_after_the_command(run: Any, stores: dict[str, InMemoryEventStore]) -> None:
-    assert run("append", "s", "t", "{}", "--url", "mem://other").code == 0
-    assert stores["mem://other"].head("s") == 1
-    assert run("--url", "mem://other", "log", "s").code == 0
-    assert run("log", "s").code == 1  # SHARD_SQL_URL: mem://main
+def test_url_option_after_the_command(run: Any, stores: Stores) -> None:
+    assert run("append", "s", "t", "{}", "--url", stores.url("other")).code == 0
+    assert stores["other"].head("s") == 1
+    assert run("--url", stores.url("other"), "log", "s").code == 0
+    assert run("log", "s").code == 1  # SHARD_SQL_URL: main
 
 
-def test_held_space_forwards_then_times_out(
-    run: Any, stores: dict[str, InMemoryEventStore]
-) -> None:
+def test_held_space_forwards_then_times_out(run: Any, stores: Stores) -> None:
     store = main_store(stores)
     LeaseRegistry(store).acquire("s", "other-node", 60)
     r = run("append", "s", "t", "{}", "--no-forward")
@@ -253,7 +261,7 @@ def test_held_space_forwards_then_times_out(
 # -- spaces and leases ---------------------------------------------------------------------------
 
 
-def test_spaces(run: Any, stores: dict[str, InMemoryEventStore]) -> None:
+def test_spaces(run: Any, stores: Stores) -> None:
     assert run("spaces").out == "no spaces yet\n"
     assert run("spaces", "--json").out == ""
     store = main_store(stores)
@@ -272,7 +280,7 @@ def test_spaces(run: Any, stores: dict[str, InMemoryEventStore]) -> None:
     ]
 
 
-def test_lease_show_and_revoke(run: Any, stores: dict[str, InMemoryEventStore]) -> None:
+def test_lease_show_and_revoke(run: Any, stores: Stores) -> None:
     assert "s: no valid lease" in run("lease", "s").out
     assert run("lease", "s", "--json").lines() == [
         {
@@ -305,7 +313,7 @@ def test_lease_show_and_revoke(run: Any, stores: dict[str, InMemoryEventStore]) 
 # -- verify --------------------------------------------------------------------------------------
 
 
-def test_verify(run: Any, stores: dict[str, InMemoryEventStore]) -> None:
+def test_verify(run: Any, stores: Stores) -> None:
     r = run("verify")
     assert r.code == 0 and r.out.strip() == "ok: 0 spaces, 0 events, 0 violations"
     run("append", "s", "t", "{}")
@@ -326,7 +334,7 @@ def test_verify(run: Any, stores: dict[str, InMemoryEventStore]) -> None:
 # -- export, import, copy ------------------------------------------------------------------------
 
 
-def fill(store: InMemoryEventStore) -> None:
+def fill(store: SqlEventStore) -> None:
     registry = LeaseRegistry(store)
     lease = registry.acquire("wiki", "node-a", 60)
     store.append("wiki", "page.created", {"t": "Home", "ü": [1, 2.5]}, expected_seq=0, fence=lease)
@@ -337,9 +345,7 @@ def fill(store: InMemoryEventStore) -> None:
     store.append_many("other", [("t", {"i": i}) for i in range(1200)], expected_seq=0)
 
 
-def test_export_import_round_trip(
-    run: Any, stores: dict[str, InMemoryEventStore], tmp_path: Path
-) -> None:
+def test_export_import_round_trip(run: Any, stores: Stores, tmp_path: Path) -> None:
     source = main_store(stores)
     fill(source)
     r = run("export")
@@ -350,31 +356,31 @@ def test_export_import_round_trip(
     assert r.lines() == [{"exported": 1203, "spaces": 2, "file": str(dump)}]
     assert dump.read_text().splitlines() == lines
 
-    r = run("import", "--url", "mem://copy", "--file", str(dump))
+    r = run("import", "--url", stores.url("copy"), "--file", str(dump))
     assert r.code == 0 and r.out == "imported 1203 events into 2 spaces\n"
-    target = stores["mem://copy"]
+    target = stores["copy"]
     for space in ("wiki", "other"):
         assert target.events(space) == source.events(space)
     assert target.events("wiki")[2].writer == "node-b"
     assert target.events("wiki")[2].generation == 3
     # Again: everything is there already and identical.
-    r = run("import", "--url", "mem://copy", "--json", stdin=dump.read_text())
+    r = run("import", "--url", stores.url("copy"), "--json", stdin=dump.read_text())
     assert r.lines() == [{"imported": 0, "skipped": 1203, "spaces": 2}]
     # One space only, to a third store, through stdin.
     wiki = run("export", "wiki").out
-    r = run("import", "--url", "mem://third", stdin=wiki)
-    assert stores["mem://third"].spaces() == ["wiki"]
+    r = run("import", "--url", stores.url("third"), stdin=wiki)
+    assert stores["third"].spaces() == ["wiki"]
 
 
-def test_import_errors(run: Any, stores: dict[str, InMemoryEventStore], tmp_path: Path) -> None:
+def test_import_errors(run: Any, stores: Stores, tmp_path: Path) -> None:
     fill(main_store(stores))
     good = run("export", "wiki").out.splitlines()
-    r = run("import", "--url", "mem://t", stdin=good[0] + "\n{oops\n")
+    r = run("import", "--url", stores.url("t"), stdin=good[0] + "\n{oops\n")
     assert r.code == 2 and "stdin line 2: not valid JSON" in r.err
-    assert stores["mem://t"].head("wiki") == 0  # the batch never reached the store
-    r = run("import", "--url", "mem://t", stdin="\n".join([good[0], good[2]]))
+    assert stores["t"].head("wiki") == 0  # the batch never reached the store
+    r = run("import", "--url", stores.url("t"), stdin="\n".join([good[0], good[2]]))
     assert r.code == 1 and "stdin line 2: space 'wiki' seq 2 does not follow seq 0" in r.err
-    r = run("import", "--url", "mem://t", stdin=good[1])
+    r = run("import", "--url", stores.url("t"), stdin=good[1])
     assert r.code == 1 and "starts at seq 1, but the target's head is 0" in r.err
     obj = json.loads(good[0])
     changes: list[tuple[dict[str, Any], str]] = [
@@ -386,42 +392,42 @@ def test_import_errors(run: Any, stores: dict[str, InMemoryEventStore], tmp_path
         ({"writer": 5}, "invalid writer"),
     ]
     for change, message in changes:
-        r = run("import", "--url", "mem://t", stdin=json.dumps({**obj, **change}))
+        r = run("import", "--url", stores.url("t"), stdin=json.dumps({**obj, **change}))
         assert r.code == 2 and message in r.err, (change, r.err)
     del obj["type"]
-    r = run("import", "--url", "mem://t", stdin=json.dumps(obj) + "\n")
+    r = run("import", "--url", stores.url("t"), stdin=json.dumps(obj) + "\n")
     assert r.code == 2 and "stdin line 1: missing type" in r.err
-    r = run("import", "--url", "mem://t", stdin="[1]")
+    r = run("import", "--url", stores.url("t"), stdin="[1]")
     assert r.code == 2 and "expected a JSON object, not an array" in r.err
     # A different log already in the target.
-    stores["mem://t"].append("wiki", "other.type", {}, expected_seq=0)
-    r = run("import", "--url", "mem://t", stdin="\n".join(good))
+    stores["t"].append("wiki", "other.type", {}, expected_seq=0)
+    r = run("import", "--url", stores.url("t"), stdin="\n".join(good))
     assert r.code == 1 and "seq 0 differs from the event already in the target" in r.err
     r = run("import", "--file", str(tmp_path / "missing.jsonl"))
     assert r.code == 1 and "missing.jsonl: No such file or directory" in r.err
 
 
-def test_duplicate_intent_in_import(run: Any, stores: dict[str, InMemoryEventStore]) -> None:
+def test_duplicate_intent_in_import(run: Any, stores: Stores) -> None:
     fill(main_store(stores))
     lines = [json.loads(x) for x in run("export", "wiki").out.splitlines()]
     lines[2]["intent_id"] = "i-1"
-    r = run("import", "--url", "mem://t", stdin="\n".join(json.dumps(x) for x in lines))
+    r = run("import", "--url", stores.url("t"), stdin="\n".join(json.dumps(x) for x in lines))
     assert r.code == 1 and "intent_id 'i-1' appears twice in space 'wiki'" in r.err
 
 
-def test_copy(run: Any, stores: dict[str, InMemoryEventStore]) -> None:
+def test_copy(run: Any, stores: Stores) -> None:
     source = main_store(stores)
     fill(source)
-    r = run("copy", "wiki", "--to", "mem://dst")
+    r = run("copy", "wiki", "--to", stores.url("dst"))
     assert r.code == 0 and r.out == "imported 3 events into 1 space\n"
-    assert stores["mem://dst"].events("wiki") == source.events("wiki")
-    r = run("copy", "--to", "mem://dst", "--json")
+    assert stores["dst"].events("wiki") == source.events("wiki")
+    r = run("copy", "--to", stores.url("dst"), "--json")
     assert r.lines() == [{"imported": 1200, "skipped": 3, "spaces": 2}]
-    assert stores["mem://dst"].events("other") == source.events("other")
-    r = run("copy", "--to", "mem://main")
+    assert stores["dst"].events("other") == source.events("other")
+    r = run("copy", "--to", stores.url("main"))
     assert r.code == 2 and "--to names the source store itself" in r.err
-    r = run("copy", "--to", "nowhere://x")
-    assert r.code == 1 and "cannot reach nowhere://x" in r.err
+    r = run("copy", "--to", UNREACHABLE)
+    assert r.code == 1 and "cannot connect to PostgreSQL" in r.err
 
 
 # -- bench ---------------------------------------------------------------------------------------
@@ -464,7 +470,7 @@ def test_bench_table_and_json(run: Any, monkeypatch: pytest.MonkeyPatch) -> None
 
 
 def test_bench_without_runners(run: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(cli, "_load_bench", lambda name: None)
+    monkeypatch.setattr(bench, "load_suite", lambda name: None)
     r = run("bench")
     assert r.code == 1 and "no benchmarks found" in r.err
     r = run("bench", "--only", "nope")
@@ -472,22 +478,24 @@ def test_bench_without_runners(run: Any, monkeypatch: pytest.MonkeyPatch) -> Non
 
 
 def test_bench_suites_are_discovered() -> None:
-    suites = cli.bench_suites()
+    suites = bench.suites()
     assert list(suites)[:2] == ["sql", "git"]
-    root = cli._bench_root()
-    if root is not None:
-        for f in (root / "benchmarks").glob("*_bench.py"):
-            assert suites[f.stem.removesuffix("_bench")] == f"benchmarks.{f.stem}"
+    root = Path(__file__).resolve().parent.parent  # the source checkout
+    for f in (root / "benchmarks").glob("*_bench.py"):
+        assert suites[f.stem.removesuffix("_bench")] == f"benchmarks.{f.stem}"
 
 
 # -- odds and ends -------------------------------------------------------------------------------
 
 
-def test_unexpected_errors_are_one_line(run: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    def boom(args: argparse.Namespace) -> int:
+def test_unexpected_errors_are_one_line(
+    run: Any, stores: Stores, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def boom(self: SqlEventStore) -> list[str]:
         raise RuntimeError("kaput\nsecond line")
 
-    monkeypatch.setattr(cli, "cmd_spaces", boom)
+    main_store(stores)  # created
+    monkeypatch.setattr(SqlEventStore, "spaces", boom)
     r = run("spaces")
     assert r.code == 1
     assert r.err == (
@@ -502,30 +510,29 @@ def test_progress_bar_only_on_a_terminal() -> None:
             return True
 
     quiet = io.StringIO()
-    with cli.Progress("x", 10, stream=quiet) as bar:
+    with progress("x", 10, stream=quiet) as bar:
         bar.advance(5)
     assert quiet.getvalue() == ""
     tty = Tty()
-    with cli.Progress("export", 4, stream=tty) as bar:
+    with progress("export", 4, stream=tty) as bar:
         bar.advance(4)
-    assert tty.getvalue().endswith("\rexport [" + "#" * 30 + "] 100% 4/4\n")
+    drawn = tty.getvalue()
+    assert "export" in drawn and "100%" in drawn and "4/4" in drawn
 
 
 def test_display_url_hides_passwords() -> None:
-    assert cli.display_url("postgresql+psycopg://u:secret@h/db") == (
-        "postgresql+psycopg://u:***@h/db"
-    )
-    assert cli.display_url("git+file:///x") == "git+file:///x"
+    assert display_url("postgresql+psycopg://u:secret@h/db") == ("postgresql+psycopg://u:***@h/db")
+    assert display_url("git+file:///x") == "git+file:///x"
 
 
 def test_default_node_id() -> None:
-    node = cli.default_node_id()
+    node = default_node_id()
     assert node.startswith("cli-") and node.endswith(f"-{__import__('os').getpid()}")
 
 
 def test_times_are_utc() -> None:
     t = datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
-    assert cli._human_time(t) == "2026-01-02 03:04:05.678Z"
+    assert human_time(t) == "2026-01-02 03:04:05.678Z"
 
 
 def test_url_errors(run: Any, tmp_path: Path) -> None:
@@ -537,7 +544,7 @@ def test_url_errors(run: Any, tmp_path: Path) -> None:
     assert f"{tmp_path}/shard.db is a file, not a git repository; for a SQLite file use " in r.err
 
 
-def test_follow_until_limit(run: Any, stores: dict[str, InMemoryEventStore]) -> None:
+def test_follow_until_limit(run: Any, stores: Stores) -> None:
     """--follow waits for events of an empty space; --limit ends it (Ctrl-C: test_cli_process)."""
     import threading
     import time
@@ -564,10 +571,10 @@ def test_bench_skips_a_missing_suite(
 
     module = types.SimpleNamespace(__name__="benchmarks.sql_bench", run=lambda: [Row()])
     monkeypatch.setattr(
-        cli, "_load_bench", lambda name: module if name == "benchmarks.sql_bench" else None
+        bench, "load_suite", lambda name: module if name == "benchmarks.sql_bench" else None
     )
-    monkeypatch.setattr(cli, "bench_suites", lambda: dict(cli.BENCH_MODULES))
-    assert cli.main(["bench", "--json"]) == 0
+    monkeypatch.setattr(bench, "suites", lambda: dict(bench.SUITES))
+    assert main(["bench", "--json"]) == 0
     out, err = capsys.readouterr()
     assert err == "shard-sql: note: benchmarks.git_bench not found; skipped\n"
     assert json.loads(out)["ok"] is True and json.loads(out)["ratio"] == 2.0
@@ -575,8 +582,8 @@ def test_bench_skips_a_missing_suite(
     def broken(name: str) -> None:
         raise ModuleNotFoundError("No module named 'eventsourcing'")
 
-    monkeypatch.setattr(cli, "_load_bench", broken)
-    assert cli.main(["bench", "--only", "git"]) == 1
+    monkeypatch.setattr(bench, "load_suite", broken)
+    assert main(["bench", "--only", "git"]) == 1
     assert capsys.readouterr().err == (
         "shard-sql: error: cannot import benchmarks.git_bench: No module named 'eventsourcing'\n"
     )
@@ -604,8 +611,8 @@ def test_bench_runs_perf_by_default(run: Any, monkeypatch: pytest.MonkeyPatch) -
         return types.SimpleNamespace(__name__=f"benchmarks.{name}_bench", run=rows)
 
     suites = {n: f"benchmarks.{n}_bench" for n in ("sql", "git", "perf")}
-    monkeypatch.setattr(cli, "bench_suites", lambda: dict(suites))
-    monkeypatch.setattr(cli, "_load_bench", lambda module: suite(module[11:-6]))
+    monkeypatch.setattr(bench, "suites", lambda: dict(suites))
+    monkeypatch.setattr(bench, "load_suite", lambda module: suite(module[11:-6]))
     r = run("bench")
     header, row = r.out.splitlines()
     assert header.split()[:3] == ["BACKEND", "WORK", "VS"]
@@ -620,3 +627,46 @@ def test_bench_runs_perf_by_default(run: Any, monkeypatch: pytest.MonkeyPatch) -
         ("perf", "sqlite FULL", "raw driver insert"),
     ]
     assert run("bench", "--all").out.splitlines()[0].split()[0] == "SUITE"
+
+
+def test_help_does_not_load_rich_nor_the_adapters() -> None:
+    """`shard-sql --help` starts fast: rich, SQLAlchemy and pygit2 load only when used."""
+    import subprocess
+
+    code = (
+        "import sys\n"
+        "from shard_sql.cli import main\n"
+        "assert main(['--help']) == 0\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'rich', 'sqlalchemy', 'pygit2'}))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.splitlines()[-1] == "[]"
+
+
+def test_every_subpackage_is_listed_in_pyproject() -> None:
+    """A subpackage missing from `packages` is missing from the wheel."""
+    import tomllib
+
+    root = Path(__file__).resolve().parent.parent
+    listed = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    found = {
+        ".".join(init.parent.relative_to(root).parts)
+        for init in (root / "shard_sql").rglob("__init__.py")
+        if "__pycache__" not in init.parts
+    }
+    assert found <= set(listed)
+
+
+def test_tables_fit_120_columns(run: Any, stores: Stores) -> None:
+    long_space, long_type = "s" * 200, "t" * 150
+    payload = {"text": "x" * 500}
+    main_store(stores).append(long_space, long_type, payload, expected_seq=0)
+    LeaseRegistry(main_store(stores)).acquire(long_space, "h" * 200, 60)
+    for argv in (["log", long_space], ["spaces"], ["lease", long_space], ["verify"]):
+        r = run(*argv)
+        assert r.code == 0 and max(len(line) for line in r.out.splitlines()) <= 120, argv
+    _, row = run("log", long_space).out.splitlines()
+    assert row.endswith("…") and '{"text":"xxx' in row  # the payload is cut, on one line
+    assert run("log", long_space, "--json").lines()[0]["payload"] == payload  # JSON: whole
+    shown = run("spaces").out
+    assert shown.count("h") == 200 and shown.count("s") >= 200  # long names wrap, whole

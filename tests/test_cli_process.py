@@ -432,7 +432,7 @@ def test_progress_on_a_terminal_and_a_closed_pipe(tmp_path: Path) -> None:
     finally:
         os.close(primary)
     assert proc.returncode == 0
-    assert b"export [" + b"#" * 30 + b"] 100% 3000/3000" in drawn
+    assert b"export" in drawn and b"100%" in drawn and b"3000/3000" in drawn
     assert proc.stdout.decode().startswith("exported 3000 events")
     # Piped: no bar at all.
     r = shard_sql("export", "s", "--file", str(tmp_path / "y.jsonl"), url=url)
