@@ -3,20 +3,19 @@
 from __future__ import annotations
 
 import threading
-import weakref
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING
 
 from shard_sql.errors import InvalidEvent, LeaseHeld, StaleLease
 from shard_sql.ports import BatchWriter, Clock, LeaseStore, system_clock
 from shard_sql.validation import Pending, check_space, check_text
 from shard_sql.values import Event, Lease
 
-if TYPE_CHECKING:
-    from shard_sql.authority import AppendAuthority
-
 DEFAULT_TTL = 30.0
+RENEW_WHEN_LEFT = 2 / 3
+"""A holder renews its lease once less than this share of its TTL is left (a third of it has
+passed): its serving thread, with rounds every TTL/6 at most, gets several tries before the lease
+lapses, and an append renews at most every third of a TTL."""
 _now = datetime.now
 
 
@@ -74,6 +73,11 @@ def revoked(cur: Lease | None, space: str, now: datetime) -> Lease | None:
 def valid(cur: Lease | None, now: datetime) -> Lease | None:
     """`cur` if it is valid at `now`."""
     return cur if cur is not None and cur.valid_at(now) else None
+
+
+def renewal_due(lease: Lease, now: datetime, ttl_seconds: float) -> bool:
+    """Whether the holder of `lease` (granted for `ttl_seconds`) renews it at `now`."""
+    return (lease.expires_at - now).total_seconds() < ttl_seconds * RENEW_WHEN_LEFT
 
 
 def check_fence(fence: Lease | None, current: Lease | None) -> None:
@@ -157,9 +161,6 @@ class LeaseRegistry:
         self.store: object | None = store
         self._clock = clock or system_clock
         self._ttls: dict[tuple[str, str, int], float] = {}
-        self._nodes: weakref.WeakValueDictionary[str, AppendAuthority] = (
-            weakref.WeakValueDictionary()
-        )
 
     def now(self) -> datetime:
         """The registry clock's time; it must be timezone-aware."""
@@ -229,12 +230,6 @@ class LeaseRegistry:
             return store.write(
                 space, batch, expected_seq=expected_seq, fence=lease, verify_fence=False
             )
-
-    def register(self, node: AppendAuthority) -> None:
-        self._nodes[node.node_id] = node
-
-    def local_node(self, node_id: str) -> AppendAuthority | None:
-        return self._nodes.get(node_id)
 
     def fences(self, store: object) -> bool:
         """Whether this registry can fence writes to `store`."""
