@@ -32,7 +32,6 @@ Design (see docs/dba.md for the DBA's view):
 from __future__ import annotations
 
 import functools
-import json
 import os
 import random
 import sqlite3
@@ -65,7 +64,7 @@ from shard_sql.errors import (
 )
 from shard_sql.leases import check_fence, check_ttl
 from shard_sql.ports import LeaseStore, system_clock
-from shard_sql.store_base import StoreBase, already_written, gc_paused, stamp
+from shard_sql.store_base import StoreBase, already_written, decode_payloads, stamp
 from shard_sql.validation import Pending, check_seq, check_space
 from shard_sql.values import Event, Lease, new_event
 from shard_sql.wake import Bells
@@ -745,10 +744,11 @@ class _Sqlite(_Dialect):
         return Lease(space, row[0], _parse_sqlite_time(row[1]), row[2])
 
     def to_events(self, space: str, rows: list[Any]) -> list[Event]:
-        loads, fromiso, make = json.loads, _fromiso, new_event
+        fromiso, make = _fromiso, new_event
+        payloads = decode_payloads([row[2] for row in rows])
         return [
-            make(space, s, t, loads(p), fromiso(at + "+00:00"), w, g, i)
-            for s, t, p, at, w, g, i in rows
+            make(space, s, t, p, fromiso(at + "+00:00"), w, g, i)
+            for (s, t, _, at, w, g, i), p in zip(rows, payloads, strict=True)
         ]
 
     def begin_write(self, c: _Conn) -> None:
@@ -1043,11 +1043,7 @@ class SqlEventStore(StoreBase, LeaseStore, SqlIntents):
             cur.execute(self._d.read_sql, (space, from_seq))
         else:
             cur.execute(self._d.read_limit_sql, (space, from_seq, limit))
-        if limit is not None and limit < 256:
-            return self._d.to_events(space, cur.fetchall())
-        # The driver builds the rows (psycopg parses JSONB) in fetchall: pause there too.
-        with gc_paused():
-            return self._d.to_events(space, cur.fetchall())
+        return self._d.to_events(space, cur.fetchall())
 
     @_guarded
     def head(self, space: str) -> int:

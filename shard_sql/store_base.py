@@ -3,9 +3,8 @@ idempotency rule and the event a write stamps."""
 
 from __future__ import annotations
 
-import gc
+import json
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
 
@@ -13,6 +12,8 @@ from shard_sql.errors import InvalidEvent
 from shard_sql.ports import BatchWriter, EventStore, Item
 from shard_sql.validation import Pending, check_items, check_seq, check_space, pending
 from shard_sql.values import Event, Lease, new_event
+
+_loads = json.loads
 
 
 def fence_space_matches(fence: Lease | None, space: str) -> None:
@@ -99,19 +100,22 @@ def stamp(space: str, seq: int, p: Pending, fence: Lease | None, now: datetime) 
     return e
 
 
-@contextmanager
-def gc_paused() -> Iterator[None]:
-    """Pause the cyclic garbage collector while a page of events is built.
+def decode_payloads(texts: Sequence[Any]) -> list[Any]:
+    """`[json.loads(t) for t in texts]` in one `json.loads` call for the page: its per-call cost
+    once, not per event (the garbage collector then runs as the host set it; the page still reads
+    faster than the raw driver with a `json.loads` per row).
 
-    Thousands of new `Event` objects (each with a payload dict) trigger collections that scan the
-    whole, growing heap; the objects form no cycles, so the pause frees nothing late. Measured on
-    100,000 SQLite events: 154k -> 258k events/s. The collector is re-enabled only if it was
-    enabled before (a caller that disabled it keeps it so).
+    Each stored text is one JSON value, so the joined array has one element per text; a parse
+    error or another count (a text that is not one JSON value) falls back to the loop, with its
+    errors. Only rows crafted to re-balance each other could shift payloads, and whoever can
+    write rows can write any payload.
     """
-    was = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was:
-            gc.enable()
+    if len(texts) > 1:
+        try:
+            values = _loads("[" + ",".join(texts) + "]")
+        except (TypeError, ValueError):
+            pass
+        else:
+            if len(values) == len(texts):
+                return values  # type: ignore[no-any-return]
+    return [_loads(t) for t in texts]
