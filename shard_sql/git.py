@@ -754,7 +754,7 @@ class GitEventStore(StoreBase, LeaseStore, GitIntents):
         for n in range(2, len(parts) + 1):
             directory = "/".join(parts[:n])
             if directory not in self._synced:
-                _fsync_dir(os.path.join(self._gitdir, *parts[: n - 1]))
+                _fsync_dir(os.path.join(self._refs_root, *parts[: n - 1]))
                 self._synced.add(directory)
 
     # -- reading -----------------------------------------------------------------------------

@@ -248,6 +248,34 @@ def test_parent_repository_is_never_used(tmp_path: Path) -> None:
     assert all_refs(outer) == {}
 
 
+def test_linked_worktree_writes_to_the_common_refs(tmp_path: Path) -> None:
+    """A linked worktree (`git worktree add`) keeps its refs in the main repository's common
+    directory: a write there is durable and acknowledged, and the main checkout reads it."""
+    main = tmp_path / "main"
+    main.mkdir()
+    git(main, "init", "-q", "-b", "main")
+    git(
+        main,
+        "-c",
+        "user.name=t",
+        "-c",
+        "user.email=t@t",
+        "commit",
+        "-q",
+        "--allow-empty",
+        "-m",
+        "i",
+    )
+    git(main, "worktree", "add", "-q", str(tmp_path / "linked"))
+    store = GitEventStore(tmp_path / "linked")
+    e = store.append("s", "t", {"n": 1}, expected_seq=0)
+    store.close()
+    other = GitEventStore(main)
+    assert other.events("s") == [e]
+    other.close()
+    assert_fsck_clean(main)
+
+
 def test_closed_store_raises(tmp_path: Path) -> None:
     store = GitEventStore(tmp_path / "r.git")
     store.append("s", "t", {}, expected_seq=0)
