@@ -33,7 +33,8 @@ import pygit2
 from pygit2.enums import ObjectType
 
 from shard_sql import AppendAuthority, GitEventStore, LeaseRegistry
-from shard_sql.git import commit_bytes, space_ref
+from shard_sql.git.layout import space_ref
+from shard_sql.git.objects import commit_bytes
 from shard_sql.values import Event
 
 PAYLOAD = {"page": "Home", "title": "A wiki page", "tags": ["a", "b"], "rev": 0}

@@ -15,6 +15,7 @@ import pytest
 
 from shard_sql import GitEventStore, SqlEventStore
 from shard_sql.validation import pending
+from shard_sql.wake import Bells
 
 STORES: dict[str, Callable[[Path], Any]] = {
     "sqlite": lambda d: SqlEventStore(f"sqlite:///{d}/shard.db"),
@@ -34,8 +35,8 @@ def test_bells(kind: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
 
     open_ = STORES[kind]
     with open_(tmp_path) as holder, open_(tmp_path) as fwd:
-        bells = holder._bells
-        assert bells is not None and bells.dir == str(tmp_path / BELLS[kind])
+        bells = Bells.beside(str(tmp_path / BELLS[kind]))  # where the stores keep theirs
+        assert bells is not None
         i_bell, e_bell = Path(bells.path("i", "s")), Path(bells.path("e", "s"))
         holder.wait_for_change(["s"], 0)  # the first wait: the bell is made
         assert i_bell.exists() and not e_bell.exists()  # rung bells are made by waiters only
@@ -102,7 +103,7 @@ def test_bells_removed_under_a_waiter(
 
     open_ = STORES[kind]
     with open_(tmp_path) as holder, open_(tmp_path) as fwd:
-        bells = holder._bells
+        bells = Bells.beside(str(tmp_path / BELLS[kind]))  # where the stores keep theirs
         assert bells is not None
         holder.wait_for_change(["s"], 0)
         monkeypatch.setattr(bells_module, "BELL_FALLBACK", 60.0)

@@ -12,7 +12,15 @@ from pathlib import Path
 import pytest
 
 from shard_sql import GitEventStore, LeaseRegistry, ShardSqlError, StoreUnavailable
-from shard_sql.git import CHUNK, LEASES, SPACES, decode_name, encode_name, lease_ref, space_ref
+from shard_sql.git.layout import (
+    CHUNK,
+    LEASES,
+    SPACES,
+    decode_name,
+    encode_name,
+    lease_ref,
+    space_ref,
+)
 from shard_sql.ports import EventStore
 from shard_sql.testing import HOSTILE_SPACES, AuthorityContract, ManualClock, StoreContract
 
@@ -466,3 +474,34 @@ def test_long_reads_do_not_fill_the_object_cache(tmp_path: Path) -> None:
     assert peak < 3 * 1024 * 1024, peak  # the commits read are not all kept in libgit2's cache
     assert [e.payload["i"] for e in store.events("s", from_seq=n - 300)] == list(range(n - 300, n))
     store.close()
+
+
+# -- the package ---------------------------------------------------------------------------------
+
+
+def test_the_git_package_imports_point_one_way() -> None:
+    """The modules of `shard_sql.git` import each other without a cycle, at module level only,
+    and stay small."""
+    import ast
+    import graphlib
+
+    import shard_sql.git
+
+    graph: dict[str, set[str]] = {}
+    for f in Path(shard_sql.git.__file__).parent.glob("*.py"):
+        text = f.read_text()
+        assert text.count("\n") <= 600, f.name
+        tree = ast.parse(text)
+        graph[f.stem] = {
+            node.module.rsplit(".", 1)[1]
+            for node in ast.walk(tree)
+            if isinstance(node, ast.ImportFrom)
+            and node.module
+            and node.module.startswith("shard_sql.git.")
+        }
+        for fn in ast.walk(tree):
+            if isinstance(fn, ast.FunctionDef | ast.AsyncFunctionDef):
+                inner = [n for n in ast.walk(fn) if isinstance(n, ast.Import | ast.ImportFrom)]
+                assert not inner, f"{f.name}: {fn.name} imports inside a function"
+    order = list(graphlib.TopologicalSorter(graph).static_order())  # CycleError on a cycle
+    assert set(order) >= {"layout", "errors", "objects", "store", "intents"}

@@ -22,11 +22,11 @@ import pytest
 from forwarding_procs import CTX, check_log, collect, start_forwarders, stop_all
 
 from shard_sql import AppendAuthority, GitEventStore, LeaseRegistry, StoreUnavailable
-from shard_sql._git_intents import INTENT_REFS, intent_key
-from shard_sql.git import encode_name
+from shard_sql.git.layout import INTENT_REFS, encode_name, intent_key
 from shard_sql.ports import EventStore, IntentQueue
 from shard_sql.testing import HOSTILE_SPACES, ForwardingContract
 from shard_sql.validation import pending
+from shard_sql.wake import Bells
 
 
 def git(repo: Path, *args: str, stdin: str | None = None) -> str:
@@ -422,17 +422,28 @@ def test_forwarding_bench_quick_run() -> None:
     assert all(r["figure"] > 0 for r in rows)
 
 
-def test_a_retried_put_waits_for_the_event(store: GitEventStore) -> None:
+@pytest.mark.skipif(Bells.beside("x") is None, reason="bells need inotify (Linux)")
+def test_a_retried_put_waits_for_the_event(store: GitEventStore, repo: Path) -> None:
     """A put of an intent recorded before (a retry, maybe from another thread) still makes this
     thread's waits on its space waits for the event (the event bell), as a first put does."""
     store.put_intent("s", pending("t", {}, "k"), holder="h")
-    seen = []
+    bells = Bells.beside(str(repo / "shard-sql-bells"))
+    assert bells is not None
+    event_bell = Path(bells.path("e", "s"))
+    waited: list[float] = []
 
     def retry() -> None:
         store.put_intent("s", pending("t", {}, "k"), holder="h")  # recorded before: no new ref
-        seen.append(dict(store._awaited()))
+        store.wait_for_change(["s"], 0)  # a first wait: it makes the bell it sleeps on
+        t0 = time.monotonic()
+        store.wait_for_change(["s"], 20)
+        waited.append(time.monotonic() - t0)
 
     thread = threading.Thread(target=retry)
     thread.start()
+    deadline = time.monotonic() + 10
+    while thread.is_alive() and time.monotonic() < deadline:
+        bells.ring("e", "s")  # only a waiter on the event bell made its file and hears it
+        time.sleep(0.02)
     thread.join(30)
-    assert seen == [{"s": "k"}]
+    assert event_bell.exists() and waited and waited[0] < 10

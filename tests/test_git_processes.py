@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from shard_sql import GitEventStore, LeaseHeld, LeaseRegistry, SeqConflict, StoreUnavailable
-from shard_sql.git import space_ref
+from shard_sql.git.layout import space_ref
 
 pytestmark = pytest.mark.slow
 

@@ -64,7 +64,7 @@ def sqlite_lock(run: Run, registry: LeaseRegistry) -> bool:
 
 def git_stale_lock(run: Run, registry: LeaseRegistry) -> bool:
     """A killed writer's lock file on a space ref, left for a while, then cleared by an operator."""
-    from shard_sql.git import space_ref
+    from shard_sql.git.layout import space_ref
     from shard_sql.urls import git_path
 
     gitdir = git_path(run.url)

@@ -20,7 +20,7 @@ GIT_ERRORS = (
     RuntimeError,
     MemoryError,
 )
-"""What pygit2 and the parsing of stored (maybe corrupt or foreign) objects raise; `guarded`
+"""What pygit2 and the parsing of stored (maybe corrupt or foreign) objects raise; `translated`
 turns it into `StoreUnavailable`."""
 
 
@@ -39,7 +39,7 @@ def translate(where: _AtPath, e: BaseException) -> StoreUnavailable:
     return StoreUnavailable(f"git store {where.path}: {type(e).__name__}: {e}")
 
 
-def guarded(fn: Callable[Concatenate[S, P], R]) -> Callable[Concatenate[S, P], R]:
+def translated(fn: Callable[Concatenate[S, P], R]) -> Callable[Concatenate[S, P], R]:
     """A store method whose git and parsing errors become `StoreUnavailable`."""
 
     @functools.wraps(fn)
@@ -54,7 +54,7 @@ def guarded(fn: Callable[Concatenate[S, P], R]) -> Callable[Concatenate[S, P], R
     return call
 
 
-def guarded_iter(where: _AtPath, it: Iterator[T]) -> Iterator[T]:
+def translated_iter(where: _AtPath, it: Iterator[T]) -> Iterator[T]:
     """The same for a generator's items."""
     try:
         yield from it

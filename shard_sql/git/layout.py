@@ -1,0 +1,124 @@
+"""Where a git store keeps things: its refs under `refs/shard-sql/`, the encoding of space names
+into ref paths, and the entry names of a tip's tree. docs/git.md explains the layout."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+
+NAMESPACE = "refs/shard-sql/"
+SPACES = NAMESPACE + "spaces/"
+"""`SPACES + <encoded space>`: the space's last commit (one commit per event)."""
+LEASES = NAMESPACE + "leases/"
+"""`LEASES + <encoded space>`: a blob, the space's lease record."""
+INTENT_REFS = NAMESPACE + "intents/"
+"""`INTENT_REFS + <encoded space> + "/" + intent_key(intent_id)`: a pending forwarded intent."""
+BELLS_DIR = "shard-sql-bells"
+"""The directory of the wake-up files (`shard_sql.wake`) in the git directory."""
+
+CHUNK = 256
+"""Seqs per `index/` blob: the tip's tree indexes whole chunks; at most CHUNK commits are walked."""
+INDEX_TREE = "index"
+"""Tip tree entry `index/<start>` (12 digits): the commit ids of seqs `start ..` (CHUNK of them)."""
+INTENT_TREES = "intents-"
+"""Tip tree entries `intents-<h[:2]>/<h[2:]>.<seq>` (empty blobs) index the intent ids."""
+
+PIECE = 100
+"""Longest path component of an encoded name (before its `+`)."""
+MAX_READABLE = 900
+"""Longest readable encoding; libgit2 takes ref names of at most 1023 bytes."""
+HASHED = "="
+"""Marks the encoding of a name too long to spell out: `=` and the SHA-256 of its UTF-8."""
+
+_SAFE = frozenset(b"abcdefghijklmnopqrstuvwxyz0123456789-_")
+_HEX = frozenset("0123456789abcdef")
+
+
+@functools.lru_cache(maxsize=4096)
+def encode_name(name: str) -> str:
+    """The ref path of a space name (below `spaces/`, `leases/` or `intents/`).
+
+    Every UTF-8 byte outside `[a-z0-9_-]` becomes `%xx`; the text is cut into components of at
+    most PIECE characters, each but the last ending in `+`; a spelling over MAX_READABLE
+    characters becomes `=<sha256>` instead.
+    """
+    text = "".join(chr(b) if b in _SAFE else f"%{b:02x}" for b in name.encode("utf-8"))
+    pieces: list[str] = []
+    start = 0
+    while len(text) - start > PIECE:
+        end = start + PIECE
+        if text[end - 1] == "%":
+            end -= 1
+        elif text[end - 2] == "%":
+            end -= 2
+        pieces.append(text[start:end] + "+")
+        start = end
+    pieces.append(text[start:])
+    path = "/".join(pieces)
+    if len(path) > MAX_READABLE:
+        return HASHED + hashlib.sha256(name.encode("utf-8")).hexdigest()
+    return path
+
+
+def decode_name(path: str) -> str | None:
+    """The space name of an encoded ref path, or None if it is not one `encode_name` makes.
+
+    A hashed encoding (a long name) cannot be decoded from the ref alone: None as well.
+    """
+    parts = path.split("/")
+    if any(not p.endswith("+") for p in parts[:-1]) or not parts[-1] or parts[-1].endswith("+"):
+        return None
+    text = "".join(p[:-1] for p in parts[:-1]) + parts[-1]
+    out = bytearray()
+    i = 0
+    while i < len(text):
+        c = text[i]
+        if c == "%":
+            code = text[i + 1 : i + 3]
+            if len(code) != 2 or not set(code) <= _HEX:
+                return None
+            out.append(int(code, 16))
+            i += 3
+        else:
+            out += c.encode("ascii", "replace")
+            i += 1
+    try:
+        name = out.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    return name if encode_name(name) == path else None
+
+
+def space_ref(space: str) -> str:
+    """The ref of the space's last event commit."""
+    return SPACES + encode_name(space)
+
+
+def lease_ref(space: str) -> str:
+    """The ref of the space's lease record."""
+    return LEASES + encode_name(space)
+
+
+def intent_key(intent_id: str) -> str:
+    """The SHA-256 of an intent id's UTF-8, in hex: its name in refs and in the tip's tree."""
+    return hashlib.sha256(intent_id.encode("utf-8")).hexdigest()
+
+
+def is_intent_key(name: str) -> bool:
+    return len(name) == 64 and set(name) <= _HEX
+
+
+def intents_dir(space: str) -> str:
+    """The ref directory of the space's pending intents (ends with `/`)."""
+    return INTENT_REFS + encode_name(space) + "/"
+
+
+def intent_ref(space: str, intent_id: str) -> str:
+    """The ref of a pending forwarded intent."""
+    return intents_dir(space) + intent_key(intent_id)
+
+
+def intent_entry(intent_id: str) -> tuple[str, str]:
+    """Where the tip's tree records `intent_id`: `intents-<first>/<rest>.<seq>`."""
+    h = intent_key(intent_id)
+    return h[:2], h[2:]

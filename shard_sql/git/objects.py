@@ -1,0 +1,211 @@
+"""What a git store's objects hold: the commit of an event, the raw trees of a tip's index, the
+blob of a lease record; written and parsed as raw bytes (pure functions, no repository)."""
+
+from __future__ import annotations
+
+import bisect
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+from shard_sql.errors import StoreUnavailable
+from shard_sql.values import Event, Lease
+
+TRAILER = b"Shard-Sql-Event: "
+"""Starts the last line of an event's commit message: the event's metadata as JSON."""
+IDENT = "shard-sql@invalid"
+"""The e-mail of every commit's author and committer."""
+EMPTY_BLOB = "e69de29bb2d1d6434b8b29ae775ad8c2e48c5391"
+TREE_MODE = b"40000"
+BLOB_MODE = b"100644"
+
+_ENTRY = re.compile(rb"([0-7]{5,6}) ([^\0/]+)\0(.{20})", re.DOTALL)
+_EMPTY_RAW = bytes.fromhex(EMPTY_BLOB)
+_LEAF_END = b"\0" + _EMPTY_RAW
+"""How every entry of an `intents-xx` tree ends (all name the empty blob): `leaf_with` splits
+at it."""
+
+TreeEntries = dict[bytes, tuple[bytes, bytes]]
+"""A raw tree's entries: name -> (mode, raw 20-byte id)."""
+
+
+# -- events --------------------------------------------------------------------------------------
+
+
+def _oneline(text: str) -> str:
+    return text if text.isprintable() else json.dumps(text)
+
+
+def _ident(writer: str) -> str:
+    """An author name git accepts (no `<`, `>` or control characters) for `writer`."""
+    name = "".join(c for c in writer if c.isprintable() and c not in "<>").strip()
+    return name or "shard-sql"
+
+
+def commit_bytes(tree: str, parent: str | None, event: Event, payload_json: str) -> bytes:
+    """The raw commit object of `event` (message: subject, payload, trailer with the metadata)."""
+    if "\n" in payload_json:  # never from `pending()`; a hand-made `Pending` must not split lines
+        payload_json = json.dumps(event.payload, ensure_ascii=False, separators=(",", ":"))
+    meta = json.dumps(
+        {
+            "space": event.space,
+            "seq": event.seq,
+            "type": event.type,
+            "writer": event.writer,
+            "generation": event.generation,
+            "intent_id": event.intent_id,
+            "recorded_at": event.recorded_at.isoformat(),
+        },
+        ensure_ascii=False,
+        separators=(",", ":"),
+    )
+    stamp_ = max(0, int(event.recorded_at.timestamp()))
+    who = f"{_ident(event.writer)} <{IDENT}> {stamp_} +0000"
+    head = f"tree {tree}\n" + (f"parent {parent}\n" if parent else "")
+    subject = f"{_oneline(event.type)} #{event.seq} by {_oneline(event.writer or '-')}"
+    return (
+        f"{head}author {who}\ncommitter {who}\n\n"
+        f"{subject} (generation {event.generation})\n\n{payload_json}\n\n"
+        f"{TRAILER.decode()}{meta}\n"
+    ).encode()
+
+
+@dataclass(frozen=True, slots=True)
+class EventCommit:
+    """The parts of an event's commit that reading needs (payload and metadata unparsed)."""
+
+    tree: str
+    parent: str | None
+    payload: bytes
+    meta: bytes
+
+
+def parse_commit(data: bytes) -> EventCommit:
+    """Split a raw commit written by `commit_bytes`; `StoreUnavailable` for any other."""
+    head, sep, message = data.partition(b"\n\n")
+    lines = head.split(b"\n")
+    body = message.split(b"\n")
+    if (
+        not sep
+        or not lines[0].startswith(b"tree ")
+        or len(body) != 6
+        or body[1]
+        or body[3]
+        or body[5]
+        or not body[4].startswith(TRAILER)
+    ):
+        raise StoreUnavailable("not a shard-sql event commit (malformed message)")
+    parent = lines[1][7:].decode("ascii") if lines[1].startswith(b"parent ") else None
+    return EventCommit(lines[0][5:].decode("ascii"), parent, body[2], body[4][len(TRAILER) :])
+
+
+def parent_of(data: bytes) -> str | None:
+    """The first parent of a raw commit, without parsing the rest."""
+    second = data.split(b"\n", 2)[1]
+    return second[7:].decode("ascii") if second.startswith(b"parent ") else None
+
+
+def event_of(space: str, seq: int, c: EventCommit) -> Event:
+    """The event a commit holds, checked to be `space`'s seq `seq`."""
+    meta = json.loads(c.meta)
+    if meta.get("space") != space or meta.get("seq") != seq:
+        raise StoreUnavailable(
+            f"space {space!r}: the commit at seq {seq} belongs to "
+            f"{meta.get('space')!r} seq {meta.get('seq')!r}; the chain is corrupt"
+        )
+    payload = json.loads(c.payload)
+    if not isinstance(payload, dict):
+        raise StoreUnavailable(f"space {space!r}: the payload at seq {seq} is not an object")
+    return Event(
+        space,
+        seq,
+        meta["type"],
+        payload,
+        datetime.fromisoformat(meta["recorded_at"]),
+        meta["writer"],
+        meta["generation"],
+        meta["intent_id"],
+    )
+
+
+# -- trees ---------------------------------------------------------------------------------------
+
+
+def tree_entries(data: bytes) -> TreeEntries:
+    """The entries of a raw tree object."""
+    entries: TreeEntries = {}
+    at = 0
+    for m in _ENTRY.finditer(data):
+        if m.start() != at:
+            break
+        entries[m[2]] = (m[1], m[3])
+        at = m.end()
+    if at != len(data):
+        raise StoreUnavailable("a tree object is malformed")
+    return entries
+
+
+def tree_bytes(entries: TreeEntries) -> bytes:
+    """The raw tree object of `entries`, in git's order (a tree sorts as its name plus `/`)."""
+    names = sorted(entries, key=lambda n: n + b"/" if entries[n][0] == TREE_MODE else n)
+    return b"".join(b"%s %s\0%s" % (entries[n][0], n, entries[n][1]) for n in names)
+
+
+def leaf_with(data: bytes, names: Sequence[bytes]) -> bytes:
+    """An `intents-xx` tree (every entry an empty blob) with the entries `names` added.
+
+    Its entries are found by splitting at their common end, not parsed one by one: a write costs
+    O(entries) in C, as in libgit2, however large the leaf has grown."""
+    head = BLOB_MODE + b" "
+    if not data:
+        items: list[bytes] = []
+    elif (
+        data.startswith(head)
+        and data.endswith(_LEAF_END)
+        and data.count(b"\0") == data.count(_LEAF_END) == data.count(_LEAF_END + head) + 1
+    ):
+        items = data[: -len(_LEAF_END)].split(_LEAF_END)
+    else:  # not all `100644` empty blobs (written by hand?): the general way
+        entries = tree_entries(data)
+        for name in names:
+            entries[name] = (BLOB_MODE, _EMPTY_RAW)
+        return tree_bytes(entries)
+    for name in names:
+        item = head + name
+        at = bisect.bisect_left(items, item)
+        if at == len(items) or items[at] != item:
+            items.insert(at, item)
+    return _LEAF_END.join(items) + _LEAF_END
+
+
+# -- leases --------------------------------------------------------------------------------------
+
+
+def lease_bytes(lease: Lease) -> bytes:
+    """The blob of a lease record: one line of JSON."""
+    record = {
+        "space": lease.space,
+        "holder": lease.holder,
+        "expires_at": lease.expires_at.isoformat(),
+        "generation": lease.generation,
+    }
+    return (json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
+
+
+def parse_lease(space: str, data: bytes) -> Lease:
+    """The lease record of `space` in a blob written by `lease_bytes`."""
+    record = json.loads(data)
+    holder, expires, generation = record["holder"], record["expires_at"], record["generation"]
+    if (
+        record.get("space") != space
+        or not isinstance(holder, str)
+        or not isinstance(expires, str)
+        or not isinstance(generation, int)
+    ):
+        raise StoreUnavailable(f"the lease record of {space!r} is corrupt")
+    expires_at = datetime.fromisoformat(expires)
+    if expires_at.tzinfo is None:
+        raise StoreUnavailable(f"the lease record of {space!r} is corrupt")
+    return Lease(space, holder, expires_at, generation)

@@ -1,0 +1,147 @@
+"""An opened git repository: a pygit2 handle per thread, its ref files and its loose objects,
+shared by the store's events, leases and forwarded intents."""
+
+from __future__ import annotations
+
+import functools
+import os
+import threading
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pygit2
+from pygit2.enums import RepositoryOpenFlag
+
+from shard_sql.errors import ShardSqlError, StoreUnavailable
+from shard_sql.git.errors import GIT_ERRORS, translate
+from shard_sql.git.layout import BELLS_DIR
+from shard_sql.git.loose import LooseObjects
+from shard_sql.git.refs import RefFiles, RefLock
+from shard_sql.wake import Bells
+
+T = TypeVar("T")
+
+CACHED_OBJECTS = 4096
+"""What parsed objects say (tips, lease records), kept per store."""
+
+
+def open_or_create(path: Path) -> Any:
+    """The repository at `path`: a missing path or an empty directory becomes a new bare
+    repository; an existing one (bare, or a work tree with `.git`) is used as is; anything else
+    raises `StoreUnavailable`. Parent directories are never searched."""
+    if not path.exists():
+        if path.is_symlink():
+            raise StoreUnavailable(f"{path} is a dangling symbolic link")
+        return pygit2.init_repository(str(path), bare=True)
+    if not path.is_dir():
+        raise StoreUnavailable(f"{path} is a file, not a git repository")
+    try:
+        return pygit2.Repository(str(path), RepositoryOpenFlag.NO_SEARCH)
+    except pygit2.GitError:
+        if any(path.iterdir()):
+            raise StoreUnavailable(
+                f"{path} is a non-empty directory but not a git repository; "
+                "give an existing repository, an empty directory or a new path"
+            ) from None
+        return pygit2.init_repository(str(path), bare=True)
+
+
+def common_dir(gitdir: str) -> str:
+    """Where refs and objects live: the common directory a linked worktree's `commondir` names,
+    else the git directory itself."""
+    common = os.path.join(gitdir, "commondir")
+    if os.path.isfile(common):
+        with open(common, encoding="utf-8") as f:
+            return os.path.normpath(os.path.join(gitdir, f.read().strip()))
+    return gitdir
+
+
+class GitRepo:
+    """One store's access to its repository (libgit2 handles are not shared by threads)."""
+
+    def __init__(self, path: Path, *, lock_timeout: float, durable: bool) -> None:
+        self.path = path
+        self.lock_timeout = lock_timeout
+        self.durable = durable
+        self._local = threading.local()
+        self._handles: list[Any] = []
+        self._guard = threading.Lock()
+        self._closed = False
+        self._cache: dict[tuple[str, str], object] = {}
+        self._synced_fanouts: set[str] = set()
+        if durable:
+            pygit2.settings.enable_fsync_gitdir(True)
+        try:
+            handle = open_or_create(path)
+        except ShardSqlError:
+            raise
+        except GIT_ERRORS as e:
+            raise translate(self, e) from e
+        self.gitdir: str = handle.path
+        self._local.handle = handle
+        self._handles.append(handle)
+        self.root = common_dir(self.gitdir)
+        self.refs = RefFiles(self.root, path, lock_timeout, durable)
+        self.objects_dir = os.path.join(self.root, "objects")
+        self.bells = Bells.beside(os.path.join(self.root, BELLS_DIR))
+
+    def handle(self) -> Any:
+        """This thread's pygit2 handle on the repository."""
+        if self._closed:
+            raise StoreUnavailable(f"git store {self.path} is closed")
+        handle = getattr(self._local, "handle", None)
+        if handle is None:
+            handle = pygit2.Repository(self.gitdir, RepositoryOpenFlag.NO_SEARCH)
+            with self._guard:
+                self._handles.append(handle)
+            self._local.handle = handle
+        return handle
+
+    def close(self) -> None:
+        """Free the handles; later calls raise `StoreUnavailable`."""
+        with self._guard:
+            self._closed = True
+            handles, self._handles = self._handles, []
+        for handle in handles:
+            handle.free()
+        self._local = threading.local()
+
+    def target(self, handle: Any, ref: str) -> str | None:
+        """The object id `ref` points at, None when it does not exist."""
+        found = handle.references.get(ref)
+        if found is None:
+            return None
+        target = found.target
+        if not isinstance(target, pygit2.Oid):
+            raise StoreUnavailable(f"{ref} is a symbolic ref, not a shard-sql ref")
+        return str(target)
+
+    def read(self, handle: Any, oid: str, kind: int) -> bytes:
+        """The raw content of object `oid`, which must be of `kind`."""
+        obj_type, data = handle.odb.read(oid)[:2]
+        if obj_type != kind:
+            raise StoreUnavailable(f"object {oid} is a {obj_type!r}, expected {kind!r}")
+        return bytes(data)
+
+    def lock(self, handle: Any, ref: str, deadline: float, staged: str | None = None) -> RefLock:
+        """`ref`'s lock (see `RefFiles.lock`)."""
+        read = functools.partial(self.target, handle, ref)
+        return self.refs.lock(ref, deadline, read, staged=staged)
+
+    def objects(self, durable: bool | None = None) -> LooseObjects:
+        """A writer of loose objects, synced together by its `sync`; a fan-out directory new to
+        this process has its entry in `objects/` synced too."""
+        durable = self.durable if durable is None else durable
+        return LooseObjects(self.objects_dir, self._synced_fanouts, durable)
+
+    def cached(self, key: tuple[str, str], kind: type[T]) -> T | None:
+        """What `remember` kept for `key` (a space and an object id), if it is a `kind`."""
+        value = self._cache.get(key)
+        return value if isinstance(value, kind) else None
+
+    def remember(self, key: tuple[str, str], value: T) -> T:
+        """Keep what an object says (objects never change: the id names the content)."""
+        if len(self._cache) >= CACHED_OBJECTS:
+            self._cache.clear()
+        self._cache[key] = value
+        return value
