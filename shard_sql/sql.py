@@ -65,7 +65,7 @@ from shard_sql.errors import (
 from shard_sql.leases import check_fence, check_ttl
 from shard_sql.ports import LeaseStore, system_clock
 from shard_sql.store_base import StoreBase, already_written, decode_payloads, stamp
-from shard_sql.validation import Pending, check_seq, check_space
+from shard_sql.validation import Pending, check_seq, check_space, load_json
 from shard_sql.values import Event, Lease, new_event
 from shard_sql.wake import Bells
 
@@ -934,6 +934,10 @@ class SqlEventStore(StoreBase, LeaseStore, SqlIntents):
             # transaction, and it opens explicit ones with BEGIN.
             c.raw.autocommit = True
             c.raw.execute("SET TIME ZONE 'UTC'")
+        if not self._sqlite:
+            from psycopg.types.json import set_json_loads
+
+            set_json_loads(load_json, c.cur)  # payloads read from a deep call stack too
 
     def _teardown(self, c: _Conn) -> None:
         if self._sqlite:

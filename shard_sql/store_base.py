@@ -3,17 +3,23 @@ idempotency rule and the event a write stamps."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime
 from typing import Any
 
 from shard_sql.errors import InvalidEvent
 from shard_sql.ports import BatchWriter, EventStore, Item
-from shard_sql.validation import Pending, check_items, check_seq, check_space, pending
+from shard_sql.validation import (
+    Pending,
+    check_items,
+    check_seq,
+    check_space,
+    load_json,
+    pending,
+)
 from shard_sql.values import Event, Lease, new_event
 
-_loads = json.loads
+_loads = load_json  # json.loads, from a deep call stack too
 
 
 def fence_space_matches(fence: Lease | None, space: str) -> None:

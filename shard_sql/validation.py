@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import threading
 import unicodedata
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from shard_sql.errors import InvalidEvent
 
@@ -21,6 +22,40 @@ MAX_PAYLOAD_BYTES = 1024 * 1024
 """A payload serializes to at most 1 MiB of UTF-8 JSON."""
 MAX_BATCH = 10_000
 """`append_many` takes at most 10,000 events at once."""
+MAX_PAYLOAD_DEPTH = 64
+"""A payload nests at most 64 levels: the object itself is level 1, each list or object inside
+adds one. Readers decode it recursively; see README "Input rules"."""
+
+_R = TypeVar("_R")
+_loads = json.loads
+
+
+def on_fresh_stack(fn: Callable[..., _R], *args: Any) -> _R:
+    """`fn(*args)` run in a new thread, on a stack of its own: what a caller already deep in
+    its stack does when the recursion limit stops it (decoding a nested payload, say)."""
+    out: list[tuple[bool, Any]] = []
+
+    def run() -> None:
+        try:
+            out.append((True, fn(*args)))
+        except BaseException as e:  # handed to the caller as it is
+            out.append((False, e))
+
+    thread = threading.Thread(target=run, name="shard-sql-fresh-stack")
+    thread.start()
+    thread.join()
+    ok, value = out[0]
+    if ok:
+        return value  # type: ignore[no-any-return]
+    raise value
+
+
+def load_json(text: str | bytes) -> Any:
+    """`json.loads` that also works from a deep call stack (every adapter's payload reader)."""
+    try:
+        return _loads(text)
+    except RecursionError:
+        return on_fresh_stack(_loads, text)
 
 
 _good_names: set[str] = set()
@@ -85,9 +120,8 @@ def check_seq(field: str, value: object) -> int:
     return value
 
 
-# Built once: json.dumps/json.loads with options build a new encoder/decoder on every call.
+# Built once: json.dumps with options builds a new encoder on every call.
 _encode = json.JSONEncoder(allow_nan=False, ensure_ascii=False, separators=(",", ":")).encode
-_decode = json.JSONDecoder().decode
 
 # The fast path under them: the C encoder called directly (no circular-reference markers, so it
 # keeps no state between calls and threads), and the C scanner, which parses the one complete
@@ -111,30 +145,96 @@ if _c_make_encoder is not None:  # pragma: no branch
     _scan = getattr(json.JSONDecoder(), "scan_once")  # noqa: B009 (untyped attribute)
 
 
-def _fast_payload(payload: object) -> tuple[str, dict[str, Any]] | None:
-    """`check_payload` for a valid payload, cheaply; None when any rule may be broken (the
-    caller then runs `check_payload`, which says which)."""
-    if type(payload) is not dict or _fast_encoder is None:
-        return None
-    try:
-        text: str = "".join(_fast_encoder(payload, 0))
-    except Exception:
-        return None
+_BRACKETS = bytes.maketrans(b"{}", b"[]")
+_NOT_STRUCTURE = bytes(b for b in range(256) if b not in b'"[]{}')
+_NOT_OPENING = bytes(b for b in range(256) if b not in b"[{")
+
+
+def _depth_ok(data: bytes) -> bool:
+    """Whether the JSON text `data` (from our encoder) nests at most `MAX_PAYLOAD_DEPTH` levels.
+
+    Escapes, then everything but quotes and brackets are dropped, then strings; each round then
+    removes the innermost level. All of it runs in C, bytes at a time.
+    """
+    if b"\\" in data:
+        data = data.replace(b"\\\\", b"").replace(b'\\"', b"")
+    data = data.translate(_BRACKETS, _NOT_STRUCTURE).replace(b'""', b"")
+    if b'"' in data:
+        data = b"".join(data.split(b'"')[0::2])
+    for _ in range(MAX_PAYLOAD_DEPTH):
+        data = data.replace(b"[]", b"")
+        if not data:
+            return True
+    return False
+
+
+def _too_deep_text(text: str, size: int, data: bytes | None = None) -> bool:
+    """Whether encoded `text` (`size` bytes of UTF-8: `data`, if at hand) nests too deep. Each
+    level takes two characters at least, and a list or object more: most texts need no look."""
+    if size <= 2 * MAX_PAYLOAD_DEPTH:
+        return False
+    if data is None:
+        data = text.encode("utf-8")
+    if len(data.translate(None, _NOT_OPENING)) <= MAX_PAYLOAD_DEPTH:
+        return False
+    return not _depth_ok(data)
+
+
+def _too_deep(payload: object) -> bool:
+    """`_depth_ok` for a payload that cannot be encoded (the encoder's recursion stopped it)."""
+    level: list[Any] = [payload]
+    budget = MAX_PAYLOAD_BYTES // 2  # containers a payload of at most 1 MiB can have
+    for _ in range(MAX_PAYLOAD_DEPTH):
+        inner = []
+        for c in level:
+            for v in c.values() if isinstance(c, dict) else c:
+                if isinstance(v, dict | list | tuple):
+                    inner.append(v)
+            if len(inner) > budget:  # too large anyway (or it contains itself)
+                return True
+        if not inner:
+            return False
+        budget -= len(inner)
+        level = inner
+    return True
+
+
+def _finish(payload: object, text: str) -> tuple[str, dict[str, Any]] | None:
+    """The checks of an encoded payload: NUL characters, size, depth, and the round trip.
+    Raises `InvalidEvent`; None when the copy differs from the payload (non-string keys,
+    tuples: the caller says which)."""
     if "\\u0000" in text:
-        return None
+        raise InvalidEvent("payload", "contains a NUL character")
     if text.isascii():
-        if len(text) > MAX_PAYLOAD_BYTES:
-            return None
+        data = None
+        size = len(text)
     else:
         try:
-            if len(text.encode("utf-8")) > MAX_PAYLOAD_BYTES:
-                return None
-        except UnicodeEncodeError:
-            return None
+            data = text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise InvalidEvent("payload", "contains a lone surrogate, not valid Unicode") from e
+        size = len(data)
+    if size > MAX_PAYLOAD_BYTES:
+        raise InvalidEvent("payload", f"is {size} bytes of JSON, at most {MAX_PAYLOAD_BYTES}")
+    if _too_deep_text(text, size, data):
+        raise InvalidEvent("payload", f"nests more than {MAX_PAYLOAD_DEPTH} levels")
     copy, end = _scan(text, 0)
     if end != len(text) or copy != payload:
         return None
     return text, copy
+
+
+def _fast_payload(payload: object) -> tuple[str, dict[str, Any]] | None:
+    """`check_payload` for a plain `dict`, with the C encoder; None when it cannot say (the
+    caller then runs `_check_payload`, which says which rule is broken)."""
+    if type(payload) is not dict or _fast_encoder is None:
+        return None
+    try:
+        return _finish(payload, "".join(_fast_encoder(payload, 0)))
+    except InvalidEvent:
+        raise
+    except Exception:  # not JSON, or a RecursionError: `_check_payload` says which
+        return None
 
 
 def check_payload(payload: object) -> tuple[str, dict[str, Any]]:
@@ -142,8 +242,8 @@ def check_payload(payload: object) -> tuple[str, dict[str, Any]]:
 
     A payload is a JSON object: a dict with string keys whose values are strings, finite
     numbers, booleans, null, lists and such objects. No NaN/Infinity, no non-string keys, no
-    tuples, sets or other objects, no NUL characters (PostgreSQL's JSONB cannot hold them), at most
-    `MAX_PAYLOAD_BYTES` of UTF-8.
+    tuples, sets or other objects, no NUL characters (PostgreSQL's JSONB cannot hold them), at
+    most `MAX_PAYLOAD_DEPTH` levels, at most `MAX_PAYLOAD_BYTES` of UTF-8.
     """
     fast = _fast_payload(payload)
     if fast is not None:
@@ -151,30 +251,31 @@ def check_payload(payload: object) -> tuple[str, dict[str, Any]]:
     return _check_payload(payload)
 
 
-def _check_payload(payload: object) -> tuple[str, dict[str, Any]]:
-    """`check_payload` without its fast path: the error that says which rule is broken."""
+def _check_payload(payload: object, fresh: bool = False) -> tuple[str, dict[str, Any]]:
+    """`check_payload` without its fast path: the error that says which rule is broken.
+    `fresh`: running on a fresh stack already (see `on_fresh_stack`)."""
     if not isinstance(payload, Mapping) or not isinstance(payload, dict):
         raise InvalidEvent("payload", f"must be a JSON object (dict), not {type(payload).__name__}")
     try:
-        text = _encode(payload)
-    except (TypeError, ValueError, RecursionError) as e:
-        raise InvalidEvent("payload", f"is not strict JSON: {e}") from e
-    if "\\u0000" in text:
-        raise InvalidEvent("payload", "contains a NUL character")
-    try:
-        size = len(text.encode("utf-8"))
-    except UnicodeEncodeError as e:
-        raise InvalidEvent("payload", "contains a lone surrogate, not valid Unicode") from e
-    if size > MAX_PAYLOAD_BYTES:
-        raise InvalidEvent("payload", f"is {size} bytes of JSON, at most {MAX_PAYLOAD_BYTES}")
-    # A round trip catches what json.dumps silently converts: int/float/bool/None keys become
-    # strings, tuples become lists. Equal after the round trip means it is plain JSON.
-    copy = _decode(text)
-    if copy != payload:
+        try:
+            text = _encode(payload)
+        except (TypeError, ValueError) as e:
+            raise InvalidEvent("payload", f"is not strict JSON: {e}") from e
+        checked = _finish(payload, text)
+    except RecursionError as e:
+        if _too_deep(payload):
+            raise InvalidEvent("payload", f"nests more than {MAX_PAYLOAD_DEPTH} levels") from e
+        if fresh:
+            raise InvalidEvent("payload", f"is not strict JSON: {e}") from e
+        # Not too deep: the caller's stack is. Check it again where there is room.
+        return on_fresh_stack(_check_payload, payload, True)
+    if checked is None:
+        # A round trip catches what json.dumps silently converts: int/float/bool/None keys
+        # become strings, tuples become lists.
         raise InvalidEvent(
             "payload", "is not plain JSON (non-string keys, tuples or other non-JSON values)"
         )
-    return text, copy
+    return checked
 
 
 def pending(type_: object, payload: object, intent_id: object = None) -> Pending:
@@ -251,9 +352,12 @@ def _fast_items(seq_items: list[Any]) -> list[Pending] | None:
             if type(payload) is not dict:
                 return None
             text = "".join(enc(payload, 0))
-            if "\\u0000" in text:
+            size = len(text if text.isascii() else text.encode("utf-8"))
+            if size > MAX_PAYLOAD_BYTES:
                 return None
-            if len(text if text.isascii() else text.encode("utf-8")) > MAX_PAYLOAD_BYTES:
+            if _too_deep_text(text, size):
+                return None
+            if "\\u0000" in text:
                 return None
             checked = good_types.get(t)
             if checked is None:  # a batch repeats few types: check each once

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from shard_sql.errors import StoreUnavailable
+from shard_sql.validation import load_json
 from shard_sql.values import Event, Lease
 
 TRAILER = b"Shard-Sql-Event: "
@@ -115,7 +116,7 @@ def event_of(space: str, seq: int, c: EventCommit) -> Event:
             f"space {space!r}: the commit at seq {seq} belongs to "
             f"{meta.get('space')!r} seq {meta.get('seq')!r}; the chain is corrupt"
         )
-    payload = json.loads(c.payload)
+    payload = load_json(c.payload)  # from a deep call stack too
     if not isinstance(payload, dict):
         raise StoreUnavailable(f"space {space!r}: the payload at seq {seq} is not an object")
     return Event(

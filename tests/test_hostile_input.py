@@ -1,0 +1,105 @@
+"""Hostile input on every backend (memory, SQLite, PostgreSQL, git): what is refused is refused
+with `InvalidEvent` before anything is written, and what is accepted reads back as written."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+from shard_sql import (
+    GitEventStore,
+    InMemoryEventStore,
+    InvalidEvent,
+    SqlEventStore,
+)
+from shard_sql.ports import EventStore
+from shard_sql.validation import MAX_PAYLOAD_DEPTH
+from shard_sql.verify import verify
+
+_R = TypeVar("_R")
+
+BACKENDS = ["memory", "sqlite", pytest.param("postgresql", marks=pytest.mark.postgres), "git"]
+
+
+@pytest.fixture(params=BACKENDS)
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[EventStore]:
+    kind = request.param
+    s: EventStore
+    if kind == "memory":
+        s = InMemoryEventStore()
+    elif kind == "sqlite":
+        s = SqlEventStore(f"sqlite:///{tmp_path}/shard.db")
+    elif kind == "postgresql":
+        s = SqlEventStore(request.getfixturevalue("pg_url"), migrate=True)
+    else:
+        s = GitEventStore(tmp_path / "repo")
+    try:
+        yield s
+    finally:
+        close = getattr(s, "close", None)
+        if close is not None:
+            close()
+
+
+def nested(levels: int) -> dict[str, Any]:
+    """A payload `levels` deep: objects and lists in turn, the outer object being level 1."""
+    inner: Any = {}
+    for n in range(levels - 2):
+        inner = {"a": inner} if n % 2 else [inner]
+    return {"a": inner} if levels > 1 else inner
+
+
+def stack_depth() -> int:
+    depth, frame = 0, sys._getframe()
+    while frame is not None:
+        depth, frame = depth + 1, frame.f_back
+    return depth
+
+
+def at_stack_depth(depth: int, fn: Callable[[], _R]) -> _R:
+    """`fn()` called from a stack `depth` frames deep (a reader inside a web framework, say)."""
+
+    def down(n: int) -> _R:
+        return fn() if n <= 0 else down(n - 1)
+
+    return down(depth - stack_depth())
+
+
+# -- item 3: one nesting limit, and every reader handles what was accepted ------------------------
+
+
+def test_nesting_limit(store: EventStore) -> None:
+    for levels in (MAX_PAYLOAD_DEPTH + 1, 990, 100_000):
+        with pytest.raises(InvalidEvent) as info:
+            store.append("s", "t", nested(levels), expected_seq=0)
+        assert info.value.field == "payload"
+        assert f"more than {MAX_PAYLOAD_DEPTH} levels" in str(info.value)
+    with pytest.raises(InvalidEvent):
+        store.append_many("s", [("t", {}), ("t", nested(MAX_PAYLOAD_DEPTH + 1))], expected_seq=0)
+    assert store.head("s") == 0
+    e = store.append("s", "t", nested(MAX_PAYLOAD_DEPTH), expected_seq=0)
+    assert e.payload == nested(MAX_PAYLOAD_DEPTH)
+    # Brackets inside strings are no levels.
+    text = {"s": "[[[{{{" * 100, "k" + "]" * 100: ["}}}" * 50, "\\[" * 70]}
+    store.append_many("s", [("t", text)] * 2, expected_seq=1)
+    assert store.events("s", from_seq=1)[0].payload == text
+
+
+def test_deepest_payload_reads_from_a_deep_stack(store: EventStore) -> None:
+    deepest = nested(MAX_PAYLOAD_DEPTH)
+    store.append("s", "t", deepest, expected_seq=0)
+    store.append_many("s", [("t", deepest), ("t", {"x": 1})], expected_seq=1)
+    limit = sys.getrecursionlimit()
+    for depth in (limit - 100, limit - 60):
+        events = at_stack_depth(depth, lambda: store.events("s"))
+        assert [e.payload for e in events] == [deepest, deepest, {"x": 1}]
+        streamed = at_stack_depth(depth, lambda: list(store.iter_events("s", from_seq=1)))
+        assert streamed[0].payload == deepest
+        assert at_stack_depth(depth, lambda: verify(store)).ok
+    # Appending from there too.
+    e = at_stack_depth(limit - 60, lambda: store.append("s", "t", deepest, expected_seq=3))
+    assert e.payload == deepest
