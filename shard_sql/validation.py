@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import threading
 import unicodedata
 from collections.abc import Callable, Mapping
@@ -148,6 +149,9 @@ if _c_make_encoder is not None:  # pragma: no branch
 _BRACKETS = bytes.maketrans(b"{}", b"[]")
 _NOT_STRUCTURE = bytes(b for b in range(256) if b not in b'"[]{}')
 _NOT_OPENING = bytes(b for b in range(256) if b not in b"[{")
+_NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
+"""A NUL character as the encoder writes it: `\\u0000` after an even number of backslashes (an odd
+number is an escaped backslash followed by the text `u0000`)."""
 
 
 def _depth_ok(data: bytes) -> bool:
@@ -199,12 +203,35 @@ def _too_deep(payload: object) -> bool:
     return True
 
 
+def _path(keys: list[Any]) -> str:
+    return "payload" + "".join(f"[{k!r}]" for k in keys)
+
+
+def _check_values(copy: dict[str, Any]) -> None:
+    """The rules only the decoded values show: no NUL in a key or string. Called when the text's
+    quick look (`_finish`) found a candidate."""
+    todo: list[tuple[Any, list[Any]]] = [(copy, [])]
+    while todo:
+        value, keys = todo.pop()
+        for k, v in value.items() if type(value) is dict else enumerate(value):
+            if type(k) is str and "\x00" in k:
+                raise InvalidEvent(
+                    "payload", f"contains a NUL character in the key {k!r} of {_path(keys)}"
+                )
+            t = type(v)
+            if t is str:
+                if "\x00" in v:
+                    raise InvalidEvent(
+                        "payload", f"contains a NUL character at {_path([*keys, k])}"
+                    )
+            elif t is dict or t is list:
+                todo.append((v, [*keys, k]))
+
+
 def _finish(payload: object, text: str) -> tuple[str, dict[str, Any]] | None:
     """The checks of an encoded payload: NUL characters, size, depth, and the round trip.
     Raises `InvalidEvent`; None when the copy differs from the payload (non-string keys,
     tuples: the caller says which)."""
-    if "\\u0000" in text:
-        raise InvalidEvent("payload", "contains a NUL character")
     if text.isascii():
         data = None
         size = len(text)
@@ -221,6 +248,8 @@ def _finish(payload: object, text: str) -> tuple[str, dict[str, Any]] | None:
     copy, end = _scan(text, 0)
     if end != len(text) or copy != payload:
         return None
+    if "\\u0000" in text and _NUL.search(text):
+        _check_values(copy)
     return text, copy
 
 
@@ -336,6 +365,7 @@ def _fast_items(seq_items: list[Any]) -> list[Pending] | None:
     types: list[str] = []
     ids: list[str | None] = []
     good_types: dict[Any, str] = {}
+    suspects: list[int] = []
     try:
         for item in seq_items:
             kind = type(item)
@@ -358,7 +388,7 @@ def _fast_items(seq_items: list[Any]) -> list[Pending] | None:
             if _too_deep_text(text, size):
                 return None
             if "\\u0000" in text:
-                return None
+                suspects.append(len(texts))
             checked = good_types.get(t)
             if checked is None:  # a batch repeats few types: check each once
                 checked = good_types[t] = check_type(t)
@@ -367,9 +397,11 @@ def _fast_items(seq_items: list[Any]) -> list[Pending] | None:
             payloads.append(payload)
             ids.append(intent_id)
         copies = _scan("[" + ",".join(texts) + "]", 0)[0]
+        if copies != payloads:
+            return None
+        for n in suspects:
+            _check_values(copies[n])
     except Exception:
-        return None
-    if copies != payloads:
         return None
     named = [i for i in ids if i is not None]
     if len(set(named)) != len(named):

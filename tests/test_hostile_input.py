@@ -103,3 +103,36 @@ def test_deepest_payload_reads_from_a_deep_stack(store: EventStore) -> None:
     # Appending from there too.
     e = at_stack_depth(limit - 60, lambda: store.append("s", "t", deepest, expected_seq=3))
     assert e.payload == deepest
+
+
+# -- item 15: NUL characters are looked for in the decoded strings, not in the encoded text -------
+
+TEXT_U0000 = [
+    {"re": "C:\\u0000"},  # a backslash, then the text u0000
+    {"re": "\\\\u0000"},  # two backslashes, then u0000
+    {"C:\\u0000": ["\\u0000", {"k": "x\\u0000y"}]},
+    {"mixed": "\\u0000 and \\\\\\u0000"},
+]
+
+
+def test_text_u0000_is_no_nul(store: EventStore) -> None:
+    for n, payload in enumerate(TEXT_U0000):
+        space = f"s{n}"
+        e = store.append(space, "t", payload, expected_seq=0)
+        batch = store.append_many(space, [("t", payload), ("t", {"n": 1})], expected_seq=1)
+        assert e.payload == payload and batch[0].payload == payload
+        assert [x.payload for x in store.events(space)] == [payload, payload, {"n": 1}]
+
+
+NULS = [{"n": "\x00"}, {"n": "\\\x00"}, {"k\x00": 1}, {"a": [{"b": "x\\\\\x00"}]}]
+
+
+def test_nul_refused(store: EventStore) -> None:
+    for payload in NULS:
+        with pytest.raises(InvalidEvent) as one:
+            store.append("s", "t", payload, expected_seq=0)
+        with pytest.raises(InvalidEvent) as many:
+            store.append_many("s", [("t", {}), ("t", payload)], expected_seq=0)
+        for info in (one, many):
+            assert info.value.field == "payload" and "NUL character" in str(info.value)
+    assert store.head("s") == 0
