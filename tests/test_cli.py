@@ -35,7 +35,8 @@ class Run:
         self.code, self.out, self.err = code, out, err
 
     def lines(self) -> list[Any]:
-        return [json.loads(line) for line in self.out.splitlines()]
+        """JSON lines: split at "\\n" only (a payload may hold other line breaks, as JSON may)."""
+        return [json.loads(line) for line in self.out.split("\n") if line]
 
 
 class Stores:
@@ -670,3 +671,18 @@ def test_tables_fit_120_columns(run: Any, stores: Stores) -> None:
     assert run("log", long_space, "--json").lines()[0]["payload"] == payload  # JSON: whole
     shown = run("spaces").out
     assert shown.count("h") == 200 and shown.count("s") >= 200  # long names wrap, whole
+
+
+def test_log_escapes_terminal_control_characters(run: Any, stores: Stores) -> None:
+    """A payload cannot drive the reader's terminal: right-to-left overrides, C1 controls (CSI,
+    NEL), ESC, line separators and invisible format characters are shown escaped."""
+    hostile = "\u202eevil\x1b[2J\x9b31m\x85\u2028\u200b\x07"
+    family = "\U0001f468\u200d\U0001f469\u200d\U0001f467"  # a ZWJ sequence: kept whole
+    main_store(stores).append_many(
+        "s", [("t", {"x": hostile}), ("t", {"f": family})], expected_seq=0
+    )
+    out = run("log", "s").out
+    assert not set(out) & set("\u202e\x1b\x9b\x85\u2028\u200b\x07")
+    assert "\\u202eevil\\u001b[2J\\u009b31m\\u0085\\u2028\\u200b\\u0007" in out
+    assert family in out
+    assert run("log", "s", "--json").lines()[0]["payload"] == {"x": hostile}  # JSON: as written

@@ -11,7 +11,7 @@ import sys
 import traceback
 
 from shard_sql.cli.errors import UsageError, ViolationsFound
-from shard_sql.cli.output import PROG, one_line
+from shard_sql.cli.output import PROG, one_line, printable
 from shard_sql.cli.parser import build_parser
 from shard_sql.errors import (
     IntentTimeout,
@@ -87,7 +87,7 @@ def _fail(message: str, code: int) -> int:
         sys.stdout.flush()
     except (OSError, ValueError):
         _silence_stdout()
-    print(f"{PROG}: error: {one_line(message)}", file=sys.stderr, flush=True)
+    print(f"{PROG}: error: {printable(one_line(message))}", file=sys.stderr, flush=True)
     return code
 
 

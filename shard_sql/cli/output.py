@@ -48,6 +48,31 @@ def time_left(expires_at: datetime, now: datetime) -> str:
     return f"{seconds:.1f}s" if seconds > 0 else "expired"
 
 
+_CONTROLS = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
+_KEPT = frozenset({"\u200d"})
+"""Format characters shown as they are: the zero-width joiner of emoji sequences."""
+
+
+def printable(text: str) -> str:
+    """`text` with what could drive a terminal escaped as JSON does (`\\u202e`): C0 and C1
+    controls (ESC, CSI, NEL...), format characters (bidi overrides, zero-width spaces) and line
+    or paragraph separators. Inside a payload's JSON text the result is still that JSON."""
+    if text.isprintable():
+        return text
+    import unicodedata
+
+    out: list[str] = []
+    for ch in text:
+        if ch in _KEPT or unicodedata.category(ch) not in _CONTROLS:
+            out.append(ch)
+        elif ord(ch) > 0xFFFF:  # as JSON writes it: a surrogate pair
+            code = ord(ch) - 0x10000
+            out.append(f"\\u{0xD800 + (code >> 10):04x}\\u{0xDC00 + (code & 0x3FF):04x}")
+        else:
+            out.append(f"\\u{ord(ch):04x}")
+    return "".join(out)
+
+
 def _is_tty(stream: IO[str]) -> bool:
     try:
         return stream.isatty()
@@ -84,7 +109,7 @@ def table(
     for h in headers:
         t.add_column(h, no_wrap=h not in wrap, overflow="fold" if h in wrap else "ellipsis")
     for row in rows:
-        t.add_row(*row)
+        t.add_row(*(printable(cell) for cell in row))
     with console.capture() as captured:
         console.print(t)
     sys.stdout.write("".join(line.rstrip() + "\n" for line in captured.get().splitlines()))
@@ -146,11 +171,11 @@ class LogPrinter:
         return [
             str(e.seq),
             human_time(e.recorded_at),
-            e.type,
-            e.writer or "-",
+            printable(e.type),
+            printable(e.writer) or "-",
             str(e.generation),
-            e.intent_id or "-",
-            dumps(e.payload),
+            printable(e.intent_id or "-"),
+            printable(dumps(e.payload)),
         ]
 
     def _widths(self, rows: Sequence[Sequence[str]], last_seq: int) -> list[int]:
