@@ -1,8 +1,10 @@
-"""Open a store from a URL: SQL URLs select `SqlEventStore`, git URLs or paths `GitEventStore`."""
+"""Open a store from a URL: `memory:`, a SQLAlchemy URL, `git+file:///path`, or the path of an
+existing git repository. A mistyped URL is refused, never taken for a new repository's path."""
 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlparse
@@ -16,6 +18,12 @@ if TYPE_CHECKING:
 
 DEFAULT_URL = "sqlite:///shard.db"
 URL_ENV = "SHARD_SQL_URL"
+MEMORY_URLS = ("memory:", "memory://")
+
+_SCHEME_WORDS = r"(sqlite|postgres|postgresql|mysql|mariadb|mssql|oracle|git|file|memory)"
+_MISTYPED = re.compile(rf"^[^/]*:|^{_SCHEME_WORDS}(\+\w+)?//", re.IGNORECASE)
+"""A path that is surely a mistyped URL: a colon before the first slash (`postgresql:/h/db`,
+`::::`), or a scheme without its colon (`postgres//h/db`, `sqlite//shard.db`)."""
 
 
 def default_url() -> str:
@@ -25,7 +33,9 @@ def default_url() -> str:
 
 def is_git_url(url: str) -> bool:
     """`git+file:///path`, or a plain path (no `scheme://`)."""
-    return url.startswith("git+file://") or ("://" not in url and not url.startswith("sqlite:"))
+    return url.startswith("git+file://") or (
+        "://" not in url and not url.startswith("sqlite:") and url not in MEMORY_URLS
+    )
 
 
 def git_path(url: str) -> Path:
@@ -34,14 +44,44 @@ def git_path(url: str) -> Path:
     return Path(url)
 
 
+def is_git_repository(path: Path) -> bool:
+    """A bare repository (HEAD, objects/, refs/) or a work tree's (`.git`)."""
+    if (path / ".git").exists():
+        return True
+    return (path / "HEAD").is_file() and (path / "objects").is_dir() and (path / "refs").is_dir()
+
+
+def check_url(url: object) -> str:
+    """`url` if it can name a store; `InvalidEvent("url")` for a mistyped URL, or for a plain
+    path that is not an existing git repository (a new git store needs `git+file://`)."""
+    if not isinstance(url, str) or not url.strip():
+        raise InvalidEvent("url", "must be a non-empty string")
+    if url in MEMORY_URLS or "://" in url or url.startswith("sqlite:"):
+        return url
+    if _MISTYPED.match(url):
+        raise InvalidEvent(
+            "url",
+            f"{url!r} is not a URL (scheme://...): for example sqlite:///shard.db, "
+            "postgresql+psycopg://user@host/db, git+file:///srv/log.git",
+        )
+    path = Path(url)
+    if not is_git_repository(path):
+        memory = "; memory: names an in-memory store" if url.lower() == "memory" else ""
+        raise InvalidEvent(
+            "url",
+            f"{url!r} is not an existing git repository (a path must name one); "
+            f"git+file://{path.absolute()} creates a git store{memory}",
+        )
+    return url
+
+
 def open_store(
     url: str | None = None, *, migrate: bool = False
 ) -> SqlEventStore | GitEventStore | InMemoryEventStore:
-    """Open the store a URL names: `memory:`, a SQLAlchemy URL, `git+file:///path` or a path."""
-    url = url or default_url()
-    if not isinstance(url, str) or not url.strip():
-        raise InvalidEvent("url", "must be a non-empty string")
-    if url in ("memory:", "memory://"):
+    """Open the store a URL names: `memory:`, a SQLAlchemy URL, `git+file:///path` (created if
+    missing) or the path of an existing git repository."""
+    url = check_url(url or default_url())
+    if url in MEMORY_URLS:
         from shard_sql.memory import InMemoryEventStore
 
         return InMemoryEventStore()

@@ -686,3 +686,32 @@ def test_log_escapes_terminal_control_characters(run: Any, stores: Stores) -> No
     assert "\\u202eevil\\u001b[2J\\u009b31m\\u0085\\u2028\\u200b\\u0007" in out
     assert family in out
     assert run("log", "s", "--json").lines()[0]["payload"] == {"x": hostile}  # JSON: as written
+
+
+@pytest.mark.parametrize(
+    "url", ["postgresql:/h/db", "postgres//h/db", "sqlite//shard.db", "memory", "::::", "new-dir"]
+)
+def test_a_mistyped_url_is_refused(
+    run: Any, url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not a git store in the current directory: a git store comes from git+file:// or an
+    existing repository."""
+    here = tmp_path / "cwd"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    for argv in (["append", "s", "t", "{}"], ["migrate"], ["spaces"]):
+        r = run(*argv, "--url", url)
+        assert r.code == 2 and "invalid url" in r.err, (argv, r.err)
+    assert list(here.iterdir()) == []
+    assert "git+file://" in run("append", "s", "t", "{}", "--url", "new-dir").err
+
+
+def test_a_plain_path_names_an_existing_repository(run: Any, tmp_path: Path) -> None:
+    import pygit2
+
+    pygit2.init_repository(str(tmp_path / "bare.git"), bare=True)
+    pygit2.init_repository(str(tmp_path / "work"))
+    for path in (tmp_path / "bare.git", tmp_path / "work"):
+        assert run("append", "s", "t", '{"n": 1}', "--url", str(path)).code == 0
+        assert run("log", "s", "--json", "--url", str(path)).lines()[0]["payload"] == {"n": 1}
+    assert run("append", "s", "t", "{}", "--url", f"git+file://{tmp_path}/new.git").code == 0

@@ -270,7 +270,10 @@ def test_copy_sqlite_to_git(tmp_path: Path) -> None:
     need("shard_sql.git")
     need("shard_sql.sql")
     sqlite = f"sqlite:///{tmp_path}/a.db"
-    git = str(tmp_path / "plain-path-repo")  # a plain directory path selects git
+    import pygit2
+
+    git = str(tmp_path / "plain-path-repo")  # the path of an existing repository selects git
+    pygit2.init_repository(git, bare=True)
     for n in range(3):
         assert shard_sql("append", "s", "t", json.dumps({"n": n}), url=sqlite).code == 0
     r = shard_sql("copy", "--to", git, "--json", url=sqlite)
