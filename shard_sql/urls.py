@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlparse
 
-from shard_sql.errors import InvalidEvent
+from shard_sql.errors import InvalidEvent, ShardSqlError
 
 if TYPE_CHECKING:
     from shard_sql.git import GitEventStore
@@ -24,6 +24,14 @@ _SCHEME_WORDS = r"(sqlite|postgres|postgresql|mysql|mariadb|mssql|oracle|git|fil
 _MISTYPED = re.compile(rf"^[^/]*:|^{_SCHEME_WORDS}(\+\w+)?//", re.IGNORECASE)
 """A path that is surely a mistyped URL: a colon before the first slash (`postgresql:/h/db`,
 `::::`), or a scheme without its colon (`postgres//h/db`, `sqlite//shard.db`)."""
+
+
+class StoreNotFound(ShardSqlError):
+    """No store at the URL, and the caller asked not to create one (a command that only reads)."""
+
+    def __init__(self, url: str, what: str) -> None:
+        super().__init__(f"no store at {url}: {what}")
+        self.url = url
 
 
 def default_url() -> str:
@@ -75,12 +83,40 @@ def check_url(url: object) -> str:
     return url
 
 
+def _missing(url: str) -> str | None:
+    """Why there is no store at `url` yet (None: there is one, or it is not ours to tell)."""
+    if is_git_url(url):
+        path = git_path(url)
+        if not path.exists():
+            return f"{path} does not exist"
+        if path.is_dir() and not any(path.iterdir()):
+            return f"{path} is an empty directory"
+        return None
+    if url.startswith("sqlite:"):
+        from sqlalchemy.engine import make_url
+
+        from shard_sql.sql import sqlite_file
+
+        try:
+            database = sqlite_file(make_url(url))
+        except Exception:
+            return None  # the store's own open says what is wrong with the URL
+        if database is not None and not os.path.exists(database):
+            return f"{database} does not exist"
+    return None
+
+
 def open_store(
-    url: str | None = None, *, migrate: bool = False
+    url: str | None = None, *, migrate: bool = False, create: bool = True
 ) -> SqlEventStore | GitEventStore | InMemoryEventStore:
     """Open the store a URL names: `memory:`, a SQLAlchemy URL, `git+file:///path` (created if
-    missing) or the path of an existing git repository."""
+    missing) or the path of an existing git repository. `create=False`: a missing SQLite file
+    or git repository is a `StoreNotFound` error, and nothing is created."""
     url = check_url(url or default_url())
+    if not create:
+        missing = _missing(url)
+        if missing is not None:
+            raise StoreNotFound(url, missing)
     if url in MEMORY_URLS:
         from shard_sql.memory import InMemoryEventStore
 

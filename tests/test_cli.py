@@ -25,6 +25,7 @@ from shard_sql.cli.events import default_node_id
 from shard_sql.cli.output import human_time, progress
 from shard_sql.cli.parser import build_parser, commands
 from shard_sql.cli.stores import display_url
+from shard_sql.urls import StoreNotFound, open_store
 from shard_sql.validation import pending
 
 UNREACHABLE = "postgresql+psycopg://nobody@127.0.0.1:1/x"
@@ -63,6 +64,7 @@ class Stores:
 def stores(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Stores]:
     opened = Stores(tmp_path)
     monkeypatch.setenv("SHARD_SQL_URL", opened.url("main"))
+    opened["main"]  # exists: commands that only read need a store
     yield opened
     opened.close()
 
@@ -715,3 +717,32 @@ def test_a_plain_path_names_an_existing_repository(run: Any, tmp_path: Path) -> 
         assert run("append", "s", "t", '{"n": 1}', "--url", str(path)).code == 0
         assert run("log", "s", "--json", "--url", str(path)).lines()[0]["payload"] == {"n": 1}
     assert run("append", "s", "t", "{}", "--url", f"git+file://{tmp_path}/new.git").code == 0
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "git", "empty directory"])
+def test_commands_that_only_read_never_create_a_store(
+    run: Any, stores: Stores, tmp_path: Path, kind: str
+) -> None:
+    url = {
+        "sqlite": f"sqlite:///{tmp_path}/typo.db",
+        "git": f"git+file://{tmp_path}/typo.git",
+        "empty directory": f"git+file://{tmp_path}/empty",
+    }[kind]
+    if kind == "empty directory":
+        (tmp_path / "empty").mkdir()
+    before = sorted(tmp_path.rglob("*"))
+    for argv in (
+        ["log", "s"],
+        ["log", "s", "--follow"],
+        ["spaces"],
+        ["lease", "s"],
+        ["lease", "s", "--revoke"],
+        ["verify"],
+        ["export"],
+        ["copy", "--to", stores.url("copy")],
+    ):
+        r = run(*argv, "--url", url)
+        assert r.code == 1 and f"no store at {url}: " in r.err, (argv, r.err)
+    assert sorted(tmp_path.rglob("*")) == before
+    with pytest.raises(StoreNotFound):
+        open_store(url, create=False)

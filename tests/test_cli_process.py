@@ -357,6 +357,10 @@ def test_input_errors(tmp_path: Path) -> None:
 def test_store_errors(tmp_path: Path, pg_url: str) -> None:
     need("shard_sql.sql")
     r = shard_sql("log", "nowhere", url=f"sqlite:///{tmp_path}/u.db")
+    assert r.code == 1 and f"no store at sqlite:///{tmp_path}/u.db" in r.err, r
+    assert not (tmp_path / "u.db").exists()
+    assert shard_sql("migrate", url=f"sqlite:///{tmp_path}/u.db").code == 0
+    r = shard_sql("log", "nowhere", url=f"sqlite:///{tmp_path}/u.db")
     assert r.code == 1 and "unknown space 'nowhere'" in r.err, r
     r = shard_sql("spaces", url="postgresql+psycopg://postgres@127.0.0.1:1/nothing")
     assert r.code == 1 and "cannot connect to PostgreSQL" in r.err, r

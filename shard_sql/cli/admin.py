@@ -39,7 +39,7 @@ def register(add: AddCommand) -> None:
 def migrate(args: argparse.Namespace) -> None:
     url = store_url(args)
     if is_git_url(url) or url.startswith("memory:"):
-        with opened(url):
+        with opened(url, create=True):
             pass
         message = f"{display_url(url)}: no schema to migrate (store ready)"
     else:
@@ -53,7 +53,7 @@ def migrate(args: argparse.Namespace) -> None:
 def verify(args: argparse.Namespace) -> None:
     from shard_sql.verify import verify
 
-    with opened(store_url(args)) as store:
+    with opened(store_url(args), create=False) as store:
         spaces: list[str] = args.spaces or store.spaces()
         for space in args.spaces:
             if store.head(space) == 0:

@@ -139,7 +139,7 @@ def append(args: argparse.Namespace) -> None:
     payload = read_payload(args.payload)
     item = pending(args.type, payload, args.intent_id)  # checks before opening the store
     node_id = check_text("node", args.node) if args.node else default_node_id()
-    with opened(store_url(args)) as store:
+    with opened(store_url(args), create=True) as store:
         node = AppendAuthority(
             node_id,
             store,
@@ -172,7 +172,7 @@ def append(args: argparse.Namespace) -> None:
 
 def log(args: argparse.Namespace) -> None:
     printer = LogPrinter(args.json)
-    with opened(store_url(args)) as store:
+    with opened(store_url(args), create=False) as store:
         space = args.space
         if not args.follow and store.head(space) == 0:
             raise UnknownSpace(space)
@@ -244,7 +244,7 @@ def _follow(
 
 
 def spaces(args: argparse.Namespace) -> None:
-    with opened(store_url(args)) as store:
+    with opened(store_url(args), create=False) as store:
         registry = lease_registry(store) if isinstance(store, LeaseStore) else None
         now = datetime.now(UTC)
         rows: list[dict[str, Any]] = []

@@ -30,7 +30,7 @@ def register(add: AddCommand) -> None:
 
 def lease(args: argparse.Namespace) -> None:
     space = args.space
-    with opened(store_url(args)) as store:
+    with opened(store_url(args), create=False) as store:
         registry = lease_registry(store)
         before = registry.current(space)
         if args.revoke:

@@ -47,11 +47,12 @@ def _check_git_path(url: str) -> None:
 
 
 @contextlib.contextmanager
-def opened(url: str, *, migrate: bool = False) -> Iterator[Any]:
-    """The store `url` names, closed at the end."""
+def opened(url: str, *, create: bool, migrate: bool = False) -> Iterator[Any]:
+    """The store `url` names, closed at the end. A command that only reads opens it with
+    `create=False`: a missing store is then an error naming the URL, and nothing is created."""
     _check_git_path(url)
     try:
-        store = open_store(url, migrate=migrate)
+        store = open_store(url, migrate=migrate, create=create)
     except ImportError as e:
         raise CommandFailed(f"cannot open {display_url(url)}: {e}") from e
     try:

@@ -68,7 +68,7 @@ def _output(path: str | None) -> Iterator[IO[str]]:
 
 
 def export(args: argparse.Namespace) -> None:
-    with opened(store_url(args)) as store:
+    with opened(store_url(args), create=False) as store:
         spaces = transfer.select_spaces(store, args.spaces)
         total = sum(store.head(s) for s in spaces)
         with _output(args.file) as out, progress("export", total) as bar:
@@ -89,7 +89,11 @@ def import_(args: argparse.Namespace) -> None:
     else:
         source = open(path, "rb")  # noqa: SIM115 (closed below)
         name, size, closing = path, os.fstat(source.fileno()).st_size, source
-    with closing, opened(store_url(args)) as store, progress("import", size, unit="bytes") as bar:
+    with (
+        closing,
+        opened(store_url(args), create=True) as store,
+        progress("import", size, unit="bytes") as bar,
+    ):
         report = transfer.import_jsonl(store, source, name, progress=bar.advance)
     _report(args, report)
 
@@ -98,7 +102,7 @@ def copy(args: argparse.Namespace) -> None:
     source_url, target_url = store_url(args), args.to
     if source_url == target_url:
         raise UsageError("--to names the source store itself")
-    with opened(source_url) as source, opened(target_url) as target:
+    with opened(source_url, create=False) as source, opened(target_url, create=True) as target:
         spaces = transfer.select_spaces(source, args.spaces)
         total = sum(source.head(s) for s in spaces)
         with progress("copy", total) as bar:
