@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from datetime import UTC, datetime
 from typing import Any, Protocol, runtime_checkable
 
@@ -66,6 +67,91 @@ class EventStore(Protocol):
 
     def spaces(self) -> list[str]:
         """The spaces that have events, sorted."""
+        ...
+
+
+@runtime_checkable
+class Transaction(Protocol):
+    """Writes that commit together when the `store.transaction()` block exits normally, or not
+    at all (an exception, a `SeqConflict` in any space, a stale fence). Using it after the block
+    ended raises `InvalidEvent("transaction", ...)`. SQL transactions also have `.connection`.
+    """
+
+    def append(
+        self,
+        space: str,
+        type: str,
+        payload: dict[str, Any],
+        *,
+        expected_seq: int | None = None,
+        fence: Lease | None = None,
+        intent_id: str | None = None,
+    ) -> Event:
+        """As `EventStore.append`; `expected_seq=None` writes at the space's head as of this
+        transaction (its own earlier writes included)."""
+        ...
+
+    def append_many(
+        self,
+        space: str,
+        items: Iterable[Item],
+        *,
+        expected_seq: int | None = None,
+        fence: Lease | None = None,
+    ) -> list[Event]:
+        """As `EventStore.append_many`, with `expected_seq=None` as in `append`."""
+        ...
+
+    def save_checkpoint(self, name: str, position: int, *, fence: Lease | None = None) -> None:
+        """Store the checkpoint `name` at `position` in this transaction. A lower position than
+        the stored one raises `SeqConflict` (an equal one is fine). With `fence`, raise
+        `StaleLease` unless that lease is its space's current grant."""
+        ...
+
+
+@runtime_checkable
+class FeedStore(EventStore, Protocol):
+    """A store with the feed, checkpoints and transactions (api.md 8, 9, 10).
+
+    Its members join `EventStore` once every adapter implements them; until then code that
+    needs them takes a `FeedStore`.
+    """
+
+    def feed(
+        self,
+        after: int = 0,
+        *,
+        limit: int | None = None,
+        types: Collection[str] | None = None,
+    ) -> list[Event]:
+        """Placed events with position > `after` in position order, at most `limit` of them,
+        only those whose type is in `types` (when given)."""
+        ...
+
+    def iter_feed(self, after: int = 0, *, types: Collection[str] | None = None) -> Iterator[Event]:
+        """The same as `feed`, streamed in bounded memory."""
+        ...
+
+    def feed_head(self) -> int:
+        """The highest placed position (0 for an empty store)."""
+        ...
+
+    def wait_feed(self, after: int, *, timeout: float) -> bool:
+        """True as soon as an event with a position above `after` is readable; False after
+        `timeout` seconds. Every commit wakes it."""
+        ...
+
+    def checkpoint(self, name: str) -> int:
+        """The position saved for the consumer `name`; 0 if never saved."""
+        ...
+
+    def checkpoints(self) -> dict[str, int]:
+        """Every saved checkpoint: name -> position, in name order."""
+        ...
+
+    def transaction(self, connection: object | None = None) -> AbstractContextManager[Transaction]:
+        """A block whose writes commit together. `connection` (SQL stores only) is the host's
+        SQLAlchemy `Connection` or `Session` to join; elsewhere it raises `InvalidEvent`."""
         ...
 
 

@@ -3,17 +3,19 @@ idempotency rule and the event a write stamps."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 from shard_sql.errors import InvalidEvent
-from shard_sql.ports import BatchWriter, EventStore, Item
+from shard_sql.ports import BatchWriter, EventStore, FeedStore, Item
 from shard_sql.validation import (
     Pending,
     check_items,
+    check_position,
     check_seq,
     check_space,
+    check_types,
     load_json,
     pending,
 )
@@ -74,6 +76,26 @@ class StoreBase(EventStore, BatchWriter):
             if len(page) < self.ITER_PAGE:
                 return
             seq += len(page)
+
+    def iter_feed(self, after: int = 0, *, types: Collection[str] | None = None) -> Iterator[Event]:
+        """Pages of `ITER_PAGE` events of `feed` (adapters that are a `FeedStore` have it)."""
+        check_position("after", after)
+        wanted = check_types(types)
+        return feed_pages(cast(FeedStore, self), after, wanted, self.ITER_PAGE)
+
+
+def feed_pages(
+    store: FeedStore, after: int, types: Collection[str] | None, page_size: int
+) -> Iterator[Event]:
+    """`store.feed` read `page_size` events at a time, each page after the last one's position."""
+    while True:
+        page = store.feed(after, limit=page_size, types=types)
+        yield from page
+        if len(page) < page_size:
+            return
+        last = page[-1].position
+        assert last is not None  # the feed returns placed events only
+        after = last
 
 
 def already_written(found: Sequence[Event | None]) -> list[Event] | None:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import threading
 import unicodedata
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVar
@@ -23,6 +24,10 @@ MAX_PAYLOAD_BYTES = 1024 * 1024
 """A payload serializes to at most 1 MiB of UTF-8 JSON."""
 MAX_BATCH = 10_000
 """`append_many` takes at most 10,000 events at once."""
+MAX_POSITION = 2**63 - 1
+"""Feed positions, `after` and `limit` of feed reads fit a signed 64-bit integer."""
+MAX_TYPES = 1000
+"""A feed read filters on at most 1,000 types."""
 MAX_PAYLOAD_DEPTH = 64
 """A payload nests at most 64 levels: the object itself is level 1, each list or object inside
 adds one. Readers decode it recursively; see README "Input rules"."""
@@ -119,6 +124,45 @@ def check_seq(field: str, value: object) -> int:
     if value < 0:
         raise InvalidEvent(field, "must be >= 0")
     return value
+
+
+def check_position(field: str, value: object) -> int:
+    """A feed position (`after`, `position`, `limit`): an int from 0 to 2**63 - 1."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidEvent(field, f"must be an integer, not {type(value).__name__}")
+    if not 0 <= value <= MAX_POSITION:
+        raise InvalidEvent(field, f"must be from 0 to {MAX_POSITION}")
+    return value
+
+
+def check_types(types: object) -> frozenset[str] | None:
+    """A feed's type filter: None (every type) or a collection of type names (not one string).
+    An empty collection matches no event."""
+    if types is None:
+        return None
+    if isinstance(types, str | bytes | bytearray | Mapping) or not isinstance(types, Iterable):
+        raise InvalidEvent("types", "must be a collection of type names, such as a list")
+    out: set[str] = set()
+    for n, t in enumerate(types):
+        if n == MAX_TYPES:
+            raise InvalidEvent("types", f"names more than {MAX_TYPES} types")
+        out.add(check_type(t))
+    return frozenset(out)
+
+
+def check_checkpoint_name(name: object) -> str:
+    """A checkpoint's name follows the rule of space names."""
+    return _check_name("name", name, MAX_SPACE_LENGTH)
+
+
+def check_timeout(timeout: object) -> float:
+    """A wait's timeout in seconds: a finite number >= 0 (very long ones are cut to what the
+    platform's waits take)."""
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float):
+        raise InvalidEvent("timeout", f"must be a number, not {type(timeout).__name__}")
+    if not math.isfinite(timeout) or timeout < 0:
+        raise InvalidEvent("timeout", "must be a finite number >= 0")
+    return min(float(timeout), threading.TIMEOUT_MAX)
 
 
 # Built once: json.dumps with options builds a new encoder on every call.

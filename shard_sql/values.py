@@ -20,7 +20,12 @@ class EventType(StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class Event:
-    """One entry of a space's log. `seq` is 0-based and contiguous per space."""
+    """One entry of a space's log. `seq` is 0-based and contiguous per space.
+
+    `position` is the event's place in the store-wide feed; None until the feed placed it (an
+    adapter may place events just after their commit). It takes no part in equality: the event
+    an append returned and the same event read from the feed later are equal.
+    """
 
     space: str
     seq: int
@@ -30,6 +35,7 @@ class Event:
     writer: str
     generation: int
     intent_id: str | None = None
+    position: int | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,9 +57,19 @@ class Lease:
 def _event_factory() -> Any:
     """`Event(...)` built through the slot descriptors: the same frozen value, without the
     frozen dataclass's `__init__` (half the cost; stores build one per event written)."""
-    fields = ("space", "seq", "type", "payload", "recorded_at", "writer", "generation", "intent_id")
+    fields = (
+        "space",
+        "seq",
+        "type",
+        "payload",
+        "recorded_at",
+        "writer",
+        "generation",
+        "intent_id",
+        "position",
+    )
     try:
-        s0, s1, s2, s3, s4, s5, s6, s7 = (getattr(Event, f).__set__ for f in fields)
+        s0, s1, s2, s3, s4, s5, s6, s7, s8 = (getattr(Event, f).__set__ for f in fields)
     except AttributeError:  # not a slots class any more: the plain constructor
         return Event
     new = object.__new__
@@ -67,6 +83,7 @@ def _event_factory() -> Any:
         writer: str,
         generation: int,
         intent_id: str | None,
+        position: int | None = None,
     ) -> Event:
         e: Event = new(Event)
         s0(e, space)
@@ -77,11 +94,12 @@ def _event_factory() -> Any:
         s5(e, writer)
         s6(e, generation)
         s7(e, intent_id)
+        s8(e, position)
         return e
 
     return make
 
 
 new_event: Any = _event_factory()
-"""Internal: `Event(space, seq, type, payload, recorded_at, writer, generation, intent_id)`,
-all arguments positional and already checked."""
+"""Internal: `Event(space, seq, type, payload, recorded_at, writer, generation, intent_id,
+position=None)`, all arguments positional and already checked."""

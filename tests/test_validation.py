@@ -10,10 +10,16 @@ import pytest
 from shard_sql import InMemoryEventStore, InvalidEvent
 from shard_sql.validation import (
     MAX_PAYLOAD_BYTES,
+    MAX_POSITION,
+    MAX_TYPES,
+    check_checkpoint_name,
     check_items,
     check_payload,
+    check_position,
     check_space,
+    check_timeout,
     check_type,
+    check_types,
 )
 
 
@@ -96,3 +102,46 @@ def test_invalid_batches(items: Any) -> None:
 
 def test_invalid_event_is_a_value_error() -> None:
     assert issubclass(InvalidEvent, ValueError)
+
+
+@pytest.mark.parametrize("value", [-1, MAX_POSITION + 1, 1.0, "3", True, None])
+def test_positions_refused(value: Any) -> None:
+    with pytest.raises(InvalidEvent, match="after"):
+        check_position("after", value)
+
+
+def test_positions_accepted() -> None:
+    assert check_position("limit", 0) == 0
+    assert check_position("position", MAX_POSITION) == MAX_POSITION
+
+
+@pytest.mark.parametrize(
+    "types", ["alias.set", b"x", {"a": 1}, 3, [""], ["ok", None], ["t"] * (MAX_TYPES + 1)]
+)
+def test_feed_types_refused(types: Any) -> None:
+    with pytest.raises(InvalidEvent, match="type"):
+        check_types(types)
+
+
+def test_feed_types_accepted() -> None:
+    assert check_types(None) is None
+    assert check_types(["a", "b", "a"]) == {"a", "b"}
+    assert check_types(t for t in ("x",)) == {"x"}
+    assert check_types(()) == frozenset()
+
+
+@pytest.mark.parametrize("name", ["", "a\nb", "s" * 201, None, 5])
+def test_checkpoint_names_refused(name: Any) -> None:
+    with pytest.raises(InvalidEvent, match="name"):
+        check_checkpoint_name(name)
+
+
+@pytest.mark.parametrize("timeout", [-0.1, math.nan, math.inf, "1", None, False])
+def test_timeouts_refused(timeout: Any) -> None:
+    with pytest.raises(InvalidEvent, match="timeout"):
+        check_timeout(timeout)
+
+
+def test_timeouts_accepted() -> None:
+    assert check_timeout(0) == 0.0
+    assert check_timeout(1e300) > 0
