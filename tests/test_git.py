@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import subprocess
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -25,8 +27,10 @@ from shard_sql.ports import EventStore
 from shard_sql.testing import HOSTILE_SPACES, AuthorityContract, ManualClock, StoreContract
 
 
-def git(repo: Path, *args: str, check: bool = True) -> str:
-    r = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, check=False)
+def git(repo: Path, *args: str, check: bool = True, stdin: str | None = None) -> str:
+    r = subprocess.run(
+        ["git", "-C", str(repo), *args], input=stdin, capture_output=True, text=True, check=False
+    )
     if check and r.returncode != 0:
         raise AssertionError(f"git {' '.join(args)}: {r.returncode}\n{r.stdout}\n{r.stderr}")
     return r.stdout
@@ -451,6 +455,98 @@ def test_ref_to_a_foreign_commit_is_an_error(tmp_path: Path) -> None:
     git(path, "update-ref", space_ref("a"), store_commit(store, "b"))
     with pytest.raises(StoreUnavailable, match="corrupt"):
         store.events("a")
+    store.close()
+
+
+def test_bugs_are_not_translated_into_store_unavailable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only git and OS errors become `StoreUnavailable` (which callers retry): a programming
+    error (`TypeError`, `AttributeError`, `LookupError`, `RuntimeError`) propagates as itself."""
+    import shard_sql.git.chain
+    import shard_sql.git.intents
+    import shard_sql.git.store
+    from shard_sql.validation import pending
+
+    store = GitEventStore(tmp_path / "r.git")
+    store.append("s", "t", {}, expected_seq=0)
+
+    def bug(kind: type[Exception]) -> Callable[..., object]:
+        def fail(*args: object, **kwargs: object) -> object:
+            raise kind("a bug")
+
+        return fail
+
+    monkeypatch.setattr(shard_sql.git.chain, "commit_bytes", bug(TypeError))
+    with pytest.raises(TypeError):
+        store.append("s", "t", {}, expected_seq=1)
+    monkeypatch.setattr(shard_sql.git.store, "granted", bug(AttributeError))
+    with pytest.raises(AttributeError):
+        LeaseRegistry(store).acquire("s", "node", 10)
+    monkeypatch.setattr(shard_sql.git.chain, "event_of", bug(LookupError))
+    with pytest.raises(LookupError):
+        store.events("s")
+    with pytest.raises(LookupError):
+        list(store.iter_events("s"))
+    monkeypatch.setattr(shard_sql.git.intents, "record_bytes", bug(RuntimeError))
+    with pytest.raises(RuntimeError):
+        store.put_intent("s", pending("t", {}, "k"), holder="h")
+    store.close()
+
+
+def test_malformed_objects_are_store_unavailable(tmp_path: Path) -> None:
+    """Stored objects that do not parse (written by hand, by another tool, or damaged) are
+    `StoreUnavailable`, whatever is wrong with them, on every read path."""
+    path = tmp_path / "r.git"
+    store = GitEventStore(path)
+    store.append("s", "t", {}, expected_seq=0)
+    good = git(path, "cat-file", "commit", space_ref("s"))
+    tree = good.split("\n", 1)[0]
+    trailer = "Shard-Sql-Event: "
+    meta = json.loads(good.rsplit(trailer, 1)[1])
+    who = "author a <a@a> 0 +0000\ncommitter a <a@a> 0 +0000\n"
+
+    def commit(message: str, header: str = who) -> str:
+        raw = f"{tree}\n{header}\n{message}"
+        return git(path, "hash-object", "-t", "commit", "-w", "--stdin", "--literally", stdin=raw)
+
+    def event(payload: str, fields: object) -> str:
+        return commit(f"subject\n\n{payload}\n\n{trailer}{json.dumps(fields)}\n")
+
+    broken = [
+        commit("subject only\n"),
+        commit("x\n\n{}\n\nShard-Sql-Event: {}\n", header=""),
+        event("{}", [1, 2]),
+        event("{}", {k: v for k, v in meta.items() if k != "type"}),
+        event("{}", {**meta, "recorded_at": 123}),
+        event("{}", {**meta, "recorded_at": "2026-01-01T00:00:00"}),
+        event("{}", {**meta, "generation": "3"}),
+        event("not json", meta),
+        event("[1]", meta),
+        event("{}", "not an object"),
+    ]
+    for oid in broken:
+        git(path, "update-ref", space_ref("s"), oid.strip())
+        fresh = GitEventStore(path)
+        # Each call succeeds (`head` reads the seq only) or raises StoreUnavailable, nothing else.
+        with contextlib.suppress(StoreUnavailable):
+            fresh.head("s")
+        with contextlib.suppress(StoreUnavailable):
+            list(fresh.iter_events("s"))
+        with contextlib.suppress(StoreUnavailable):
+            fresh.append("s", "t", {}, expected_seq=1, intent_id="i")
+        with pytest.raises(StoreUnavailable):
+            fresh.events("s")
+        fresh.close()
+    for record in ["[]", "{}", '{"space":"s","holder":1,"expires_at":"x","generation":1}', "{"]:
+        blob = git(path, "hash-object", "-w", "--stdin", stdin=record).strip()
+        git(path, "update-ref", lease_ref("s"), blob)
+        fresh = GitEventStore(path)
+        with pytest.raises(StoreUnavailable):
+            LeaseRegistry(fresh).current("s")
+        with pytest.raises(StoreUnavailable):
+            LeaseRegistry(fresh).acquire("s", "node", 5)
+        fresh.close()
     store.close()
 
 

@@ -3,7 +3,7 @@ event of an intent id, and the commits and tip tree of a new batch."""
 
 from __future__ import annotations
 
-import json
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +20,7 @@ from shard_sql.git.objects import (
     TreeEntries,
     commit_bytes,
     event_of,
+    json_object,
     leaf_with,
     parent_of,
     parse_commit,
@@ -29,6 +30,8 @@ from shard_sql.git.objects import (
 from shard_sql.git.repo import GitRepo
 from shard_sql.validation import Pending
 from shard_sql.values import Event
+
+_OID = re.compile(rb"[0-9a-f]{40}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,7 +88,7 @@ class SpaceChains:
         if tip is not None:
             return tip
         c = parse_commit(self.git.read(handle, oid, ObjectType.COMMIT))
-        meta = json.loads(c.meta)
+        meta = json_object(c.meta, f"space {space!r}: the tip commit {oid}")
         seq = meta.get("seq")
         if meta.get("space") != space or not isinstance(seq, int) or seq < 0:
             raise StoreUnavailable(f"space {space!r}: the tip commit {oid} is corrupt")
@@ -131,11 +134,16 @@ class SpaceChains:
 
     def index_chunk(self, handle: Any, tip: Tip, start: int) -> list[str]:
         """The commit ids of seqs `start .. start + CHUNK - 1`, from the tip's tree."""
-        data = handle[tip.tree][f"{INDEX_TREE}/{start:012d}"].data
-        oids: list[str] = data.decode("ascii").split("\n")
-        if len(oids) != CHUNK + 1 or oids[-1]:
+        try:
+            blob = self.git.tree(handle, tip.tree)[f"{INDEX_TREE}/{start:012d}"]
+        except KeyError:
+            blob = None
+        if not isinstance(blob, pygit2.Blob):
+            raise StoreUnavailable(f"the index chunk at seq {start} is missing")
+        oids = blob.data.split(b"\n")
+        if len(oids) != CHUNK + 1 or oids[-1] or not all(_OID.fullmatch(o) for o in oids[:-1]):
             raise StoreUnavailable(f"the index chunk at seq {start} is malformed")
-        return oids[:-1]
+        return [o.decode("ascii") for o in oids[:-1]]
 
     def event_at(self, space: str, tip: Tip, seq: int) -> Event:
         for e in self.events(space, tip, seq, seq + 1):
@@ -149,21 +157,27 @@ class SpaceChains:
         handle = self.git.handle()
         first, rest = intent_entry(intent_id)
         try:
-            leaf = handle[tip.tree][INTENT_TREES + first]
+            leaf = self.git.tree(handle, tip.tree)[INTENT_TREES + first]
         except KeyError:
             return None
+        if not isinstance(leaf, pygit2.Tree):
+            raise StoreUnavailable(f"space {space!r}: the intent index is malformed")
         # Entries `<rest>.<seq>` are sorted by name: binary search for the `<rest>.` prefix.
         key = rest + "."
         lo, hi = 0, len(leaf)
         while lo < hi:
             mid = (lo + hi) // 2
-            if leaf[mid].name < key:
+            if (leaf[mid].name or "") < key:
                 lo = mid + 1
             else:
                 hi = mid
-        if lo == len(leaf) or not leaf[lo].name.startswith(key):
+        found = (leaf[lo].name or "") if lo < len(leaf) else ""
+        if not found.startswith(key):
             return None
-        event = self.event_at(space, tip, int(leaf[lo].name[len(key) :]))
+        seq = found[len(key) :]
+        if not (seq.isascii() and seq.isdigit()):
+            raise StoreUnavailable(f"space {space!r}: the intent index is malformed")
+        event = self.event_at(space, tip, int(seq))
         if event.intent_id != intent_id:
             raise StoreUnavailable(
                 f"space {space!r}: the intent index points {intent_id!r} at another event"

@@ -1,4 +1,4 @@
-"""The one place where git errors become ours: pygit2's, and those of parsing stored objects."""
+"""The one place where git and file system errors become ours (`StoreUnavailable`)."""
 
 from __future__ import annotations
 
@@ -10,18 +10,11 @@ import pygit2
 
 from shard_sql.errors import ShardSqlError, StoreUnavailable
 
-GIT_ERRORS = (
-    pygit2.GitError,
-    OSError,
-    ValueError,
-    LookupError,
-    TypeError,
-    AttributeError,
-    RuntimeError,
-    MemoryError,
-)
-"""What pygit2 and the parsing of stored (maybe corrupt or foreign) objects raise; `translated`
-turns it into `StoreUnavailable`."""
+GIT_ERRORS = (pygit2.GitError, OSError)
+"""What `translated` turns into `StoreUnavailable`: libgit2's errors (pygit2's `GitError` and its
+subclasses: `NotFoundError`, `InvalidError`, `AlreadyExistsError`, ...) and the file system's.
+Stored objects that do not parse raise `StoreUnavailable` where they are parsed. Anything else
+(`TypeError`, `AttributeError`, ...) is a bug: it propagates, never to be retried."""
 
 
 class _AtPath(Protocol):

@@ -223,7 +223,8 @@ class GitIntentQueue(IntentQueue, SpaceWakeups):
             parsed: tuple[int, Pending] | None = parse_record(
                 space, key, self.git.read(handle, oid, ObjectType.BLOB)
             )
-        except Exception as e:  # any defect of a stored record: skip it, keep serving
+        except (ValueError, RecursionError, ShardSqlError, pygit2.GitError, OSError) as e:
+            # A defect of a stored record (`InvalidEvent` is a ValueError): skip it, keep serving.
             self._warn(ref, oid, e)
             parsed = None
         if parsed is None or len(parsed[1].payload_json) <= CACHED_PAYLOAD:

@@ -9,6 +9,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from shard_sql.errors import StoreUnavailable
 from shard_sql.validation import load_json
@@ -30,6 +31,25 @@ at it."""
 
 TreeEntries = dict[bytes, tuple[bytes, bytes]]
 """A raw tree's entries: name -> (mode, raw 20-byte id)."""
+
+_OID = re.compile(rb"[0-9a-f]{40}")
+
+
+def json_object(data: bytes, what: str) -> dict[str, Any]:
+    """`data` parsed as a JSON object; `StoreUnavailable` naming `what` when it is not one."""
+    try:
+        value = load_json(data)  # from a deep call stack too
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+        raise StoreUnavailable(f"{what} is not valid JSON: {type(e).__name__}: {e}") from e
+    if not isinstance(value, dict):
+        raise StoreUnavailable(f"{what} is not a JSON object")
+    return value
+
+
+def _oid(raw: bytes) -> str:
+    if not _OID.fullmatch(raw):
+        raise StoreUnavailable("not a shard-sql event commit (malformed object id)")
+    return raw.decode("ascii")
 
 
 # -- events --------------------------------------------------------------------------------------
@@ -90,6 +110,7 @@ def parse_commit(data: bytes) -> EventCommit:
     body = message.split(b"\n")
     if (
         not sep
+        or len(lines) < 2
         or not lines[0].startswith(b"tree ")
         or len(body) != 6
         or body[1]
@@ -98,37 +119,49 @@ def parse_commit(data: bytes) -> EventCommit:
         or not body[4].startswith(TRAILER)
     ):
         raise StoreUnavailable("not a shard-sql event commit (malformed message)")
-    parent = lines[1][7:].decode("ascii") if lines[1].startswith(b"parent ") else None
-    return EventCommit(lines[0][5:].decode("ascii"), parent, body[2], body[4][len(TRAILER) :])
+    parent = _oid(lines[1][7:]) if lines[1].startswith(b"parent ") else None
+    return EventCommit(_oid(lines[0][5:]), parent, body[2], body[4][len(TRAILER) :])
 
 
 def parent_of(data: bytes) -> str | None:
     """The first parent of a raw commit, without parsing the rest."""
-    second = data.split(b"\n", 2)[1]
-    return second[7:].decode("ascii") if second.startswith(b"parent ") else None
+    lines = data.split(b"\n", 2)
+    if len(lines) < 3:
+        raise StoreUnavailable("not a shard-sql event commit (malformed header)")
+    return _oid(lines[1][7:]) if lines[1].startswith(b"parent ") else None
 
 
 def event_of(space: str, seq: int, c: EventCommit) -> Event:
     """The event a commit holds, checked to be `space`'s seq `seq`."""
-    meta = json.loads(c.meta)
+    meta = json_object(c.meta, f"space {space!r}: the metadata at seq {seq}")
     if meta.get("space") != space or meta.get("seq") != seq:
         raise StoreUnavailable(
             f"space {space!r}: the commit at seq {seq} belongs to "
             f"{meta.get('space')!r} seq {meta.get('seq')!r}; the chain is corrupt"
         )
-    payload = load_json(c.payload)  # from a deep call stack too
-    if not isinstance(payload, dict):
-        raise StoreUnavailable(f"space {space!r}: the payload at seq {seq} is not an object")
-    return Event(
-        space,
-        seq,
-        meta["type"],
-        payload,
-        datetime.fromisoformat(meta["recorded_at"]),
-        meta["writer"],
-        meta["generation"],
-        meta["intent_id"],
-    )
+    payload = json_object(c.payload, f"space {space!r}: the payload at seq {seq}")
+    type_, writer, generation = meta.get("type"), meta.get("writer"), meta.get("generation")
+    intent_id, recorded = meta.get("intent_id"), meta.get("recorded_at")
+    if (
+        not isinstance(type_, str)
+        or not isinstance(writer, str)
+        or isinstance(generation, bool)
+        or not isinstance(generation, int)
+        or not (intent_id is None or isinstance(intent_id, str))
+    ):
+        raise StoreUnavailable(f"space {space!r}: the metadata at seq {seq} is corrupt")
+    return Event(space, seq, type_, payload, _aware(recorded, space), writer, generation, intent_id)
+
+
+def _aware(text: object, space: str) -> datetime:
+    """A timestamp written by `datetime.isoformat` of an aware datetime."""
+    try:
+        when = datetime.fromisoformat(text) if isinstance(text, str) else None
+    except ValueError:
+        when = None
+    if when is None or when.tzinfo is None:
+        raise StoreUnavailable(f"a timestamp of {space!r} is corrupt: {text!r}")
+    return when
 
 
 # -- trees ---------------------------------------------------------------------------------------
@@ -197,16 +230,13 @@ def lease_bytes(lease: Lease) -> bytes:
 
 def parse_lease(space: str, data: bytes) -> Lease:
     """The lease record of `space` in a blob written by `lease_bytes`."""
-    record = json.loads(data)
-    holder, expires, generation = record["holder"], record["expires_at"], record["generation"]
+    record = json_object(data, f"the lease record of {space!r}")
+    holder, generation = record.get("holder"), record.get("generation")
     if (
         record.get("space") != space
         or not isinstance(holder, str)
-        or not isinstance(expires, str)
+        or isinstance(generation, bool)
         or not isinstance(generation, int)
     ):
         raise StoreUnavailable(f"the lease record of {space!r} is corrupt")
-    expires_at = datetime.fromisoformat(expires)
-    if expires_at.tzinfo is None:
-        raise StoreUnavailable(f"the lease record of {space!r} is corrupt")
-    return Lease(space, holder, expires_at, generation)
+    return Lease(space, holder, _aware(record.get("expires_at"), space), generation)

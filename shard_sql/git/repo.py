@@ -123,6 +123,16 @@ class GitRepo:
             raise StoreUnavailable(f"object {oid} is a {obj_type!r}, expected {kind!r}")
         return bytes(data)
 
+    def tree(self, handle: Any, oid: str) -> Any:
+        """The `pygit2.Tree` of id `oid`; `StoreUnavailable` when it is missing or no tree."""
+        try:
+            tree = handle[oid]
+        except (KeyError, ValueError) as e:  # what pygit2 raises for a missing or bad id
+            raise StoreUnavailable(f"tree {oid} is missing or unreadable: {e}") from e
+        if not isinstance(tree, pygit2.Tree):
+            raise StoreUnavailable(f"object {oid} is not a tree")
+        return tree
+
     def lock(self, handle: Any, ref: str, deadline: float, staged: str | None = None) -> RefLock:
         """`ref`'s lock (see `RefFiles.lock`)."""
         read = functools.partial(self.target, handle, ref)

@@ -4,7 +4,6 @@ process that opens it. docs/git.md explains the layout, the locking and the dura
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -27,7 +26,7 @@ from shard_sql.git.layout import (
     space_ref,
 )
 from shard_sql.git.loose import LooseObjects
-from shard_sql.git.objects import lease_bytes, parse_commit, parse_lease
+from shard_sql.git.objects import json_object, lease_bytes, parse_commit, parse_lease
 from shard_sql.git.repo import GitRepo
 from shard_sql.leases import check_fence, check_ttl, granted, released, renewed, revoked, valid
 from shard_sql.ports import IntentQueue, LeaseStore, SpaceWakeups, system_clock
@@ -109,7 +108,8 @@ class GitEventStore(StoreBase, LeaseStore, IntentQueue, SpaceWakeups):
                 oid = self._git.target(handle, ref)
                 if oid is None:
                     continue
-                meta = json.loads(parse_commit(self._git.read(handle, oid, ObjectType.COMMIT)).meta)
+                commit = parse_commit(self._git.read(handle, oid, ObjectType.COMMIT))
+                meta = json_object(commit.meta, f"{ref} (the tip of a long space name)")
                 name = meta.get("space")
                 if not isinstance(name, str) or encode_name(name) != path:
                     continue
