@@ -196,6 +196,9 @@ _NOT_OPENING = bytes(b for b in range(256) if b not in b"[{")
 _NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
 """A NUL character as the encoder writes it: `\\u0000` after an even number of backslashes (an odd
 number is an escaped backslash followed by the text `u0000`)."""
+_CHANGED_NUMBER = re.compile(r"[:,\[]-?[0-9][0-9.]*e\+|[:,\[]-0\.0[,\]}]")
+"""A float that PostgreSQL's jsonb does not give back as it was: one the encoder writes with a
+positive exponent (abs >= 1e16; jsonb returns its digits, an int), or -0.0 (jsonb keeps 0.0)."""
 
 
 def _depth_ok(data: bytes) -> bool:
@@ -252,8 +255,8 @@ def _path(keys: list[Any]) -> str:
 
 
 def _check_values(copy: dict[str, Any]) -> None:
-    """The rules only the decoded values show: no NUL in a key or string. Called when the text's
-    quick look (`_finish`) found a candidate."""
+    """The rules only the decoded values show: no NUL in a key or string, no float that a backend
+    would give back changed. Called when the text's quick look (`_finish`) found a candidate."""
     todo: list[tuple[Any, list[Any]]] = [(copy, [])]
     while todo:
         value, keys = todo.pop()
@@ -268,12 +271,30 @@ def _check_values(copy: dict[str, Any]) -> None:
                     raise InvalidEvent(
                         "payload", f"contains a NUL character at {_path([*keys, k])}"
                     )
+            elif t is float:
+                _check_float(v, [*keys, k])
             elif t is dict or t is list:
                 todo.append((v, [*keys, k]))
 
 
+def _check_float(v: float, keys: list[Any]) -> None:
+    """Refuse a float that a backend would give back changed (PostgreSQL's jsonb: see
+    `_CHANGED_NUMBER`); every backend refuses it, so that all of them give back what was written."""
+    if v == 0.0 and math.copysign(1.0, v) < 0:
+        raise InvalidEvent(
+            "payload", f"{_path(keys)} is -0.0, which PostgreSQL keeps as 0.0: write 0.0"
+        )
+    if abs(v) >= 1e16:
+        raise InvalidEvent(
+            "payload",
+            f"{_path(keys)} is the float {v!r}, which PostgreSQL gives back as the integer "
+            f"{int(v)}: write it as an int (or a string)",
+        )
+
+
 def _finish(payload: object, text: str) -> tuple[str, dict[str, Any]] | None:
-    """The checks of an encoded payload: NUL characters, size, depth, and the round trip.
+    """The checks of an encoded payload: NUL characters, changed floats, size, depth, and the
+    round trip.
     Raises `InvalidEvent`; None when the copy differs from the payload (non-string keys,
     tuples: the caller says which)."""
     if text.isascii():
@@ -292,7 +313,9 @@ def _finish(payload: object, text: str) -> tuple[str, dict[str, Any]] | None:
     copy, end = _scan(text, 0)
     if end != len(text) or copy != payload:
         return None
-    if "\\u0000" in text and _NUL.search(text):
+    if ("\\u0000" in text and _NUL.search(text)) or (
+        ("e+" in text or "-0.0" in text) and _CHANGED_NUMBER.search(text)
+    ):
         _check_values(copy)
     return text, copy
 
@@ -315,8 +338,10 @@ def check_payload(payload: object) -> tuple[str, dict[str, Any]]:
 
     A payload is a JSON object: a dict with string keys whose values are strings, finite
     numbers, booleans, null, lists and such objects. No NaN/Infinity, no non-string keys, no
-    tuples, sets or other objects, no NUL characters (PostgreSQL's JSONB cannot hold them), at
-    most `MAX_PAYLOAD_DEPTH` levels, at most `MAX_PAYLOAD_BYTES` of UTF-8.
+    tuples, sets or other objects, no NUL characters (PostgreSQL's JSONB cannot hold them), no
+    float that a backend would give back changed (-0.0, and floats of 1e16 or more, which
+    PostgreSQL returns as ints), at most `MAX_PAYLOAD_DEPTH` levels, at most `MAX_PAYLOAD_BYTES`
+    of UTF-8.
     """
     fast = _fast_payload(payload)
     if fast is not None:
@@ -349,6 +374,27 @@ def _check_payload(payload: object, fresh: bool = False) -> tuple[str, dict[str,
             "payload", "is not plain JSON (non-string keys, tuples or other non-JSON values)"
         )
     return checked
+
+
+_canonical = json.JSONEncoder(
+    ensure_ascii=False, separators=(",", ":"), sort_keys=True, check_circular=False
+).encode
+
+
+def same_payload(a: object, b: object) -> bool:
+    """Whether two payloads hold the same JSON, types included (`1` is not `1.0` nor `True`,
+    `-0.0` is not `0.0`), key order aside: what a read gives back of what was written."""
+    try:
+        return _same_text(a, b)
+    except RecursionError:
+        return on_fresh_stack(_same_text, a, b)
+
+
+def _same_text(a: object, b: object) -> bool:
+    try:
+        return bool(_canonical(a) == _canonical(b))
+    except (TypeError, ValueError):  # not JSON at all
+        return a == b
 
 
 def pending(type_: object, payload: object, intent_id: object = None) -> Pending:
@@ -431,7 +477,7 @@ def _fast_items(seq_items: list[Any]) -> list[Pending] | None:
                 return None
             if _too_deep_text(text, size):
                 return None
-            if "\\u0000" in text:
+            if "\\u0000" in text or "e+" in text or "-0.0" in text:
                 suspects.append(len(texts))
             checked = good_types.get(t)
             if checked is None:  # a batch repeats few types: check each once

@@ -136,3 +136,77 @@ def test_nul_refused(store: EventStore) -> None:
         for info in (one, many):
             assert info.value.field == "payload" and "NUL character" in str(info.value)
     assert store.head("s") == 0
+
+
+# -- item 4: a number reads back as it was written (type included), or it is refused everywhere --
+
+
+def typed(value: Any) -> Any:
+    """`value` with each number tagged by its type and sign: equal only if equal as JSON types."""
+    if isinstance(value, dict):
+        return {k: typed(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [typed(v) for v in value]
+    if isinstance(value, float):
+        return ("float", value.hex())
+    return (type(value).__name__, value)
+
+
+CHANGED_BY_JSONB = [1e23, 1.7976931348623157e308, 1e16, -1e16, 1.2345678901234568e16, -0.0]
+KEPT_EVERYWHERE: list[Any] = [
+    0.0, 1.0, -1.5, 123.0, 0.1, 1e15, 9999999999999998.0, -9999999999999998.0, 1e-7, 5e-324,
+    2.2250738585072014e-308, 1.5e-300, 0, -1, 10**30, -(10**30), 2**63, 2**64 + 1, True, False,
+    None, "1e+16", "-0.0",
+]  # fmt: skip
+
+
+def random_floats(n: int) -> list[float]:
+    import math
+    import random
+    import struct
+
+    rng = random.Random(4)
+    out: list[float] = []
+    while len(out) < n:
+        x = struct.unpack("<d", struct.pack("<Q", rng.getrandbits(64)))[0]
+        if math.isfinite(x):
+            out.append(x)
+    return out
+
+
+def test_numbers_read_back_as_written_or_refused(store: EventStore) -> None:
+    for n, value in enumerate(CHANGED_BY_JSONB):
+        for payload in ({"v": value}, {"a": [1, {"b": [value]}]}):
+            with pytest.raises(InvalidEvent) as info:
+                store.append("s", "t", payload, expected_seq=0)
+            assert info.value.field == "payload" and repr(value) in str(info.value)
+            with pytest.raises(InvalidEvent):
+                store.append_many("s", [("t", {}), ("t", payload)], expected_seq=0)
+        assert store.head("s") == 0, n
+    written = [{"v": v, "in": [v, {"k": v}]} for v in KEPT_EVERYWHERE]
+    events = [store.append(f"k{n}", "t", p, expected_seq=0) for n, p in enumerate(written)]
+    events += store.append_many("many", [("t", p) for p in written], expected_seq=0)
+    stored = [e for n in range(len(written)) for e in store.events(f"k{n}")]
+    stored += store.events("many")
+    for e, s, p in zip(events, stored, written + written, strict=True):
+        assert typed(e.payload) == typed(s.payload) == typed(p)
+    # Random doubles: each one refused, or kept bit for bit.
+    kept = []
+    for x in random_floats(400):
+        try:
+            store.append("r", "t", {"x": x}, expected_seq=len(kept))
+        except InvalidEvent:
+            assert abs(x) >= 1e16 or x == 0.0
+        else:
+            kept.append(x)
+    assert len(kept) > 100
+    assert [typed(e.payload["x"]) for e in store.events("r")] == [typed(x) for x in kept]
+
+
+def test_same_payload_compares_types() -> None:
+    from shard_sql.validation import same_payload
+
+    assert same_payload({"a": 1, "b": [1.5, None]}, {"b": [1.5, None], "a": 1})
+    for a, b in [(1, 1.0), (1, True), (0.0, -0.0), (10**16, 1e16), ("1", 1), ([1], [1, 1])]:
+        assert not same_payload({"v": a}, {"v": b})
+    assert same_payload(nested(MAX_PAYLOAD_DEPTH), nested(MAX_PAYLOAD_DEPTH))
