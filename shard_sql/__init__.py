@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from shard_sql.authority import AppendAuthority
 from shard_sql.errors import (
+    IntentConflict,
     IntentTimeout,
     InvalidEvent,
     LeaseHeld,
@@ -34,6 +35,7 @@ __all__ = [
     "EventType",
     "GitEventStore",
     "InMemoryEventStore",
+    "IntentConflict",
     "IntentTimeout",
     "InvalidEvent",
     "Lease",

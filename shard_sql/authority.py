@@ -22,6 +22,7 @@ from shard_sql.errors import IntentTimeout, InvalidEvent, LeaseHeld, SeqConflict
 from shard_sql.leases import LeaseRegistry, check_ttl, renewal_due
 from shard_sql.ports import BatchWriter, EventStore, IntentInbox, IntentQueue, SpaceWakeups
 from shard_sql.serving import IntentServer
+from shard_sql.store_base import check_same_intent
 from shard_sql.validation import Pending, check_space, check_text, pending
 from shard_sql.values import Event, Lease
 
@@ -316,7 +317,7 @@ class AppendAuthority:
             done, sure = self._inbox.awaited_event(space, item.intent_id)
         if done is None and not sure:
             done = self._queue.find_intent(space, item.intent_id)
-        return done
+        return None if done is None else check_same_intent(done, item)  # IntentConflict
 
     def _waited_for_news(self, space: str, patience: _Patience) -> bool:
         """Until the lease is due for another look (every LEASE_RECHECK seconds, not at every

@@ -34,6 +34,20 @@ class SeqConflict(ShardSqlError):
         self.actual_seq = actual_seq
 
 
+class IntentConflict(ShardSqlError):
+    """The intent id was already written in the space with other content (type or payload);
+    nothing was written. Like an idempotency key reused for another request: use a new id."""
+
+    def __init__(self, space: str, intent_id: str, seq: int) -> None:
+        super().__init__(
+            f"space {space!r}: intent id {intent_id!r} was already written at seq {seq} "
+            "with another type or payload; nothing was written"
+        )
+        self.space = space
+        self.intent_id = intent_id
+        self.seq = seq
+
+
 class LeaseHeld(ShardSqlError):
     """Another holder's lease on the space is still valid. `lease` is that lease."""
 

@@ -55,7 +55,7 @@ class InMemoryEventStore(StoreBase, MemoryLeases, IntentQueue):
             found = [
                 self._by_intent.get((space, p.intent_id)) if p.intent_id else None for p in batch
             ]
-            done = already_written(found)
+            done = already_written(found, batch)
             if done is not None:
                 return done
             if verify_fence:

@@ -50,7 +50,8 @@ class EventStore(Protocol):
     ) -> Event:
         """Write seq `expected_seq`, or raise `SeqConflict` (or `StaleLease` for a stale fence).
 
-        A repeated `intent_id` returns the event already written for it and writes nothing.
+        A repeated `intent_id` returns the event already written for it and writes nothing
+        (`IntentConflict` when that event has another type or payload).
         """
         ...
 
@@ -175,7 +176,8 @@ class BatchWriter(Protocol):
         """Write `batch` at `expected_seq` in one transaction, all or nothing.
 
         If every intent id of the batch is already written, return those events and write
-        nothing; if only some are, raise `InvalidEvent`. With `fence` and `verify_fence`, raise
+        nothing; if only some are, raise `InvalidEvent`; if one was written with another type or
+        payload, `IntentConflict`. With `fence` and `verify_fence`, raise
         `StaleLease` unless the fence is the space's current grant, checked in the transaction.
         Events take writer and generation from the fence (or from the `Pending` when set).
         """

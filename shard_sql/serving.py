@@ -9,7 +9,7 @@ import time
 from collections.abc import Sequence
 from typing import Protocol
 
-from shard_sql.errors import InvalidEvent, ShardSqlError
+from shard_sql.errors import IntentConflict, InvalidEvent, ShardSqlError
 from shard_sql.ports import IntentInbox, IntentQueue, SpaceWakeups
 from shard_sql.validation import Pending
 from shard_sql.values import Event, Lease
@@ -111,9 +111,15 @@ class IntentServer:
         node = self.node
         try:
             return node.write_if_held(space, batch) is not None
-        except InvalidEvent:
+        except (InvalidEvent, IntentConflict):
             # Part of the batch was applied meanwhile: apply the rest one by one.
-            return all(node.write_if_held(space, [item]) is not None for item in batch)
+            return all(self._apply_one(space, item) for item in batch)
+
+    def _apply_one(self, space: str, item: Pending) -> bool:
+        try:
+            return self.node.write_if_held(space, [item]) is not None
+        except IntentConflict:
+            return True  # its id was written with other content: its forwarder is told so
 
     def wakes_per_space(self) -> bool:
         """The store's waits end for news of the spaces waited on only (asked each time: bells

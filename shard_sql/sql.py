@@ -1292,7 +1292,9 @@ class SqlEventStore(StoreBase, LeaseStore, SqlIntents):
         ids = [p.intent_id for p in batch if p.intent_id is not None]
         if ids:
             found = self._by_intent(c, space, ids)
-            done = already_written([found.get(p.intent_id) if p.intent_id else None for p in batch])
+            done = already_written(
+                [found.get(p.intent_id) if p.intent_id else None for p in batch], batch
+            )
             if done is not None:
                 return done
         if fence is not None:

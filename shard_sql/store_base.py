@@ -7,7 +7,7 @@ from collections.abc import Collection, Iterable, Iterator, Sequence
 from datetime import datetime
 from typing import Any, cast
 
-from shard_sql.errors import InvalidEvent
+from shard_sql.errors import IntentConflict, InvalidEvent
 from shard_sql.ports import BatchWriter, EventStore, FeedStore, Item
 from shard_sql.validation import (
     Pending,
@@ -18,6 +18,7 @@ from shard_sql.validation import (
     check_types,
     load_json,
     pending,
+    same_payload,
 )
 from shard_sql.values import Event, Lease, new_event
 
@@ -98,19 +99,31 @@ def feed_pages(
         after = last
 
 
-def already_written(found: Sequence[Event | None]) -> list[Event] | None:
+def already_written(found: Sequence[Event | None], batch: Sequence[Pending]) -> list[Event] | None:
     """The idempotency rule, given the event found for each item's intent id (None: not found,
-    or no intent id).
+    or no intent id) in the `batch` being written.
 
-    Returns the events when the whole batch was written before, None when none of it was, and
-    raises `InvalidEvent` when only part of it was.
+    Returns the events when the whole batch was written before, None when none of it was. Raises
+    `IntentConflict` when an intent id was written with other content (type or payload), and
+    `InvalidEvent` when only part of the batch was written.
     """
     hits = [e for e in found if e is not None]
     if not hits:
         return None
+    for e, p in zip(found, batch, strict=True):
+        if e is not None:
+            check_same_intent(e, p)
     if len(hits) == len(found):
         return hits
     raise InvalidEvent("intent_id", "part of this batch was already written")
+
+
+def check_same_intent(event: Event, item: Pending) -> Event:
+    """`event`, the one written for `item`'s intent id, if it has the item's content (type and
+    payload, see `same_payload`); else `IntentConflict`."""
+    if event.type != item.type or not same_payload(event.payload, item.payload):
+        raise IntentConflict(event.space, event.intent_id or "", event.seq)
+    return event
 
 
 def stamp(space: str, seq: int, p: Pending, fence: Lease | None, now: datetime) -> Event:

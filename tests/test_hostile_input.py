@@ -11,9 +11,12 @@ from typing import Any, TypeVar
 import pytest
 
 from shard_sql import (
+    AppendAuthority,
     GitEventStore,
     InMemoryEventStore,
+    IntentConflict,
     InvalidEvent,
+    LeaseRegistry,
     SqlEventStore,
 )
 from shard_sql.ports import EventStore
@@ -210,3 +213,74 @@ def test_same_payload_compares_types() -> None:
     for a, b in [(1, 1.0), (1, True), (0.0, -0.0), (10**16, 1e16), ("1", 1), ([1], [1, 1])]:
         assert not same_payload({"v": a}, {"v": b})
     assert same_payload(nested(MAX_PAYLOAD_DEPTH), nested(MAX_PAYLOAD_DEPTH))
+
+
+# -- item 5: an intent id written with other content is an IntentConflict, and nothing is written -
+
+
+def test_intent_id_with_other_content(store: EventStore) -> None:
+    first = store.append("s", "t", {"a": 1, "b": [1.5]}, expected_seq=0, intent_id="req-1")
+    again = store.append("s", "t", {"b": [1.5], "a": 1}, expected_seq=1, intent_id="req-1")
+    assert again == first  # the same content (key order aside): the first event
+    for type_, payload in [
+        ("t", {"a": 2, "b": [1.5]}),
+        ("t", {"a": 1.0, "b": [1.5]}),
+        ("u", first.payload),
+    ]:
+        with pytest.raises(IntentConflict) as info:
+            store.append("s", type_, payload, expected_seq=1, intent_id="req-1")
+        assert (info.value.space, info.value.intent_id, info.value.seq) == ("s", "req-1", 0)
+        assert "'req-1'" in str(info.value)
+    # A batch: all of it written before with the same content returns it; else nothing is written.
+    batch = [("t", {"n": 1}, "b-1"), ("t", {"n": 2}, "b-2")]
+    written = store.append_many("s", batch, expected_seq=1)
+    assert store.append_many("s", batch, expected_seq=3) == written
+    for other in (
+        [("t", {"n": 1}, "b-1"), ("t", {"n": 3}, "b-2")],
+        [("t", {"n": 9}, "req-1"), ("t", {}, "new")],
+    ):
+        with pytest.raises(IntentConflict):
+            store.append_many("s", other, expected_seq=3)
+    assert store.head("s") == 3
+    assert store.events("s")[0] == first
+
+
+def test_forwarded_intent_with_other_content(store: EventStore) -> None:
+    holder = AppendAuthority("holder", store, LeaseRegistry(store))
+    first = holder.append("s", "t", {"a": 1}, intent_id="req-1")
+    # Another node of the same registry: the intent is handed to the holder directly.
+    near = AppendAuthority("near", store, holder.registry, forward_timeout=5)
+    assert near.append("s", "t", {"a": 1}, intent_id="req-1") == first
+    with pytest.raises(IntentConflict):
+        near.append("s", "t", {"a": 2}, intent_id="req-1")
+    # A node of another registry (another process): through the store's intents.
+    far = AppendAuthority("far", store, LeaseRegistry(store), forward_timeout=5)
+    assert far.append("s", "t", {"a": 1}, intent_id="req-1") == first
+    with pytest.raises(IntentConflict):
+        far.append("s", "t", {"a": 2}, intent_id="req-1")
+    holder.serve("s")
+    assert [e.payload for e in store.events("s")] == [{"a": 1}]
+
+
+@pytest.mark.parametrize(
+    "kind", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres), "git"]
+)
+def test_cli_append_intent_with_other_payload(
+    kind: str, request: pytest.FixtureRequest, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from shard_sql.cli import main
+
+    if kind == "sqlite":
+        url = f"sqlite:///{tmp_path}/shard.db"
+    elif kind == "postgresql":
+        url = request.getfixturevalue("pg_url")
+        SqlEventStore(url, migrate=True).close()
+    else:
+        url = f"git+file://{tmp_path}/repo"
+    append = ["--url", url, "append", "demo", "t", "--intent-id", "req-1"]
+    assert main([*append, '{"a": 1}']) == 0
+    assert main([*append, '{"a": 1}']) == 0
+    capsys.readouterr()
+    assert main([*append, '{"a": 2}']) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "req-1" in err and "Traceback" not in err

@@ -14,6 +14,7 @@ from shard_sql.cli.errors import UsageError, ViolationsFound
 from shard_sql.cli.output import PROG, one_line, printable
 from shard_sql.cli.parser import build_parser
 from shard_sql.errors import (
+    IntentConflict,
     IntentTimeout,
     InvalidEvent,
     LeaseHeld,
@@ -28,7 +29,8 @@ EXIT_OK = 0
 EXIT_ERROR = 1
 """Operational: store unreachable, schema not migrated, not a git repository, unknown space."""
 EXIT_USAGE = 2
-"""Bad arguments, bad JSON, an invalid space, type, payload, URL or input line."""
+"""Bad arguments, bad JSON, an invalid space, type, payload, URL or input line, an intent id
+already written with another payload."""
 EXIT_CONFLICT = 3
 """The lease is held by another node, a stale lease, a seq conflict, a forward not confirmed."""
 EXIT_VIOLATION = 4
@@ -40,7 +42,7 @@ EXIT_BROKEN_PIPE = 141
 
 EXIT_CODES: tuple[tuple[type[BaseException] | tuple[type[BaseException], ...], int], ...] = (
     (ViolationsFound, EXIT_VIOLATION),
-    ((UsageError, InvalidEvent), EXIT_USAGE),
+    ((UsageError, InvalidEvent, IntentConflict), EXIT_USAGE),
     ((LeaseHeld, StaleLease, SeqConflict, IntentTimeout), EXIT_CONFLICT),
     (ShardSqlError, EXIT_ERROR),
 )

@@ -145,7 +145,7 @@ class GitEventStore(StoreBase, LeaseStore, IntentQueue, SpaceWakeups):
                 self._chains.find_intent(space, tip, p.intent_id) if p.intent_id else None
                 for p in batch
             ]
-            done = already_written(found)
+            done = already_written(found, batch)
             if done is not None:
                 return done
             if fenced:
