@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import subprocess
 import zlib
 from collections.abc import Callable
@@ -547,6 +548,46 @@ def test_malformed_objects_are_store_unavailable(tmp_path: Path) -> None:
         with pytest.raises(StoreUnavailable):
             LeaseRegistry(fresh).acquire("s", "node", 5)
         fresh.close()
+    store.close()
+
+
+@pytest.mark.parametrize("damage", [b"garbage\n", b""], ids=["garbage", "empty"])
+def test_a_damaged_space_ref_is_reported(
+    tmp_path: Path, damage: bytes, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A space ref that libgit2 cannot read (garbage, or emptied) still names its space in
+    `spaces()`; every read of it raises StoreUnavailable naming it, `verify` and `export` fail
+    (they used to skip the space and say ok); the other spaces stay readable."""
+    from shard_sql.cli import main
+
+    path = tmp_path / "r.git"
+    store = GitEventStore(path)
+    store.append("a", "t", {}, expected_seq=0)
+    store.append_many("wiki pages", [("t", {"i": i}) for i in range(300)], expected_seq=0)
+    (path / space_ref("wiki pages")).write_bytes(damage)
+    assert store.spaces() == ["a", "wiki pages"]
+    for call in (
+        lambda: store.head("wiki pages"),
+        lambda: store.events("wiki pages"),
+        lambda: list(store.iter_events("wiki pages")),
+        lambda: store.append("wiki pages", "t", {}, expected_seq=300),
+    ):
+        with pytest.raises(StoreUnavailable, match=r"space 'wiki pages'.*unreadable"):
+            call()
+    assert len(store.events("a")) == 1
+    store.close()
+    url = f"git+file://{path}"
+    assert main(["verify", "--url", url]) != 0
+    assert "wiki pages" in capsys.readouterr().err
+    assert main(["export", "--url", url, "--file", str(tmp_path / "out.jsonl")]) != 0
+    assert "wiki pages" in capsys.readouterr().err
+    long_name = "😀" * 200  # hashed: its name is in its events only
+    store = GitEventStore(path)
+    store.append(long_name, "t", {}, expected_seq=0)
+    (path / space_ref("wiki pages")).unlink()
+    (path / space_ref(long_name)).write_bytes(damage)
+    with pytest.raises(StoreUnavailable, match=re.escape(space_ref(long_name))):
+        store.spaces()
     store.close()
 
 

@@ -80,7 +80,7 @@ class SpaceChains:
 
     def tip(self, handle: Any, space: str) -> Tip | None:
         """The space's tip, None for a space without events."""
-        oid = self.git.target(handle, space_ref(space))
+        oid = self.git.target(handle, space_ref(space), f"space {space!r}")
         if oid is None:
             return None
         key = (space, oid)

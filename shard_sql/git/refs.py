@@ -180,6 +180,17 @@ class RefFiles:
         with contextlib.suppress(FileNotFoundError, NotADirectoryError):
             os.unlink(self.file(ref))
 
+    def loose_under(self, prefix: str) -> list[str]:
+        """The loose refs below `prefix` (ending in `/`), read or not: libgit2 skips the files
+        it cannot parse when it lists refs."""
+        top = self.file(prefix)
+        found = []
+        for directory, _, files in os.walk(top):
+            below = os.path.relpath(directory, top).replace(os.sep, "/")
+            at = prefix if below == "." else f"{prefix}{below}/"
+            found += [at + name for name in files if not name.endswith(".lock")]
+        return found
+
     def packed_under(self, prefix: str) -> list[str]:
         """The refs below `prefix` listed in `packed-refs` (re-read only when it changed)."""
         path = os.path.join(self.root, "packed-refs")

@@ -106,9 +106,17 @@ class GitRepo:
             handle.free()
         self._local = threading.local()
 
-    def target(self, handle: Any, ref: str) -> str | None:
-        """The object id `ref` points at, None when it does not exist."""
-        found = handle.references.get(ref)
+    def target(self, handle: Any, ref: str, of: str = "") -> str | None:
+        """The object id `ref` (the ref `of` something) points at, None when it does not exist;
+        `StoreUnavailable` naming it when libgit2 cannot read it (a damaged ref file)."""
+        try:
+            found = handle.references.get(ref)
+        except pygit2.GitError as e:
+            whose = f"{of}: its ref " if of else ""
+            raise StoreUnavailable(
+                f"git store {self.path}: {whose}{ref} is unreadable ({e}); "
+                "docs/git.md says how to repair a damaged ref"
+            ) from e
         if found is None:
             return None
         target = found.target

@@ -97,15 +97,19 @@ class GitEventStore(StoreBase, LeaseStore, IntentQueue, SpaceWakeups):
 
     @translated
     def spaces(self) -> list[str]:
+        """The spaces that have events, damaged ones included (their reads raise
+        `StoreUnavailable`, so that `verify` and `export` fail on them instead of missing them).
+        """
         handle = self._git.handle()
+        refs = {ref for ref in handle.references if ref.startswith(SPACES)}
+        refs.update(self._git.refs.loose_under(SPACES))  # those libgit2 cannot read too
         names = []
-        for ref in handle.references:
-            if not ref.startswith(SPACES):
-                continue
+        for ref in refs:
             path = ref[len(SPACES) :]
             if path.startswith(HASHED):
-                # A long name is spelled out in its events only: read it from the tip.
-                oid = self._git.target(handle, ref)
+                # A long name is spelled out in its events only: read it from the tip (a damaged
+                # ref raises, naming the ref: the space's name is unknown).
+                oid = self._git.target(handle, ref, "a space with a long name")
                 if oid is None:
                     continue
                 commit = parse_commit(self._git.read(handle, oid, ObjectType.COMMIT))
@@ -209,7 +213,7 @@ class GitEventStore(StoreBase, LeaseStore, IntentQueue, SpaceWakeups):
     # -- leases (LeaseStore): the rules of `shard_sql.leases`, applied under the ref locks ---
 
     def _lease_record(self, handle: Any, space: str) -> Lease | None:
-        oid = self._git.target(handle, lease_ref(space))
+        oid = self._git.target(handle, lease_ref(space), f"the lease of {space!r}")
         if oid is None:
             return None
         key = (space, oid)
