@@ -15,7 +15,15 @@ from typing import IO, Any
 
 from shard_sql.errors import InvalidEvent, SeqConflict, ShardSqlError
 from shard_sql.ports import BatchWriter, EventStore
-from shard_sql.validation import Pending, check_seq, check_space, check_text, pending
+from shard_sql.validation import (
+    MAX_PAYLOAD_DEPTH,
+    Pending,
+    check_seq,
+    check_space,
+    check_text,
+    on_fresh_stack,
+    pending,
+)
 from shard_sql.values import Event
 
 IMPORT_BATCH = 500
@@ -23,6 +31,9 @@ IMPORT_BATCH = 500
 
 EVENT_KEYS = ("space", "seq", "type", "payload", "recorded_at", "writer", "generation")
 """The keys every exported line has (`intent_id` may be missing: None)."""
+
+MAX_POSITION = 2**63 - 1
+"""The largest seq or generation every store keeps (a signed 64-bit integer)."""
 
 Progress = Callable[[int], None]
 """Called with the work done since its last call (events; bytes for `import_jsonl`)."""
@@ -42,7 +53,8 @@ class UnknownSpace(ShardSqlError):
 
 
 class InvalidLine(InvalidEvent):
-    """An input line is not an exported event; `where` names it (`log.jsonl line 7`)."""
+    """An input line (or a copied event) is not acceptable; `where` names it (`log.jsonl line
+    7`, `'wiki' seq 3`)."""
 
     def __init__(self, where: str, field: str, message: str) -> None:
         super().__init__(field, message)
@@ -96,9 +108,20 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not allowed (strict JSON)")
 
 
-def loads(text: str | bytes) -> Any:
-    """Strict JSON (no NaN or Infinity)."""
+def _strict(text: str | bytes) -> Any:
     return json.loads(text, parse_constant=_reject_constant)
+
+
+def loads(text: str | bytes) -> Any:
+    """Strict JSON (no NaN or Infinity); `InvalidEvent("payload")` when it nests too deep to
+    decode (far past `MAX_PAYLOAD_DEPTH`), from a deep call stack too."""
+    try:
+        try:
+            return _strict(text)
+        except RecursionError:
+            return on_fresh_stack(_strict, text)
+    except RecursionError:
+        raise InvalidEvent("payload", f"nests more than {MAX_PAYLOAD_DEPTH} levels") from None
 
 
 def json_kind(value: object) -> str:
@@ -118,8 +141,8 @@ def event_from_json(obj: object, where: str = "event") -> Event:
         raise InvalidLine(where, missing[0], f"missing {', '.join(missing)}")
     try:
         space = check_space(obj["space"])
-        seq = check_seq("seq", obj["seq"])
-        generation = check_seq("generation", obj["generation"])
+        seq = _position("seq", obj["seq"])
+        generation = _position("generation", obj["generation"])
         writer = obj["writer"]
         if writer != "":
             writer = check_text("writer", writer)
@@ -128,6 +151,13 @@ def event_from_json(obj: object, where: str = "event") -> Event:
     except InvalidEvent as e:
         raise InvalidLine(where, e.field, str(e)) from None
     return Event(space, seq, p.type, p.payload, recorded_at, writer, generation, p.intent_id)
+
+
+def _position(field: str, value: object) -> int:
+    number = check_seq(field, value)
+    if number > MAX_POSITION:
+        raise InvalidEvent(field, f"{number} is past 2**63 - 1, the largest a store keeps")
+    return number
 
 
 def _time(at: object) -> datetime:
@@ -139,7 +169,10 @@ def _time(at: object) -> datetime:
         raise InvalidEvent("recorded_at", f"{at!r} is not an ISO 8601 time") from None
     if recorded_at.tzinfo is None:
         raise InvalidEvent("recorded_at", f"{at!r} has no time zone")
-    return recorded_at.astimezone(UTC)
+    try:
+        return recorded_at.astimezone(UTC)
+    except OverflowError:
+        raise InvalidEvent("recorded_at", f"{at!r} is out of range in UTC") from None
 
 
 def read_jsonl(
@@ -153,7 +186,14 @@ def read_jsonl(
             continue
         where = f"{name} line {number}"
         try:
-            obj = loads(raw.decode("utf-8"))
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            byte = f"byte 0x{raw[e.start]:02x} at column {e.start + 1}"
+            raise InvalidLine(where, "line", f"not valid UTF-8 ({byte})") from None
+        try:
+            obj = loads(text)
+        except InvalidEvent as e:
+            raise InvalidLine(where, e.field, str(e)) from None
         except ValueError as e:
             raise InvalidLine(where, "line", f"not valid JSON: {e}") from None
         yield where, event_from_json(obj, where)
@@ -236,6 +276,11 @@ class Importer:
         """Queue `event`; `where` names it in errors (default: its space and seq)."""
         space = event.space
         where = where or f"{space!r} seq {event.seq}"
+        for field in ("seq", "generation"):
+            try:
+                _position(field, getattr(event, field))
+            except InvalidEvent as e:
+                raise InvalidLine(where, field, str(e)) from None
         expected = self._expect.get(space)
         if expected is not None and event.seq != expected:
             raise TransferError(

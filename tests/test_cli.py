@@ -746,3 +746,37 @@ def test_commands_that_only_read_never_create_a_store(
     assert sorted(tmp_path.rglob("*")) == before
     with pytest.raises(StoreNotFound):
         open_store(url, create=False)
+
+
+def test_hostile_input_is_one_typed_line(run: Any, stores: Stores, tmp_path: Path) -> None:
+    """Exit 2 and one line naming the input line, never "unexpected ..." (issue 13, item 14)."""
+    good: dict[str, Any] = {
+        "space": "s",
+        "seq": 0,
+        "type": "t",
+        "payload": {},
+        "recorded_at": "2026-01-01T00:00:00+00:00",
+        "writer": "",
+        "generation": 0,
+    }
+    deep = b'{"a":' * 5000 + b"1" + b"}" * 5000
+
+    def line(**change: Any) -> bytes:
+        return json.dumps({**good, **change}).encode()
+
+    cases = [
+        (line().replace(b'"payload": {}', b'"payload": {"a": "\xff"}'), "not valid UTF-8"),
+        (line().replace(b'"payload": {}', b'"payload": ' + deep), "invalid payload: nests"),
+        (line(recorded_at="0001-01-01T00:00:00+14:00"), "invalid recorded_at: "),
+        (line(recorded_at="9999-12-31T23:59:59-14:00"), "invalid recorded_at: "),
+        (line(generation=2**70), "invalid generation: "),
+        (line(seq=2**63), "invalid seq: "),
+    ]
+    source = tmp_path / "in.jsonl"
+    for data, message in cases:
+        source.write_bytes(line() + b"\n" + data + b"\n")
+        r = run("import", "--file", str(source), "--url", stores.url("t"))
+        assert r.code == 2 and f"{source} line 2: {message}" in r.err, (data[:80], r.err)
+    assert stores["t"].spaces() == []
+    r = run("append", "s", "t", deep.decode())
+    assert r.code == 2 and "invalid payload: nests more than" in r.err

@@ -87,3 +87,21 @@ def test_a_target_written_meanwhile_is_a_seq_conflict() -> None:
 
     with pytest.raises(SeqConflict, match="changed during the import"):
         import_events(target, racing())  # type: ignore[arg-type]
+
+
+def test_a_generation_no_store_keeps_is_refused_before_writing(tmp_path: Path) -> None:
+    """A memory or git store may hold a generation past 2**63 - 1; SQL cannot: copy says so."""
+    import dataclasses
+
+    from shard_sql.validation import pending
+
+    source = InMemoryEventStore()
+    huge = dataclasses.replace(pending("t", {}), writer="w", generation=2**70)
+    source.write("s", [huge], expected_seq=0, fence=None, verify_fence=False)
+    target = SqlEventStore(f"sqlite:///{tmp_path}/t.db")
+    try:
+        with pytest.raises(InvalidLine, match=r"'s' seq 0: invalid generation: .* past 2\*\*63"):
+            copy_events(source, target)
+        assert target.spaces() == []
+    finally:
+        target.close()

@@ -18,7 +18,7 @@ from shard_sql.cli.errors import UsageError
 from shard_sql.cli.options import AddCommand, non_negative_int, positive_float
 from shard_sql.cli.output import LogPrinter, emit, iso, table, time_left
 from shard_sql.cli.stores import lease_registry, opened, store_url
-from shard_sql.errors import ShardSqlError
+from shard_sql.errors import InvalidEvent, ShardSqlError
 from shard_sql.ports import EventStore, IntentQueue, LeaseStore
 from shard_sql.transfer import UnknownSpace, dumps, event_to_json, json_kind, loads
 from shard_sql.validation import check_text, pending
@@ -117,7 +117,9 @@ def read_payload(text: str) -> dict[str, Any]:
     if text == "-":
         text = sys.stdin.read()
     try:
-        value = loads(text)
+        value = loads(text)  # InvalidEvent("payload") when it nests too deep
+    except InvalidEvent:
+        raise
     except ValueError as e:
         raise UsageError(f"PAYLOAD_JSON is not valid JSON: {e}") from None
     if not isinstance(value, dict):
