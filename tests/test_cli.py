@@ -780,3 +780,10 @@ def test_hostile_input_is_one_typed_line(run: Any, stores: Stores, tmp_path: Pat
     assert stores["t"].spaces() == []
     r = run("append", "s", "t", deep.decode())
     assert r.code == 2 and "invalid payload: nests more than" in r.err
+
+
+def test_version(run: Any) -> None:
+    from importlib.metadata import version
+
+    r = run("--version")
+    assert r.code == 0 and r.out == f"shard-sql {version('shard_sql')}\n"

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import textwrap
-from typing import NoReturn, Protocol
+from collections.abc import Sequence
+from typing import Any, NoReturn, Protocol
 
 from shard_sql.cli.errors import UsageError
 
@@ -14,6 +16,32 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
+class ShowVersion(argparse.Action):
+    """`--version`: the installed distribution's version (importlib.metadata, loaded only here:
+    it costs tens of milliseconds that every other command would pay)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS) -> None:
+        super().__init__(
+            option_strings, dest, default=argparse.SUPPRESS, nargs=0, help="show the version"
+        )
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: str | Sequence[Any] | None,
+        option_string: str | None = None,
+    ) -> NoReturn:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            installed = version("shard_sql")
+        except PackageNotFoundError:
+            installed = "(not installed)"
+        print(f"{parser.prog} {installed}", file=sys.stdout, flush=True)
+        parser.exit()
 
 
 class AddCommand(Protocol):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 
 from shard_sql.cli import admin, bench, events, leases, transfer
-from shard_sql.cli.options import Parser, examples, paragraph
+from shard_sql.cli.options import Parser, ShowVersion, examples, paragraph
 from shard_sql.cli.output import PROG
 from shard_sql.urls import DEFAULT_URL, URL_ENV
 
@@ -52,6 +52,7 @@ def build_parser() -> Parser:
         + EXIT_CODES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action=ShowVersion)
     parser.add_argument("--url", default=None, help=URL_HELP)
     parser.add_argument("--json", action="store_true", default=False, help="print JSON lines")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
