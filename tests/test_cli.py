@@ -787,3 +787,14 @@ def test_version(run: Any) -> None:
 
     r = run("--version")
     assert r.code == 0 and r.out == f"shard-sql {version('shard_sql')}\n"
+
+
+def test_log_last(run: Any, stores: Stores) -> None:
+    main_store(stores).append_many("s", [("t", {"n": n}) for n in range(5)], expected_seq=0)
+    seqs = lambda *argv: [e["seq"] for e in run("log", "s", "--json", *argv).lines()]  # noqa: E731
+    assert seqs("--last", "2") == [3, 4]
+    assert seqs("--last", "9") == [0, 1, 2, 3, 4]
+    assert seqs("--last", "3", "--limit", "1") == [2]
+    assert seqs("--last", "0") == []
+    r = run("log", "s", "--last", "2", "--from-seq", "1")
+    assert r.code == 2 and "not allowed with argument" in r.err

@@ -84,16 +84,22 @@ def _register_log(add: AddCommand) -> None:
     p = add(
         "log",
         "print the events of a space",
-        "Print the events of SPACE in seq order. A space that has no event is an error, "
+        "Print the events of SPACE in seq order (all, from --from-seq, or the --last N). A "
+        "space that has no event is an error, "
         "except with --follow, which waits for its first events. --follow keeps printing new "
         "events as they commit until Ctrl-C (exit 0).",
         "shard-sql log demo",
         "shard-sql log demo --from-seq 100 --limit 10 --json",
+        "shard-sql log demo --last 20",
         "shard-sql log demo --follow",
     )
     p.add_argument("space", metavar="SPACE", help="the space to read")
-    p.add_argument(
+    start = p.add_mutually_exclusive_group()
+    start.add_argument(
         "--from-seq", type=non_negative_int, default=0, metavar="N", help="start at seq N"
+    )
+    start.add_argument(
+        "--last", type=non_negative_int, default=None, metavar="N", help="the last N events"
     )
     p.add_argument(
         "--limit", type=non_negative_int, default=None, metavar="N", help="at most N events"
@@ -176,9 +182,11 @@ def log(args: argparse.Namespace) -> None:
     printer = LogPrinter(args.json)
     with opened(store_url(args), create=False) as store:
         space = args.space
-        if not args.follow and store.head(space) == 0:
+        head = store.head(space)
+        if not args.follow and head == 0:
             raise UnknownSpace(space)
-        seq, remaining = _print_pages(store, space, args.from_seq, args.limit, printer)
+        start = args.from_seq if args.last is None else max(head - args.last, 0)
+        seq, remaining = _print_pages(store, space, start, args.limit, printer)
         if args.follow and remaining != 0:
             _follow(store, space, seq, remaining, printer, args.interval)
 
