@@ -798,3 +798,9 @@ def test_log_last(run: Any, stores: Stores) -> None:
     assert seqs("--last", "0") == []
     r = run("log", "s", "--last", "2", "--from-seq", "1")
     assert r.code == 2 and "not allowed with argument" in r.err
+
+
+def test_an_empty_node_is_an_error(run: Any, stores: Stores) -> None:
+    r = run("append", "s", "t", "{}", "--node", "")
+    assert r.code == 2 and "invalid node: must not be empty" in r.err
+    assert main_store(stores).head("s") == 0

@@ -146,7 +146,7 @@ def append(args: argparse.Namespace) -> None:
 
     payload = read_payload(args.payload)
     item = pending(args.type, payload, args.intent_id)  # checks before opening the store
-    node_id = check_text("node", args.node) if args.node else default_node_id()
+    node_id = default_node_id() if args.node is None else check_text("node", args.node)
     with opened(store_url(args), create=True) as store:
         node = AppendAuthority(
             node_id,
