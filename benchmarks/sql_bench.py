@@ -47,8 +47,8 @@ from sqlalchemy import Engine, create_engine, event, insert, make_url
 from sqlalchemy.orm import Session
 
 from shard_sql import AppendAuthority, LeaseRegistry, SqlEventStore
-from shard_sql._orm import EventRow, events_table
-from shard_sql.sql import _insert_one_sql, _sqlite_insert_one_sql
+from shard_sql.orm import EventRecord, events_table
+from shard_sql.sql.dialects import postgres, sqlite
 from shard_sql.validation import pending
 
 PAYLOAD: dict[str, Any] = {"page": "Home", "title": "A wiki page", "tags": ["a", "b"], "rev": 7}
@@ -137,7 +137,7 @@ class RawSqlite:
         self.cur = self.conn.cursor()
         self.insert = INSERT_SQL.format(p="?", payload="?")
         self.select = SELECT_SQL.format(p="?", payload="payload")
-        self.guarded = _sqlite_insert_one_sql(fence=True, intent=False, own=True)
+        self.guarded = sqlite.append_one_sql(fence=True, intent=False, own=True)
 
     def insert_one(self, space: str, seq: int) -> None:
         # One statement in autocommit: its own transaction, the cheapest form there is.
@@ -193,7 +193,7 @@ class RawPostgres:
         self.cur = self.conn.cursor()
         self.insert = INSERT_SQL.format(p="%s", payload="CAST(%s AS jsonb)")
         self.select = SELECT_SQL.format(p="%s", payload="payload::text")
-        self.guarded = _insert_one_sql("%s", pg=True, fence=True, intent=False)
+        self.guarded = postgres.append_one_sql(fence=True, intent=False)
 
     def insert_one(self, space: str, seq: int) -> None:
         self.cur.execute(
@@ -454,7 +454,7 @@ def bench_backend(label: str, url: str, raw: Any, counts: Counts) -> list[Row]:
             def step(seq: int) -> None:
                 with Session(engine) as session, session.begin():
                     session.add(
-                        EventRow(
+                        EventRecord(
                             space=space,
                             seq=seq,
                             type=TYPE,

@@ -18,7 +18,7 @@ from typing import Any
 
 from alembic import context
 
-from shard_sql._orm import VERSION_TABLE, metadata
+from shard_sql.orm import VERSION_TABLE, metadata
 
 config = context.config
 

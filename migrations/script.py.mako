@@ -4,7 +4,7 @@ Revision ID: ${up_revision}
 Revises: ${down_revision | comma,n}
 Create Date: ${create_date}
 
-Remember: set `shard_sql._orm.SCHEMA_REVISION` to this revision, and keep the ORM models the
+Remember: set `shard_sql.orm.SCHEMA_REVISION` to this revision, and keep the ORM models the
 source of the schema (tests/test_sql_migrations.py checks both).
 """
 

@@ -36,10 +36,7 @@ def test_faults_sqlite(tmp_path: Path) -> None:
     _run("sqlite", f"sqlite:///{tmp_path}/faults.db", tmp_path, faults)
 
 
-def test_faults_postgresql(tmp_path: Path, pg_url: str) -> None:
-    from shard_sql import migrate
-
-    migrate(pg_url)
+def test_faults_postgresql(tmp_path: Path, pg_migrated_url: str) -> None:
     faults: dict[str, Fault] = {
         "kill_holder": kill_holder,
         "pause_holder": pause_holder,
@@ -47,7 +44,7 @@ def test_faults_postgresql(tmp_path: Path, pg_url: str) -> None:
     }
     if env_flag("CI") or env_flag("SHARD_SQL_FAULT_RESTART"):
         faults["pg_restart"] = pg_restart
-    _run("postgresql", pg_url, tmp_path, faults)
+    _run("postgresql", pg_migrated_url, tmp_path, faults)
 
 
 def test_faults_git(tmp_path: Path) -> None:

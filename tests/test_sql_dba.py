@@ -22,7 +22,7 @@ SQLITE_NOW = "strftime('%Y-%m-%d %H:%M:%f000', 'now')"
 def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path}/dba.db"
-    pg: str = request.getfixturevalue("pg_url")
+    pg: str = request.getfixturevalue("pg_migrated_url")
     return pg
 
 
@@ -182,13 +182,13 @@ def test_revoke_by_hand(populated: str) -> None:
 
 
 @pytest.mark.postgres
-def test_read_only_role(pg_url: str) -> None:
-    with SqlEventStore(pg_url, migrate=True) as store:
+def test_read_only_role(pg_migrated_url: str) -> None:
+    with SqlEventStore(pg_migrated_url) as store:
         store.append("s", "t", {"n": 0}, expected_seq=0)
         LeaseRegistry(store).acquire("s", "node-a", 60)
     role = f"shard_reader_{uuid.uuid4().hex[:8]}"
-    database = pg_url.rpartition("/")[2]
-    admin = pg_url.replace("postgresql+psycopg://", "postgresql://", 1)
+    database = pg_migrated_url.rpartition("/")[2]
+    admin = pg_migrated_url.replace("postgresql+psycopg://", "postgresql://", 1)
     with psycopg.connect(admin, autocommit=True) as conn:
         conn.execute(f"CREATE ROLE {role} LOGIN PASSWORD 'change-me'")
         try:
@@ -199,7 +199,7 @@ def test_read_only_role(pg_url: str) -> None:
                 f"ALTER DEFAULT PRIVILEGES IN SCHEMA public GRANT SELECT ON TABLES TO {role}"
             )
             conn.execute(f"ALTER ROLE {role} SET default_transaction_read_only = on")
-            reader_url = pg_url.replace("postgres@", f"{role}:change-me@", 1)
+            reader_url = pg_migrated_url.replace("postgres@", f"{role}:change-me@", 1)
             with SqlEventStore(reader_url) as reader:
                 assert [e.payload for e in reader.events("s")] == [{"n": 0}]
                 assert reader.head("s") == 1 and reader.spaces() == ["s"]
@@ -218,7 +218,7 @@ def test_read_only_role(pg_url: str) -> None:
                 pytest.raises(psycopg.errors.ReadOnlySqlTransaction),
             ):
                 r.execute("INSERT INTO events VALUES ('s', 1, 't', '{}', now(), '', 0, NULL)")
-            with SqlEventStore(pg_url) as store:
+            with SqlEventStore(pg_migrated_url) as store:
                 assert store.head("s") == 1 and store.head("s2") == 0
         finally:
             with psycopg.connect(admin, autocommit=True) as owner:

@@ -28,7 +28,7 @@ from shard_sql import (
     StoreUnavailable,
     migrate,
 )
-from shard_sql._orm import SCHEMA_REVISION, VERSION_TABLE
+from shard_sql.orm import SCHEMA_REVISION, VERSION_TABLE
 from shard_sql.sql import alembic_config, migration_connection
 
 
@@ -122,13 +122,12 @@ def downgrade_one(url: str) -> None:
 
 
 @pytest.mark.postgres
-def test_older_schema_on_postgres(pg_url: str) -> None:
-    migrate(pg_url)
-    downgrade_one(pg_url)
+def test_older_schema_on_postgres(pg_migrated_url: str) -> None:
+    downgrade_one(pg_migrated_url)
     with pytest.raises(SchemaError) as info:
-        SqlEventStore(pg_url)
+        SqlEventStore(pg_migrated_url)
     assert "shard-sql migrate --url" in str(info.value)
-    with SqlEventStore(pg_url, migrate=True) as store:  # the named fix works
+    with SqlEventStore(pg_migrated_url, migrate=True) as store:  # the named fix works
         assert store.head("s") == 0
 
 
@@ -149,7 +148,7 @@ def set_revision(url: str, revision: str) -> None:
 def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path}/m.db"
-    url: str = request.getfixturevalue("pg_url")
+    url: str = request.getfixturevalue("pg_migrated_url")
     return url
 
 
@@ -302,8 +301,9 @@ def terminate_backends(url: str) -> int:
 
 
 @pytest.mark.postgres
-def test_connection_lost(pg_url: str) -> None:
-    with SqlEventStore(pg_url, migrate=True) as store:
+def test_connection_lost(pg_migrated_url: str) -> None:
+    pg_url = pg_migrated_url
+    with SqlEventStore(pg_url) as store:
         store.append("s", "t", {}, expected_seq=0)
         assert terminate_backends(pg_url) >= 1
         # A read is repeated on a new connection.

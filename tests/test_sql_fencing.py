@@ -14,14 +14,15 @@ import psycopg
 import pytest
 
 from shard_sql import LeaseRegistry, SqlEventStore, StaleLease
+from shard_sql.sql.dialects.postgres import append_one_sql
 from shard_sql.testing import ManualClock
 
 pytestmark = pytest.mark.postgres
 
 
 @pytest.fixture
-def store(pg_url: str) -> Iterator[SqlEventStore]:
-    with SqlEventStore(pg_url, migrate=True) as s:
+def store(pg_migrated_url: str) -> Iterator[SqlEventStore]:
+    with SqlEventStore(pg_migrated_url) as s:
         yield s
 
 
@@ -42,17 +43,19 @@ class Background(threading.Thread):
         self.done_at = time.monotonic()
 
 
-def test_new_grant_waits_for_an_append_in_flight(store: SqlEventStore, pg_url: str) -> None:
+def test_new_grant_waits_for_an_append_in_flight(
+    store: SqlEventStore, pg_migrated_url: str
+) -> None:
     clock = ManualClock()
     registry = LeaseRegistry(store, clock=clock)
     lease = registry.acquire("s", "a", 10)
     # The store's own fenced append statement, in a transaction held open: it has passed the
     # fence (FOR SHARE on the lease row) and inserted, but not committed yet.
-    sql = store._d.insert_one[(True, False)]
+    sql = append_one_sql(fence=True, intent=False)
     now = datetime.now(UTC)
     params = ("s", 0, "t", "{}", now, "a", lease.generation, None, "s", 0)
     params += ("s", "a", lease.generation)
-    with psycopg.connect(libpq(pg_url)) as slow_writer:
+    with psycopg.connect(libpq(pg_migrated_url)) as slow_writer:
         assert slow_writer.execute(sql, params).rowcount == 1
         clock.advance(11)  # a's lease lapsed: b may take the space
         grant = Background(lambda: registry.acquire("s", "b", 10))
@@ -70,7 +73,7 @@ def test_new_grant_waits_for_an_append_in_flight(store: SqlEventStore, pg_url: s
 
 @pytest.mark.parametrize("batch", [False, True], ids=["append", "append_many"])
 def test_append_waits_for_a_grant_in_flight_then_is_stale(
-    store: SqlEventStore, pg_url: str, batch: bool
+    store: SqlEventStore, pg_migrated_url: str, batch: bool
 ) -> None:
     registry = LeaseRegistry(store, clock=ManualClock())
     lease = registry.acquire("s", "a", 10)
@@ -80,7 +83,7 @@ def test_append_waits_for_a_grant_in_flight_then_is_stale(
             return store.append_many("s", [("t", {})] * 3, expected_seq=0, fence=lease)
         return store.append("s", "t", {}, expected_seq=0, fence=lease)
 
-    with psycopg.connect(libpq(pg_url)) as granter:
+    with psycopg.connect(libpq(pg_migrated_url)) as granter:
         granter.execute(
             "UPDATE leases SET holder = 'b', generation = generation + 1 WHERE space = 's'"
         )

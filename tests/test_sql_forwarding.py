@@ -40,9 +40,10 @@ from shard_sql import (
     StoreUnavailable,
     migrate,
 )
-from shard_sql._sql_intents import _WalWatch, intents_channel
 from shard_sql.ports import EventStore, IntentQueue
 from shard_sql.sql import alembic_config, migration_connection
+from shard_sql.sql.listener import intents_channel
+from shard_sql.sql.poller import WalWatch
 from shard_sql.testing import HOSTILE_SPACES, ForwardingContract
 from shard_sql.validation import pending
 from shard_sql.verify import verify
@@ -74,7 +75,7 @@ class TestSqliteMemoryForwarding(ForwardingContract):
 @pytest.mark.postgres
 class TestPostgresForwarding(ForwardingContract):
     def make_store(self) -> EventStore:
-        return SqlEventStore(self.request.getfixturevalue("pg_url"), migrate=True)
+        return SqlEventStore(self.request.getfixturevalue("pg_migrated_url"))
 
 
 # -- the intents table ----------------------------------------------------------------------------
@@ -84,8 +85,7 @@ class TestPostgresForwarding(ForwardingContract):
 def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path}/shard.db"
-    pg: str = request.getfixturevalue("pg_url")
-    migrate(pg)
+    pg: str = request.getfixturevalue("pg_migrated_url")
     return pg
 
 
@@ -220,7 +220,7 @@ def test_corrupt_rows_are_skipped_not_applied(
 def test_wait_for_change(store: SqlEventStore, url: str) -> None:
     store.wait_for_change(["s", "t"], 0.5)  # a first wait ends at once (or when listening)
     if url.startswith("postgresql"):
-        listener = store._listener
+        listener = store.listener
         assert listener is not None
         deadline = time.monotonic() + 10
         # Up, and listening to the channels of both spaces' intents (a holder's waits).
@@ -244,13 +244,13 @@ def test_wait_for_change(store: SqlEventStore, url: str) -> None:
 
     assert later(lambda: other.put_intent("t", pending("x", {}, "w1"), holder="h")) < 5
     if url.startswith("postgresql"):
-        listener = store._listener
+        listener = store.listener
         assert listener is not None and listener.signal.received >= 1
         assert listener.signal.woken >= 1
     # A change between two waits of a thread ends the next one at once.
     other.put_intent("s", pending("x", {}, "w2"), holder="h")
     deadline = time.monotonic() + 5
-    while store._listener is not None and store._listener.signal.last.get(("i", "s")) is None:
+    while store.listener is not None and store.listener.signal.last.get(("i", "s")) is None:
         assert time.monotonic() < deadline
         time.sleep(0.005)
     t0 = time.monotonic()
@@ -305,12 +305,11 @@ def test_dba_query_of_waiting_intents(store: SqlEventStore, url: str) -> None:
 
 
 @pytest.mark.postgres
-def test_dba_application_role_can_forward(pg_url: str) -> None:
+def test_dba_application_role_can_forward(pg_migrated_url: str) -> None:
     """The privileges docs/dba.md lists for the application's role are enough to forward."""
-    migrate(pg_url)
     role = f"shard_app_{uuid.uuid4().hex[:12]}"
-    database = pg_url.rpartition("/")[2]
-    with admin(pg_url) as conn:
+    database = pg_migrated_url.rpartition("/")[2]
+    with admin(pg_migrated_url) as conn:
         conn.execute(f"CREATE ROLE {role} LOGIN PASSWORD 'change-me'")
         try:
             conn.execute(f'GRANT CONNECT ON DATABASE "{database}" TO {role}')
@@ -319,7 +318,9 @@ def test_dba_application_role_can_forward(pg_url: str) -> None:
             conn.execute(f"GRANT SELECT, INSERT, UPDATE ON leases TO {role}")
             conn.execute(f"GRANT SELECT, INSERT, DELETE ON intents TO {role}")
             conn.execute(f"GRANT SELECT ON shard_sql_version TO {role}")
-            with SqlEventStore(pg_url.replace("postgres@", f"{role}:change-me@", 1)) as app:
+            with SqlEventStore(
+                pg_migrated_url.replace("postgres@", f"{role}:change-me@", 1)
+            ) as app:
                 app.put_intent("s", pending("t", {}, "fwd-1"), holder="h")
                 holder = AppendAuthority("h", app, LeaseRegistry(app, clock=app.database_clock))
                 holder.acquire("s")
@@ -335,9 +336,8 @@ def test_dba_application_role_can_forward(pg_url: str) -> None:
 
 
 @pytest.mark.postgres
-def test_intents_schema_on_postgres(pg_url: str) -> None:
-    migrate(pg_url)
-    engine = create_engine(pg_url)
+def test_intents_schema_on_postgres(pg_migrated_url: str) -> None:
+    engine = create_engine(pg_migrated_url)
     try:
         insp = inspect(engine)
         assert insp.get_table_comment("intents")["text"]
@@ -364,7 +364,7 @@ def test_intents_schema_on_postgres(pg_url: str) -> None:
     finally:
         engine.dispose()
     [(comment,)] = rows(
-        pg_url,
+        pg_migrated_url,
         "SELECT obj_description(t.oid, 'pg_trigger') FROM pg_trigger t "
         "WHERE t.tgname = 'events_notify_applied'",
     )
@@ -417,7 +417,7 @@ def holder_proc(
         out.join_thread()  # flushed before `ready`: the test may SIGSTOP this process then
         ready.set()
         stop.wait(120)
-        listener = store._listener
+        listener = store.listener
         if stats is not None and listener is not None:
             stats.put((listener.intents, listener.applied + listener.signal.woken))
     store.close()
@@ -527,15 +527,16 @@ def test_holder_killed_with_intents_pending(url: str) -> None:
 
 @pytest.mark.slow
 @pytest.mark.postgres
-def test_notify_wakes_the_holder_and_the_forwarder(pg_url: str) -> None:
+def test_notify_wakes_the_holder_and_the_forwarder(pg_migrated_url: str) -> None:
     """The holder serves on a notification, not on its polling interval (TTL / 6 = 2 s here),
     and the forwarder is woken by the NOTIFY its event's commit sends."""
-    migrate(pg_url)
     ready, stop, out, stats = CTX.Event(), CTX.Event(), CTX.Queue(), CTX.Queue()
-    holder = CTX.Process(target=holder_proc, args=(pg_url, "s", 600.0, ready, stop, out, stats))
+    holder = CTX.Process(
+        target=holder_proc, args=(pg_migrated_url, "s", 600.0, ready, stop, out, stats)
+    )
     holder.start()
     n = 10
-    store = SqlEventStore(pg_url)
+    store = SqlEventStore(pg_migrated_url)
     try:
         assert ready.wait(60)
         node = AppendAuthority("fwd", store, LeaseRegistry(store))
@@ -543,7 +544,7 @@ def test_notify_wakes_the_holder_and_the_forwarder(pg_url: str) -> None:
             node.append("s", "t", {"warm-up": i})
         for i in range(n):
             assert node.append("s", "t", {"i": i}).writer == "holder"
-        listener = store._listener
+        listener = store.listener
         assert listener is not None
         # The events' commits notified this process (each "e:<the event>"), which ended its
         # waits.
@@ -570,16 +571,15 @@ def until(check: Any, store: SqlEventStore, timeout: float = 20.0) -> Any:
 
 
 @pytest.mark.postgres
-def test_notifications_carry_intents_and_events(pg_url: str) -> None:
+def test_notifications_carry_intents_and_events(pg_migrated_url: str) -> None:
     """PostgreSQL: a holder's inbox has each intent as its notification brought it, and the
     forwarder gets its event from its commit's notification, equal to the stored event. A body
     too large for a notification is announced by space only: the inbox is out of sync until the
     next read."""
-    migrate(pg_url)
-    with SqlEventStore(pg_url) as holder, SqlEventStore(pg_url) as fwd:
+    with SqlEventStore(pg_migrated_url) as holder, SqlEventStore(pg_migrated_url) as fwd:
         for s in (holder, fwd):
             s.wait_for_change(["s"], 0)  # starts its listener
-            until(lambda s=s: s._listener is not None and s._listener.signal.up, s)
+            until(lambda s=s: s.listener is not None and s.listener.signal.up, s)
         assert holder.notified_intents("s", limit=10) is None  # never read: not in sync
         # In sync after a read once the space's intents come to its listener (LISTEN to the
         # space's channel, asked for by the first read or wait).
@@ -595,7 +595,7 @@ def test_notifications_carry_intents_and_events(pg_url: str) -> None:
         [p] = until(lambda: holder.notified_intents("s", limit=10), holder)
         assert (p.type, p.payload, p.intent_id) == ("page.edited", payload, "k1")
         written = holder.append("s", p.type, p.payload, expected_seq=0, intent_id="k1")
-        listener = fwd._listener
+        listener = fwd.listener
         assert listener is not None
         until(lambda: ("s", "k1") in listener.results, fwd)
         found = fwd.find_intent("s", "k1")
@@ -635,10 +635,10 @@ def test_sqlite_waiters_sleep_on_the_wal_file(tmp_path: Path) -> None:
     """On Linux a SQLite waiter sleeps on inotify of the `-wal` file: a commit by another
     connection (another process would do the same) wakes it."""
     url = f"sqlite:///{tmp_path}/shard.db"
-    assert _WalWatch.open(f"{tmp_path}/missing.db-wal") is None
+    assert WalWatch.open(f"{tmp_path}/missing.db-wal") is None
     with SqlEventStore(url) as store, SqlEventStore(url) as other:
         store.append("s", "t", {}, expected_seq=0)
-        watch = _WalWatch.open(f"{tmp_path}/shard.db-wal")
+        watch = WalWatch.open(f"{tmp_path}/shard.db-wal")
         assert watch is not None
         try:
             watch.drain()
@@ -665,18 +665,17 @@ def test_sqlite_waiters_sleep_on_the_wal_file(tmp_path: Path) -> None:
 
 @pytest.mark.postgres
 def test_channels_of_spaces_given_up_are_unlistened(
-    pg_url: str, monkeypatch: pytest.MonkeyPatch
+    pg_migrated_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A space's intents channel is LISTENed while a holder here waits on it, UNLISTENed once
     nobody asked for it in CHANNEL_IDLE seconds (its inbox then out of sync), and LISTENed
     again when asked."""
-    import shard_sql._sql_intents as intents
+    import shard_sql.sql.listener as listener_module
 
-    migrate(pg_url)
-    monkeypatch.setattr(intents, "CHANNEL_IDLE", 0.6)
-    with SqlEventStore(pg_url) as store:
+    monkeypatch.setattr(listener_module, "CHANNEL_IDLE", 0.6)
+    with SqlEventStore(pg_migrated_url) as store:
         store.wait_for_change(["a", "b"], 0)
-        listener = store._listener
+        listener = store.listener
         assert listener is not None
         channels = {intents_channel("a"), intents_channel("b")}
         deadline = time.monotonic() + 20
@@ -716,23 +715,24 @@ def test_sqlite_has_no_inbox(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.postgres
-def test_listener_connection_terminated(pg_url: str) -> None:
-    migrate(pg_url)
+def test_listener_connection_terminated(pg_migrated_url: str) -> None:
     ready, stop, out, stats = CTX.Event(), CTX.Event(), CTX.Queue(), CTX.Queue()
-    holder = CTX.Process(target=holder_proc, args=(pg_url, "s", 600.0, ready, stop, out, stats))
+    holder = CTX.Process(
+        target=holder_proc, args=(pg_migrated_url, "s", 600.0, ready, stop, out, stats)
+    )
     holder.start()
-    store = SqlEventStore(pg_url)
+    store = SqlEventStore(pg_migrated_url)
     try:
         assert ready.wait(60)
         node = AppendAuthority("fwd", store, LeaseRegistry(store))
         node.append("s", "t", {"before": True})
-        listener = store._listener
+        listener = store.listener
         assert listener is not None
         listening = (
             "FROM pg_stat_activity WHERE datname = current_database() "
             "AND query LIKE 'LISTEN shard_sql%'"
         )
-        with admin(pg_url) as conn:
+        with admin(pg_migrated_url) as conn:
             # The holder's serving thread starts listening at its first wait (holding a space).
             deadline = time.monotonic() + 20
             while len(conn.execute(f"SELECT pid {listening}").fetchall()) < 2:
@@ -757,19 +757,18 @@ def test_listener_connection_terminated(pg_url: str) -> None:
 
 
 @pytest.mark.postgres
-def test_listener_ends_with_its_store(pg_url: str) -> None:
-    migrate(pg_url)
+def test_listener_ends_with_its_store(pg_migrated_url: str) -> None:
 
     def listening() -> list[threading.Thread]:
         return [t for t in threading.enumerate() if t.name.startswith("shard-sql-listener")]
 
     before = set(listening())
-    store = SqlEventStore(pg_url)
+    store = SqlEventStore(pg_migrated_url)
     store.wait_for_change(["s"], 0.1)
     [thread] = set(listening()) - before
     store.close()
     assert not thread.is_alive()
-    store = SqlEventStore(pg_url)  # dropped without close(): the listener goes with it
+    store = SqlEventStore(pg_migrated_url)  # dropped without close(): the listener goes with it
     store.wait_for_change(["s"], 0.1)
     [thread] = set(listening()) - before
     del store
@@ -779,21 +778,23 @@ def test_listener_ends_with_its_store(pg_url: str) -> None:
 
 
 @pytest.mark.postgres
-def test_database_going_away_is_store_unavailable(pg_url: str) -> None:
+def test_database_going_away_is_store_unavailable(pg_migrated_url: str) -> None:
     """A connection lost mid-statement, then no connection possible (as during a restart):
     `StoreUnavailable`; waits fall back to bounded sleeps; all is well when it is back."""
-    migrate(pg_url)
-    database = pg_url.rpartition("/")[2]
-    store = SqlEventStore(pg_url)
+    database = pg_migrated_url.rpartition("/")[2]
+    store = SqlEventStore(pg_migrated_url)
     store.wait_for_change(["s"], 1)  # starts the listener
-    listener = store._listener
+    listener = store.listener
     assert listener is not None
     deadline = time.monotonic() + 10
     while listener.connections < 1:
         assert time.monotonic() < deadline
         time.sleep(0.01)
     errors: list[BaseException] = []
-    with admin(pg_url) as locker, admin(pg_url.rpartition("/")[0] + "/postgres") as postgres:
+    with (
+        admin(pg_migrated_url) as locker,
+        admin(pg_migrated_url.rpartition("/")[0] + "/postgres") as postgres,
+    ):
         locker.execute("BEGIN")
         locker.execute("LOCK TABLE intents IN ACCESS EXCLUSIVE MODE")
 

@@ -19,7 +19,7 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import create_engine, inspect
 
 from shard_sql import SchemaError, SqlEventStore, migrate
-from shard_sql._orm import SCHEMA_REVISION, VERSION_TABLE, metadata
+from shard_sql.orm import SCHEMA_REVISION, VERSION_TABLE, metadata
 from shard_sql.sql import alembic_config, migration_connection, migrations_dir
 
 REPO = Path(__file__).resolve().parent.parent
@@ -51,7 +51,7 @@ def revision(url: str) -> str | None:
 def test_single_head_is_the_orm_revision() -> None:
     script = ScriptDirectory(str(migrations_dir()))
     assert script.get_heads() == [SCHEMA_REVISION], (
-        "the migrations must have one head, and shard_sql._orm.SCHEMA_REVISION must name it"
+        "the migrations must have one head, and shard_sql.orm.SCHEMA_REVISION must name it"
     )
     assert migrations_dir() == REPO / "migrations"
 

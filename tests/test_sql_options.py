@@ -24,12 +24,9 @@ class TestSqliteMemoryStore(StoreContract):
 
 
 def pragma(store: SqlEventStore, name: str) -> object:
-    c = store._conns.get()
-    try:
+    with store.database.connection() as c:
         c.cur.execute(f"PRAGMA {name}")
         return c.cur.fetchone()[0]
-    finally:
-        store._conns.put(c)
 
 
 def test_sqlite_settings(tmp_path: Path) -> None:
@@ -39,12 +36,12 @@ def test_sqlite_settings(tmp_path: Path) -> None:
         # SQLite's busy handler is off on the store's connections: the store retries a busy
         # database itself, finer, for busy_timeout seconds (test_sqlite_lock_held_too_long).
         assert pragma(store, "busy_timeout") == 0
-        assert store._busy_timeout == 30
+        assert store.database.busy_timeout == 30
     with SqlEventStore(f"sqlite:///{tmp_path}/a.db", sqlite_synchronous="normal") as store:
         assert pragma(store, "synchronous") == 1  # NORMAL
     with SqlEventStore(f"sqlite:///{tmp_path}/a.db?synchronous=NORMAL", busy_timeout=2) as store:
         assert pragma(store, "synchronous") == 1
-        assert store._busy_timeout == 2
+        assert store.database.busy_timeout == 2
         store.append("s", "t", {}, expected_seq=0)
 
 
@@ -155,7 +152,7 @@ def test_benchmark_smoke(monkeypatch: pytest.MonkeyPatch) -> None:
 def any_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path}/any.db"
-    pg: str = request.getfixturevalue("pg_url")
+    pg: str = request.getfixturevalue("pg_migrated_url")
     return pg
 
 

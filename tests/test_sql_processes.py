@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from shard_sql import LeaseHeld, LeaseRegistry, SeqConflict, SqlEventStore, migrate
+from shard_sql import LeaseHeld, LeaseRegistry, SeqConflict, SqlEventStore
 
 WORKERS = 4
 SPAWN = multiprocessing.get_context("spawn")
@@ -92,8 +92,7 @@ def run_workers(target: Any, url: str, n: int) -> dict[int, Any]:
 def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path}/shared.db"  # created and migrated by the workers
-    pg: str = request.getfixturevalue("pg_url")
-    migrate(pg)
+    pg: str = request.getfixturevalue("pg_migrated_url")
     return pg
 
 

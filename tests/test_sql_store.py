@@ -19,11 +19,11 @@ class SqliteFile:
 
 class Postgres:
     def make_store(self) -> EventStore:
-        return SqlEventStore(self.store_url(), migrate=True)
+        return SqlEventStore(self.store_url())
 
     def store_url(self) -> str:
         if not hasattr(self, "_pg"):
-            self._pg: str = self.request.getfixturevalue("pg_url")  # type: ignore[attr-defined]
+            self._pg: str = self.request.getfixturevalue("pg_migrated_url")  # type: ignore[attr-defined]
         return self._pg
 
 

@@ -4,7 +4,7 @@ Revision ID: 0001
 Revises:
 Create Date: 2026-01-01 00:00:00
 
-The first schema of shard_sql: the `events` log and the `leases` records (see shard_sql/_orm.py).
+The first schema of shard_sql: the `events` log and the `leases` records (see shard_sql/orm.py).
 """
 
 from __future__ import annotations

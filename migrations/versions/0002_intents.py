@@ -5,7 +5,7 @@ Revises: 0001
 Create Date: 2026-01-02 00:00:00
 
 The `intents` table: appends forwarded to a space's lease holder by nodes in other processes or
-hosts, waiting to be applied (see shard_sql/_orm.py and shard_sql/_sql_intents.py).
+hosts, waiting to be applied (see shard_sql/orm.py and shard_sql/sql/intents.py).
 """
 
 from __future__ import annotations

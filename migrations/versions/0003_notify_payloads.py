@@ -8,7 +8,7 @@ Create Date: 2026-11-25 00:00:00
 run by the trigger `events_notify_applied` when the event of a queued intent is written, sends
 the event itself (`e:<json>`) when it fits in a notification, so the waiting sender has its
 answer without a read (`a:<space>` as before otherwise), on the sender's channel (`shard_sql`
-when it has none). See shard_sql/_sql_intents.py.
+when it has none). See shard_sql/sql/intents.py.
 """
 
 from __future__ import annotations

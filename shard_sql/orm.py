@@ -1,13 +1,8 @@
-"""The SQL schema: SQLAlchemy 2 typed ORM models, the single source of the tables.
+"""shard_sql's tables as SQLAlchemy 2 ORM models: the source of the schema, and read models
+for a host application's own `Session` (writes go through the store).
 
-The alembic migrations in `migrations/` are written from (and checked against) these models; the
-adapter's hot path runs hand-written statements over the same tables (see `shard_sql.sql`).
-Rows stay private to the adapter: the public API returns `Event` and `Lease` values.
-
-On PostgreSQL the payload is `JSONB` and times are `timestamptz`. On SQLite the payload is JSON
-text and times are UTC text in SQLAlchemy's DATETIME format (`YYYY-MM-DD HH:MM:SS.ffffff`).
-Names (space, type, holder, writer, intent id) use the "C" collation on PostgreSQL, which orders
-by code point like Python's `sorted` and SQLite's default BINARY collation.
+The types per database and the collation are in docs/dba.md; the migrations are checked against
+these models (`tests/test_sql_migrations.py`).
 """
 
 from __future__ import annotations
@@ -31,6 +26,23 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+__all__ = [
+    "EVENTS",
+    "INTENTS",
+    "LEASES",
+    "NAME_LENGTH",
+    "SCHEMA_REVISION",
+    "VERSION_TABLE",
+    "Base",
+    "EventRecord",
+    "IntentRecord",
+    "LeaseRecord",
+    "events_table",
+    "intents_table",
+    "leases_table",
+    "metadata",
+]
 
 SCHEMA_REVISION = "0003"
 """The alembic head revision these models describe.
@@ -71,7 +83,7 @@ class Base(DeclarativeBase):
     )
 
 
-class EventRow(Base):
+class EventRecord(Base):
     """One event of a space's log."""
 
     __tablename__ = EVENTS
@@ -127,7 +139,7 @@ class EventRow(Base):
     )
 
 
-class LeaseRow(Base):
+class LeaseRecord(Base):
     """The lease record of a space: who may append to it, until when, under which generation."""
 
     __tablename__ = LEASES
@@ -157,9 +169,9 @@ class LeaseRow(Base):
     )
 
 
-class IntentRow(Base):
+class IntentRecord(Base):
     """An append forwarded to a space's holder by a node in another process or host, waiting to
-    be applied (see `shard_sql._sql_intents`)."""
+    be applied (see `shard_sql.sql.intents`)."""
 
     __tablename__ = INTENTS
     __table_args__ = (
@@ -213,6 +225,7 @@ class IntentRow(Base):
 
 
 metadata = Base.metadata
-events_table = EventRow.__table__
-leases_table = LeaseRow.__table__
-intents_table = IntentRow.__table__
+"""The `MetaData` of every shard_sql table."""
+events_table = EventRecord.__table__
+leases_table = LeaseRecord.__table__
+intents_table = IntentRecord.__table__

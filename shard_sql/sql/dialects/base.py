@@ -1,0 +1,286 @@
+"""What a SQL database must provide to the store; the statements both dialects share."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, ClassVar, TypeVar
+
+from sqlalchemy.engine import URL, Engine
+
+from shard_sql.orm import EVENTS, INTENTS, LEASES, VERSION_TABLE
+from shard_sql.sql.errors import DEFAULT_BUSY_TIMEOUT, Site
+from shard_sql.sql.waits import Waits
+from shard_sql.validation import Pending
+from shard_sql.values import Event, Lease
+
+__all__ = ["COLUMNS", "Conn", "Dialect", "EngineOptions", "Statement"]
+
+COLUMNS = "space, seq, type, payload, recorded_at, writer, generation, intent_id"
+READ_COLUMNS = "seq, type, payload, recorded_at, writer, generation, intent_id"
+
+Statement = tuple[str, tuple[Any, ...]]
+"""SQL text and its parameters."""
+
+_R = TypeVar("_R")
+
+
+@dataclass(frozen=True, slots=True)
+class EngineOptions:
+    """How a store opens its own engine."""
+
+    synchronous: str = "FULL"
+    """SQLite's `synchronous` setting (FULL, NORMAL or EXTRA)."""
+    busy_timeout: float = DEFAULT_BUSY_TIMEOUT
+    pool_size: int = 5
+    """Connections the pool keeps open."""
+    max_overflow: int = 5
+    """Connections opened beyond `pool_size` under load, closed when they come back."""
+    pool_timeout: float = 30.0
+    """Seconds a call waits for a free connection before `StoreUnavailable`."""
+
+
+class Conn:
+    """A driver connection the store holds, with a reusable cursor."""
+
+    __slots__ = ("cur", "pooled", "raw", "restore")
+
+    def __init__(self, pooled: Any) -> None:
+        self.pooled = pooled
+        """The pool's proxy of the connection (`sqlalchemy.pool.PoolProxiedConnection`)."""
+        self.raw: Any = pooled.dbapi_connection
+        self.cur: Any = self.raw.cursor()
+        self.restore: Any = None
+        """What `Dialect.setup` changed on a host's connection, for `Dialect.teardown`."""
+
+
+class Dialect:
+    """Everything that differs between SQLite and PostgreSQL, one subclass each; the store and
+    its intent queue never ask which database they run on."""
+
+    name: ClassVar[str] = ""
+    p: ClassVar[str] = "?"
+    """The driver's placeholder."""
+    GREATEST: ClassVar[str] = "GREATEST"
+    LEAST: ClassVar[str] = "LEAST"
+    retry_free_insert: ClassVar[bool] = False
+    """A single-event insert may be tried once without the store's retry scaffolding: one that
+    failed wrote nothing for sure (SQLite: local, and a statement either commits or not)."""
+    migrates_on_open: ClassVar[bool] = False
+    """A store opening a database below the head schema migrates it (SQLite files)."""
+    has_server_clock: ClassVar[bool] = False
+    """The server has a clock of its own (`server_time`) that every host can share."""
+
+    def __init__(self) -> None:
+        p = self.p
+        self.insert_values = f"INSERT INTO {EVENTS} ({COLUMNS}) VALUES ({', '.join([p] * 8)})"
+        self.head_sql = f"SELECT seq FROM {EVENTS} WHERE space = {p} ORDER BY seq DESC LIMIT 1"
+        self.read_sql = (
+            f"SELECT {READ_COLUMNS} FROM {EVENTS} WHERE space = {p} AND seq >= {p} ORDER BY seq"
+        )
+        self.read_limit_sql = self.read_sql + f" LIMIT {p}"
+        # Skips through the primary key: milliseconds for millions of rows (docs/dba.md).
+        self.spaces_sql = (
+            f"WITH RECURSIVE s(space) AS (SELECT min(space) FROM {EVENTS} "
+            f"UNION ALL SELECT (SELECT min(space) FROM {EVENTS} WHERE space > s.space) "
+            "FROM s WHERE s.space IS NOT NULL) SELECT space FROM s WHERE space IS NOT NULL"
+        )
+        self.version_sql = f"SELECT version_num FROM {VERSION_TABLE}"
+        self.pending_intents_sql = (
+            f"SELECT id, intent_id, type, payload, EXISTS (SELECT 1 FROM {EVENTS} e "
+            f"WHERE e.space = {INTENTS}.space AND e.intent_id = {INTENTS}.intent_id) "
+            f"FROM {INTENTS} WHERE space = {p} AND id > {p} ORDER BY id LIMIT {p}"
+        )
+        self._lease_statements()
+
+    def _lease_statements(self) -> None:
+        """Each statement is the rule of the same name in `shard_sql.leases` as one
+        compare-and-set (`granted`, `renewed`, `released`, `revoked`, `valid`); the lease
+        contract tests hold them to the same answers. SET expressions all read the old row."""
+        p, greatest, least = self.p, self.GREATEST, self.LEAST
+        returning = "RETURNING holder, expires_at, generation"
+        self.lease_sql = f"SELECT holder, expires_at, generation FROM {LEASES} WHERE space = {p}"
+        self.lease_locked_sql = self.lease_sql
+        """The lease row read inside a write, ordered before a new grant (see the dialects)."""
+        # granted: the holder of a valid lease renews it (same generation); anyone over a lapsed
+        # lease, or the same holder after a lapse, gets a new grant (generation + 1).
+        # Parameters: holder, now, holder, now, expires, expires, holder, space, holder, now.
+        self.grant_sql = (
+            f"UPDATE {LEASES} SET "
+            f"generation = CASE WHEN holder = {p} AND expires_at > {p} "
+            "THEN generation ELSE generation + 1 END, "
+            f"expires_at = CASE WHEN holder = {p} AND expires_at > {p} "
+            f"THEN {greatest}(expires_at, {p}) ELSE {p} END, "
+            f"holder = {p} "
+            f"WHERE space = {p} AND (holder = {p} OR expires_at <= {p}) {returning}"
+        )
+        # granted, on a space without a record: generation 1.
+        self.first_grant_sql = (
+            f"INSERT INTO {LEASES} (space, holder, expires_at, generation) "
+            f"VALUES ({p}, {p}, {p}, 1) ON CONFLICT (space) DO NOTHING {returning}"
+        )
+        # renewed: only the valid current grant, never shortened.
+        self.renew_sql = (
+            f"UPDATE {LEASES} SET expires_at = {greatest}(expires_at, {p}) "
+            f"WHERE space = {p} AND holder = {p} AND generation = {p} AND expires_at > {p} "
+            f"{returning}"
+        )
+        # released: the current grant ends now (or stays ended).
+        self.release_sql = (
+            f"UPDATE {LEASES} SET expires_at = {least}(expires_at, {p}) "
+            f"WHERE space = {p} AND holder = {p} AND generation = {p}"
+        )
+        # valid
+        self.current_sql = self.lease_sql + f" AND expires_at > {p}"
+        # revoked: ends now, generation + 1 (its holder is fenced).
+        self.revoke_sql = (
+            f"UPDATE {LEASES} SET expires_at = {least}(expires_at, {p}), "
+            f"generation = generation + 1 WHERE space = {p} {returning}"
+        )
+
+    # -- engines and connections -------------------------------------------------------------
+
+    def create_engine(self, url: URL, options: EngineOptions) -> Engine:
+        """The store's own engine for `url`."""
+        raise NotImplementedError
+
+    def adopt_engine(self, engine: Engine, options: EngineOptions) -> tuple[Engine, bool]:
+        """The engine a store passed a host's `engine` runs on, and whether the store owns it."""
+        raise NotImplementedError
+
+    def describe(self, url: URL) -> str:
+        """Where the database is, for messages (never a secret)."""
+        raise NotImplementedError
+
+    def single_connection(self, url: URL) -> bool:
+        """The database has one connection, used by one thread at a time."""
+        return False
+
+    def setup(self, c: Conn) -> None:
+        """Prepare a connection the store takes from the pool."""
+
+    def teardown(self, c: Conn) -> None:
+        """Undo `setup` before the connection goes back to the pool."""
+
+    def healthy(self, c: Conn) -> bool:
+        """After a failed call: whether the connection is still usable."""
+        return True
+
+    def is_busy(self, e: BaseException) -> bool:
+        """The database was busy: the call is retried after a pause."""
+        return False
+
+    def dedicated(self, raw: Any) -> None:
+        """Prepare a driver connection taken out of the pool for good (a listener's)."""
+
+    def waits(self, url: URL, connect: Callable[[], Any], site: Site) -> Waits:
+        """How waits for forwarded intents and their events end on this database."""
+        raise NotImplementedError
+
+    # -- values --------------------------------------------------------------------------------
+
+    def time(self, dt: datetime) -> Any:
+        """A timezone-aware datetime as the driver stores it."""
+        raise NotImplementedError
+
+    def lease(self, space: str, row: Sequence[Any]) -> Lease:
+        """A `Lease` from a (holder, expires_at, generation) row."""
+        raise NotImplementedError
+
+    def to_events(self, space: str, rows: list[Any]) -> list[Event]:
+        """`Event`s from rows of `READ_COLUMNS`."""
+        raise NotImplementedError
+
+    def payload(self, value: Any) -> Any:
+        """A payload column's value as Python data."""
+        return value
+
+    # -- transactions --------------------------------------------------------------------------
+
+    def begin_write(self, c: Conn) -> None:
+        """Start a multi-statement write transaction."""
+        raise NotImplementedError
+
+    def commit(self, c: Conn) -> None:
+        c.cur.execute("COMMIT")
+
+    def rollback(self, c: Conn) -> None:
+        """Roll back a transaction left open (no statement when there is none)."""
+        raise NotImplementedError
+
+    def insert_rows(self, c: Conn, rows: list[tuple[Any, ...]]) -> None:
+        """Insert checked rows inside the open write transaction."""
+        c.cur.executemany(self.insert_values, rows)
+
+    def lease_transaction(self, c: Conn, body: Callable[[], _R]) -> _R:
+        """Run the statements of one lease grant (`body`) as one unit."""
+        return body()
+
+    @contextmanager
+    def relaxed(self, c: Conn) -> Iterator[None]:
+        """Commits inside need not wait for the disk (an intent's record, deleting garbage)."""
+        yield
+
+    # -- statements ----------------------------------------------------------------------------
+
+    def append_one(
+        self,
+        space: str,
+        p: Pending,
+        seq: int,
+        at: datetime,
+        writer: str,
+        generation: int,
+        fence: Lease | None,
+    ) -> Statement:
+        """One event written at `seq` in one statement, or nothing when a check fails: the head
+        is `seq`, `fence` (if any) is the current grant, `p`'s intent id is not written yet."""
+        raise NotImplementedError
+
+    def is_check_failure(self, e: BaseException) -> bool:
+        """`e` is how `append_one`'s statement says that a check failed (else: no row)."""
+        return False
+
+    def append_small_batch(
+        self,
+        space: str,
+        events: list[Event],
+        batch: Sequence[Pending],
+        fence: Lease | None,
+        seq: int,
+    ) -> Statement | None:
+        """A batch in one statement under `append_one`'s checks, when this database does it
+        faster than a transaction; None: write it in a transaction."""
+        return None
+
+    def events_by_intent(self, c: Conn, space: str, ids: list[str]) -> dict[str, Event]:
+        """The events written in `space` for these intent ids."""
+        found: dict[str, Event] = {}
+        p = self.p
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            c.cur.execute(
+                f"SELECT {READ_COLUMNS} FROM {EVENTS} WHERE space = {p} "
+                f"AND intent_id IN ({', '.join([p] * len(chunk))})",
+                (space, *chunk),
+            )
+            for e in self.to_events(space, c.cur.fetchall()):
+                assert e.intent_id is not None
+                found[e.intent_id] = e
+        return found
+
+    def put_intent(
+        self, space: str, item: Pending, holder: str, reply_to: str | None, now: datetime
+    ) -> Statement:
+        """Record a forwarded intent unless it is recorded or applied already."""
+        raise NotImplementedError
+
+    def forget_intents(self, c: Conn, space: str, ids: list[str]) -> None:
+        """Delete the records of those intents whose event exists."""
+        raise NotImplementedError
+
+    def server_time(self, c: Conn) -> Any:
+        """The database server's clock, if it `has_server_clock`."""
+        raise NotImplementedError

@@ -1,0 +1,288 @@
+"""PostgreSQL through psycopg 3: statements in autocommit, COPY, LISTEN/NOTIFY."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from typing import Any, ClassVar
+
+from sqlalchemy import create_engine, event
+from sqlalchemy.engine import URL, Engine
+from sqlalchemy.pool import QueuePool
+
+from shard_sql.orm import EVENTS, INTENTS, LEASES
+from shard_sql.sql.dialects.base import COLUMNS, Conn, Dialect, EngineOptions, Statement
+from shard_sql.sql.errors import Site
+from shard_sql.sql.listener import NOTIFY_LIMIT, intents_channel
+from shard_sql.sql.signals import INTENT, INTENT_BODY
+from shard_sql.sql.waits import NotifiedWaits, Waits
+from shard_sql.validation import Pending, load_json
+from shard_sql.values import Event, Lease, new_event
+
+__all__ = ["PostgresDialect", "append_one_sql", "append_small_batch_sql"]
+
+
+def append_one_sql(*, fence: bool, intent: bool) -> str:
+    """The append of one event: `INSERT ... SELECT <the row> WHERE <head = seq> [AND <the fence
+    holds>] [AND <the intent id is not written>]`, one round trip. The fence subquery takes
+    `FOR SHARE` on the space's lease row: a new grant (an UPDATE of that row) waits for the
+    append's commit, or the append sees the new generation and writes nothing.
+    Parameters: the row (8), space, seq; then space, holder, generation; then space, intent id."""
+    sql = (
+        f"INSERT INTO {EVENTS} ({COLUMNS}) "
+        "SELECT %s, %s, %s, CAST(%s AS jsonb), %s, %s, %s, %s "
+        f"WHERE COALESCE((SELECT seq + 1 FROM {EVENTS} WHERE space = %s "
+        "ORDER BY seq DESC LIMIT 1), 0) = %s"
+    )
+    if fence:
+        sql += (
+            f" AND EXISTS (SELECT 1 FROM {LEASES} WHERE space = %s AND holder = %s "
+            "AND generation = %s FOR SHARE)"
+        )
+    if intent:
+        sql += f" AND NOT EXISTS (SELECT 1 FROM {EVENTS} WHERE space = %s AND intent_id = %s)"
+    return sql
+
+
+def append_small_batch_sql(*, fence: bool, intent: bool) -> str:
+    """A small batch in one statement, rows from arrays in order (`WITH ORDINALITY` numbers them:
+    seq = expected + n - 1), under the checks of `append_one_sql` (evaluated once: they do not
+    depend on the row)."""
+    sql = (
+        f"INSERT INTO {EVENTS} ({COLUMNS}) "
+        "SELECT %s, %s + b.n - 1, b.t, CAST(b.p AS jsonb), b.at, b.w, b.g, b.i "
+        "FROM unnest(%s::text[], %s::text[], %s::timestamptz[], %s::text[], %s::bigint[], "
+        "%s::text[]) WITH ORDINALITY AS b(t, p, at, w, g, i, n) "
+        f"WHERE COALESCE((SELECT seq + 1 FROM {EVENTS} WHERE space = %s "
+        "ORDER BY seq DESC LIMIT 1), 0) = %s"
+    )
+    if fence:
+        sql += (
+            f" AND EXISTS (SELECT 1 FROM {LEASES} WHERE space = %s AND holder = %s "
+            "AND generation = %s FOR SHARE)"
+        )
+    if intent:
+        sql += f" AND NOT EXISTS (SELECT 1 FROM {EVENTS} WHERE space = %s AND intent_id = ANY(%s))"
+    return sql
+
+
+def _utc(dt: datetime) -> datetime:
+    return dt if dt.tzinfo is UTC else dt.astimezone(UTC)
+
+
+def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+    # Engine-level AUTOCOMMIT is set before this hook runs, so the setting sticks.
+    dbapi_connection.execute("SET TIME ZONE 'UTC'")
+
+
+_APPLIED = (
+    f"EXISTS (SELECT 1 FROM {EVENTS} e WHERE e.space = {INTENTS}.space "
+    f"AND e.intent_id = {INTENTS}.intent_id)"
+)
+
+
+class PostgresDialect(Dialect):
+    name = "postgresql"
+    p = "%s"
+    has_server_clock = True
+
+    SMALL_BATCH: ClassVar[int] = 10
+    SMALL_BATCH_INTENTS: ClassVar[int] = 100
+    """Batches up to SMALL_BATCH events (SMALL_BATCH_INTENTS if the first has an intent id)
+    are one `INSERT ... SELECT FROM unnest(...)` statement in autocommit with the checks of
+    `append_one`; larger ones are BEGIN, checks, COPY, COMMIT. Measured (ms per batch, COPY
+    against one statement): 2 events 0.60/0.38, 10 0.62/0.60, 30 0.82/1.19; with intent ids
+    (checked before COPY) 10 1.31/0.83, 100 11.0/8.5."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lease_locked_sql = self.lease_sql + " FOR SHARE"
+        self.copy_sql = f"COPY {EVENTS} ({COLUMNS}) FROM STDIN"
+        self._append = {
+            (fence, intent): append_one_sql(fence=fence, intent=intent)
+            for fence in (False, True)
+            for intent in (False, True)
+        }
+        self._small = {
+            (fence, intent): append_small_batch_sql(fence=fence, intent=intent)
+            for fence in (False, True)
+            for intent in (False, True)
+        }
+        # The intent's commit does not wait for the WAL flush: nobody has been told anything yet.
+        # Lost in a server crash, the intent is simply not applied; its caller, still waiting for
+        # the event (whose write does wait for the flush), gets IntentTimeout and retries with
+        # the same intent id. A holder dying loses nothing: the row is committed and visible to
+        # the next holder. This takes one disk flush off a forwarded append. The notification
+        # carries the intent when it fits: the holder applies it without reading the table.
+        insert = (
+            f"INSERT INTO {INTENTS} "
+            "(space, intent_id, type, payload, submitted_at, holder, reply_to) "
+            "SELECT %s, %s, %s, CAST(%s AS jsonb), now(), %s, %s "
+            f"WHERE NOT EXISTS (SELECT 1 FROM {EVENTS} WHERE space = %s AND intent_id = %s) "
+            "ON CONFLICT (space, intent_id) DO NOTHING"
+        )
+        body = "json_build_object('s', space, 'i', intent_id, 't', type, 'p', payload)::text"
+        self.put_intent_sql = (
+            "WITH relaxed AS (SELECT set_config('synchronous_commit', 'off', true) AS v), "
+            f"added AS ({insert} RETURNING space, intent_id, type, payload) "
+            f"SELECT pg_notify(%s, CASE WHEN octet_length(b) <= {NOTIFY_LIMIT} "
+            f"THEN '{INTENT_BODY}:' || b ELSE '{INTENT}:' || space END) "
+            f"FROM (SELECT space, {body} AS b FROM added) AS x, relaxed"
+        )
+        # A forgotten record is garbage; if the delete is lost in a crash, the next read of
+        # pending intents sweeps it: no need to wait for the WAL flush.
+        self.forget_intents_sql = (
+            "WITH relaxed AS (SELECT set_config('synchronous_commit', 'off', true)) "
+            f"DELETE FROM {INTENTS} WHERE space = %s AND intent_id = ANY(%s) "
+            f"AND {_APPLIED} AND EXISTS (SELECT 1 FROM relaxed)"
+        )
+
+    # -- engines and connections -------------------------------------------------------------
+
+    def create_engine(self, url: URL, options: EngineOptions) -> Engine:
+        connect_args: dict[str, Any] = {}
+        if "connect_timeout" not in url.query:
+            connect_args["connect_timeout"] = 10
+        engine = create_engine(
+            url,
+            isolation_level="AUTOCOMMIT",
+            poolclass=QueuePool,
+            pool_size=options.pool_size,
+            max_overflow=options.max_overflow,
+            pool_timeout=options.pool_timeout,
+            connect_args=connect_args,
+        )
+        event.listen(engine, "connect", _on_connect)
+        return engine
+
+    def adopt_engine(self, engine: Engine, options: EngineOptions) -> tuple[Engine, bool]:
+        return engine, False
+
+    def describe(self, url: URL) -> str:
+        host = url.host or "the local socket"
+        port = f":{url.port}" if url.port else ""
+        return f"PostgreSQL at {host}{port} (database {url.database!r}, user {url.username!r})"
+
+    def setup(self, c: Conn) -> None:
+        # Only PostgreSQL stores load psycopg's modules.
+        from psycopg.types.json import set_json_loads
+
+        set_json_loads(load_json, c.cur)  # payloads read from a deep call stack too
+        if not c.raw.autocommit:
+            # A connection of a host's engine: the store's statements are each their own
+            # transaction, and it opens explicit ones with BEGIN. (A client-side setting: no
+            # round trip; its time zone stays the host's, times are converted on reading.)
+            c.restore = False
+            c.raw.autocommit = True
+
+    def teardown(self, c: Conn) -> None:
+        if c.restore is not None:
+            c.raw.autocommit = c.restore
+
+    def healthy(self, c: Conn) -> bool:
+        return not (c.raw.closed or c.raw.broken)
+
+    def dedicated(self, raw: Any) -> None:
+        if not raw.autocommit:
+            raw.autocommit = True
+
+    def waits(self, url: URL, connect: Callable[[], Any], site: Site) -> Waits:
+        return NotifiedWaits(connect, site)
+
+    # -- values --------------------------------------------------------------------------------
+
+    def time(self, dt: datetime) -> Any:
+        return dt
+
+    def lease(self, space: str, row: Sequence[Any]) -> Lease:
+        return Lease(space, row[0], _utc(row[1]), row[2])
+
+    def to_events(self, space: str, rows: list[Any]) -> list[Event]:
+        make = new_event
+        if rows and rows[0][3].tzinfo is not UTC:  # a session not in UTC: convert
+            return [make(space, s, t, p, _utc(at), w, g, i) for s, t, p, at, w, g, i in rows]
+        return [make(space, s, t, p, at, w, g, i) for s, t, p, at, w, g, i in rows]
+
+    # -- transactions --------------------------------------------------------------------------
+
+    def begin_write(self, c: Conn) -> None:
+        c.cur.execute("BEGIN")
+
+    def rollback(self, c: Conn) -> None:
+        if c.raw.info.transaction_status != 0:  # not idle
+            c.raw.rollback()
+
+    def insert_rows(self, c: Conn, rows: list[tuple[Any, ...]]) -> None:
+        # COPY beats executemany (measured: 100 rows 1.5 ms against 1.8-2.0 ms, pipelined).
+        with c.cur.copy(self.copy_sql) as copy:
+            for row in rows:
+                copy.write_row(row)
+
+    # -- statements ----------------------------------------------------------------------------
+
+    def append_one(
+        self,
+        space: str,
+        p: Pending,
+        seq: int,
+        at: datetime,
+        writer: str,
+        generation: int,
+        fence: Lease | None,
+    ) -> Statement:
+        intent_id = p.intent_id
+        sql = self._append[(fence is not None, intent_id is not None)]
+        params: tuple[Any, ...] = (
+            space, seq, p.type, p.payload_json, _utc(at), writer, generation, intent_id,
+            space, seq,
+        )  # fmt: skip
+        if fence is not None:
+            params += (space, fence.holder, fence.generation)
+        if intent_id is not None:
+            params += (space, intent_id)
+        return sql, params
+
+    def append_small_batch(
+        self,
+        space: str,
+        events: list[Event],
+        batch: Sequence[Pending],
+        fence: Lease | None,
+        seq: int,
+    ) -> Statement | None:
+        # One statement, one round trip (BEGIN, checks, COPY, COMMIT are four): what a holder
+        # applying a few forwarded intents at a time writes.
+        limit = self.SMALL_BATCH if events[0].intent_id is None else self.SMALL_BATCH_INTENTS
+        if len(events) > limit:
+            return None
+        intents = [e.intent_id for e in events if e.intent_id is not None]
+        params: tuple[Any, ...] = (
+            space,
+            seq,
+            [e.type for e in events],
+            [p.payload_json for p in batch],
+            [e.recorded_at for e in events],
+            [e.writer for e in events],
+            [e.generation for e in events],
+            [e.intent_id for e in events],
+            space,
+            seq,
+        )
+        if fence is not None:
+            params += (space, fence.holder, fence.generation)
+        if intents:
+            params += (space, intents)
+        return self._small[(fence is not None, bool(intents))], params
+
+    def put_intent(
+        self, space: str, item: Pending, holder: str, reply_to: str | None, now: datetime
+    ) -> Statement:
+        params = (space, item.intent_id, item.type, item.payload_json, holder, reply_to)
+        return self.put_intent_sql, (*params, space, item.intent_id, intents_channel(space))
+
+    def forget_intents(self, c: Conn, space: str, ids: list[str]) -> None:
+        c.cur.execute(self.forget_intents_sql, (space, ids))
+
+    def server_time(self, c: Conn) -> Any:
+        c.cur.execute("SELECT clock_timestamp()")
+        return c.cur.fetchone()[0]

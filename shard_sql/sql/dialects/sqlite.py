@@ -1,0 +1,310 @@
+"""SQLite through the standard library's `sqlite3`: a file in WAL mode, or in memory."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+from urllib.parse import unquote
+
+from sqlalchemy import create_engine, event
+from sqlalchemy.engine import URL, Connection, Engine
+from sqlalchemy.pool import QueuePool, StaticPool
+
+from shard_sql.errors import InvalidEvent
+from shard_sql.orm import EVENTS, INTENTS, LEASES
+from shard_sql.sql.dialects.base import COLUMNS, Conn, Dialect, EngineOptions, Statement
+from shard_sql.sql.errors import Site, is_sqlite_busy
+from shard_sql.sql.waits import LocalWaits, PolledWaits, Waits
+from shard_sql.store_base import decode_payloads
+from shard_sql.validation import Pending, load_json
+from shard_sql.values import Event, Lease, new_event
+from shard_sql.wake import Bells
+
+__all__ = ["SYNCHRONOUS", "SqliteDialect", "append_one_sql", "is_memory", "sqlite_file"]
+
+SYNCHRONOUS = ("FULL", "NORMAL", "EXTRA")
+"""SQLite `synchronous` settings a store accepts. FULL (the default): an acknowledged append
+survives power loss. NORMAL: in WAL mode it survives a crash of the process but the last
+transactions may roll back on power loss; several times faster."""
+
+_R = TypeVar("_R")
+
+
+def is_memory(url: URL) -> bool:
+    db = url.database or ""
+    return db in ("", ":memory:") or url.query.get("mode") == "memory"
+
+
+def sqlite_file(url: URL) -> str | None:
+    """The file a SQLite URL opens (also as `file:...?mode=ro` with `uri=true`); None in memory."""
+    if is_memory(url):
+        return None
+    path = str(url.database)
+    if url.query.get("uri") in ("true", "1") and path.startswith("file:"):
+        # https://www.sqlite.org/uri.html: an optional //authority (empty or localhost), then
+        # the path, percent-encoded, before the query and the fragment.
+        rest = path[len("file:") :].partition("?")[0].partition("#")[0]
+        if rest.startswith("//"):
+            rest = "/" + rest[2:].partition("/")[2]
+        path = unquote(rest)
+    return path
+
+
+def append_one_sql(*, fence: bool, intent: bool, own: bool = False) -> str:
+    """The append of one event: `INSERT ... VALUES` whose seq is NULL unless the checks hold, so
+    a failed check stops the statement with a NOT NULL violation and writes nothing.
+
+    Not `INSERT ... SELECT ... WHERE` (PostgreSQL's form): an INSERT whose SELECT reads its own
+    table goes through a temporary table, measured +3-4 us of ~20 us per append. The VALUES
+    subqueries run after the statement took the write lock, before the row is inserted.
+    Parameters: ?1-?8 the row; ?9, ?10 the fence's holder and generation, unless `own`: the
+    fence is the row's writer and generation (?6, ?7), as in every append but an import."""
+    checks = (
+        f"COALESCE((SELECT seq + 1 FROM {EVENTS} WHERE space = ?1 "
+        "ORDER BY seq DESC LIMIT 1), 0) = ?2"
+    )
+    if fence:
+        holder, generation = ("?6", "?7") if own else ("?9", "?10")
+        checks += (
+            f" AND EXISTS (SELECT 1 FROM {LEASES} WHERE space = ?1 AND holder = {holder} "
+            f"AND generation = {generation})"
+        )
+    if intent:
+        checks += f" AND NOT EXISTS (SELECT 1 FROM {EVENTS} WHERE space = ?1 AND intent_id = ?8)"
+    return (
+        f"INSERT INTO {EVENTS} ({COLUMNS}) "
+        f"VALUES (?1, CASE WHEN {checks} THEN ?2 END, ?3, ?4, ?5, ?6, ?7, ?8)"
+    )
+
+
+_seconds: dict[tuple[int, ...], str] = {}
+
+
+def sqlite_time(dt: datetime) -> str:
+    """UTC text, fixed width, in SQLAlchemy's SQLite DATETIME format: sorts as it compares."""
+    if dt.tzinfo is not UTC:
+        dt = dt.astimezone(UTC)
+    # The text up to the second is formatted once per second (1.0 -> 0.5 us per time).
+    key = (dt.second, dt.minute, dt.hour, dt.day, dt.month, dt.year)
+    text = _seconds.get(key)
+    if text is None:
+        if len(_seconds) > 64:
+            _seconds.clear()
+        text = _seconds[key] = dt.isoformat(" ", "seconds")[:19]
+    return f"{text}.{dt.microsecond:06d}"
+
+
+_fromiso = datetime.fromisoformat
+
+
+def _on_connect(synchronous: str, busy_ms: int, memory: bool) -> Callable[..., None]:
+    def on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # The driver must not open transactions itself: the store emits BEGIN IMMEDIATE, or runs
+        # single statements in autocommit.
+        dbapi_connection.isolation_level = None
+        cur = dbapi_connection.cursor()
+        try:
+            cur.execute(f"PRAGMA busy_timeout = {busy_ms}")
+            if not memory:
+                cur.execute("PRAGMA journal_mode = WAL").fetchall()
+            cur.execute(f"PRAGMA synchronous = {synchronous}")
+        finally:
+            cur.close()
+
+    return on_connect
+
+
+def _begin_immediate(conn: Connection) -> None:
+    # SQLAlchemy-level transactions (migrations) take the write lock at their start.
+    conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+class SqliteDialect(Dialect):
+    name = "sqlite"
+    p = "?"
+    GREATEST = "max"
+    LEAST = "min"
+    retry_free_insert = True
+    migrates_on_open = True
+
+    def __init__(self, busy_timeout: float = 30.0) -> None:
+        super().__init__()
+        self._busy_ms = int(busy_timeout * 1000)
+        self._append = {
+            (fence, intent, own): append_one_sql(fence=fence, intent=intent, own=own)
+            for fence in (False, True)
+            for intent in (False, True)
+            for own in (False, True)
+        }
+        self.put_intent_sql = (
+            f"INSERT INTO {INTENTS} "
+            "(space, intent_id, type, payload, submitted_at, holder, reply_to) "
+            "SELECT ?, ?, ?, ?, ?, ?, ? "
+            f"WHERE NOT EXISTS (SELECT 1 FROM {EVENTS} WHERE space = ? AND intent_id = ?) "
+            "ON CONFLICT (space, intent_id) DO NOTHING"
+        )
+
+    # -- engines and connections -------------------------------------------------------------
+
+    def create_engine(self, url: URL, options: EngineOptions) -> Engine:
+        sync = str(url.query.get("synchronous", options.synchronous)).upper()
+        if sync not in SYNCHRONOUS:
+            raise InvalidEvent("sqlite_synchronous", f"must be one of {', '.join(SYNCHRONOUS)}")
+        url = url.difference_update_query(["synchronous"])
+        memory = is_memory(url)
+        connect_args = {"timeout": options.busy_timeout, "check_same_thread": False}
+        if memory:
+            engine = create_engine(url, connect_args=connect_args, poolclass=StaticPool)
+        else:
+            engine = create_engine(
+                url,
+                connect_args=connect_args,
+                poolclass=QueuePool,
+                pool_size=options.pool_size,
+                max_overflow=options.max_overflow,
+                pool_timeout=options.pool_timeout,
+            )
+        event.listen(engine, "connect", _on_connect(sync, self._busy_ms, memory))
+        event.listen(engine, "begin", _begin_immediate)
+        return engine
+
+    def adopt_engine(self, engine: Engine, options: EngineOptions) -> tuple[Engine, bool]:
+        # The store needs its own transaction control: its own connections to the same file.
+        if is_memory(engine.url):
+            raise InvalidEvent(
+                "url_or_engine", "an in-memory SQLite engine cannot be shared: pass 'sqlite://'"
+            )
+        return self.create_engine(engine.url, options), True
+
+    def describe(self, url: URL) -> str:
+        path = sqlite_file(url)
+        return "SQLite in-memory database" if path is None else f"SQLite file {path}"
+
+    def single_connection(self, url: URL) -> bool:
+        return is_memory(url)
+
+    def setup(self, c: Conn) -> None:
+        # Busy waits are the store's (`Database.call`), finer than SQLite's busy handler, which
+        # sleeps 1, 2, 5, 10, 15, 20, 25, ... ms between its tries (sqliteDefaultBusyCallback,
+        # https://www.sqlite.org/c3ref/busy_timeout.html): beside a writer that takes the lock
+        # again and again (a holder appending in a loop) a lease grant or a forwarded intent
+        # waited 180-250 ms, and a holder's append 1-3 ms beside forwarders.
+        c.cur.execute("PRAGMA busy_timeout = 0")
+
+    def teardown(self, c: Conn) -> None:
+        c.raw.execute(f"PRAGMA busy_timeout = {self._busy_ms}")
+
+    def is_busy(self, e: BaseException) -> bool:
+        return is_sqlite_busy(e)
+
+    def waits(self, url: URL, connect: Callable[[], Any], site: Site) -> Waits:
+        database = sqlite_file(url)
+        if database is None:
+            return LocalWaits()
+        wal = f"{os.path.abspath(database)}-wal"
+        return PolledWaits(connect, site, wal, Bells.beside(f"{database}-bells"))
+
+    # -- values --------------------------------------------------------------------------------
+
+    def time(self, dt: datetime) -> Any:
+        return sqlite_time(dt)
+
+    def lease(self, space: str, row: Sequence[Any]) -> Lease:
+        # Parsing "...+00:00" is several times cheaper than parsing and then .replace(tzinfo=UTC).
+        return Lease(space, row[0], _fromiso(row[1] + "+00:00"), row[2])
+
+    def to_events(self, space: str, rows: list[Any]) -> list[Event]:
+        fromiso, make = _fromiso, new_event
+        payloads = decode_payloads([row[2] for row in rows])
+        return [
+            make(space, s, t, p, fromiso(at + "+00:00"), w, g, i)
+            for (s, t, _, at, w, g, i), p in zip(rows, payloads, strict=True)
+        ]
+
+    def payload(self, value: Any) -> Any:
+        return load_json(value) if isinstance(value, str) else value
+
+    # -- transactions --------------------------------------------------------------------------
+
+    def begin_write(self, c: Conn) -> None:
+        # Once the write lock is taken, nothing else in the transaction waits for it; a busy
+        # database fails it at once, and `Database.call` retries.
+        c.cur.execute("BEGIN IMMEDIATE")
+
+    def rollback(self, c: Conn) -> None:
+        if c.raw.in_transaction:
+            c.raw.rollback()
+
+    def lease_transaction(self, c: Conn, body: Callable[[], _R]) -> _R:
+        # A grant is an UPDATE, then an INSERT for a space's first: one write lock for both.
+        self.begin_write(c)
+        result = body()
+        self.commit(c)
+        return result
+
+    @contextmanager
+    def relaxed(self, c: Conn) -> Iterator[None]:
+        # The statement inside runs with `synchronous=NORMAL` unless the connection is below it
+        # already. In WAL mode NORMAL skips the fsync of that commit only
+        # (https://www.sqlite.org/pragma.html#pragma_synchronous); the next FULL commit syncs the
+        # WAL, this one included.
+        level = int(c.cur.execute("PRAGMA synchronous").fetchone()[0])
+        if level < 2:
+            yield
+            return
+        c.cur.execute("PRAGMA synchronous = NORMAL")
+        try:
+            yield
+        finally:
+            c.cur.execute(f"PRAGMA synchronous = {level}")
+
+    # -- statements ----------------------------------------------------------------------------
+
+    def append_one(
+        self,
+        space: str,
+        p: Pending,
+        seq: int,
+        at: datetime,
+        writer: str,
+        generation: int,
+        fence: Lease | None,
+    ) -> Statement:
+        row = (space, seq, p.type, p.payload_json, sqlite_time(at), writer, generation)
+        intent = p.intent_id is not None
+        if fence is None:
+            return self._append[(False, intent, False)], (*row, p.intent_id)
+        if fence.holder == writer and fence.generation == generation:  # two parameters fewer
+            return self._append[(True, intent, True)], (*row, p.intent_id)
+        return self._append[(True, intent, False)], (
+            *row,
+            p.intent_id,
+            fence.holder,
+            fence.generation,
+        )
+
+    def is_check_failure(self, e: BaseException) -> bool:
+        # The NOT NULL violation of `append_one_sql`'s seq.
+        return (
+            isinstance(e, sqlite3.IntegrityError)
+            and getattr(e, "sqlite_errorcode", 0) == 1299
+            and f"{EVENTS}.seq" in str(e)
+        )
+
+    def put_intent(
+        self, space: str, item: Pending, holder: str, reply_to: str | None, now: datetime
+    ) -> Statement:
+        params = (space, item.intent_id, item.type, item.payload_json, sqlite_time(now), holder)
+        return self.put_intent_sql, (*params, reply_to, space, item.intent_id)
+
+    def forget_intents(self, c: Conn, space: str, ids: list[str]) -> None:
+        c.cur.execute(
+            f"DELETE FROM {INTENTS} WHERE space = ? AND intent_id IN ({', '.join('?' * len(ids))}) "
+            f"AND EXISTS (SELECT 1 FROM {EVENTS} e WHERE e.space = {INTENTS}.space "
+            f"AND e.intent_id = {INTENTS}.intent_id)",
+            (space, *ids),
+        )

@@ -1,0 +1,181 @@
+"""The schema: alembic migrations (`migrations/`, shipped as `shard_sql.migrations`), run under a
+lock, and the revision check a store makes when it opens."""
+
+from __future__ import annotations
+
+import importlib.util
+import random
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from sqlalchemy.engine import URL, Connection, Engine
+
+from shard_sql.errors import SchemaError, ShardSqlError
+from shard_sql.orm import SCHEMA_REVISION
+from shard_sql.sql.connections import Database, open_engine
+from shard_sql.sql.dialects import Conn, Dialect, EngineOptions
+from shard_sql.sql.errors import DEFAULT_BUSY_TIMEOUT, Site, is_sqlite_busy, translate
+from shard_sql.sql.urls import masked
+
+if TYPE_CHECKING:
+    from alembic.config import Config
+
+__all__ = [
+    "alembic_config",
+    "migrate",
+    "migration_connection",
+    "migrations_dir",
+    "open_schema",
+]
+
+MIGRATION_LOCK = 0x5A4D_5351_4C00_0001
+"""The advisory lock key migrations take on PostgreSQL ("ZMSQL" + 1)."""
+
+_PACKAGE = Path(__file__).resolve().parent.parent
+
+
+def migrations_dir() -> Path:
+    """The alembic script directory: inside the installed package (a wheel ships it as
+    `shard_sql/migrations`), else `migrations/` at the top of a source checkout."""
+    for candidate in (_PACKAGE / "migrations", _PACKAGE.parent / "migrations"):
+        if (candidate / "env.py").is_file():
+            return candidate
+    spec = importlib.util.find_spec("shard_sql.migrations")
+    if spec is not None and spec.submodule_search_locations:
+        for location in spec.submodule_search_locations:
+            if (Path(location) / "env.py").is_file():
+                return Path(location)
+    raise SchemaError("shard_sql's migrations are missing from this installation")
+
+
+def alembic_config(connection: Connection | None = None) -> Config:
+    """An alembic `Config` for shard_sql's migrations, optionally bound to an open connection."""
+    # alembic loads only when a migration runs (it is slow to import; a store at head never
+    # needs it).
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(migrations_dir()).replace("%", "%%"))
+    if connection is not None:
+        cfg.attributes["connection"] = connection
+    return cfg
+
+
+def _site(engine: Engine, dialect: Dialect, busy_timeout: float = DEFAULT_BUSY_TIMEOUT) -> Site:
+    return Site(dialect.describe(engine.url), masked(engine.url), busy_timeout)
+
+
+@contextmanager
+def migration_connection(
+    url_or_engine: str | URL | Engine, *, busy_timeout: float = DEFAULT_BUSY_TIMEOUT
+) -> Iterator[Connection]:
+    """A connection in a transaction that holds shard_sql's migration lock, committed on exit
+    (used by `migrations/env.py` when alembic runs from the command line)."""
+    engine, owned, _ = open_engine(url_or_engine, EngineOptions(busy_timeout=busy_timeout))
+    try:
+        with _locked_connection(engine) as conn:
+            yield conn
+    finally:
+        if owned:
+            engine.dispose()
+
+
+@contextmanager
+def _locked_connection(engine: Engine) -> Iterator[Connection]:
+    """SQLite: BEGIN IMMEDIATE (the write lock). PostgreSQL: a transaction-level advisory lock.
+    Concurrent migrations queue up; the later ones find the schema at head and do nothing."""
+    with engine.connect() as conn:
+        if engine.dialect.name == "postgresql":
+            conn.execution_options(isolation_level="READ COMMITTED")
+        with conn.begin():
+            if engine.dialect.name == "postgresql":
+                conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK})")
+            yield conn
+
+
+def run_migrations(engine: Engine, site: Site) -> str:
+    """Upgrade the database behind `engine` to head; the head revision."""
+    from alembic import command  # see alembic_config
+
+    deadline = time.monotonic() + DEFAULT_BUSY_TIMEOUT
+    while True:
+        try:
+            with _locked_connection(engine) as conn:
+                command.upgrade(alembic_config(conn), "head")
+            return SCHEMA_REVISION
+        except ShardSqlError:
+            raise
+        except Exception as e:
+            if is_sqlite_busy(e) and time.monotonic() < deadline:
+                time.sleep(0.01 + random.random() * 0.05)
+                continue
+            err = translate(e, site)
+            if err is None:
+                raise
+            raise err from e
+
+
+def migrate(url_or_engine: str | URL | Engine) -> str:
+    """Upgrade the database to the head schema (creating the tables in an empty one) and return
+    the head revision. Safe to run concurrently and repeatedly."""
+    engine, owned, dialect = open_engine(url_or_engine, EngineOptions())
+    try:
+        return run_migrations(engine, _site(engine, dialect))
+    finally:
+        if owned:
+            engine.dispose()
+
+
+def _known_revision(revision: str) -> bool:
+    from alembic.script import ScriptDirectory  # see alembic_config
+
+    try:
+        return ScriptDirectory(str(migrations_dir())).get_revision(revision) is not None
+    except Exception:
+        return False
+
+
+def _revision_problem(site: Site, revision: str) -> str:
+    if _known_revision(revision):
+        return (
+            f"{site} is at shard_sql schema revision {revision}, older than {SCHEMA_REVISION}: "
+            f"{site.hint}"
+        )
+    return (
+        f"{site} is at shard_sql schema revision {revision!r}, unknown to this version of "
+        f"shard_sql (it expects {SCHEMA_REVISION}): a newer shard_sql migrated it; upgrade "
+        "shard_sql"
+    )
+
+
+def open_schema(db: Database, migrate_now: bool) -> None:
+    """Check that the database is at the head schema; migrate it there when `migrate_now` and
+    it is an older shard_sql schema or none. Else `SchemaError` saying what to do."""
+    try:
+        revision = db.call(_revision, db)
+    except Exception as e:
+        err = translate(e, db.site)
+        if err is None:
+            raise
+        raise err from e
+    if revision == SCHEMA_REVISION:
+        return
+    if revision is not None and (not migrate_now or not _known_revision(revision)):
+        raise SchemaError(_revision_problem(db.site, revision))
+    if not migrate_now:
+        raise SchemaError(f"{db.site} has no shard_sql schema: {db.site.hint}")
+    run_migrations(db.engine, db.site)
+
+
+def _revision(c: Conn, db: Database) -> str | None:
+    try:
+        c.cur.execute(db.dialect.version_sql)
+        rows = c.cur.fetchall()
+    except Exception as e:
+        if isinstance(translate(e, db.site), SchemaError):
+            return None  # no version table: not a shard_sql database (yet)
+        raise
+    return str(rows[0][0]) if rows else None

@@ -1,0 +1,488 @@
+"""`SqlEventStore`: events and leases in a SQLite file or a PostgreSQL database.
+
+Reads, the write path and the lease statements; the forwarded intents are `SqlIntentQueue`'s.
+How and why (one statement per append, the fence's row lock, retries): docs/sql.md.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar
+
+from sqlalchemy.engine import URL, Engine
+
+from shard_sql.errors import InvalidEvent, LeaseHeld, SeqConflict, StaleLease, StoreUnavailable
+from shard_sql.leases import check_fence, check_ttl
+from shard_sql.ports import IntentInbox, IntentQueue, LeaseStore, SpaceWakeups, system_clock
+from shard_sql.sql.clock import DatabaseClock
+from shard_sql.sql.connections import Database
+from shard_sql.sql.dialects import Conn, EngineOptions
+from shard_sql.sql.dialects.base import Statement
+from shard_sql.sql.dialects.sqlite import SYNCHRONOUS
+from shard_sql.sql.errors import DEFAULT_BUSY_TIMEOUT, guarded, translate
+from shard_sql.sql.intents import SqlIntentQueue
+from shard_sql.sql.listener import Listener
+from shard_sql.sql.schema import open_schema
+from shard_sql.store_base import StoreBase, already_written, stamp
+from shard_sql.validation import Pending, check_seq, check_space
+from shard_sql.values import Event, Lease, new_event
+
+__all__ = ["SqlEventStore"]
+
+_now = datetime.now
+_R = TypeVar("_R")
+
+
+def _check_options(
+    sqlite_synchronous: object,
+    busy_timeout: object,
+    pool_size: object,
+    max_overflow: object,
+    pool_timeout: object,
+) -> EngineOptions:
+    if not isinstance(sqlite_synchronous, str) or sqlite_synchronous.upper() not in SYNCHRONOUS:
+        raise InvalidEvent("sqlite_synchronous", f"must be one of {', '.join(SYNCHRONOUS)}")
+    for name, value in (("busy_timeout", busy_timeout), ("pool_timeout", pool_timeout)):
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise InvalidEvent(name, "must be a number of seconds")
+        if not 0 <= value <= 3600:  # also refuses NaN
+            raise InvalidEvent(name, "must be between 0 and 3600 seconds")
+    for name, value, low in (("pool_size", pool_size, 1), ("max_overflow", max_overflow, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= 10_000:
+            raise InvalidEvent(name, f"must be a whole number from {low} to 10000")
+    assert isinstance(busy_timeout, int | float) and isinstance(pool_timeout, int | float)
+    assert isinstance(pool_size, int) and isinstance(max_overflow, int)
+    return EngineOptions(
+        synchronous=sqlite_synchronous.upper(),
+        busy_timeout=float(busy_timeout),
+        pool_size=pool_size,
+        max_overflow=max_overflow,
+        pool_timeout=float(pool_timeout),
+    )
+
+
+class SqlEventStore(StoreBase, LeaseStore, IntentQueue, IntentInbox, SpaceWakeups):
+    """Events and leases in a SQL database: a SQLite file or a PostgreSQL server.
+
+    `url_or_engine`: a SQLAlchemy URL (`sqlite:///path.db`, `postgresql+psycopg://...`; plain
+    `postgresql://` selects psycopg too) or an `Engine`. A PostgreSQL engine is used as is and
+    left open by `close()`; the store holds its connections only while it uses them. For a
+    SQLite engine the store opens its own connections to its file.
+
+    A SQLite file is migrated to the head schema when opened; any other database must already be
+    at head (else `SchemaError`) unless `migrate=True`.
+
+    Connections (of the store's own engine): `pool_size` kept open, up to `max_overflow` more
+    under load; a call that finds none free waits `pool_timeout` seconds, then
+    `StoreUnavailable`. SQLite options: `sqlite_synchronous` ("FULL", the default: an
+    acknowledged append survives power loss; "NORMAL": faster, the last appends may be lost on
+    power loss, never corrupted), also settable as `?synchronous=NORMAL` in the URL;
+    `busy_timeout` (seconds a write waits for another process's write lock).
+    """
+
+    ITER_PAGE = 2000
+
+    def __init__(
+        self,
+        url_or_engine: str | URL | Engine,
+        *,
+        migrate: bool = False,
+        sqlite_synchronous: str = "FULL",
+        busy_timeout: float = DEFAULT_BUSY_TIMEOUT,
+        pool_size: int = 5,
+        max_overflow: int = 5,
+        pool_timeout: float = 30.0,
+    ) -> None:
+        options = _check_options(
+            sqlite_synchronous, busy_timeout, pool_size, max_overflow, pool_timeout
+        )
+        self._closed = False
+        self.database = Database(url_or_engine, options)
+        """The store's engine, dialect and connections (for tools and tests)."""
+        db = self.database
+        self._site = db.site
+        self.where = db.site.where
+        self._dialect = db.dialect
+        self._insert_once = db.insert_once if db.dialect.retry_free_insert else None
+        self._intents = SqlIntentQueue(db)
+        self._clock = DatabaseClock(db)
+        try:
+            open_schema(db, migrate or self._dialect.migrates_on_open)
+        except BaseException:
+            self.close()
+            raise
+
+    def __repr__(self) -> str:
+        return f"SqlEventStore({self._site.url!r})"
+
+    @property
+    def engine(self) -> Engine:
+        """The SQLAlchemy engine (for SQLite: the store's own)."""
+        return self.database.engine
+
+    @property
+    def listener(self) -> Listener | None:
+        """PostgreSQL: this process's notification listener, once a wait started it."""
+        return self._intents.listener
+
+    def database_clock(self) -> datetime:
+        """The database server's current time (aware, UTC), for `LeaseRegistry(store,
+        clock=store.database_clock)`: every host then judges lease expiry by one clock.
+        PostgreSQL: `clock_timestamp()`, read at most once a second and extrapolated with the
+        local monotonic clock in between. SQLite: the system clock."""
+        return self._clock()
+
+    def close(self) -> None:
+        """Close the store's connections, and dispose the engine unless it was passed in."""
+        if self._closed:
+            return
+        self._closed = True
+        self._intents.close()
+        self.database.close()
+
+    def __enter__(self) -> SqlEventStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- reads -----------------------------------------------------------------------------
+
+    @guarded
+    def events(self, space: str, *, from_seq: int = 0, limit: int | None = None) -> list[Event]:
+        check_space(space)
+        check_seq("from_seq", from_seq)
+        if limit is not None and check_seq("limit", limit) == 0:
+            return []
+        return self.database.call(self._read, space, from_seq, limit)
+
+    def _read(self, c: Conn, space: str, from_seq: int, limit: int | None) -> list[Event]:
+        cur, d = c.cur, self._dialect
+        if limit is None:
+            cur.execute(d.read_sql, (space, from_seq))
+        else:
+            cur.execute(d.read_limit_sql, (space, from_seq, limit))
+        return d.to_events(space, cur.fetchall())
+
+    @guarded
+    def head(self, space: str) -> int:
+        check_space(space)
+        return self.database.call(self._head, space)
+
+    def _head(self, c: Conn, space: str) -> int:
+        c.cur.execute(self._dialect.head_sql, (space,))
+        row = c.cur.fetchone()
+        return 0 if row is None else int(row[0]) + 1
+
+    @guarded
+    def spaces(self) -> list[str]:
+        return self.database.call(self._spaces)
+
+    def _spaces(self, c: Conn) -> list[str]:
+        c.cur.execute(self._dialect.spaces_sql)
+        return [row[0] for row in c.cur.fetchall()]
+
+    # -- the write path --------------------------------------------------------------------
+
+    def write(
+        self,
+        space: str,
+        batch: Sequence[Pending],
+        *,
+        expected_seq: int,
+        fence: Lease | None,
+        verify_fence: bool = True,
+    ) -> list[Event]:
+        """Write `batch` at `expected_seq` in one transaction, all or nothing: one event is one
+        statement (`Dialect.append_one`) whose checks run again, to say why, only when it wrote
+        nothing; a batch is one transaction (or one statement, `Dialect.append_small_batch`)."""
+        check = fence if verify_fence else None
+        if len(batch) == 1:
+            p = batch[0]
+            at = p.recorded_at or _now(UTC)
+            writer = p.writer if p.writer is not None else fence.holder if fence else ""
+            gen = p.generation if p.generation is not None else fence.generation if fence else 0
+            sql, params = self._dialect.append_one(space, p, expected_seq, at, writer, gen, check)
+            insert_once = self._insert_once
+            if insert_once is not None and insert_once(sql, params):
+                written = [
+                    new_event(space, expected_seq, p.type, p.payload, at, writer, gen, p.intent_id)
+                ]
+            else:
+                statement = (sql, params)
+                written = self._write_one(space, p, expected_seq, check, statement, at, writer, gen)
+            if p.intent_id is not None:
+                self._intents.waits.events_written(space)  # a forwarder may wait for it
+            return written
+        if not batch:
+            raise InvalidEvent("items", "must not be empty")
+        return self._write_batch(space, batch, expected_seq, fence, check)
+
+    def _write_one(
+        self,
+        space: str,
+        p: Pending,
+        seq: int,
+        check: Lease | None,
+        statement: Statement,
+        at: datetime,
+        writer: str,
+        gen: int,
+    ) -> list[Event]:
+        """A single-event write through `Database.call` (retries, reconnects); when it writes
+        nothing, `_check_write` says why."""
+        batch = [p]
+        try:
+            for _ in range(3):
+                if self.database.call(self._insert, *statement, retry=p.intent_id is not None):
+                    return [new_event(space, seq, p.type, p.payload, at, writer, gen, p.intent_id)]
+                # Nothing written: say why (the same checks, in the reference adapter's order).
+                done = self.database.call(self._check_write, space, batch, seq, check)
+                if done is not None:
+                    return done
+            raise SeqConflict(space, seq)
+        except Exception as e:
+            return self._write_failed(e, space, batch, seq, check)
+
+    def _insert(self, c: Conn, sql: str, params: Sequence[Any]) -> bool:
+        """Run a single-event INSERT; whether it wrote the row."""
+        cur = c.cur
+        try:
+            cur.execute(sql, params)
+        except Exception as e:
+            if self._dialect.is_check_failure(e):
+                return False
+            raise
+        return bool(cur.rowcount == 1)
+
+    def _write_batch(
+        self,
+        space: str,
+        batch: Sequence[Pending],
+        expected_seq: int,
+        fence: Lease | None,
+        check: Lease | None,
+    ) -> list[Event]:
+        now = system_clock()
+        events = [stamp(space, expected_seq + n, p, fence, now) for n, p in enumerate(batch)]
+        # A write whose every event has an intent id can be repeated safely after a lost
+        # connection: a committed first attempt is then found and returned, never doubled.
+        repeatable = all(p.intent_id is not None for p in batch)
+        try:
+            for _ in range(3):
+                done = self.database.call(
+                    self._write, space, events, batch, check, expected_seq, retry=repeatable
+                )
+                if done is not None:
+                    if any(p.intent_id for p in batch):
+                        self._intents.waits.events_written(space)
+                    return done
+            # Three benign races in a row (the head moved between the write and the check).
+            raise SeqConflict(space, expected_seq)
+        except Exception as e:
+            return self._write_failed(e, space, batch, expected_seq, check)
+
+    def _write_failed(
+        self,
+        e: Exception,
+        space: str,
+        batch: Sequence[Pending],
+        expected_seq: int,
+        check: Lease | None,
+    ) -> list[Event]:
+        """Called in a failed write's `except`: raise its `ShardSqlError` (a driver error
+        translated), or return the events of a writer of the same intent ids that won a race."""
+        err = translate(e, self._site, space=space, expected_seq=expected_seq)
+        if err is None:
+            raise e
+        if err is e:
+            raise err
+        if isinstance(err, SeqConflict) and any(p.intent_id for p in batch):
+            # Lost a race with a writer of the same intent id: return what it wrote.
+            done = self._call_translated(self._check_write, space, batch, expected_seq, check)
+            if done is not None:
+                return done
+        raise err from e
+
+    @guarded
+    def _call_translated(self, fn: Callable[..., _R], *args: Any) -> _R:
+        return self.database.call(fn, *args)
+
+    def _write(
+        self,
+        c: Conn,
+        space: str,
+        events: list[Event],
+        batch: Sequence[Pending],
+        fence: Lease | None,
+        expected_seq: int,
+    ) -> list[Event] | None:
+        """One attempt at a batch: the events written, the events an earlier call wrote for these
+        intent ids, a raised error, or None (a benign race: try again)."""
+        d = self._dialect
+        statement = d.append_small_batch(space, events, batch, fence, expected_seq)
+        if statement is not None:
+            c.cur.execute(*statement)
+            if c.cur.rowcount == len(events):
+                return events
+            return self._check_write(c, space, batch, expected_seq, fence)
+        d.begin_write(c)
+        done = self._check_write(c, space, batch, expected_seq, fence, locked=True)
+        if done is not None:
+            d.rollback(c)
+            return done
+        # A batch shares one time (an import keeps each event's): format each time once.
+        times = {t: d.time(t) for t in {e.recorded_at for e in events}}
+        d.insert_rows(
+            c,
+            [
+                (space, e.seq, e.type, p.payload_json, times[e.recorded_at], e.writer,
+                 e.generation, e.intent_id)
+                for e, p in zip(events, batch, strict=True)
+            ],
+        )  # fmt: skip
+        d.commit(c)
+        return events
+
+    def _check_write(
+        self,
+        c: Conn,
+        space: str,
+        batch: Sequence[Pending],
+        expected_seq: int,
+        fence: Lease | None,
+        *,
+        locked: bool = False,
+    ) -> list[Event] | None:
+        """The write's checks, in the reference adapter's order: intent ids already written
+        (returns their events; `InvalidEvent` if only some are), the fence (`StaleLease`), the
+        head (`SeqConflict`). None: nothing stands in the way. `locked`: inside the write's
+        transaction, the lease row is read with the lock that orders it before a new grant."""
+        ids = [p.intent_id for p in batch if p.intent_id is not None]
+        if ids:
+            found = self._dialect.events_by_intent(c, space, ids)
+            done = already_written(
+                [found.get(p.intent_id) if p.intent_id else None for p in batch], batch
+            )
+            if done is not None:
+                return done
+        if fence is not None:
+            check_fence(fence, self._lease_record(c, space, locked=locked))
+        head = self._head(c, space)
+        if head != expected_seq:
+            raise SeqConflict(space, expected_seq, head)
+        return None
+
+    # -- leases (each statement mirrors a rule of `shard_sql.leases`: `Dialect`) -------------
+
+    def _lease_record(self, c: Conn, space: str, *, locked: bool = False) -> Lease | None:
+        d = self._dialect
+        c.cur.execute(d.lease_locked_sql if locked else d.lease_sql, (space,))
+        row = c.cur.fetchone()
+        return None if row is None else d.lease(space, row)
+
+    @guarded
+    def lease_record(self, space: str) -> Lease | None:
+        """The space's lease record, valid or not (None: never leased)."""
+        check_space(space)
+        return self.database.call(self._lease_record, space)
+
+    def _returning(self, c: Conn, sql: str, params: Sequence[Any]) -> Any:
+        c.cur.execute(sql, params)
+        rows = c.cur.fetchall()
+        return rows[0] if rows else None
+
+    @guarded
+    def lease_acquire(self, space: str, holder: str, ttl_seconds: float, now: datetime) -> Lease:
+        expires = now + timedelta(seconds=check_ttl(ttl_seconds))
+        lease = self.database.call(self._acquire, space, holder, expires, now)
+        # This process's waits end once, so that a serving thread waiting on the spaces it held
+        # before waits on its new set.
+        self._intents.waits.lease_granted()
+        return lease
+
+    def _acquire(self, c: Conn, space: str, holder: str, expires: datetime, now: datetime) -> Lease:
+        d = self._dialect
+        t_now, t_exp = d.time(now), d.time(expires)
+        grant = (holder, t_now, holder, t_now, t_exp, t_exp, holder, space, holder, t_now)
+
+        def attempt() -> Lease | None:
+            row = self._returning(c, d.grant_sql, grant)
+            if row is None:
+                row = self._returning(c, d.first_grant_sql, (space, holder, t_exp))
+            if row is not None:
+                return d.lease(space, row)
+            cur = self._lease_record(c, space)
+            if cur is not None and cur.valid_at(now) and cur.holder != holder:
+                raise LeaseHeld(cur)
+            return None  # the record changed between the statements: try again
+
+        for _ in range(100):
+            lease = d.lease_transaction(c, attempt)
+            if lease is not None:
+                return lease
+        raise StoreUnavailable(f"{self.where}: lease on {space!r} kept changing; try again")
+
+    @guarded
+    def lease_renew(self, lease: Lease, ttl_seconds: float, now: datetime) -> Lease:
+        expires = now + timedelta(seconds=check_ttl(ttl_seconds))
+        d = self._dialect
+        params = (d.time(expires), lease.space, lease.holder, lease.generation, d.time(now))
+        row = self.database.call(self._returning, d.renew_sql, params)
+        if row is None:
+            raise StaleLease(lease, "lost before renewal")
+        return d.lease(lease.space, row)
+
+    @guarded
+    def lease_release(self, lease: Lease, now: datetime) -> None:
+        d = self._dialect
+        params = (d.time(now), lease.space, lease.holder, lease.generation)
+        self.database.call(self._execute, d.release_sql, params)
+
+    def _execute(self, c: Conn, sql: str, params: Sequence[Any]) -> None:
+        c.cur.execute(sql, params)
+
+    @guarded
+    def lease_current(self, space: str, now: datetime) -> Lease | None:
+        d = self._dialect
+        row = self.database.call(self._returning, d.current_sql, (space, d.time(now)))
+        return None if row is None else d.lease(space, row)
+
+    @guarded
+    def lease_revoke(self, space: str, now: datetime) -> Lease | None:
+        d = self._dialect
+        row = self.database.call(self._returning, d.revoke_sql, (d.time(now), space), retry=False)
+        return None if row is None else d.lease(space, row)
+
+    # -- forwarded intents: `SqlIntentQueue` ------------------------------------------------
+
+    def put_intent(self, space: str, item: Pending, *, holder: str) -> None:
+        self._intents.put_intent(space, item, holder=holder)
+
+    def find_intent(self, space: str, intent_id: str) -> Event | None:
+        return self._intents.find_intent(space, intent_id)
+
+    def pending_intents(self, space: str, *, limit: int) -> list[Pending]:
+        return self._intents.pending_intents(space, limit=limit)
+
+    def forget_intents(self, space: str, intent_ids: Sequence[str]) -> None:
+        self._intents.forget_intents(space, intent_ids)
+
+    def wait_for_change(self, spaces: Sequence[str], timeout: float) -> None:
+        self._intents.wait_for_change(spaces, timeout)
+
+    def wakes_per_space(self) -> bool:
+        return self._intents.wakes_per_space()
+
+    def notified_intents(self, space: str, *, limit: int) -> list[Pending] | None:
+        return self._intents.notified_intents(space, limit=limit)
+
+    def awaited_event(self, space: str, intent_id: str) -> tuple[Event | None, bool]:
+        return self._intents.awaited_event(space, intent_id)
+
+    def drop_notified(self, space: str, intent_ids: Sequence[str]) -> None:
+        self._intents.drop_notified(space, intent_ids)
+
+    def watch_intents(self, callback: Callable[[str], bool]) -> Callable[[], None]:
+        return self._intents.watch_intents(callback)
