@@ -21,7 +21,8 @@ from shard_sql.errors import (
 )
 from shard_sql.leases import LeaseRegistry
 from shard_sql.memory import InMemoryEventStore
-from shard_sql.ports import EventStore
+from shard_sql.ports import EventStore, FeedStore, Transaction
+from shard_sql.subscription import Subscription
 from shard_sql.values import Event, EventType, Lease
 
 if TYPE_CHECKING:
@@ -33,6 +34,7 @@ __all__ = [
     "Event",
     "EventStore",
     "EventType",
+    "FeedStore",
     "GitEventStore",
     "InMemoryEventStore",
     "IntentConflict",
@@ -47,6 +49,8 @@ __all__ = [
     "SqlEventStore",
     "StaleLease",
     "StoreUnavailable",
+    "Subscription",
+    "Transaction",
     "migrate",
 ]
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 
 from shard_sql.errors import InvalidEvent, LeaseHeld, StaleLease
@@ -230,6 +231,21 @@ class LeaseRegistry:
             return store.write(
                 space, batch, expected_seq=expected_seq, fence=lease, verify_fence=False
             )
+
+    @contextmanager
+    def fenced(self, store: object, lease: Lease) -> Iterator[Lease | None]:
+        """A block whose writes to `store` are fenced by `lease`: yields the `fence=` to pass
+        them. Leases kept in `store`: `lease` itself (the store checks it in the write's
+        transaction). Leases in this registry's memory: checked here, their lock held through
+        the block so no new grant slips in, and None. `StaleLease` if it is not current."""
+        if self.store is store:
+            yield lease
+            return
+        if not isinstance(self._records, MemoryLeases):
+            raise InvalidEvent("registry", "keeps its leases in another store")
+        with self._records.locked():
+            check_fence(lease, self._records.lease_record(lease.space))
+            yield None
 
     def fences(self, store: object) -> bool:
         """Whether this registry can fence writes to `store`."""

@@ -7,7 +7,7 @@ from collections.abc import Collection, Iterable, Iterator, Sequence
 from datetime import datetime
 from typing import Any, cast
 
-from shard_sql.errors import IntentConflict, InvalidEvent
+from shard_sql.errors import IntentConflict, InvalidEvent, SeqConflict
 from shard_sql.ports import BatchWriter, EventStore, FeedStore, Item
 from shard_sql.validation import (
     Pending,
@@ -97,6 +97,13 @@ def feed_pages(
         last = page[-1].position
         assert last is not None  # the feed returns placed events only
         after = last
+
+
+def checkpoint_conflict(name: str, position: int, stored: int) -> SeqConflict:
+    """The error for a checkpoint save below the stored position (its `space` is the name)."""
+    e = SeqConflict(name, position, stored)
+    e.args = (f"checkpoint {name!r} is at {stored}: saving {position} would move it back",)
+    return e
 
 
 def already_written(found: Sequence[Event | None], batch: Sequence[Pending]) -> list[Event] | None:
