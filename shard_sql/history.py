@@ -29,6 +29,8 @@ from typing import Any, Literal
 from shard_sql.values import Event
 
 Outcome = Literal["ok", "failed", "unknown"]
+Key = tuple[str, str]
+"""(space, op id)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,8 +80,19 @@ def check(
 ) -> Report:
     """Check a run: `logs` maps each space to its final events in seq order."""
     report = Report()
+    op_list = list(ops)
+    by_op = _check_logs(logs, report)
+    acked = _check_outcomes(op_list, by_op, report)
+    _check_real_time_order(acked, op_list, by_op, report.violations)
+    _check_fencing(logs, grants, report.violations)
+    return report
+
+
+def _check_logs(logs: Mapping[str, Sequence[Event]], report: Report) -> dict[Key, list[Event]]:
+    """No fork, no gap, one writer per generation, generations never decrease; returns the
+    events of each (space, op id)."""
     v = report.violations
-    by_op: dict[tuple[str, str], list[Event]] = defaultdict(list)
+    by_op: dict[Key, list[Event]] = defaultdict(list)
     for space, events in logs.items():
         report.events += len(events)
         seqs = [e.seq for e in events]
@@ -93,23 +106,32 @@ def check(
                 by_op[(space, op)].append(e)
             else:
                 v.append(f"{space}: seq {e.seq} carries no op id")
-        last_gen = 0
-        writers: dict[int, str] = {}
-        for e in events:
-            if e.generation < last_gen:
-                v.append(
-                    f"{space}: generation decreases at seq {e.seq} ({last_gen} -> {e.generation})"
-                )
-            last_gen = max(last_gen, e.generation)
-            if writers.setdefault(e.generation, e.writer) != e.writer:
-                v.append(
-                    f"{space}: generation {e.generation} written by {writers[e.generation]!r} "
-                    f"and {e.writer!r}"
-                )
+        _check_generations(space, events, v)
+    return by_op
 
-    known: set[tuple[str, str]] = set()
+
+def _check_generations(space: str, events: Sequence[Event], v: list[str]) -> None:
+    last_gen = 0
+    writers: dict[int, str] = {}
+    for e in events:
+        if e.generation < last_gen:
+            v.append(f"{space}: generation decreases at seq {e.seq} ({last_gen} -> {e.generation})")
+        last_gen = max(last_gen, e.generation)
+        if writers.setdefault(e.generation, e.writer) != e.writer:
+            v.append(
+                f"{space}: generation {e.generation} written by {writers[e.generation]!r} "
+                f"and {e.writer!r}"
+            )
+
+
+def _check_outcomes(
+    op_list: list[Op], by_op: dict[Key, list[Event]], report: Report
+) -> dict[str, list[tuple[float, int]]]:
+    """Each acknowledged op present once at its seq, no failed op present, an unknown one at
+    most once, no event without an op; returns each space's (completion time, seq) acks."""
+    v = report.violations
+    known: set[Key] = set()
     acked: dict[str, list[tuple[float, int]]] = defaultdict(list)
-    op_list = list(ops)
     for op in op_list:
         report.operations += 1
         report.outcomes[op.outcome] += 1
@@ -133,8 +155,16 @@ def check(
     for (space, op_id), events in by_op.items():
         if (space, op_id) not in known:
             v.append(f"{space}: seq {events[0].seq} was written by no recorded op ({op_id})")
+    return acked
 
-    # Real-time order: anything invoked after an ack lands after it.
+
+def _check_real_time_order(
+    acked: dict[str, list[tuple[float, int]]],
+    op_list: list[Op],
+    by_op: dict[Key, list[Event]],
+    v: list[str],
+) -> None:
+    """Anything invoked after an ack lands after it."""
     for space, acks in acked.items():
         acks.sort()
         times = [t for t, _ in acks]
@@ -152,7 +182,11 @@ def check(
                     "was acknowledged, yet ordered before it"
                 )
 
-    # Fencing: one holder per generation; no write begun after a newer grant committed.
+
+def _check_fencing(
+    logs: Mapping[str, Sequence[Event]], grants: Iterable[Grant], v: list[str]
+) -> None:
+    """One holder per generation; no write begun after a newer grant committed."""
     holders: dict[tuple[str, int], str] = {}
     newer: dict[str, list[Grant]] = defaultdict(list)
     for g in grants:
@@ -171,7 +205,6 @@ def check(
                         f"granted at {g.granted.isoformat()}"
                     )
                     break
-    return report
 
 
 # -- recording, one JSON line per record, safe to append from many processes -----------------

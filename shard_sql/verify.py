@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from shard_sql.ports import EventStore
+from shard_sql.values import Event
 
 MAX_VIOLATIONS = 1000
 """A report keeps the first 1000 violations in detail and counts the rest."""
@@ -139,61 +140,10 @@ def _verify_space(
 ) -> SpaceSummary:
     before = report.violation_count
     head = store.head(space)
-    intents: dict[str, int] = {}
-    writers: dict[int, tuple[str, int]] = {}
-    last_gen: tuple[int, int] | None = None  # (generation, seq) of the last fenced event
-    count = unfenced = 0
+    check = _SpaceCheck(space, report)
     pending_progress = 0
-    last_seq = -1
     for event in store.iter_events(space):
-        count += 1
-        if event.space != space:
-            report.add(Violation(space, event.seq, "space", f"event belongs to {event.space!r}"))
-        if event.seq != last_seq + 1:
-            if event.seq <= last_seq:
-                found = f"seq {event.seq} again after seq {last_seq} (a fork or a duplicate)"
-            elif event.seq == last_seq + 2:
-                found = f"seq {last_seq + 1} is missing"
-            else:
-                found = f"seqs {last_seq + 1}..{event.seq - 1} are missing"
-            report.add(Violation(space, event.seq, "seq", found))
-        last_seq = max(last_seq, event.seq)
-        if event.intent_id is not None:
-            first = intents.setdefault(event.intent_id, event.seq)
-            if first != event.seq:
-                report.add(
-                    Violation(
-                        space,
-                        event.seq,
-                        "intent",
-                        f"intent_id {event.intent_id!r} already written at seq {first}",
-                    )
-                )
-        if event.writer == "" and event.generation == 0:
-            unfenced += 1
-        else:
-            if last_gen is not None and event.generation < last_gen[0]:
-                report.add(
-                    Violation(
-                        space,
-                        event.seq,
-                        "generation",
-                        f"generation {event.generation} after generation {last_gen[0]} "
-                        f"at seq {last_gen[1]}",
-                    )
-                )
-            last_gen = (event.generation, event.seq)
-            owner = writers.setdefault(event.generation, (event.writer, event.seq))
-            if owner[0] != event.writer:
-                report.add(
-                    Violation(
-                        space,
-                        event.seq,
-                        "writer",
-                        f"generation {event.generation} written by {event.writer!r}, "
-                        f"but by {owner[0]!r} at seq {owner[1]}",
-                    )
-                )
+        check.event(event)
         if progress is not None:
             pending_progress += 1
             if pending_progress >= 1000:
@@ -201,13 +151,71 @@ def _verify_space(
                 pending_progress = 0
     if progress is not None and pending_progress:
         progress(pending_progress)
-    if count != head or last_seq + 1 != head:
-        report.add(
-            Violation(
-                space,
-                None,
-                "head",
-                f"head is {head} but {count} events were read, the last at seq {last_seq}",
-            )
+    if check.count != head or check.last_seq + 1 != head:
+        found = (
+            f"head is {head} but {check.count} events were read, the last at seq {check.last_seq}"
         )
-    return SpaceSummary(space, head, count, unfenced, len(writers), report.violation_count - before)
+        report.add(Violation(space, None, "head", found))
+    violations = report.violation_count - before
+    return SpaceSummary(space, head, check.count, check.unfenced, len(check.writers), violations)
+
+
+class _SpaceCheck:
+    """The rules along one space's events, in seq order."""
+
+    def __init__(self, space: str, report: Report) -> None:
+        self.space, self.report = space, report
+        self.intents: dict[str, int] = {}
+        self.writers: dict[int, tuple[str, int]] = {}
+        self.last_gen: tuple[int, int] | None = None  # (generation, seq) of the last fenced event
+        self.count = self.unfenced = 0
+        self.last_seq = -1
+
+    def add(self, seq: int, rule: str, message: str) -> None:
+        self.report.add(Violation(self.space, seq, rule, message))
+
+    def event(self, event: Event) -> None:
+        self.count += 1
+        if event.space != self.space:
+            self.add(event.seq, "space", f"event belongs to {event.space!r}")
+        self.seq(event.seq)
+        if event.intent_id is not None:
+            first = self.intents.setdefault(event.intent_id, event.seq)
+            if first != event.seq:
+                self.add(
+                    event.seq,
+                    "intent",
+                    f"intent_id {event.intent_id!r} already written at seq {first}",
+                )
+        if event.writer == "" and event.generation == 0:
+            self.unfenced += 1
+        else:
+            self.fenced(event)
+
+    def seq(self, seq: int) -> None:
+        last = self.last_seq
+        if seq != last + 1:
+            if seq <= last:
+                found = f"seq {seq} again after seq {last} (a fork or a duplicate)"
+            elif seq == last + 2:
+                found = f"seq {last + 1} is missing"
+            else:
+                found = f"seqs {last + 1}..{seq - 1} are missing"
+            self.add(seq, "seq", found)
+        self.last_seq = max(last, seq)
+
+    def fenced(self, event: Event) -> None:
+        """The generation never decreases; one writer per generation."""
+        gen, seq = event.generation, event.seq
+        if self.last_gen is not None and gen < self.last_gen[0]:
+            last, at = self.last_gen
+            self.add(seq, "generation", f"generation {gen} after generation {last} at seq {at}")
+        self.last_gen = (gen, seq)
+        owner = self.writers.setdefault(gen, (event.writer, seq))
+        if owner[0] != event.writer:
+            self.add(
+                seq,
+                "writer",
+                f"generation {gen} written by {event.writer!r}, but by {owner[0]!r} at seq "
+                f"{owner[1]}",
+            )
