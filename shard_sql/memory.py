@@ -14,6 +14,9 @@ from shard_sql.ports import FeedStore, IntentQueue, Item, Transaction, system_cl
 from shard_sql.store_base import (
     StoreBase,
     already_written,
+    checked_intent_ids,
+    checked_put,
+    checked_wait,
     checkpoint_conflict,
     fence_space_matches,
     stamp,
@@ -21,6 +24,7 @@ from shard_sql.store_base import (
 from shard_sql.validation import (
     Pending,
     check_checkpoint_name,
+    check_intent_id,
     check_items,
     check_position,
     check_seq,
@@ -188,28 +192,37 @@ class InMemoryEventStore(StoreBase, FeedStore, MemoryLeases, IntentQueue):
     # -- forwarded intents (IntentQueue) -------------------------------------------------------
 
     def put_intent(self, space: str, item: Pending, *, holder: str) -> None:
-        assert item.intent_id is not None
+        intent_id = checked_put(space, item, holder)
         with self._lock:
-            self._intents.setdefault(space, {}).setdefault(item.intent_id, item)
+            self._intents.setdefault(space, {}).setdefault(intent_id, item)
             self._changed.notify_all()
 
     def find_intent(self, space: str, intent_id: str) -> Event | None:
+        check_space(space)
+        if check_intent_id(intent_id) is None:
+            raise InvalidEvent("intent_id", "must be a string")
         with self._lock:
             return self._by_intent.get((space, intent_id))
 
     def pending_intents(self, space: str, *, limit: int) -> list[Pending]:
+        check_space(space)
+        check_seq("limit", limit)
         with self._lock:
             queue = self._intents.get(space, {})
             out = [p for i, p in queue.items() if (space, i) not in self._by_intent]
             return out[:limit]
 
     def forget_intents(self, space: str, intent_ids: Sequence[str]) -> None:
+        check_space(space)
+        ids = checked_intent_ids(intent_ids)
         with self._lock:
             queue = self._intents.get(space, {})
-            for i in intent_ids:
-                queue.pop(i, None)
+            for i in ids:
+                if (space, i) in self._by_intent:  # applied: its record is garbage
+                    queue.pop(i, None)
 
     def wait_for_change(self, spaces: Sequence[str], timeout: float) -> None:
+        checked_wait(spaces, timeout)
         with self._changed:
             self._changed.wait(timeout)
 

@@ -11,10 +11,12 @@ from shard_sql.errors import IntentConflict, InvalidEvent, SeqConflict
 from shard_sql.ports import BatchWriter, EventStore, FeedStore, Item
 from shard_sql.validation import (
     Pending,
+    check_intent_id,
     check_items,
     check_position,
     check_seq,
     check_space,
+    check_text,
     check_types,
     load_json,
     pending,
@@ -167,3 +169,33 @@ def decode_payloads(texts: Sequence[Any]) -> list[Any]:
             if len(values) == len(texts):
                 return values  # type: ignore[no-any-return]
     return [_loads(t) for t in texts]
+
+
+# -- the arguments of the intent queue (`IntentQueue`), checked alike by the adapters ---------
+
+
+def checked_put(space: object, item: object, holder: object) -> str:
+    """The intent id of a `put_intent`; `InvalidEvent` for a bad space, holder or item."""
+    check_space(space)
+    check_text("holder", holder)
+    intent_id = check_intent_id(item.intent_id) if isinstance(item, Pending) else None
+    if intent_id is None:
+        raise InvalidEvent("intent_id", "a forwarded intent needs one")
+    return intent_id
+
+
+def checked_intent_ids(intent_ids: object) -> list[str]:
+    """The intent ids given to `forget_intents`."""
+    if isinstance(intent_ids, str) or not isinstance(intent_ids, Iterable):
+        raise InvalidEvent("intent_ids", "must be a sequence of intent ids, not a string")
+    return [i for i in intent_ids if check_intent_id(i) is not None]
+
+
+def checked_wait(spaces: object, timeout: object) -> list[str]:
+    """The spaces of a `wait_for_change`; `InvalidEvent` for them or a bad timeout."""
+    if isinstance(spaces, str) or not isinstance(spaces, Iterable):
+        raise InvalidEvent("spaces", "must be a sequence of spaces, not a string")
+    names = [check_space(s) for s in spaces]
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout >= 0:
+        raise InvalidEvent("timeout", "must be a number of seconds >= 0")
+    return names

@@ -25,7 +25,15 @@ from shard_sql.git.layout import (
     space_ref,
 )
 from shard_sql.ports import EventStore
-from shard_sql.testing import HOSTILE_SPACES, AuthorityContract, ManualClock, StoreContract
+from shard_sql.testing import (
+    HOSTILE_SPACES,
+    AdapterCase,
+    AuthorityContract,
+    IntentQueueContract,
+    LeaseRulesContract,
+    ManualClock,
+    StoreContract,
+)
 
 
 def git(repo: Path, *args: str, check: bool = True, stdin: str | None = None) -> str:
@@ -57,13 +65,15 @@ def all_refs(repo: Path) -> dict[str, str]:
     return dict(line.split(" ", 1) for line in out.splitlines())
 
 
-class TestGitStore(StoreContract):
+class Git(AdapterCase):
     def make_store(self) -> EventStore:
         return GitEventStore(self.tmp_path / "log.git")
 
     def store_url(self) -> str | None:
         return f"git+file://{self.tmp_path / 'log.git'}"
 
+
+class TestGitStore(Git, StoreContract):
     def test_zz_fsck_clean_after_contract_work(self) -> None:
         self.test_hostile_space_names_are_distinct()
         self.test_fence_stale_lease_writes_nothing()
@@ -72,9 +82,16 @@ class TestGitStore(StoreContract):
         assert_fsck_clean(self.tmp_path / "log.git")
 
 
-class TestGitAuthority(AuthorityContract):
-    def make_store(self) -> EventStore:
-        return GitEventStore(self.tmp_path / "log.git")
+class TestGitAuthority(Git, AuthorityContract):
+    pass
+
+
+class TestGitLeaseRules(Git, LeaseRulesContract):
+    pass
+
+
+class TestGitIntentQueue(Git, IntentQueueContract):
+    pass
 
 
 # -- names -----------------------------------------------------------------------------------

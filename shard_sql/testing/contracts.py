@@ -1,11 +1,6 @@
-"""Reusable test cases: every adapter runs the same store and authority contract.
+"""The store and authority contracts: every adapter runs the same cases.
 
-Subclass `StoreContract` / `AuthorityContract` in a `Test*` class and implement `make_store`
-(and, for multi-process tests, `store_url`). The cases use pytest but do not need fixtures.
-
-    class TestMyStore(StoreContract):
-        def make_store(self) -> EventStore:
-            return MyStore(self.tmp_path / "x")  # or self.request.getfixturevalue("pg_url")
+See `shard_sql.testing` for how an adapter plugs in.
 """
 
 from __future__ import annotations
@@ -21,7 +16,6 @@ import pytest
 
 from shard_sql.authority import AppendAuthority
 from shard_sql.errors import (
-    IntentTimeout,
     InvalidEvent,
     LeaseHeld,
     SeqConflict,
@@ -29,25 +23,10 @@ from shard_sql.errors import (
     StaleLease,
 )
 from shard_sql.leases import LeaseRegistry
-from shard_sql.ports import EventStore
+from shard_sql.ports import Clock, EventStore
+from shard_sql.testing.clocks import ManualClock
+from shard_sql.urls import open_store
 from shard_sql.values import Event, EventType, Lease
-
-
-class ManualClock:
-    """A clock that moves only when told: lease expiry without sleeping."""
-
-    def __init__(self, start: datetime | None = None) -> None:
-        self.now = start or datetime(2026, 1, 1, tzinfo=UTC)
-        self._lock = threading.Lock()
-
-    def __call__(self) -> datetime:
-        with self._lock:
-            return self.now
-
-    def advance(self, seconds: float) -> None:
-        with self._lock:
-            self.now += timedelta(seconds=seconds)
-
 
 HOSTILE_SPACES = [
     "../HEAD",
@@ -87,29 +66,50 @@ BAD_PAYLOADS: list[Any] = [
 BAD_SPACES: list[Any] = ["", "a\x00b", "tab\there", "new\nline", "s" * 201, None, 7, b"bytes"]
 
 
-class StoreContract:
-    """The store contract: compare-and-set, fence, batches, idempotency, reads, threads."""
+class AdapterCase:
+    """How a contract opens the adapter under test: a test file mixes one adapter class (its
+    `make_store`, and `store_url` when other processes can open the store) into each contract.
+    Cases reach pytest's fixtures through `self.request` and `self.tmp_path`."""
+
+    request: pytest.FixtureRequest
+    tmp_path: Path
+    store: Any
 
     def make_store(self) -> EventStore:
         raise NotImplementedError
-
-    def make_registry(self, store: EventStore, clock: ManualClock | None = None) -> LeaseRegistry:
-        """A registry whose leases live in `store` (override for stores that keep none)."""
-        return LeaseRegistry(store, clock=clock)
 
     def store_url(self) -> str | None:
         """A URL other processes can open (`shard_sql.urls.open_store`); None: no such tests."""
         return None
 
+    def make_registry(self, store: EventStore, clock: Clock | None = None) -> LeaseRegistry:
+        """A registry whose leases live in `store` (override for stores that keep none)."""
+        return LeaseRegistry(store, clock=clock)
+
+    def open_again(self) -> Any:
+        """The store opened a second time, as another process would (closed after the case);
+        the store itself when it cannot be (in memory)."""
+        url = self.store_url()
+        if url is None:
+            return self.store
+        other = open_store(url)
+        self._opened.append(other)
+        return other
+
     @pytest.fixture(autouse=True)
-    def _store(self, request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[None]:
-        # Subclasses reach other fixtures in make_store through self.request / self.tmp_path.
+    def _adapter(self, request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[None]:
         self.request, self.tmp_path = request, tmp_path
+        self._opened: list[object] = []
         self.store = self.make_store()
         yield
-        close = getattr(self.store, "close", None)
-        if close is not None:
-            close()
+        for store in [*self._opened, self.store]:
+            close = getattr(store, "close", None)
+            if close is not None:
+                close()
+
+
+class StoreContract(AdapterCase):
+    """The store contract: compare-and-set, fence, batches, idempotency, reads, threads."""
 
     # -- compare-and-set ---------------------------------------------------------------------
 
@@ -309,7 +309,7 @@ class StoreContract:
     def test_bad_types_write_nothing(self) -> None:
         for type_ in ("", None, 5, "a\nb", "x" * 201):
             with pytest.raises(InvalidEvent) as info:
-                self.store.append("s", type_, {}, expected_seq=0)  # type: ignore[arg-type]
+                self.store.append("s", type_, {}, expected_seq=0)
             assert info.value.field == "type"
         assert self.store.head("s") == 0
 
@@ -323,10 +323,10 @@ class StoreContract:
     def test_bad_expected_seq_and_intent(self) -> None:
         for seq in (-1, "0", 1.0, None, True):
             with pytest.raises(InvalidEvent):
-                self.store.append("s", "t", {}, expected_seq=seq)  # type: ignore[arg-type]
+                self.store.append("s", "t", {}, expected_seq=seq)
         for intent in ("", "a\x00", 5):
             with pytest.raises(InvalidEvent):
-                self.store.append("s", "t", {}, expected_seq=0, intent_id=intent)  # type: ignore[arg-type]
+                self.store.append("s", "t", {}, expected_seq=0, intent_id=intent)
         assert self.store.head("s") == 0
 
     def test_errors_are_shard_sql_errors(self) -> None:
@@ -394,27 +394,15 @@ class StoreContract:
         assert len({(e.writer, e.generation) for e in got}) == 1
 
 
-class AuthorityContract:
+class AuthorityContract(AdapterCase):
     """The seven behaviours of the append authority, with an injected clock."""
 
-    def make_store(self) -> EventStore:
-        raise NotImplementedError
-
-    def make_registry(self, store: EventStore, clock: ManualClock) -> LeaseRegistry:
-        return LeaseRegistry(store, clock=clock)
-
     @pytest.fixture(autouse=True)
-    def _setup(self, request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[None]:
-        self.request, self.tmp_path = request, tmp_path
-        self.store = self.make_store()
+    def _nodes(self, _adapter: None) -> None:
         self.clock = ManualClock()
         self.registry = self.make_registry(self.store, self.clock)
         self.a = AppendAuthority("A", self.store, self.registry, ttl_seconds=10)
         self.b = AppendAuthority("B", self.store, self.registry, ttl_seconds=10)
-        yield
-        close = getattr(self.store, "close", None)
-        if close is not None:
-            close()
 
     def test_1_one_holder_at_a_time(self) -> None:
         lease = self.a.acquire("s")
@@ -535,79 +523,3 @@ class AuthorityContract:
         reg = LeaseRegistry(clock=lambda: datetime(2026, 1, 1))
         with pytest.raises(InvalidEvent):
             reg.acquire("s", "A", 10)
-
-
-class ForwardingContract:
-    """Forwarding through the store's durable intents (`IntentQueue`), as between processes.
-
-    Two registries on one store stand for two processes: neither sees the other's nodes, so an
-    intent can only travel through the store.
-    """
-
-    def make_store(self) -> EventStore:
-        raise NotImplementedError
-
-    @pytest.fixture(autouse=True)
-    def _setup(self, request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[None]:
-        self.request, self.tmp_path = request, tmp_path
-        self.store = self.make_store()
-        self.clock = ManualClock(datetime.now(UTC))
-        self.here = LeaseRegistry(self.store, clock=self.clock)
-        self.there = LeaseRegistry(self.store, clock=self.clock)
-        yield
-        close = getattr(self.store, "close", None)
-        if close is not None:
-            close()
-
-    def test_forwarded_to_holder_in_another_registry(self) -> None:
-        holder = AppendAuthority("holder", self.store, self.here, ttl_seconds=30)
-        other = AppendAuthority("other", self.store, self.there, forward_timeout=20)
-        holder.append("s", "t", {"n": 0})
-        with holder:
-            e = other.append("s", "t", {"n": 1})
-            e2 = other.append("s", "t", {"n": 2}, intent_id="k")
-        assert (e.seq, e.writer, e2.seq, e2.intent_id) == (1, "holder", 2, "k")
-        assert e.intent_id is not None  # generated for the forwarded intent
-        assert [x.payload["n"] for x in self.store.events("s")] == [0, 1, 2]
-
-    def test_timeout_then_safe_retry(self) -> None:
-        holder = AppendAuthority("holder", self.store, self.here, ttl_seconds=30)
-        other = AppendAuthority("other", self.store, self.there, forward_timeout=0.3)
-        holder.acquire("s")
-        with pytest.raises(IntentTimeout):
-            other.append("s", "t", {"n": 0}, intent_id="retry-me")
-        assert self.store.head("s") == 0
-        assert holder.serve("s") == 1
-        again = other.append("s", "t", {"n": 0}, intent_id="retry-me")
-        assert (again.seq, again.writer) == (0, "holder")
-        assert holder.serve("s") == 0
-        assert self.store.head("s") == 1
-
-    def test_dead_holder_pending_intents_applied_by_next(self) -> None:
-        dead = AppendAuthority("dead", self.store, self.here, ttl_seconds=5)
-        dead.append("s", "t", {"n": "first"})
-        waiters = [
-            AppendAuthority(f"w{i}", self.store, LeaseRegistry(self.store, clock=self.clock))
-            for i in range(3)
-        ]
-        results: dict[int, Event] = {}
-
-        def call(i: int) -> None:
-            results[i] = waiters[i].append("s", "t", {"n": i}, intent_id=f"i{i}")
-
-        threads = [threading.Thread(target=call, args=(i,)) for i in range(3)]
-        for t in threads:
-            t.start()
-        deadline = datetime.now(UTC) + timedelta(seconds=10)
-        while len(self.store.pending_intents("s", limit=10)) < 3:  # type: ignore[attr-defined]
-            assert datetime.now(UTC) < deadline, "intents were not queued"
-            threading.Event().wait(0.01)
-        self.clock.advance(6)  # the holder's lease lapses; one waiter takes over
-        for t in threads:
-            t.join(30)
-        assert sorted(results) == [0, 1, 2]
-        got = self.store.events("s")
-        assert [e.seq for e in got] == [0, 1, 2, 3]
-        assert sorted(e.intent_id or "" for e in got[1:]) == ["i0", "i1", "i2"]
-        assert {e.writer for e in got[1:]} == {results[0].writer}
-        assert got[1].generation == got[0].generation + 1

@@ -1,0 +1,46 @@
+"""Contract suites every adapter runs, and what they need (clocks, hostile inputs).
+
+An adapter plugs in with one small test file: a class that opens it (`make_store`, and
+`store_url` when other processes can open the same store), mixed into each contract:
+
+    class MyStore(AdapterCase):
+        def make_store(self) -> EventStore:
+            return MyEventStore(self.store_url())
+
+        def store_url(self) -> str:
+            return f"my://{self.tmp_path}/db"
+
+    class TestMyStore(MyStore, StoreContract): ...
+    class TestMyAuthority(MyStore, AuthorityContract): ...
+    class TestMyLeaseRules(MyStore, LeaseRulesContract): ...
+    class TestMyIntentQueue(MyStore, IntentQueueContract): ...  # stores that forward
+    class TestMyForwarding(MyStore, ForwardingContract): ...
+
+The cases use pytest; the contracts are classes, so pytest collects them only as `Test*`
+subclasses. docs/architecture.md lists every contract.
+"""
+
+from shard_sql.testing.clocks import ManualClock
+from shard_sql.testing.contracts import (
+    BAD_PAYLOADS,
+    BAD_SPACES,
+    HOSTILE_SPACES,
+    AdapterCase,
+    AuthorityContract,
+    StoreContract,
+)
+from shard_sql.testing.intent_queue import ForwardingContract, IntentQueueContract
+from shard_sql.testing.leases import LeaseRulesContract
+
+__all__ = [
+    "BAD_PAYLOADS",
+    "BAD_SPACES",
+    "HOSTILE_SPACES",
+    "AdapterCase",
+    "AuthorityContract",
+    "ForwardingContract",
+    "IntentQueueContract",
+    "LeaseRulesContract",
+    "ManualClock",
+    "StoreContract",
+]
