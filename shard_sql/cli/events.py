@@ -9,7 +9,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from types import FrameType
 from typing import Any
@@ -217,6 +217,13 @@ def _follow(
 ) -> None:
     """Print new events until Ctrl-C (or SIGTERM). Polls with back-off; a store that can wait
     for changes (`IntentQueue.wait_for_change`) ends each sleep early when something commits."""
+    with until_interrupted():
+        _follow_pages(store, space, seq, remaining, printer, max_wait)
+
+
+@contextlib.contextmanager
+def until_interrupted() -> Iterator[None]:
+    """A block that Ctrl-C or SIGTERM ends normally (the end of a `--follow`: exit 0)."""
     previous = None
     if threading.current_thread() is threading.main_thread():
         previous = signal.getsignal(signal.SIGTERM)
@@ -226,6 +233,23 @@ def _follow(
 
     if previous is not None:
         signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _follow_pages(
+    store: EventStore,
+    space: str,
+    seq: int,
+    remaining: int | None,
+    printer: LogPrinter,
+    max_wait: float,
+) -> None:
     wait: Callable[[float], None] = time.sleep
     if isinstance(store, IntentQueue):
         queue = store
@@ -234,20 +258,14 @@ def _follow(
             queue.wait_for_change([space], seconds)
 
     delay = FOLLOW_MIN_WAIT
-    try:
-        while remaining is None or remaining > 0:
-            before = seq
-            seq, remaining = _print_pages(store, space, seq, remaining, printer)
-            if seq > before:
-                delay = FOLLOW_MIN_WAIT
-                continue
-            wait(delay)
-            delay = min(delay * 2, max_wait)
-    except KeyboardInterrupt:
-        pass  # the normal end of --follow: exit 0
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+    while remaining is None or remaining > 0:
+        before = seq
+        seq, remaining = _print_pages(store, space, seq, remaining, printer)
+        if seq > before:
+            delay = FOLLOW_MIN_WAIT
+            continue
+        wait(delay)
+        delay = min(delay * 2, max_wait)
 
 
 # -- spaces --------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from shard_sql.cli import admin, bench, events, leases, transfer
+from shard_sql.cli import admin, bench, events, feed, leases, transfer
 from shard_sql.cli.options import Parser, ShowVersion, examples, paragraph
 from shard_sql.cli.output import PROG
 from shard_sql.urls import DEFAULT_URL, URL_ENV
@@ -69,7 +69,7 @@ def build_parser() -> Parser:
         )
         return p
 
-    for group in (admin, events, leases, transfer, bench):
+    for group in (admin, events, feed, leases, transfer, bench):
         group.register(add)
     return parser
 
