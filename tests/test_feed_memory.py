@@ -9,33 +9,37 @@ import time
 import pytest
 
 from shard_sql import InMemoryEventStore, LeaseRegistry, SeqConflict, Subscription
-from shard_sql.ports import FeedStore
-from shard_sql.testing_feed import FeedContract, SubscriptionContract, TransactionContract
+from shard_sql.ports import Clock, EventStore
+from shard_sql.testing import (
+    AdapterCase,
+    FeedContract,
+    SubscriptionContract,
+    TransactionContract,
+)
 
 
-class TestMemoryFeed(FeedContract):
-    def make_store(self) -> FeedStore:
+class Memory(AdapterCase):
+    def make_store(self) -> EventStore:
         return InMemoryEventStore()
 
 
-class TestMemoryTransactions(TransactionContract):
-    def make_store(self) -> FeedStore:
-        return InMemoryEventStore()
+class TestMemoryFeed(Memory, FeedContract):
+    pass
 
 
-class TestMemorySubscription(SubscriptionContract):
-    def make_store(self) -> FeedStore:
-        return InMemoryEventStore()
+class TestMemoryTransactions(Memory, TransactionContract):
+    pass
 
 
-class TestMemorySubscriptionRegistryLeases(SubscriptionContract):
+class TestMemorySubscription(Memory, SubscriptionContract):
+    pass
+
+
+class TestMemorySubscriptionRegistryLeases(Memory, SubscriptionContract):
     """Subscription leases kept in the registry's own memory (`LeaseRegistry()`)."""
 
-    def make_store(self) -> FeedStore:
-        return InMemoryEventStore()
-
-    def make_registry(self, store: FeedStore) -> LeaseRegistry:
-        return LeaseRegistry()
+    def make_registry(self, store: EventStore, clock: Clock | None = None) -> LeaseRegistry:
+        return LeaseRegistry(clock=clock)
 
 
 def test_position_takes_no_part_in_equality() -> None:

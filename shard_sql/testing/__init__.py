@@ -15,6 +15,9 @@ An adapter plugs in with one small test file: a class that opens it (`make_store
     class TestMyLeaseRules(MyStore, LeaseRulesContract): ...
     class TestMyIntentQueue(MyStore, IntentQueueContract): ...  # stores that forward
     class TestMyForwarding(MyStore, ForwardingContract): ...
+    class TestMyFeed(MyStore, FeedContract): ...  # stores with the feed (FeedStore)
+    class TestMyTransactions(MyStore, TransactionContract): ...
+    class TestMySubscription(MyStore, SubscriptionContract): ...
 
 The cases use pytest; the contracts are classes, so pytest collects them only as `Test*`
 subclasses. docs/architecture.md lists every contract.
@@ -29,6 +32,7 @@ from shard_sql.testing.contracts import (
     AuthorityContract,
     StoreContract,
 )
+from shard_sql.testing.feed import FeedContract, SubscriptionContract, TransactionContract
 from shard_sql.testing.intent_queue import ForwardingContract, IntentQueueContract
 from shard_sql.testing.leases import LeaseRulesContract
 
@@ -38,9 +42,12 @@ __all__ = [
     "HOSTILE_SPACES",
     "AdapterCase",
     "AuthorityContract",
+    "FeedContract",
     "ForwardingContract",
     "IntentQueueContract",
     "LeaseRulesContract",
     "ManualClock",
     "StoreContract",
+    "SubscriptionContract",
+    "TransactionContract",
 ]

@@ -1,8 +1,8 @@
-"""Contract suites of the feed, transactions and subscriptions (api.md 8, 9, 10), for every adapter.
+"""The contracts of the feed, transactions and subscriptions (api.md 8, 9, 10).
 
-Subclass them in a `Test*` class and implement `make_store` (and `make_registry` for stores
-that keep no leases); see `shard_sql.testing`. The SQL suites override
-`test_connection_is_refused` (their stores take a host connection).
+Mixed with an adapter's `AdapterCase` like every contract (`make_store` returns a `FeedStore`;
+`make_registry` is the subscriptions' registry). SQL stores override
+`TransactionContract.test_connection_is_refused`: they take a host connection.
 """
 
 from __future__ import annotations
@@ -10,8 +10,6 @@ from __future__ import annotations
 import random
 import threading
 import time
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,26 +18,14 @@ from shard_sql.errors import InvalidEvent, LeaseHeld, SeqConflict, StaleLease
 from shard_sql.leases import LeaseRegistry
 from shard_sql.ports import FeedStore, Transaction
 from shard_sql.subscription import Subscription
+from shard_sql.testing.contracts import AdapterCase
 from shard_sql.values import Event
 
 
-class _FeedFixture:
-    def make_store(self) -> FeedStore:
-        raise NotImplementedError
+class _FeedCase(AdapterCase):
+    """What the feed contracts share: `self.store` is a `FeedStore`."""
 
-    def make_registry(self, store: FeedStore) -> LeaseRegistry:
-        """The registry of the subscription tests: by default its leases live in `store`."""
-        return LeaseRegistry(store)
-
-    @pytest.fixture(autouse=True)
-    def _store(self, request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[None]:
-        # Subclasses reach other fixtures in make_store through self.request / self.tmp_path.
-        self.request, self.tmp_path = request, tmp_path
-        self.store = self.make_store()
-        yield
-        close = getattr(self.store, "close", None)
-        if close is not None:
-            close()
+    store: FeedStore
 
     def check_feed(self, got: list[Event]) -> None:
         """Placed, positions increasing, each space in seq order."""
@@ -57,7 +43,7 @@ def _key(e: Event) -> tuple[str, int]:
     return (e.space, e.seq)
 
 
-class FeedContract(_FeedFixture):
+class FeedContract(_FeedCase):
     """The feed: positions, order, filters, paging, the head, waits, checkpoints."""
 
     def _fill(self) -> list[Event]:
@@ -257,7 +243,7 @@ class FeedContract(_FeedFixture):
         assert self.store.checkpoints() == {}
 
 
-class TransactionContract(_FeedFixture):
+class TransactionContract(_FeedCase):
     """`store.transaction()`: several writes, one commit, or none."""
 
     def test_several_spaces_commit_together(self) -> None:
@@ -468,7 +454,7 @@ class _RolledBack(Exception):
     pass
 
 
-class SubscriptionContract(_FeedFixture):
+class SubscriptionContract(_FeedCase):
     """`Subscription`: batches in the checkpoint's transaction, waits, one copy at a time."""
 
     def append(self, n: int, space: str = "s", type: str = "t") -> None:
