@@ -4,6 +4,6 @@ from __future__ import annotations
 
 import sys
 
-from benchmarks.perf_bench import main
+from .perf_bench import main
 
 sys.exit(main())

@@ -36,8 +36,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks.sql_bench import _pg_server, scratch_pg
 from shard_sql import AppendAuthority, LeaseRegistry, SqlEventStore
+
+from .sql_bench import _pg_server, scratch_pg
 
 PAYLOAD: dict[str, Any] = {"page": "Home", "title": "A wiki page", "tags": ["a", "b"], "rev": 7}
 TYPE = "page.edited"

@@ -44,8 +44,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks import git_bench
-from benchmarks.sql_bench import (
+from shard_sql import AppendAuthority, LeaseRegistry, SqlEventStore
+
+from . import git_bench
+from .sql_bench import (
     PAYLOAD,
     TYPE,
     RawPostgres,
@@ -57,7 +59,6 @@ from benchmarks.sql_bench import (
     _steps,
     scratch_pg,
 )
-from shard_sql import AppendAuthority, LeaseRegistry, SqlEventStore
 
 TARGET_APPEND = 0.85
 NORMAL_APPENDS_FACTOR = 10

@@ -448,9 +448,9 @@ def test_bench_table_and_json(run: Any, monkeypatch: pytest.MonkeyPatch) -> None
             {"work": "pg", "figure": None, "baseline": None, "note": "no server"},
         ]
 
-    module = types.ModuleType("benchmarks.sql_bench")
+    module = types.ModuleType("shard_sql.bench.sql_bench")
     module.run = fake_run  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "benchmarks.sql_bench", module)
+    monkeypatch.setitem(sys.modules, "shard_sql.bench.sql_bench", module)
     r = run("bench", "--only", "sql", "--quick")
     assert r.code == 0 and calls == [True]
     header, first, second, absolute, skipped = r.out.splitlines()
@@ -475,7 +475,7 @@ def test_bench_table_and_json(run: Any, monkeypatch: pytest.MonkeyPatch) -> None
 def test_bench_without_runners(run: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(bench, "load_suite", lambda name: None)
     r = run("bench")
-    assert r.code == 1 and "no benchmarks found" in r.err
+    assert r.code == 1 and "no benchmark suites installed" in r.err
     r = run("bench", "--only", "nope")
     assert r.code == 2 and "unknown suite 'nope' (known: sql, git" in r.err
 
@@ -483,9 +483,9 @@ def test_bench_without_runners(run: Any, monkeypatch: pytest.MonkeyPatch) -> Non
 def test_bench_suites_are_discovered() -> None:
     suites = bench.suites()
     assert list(suites)[:2] == ["sql", "git"]
-    root = Path(__file__).resolve().parent.parent  # the source checkout
+    root = Path(__file__).resolve().parent.parent  # the source, installed as shard_sql.bench
     for f in (root / "benchmarks").glob("*_bench.py"):
-        assert suites[f.stem.removesuffix("_bench")] == f"benchmarks.{f.stem}"
+        assert suites[f.stem.removesuffix("_bench")] == f"shard_sql.bench.{f.stem}"
 
 
 # -- odds and ends -------------------------------------------------------------------------------
@@ -572,14 +572,14 @@ def test_bench_skips_a_missing_suite(
     class Row:
         work, figure, baseline, target = "read", 2.0, 1.0, 1.0
 
-    module = types.SimpleNamespace(__name__="benchmarks.sql_bench", run=lambda: [Row()])
+    module = types.SimpleNamespace(__name__="shard_sql.bench.sql_bench", run=lambda: [Row()])
     monkeypatch.setattr(
-        bench, "load_suite", lambda name: module if name == "benchmarks.sql_bench" else None
+        bench, "load_suite", lambda name: module if name == "shard_sql.bench.sql_bench" else None
     )
     monkeypatch.setattr(bench, "suites", lambda: dict(bench.SUITES))
     assert main(["bench", "--json"]) == 0
     out, err = capsys.readouterr()
-    assert err == "shard-sql: note: benchmarks.git_bench not found; skipped\n"
+    assert err == "shard-sql: note: shard_sql.bench.git_bench not found; skipped\n"
     assert json.loads(out)["ok"] is True and json.loads(out)["ratio"] == 2.0
 
     def broken(name: str) -> None:
@@ -588,7 +588,8 @@ def test_bench_skips_a_missing_suite(
     monkeypatch.setattr(bench, "load_suite", broken)
     assert main(["bench", "--only", "git"]) == 1
     assert capsys.readouterr().err == (
-        "shard-sql: error: cannot import benchmarks.git_bench: No module named 'eventsourcing'\n"
+        "shard-sql: error: cannot import shard_sql.bench.git_bench: "
+        "No module named 'eventsourcing'\n"
     )
 
 
@@ -611,11 +612,13 @@ def test_bench_runs_perf_by_default(run: Any, monkeypatch: pytest.MonkeyPatch) -
                 }
             ]
 
-        return types.SimpleNamespace(__name__=f"benchmarks.{name}_bench", run=rows)
+        return types.SimpleNamespace(__name__=f"shard_sql.bench.{name}_bench", run=rows)
 
-    suites = {n: f"benchmarks.{n}_bench" for n in ("sql", "git", "perf")}
+    suites = {n: f"shard_sql.bench.{n}_bench" for n in ("sql", "git", "perf")}
     monkeypatch.setattr(bench, "suites", lambda: dict(suites))
-    monkeypatch.setattr(bench, "load_suite", lambda module: suite(module[11:-6]))
+    monkeypatch.setattr(
+        bench, "load_suite", lambda module: suite(module.removeprefix("shard_sql.bench.")[:-6])
+    )
     r = run("bench")
     header, row = r.out.splitlines()
     assert header.split()[:3] == ["BACKEND", "WORK", "VS"]
@@ -804,3 +807,25 @@ def test_an_empty_node_is_an_error(run: Any, stores: Stores) -> None:
     r = run("append", "s", "t", "{}", "--node", "")
     assert r.code == 2 and "invalid node: must not be empty" in r.err
     assert main_store(stores).head("s") == 0
+
+
+def test_bench_never_imports_from_the_current_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A folder holding a `benchmarks/` package runs none of it, even with the current
+    directory on sys.path (as `python -m shard_sql` puts it): only the installed suites run."""
+    marker = tmp_path / "ran"
+    hostile = tmp_path / "benchmarks"
+    hostile.mkdir()
+    code = f"open({str(marker)!r}, 'w').close()\n\n\ndef run(**kw):\n    return []\n"
+    for name in ("__init__", "sql_bench", "git_bench", "perf_bench", "hostile_bench"):
+        (hostile / f"{name}.py").write_text(code)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in [m for m in sys.modules if m.split(".")[0] == "benchmarks"]:
+        monkeypatch.delitem(sys.modules, name)
+    known = bench.suites()
+    assert "hostile" not in known and {"sql", "git", "perf"} <= set(known)
+    for module in known.values():
+        assert bench.load_suite(module) is not None
+    assert not marker.exists()

@@ -161,6 +161,7 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
     shutil.copytree(REPO / "shard_sql", src / "shard_sql", ignore=ignore)
     shutil.copytree(REPO / "migrations", src / "migrations", ignore=ignore)
+    shutil.copytree(REPO / "benchmarks", src / "benchmarks", ignore=ignore)  # shard_sql.bench
     out = tmp_path_factory.mktemp("wheel")
     run(sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(out), str(src))
     [whl] = out.glob("shard_sql-*.whl")
@@ -203,6 +204,15 @@ def test_wheel_migrates_a_new_sqlite_file(wheel: Path, tmp_path: Path) -> None:
     assert str(env_dir) in out[1] and out[1].endswith("shard_sql/migrations")
     assert out[2] == "0"
     assert {"events", "leases", VERSION_TABLE} <= tables(f"sqlite:///{db}")
+
+
+@pytest.mark.slow
+def test_wheel_ships_the_command_line_and_the_benchmark_suites(wheel: Path) -> None:
+    import zipfile
+
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert {"shard_sql/cli/__init__.py", "shard_sql/transfer.py"} <= names
+    assert {"shard_sql/bench/perf_bench.py", "shard_sql/bench/sql_bench.py"} <= names
 
 
 def test_version_table_is_our_own(db_url: str) -> None:

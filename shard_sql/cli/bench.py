@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
+import pkgutil
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 from shard_sql.cli.errors import CommandFailed, UsageError
@@ -15,24 +15,28 @@ from shard_sql.cli.options import AddCommand
 from shard_sql.cli.output import PROG, emit, progress, table
 from shard_sql.transfer import dumps
 
-SUITES = {"sql": "benchmarks.sql_bench", "git": "benchmarks.git_bench"}
-"""The benchmark suites always looked for; any other `benchmarks/NAME_bench.py` of the source
-checkout is the suite NAME. Each module provides `run(*, quick: bool = False, ...)` returning
-rows (mappings or objects) with a work name, a figure, a baseline, a ratio and a target."""
+SUITES_PACKAGE = "shard_sql.bench"
+"""The installed benchmark suites (`benchmarks/` of the source, shipped as this package): each
+module `NAME_bench` is the suite NAME. Nothing is ever imported from the current directory."""
+
+SUITES = {"sql": f"{SUITES_PACKAGE}.sql_bench", "git": f"{SUITES_PACKAGE}.git_bench"}
+"""The suites always listed (first); each module provides `run(*, quick: bool = False, ...)`
+returning rows (mappings or objects) with a work name, a figure, a baseline, a ratio and a
+target."""
 
 DEFAULT_SUITE = "perf"
 """The suite `bench` runs by default when it exists: the one table of every target
-(benchmarks/perf_bench.py); else every suite runs."""
+(perf_bench); else every suite runs."""
 
 
 def register(add: AddCommand) -> None:
     p = add(
         "bench",
         "run the benchmarks and print figures next to their baselines",
-        "Run the benchmarks of a source checkout (benchmarks/NAME_bench.py: suite NAME; by "
-        "default the perf suite, the table of every target, else all) and print each figure "
-        "next to its baseline measured in the same run, the ratio, the target and a pass/short "
-        "mark.",
+        "Run the installed benchmark suites (shard_sql.bench.NAME_bench: suite NAME; by default "
+        "the perf suite, the table of every target) and print each figure next to its "
+        "baseline measured in the same run, the ratio, the target and a pass/short mark. "
+        "Nothing is imported from the current directory.",
         "shard-sql bench",
         "shard-sql bench --only sql --only git --quick --json",
         "shard-sql bench --all",
@@ -41,48 +45,34 @@ def register(add: AddCommand) -> None:
         "--only",
         action="append",
         metavar="SUITE",
-        help="run this suite only (sql, git, or NAME of benchmarks/NAME_bench.py); repeatable",
+        help="run this suite only (sql, git, perf, forwarding...); repeatable",
     )
     p.add_argument("--all", action="store_true", help="run every suite (default: perf, if present)")
     p.add_argument("--quick", action="store_true", help="tiny counts (a smoke run)")
     p.set_defaults(func=bench)
 
 
-def _bench_root() -> Path | None:
-    """The directory holding `benchmarks/`: the source checkout of this package, else the
-    current directory."""
-    for root in (Path(__file__).resolve().parents[2], Path.cwd()):
-        if (root / "benchmarks").is_dir():
-            return root
-    return None
-
-
 def suites() -> dict[str, str]:
-    """Suite name -> module, `sql` and `git` first."""
+    """Suite name -> module of the installed suites, `sql` and `git` first."""
     found = dict(SUITES)
-    root = _bench_root()
-    if root is not None:
-        for f in sorted((root / "benchmarks").glob("*_bench.py")):
-            found.setdefault(f.stem.removesuffix("_bench"), f"benchmarks.{f.stem}")
+    try:
+        package = importlib.import_module(SUITES_PACKAGE)
+    except ModuleNotFoundError:
+        return found
+    for module in sorted(pkgutil.iter_modules(package.__path__), key=lambda m: m.name):
+        if module.name.endswith("_bench"):
+            found.setdefault(module.name.removesuffix("_bench"), f"{SUITES_PACKAGE}.{module.name}")
     return found
 
 
 def load_suite(module: str) -> Any | None:
-    """Import a suite's module; None when it does not exist."""
+    """Import an installed suite's module; None when it is not installed."""
+    if not module.startswith(SUITES_PACKAGE + "."):
+        raise UsageError(f"{module} is not an installed suite ({SUITES_PACKAGE}.*)")
     try:
         return importlib.import_module(module)
     except ModuleNotFoundError as e:
-        if e.name not in (module, "benchmarks"):
-            raise
-    root = _bench_root()
-    if root is None or str(root) in sys.path:
-        return None
-    sys.path.insert(0, str(root))
-    importlib.invalidate_caches()
-    try:
-        return importlib.import_module(module)
-    except ModuleNotFoundError as e:
-        if e.name in (module, "benchmarks"):
+        if e.name in (module, SUITES_PACKAGE):
             return None
         raise
 
@@ -219,10 +209,7 @@ def bench(args: argparse.Namespace) -> None:
             raise CommandFailed(f"cannot import {known[n]}: {e}") from e
     found = {n: m for n, m in modules.items() if m is not None}
     if not found:
-        raise CommandFailed(
-            "no benchmarks found (benchmarks/sql_bench.py, benchmarks/git_bench.py); "
-            "run from a source checkout"
-        )
+        raise CommandFailed(f"no benchmark suites installed ({SUITES_PACKAGE} is missing)")
     for n in [n for n in names if n not in found]:
         print(f"{PROG}: note: {known[n]} not found; skipped", file=sys.stderr)
     results: list[dict[str, Any]] = []
