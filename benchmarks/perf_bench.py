@@ -20,7 +20,7 @@ a second file so that neither side pays the other's WAL checkpoints or page spli
 - iterating 1,000,000 events with `iter_events` in a fresh process: RSS growth < 50 MB (the row's
   baseline is the 50 MB budget, its ratio budget / growth, target 1.0x).
 
-The eventsourcing rows run when that library is importable (`pip install 'shard-sql[compare]'`),
+The eventsourcing rows run when that library is importable (`pip install 'shard_sql[compare]'`),
 else they are skipped with a note. `run(quick=False, ...)` returns the rows for `shard-sql bench`
 (suite `perf`); `python -m benchmarks [--quick] [--json] [--only WORK] [--pg-url URL]` prints them
 as one table. Reuses `sql_bench` (raw drivers, interleaving, scratch PostgreSQL databases) and
@@ -30,6 +30,7 @@ as one table. Reuses `sql_bench` (raw drivers, interleaving, scratch PostgreSQL 
 from __future__ import annotations
 
 import argparse
+import contextvars
 import functools
 import json
 import multiprocessing
@@ -40,6 +41,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -87,6 +89,20 @@ class Row:
     ok: bool | None = None
     note: str = ""
     target_text: str = ""
+    install: str = ""  # what installs the missing library a skipped row needs
+
+
+_REPORT: contextvars.ContextVar[Callable[[dict[str, Any]], None] | None] = contextvars.ContextVar(
+    "report", default=None
+)
+"""`run(progress=...)`: called with each row as soon as it is measured."""
+
+
+def _reported(row: Row) -> Row:
+    report = _REPORT.get()
+    if report is not None:
+        report(asdict(row))
+    return row
 
 
 @dataclass
@@ -126,23 +142,26 @@ def _row(
         ok = (ratio if baseline is not None and ratio is not None else figure) >= target
     if not target_text and target is not None:
         target_text = f">= {target:g}x" if baseline is not None else f">= {target:,.0f}"
-    return Row(
-        work,
-        backend,
-        vs,
-        round(figure, 1),
-        None if baseline is None else round(baseline, 1),
-        None if ratio is None else round(ratio, 3),
-        target,
-        unit,
-        ok,
-        note,
-        target_text,
+    return _reported(
+        Row(
+            work,
+            backend,
+            vs,
+            round(figure, 1),
+            None if baseline is None else round(baseline, 1),
+            None if ratio is None else round(ratio, 3),
+            target,
+            unit,
+            ok,
+            note,
+            target_text,
+        )
     )
 
 
 def _skip(work: str, backend: str, vs: str, note: str) -> Row:
-    return Row(work, backend, vs, None, None, None, None, "", None, note)
+    install = INSTALL_COMPARE if note == ES_NOTE else ""
+    return _reported(Row(work, backend, vs, None, None, None, None, "", None, note, "", install))
 
 
 # -- eventsourcing, when installed -----------------------------------------------------------------
@@ -156,7 +175,9 @@ def _eventsourcing() -> Any | None:
     return True
 
 
-ES_NOTE = "eventsourcing not installed (pip install 'shard-sql[compare]'): skipped"
+ES_NOTE = "eventsourcing not installed: skipped"
+INSTALL_COMPARE = "pip install 'shard_sql[compare]'"
+"""The one install hint for the eventsourcing rows (shown once under the table)."""
 
 
 @functools.cache
@@ -686,8 +707,25 @@ def run(
     rounds: int | None = None,
     works: tuple[str, ...] = WORKS,
     backends: tuple[str, ...] = BACKENDS,
+    progress: Callable[[dict[str, Any]], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """Run the suite; return one mapping per row (see the module docstring)."""
+    """Run the suite; return one mapping per row (see the module docstring). `progress` is
+    called with each row as soon as it is measured."""
+    token = _REPORT.set(progress)
+    try:
+        return _run(quick, url, pg_url, rounds, works, backends)
+    finally:
+        _REPORT.reset(token)
+
+
+def _run(
+    quick: bool,
+    url: str | None,
+    pg_url: str | None,
+    rounds: int | None,
+    works: tuple[str, ...],
+    backends: tuple[str, ...],
+) -> list[dict[str, Any]]:
     counts = Counts.of(quick, rounds)
     proc_rounds = 1 if quick else min(counts.rounds, 3)
     rows: list[Row] = []
@@ -786,6 +824,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     notes = [f"  {r['work']} ({r['backend']}): {r['note']}" for r in rows if r["note"]]
     if notes:
         out += ["", "notes:", *notes]
+    for hint in dict.fromkeys(r.get("install") for r in rows if r.get("install")):
+        out += ["", f"the skipped rows run after: {hint}"]
     return "\n".join(out)
 
 

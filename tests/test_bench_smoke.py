@@ -41,8 +41,15 @@ def _check_rows(rows: list[dict[str, Any]]) -> None:
 
 
 def test_sqlite_rows_quick(perf: Any) -> None:
-    rows = perf.run(quick=True, backends=("sqlite-full",), works=("append", "many", "read"))
+    seen: list[dict[str, Any]] = []
+    rows = perf.run(
+        quick=True,
+        backends=("sqlite-full",),
+        works=("append", "many", "read"),
+        progress=seen.append,
+    )
     _check_rows(rows)
+    assert seen == rows  # each row reported as soon as it was measured (shard-sql bench's bar)
     vs = {(r["work"].split(",")[0], r["vs"]) for r in rows}
     assert ("fenced append via AppendAuthority", "raw driver insert") in vs
     assert ("append_many of 100", "raw executemany") in vs

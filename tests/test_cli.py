@@ -829,3 +829,34 @@ def test_bench_never_imports_from_the_current_directory(
     for module in known.values():
         assert bench.load_suite(module) is not None
     assert not marker.exists()
+
+
+def test_bench_reports_each_row_and_one_install_hint(
+    run: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hint = "pip install 'shard_sql[compare]'"
+    reported: list[str] = []
+
+    def rows(*, quick: bool = False, progress: Any = None) -> list[dict[str, Any]]:
+        out = []
+        for work in ("append", "read", "recorder append", "recorder read"):
+            skipped = work.startswith("recorder")
+            row = {
+                "work": work,
+                "figure": None if skipped else 2.0,
+                "baseline": None if skipped else 1.0,
+                "note": "eventsourcing not installed: skipped" if skipped else "",
+                "install": hint if skipped else "",
+            }
+            progress(row)  # as soon as it is measured
+            reported.append(work)
+            out.append(row)
+        return out
+
+    suite = types.SimpleNamespace(__name__="shard_sql.bench.perf_bench", run=rows)
+    monkeypatch.setattr(bench, "suites", lambda: {"perf": "shard_sql.bench.perf_bench"})
+    monkeypatch.setattr(bench, "load_suite", lambda module: suite)
+    r = run("bench", "--quick")
+    assert r.code == 0 and len(reported) == 4
+    assert r.err == f"shard-sql: note: the skipped rows run after: {hint}\n"
+    assert r.out.count("shard_sql[compare]") == 0  # in the note, not on each row

@@ -12,7 +12,7 @@ from typing import Any
 
 from shard_sql.cli.errors import CommandFailed, UsageError
 from shard_sql.cli.options import AddCommand
-from shard_sql.cli.output import PROG, emit, progress, table
+from shard_sql.cli.output import PROG, Bar, emit, progress, table
 from shard_sql.transfer import dumps
 
 SUITES_PACKAGE = "shard_sql.bench"
@@ -77,16 +77,25 @@ def load_suite(module: str) -> Any | None:
         raise
 
 
-def _run(module: Any, args: argparse.Namespace) -> list[Any]:
+def _run(module: Any, args: argparse.Namespace, bar: Bar) -> list[Any]:
+    """The suite's rows; the bar advances per row (as measured, if the suite reports them)."""
     import inspect
 
     run = getattr(module, "run", None)
     if not callable(run):
         raise CommandFailed(f"{module.__name__} has no run() function")
-    offered = {"quick": args.quick, "url": args.url}
+
+    def measured(row: Mapping[str, Any]) -> None:
+        bar.describe(f"bench: {_field(row, 'work')}")
+        bar.advance()
+
+    offered = {"quick": args.quick, "url": args.url, "progress": measured}
     params = inspect.signature(run).parameters
     kwargs = {k: v for k, v in offered.items() if k in params and v is not None}
-    return list(run(**kwargs) or [])
+    rows = list(run(**kwargs) or [])
+    if "progress" not in kwargs:
+        bar.advance(len(rows))
+    return rows
 
 
 # -- rows ----------------------------------------------------------------------------------------
@@ -213,12 +222,13 @@ def bench(args: argparse.Namespace) -> None:
     for n in [n for n in names if n not in found]:
         print(f"{PROG}: note: {known[n]} not found; skipped", file=sys.stderr)
     results: list[dict[str, Any]] = []
-    with progress("bench", len(found)) as bar:
+    with progress("bench", None, unit="rows") as bar:
         for name, module in found.items():
-            results += [bench_row(name, row) for row in _run(module, args)]
-            bar.advance()
+            results += [bench_row(name, row) for row in _run(module, args, bar)]
     if args.json:
         for r in results:
             emit(dumps(r))
     elif results:
         _print_table(results)
+    for hint in dict.fromkeys(r["install"] for r in results if r.get("install")):
+        print(f"{PROG}: note: the skipped rows run after: {hint}", file=sys.stderr)
