@@ -860,3 +860,23 @@ def test_bench_reports_each_row_and_one_install_hint(
     assert r.code == 0 and len(reported) == 4
     assert r.err == f"shard-sql: note: the skipped rows run after: {hint}\n"
     assert r.out.count("shard_sql[compare]") == 0  # in the note, not on each row
+
+
+def test_migrate_says_what_it_did(run: Any, tmp_path: Path) -> None:
+    from shard_sql.orm import SCHEMA_REVISION as HEAD
+
+    url = f"sqlite:///{tmp_path}/m.db"
+    assert run("migrate", "--url", url, "--json").lines() == [
+        {"url": url, "migrated": True, "from": None, "to": HEAD}
+    ]
+    assert run("migrate", "--url", url, "--json").lines() == [
+        {"url": url, "migrated": False, "from": HEAD, "to": HEAD}
+    ]
+    assert run("migrate", "--url", url).out == f"{url}: already at {HEAD}\n"
+    fresh = f"sqlite:///{tmp_path}/fresh.db"
+    assert run("migrate", "--url", fresh).out == f"{fresh}: migrated from none to {HEAD}\n"
+    git = f"git+file://{tmp_path}/log.git"
+    assert run("migrate", "--url", git).out == f"{git}: no schema to migrate (store ready)\n"
+    assert run("migrate", "--url", git, "--json").lines() == [
+        {"url": git, "migrated": False, "from": None, "to": None}
+    ]

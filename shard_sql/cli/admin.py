@@ -16,8 +16,9 @@ def register(add: AddCommand) -> None:
     p = add(
         "migrate",
         "upgrade a SQL database to the head schema",
-        "Upgrade the SQL database to the head schema (alembic). A SQLite file is also migrated "
-        "on open; PostgreSQL needs this once per upgrade. A git store needs no migration: it is "
+        "Upgrade the SQL database to the head schema (alembic) and say what it did (from which "
+        "revision, or already at the head). A SQLite file is also migrated on open; PostgreSQL "
+        "needs this once per upgrade. A git store needs no migration: a git+file:// one is "
         "created if missing.",
         "shard-sql migrate --url postgresql+psycopg://postgres@127.0.0.1/app",
     )
@@ -38,16 +39,26 @@ def register(add: AddCommand) -> None:
 
 def migrate(args: argparse.Namespace) -> None:
     url = store_url(args)
+    shown = display_url(url)
+    before: str | None = None
+    after: str | None = None
     if is_git_url(url) or url.startswith("memory:"):
         with opened(url, create=True):
             pass
-        message = f"{display_url(url)}: no schema to migrate (store ready)"
+        message = f"{shown}: no schema to migrate (store ready)"
     else:
-        import shard_sql
+        from shard_sql.sql import upgrade
 
-        shard_sql.migrate(url)
-        message = f"{display_url(url)}: at the head schema"
-    emit(dumps({"url": display_url(url), "migrated": True}) if args.json else message)
+        done = upgrade(url)
+        before, after = done.before, done.after
+        if done.changed:
+            message = f"{shown}: migrated from {before or 'none'} to {after}"
+        else:
+            message = f"{shown}: already at {after}"
+    if args.json:
+        emit(dumps({"url": shown, "migrated": before != after, "from": before, "to": after}))
+    else:
+        emit(message)
 
 
 def verify(args: argparse.Namespace) -> None:

@@ -7,13 +7,21 @@ from __future__ import annotations
 
 from shard_sql.sql.dialects.sqlite import SYNCHRONOUS, sqlite_file
 from shard_sql.sql.errors import DEFAULT_BUSY_TIMEOUT
-from shard_sql.sql.schema import alembic_config, migrate, migration_connection, migrations_dir
+from shard_sql.sql.schema import (
+    Migration,
+    alembic_config,
+    migrate,
+    migration_connection,
+    migrations_dir,
+    upgrade,
+)
 from shard_sql.sql.store import SqlEventStore
 from shard_sql.sql.urls import masked, normalize_url
 
 __all__ = [
     "DEFAULT_BUSY_TIMEOUT",
     "SYNCHRONOUS",
+    "Migration",
     "SqlEventStore",
     "alembic_config",
     "masked",
@@ -22,4 +30,5 @@ __all__ = [
     "migrations_dir",
     "normalize_url",
     "sqlite_file",
+    "upgrade",
 ]

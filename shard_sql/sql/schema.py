@@ -8,13 +8,14 @@ import random
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sqlalchemy.engine import URL, Connection, Engine
 
 from shard_sql.errors import SchemaError, ShardSqlError
-from shard_sql.orm import SCHEMA_REVISION
+from shard_sql.orm import SCHEMA_REVISION, VERSION_TABLE
 from shard_sql.sql.connections import Database, open_engine
 from shard_sql.sql.dialects import Conn, Dialect, EngineOptions
 from shard_sql.sql.errors import DEFAULT_BUSY_TIMEOUT, Site, is_sqlite_busy, translate
@@ -24,11 +25,13 @@ if TYPE_CHECKING:
     from alembic.config import Config
 
 __all__ = [
+    "Migration",
     "alembic_config",
     "migrate",
     "migration_connection",
     "migrations_dir",
     "open_schema",
+    "upgrade",
 ]
 
 MIGRATION_LOCK = 0x5A4D_5351_4C00_0001
@@ -96,16 +99,38 @@ def _locked_connection(engine: Engine) -> Iterator[Connection]:
             yield conn
 
 
-def run_migrations(engine: Engine, site: Site) -> str:
-    """Upgrade the database behind `engine` to head; the head revision."""
+@dataclass(frozen=True, slots=True)
+class Migration:
+    """What `upgrade` did: the revision it found (None: no shard_sql schema yet) and the one it
+    left (the head)."""
+
+    before: str | None
+    after: str
+
+    @property
+    def changed(self) -> bool:
+        return self.before != self.after
+
+
+def _current_revision(conn: Connection) -> str | None:
+    from alembic.runtime.migration import MigrationContext  # see alembic_config
+
+    context = MigrationContext.configure(conn, opts={"version_table": VERSION_TABLE})
+    revision: str | None = context.get_current_revision()
+    return revision
+
+
+def run_migrations(engine: Engine, site: Site) -> Migration:
+    """Upgrade the database behind `engine` to head; the revisions before and after."""
     from alembic import command  # see alembic_config
 
     deadline = time.monotonic() + DEFAULT_BUSY_TIMEOUT
     while True:
         try:
             with _locked_connection(engine) as conn:
+                before = _current_revision(conn)  # under the lock: what this call found
                 command.upgrade(alembic_config(conn), "head")
-            return SCHEMA_REVISION
+            return Migration(before, SCHEMA_REVISION)
         except ShardSqlError:
             raise
         except Exception as e:
@@ -118,15 +143,21 @@ def run_migrations(engine: Engine, site: Site) -> str:
             raise err from e
 
 
-def migrate(url_or_engine: str | URL | Engine) -> str:
-    """Upgrade the database to the head schema (creating the tables in an empty one) and return
-    the head revision. Safe to run concurrently and repeatedly."""
+def upgrade(url_or_engine: str | URL | Engine) -> Migration:
+    """Upgrade the database to the head schema (creating the tables in an empty one); what it
+    found and left. Safe to run concurrently and repeatedly."""
     engine, owned, dialect = open_engine(url_or_engine, EngineOptions())
     try:
         return run_migrations(engine, _site(engine, dialect))
     finally:
         if owned:
             engine.dispose()
+
+
+def migrate(url_or_engine: str | URL | Engine) -> str:
+    """Upgrade the database to the head schema (creating the tables in an empty one) and return
+    the head revision. Safe to run concurrently and repeatedly."""
+    return upgrade(url_or_engine).after
 
 
 def _known_revision(revision: str) -> bool:
