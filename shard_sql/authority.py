@@ -23,7 +23,7 @@ from shard_sql.leases import LeaseRegistry, check_ttl, renewal_due
 from shard_sql.ports import BatchWriter, EventStore, IntentInbox, IntentQueue, SpaceWakeups
 from shard_sql.serving import IntentServer
 from shard_sql.store_base import check_same_intent
-from shard_sql.validation import Pending, check_space, check_text, pending
+from shard_sql.validation import Pending, check_space, check_stored_space, check_text, pending
 from shard_sql.values import Event, Lease
 
 MAX_CONFLICT_RETRIES = 5
@@ -151,7 +151,7 @@ class AppendAuthority:
 
     def release(self, space: str) -> None:
         """Give up the space's lease so another node can acquire it at once."""
-        check_space(space)
+        check_stored_space(space)
         with self._lock(space):
             lease = self._leases.pop(space, None)
             self._heads.pop(space, None)

@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 
 from shard_sql.errors import InvalidEvent, LeaseHeld, StaleLease
 from shard_sql.ports import BatchWriter, Clock, LeaseStore, system_clock
-from shard_sql.validation import Pending, check_space, check_text
+from shard_sql.validation import Pending, check_space, check_stored_space, check_text
 from shard_sql.values import Event, Lease
 
 DEFAULT_TTL = 30.0
@@ -200,12 +200,12 @@ class LeaseRegistry:
 
     def current(self, space: str) -> Lease | None:
         """The space's valid lease, if any."""
-        check_space(space)
+        check_stored_space(space)
         return self._records.lease_current(space, self.now())
 
     def revoke(self, space: str) -> Lease | None:
         """Operators: end the space's lease now and bump its generation, fencing its holder."""
-        check_space(space)
+        check_stored_space(space)
         return self._records.lease_revoke(space, self.now())
 
     # -- used by AppendAuthority -------------------------------------------------------------

@@ -29,6 +29,7 @@ from shard_sql.validation import (
     check_position,
     check_seq,
     check_space,
+    check_stored_space,
     check_timeout,
     check_types,
     pending,
@@ -54,7 +55,7 @@ class InMemoryEventStore(StoreBase, FeedStore, MemoryLeases, IntentQueue):
         self._changed = threading.Condition(self._lock)
 
     def events(self, space: str, *, from_seq: int = 0, limit: int | None = None) -> list[Event]:
-        check_space(space)
+        check_stored_space(space)
         check_seq("from_seq", from_seq)
         with self._lock:
             log = self._logs.get(space, [])
@@ -62,7 +63,7 @@ class InMemoryEventStore(StoreBase, FeedStore, MemoryLeases, IntentQueue):
             return log[from_seq:end]
 
     def head(self, space: str) -> int:
-        check_space(space)
+        check_stored_space(space)
         with self._lock:
             return len(self._logs.get(space, ()))
 

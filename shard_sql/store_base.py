@@ -16,6 +16,7 @@ from shard_sql.validation import (
     check_position,
     check_seq,
     check_space,
+    check_stored_space,
     check_text,
     check_types,
     load_json,
@@ -66,7 +67,7 @@ class StoreBase(EventStore, BatchWriter):
 
     def iter_events(self, space: str, *, from_seq: int = 0) -> Iterator[Event]:
         """Pages of `ITER_PAGE` events; adapters with a cheaper cursor override it."""
-        check_space(space)
+        check_stored_space(space)
         check_seq("from_seq", from_seq)
         return self._pages(space, from_seq)
 

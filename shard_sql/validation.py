@@ -6,7 +6,6 @@ import json
 import math
 import re
 import threading
-import unicodedata
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -64,6 +63,24 @@ def load_json(text: str | bytes) -> Any:
         return on_fresh_stack(_loads, text)
 
 
+def _not_in_names() -> re.Pattern[str]:
+    """The characters a name may not hold: one fixed list, the same on every Python version
+    (it never asks `unicodedata`, whose tables grow with each Unicode version). See README
+    "Input rules" for what is refused and why."""
+    refused = [
+        "\x00-\x1f\x7f-\x9f",  # C0 and C1 control characters, DEL
+        "\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000",  # white space but ' '
+        "\u00ad\u061c\u180e\u200b\u2060-\u206f\ufeff\ufff9-\ufffb\U000e0001",  # invisible
+        "\u200e\u200f\u202a-\u202e",  # bidirectional controls (with U+061C, U+2066-U+2069)
+        "\ud800-\udfff",  # surrogates
+        "\ue000-\uf8ff\U000f0000-\U0010ffff",  # private use (planes 15 and 16 entirely)
+        "\ufdd0-\ufdef",  # noncharacters, and U+nFFFE, U+nFFFF of every plane:
+        "".join(chr(plane << 16 | 0xFFFE) + chr(plane << 16 | 0xFFFF) for plane in range(15)),
+    ]
+    return re.compile("[" + "".join(refused) + "]")
+
+
+_NOT_IN_NAMES = _not_in_names()
 _good_names: set[str] = set()
 """Names that passed `_check_name` (all but its length check): spaces and types repeat."""
 
@@ -77,16 +94,11 @@ def _check_name(field: str, value: object, max_length: int, remember: bool = Tru
         raise InvalidEvent(field, "must not be empty")
     if len(value) > max_length:
         raise InvalidEvent(field, f"is {len(value)} characters long, at most {max_length}")
-    if not value.isprintable():
-        for ch in value:
-            # Plain spaces and other printable characters are fine; control (Cc), format (Cf),
-            # surrogate (Cs) and separator characters other than ' ' are not.
-            if ch != " " and unicodedata.category(ch)[0] in ("C", "Z"):
-                raise InvalidEvent(field, f"contains the control character {ch!r}")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise InvalidEvent(field, "is not valid Unicode (lone surrogate)") from e
+    if not (value.isascii() and value.isprintable()):  # printable ASCII: the same everywhere
+        found = _NOT_IN_NAMES.search(value)
+        if found is not None:
+            ch = found.group()
+            raise InvalidEvent(field, f"contains the character {ch!r} (U+{ord(ch):04X})")
     if remember and type(value) is str:
         if len(_good_names) >= 1024:
             _good_names.clear()
@@ -94,20 +106,46 @@ def _check_name(field: str, value: object, max_length: int, remember: bool = Tru
     return value
 
 
+def check_stored_space(space: object) -> str:
+    """The space of a read (`events`, `head`, a lease): any string that can name a stored
+    space. Names already stored are never checked against the name rule again (they were
+    written under the rule of their day); one that cannot be stored is simply not found."""
+    return _check_stored("space", space)
+
+
+def check_stored_type(type_: object) -> str:
+    """A type given to a read (a feed's filter): see `check_stored_space`."""
+    return _check_stored("type", type_)
+
+
+def _check_stored(field: str, value: object) -> str:
+    if type(value) is str and value in _good_names:
+        return value
+    if not isinstance(value, str):
+        raise InvalidEvent(field, f"must be a string, not {type(value).__name__}")
+    if not 0 < len(value) <= MAX_SPACE_LENGTH or "\x00" in value:
+        raise InvalidEvent(field, "names nothing stored (empty, too long or holding NUL)")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InvalidEvent(field, "is not valid Unicode (lone surrogate)") from e
+    return value
+
+
 def check_text(field: str, value: object) -> str:
-    """A name such as a holder or node id: 1 to 200 characters, no control characters."""
+    """A name such as a holder or node id: the rule of space names."""
     return _check_name(field, value, MAX_SPACE_LENGTH)
 
 
 def check_space(space: object) -> str:
-    """A non-empty string of at most 200 characters with no control characters."""
+    """A space to write: 1 to 200 characters, none of `_NOT_IN_NAMES`."""
     if type(space) is str and space in _good_names and len(space) <= MAX_SPACE_LENGTH:
         return space
     return _check_name("space", space, MAX_SPACE_LENGTH)
 
 
 def check_type(type_: object) -> str:
-    """A non-empty string of at most 200 characters with no control characters."""
+    """An event type to write: the rule of space names."""
     return str(_check_name("type", type_, MAX_TYPE_LENGTH))
 
 
@@ -146,7 +184,7 @@ def check_types(types: object) -> frozenset[str] | None:
     for n, t in enumerate(types):
         if n == MAX_TYPES:
             raise InvalidEvent("types", f"names more than {MAX_TYPES} types")
-        out.add(check_type(t))
+        out.add(check_stored_type(t))
     return frozenset(out)
 
 

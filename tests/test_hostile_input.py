@@ -284,3 +284,93 @@ def test_cli_append_intent_with_other_payload(
     assert main([*append, '{"a": 2}']) == 2
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1 and "req-1" in err and "Traceback" not in err
+
+
+# -- item 8: one name rule on every Python version; names already stored are never re-checked ----
+
+REFUSED_RANGES = [
+    (0x00, 0x1F), (0x7F, 0x9F),  # controls
+    (0xA0, 0xA0), (0x1680, 0x1680), (0x2000, 0x200A), (0x2028, 0x2029), (0x202F, 0x202F),
+    (0x205F, 0x205F), (0x3000, 0x3000),  # white space but ' '
+    (0xAD, 0xAD), (0x61C, 0x61C), (0x180E, 0x180E), (0x200B, 0x200B), (0x200E, 0x200F),
+    (0x202A, 0x202E), (0x2060, 0x206F), (0xFEFF, 0xFEFF), (0xFFF9, 0xFFFB), (0xE0001, 0xE0001),
+    (0xD800, 0xDFFF),  # surrogates
+    (0xE000, 0xF8FF), (0xF0000, 0x10FFFF),  # private use
+    (0xFDD0, 0xFDEF),  # noncharacters, with U+nFFFE and U+nFFFF below
+]  # fmt: skip
+
+
+def refused_by_the_rule(cp: int) -> bool:
+    return cp & 0xFFFE == 0xFFFE or any(lo <= cp <= hi for lo, hi in REFUSED_RANGES)
+
+
+def test_name_rule_is_one_fixed_table() -> None:
+    from shard_sql.validation import check_space
+
+    wrong = []
+    for cp in range(0x110000):
+        try:
+            check_space("a" + chr(cp))
+            refused = False
+        except InvalidEvent:
+            refused = True
+        if refused != refused_by_the_rule(cp):
+            wrong.append(f"U+{cp:04X}")
+    assert not wrong, wrong[:20]
+
+
+NEW_NAMES = [
+    "\U0001fae8",  # Unicode 15 (shaking face): unassigned in Python 3.11's tables
+    "\U0001f469\u200d\U0001f4bb",  # a ZWJ sequence (woman technologist)
+    "\U0001f3f4\U000e0067\U000e0062\U000e0073\U000e0063\U000e0074\U000e007f",  # flag: tags
+    "\u0627\u0628\u0646\u200c\u0633\u06cc\u0646\u0627",  # Persian with a ZWNJ
+    "\u2764\ufe0f e\u0301",  # a variation selector, a combining accent
+    "\U000e0080\U0003134a",  # unassigned; CJK Extension H (Unicode 15)
+]
+REFUSED_NAMES = ["a\u202eb", "a\u2066b", "\ue000", "\U0010fffd", "\ufdd0", "\U0001ffff", "a\xa0b",
+                 "a\u200bb", "a\x85b", "a\u2028b", "\ufeffa"]  # fmt: skip
+
+
+def test_names_on_every_backend(store: EventStore) -> None:
+    for name in NEW_NAMES:
+        store.append(name, name, {}, expected_seq=0, intent_id=name)
+        assert store.events(name)[0].type == name
+    assert sorted(store.spaces()) == sorted(NEW_NAMES)
+    for name in REFUSED_NAMES:
+        with pytest.raises(InvalidEvent) as space:
+            store.append(name, "t", {}, expected_seq=0)
+        with pytest.raises(InvalidEvent) as type_:
+            store.append("s", name, {}, expected_seq=0)
+        with pytest.raises(InvalidEvent) as intent_id:
+            store.append("s", "t", {}, expected_seq=0, intent_id=name)
+        assert (space.value.field, type_.value.field) == ("space", "type")
+        assert intent_id.value.field == "intent_id"
+        assert store.head(name) == 0 and store.events(name) == []  # a read finds nothing
+
+
+def test_stored_names_are_not_checked_again(
+    store: EventStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A name that the rule refuses, written by a version whose rule was another: every read
+    works (`spaces`, `events`, `iter_events`, `head`, the lease, `verify`, export)."""
+    from shard_sql.transfer import export_events
+    from shard_sql.validation import pending
+
+    old = "old\u202ename\ue000"
+    if isinstance(store, GitEventStore):
+        import shard_sql.git.store
+
+        monkeypatch.setattr(shard_sql.git.store, "check_space", lambda s: s)
+    store.write(old, [pending("t", {"n": 1})], expected_seq=0, fence=None)  # type: ignore[attr-defined]
+    monkeypatch.undo()
+    with pytest.raises(InvalidEvent):
+        store.append(old, "t", {}, expected_seq=1)  # new writes follow today's rule
+    registry = LeaseRegistry(store)
+    assert store.spaces() == [old]
+    assert store.head(old) == 1
+    assert [e.payload for e in store.events(old)] == [{"n": 1}]
+    assert [e.seq for e in store.iter_events(old)] == [0]
+    assert registry.current(old) is None
+    registry.revoke(old)
+    assert verify(store).ok
+    assert [e.space for e in export_events(store)] == [old]

@@ -31,7 +31,7 @@ from shard_sql.git.repo import GitRepo
 from shard_sql.leases import check_fence, check_ttl, granted, released, renewed, revoked, valid
 from shard_sql.ports import IntentQueue, LeaseStore, SpaceWakeups, system_clock
 from shard_sql.store_base import StoreBase, already_written, stamp
-from shard_sql.validation import Pending, check_seq, check_space
+from shard_sql.validation import Pending, check_seq, check_space, check_stored_space
 from shard_sql.values import Event, Lease
 
 
@@ -70,7 +70,7 @@ class GitEventStore(StoreBase, LeaseStore, IntentQueue, SpaceWakeups):
 
     @translated
     def events(self, space: str, *, from_seq: int = 0, limit: int | None = None) -> list[Event]:
-        check_space(space)
+        check_stored_space(space)
         check_seq("from_seq", from_seq)
         stop = None if limit is None else from_seq + check_seq("limit", limit)
         tip = self._chains.tip(self._git.handle(), space)
@@ -80,7 +80,7 @@ class GitEventStore(StoreBase, LeaseStore, IntentQueue, SpaceWakeups):
         return list(self._chains.events(space, tip, from_seq, end))
 
     def iter_events(self, space: str, *, from_seq: int = 0) -> Iterator[Event]:
-        check_space(space)
+        check_stored_space(space)
         check_seq("from_seq", from_seq)
         return translated_iter(self, self._iter(space, from_seq))
 
@@ -91,7 +91,7 @@ class GitEventStore(StoreBase, LeaseStore, IntentQueue, SpaceWakeups):
 
     @translated
     def head(self, space: str) -> int:
-        check_space(space)
+        check_stored_space(space)
         tip = self._chains.tip(self._git.handle(), space)
         return 0 if tip is None else tip.seq + 1
 
@@ -267,7 +267,7 @@ class GitEventStore(StoreBase, LeaseStore, IntentQueue, SpaceWakeups):
 
     @translated
     def lease_renew(self, lease: Lease, ttl_seconds: float, now: datetime) -> Lease:
-        check_space(lease.space)
+        check_stored_space(lease.space)
         ttl = check_ttl(ttl_seconds)
         new = self._update_lease(lease.space, lambda cur: renewed(cur, lease, ttl, now))
         assert new is not None
@@ -275,17 +275,17 @@ class GitEventStore(StoreBase, LeaseStore, IntentQueue, SpaceWakeups):
 
     @translated
     def lease_release(self, lease: Lease, now: datetime) -> None:
-        check_space(lease.space)
+        check_stored_space(lease.space)
         self._update_lease(lease.space, lambda cur: released(cur, lease, now))
 
     @translated
     def lease_current(self, space: str, now: datetime) -> Lease | None:
-        check_space(space)
+        check_stored_space(space)
         return valid(self._lease_record(self._git.handle(), space), now)
 
     @translated
     def lease_revoke(self, space: str, now: datetime) -> Lease | None:
-        check_space(space)
+        check_stored_space(space)
         return self._update_lease(space, lambda cur: revoked(cur, space, now))
 
     # -- forwarded intents (IntentQueue, SpaceWakeups): `GitIntentQueue` ---------------------

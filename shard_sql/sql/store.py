@@ -25,7 +25,7 @@ from shard_sql.sql.intents import SqlIntentQueue
 from shard_sql.sql.listener import Listener
 from shard_sql.sql.schema import open_schema
 from shard_sql.store_base import StoreBase, already_written, stamp
-from shard_sql.validation import Pending, check_seq, check_space
+from shard_sql.validation import Pending, check_seq, check_stored_space
 from shard_sql.values import Event, Lease, new_event
 
 __all__ = ["SqlEventStore"]
@@ -151,7 +151,7 @@ class SqlEventStore(StoreBase, LeaseStore, IntentQueue, IntentInbox, SpaceWakeup
 
     @guarded
     def events(self, space: str, *, from_seq: int = 0, limit: int | None = None) -> list[Event]:
-        check_space(space)
+        check_stored_space(space)
         check_seq("from_seq", from_seq)
         if limit is not None and check_seq("limit", limit) == 0:
             return []
@@ -167,7 +167,7 @@ class SqlEventStore(StoreBase, LeaseStore, IntentQueue, IntentInbox, SpaceWakeup
 
     @guarded
     def head(self, space: str) -> int:
-        check_space(space)
+        check_stored_space(space)
         return self.database.call(self._head, space)
 
     def _head(self, c: Conn, space: str) -> int:
@@ -385,7 +385,7 @@ class SqlEventStore(StoreBase, LeaseStore, IntentQueue, IntentInbox, SpaceWakeup
     @guarded
     def lease_record(self, space: str) -> Lease | None:
         """The space's lease record, valid or not (None: never leased)."""
-        check_space(space)
+        check_stored_space(space)
         return self.database.call(self._lease_record, space)
 
     def _returning(self, c: Conn, sql: str, params: Sequence[Any]) -> Any:
