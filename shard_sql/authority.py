@@ -23,7 +23,14 @@ from shard_sql.leases import LeaseRegistry, check_ttl, renewal_due
 from shard_sql.ports import BatchWriter, EventStore, IntentInbox, IntentQueue, SpaceWakeups
 from shard_sql.serving import IntentServer
 from shard_sql.store_base import check_same_intent
-from shard_sql.validation import Pending, check_space, check_stored_space, check_text, pending
+from shard_sql.validation import (
+    Pending,
+    check_space,
+    check_stored_space,
+    check_text,
+    check_timeout,
+    pending,
+)
 from shard_sql.values import Event, Lease
 
 MAX_CONFLICT_RETRIES = 5
@@ -112,7 +119,7 @@ class AppendAuthority:
             raise InvalidEvent("registry", "keeps its leases in another store than this one")
         self.store = store
         self.registry = registry
-        self.forward_timeout = forward_timeout
+        self.forward_timeout = check_timeout(forward_timeout, "forward_timeout")
         self._writer: BatchWriter = store
         # Forwarding across processes needs the leases and the intents in one shared store.
         self._queue = store if isinstance(store, IntentQueue) and registry.store is store else None

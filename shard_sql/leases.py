@@ -9,7 +9,14 @@ from datetime import UTC, datetime, timedelta
 
 from shard_sql.errors import InvalidEvent, LeaseHeld, StaleLease
 from shard_sql.ports import BatchWriter, Clock, LeaseStore, system_clock
-from shard_sql.validation import Pending, check_space, check_stored_space, check_text
+from shard_sql.validation import (
+    Pending,
+    check_clock_time,
+    check_lease,
+    check_space,
+    check_stored_space,
+    check_text,
+)
 from shard_sql.values import Event, Lease
 
 DEFAULT_TTL = 30.0
@@ -167,10 +174,7 @@ class LeaseRegistry:
         """The registry clock's time; it must be timezone-aware."""
         if self._clock is system_clock:
             return _now(UTC)  # the default clock: aware by construction, no checks
-        now = self._clock()
-        if not isinstance(now, datetime) or now.tzinfo is None or now.utcoffset() is None:
-            raise InvalidEvent("clock", "must return a timezone-aware datetime")
-        return now
+        return check_clock_time(self._clock())
 
     def acquire(self, space: str, holder: str, ttl_seconds: float = DEFAULT_TTL) -> Lease:
         """Grant `space` to `holder` for `ttl_seconds` (renew it if `holder` already holds it).
@@ -186,6 +190,7 @@ class LeaseRegistry:
 
     def renew(self, lease: Lease, *, ttl_seconds: float | None = None) -> Lease:
         """Extend `lease` (same generation) by its TTL from now; `StaleLease` if it was lost."""
+        check_lease("lease", lease)
         ttl = ttl_seconds
         if ttl is None:
             ttl = self._ttls.get((lease.space, lease.holder, lease.generation), DEFAULT_TTL)
@@ -195,6 +200,7 @@ class LeaseRegistry:
 
     def release(self, lease: Lease) -> None:
         """End `lease` now so another node can acquire at once; a lost lease is left alone."""
+        check_lease("lease", lease)
         self._records.lease_release(lease, self.now())
         self._ttls.pop((lease.space, lease.holder, lease.generation), None)
 

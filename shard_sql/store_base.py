@@ -13,6 +13,7 @@ from shard_sql.validation import (
     Pending,
     check_intent_id,
     check_items,
+    check_lease,
     check_position,
     check_seq,
     check_space,
@@ -29,7 +30,7 @@ _loads = load_json  # json.loads, from a deep call stack too
 
 
 def fence_space_matches(fence: Lease | None, space: str) -> None:
-    if fence is not None and fence.space != space:
+    if fence is not None and check_lease("fence", fence).space != space:
         raise InvalidEvent("fence", f"is a lease on {fence.space!r}, not on {space!r}")
 
 

@@ -8,10 +8,11 @@ import re
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from shard_sql.errors import InvalidEvent
+from shard_sql.values import Lease
 
 MAX_SPACE_LENGTH = 200
 """A space name is 1 to 200 characters."""
@@ -157,11 +158,40 @@ def check_intent_id(intent_id: object) -> str | None:
 
 
 def check_seq(field: str, value: object) -> int:
+    """A seq, `from_seq` or `limit`: an int from 0 to 2**63 - 1 (a SQL bigint)."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise InvalidEvent(field, f"must be an integer, not {type(value).__name__}")
     if value < 0:
         raise InvalidEvent(field, "must be >= 0")
+    if value > MAX_POSITION:
+        raise InvalidEvent(field, f"{value} is past 2**63 - 1, the largest a store keeps")
     return value
+
+
+def check_lease(field: str, value: object) -> Lease:
+    """A `Lease` argument (a fence, a lease to renew or release)."""
+    if not isinstance(value, Lease):
+        raise InvalidEvent(field, f"must be a Lease, not {type(value).__name__}")
+    return value
+
+
+EARLIEST_CLOCK = datetime(1970, 1, 1, tzinfo=UTC)
+LATEST_CLOCK = datetime(9000, 1, 1, tzinfo=UTC)
+"""A registry clock's time lies between these: lease expiry times (up to a year of TTL later)
+then fit every backend's time types."""
+
+
+def check_clock_time(now: object) -> datetime:
+    """What a registry's clock returned: an aware `datetime` from 1970 to 9000 (UTC)."""
+    if not isinstance(now, datetime) or now.tzinfo is None or now.utcoffset() is None:
+        raise InvalidEvent("clock", "must return a timezone-aware datetime")
+    try:
+        within = EARLIEST_CLOCK <= now <= LATEST_CLOCK
+    except OverflowError:  # year 1 at UTC+14, say
+        within = False
+    if not within:
+        raise InvalidEvent("clock", f"returned {now.isoformat()}, not between 1970 and 9000 (UTC)")
+    return now
 
 
 def check_position(field: str, value: object) -> int:
@@ -193,13 +223,13 @@ def check_checkpoint_name(name: object) -> str:
     return _check_name("name", name, MAX_SPACE_LENGTH)
 
 
-def check_timeout(timeout: object) -> float:
+def check_timeout(timeout: object, field: str = "timeout") -> float:
     """A wait's timeout in seconds: a finite number >= 0 (very long ones are cut to what the
     platform's waits take)."""
     if isinstance(timeout, bool) or not isinstance(timeout, int | float):
-        raise InvalidEvent("timeout", f"must be a number, not {type(timeout).__name__}")
+        raise InvalidEvent(field, f"must be a number, not {type(timeout).__name__}")
     if not math.isfinite(timeout) or timeout < 0:
-        raise InvalidEvent("timeout", "must be a finite number >= 0")
+        raise InvalidEvent(field, "must be a finite number >= 0")
     return min(float(timeout), threading.TIMEOUT_MAX)
 
 

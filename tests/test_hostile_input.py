@@ -374,3 +374,69 @@ def test_stored_names_are_not_checked_again(
     registry.revoke(old)
     assert verify(store).ok
     assert [e.space for e in export_events(store)] == [old]
+
+
+# -- item 14: out-of-range numbers and wrong argument types are InvalidEvent, nothing else -------
+
+
+def test_numbers_past_a_bigint(store: EventStore) -> None:
+    from shard_sql import SeqConflict
+
+    big = 2**63
+    for field, call in [
+        ("from_seq", lambda: store.events("s", from_seq=big)),
+        ("limit", lambda: store.events("s", limit=big)),
+        ("limit", lambda: store.events("s", from_seq=big - 1, limit=2**70)),
+        ("from_seq", lambda: list(store.iter_events("s", from_seq=2**70))),
+        ("expected_seq", lambda: store.append("s", "t", {}, expected_seq=big)),
+        ("expected_seq", lambda: store.append_many("s", [("t", {})], expected_seq=big)),
+    ]:
+        with pytest.raises(InvalidEvent) as info:
+            call()
+        assert info.value.field == field
+    assert store.events("s", from_seq=big - 1, limit=big - 1) == []
+    with pytest.raises(SeqConflict):
+        store.append("s", "t", {}, expected_seq=big - 1)
+    assert store.head("s") == 0
+
+
+def test_wrong_argument_types(store: EventStore) -> None:
+    registry = LeaseRegistry(store)
+    for fence in ("x", 3, {"space": "s"}):
+        with pytest.raises(InvalidEvent) as info:
+            store.append("s", "t", {}, expected_seq=0, fence=fence)  # type: ignore[arg-type]
+        assert info.value.field == "fence"
+        with pytest.raises(InvalidEvent):
+            store.append_many("s", [("t", {})], expected_seq=0, fence=fence)  # type: ignore[arg-type]
+    for lease in (None, "x", ("s", "h")):
+        with pytest.raises(InvalidEvent) as info:
+            registry.renew(lease)  # type: ignore[arg-type]
+        assert info.value.field == "lease"
+        with pytest.raises(InvalidEvent):
+            registry.release(lease)  # type: ignore[arg-type]
+    for timeout in (float("nan"), -1, float("inf"), "10", None):
+        with pytest.raises(InvalidEvent) as info:
+            AppendAuthority("n", store, registry, forward_timeout=timeout)  # type: ignore[arg-type]
+        assert info.value.field == "forward_timeout"
+    assert store.head("s") == 0
+
+
+def test_clock_far_out(store: EventStore) -> None:
+    from datetime import UTC, datetime, timedelta, timezone
+
+    for when in (
+        datetime(9999, 12, 31, 23, 59, tzinfo=UTC),
+        datetime.max.replace(tzinfo=UTC),
+        datetime(1, 1, 1, tzinfo=timezone(timedelta(hours=14))),
+        datetime(1969, 12, 31, tzinfo=UTC),
+    ):
+        registry = LeaseRegistry(store, clock=lambda when=when: when)
+        with pytest.raises(InvalidEvent) as acquire:
+            registry.acquire("s", "h", 30)
+        with pytest.raises(InvalidEvent) as current:
+            registry.current("s")
+        with pytest.raises(InvalidEvent) as append:
+            AppendAuthority("n", store, registry).append("s", "t", {})
+        for info in (acquire, current, append):
+            assert info.value.field == "clock" and str(when.year) in str(info.value)
+    assert store.head("s") == 0
