@@ -1,0 +1,191 @@
+"""How eventsourcing's stored events become shard_sql events and back (docs/eventsourcing.md).
+
+Pure functions: space names, event types, payloads, snapshot parts, and the error translation.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+from uuid import UUID
+
+from eventsourcing.persistence import (
+    DataError,
+    IntegrityError,
+    OperationalError,
+    PersistenceError,
+    ProgrammingError,
+    StoredEvent,
+)
+
+from shard_sql.errors import (
+    InvalidEvent,
+    SchemaError,
+    SeqConflict,
+    ShardSqlError,
+    StoreUnavailable,
+)
+from shard_sql.validation import MAX_PAYLOAD_BYTES, MAX_TYPE_LENGTH
+from shard_sql.values import Event
+
+VERSION = "version"
+"""Payload key: the aggregate version (eventsourcing's `originator_version`)."""
+STATE = "state"
+"""Payload key: the state when it is JSON (the transcoder's output, neither compressed nor
+encrypted), kept as JSON so that a DBA can query it."""
+STATE_B64 = "state_b64"
+"""Payload key: any other state (compressed, encrypted, not JSON), base64."""
+TOPIC = "topic"
+"""Payload key: the full topic, when it is not a valid event type (too long)."""
+PART, PARTS = "part", "parts"
+"""Payload keys of a snapshot split over several events (part i of n)."""
+
+PART_BYTES = 512 * 1024
+"""State bytes per part of a split snapshot (base64: 683 KiB, under `MAX_PAYLOAD_BYTES`)."""
+_ROOM = 4096
+"""What a payload adds to its state (keys, version, topic) is well under this."""
+
+
+@contextmanager
+def translated() -> Iterator[None]:
+    """shard_sql's errors as eventsourcing's (the one place they are translated)."""
+    try:
+        yield
+    except SeqConflict as e:
+        raise IntegrityError(str(e)) from e
+    except InvalidEvent as e:
+        raise DataError(str(e)) from e
+    except SchemaError as e:
+        raise ProgrammingError(str(e)) from e
+    except StoreUnavailable as e:
+        raise OperationalError(str(e)) from e
+    except ShardSqlError as e:
+        raise PersistenceError(str(e)) from e
+
+
+def id_text(originator_id: UUID | str) -> str:
+    return str(originator_id) if isinstance(originator_id, UUID) else originator_id
+
+
+def parse_id(text: str, *, as_uuid: bool) -> UUID | str:
+    """The originator id of a space: a UUID when it reads as one (and ids are UUIDs)."""
+    if as_uuid and len(text) == 36:
+        try:
+            return UUID(text)
+        except ValueError:
+            pass
+    return text
+
+
+# -- topics and event types --------------------------------------------------------------------
+
+
+def _is_type(topic: str) -> bool:
+    return 0 < len(topic) <= MAX_TYPE_LENGTH and topic.isprintable()
+
+
+def type_of(topic: str) -> str:
+    """The event type for a topic: the topic itself, or, when it is not a valid type (longer
+    than 200 characters), its first 183 characters, '#' and 16 hex digits of its SHA-256."""
+    if _is_type(topic):
+        return topic
+    digest = hashlib.sha256(topic.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+    head = "".join(c if c.isprintable() else "?" for c in topic[: MAX_TYPE_LENGTH - 17])
+    return f"{head}#{digest}"
+
+
+def topic_of(e: Event) -> str:
+    topic = e.payload.get(TOPIC)
+    return topic if isinstance(topic, str) else e.type
+
+
+# -- state bytes -------------------------------------------------------------------------------
+
+_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
+
+
+def _refuse(text: str) -> Any:
+    raise ValueError(text)
+
+
+def _float(text: str) -> float:
+    # 1e+16 would come back from PostgreSQL's JSONB as the integer 10000000000000000.
+    if "e+" in text or "E+" in text:
+        raise ValueError(text)
+    return float(text)
+
+
+_loads = json.JSONDecoder(parse_constant=_refuse, parse_float=_float).decode
+
+
+def json_state(state: bytes) -> Any | None:
+    """The state as a JSON value when its bytes are exactly our encoding of that value (so
+    they come back byte for byte), else None. Only objects are tried: that is what the
+    transcoder writes; compressed or encrypted bytes rarely start with '{'."""
+    if not state.startswith(b"{"):
+        return None
+    try:
+        text = state.decode("utf-8")
+        value = _loads(text)
+        if _dumps(value) != text or "\\u0000" in text:  # JSONB cannot hold NUL
+            return None
+    except ValueError:  # UnicodeDecodeError, JSONDecodeError and _refuse/_float
+        return None
+    return value
+
+
+def state_of(payload: dict[str, Any]) -> bytes:
+    if STATE in payload:
+        return _dumps(payload[STATE]).encode("utf-8")
+    try:
+        return base64.b64decode(payload[STATE_B64], validate=True)
+    except (KeyError, TypeError, binascii.Error) as e:
+        raise DataError(f"not an eventsourcing event payload: {e}") from e
+
+
+def payloads(s: StoredEvent, *, split: bool) -> list[dict[str, Any]]:
+    """The payload(s) of a stored event: one, or (`split`: snapshots) as many parts as its state
+    needs. An event over the payload limit raises `DataError`."""
+    head: dict[str, Any] = {VERSION: s.originator_version}
+    if not _is_type(s.topic):
+        head[TOPIC] = s.topic
+    room = MAX_PAYLOAD_BYTES - _ROOM - len(s.topic) * 4
+    value = json_state(s.state) if len(s.state) <= room else None
+    if value is not None:
+        return [{**head, STATE: value}]
+    if len(s.state) * 4 // 3 + 4 <= room:
+        return [{**head, STATE_B64: base64.b64encode(s.state).decode("ascii")}]
+    if not split:
+        raise DataError(
+            f"event {s.originator_id} v{s.originator_version}: state of {len(s.state)} bytes is "
+            f"over shard_sql's payload limit ({MAX_PAYLOAD_BYTES} bytes); set COMPRESSOR_TOPIC"
+        )
+    chunks = [s.state[i : i + PART_BYTES] for i in range(0, len(s.state), PART_BYTES)]
+    return [
+        {**head, PART: n, PARTS: len(chunks), STATE_B64: base64.b64encode(c).decode("ascii")}
+        for n, c in enumerate(chunks)
+    ]
+
+
+def version_of(e: Event) -> int:
+    v = e.payload.get(VERSION)
+    if type(v) is not int:
+        raise DataError(f"event {e.space}#{e.seq} is not an eventsourcing event (no version)")
+    return v
+
+
+def part_of(e: Event) -> int:
+    part = e.payload.get(PART, 0)
+    return part if type(part) is int else 0
+
+
+def joined_state(parts: list[Event]) -> bytes:
+    """The state of a snapshot from its parts (one event, or parts 0..n-1 in order)."""
+    if len(parts) == 1:
+        return state_of(parts[0].payload)
+    return b"".join(state_of(p.payload) for p in parts)
