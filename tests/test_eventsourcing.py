@@ -1,0 +1,506 @@
+"""shard_sql.eventsourcing: eventsourcing's own recorder, factory and application test cases on
+every backend (memory, SQLite, PostgreSQL, git), then the mapping and atomicity of writes."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import tempfile
+import threading
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, ClassVar
+from unittest import TestCase
+from uuid import UUID, uuid4
+
+import pytest
+from conftest import drop_pg_database, new_pg_database
+from eventsourcing.application import Application
+from eventsourcing.domain import Aggregate, event
+from eventsourcing.persistence import (
+    AggregateRecorder,
+    ApplicationRecorder,
+    DataError,
+    IntegrityError,
+    OperationalError,
+    ProcessRecorder,
+    ProgrammingError,
+    StoredEvent,
+    Tracking,
+    TrackingRecorder,
+)
+from eventsourcing.tests.application import ApplicationTestCase, ExampleApplicationTestCase
+from eventsourcing.tests.persistence import (
+    AggregateRecorderTestCase,
+    ApplicationRecorderTestCase,
+    InfrastructureFactoryTestCase,
+    NonInterleavingNotificationIDsBaseCase,
+    ProcessRecorderTestCase,
+    TrackingRecorderTestCase,
+)
+from eventsourcing.utils import Environment
+
+from shard_sql import InMemoryEventStore
+from shard_sql.eventsourcing import (
+    ShardSqlAggregateRecorder,
+    ShardSqlApplicationRecorder,
+    ShardSqlFactory,
+    ShardSqlProcessRecorder,
+    ShardSqlTrackingRecorder,
+)
+
+# -- backends ----------------------------------------------------------------------------------
+
+
+class _Backend(TestCase):
+    """A fresh store per test, named by `self.url`; factories made here are closed after it."""
+
+    name: ClassVar[str]
+    pytestmark: ClassVar[list[pytest.MarkDecorator]] = []
+
+    def setUp(self) -> None:
+        self.factories: list[ShardSqlFactory] = []
+        self.url = self.new_url()
+        super().setUp()
+
+    def tearDown(self) -> None:
+        super().tearDown()
+        for f in self.factories:
+            f.close()
+        self.drop_url()
+
+    def new_url(self) -> str:
+        raise NotImplementedError
+
+    def drop_url(self) -> None:
+        pass
+
+    def factory(self, **env: str) -> ShardSqlFactory:
+        f = ShardSqlFactory(Environment(env={"SHARD_SQL_URL": self.url, **env}))
+        self.factories.append(f)
+        return f
+
+
+class _Files(_Backend):
+    def new_url(self) -> str:
+        self.tmp = tempfile.TemporaryDirectory()
+        return self.url_in(self.tmp.name)
+
+    def url_in(self, folder: str) -> str:
+        raise NotImplementedError
+
+    def drop_url(self) -> None:
+        self.tmp.cleanup()
+
+
+class Memory(_Backend):
+    name = "Memory"
+
+    def new_url(self) -> str:
+        return f"memory://{uuid4().hex}"
+
+
+class Sqlite(_Files):
+    name = "Sqlite"
+
+    def url_in(self, folder: str) -> str:
+        return f"sqlite:///{folder}/es.db"
+
+
+class Postgres(_Backend):
+    name = "Postgres"
+    pytestmark: ClassVar[list[pytest.MarkDecorator]] = [pytest.mark.postgres]
+
+    def new_url(self) -> str:
+        return new_pg_database()
+
+    def drop_url(self) -> None:
+        drop_pg_database(self.url)
+
+
+class Git(_Files):
+    name = "Git"
+
+    def url_in(self, folder: str) -> str:
+        return f"git+file://{folder}/repo"
+
+
+BACKENDS: list[type[_Backend]] = [Memory, Sqlite, Postgres, Git]
+
+# -- eventsourcing's test cases ----------------------------------------------------------------
+
+
+class _AggregateRecorder(_Backend, AggregateRecorderTestCase):
+    def create_recorder(self) -> AggregateRecorder:
+        return self.factory().aggregate_recorder()
+
+
+class _SnapshotRecorder(_Backend, AggregateRecorderTestCase):
+    """The same cases on snapshots' spaces (versions only grow; records may span events)."""
+
+    def create_recorder(self) -> AggregateRecorder:
+        return self.factory().aggregate_recorder(purpose="snapshots")
+
+
+class _ApplicationRecorder(_Backend, ApplicationRecorderTestCase[ApplicationRecorder]):
+    def create_recorder(self) -> ApplicationRecorder:
+        return self.factory().application_recorder()
+
+    def test_insert_subscribe(self) -> None:
+        self.optional_test_insert_subscribe()
+
+
+class _NonInterleaving(_Backend, NonInterleavingNotificationIDsBaseCase):
+    insert_num = 200
+
+    def create_recorder(self) -> ApplicationRecorder:
+        return self.factory().application_recorder()
+
+
+class _TrackingRecorder(_Backend, TrackingRecorderTestCase):
+    def create_recorder(self) -> TrackingRecorder:
+        return self.factory().tracking_recorder()
+
+
+class _ProcessRecorder(_Backend, ProcessRecorderTestCase):
+    def create_recorder(self) -> ProcessRecorder:
+        return self.factory().process_recorder()
+
+
+class MyTrackingRecorder(ShardSqlTrackingRecorder):
+    pass
+
+
+class _Factory(_Backend, InfrastructureFactoryTestCase[ShardSqlFactory]):
+    def setUp(self) -> None:
+        self.factories = []
+        self.url = self.new_url()
+        self.env = Environment(
+            env={"PERSISTENCE_MODULE": "shard_sql.eventsourcing", "SHARD_SQL_URL": self.url}
+        )
+        InfrastructureFactoryTestCase.setUp(self)
+        self.factories.append(self.factory)
+
+    def tearDown(self) -> None:
+        _Backend.tearDown(self)
+
+    def expected_factory_class(self) -> type[ShardSqlFactory]:
+        return ShardSqlFactory
+
+    def expected_aggregate_recorder_class(self) -> type[AggregateRecorder]:
+        return ShardSqlAggregateRecorder
+
+    def expected_application_recorder_class(self) -> type[ApplicationRecorder]:
+        return ShardSqlApplicationRecorder
+
+    def expected_tracking_recorder_class(self) -> type[TrackingRecorder]:
+        return ShardSqlTrackingRecorder
+
+    def tracking_recorder_subclass(self) -> type[TrackingRecorder]:
+        return MyTrackingRecorder
+
+    def expected_process_recorder_class(self) -> type[ProcessRecorder]:
+        return ShardSqlProcessRecorder
+
+
+class _InEnviron(_Backend):
+    """Applications read `PERSISTENCE_MODULE` and `SHARD_SQL_URL` from os.environ."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self._saved = {k: os.environ.get(k) for k in ("PERSISTENCE_MODULE", "SHARD_SQL_URL")}
+        os.environ["PERSISTENCE_MODULE"] = "shard_sql.eventsourcing"
+        os.environ["SHARD_SQL_URL"] = self.url
+
+    def tearDown(self) -> None:
+        for k, v in self._saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        super().tearDown()
+
+
+class _ExampleApplication(_InEnviron, ExampleApplicationTestCase):
+    expected_factory_topic = "shard_sql.eventsourcing._factory:ShardSqlFactory"
+
+
+class _Application(_InEnviron, ApplicationTestCase):
+    pass
+
+
+CASES: list[type[TestCase]] = [
+    _AggregateRecorder,
+    _SnapshotRecorder,
+    _ApplicationRecorder,
+    _NonInterleaving,
+    _TrackingRecorder,
+    _ProcessRecorder,
+    _Factory,
+    _ExampleApplication,
+    _Application,
+]
+
+for _backend in BACKENDS:
+    for _case in CASES:
+        _name = f"Test{_backend.name}{_case.__name__[1:]}"
+        globals()[_name] = type(_name, (_case, _backend), {"__module__": __name__})
+del _backend, _case, _name
+
+# -- the mapping and atomicity, per backend ----------------------------------------------------
+
+
+@pytest.fixture(params=["memory", "sqlite", "postgresql", "git"])
+def url(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[str]:
+    kind = request.param
+    if kind == "memory":
+        yield f"memory://{uuid4().hex}"
+    elif kind == "sqlite":
+        yield f"sqlite:///{tmp_path}/es.db"
+    elif kind == "git":
+        yield f"git+file://{tmp_path}/repo"
+    else:
+        request.applymarker(pytest.mark.postgres)
+        yield request.getfixturevalue("pg_url")
+
+
+@pytest.fixture
+def factory(url: str) -> Iterator[ShardSqlFactory]:
+    f = ShardSqlFactory(Environment("Shop", {"SHARD_SQL_URL": url}))
+    yield f
+    f.close()
+
+
+def stored(originator_id: UUID, version: int, state: bytes = b"{}", topic: str = "t") -> Any:
+    return StoredEvent(originator_id, version, topic, state)
+
+
+def feed_of(f: ShardSqlFactory) -> list[Any]:
+    return list(f.store.feed(0))
+
+
+@contextmanager
+def failing_after(f: ShardSqlFactory, writes: int) -> Iterator[None]:
+    """The store's transactions raise after `writes` writes (appends or checkpoint saves): a
+    crash between the parts of one insert."""
+    store = f.store
+    real = store.transaction
+
+    class Boom(RuntimeError):
+        pass
+
+    @contextmanager
+    def transaction(connection: object | None = None) -> Iterator[Any]:
+        with real() as tx:
+            done = [0]
+
+            class Counting:
+                def __getattr__(self, name: str) -> Any:
+                    method = getattr(tx, name)
+
+                    def call(*args: Any, **kwargs: Any) -> Any:
+                        if done[0] == writes:
+                            raise Boom(f"injected failure after {writes} writes")
+                        done[0] += 1
+                        return method(*args, **kwargs)
+
+                    return call
+
+            yield Counting()
+
+    store.transaction = transaction  # type: ignore[method-assign]
+    try:
+        with pytest.raises(Boom):
+            yield
+    finally:
+        del store.transaction
+
+
+def test_events_of_several_aggregates_are_all_or_nothing(factory: ShardSqlFactory) -> None:
+    recorder = factory.application_recorder()
+    a, b = uuid4(), uuid4()
+    with failing_after(factory, 1):
+        recorder.insert_events([stored(a, 1), stored(a, 2), stored(b, 1)])
+    assert recorder.select_events(a) == [] and recorder.select_events(b) == []
+    assert feed_of(factory) == [] and recorder.max_notification_id() is None
+    # A conflict in the second aggregate: the first one's events are not written either.
+    recorder.insert_events([stored(b, 1)])
+    with pytest.raises(IntegrityError):
+        recorder.insert_events([stored(a, 1), stored(b, 1)])
+    assert recorder.select_events(a) == [] and len(feed_of(factory)) == 1
+    assert recorder.insert_events([stored(a, 1), stored(b, 2)]) == [2, 3]
+
+
+def test_events_and_their_tracking_record_are_one_transaction(factory: ShardSqlFactory) -> None:
+    recorder = factory.process_recorder()
+    a, b = uuid4(), uuid4()
+    # Crash between the events and the tracking record: neither is written.
+    with failing_after(factory, 1):
+        recorder.insert_events([stored(a, 1)], tracking=Tracking("Up", 5))
+    assert recorder.select_events(a) == [] and recorder.max_tracking_id("Up") is None
+    recorder.insert_events([stored(a, 1)], tracking=Tracking("Up", 5))
+    # A duplicate tracking record writes no event, and neither does an older one.
+    for n in (5, 4):
+        with pytest.raises(IntegrityError):
+            recorder.insert_events([stored(b, 1)], tracking=Tracking("Up", n))
+    assert recorder.select_events(b) == [] and len(feed_of(factory)) == 1
+    assert recorder.max_tracking_id("Up") == 5
+    assert recorder.max_tracking_id("Other") is None
+
+
+def test_a_duplicate_tracking_record_under_concurrency_writes_once(
+    factory: ShardSqlFactory,
+) -> None:
+    recorder = factory.process_recorder()
+    results: list[str] = []
+    start = threading.Barrier(4)
+
+    def process() -> None:
+        start.wait()
+        try:
+            recorder.insert_events([stored(uuid4(), 1)], tracking=Tracking("Up", 1))
+            results.append("ok")
+        except IntegrityError:
+            results.append("dup")
+
+    threads = [threading.Thread(target=process) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results) == ["dup", "dup", "dup", "ok"]
+    assert len(feed_of(factory)) == 1
+
+
+def test_payloads_are_readable_json_or_base64(factory: ShardSqlFactory) -> None:
+    recorder = factory.application_recorder()
+    a = uuid4()
+    plain = json.dumps({"amount": "10.00", "name": "Ann"}, separators=(",", ":")).encode()
+    packed = zlib.compress(plain)
+    spaced = b'{"amount": 1}'  # JSON, but not as the transcoder writes it: kept byte for byte
+    recorder.insert_events([stored(a, 1, plain), stored(a, 2, packed), stored(a, 3, spaced)])
+    events = factory.store.events(f"Shop.events:{a}")
+    assert [e.type for e in events] == ["t", "t", "t"]
+    assert events[0].payload == {"version": 1, "state": {"amount": "10.00", "name": "Ann"}}
+    assert events[1].payload == {"version": 2, "state_b64": base64.b64encode(packed).decode()}
+    assert "state_b64" in events[2].payload
+    got = recorder.select_events(a)
+    assert [s.state for s in got] == [plain, packed, spaced]
+
+
+def test_topics_longer_than_a_type(factory: ShardSqlFactory) -> None:
+    recorder = factory.application_recorder()
+    a = uuid4()
+    long_topic = "pkg.module:" + "Nested." * 40 + "Event"
+    recorder.insert_events([stored(a, 1, topic=long_topic), stored(a, 2, topic="short")])
+    (first, _) = factory.store.events(f"Shop.events:{a}")
+    assert len(first.type) == 200 and first.payload["topic"] == long_topic
+    assert [s.topic for s in recorder.select_events(a)] == [long_topic, "short"]
+    only = recorder.select_notifications(None, 10, topics=[long_topic])
+    assert [(n.id, n.topic) for n in only] == [(1, long_topic)]
+
+
+def test_snapshots_over_the_payload_limit_span_events(factory: ShardSqlFactory) -> None:
+    snapshots = factory.aggregate_recorder(purpose="snapshots")
+    a = uuid4()
+    big = os.urandom(1_500_000)
+    snapshots.insert_events([stored(a, 3, b'{"small":1}'), stored(a, 7, big)])
+    assert factory.store.head(f"Shop.snapshots:{a}") == 4  # 1 + 3 parts
+    (last,) = snapshots.select_events(a, desc=True, limit=1)
+    assert (last.originator_version, last.state) == (7, big)
+    (before,) = snapshots.select_events(a, desc=True, limit=1, lte=6)
+    assert before.originator_version == 3
+    assert [s.originator_version for s in snapshots.select_events(a)] == [3, 7]
+    # Snapshots grow: an older one after a newer one is refused.
+    with pytest.raises(IntegrityError):
+        snapshots.insert_events([stored(a, 5)])
+    # An event (not a snapshot) over the limit is refused.
+    with pytest.raises(DataError):
+        factory.application_recorder().insert_events([stored(a, 1, big)])
+
+
+def test_snapshots_stay_out_of_the_notification_log(url: str) -> None:
+    class Counter(Aggregate):
+        count = 0
+
+        @event("Counted")
+        def add(self) -> None:
+            self.count += 1
+
+    env = {"PERSISTENCE_MODULE": "shard_sql.eventsourcing", "SHARD_SQL_URL": url}
+    app = Application[UUID](env={**env, "IS_SNAPSHOTTING_ENABLED": "y"})
+    counter = Counter()
+    counter.add()
+    app.save(counter)
+    app.take_snapshot(counter.id)
+    counter.add()
+    app.save(counter)
+    log = app.notification_log.select(start=1, limit=10)
+    assert [n.originator_version for n in log] == [1, 2, 3]
+    assert app.recorder.max_notification_id() == log[-1].id
+    assert app.repository.get(counter.id).count == 2
+    app.close()
+
+
+def test_applications_sharing_a_store_keep_their_own_logs(url: str) -> None:
+    env = {"PERSISTENCE_MODULE": "shard_sql.eventsourcing", "SHARD_SQL_URL": url}
+
+    class Orders(Application[UUID]):
+        pass
+
+    class Invoices(Application[UUID]):
+        pass
+
+    orders, invoices = Orders(env=env), Invoices(env=env)
+    orders.save(Aggregate())
+    invoices.save(Aggregate(), Aggregate())
+    orders.save(Aggregate())
+    assert [n.id for n in orders.notification_log.select(1, 10)] == [1, 4]
+    assert [n.id for n in invoices.notification_log.select(1, 10)] == [2, 3]
+    assert orders.recorder.max_notification_id() == 4
+    assert invoices.recorder.max_notification_id() == 3
+    orders.close()
+    invoices.close()
+
+
+def test_memory_stores_are_shared_by_url() -> None:
+    url = f"memory://{uuid4().hex}"
+    one = ShardSqlFactory(Environment(env={"SHARD_SQL_URL": url}))
+    two = ShardSqlFactory(Environment(env={"SHARD_SQL_URL": url}))
+    other = ShardSqlFactory(Environment(env={"SHARD_SQL_URL": "memory://elsewhere"}))
+    assert one.store is two.store and one.store is not other.store
+    assert isinstance(one.store, InMemoryEventStore)
+
+
+def test_store_errors_are_eventsourcing_errors(tmp_path: Any) -> None:
+    with pytest.raises(OperationalError):
+        ShardSqlFactory(
+            Environment(env={"SHARD_SQL_URL": "postgresql+psycopg://nobody@127.0.0.1:1/x"})
+        )
+    with pytest.raises(OSError):
+        ShardSqlFactory(Environment(env={"SHARD_SQL_URL": "memory:", "ORIGINATOR_ID_TYPE": "x"}))
+    recorder = ShardSqlFactory(Environment(env={"SHARD_SQL_URL": "memory:"})).aggregate_recorder()
+    with pytest.raises(DataError):
+        recorder.insert_events([StoredEvent("x" * 300, 1, "t", b"")])
+
+
+@pytest.mark.postgres
+def test_an_unmigrated_database_without_create_table(pg_url: str) -> None:
+    with pytest.raises(ProgrammingError):
+        ShardSqlFactory(Environment(env={"SHARD_SQL_URL": pg_url, "CREATE_TABLE": "no"}))
+    ShardSqlFactory(Environment(env={"SHARD_SQL_URL": pg_url})).close()
+    ShardSqlFactory(Environment(env={"SHARD_SQL_URL": pg_url, "CREATE_TABLE": "no"})).close()
+
+
+def test_text_ids(url: str) -> None:
+    f = ShardSqlFactory(Environment(env={"SHARD_SQL_URL": url, "ORIGINATOR_ID_TYPE": "text"}))
+    recorder = f.application_recorder()
+    a = uuid4()
+    recorder.insert_events([StoredEvent("order-1", 0, "t", b"{}"), stored(a, 1)])
+    assert [n.originator_id for n in recorder.select_notifications(None, 10)] == [
+        "order-1",
+        str(a),
+    ]
+    f.close()
