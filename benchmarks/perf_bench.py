@@ -71,7 +71,7 @@ TARGET_GIT_APPEND = 0.8
 TARGET_GIT_READS = 10_000.0
 TARGET_PROCESSES = 0.9
 MEMORY_BUDGET_MB = 50.0
-WORKS = ("append", "many", "read", "git", "processes", "memory")
+WORKS = ("append", "many", "read", "git", "processes", "memory", "eventsourcing")
 BACKENDS = ("sqlite-full", "sqlite-normal", "postgresql", "git")
 CTX = multiprocessing.get_context("spawn")
 
@@ -196,6 +196,23 @@ def _page_class() -> Any:
     return Page
 
 
+def es_env(backend: str, where: str) -> dict[str, str]:
+    """eventsourcing's own persistence module on a SQLite file or a PostgreSQL database URL."""
+    if backend != "postgresql":
+        return {"PERSISTENCE_MODULE": "eventsourcing.sqlite", "SQLITE_DBNAME": where}
+    from sqlalchemy import make_url
+
+    u = make_url(where)
+    return {
+        "PERSISTENCE_MODULE": "eventsourcing.postgres",
+        "POSTGRES_DBNAME": str(u.database),
+        "POSTGRES_HOST": u.host or "127.0.0.1",
+        "POSTGRES_PORT": str(u.port or 5432),
+        "POSTGRES_USER": u.username or "postgres",
+        "POSTGRES_PASSWORD": u.password or "",
+    }
+
+
 class EsSide:
     """The eventsourcing library on the same database: its application recorder (one stored
     event per `insert_events`) and an `Application` saving one new aggregate event at a time."""
@@ -204,19 +221,12 @@ class EsSide:
         from eventsourcing.application import Application
 
         self.backend = backend
+        self.env = es_env(backend, where)
         if backend == "postgresql":
             from eventsourcing.postgres import PostgresApplicationRecorder, PostgresDatastore
             from sqlalchemy import make_url
 
             u = make_url(where)
-            self.env = {
-                "PERSISTENCE_MODULE": "eventsourcing.postgres",
-                "POSTGRES_DBNAME": str(u.database),
-                "POSTGRES_HOST": u.host or "127.0.0.1",
-                "POSTGRES_PORT": str(u.port or 5432),
-                "POSTGRES_USER": u.username or "postgres",
-                "POSTGRES_PASSWORD": u.password or "",
-            }
             self.datastore: Any = PostgresDatastore(
                 str(u.database),
                 u.host or "127.0.0.1",
@@ -229,7 +239,6 @@ class EsSide:
         else:
             from eventsourcing.sqlite import SQLiteApplicationRecorder, SQLiteDatastore
 
-            self.env = {"PERSISTENCE_MODULE": "eventsourcing.sqlite", "SQLITE_DBNAME": where}
             self.datastore = SQLiteDatastore(where)
             self.recorder = SQLiteApplicationRecorder(self.datastore)
         self.recorder.create_table()
@@ -748,6 +757,14 @@ def _run(
                 purl = f"sqlite:///{Path(tmp) / f'procs-{sync.lower()}.db'}?synchronous={sync}"
                 SqlEventStore(purl).close()
                 rows += process_rows(label, purl, counts, proc_rounds)
+            if "eventsourcing" in works and sync == "FULL":
+                from benchmarks import es_bench
+
+                # Both sides WAL with synchronous FULL (eventsourcing's default), own files.
+                own = es_env("sqlite", str(Path(tmp) / "es-own.db"))
+                rows += es_bench.es_rows(
+                    label, f"sqlite:///{Path(tmp) / 'es-module.db'}", own, counts
+                )
             if "memory" in works and sync == "FULL":
                 murl = f"sqlite:///{Path(tmp) / 'memory.db'}"
                 rows += memory_rows(label, murl, counts.memory_events)
@@ -777,6 +794,13 @@ def _pg_rows(server: str, counts: Counts, works: tuple[str, ...], proc_rounds: i
             rows += process_rows(label, db, counts, proc_rounds)
         if "memory" in works:
             rows += memory_rows(label, db, counts.memory_events)
+        if "eventsourcing" in works:
+            from benchmarks import es_bench
+
+            # A database of their own: the module's notification log would read past the
+            # events the rows above wrote.
+            with scratch_pg(server) as es_db:
+                rows += es_bench.es_rows(label, es_db, es_env("postgresql", es_db), counts)
     finally:
         scratch.__exit__(None, None, None)
     return rows

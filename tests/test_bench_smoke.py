@@ -71,6 +71,20 @@ def test_processes_and_memory_quick(perf: Any) -> None:
     assert rows[0]["unit"] == "MB" and rows[0]["target_text"] == "< 50 MB"
 
 
+@pytest.mark.postgres
+def test_eventsourcing_rows_quick(perf: Any) -> None:
+    rows = perf.run(quick=True, backends=("sqlite-full", "postgresql"), works=("eventsourcing",))
+    _check_rows(rows)
+    for backend in ("sqlite FULL", "postgresql"):
+        works = [r["work"].split(" (")[0] for r in rows if r["backend"] == backend]
+        assert works == [
+            "Application.save of a new aggregate",
+            "reading an aggregate of 2,000 events",
+            "reading the notification log",
+        ]
+    assert all(r["figure"] is not None for r in rows)
+
+
 def test_git_rows_quick(perf: Any) -> None:
     rows = perf.run(quick=True, backends=("git",), works=("append", "read"))
     _check_rows(rows)
