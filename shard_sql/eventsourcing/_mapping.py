@@ -114,10 +114,11 @@ def _refuse(text: str) -> Any:
 
 
 def _float(text: str) -> float:
-    # 1e+16 would come back from PostgreSQL's JSONB as the integer 10000000000000000.
-    if "e+" in text or "E+" in text:
+    # JSONB would give 1e+16 back as the integer 10000000000000000, and -0.0 as 0.0.
+    value = float(text)
+    if "e+" in text or "E+" in text or (value == 0 and text.startswith("-")):
         raise ValueError(text)
-    return float(text)
+    return value
 
 
 _loads = json.JSONDecoder(parse_constant=_refuse, parse_float=_float).decode
