@@ -382,14 +382,17 @@ def test_payloads_are_readable_json_or_base64(factory: ShardSqlFactory) -> None:
     plain = json.dumps({"amount": "10.00", "name": "Ann"}, separators=(",", ":")).encode()
     packed = zlib.compress(plain)
     spaced = b'{"amount": 1}'  # JSON, but not as the transcoder writes it: kept byte for byte
-    recorder.insert_events([stored(a, 1, plain), stored(a, 2, packed), stored(a, 3, spaced)])
+    deep = b'{"a":' * 70 + b"1" + b"}" * 70  # deeper than a payload may nest
+    recorder.insert_events(
+        [stored(a, 1, plain), stored(a, 2, packed), stored(a, 3, spaced), stored(a, 4, deep)]
+    )
     events = factory.store.events(f"Shop.events:{a}")
-    assert [e.type for e in events] == ["t", "t", "t"]
+    assert [e.type for e in events] == ["t"] * 4
     assert events[0].payload == {"version": 1, "state": {"amount": "10.00", "name": "Ann"}}
     assert events[1].payload == {"version": 2, "state_b64": base64.b64encode(packed).decode()}
-    assert "state_b64" in events[2].payload
+    assert "state_b64" in events[2].payload and "state_b64" in events[3].payload
     got = recorder.select_events(a)
-    assert [s.state for s in got] == [plain, packed, spaced]
+    assert [s.state for s in got] == [plain, packed, spaced, deep]
 
 
 def test_topics_longer_than_a_type(factory: ShardSqlFactory) -> None:

@@ -30,7 +30,7 @@ from shard_sql.errors import (
     ShardSqlError,
     StoreUnavailable,
 )
-from shard_sql.validation import MAX_PAYLOAD_BYTES, MAX_TYPE_LENGTH
+from shard_sql.validation import MAX_PAYLOAD_BYTES, MAX_PAYLOAD_DEPTH, MAX_TYPE_LENGTH, _depth_ok
 from shard_sql.values import Event
 
 VERSION = "version"
@@ -129,6 +129,11 @@ def json_state(state: bytes) -> Any | None:
     they come back byte for byte), else None. Only objects are tried: that is what the
     transcoder writes; compressed or encrypted bytes rarely start with '{'."""
     if not state.startswith(b"{"):
+        return None
+    # Under the payload object: at most MAX_PAYLOAD_DEPTH - 1 levels (else base64).
+    if state.count(b"{") + state.count(b"[") >= MAX_PAYLOAD_DEPTH and not _depth_ok(
+        b"[" + state + b"]"
+    ):
         return None
     try:
         text = state.decode("utf-8")
