@@ -22,7 +22,7 @@ from shard_sql.eventsourcing._recorders import (
     ShardSqlTrackingRecorder,
 )
 from shard_sql.memory import InMemoryEventStore
-from shard_sql.ports import EventStore
+from shard_sql.ports import FeedStore
 from shard_sql.urls import default_url, open_store
 
 _R = TypeVar("_R", bound=type)
@@ -70,7 +70,7 @@ class ShardSqlFactory(InfrastructureFactory[ShardSqlTrackingRecorder]):
         self.uuid_ids = id_type == "uuid"
         self._owned = not self.url.startswith("memory:")
         if not self._owned:
-            self.store: EventStore = memory_store(self.url)
+            self.store: FeedStore = memory_store(self.url)
             return
         migrate = strtobool(self.env.get(self.CREATE_TABLE) or "yes")
         with translated():

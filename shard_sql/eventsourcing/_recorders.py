@@ -40,7 +40,7 @@ from shard_sql.eventsourcing._mapping import (
     type_of,
     version_of,
 )
-from shard_sql.ports import EventStore
+from shard_sql.ports import FeedStore
 from shard_sql.values import Event
 
 if TYPE_CHECKING:
@@ -68,7 +68,7 @@ class ShardSqlRecorder(Recorder):
 
     def __init__(
         self,
-        store: EventStore,
+        store: FeedStore,
         *,
         prefix: str = "",
         purpose: str = "events",
