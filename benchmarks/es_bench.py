@@ -16,8 +16,8 @@ import functools
 from typing import Any
 from uuid import UUID
 
-from benchmarks.perf_bench import ES_NOTE, Counts, Row, _eventsourcing, _page_class, _row, _skip
-from benchmarks.sql_bench import Step, _compare, _steps
+from .perf_bench import ES_NOTE, Counts, Row, _eventsourcing, _page_class, _row, _skip
+from .sql_bench import Step, _compare, _steps
 
 TARGET_SAVE = {"sqlite FULL": 1.0, "postgresql": 1.5}
 TARGET_READ = 1.0

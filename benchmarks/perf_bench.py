@@ -758,7 +758,7 @@ def _run(
                 SqlEventStore(purl).close()
                 rows += process_rows(label, purl, counts, proc_rounds)
             if "eventsourcing" in works and sync == "FULL":
-                from benchmarks import es_bench
+                from . import es_bench
 
                 # Both sides WAL with synchronous FULL (eventsourcing's default), own files.
                 own = es_env("sqlite", str(Path(tmp) / "es-own.db"))
@@ -795,7 +795,7 @@ def _pg_rows(server: str, counts: Counts, works: tuple[str, ...], proc_rounds: i
         if "memory" in works:
             rows += memory_rows(label, db, counts.memory_events)
         if "eventsourcing" in works:
-            from benchmarks import es_bench
+            from . import es_bench
 
             # A database of their own: the module's notification log would read past the
             # events the rows above wrote.
