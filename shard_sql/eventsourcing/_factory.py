@@ -10,6 +10,7 @@ from eventsourcing.persistence import (
     AggregateRecorder,
     ApplicationRecorder,
     InfrastructureFactory,
+    OperationalError,
     ProcessRecorder,
 )
 from eventsourcing.utils import Environment, EnvType, resolve_topic, strtobool
@@ -74,7 +75,11 @@ class ShardSqlFactory(InfrastructureFactory[ShardSqlTrackingRecorder]):
             return
         migrate = strtobool(self.env.get(self.CREATE_TABLE) or "yes")
         with translated():
-            self.store = open_store(self.url, migrate=migrate)
+            store = open_store(self.url, migrate=migrate)
+        if not isinstance(store, FeedStore):
+            store.close()
+            raise OperationalError(f"{type(store).__name__} has no feed yet: it cannot back this")
+        self.store = store
 
     def _prefix(self) -> str:
         return f"{self.env.name}." if self.env.name else ""
