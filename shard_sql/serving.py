@@ -24,7 +24,7 @@ oldest has waited this long (see `IntentServer.serve`)."""
 QUIET_MIN = 0.001
 QUIET_MAX = 0.02
 """Seconds: the longest the serving thread rests between rounds that found nothing to apply, on
-stores whose wake-ups are not per space (see `IntentServer.run`)."""
+stores whose wake-ups are not per space (see `IntentServer._wait_for_work`)."""
 log = logging.getLogger("shard_sql.authority")
 
 

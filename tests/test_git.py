@@ -17,6 +17,7 @@ import pytest
 from shard_sql import GitEventStore, LeaseRegistry, ShardSqlError, StoreUnavailable
 from shard_sql.git.layout import (
     CHUNK,
+    INTENT_REFS,
     LEASES,
     SPACES,
     decode_name,
@@ -29,9 +30,11 @@ from shard_sql.testing import (
     HOSTILE_SPACES,
     AdapterCase,
     AuthorityContract,
+    ForwardingContract,
     IntentQueueContract,
     LeaseRulesContract,
     ManualClock,
+    ProcessForwardingContract,
     StoreContract,
 )
 
@@ -65,12 +68,25 @@ def all_refs(repo: Path) -> dict[str, str]:
     return dict(line.split(" ", 1) for line in out.splitlines())
 
 
+def intent_refs(repo: Path) -> dict[str, str]:
+    out = git(repo, "for-each-ref", "--format=%(refname) %(objectname)", INTENT_REFS)
+    return dict(line.split(" ", 1) for line in out.splitlines())
+
+
 class Git(AdapterCase):
     def make_store(self) -> EventStore:
         return GitEventStore(self.tmp_path / "log.git")
 
     def store_url(self) -> str | None:
         return f"git+file://{self.tmp_path / 'log.git'}"
+
+    def may_freeze_holder(self) -> bool:
+        """No ref lock held: a stale lock is another test's business."""
+        return not any(p.name.endswith(".lock") for p in (self.tmp_path / "log.git").rglob("*"))
+
+    def check_after(self, *, holder_killed: bool) -> None:
+        assert intent_refs(self.tmp_path / "log.git") == {}
+        assert_fsck_clean(self.tmp_path / "log.git")
 
 
 class TestGitStore(Git, StoreContract):
@@ -91,6 +107,17 @@ class TestGitLeaseRules(Git, LeaseRulesContract):
 
 
 class TestGitIntentQueue(Git, IntentQueueContract):
+    pass
+
+
+class TestGitForwarding(Git, ForwardingContract):
+    def test_zz_fsck_clean_and_no_intent_left(self) -> None:
+        self.test_dead_holder_pending_intents_applied_by_next()
+        assert intent_refs(self.tmp_path / "log.git") == {}
+        assert_fsck_clean(self.tmp_path / "log.git")
+
+
+class TestGitProcesses(Git, ProcessForwardingContract):
     pass
 
 

@@ -1,17 +1,15 @@
 """Forwarding through a git repository: `GitEventStore` as an `IntentQueue`.
 
-The shared forwarding contract, the intent refs themselves (layout, idempotency, arrival order,
-corrupt records, packed refs, waiting), and real processes: forwarded appends from three processes
-to a holder in a fourth, and a holder SIGKILLed with intents pending, whose successor applies them.
-Workers are `spawn`ed, each opening the repository on its own; they share nothing but the files.
+What is git's own: the intent refs (one ref per put, its record, arrival order apart from the
+refs' hashed names, applied refs deleted or swept, names git accepts, corrupt records, packed
+refs), waiting on bells, forwarding beside `git pack-refs`. The contracts every store passes
+(intent queue, forwarding, processes) run in tests/test_git.py.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
-import signal
 import subprocess
 import threading
 import time
@@ -19,12 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from forwarding_procs import CTX, check_log, collect, start_forwarders, stop_all
 
 from shard_sql import AppendAuthority, GitEventStore, LeaseRegistry, StoreUnavailable
 from shard_sql.git.layout import INTENT_REFS, encode_name, intent_key
-from shard_sql.ports import EventStore, IntentQueue
-from shard_sql.testing import HOSTILE_SPACES, ForwardingContract
+from shard_sql.testing import HOSTILE_SPACES
+from shard_sql.testing.processes import check_log
 from shard_sql.validation import pending
 from shard_sql.wake import Bells
 
@@ -57,16 +54,6 @@ def ref_of(space: str, intent_id: str) -> str:
     return f"{INTENT_REFS}{encode_name(space)}/{intent_key(intent_id)}"
 
 
-class TestGitForwarding(ForwardingContract):
-    def make_store(self) -> EventStore:
-        return GitEventStore(self.tmp_path / "log.git")
-
-    def test_zz_fsck_clean_and_no_intent_left(self) -> None:
-        self.test_dead_holder_pending_intents_applied_by_next()
-        assert intent_refs(self.tmp_path / "log.git") == {}
-        fsck(self.tmp_path / "log.git")
-
-
 # -- the intent refs -------------------------------------------------------------------------
 
 
@@ -82,11 +69,7 @@ def store(repo: Path) -> Any:
     s.close()
 
 
-def test_is_an_intent_queue(store: GitEventStore) -> None:
-    assert isinstance(store, IntentQueue)
-
-
-def test_put_is_durable_idempotent_and_readable(store: GitEventStore, repo: Path) -> None:
+def test_a_put_is_one_ref(store: GitEventStore, repo: Path) -> None:
     store.put_intent("wiki", pending("alias.set", {"page": "Home"}, "k1"), holder="node-a")
     store.put_intent("wiki", pending("alias.set", {"page": "Other"}, "k1"), holder="node-b")
     refs = intent_refs(repo)
@@ -100,29 +83,18 @@ def test_put_is_durable_idempotent_and_readable(store: GitEventStore, repo: Path
         "node-a",
     )
     assert isinstance(record["arrived_ns"], int)
-    [p] = store.pending_intents("wiki", limit=10)
-    assert (p.type, p.payload, p.intent_id) == ("alias.set", {"page": "Home"}, "k1")
-    # Another process sees it.
-    other = GitEventStore(repo)
-    assert [x.intent_id for x in other.pending_intents("wiki", limit=10)] == ["k1"]
-    other.close()
     fsck(repo)
 
 
-def test_arrival_order_limit_and_applied(store: GitEventStore, repo: Path) -> None:
+def test_arrival_order_and_applied_refs(store: GitEventStore, repo: Path) -> None:
     ids = [f"id-{i}" for i in range(12)]
     assert sorted(ids, key=intent_key) != ids  # the hashes alone would order them otherwise
     for n, i in enumerate(ids):
         store.put_intent("s", pending("t", {"n": n}, i), holder="h")
     assert [p.intent_id for p in store.pending_intents("s", limit=100)] == ids
-    assert [p.intent_id for p in store.pending_intents("s", limit=5)] == ids[:5]
-    assert store.pending_intents("s", limit=0) == []
-    # Apply two of them as a holder would; they stop being pending.
     store.append("s", "t", {"n": 0}, expected_seq=0, intent_id="id-0")
     store.append("s", "t", {"n": 3}, expected_seq=1, intent_id="id-3")
-    assert store.find_intent("s", "id-3") == store.events("s")[1]
-    assert store.find_intent("s", "id-4") is None
-    # forget drops applied intents only.
+    # forget deletes the refs of applied intents only.
     store.forget_intents("s", ["id-0", "id-1", "never-put"])
     refs = intent_refs(repo)
     assert ref_of("s", "id-0") not in refs and ref_of("s", "id-1") in refs
@@ -137,16 +109,13 @@ def test_arrival_order_limit_and_applied(store: GitEventStore, repo: Path) -> No
     fsck(repo)
 
 
-def test_spaces_do_not_mix(store: GitEventStore, repo: Path) -> None:
+def test_intent_refs_are_names_git_accepts(store: GitEventStore, repo: Path) -> None:
     names = [*HOSTILE_SPACES, "a", "a+", "é" * 200, "a" * 101]
     for n, space in enumerate(names):
         store.put_intent(space, pending("t", {"n": n}, "same-id"), holder="h")
-    for n, space in enumerate(names):
-        [p] = store.pending_intents(space, limit=10)
-        assert p.payload == {"n": n}
+    assert len(intent_refs(repo)) == len(names)
     for ref in intent_refs(repo):
         git(repo, "check-ref-format", ref)
-    assert store.spaces() == []  # intents are not events
     fsck(repo)
 
 
@@ -289,120 +258,6 @@ def test_wait_for_change(store: GitEventStore, repo: Path) -> None:
     store.close()
     with pytest.raises(StoreUnavailable):
         store.wait_for_change(["s"], 0.01)
-
-
-# -- across processes ------------------------------------------------------------------------
-
-TTL = 1.0
-
-
-def holder_proc(path: str, space: str, ttl: float, stop: Any, out: Any) -> None:
-    store = GitEventStore(path)
-    with AppendAuthority("holder", store, LeaseRegistry(store), ttl_seconds=ttl) as node:
-        e = node.append(space, "t", {"by": "holder"}, intent_id="holder-0")
-        out.put(("holder", [(e.intent_id, e.seq, e.writer, e.generation)]))  # also: "ready"
-        stop.wait(60)
-    store.close()
-
-
-@pytest.mark.slow
-def test_three_processes_forward_to_a_holder_in_a_fourth(tmp_path: Path) -> None:
-    path = tmp_path / "log.git"
-    GitEventStore(path).close()
-    count = 15
-    forwarders, go, out = start_forwarders(f"git+file://{path}", "s", count, ttl=30)
-    stop, holder_out = CTX.Event(), CTX.Queue()
-    holder = CTX.Process(target=holder_proc, args=(str(path), "s", 5.0, stop, holder_out))
-    holder.start()
-    try:
-        acks = collect(holder_out, [holder], 1)
-        go.set()
-        acks.update(collect(out, [holder, *forwarders], 3))
-    finally:
-        stop.set()
-        go.set()
-        stop_all([holder, *forwarders])
-    assert [p.exitcode for p in [holder, *forwarders]] == [0, 0, 0, 0]
-    store = GitEventStore(path)
-    all_acks = [a for v in acks.values() for a in v]
-    assert len(all_acks) == 1 + 3 * count
-    check_log(store, "s", all_acks)
-    events = store.events("s")
-    assert {e.writer for e in events} == {"holder"}  # every append written by the holder
-    assert len({e.generation for e in events}) == 1
-    for w in range(3):  # each process's appends in its own order
-        seqs = [seq for _, seq, _, _ in acks[w]]
-        assert seqs == sorted(seqs)
-    assert intent_refs(path) == {}
-    store.close()
-    fsck(path)
-
-
-def stop_unlocked(pid: int, repo: Path) -> None:
-    """SIGSTOP `pid` at a moment it holds no ref lock (a stale lock is another test's fault)."""
-    for _ in range(100):
-        os.kill(pid, signal.SIGSTOP)
-        time.sleep(0.005)
-        if not any(p.name.endswith(".lock") for p in (repo / "refs").rglob("*")):
-            return
-        os.kill(pid, signal.SIGCONT)
-        time.sleep(0.001)
-    raise AssertionError("the holder always held a lock")
-
-
-@pytest.mark.slow
-def test_holder_killed_with_intents_pending(tmp_path: Path) -> None:
-    path = tmp_path / "log.git"
-    GitEventStore(path).close()
-    count = 6
-    forwarders, go, out = start_forwarders(f"git+file://{path}", "s", count, ttl=TTL)
-    # The holder gets a queue of its own: killed while its queue's feeder thread holds the
-    # queue's lock, it would leave any queue it shares with the survivors locked for good.
-    stop, holder_out = CTX.Event(), CTX.Queue()
-    holder = CTX.Process(target=holder_proc, args=(str(path), "s", TTL, stop, holder_out))
-    holder.start()
-    store = GitEventStore(path)
-    registry = LeaseRegistry(store)
-    try:
-        acks = collect(holder_out, [holder], 1)  # the holder holds the space
-        assert holder.pid is not None
-        stop_unlocked(holder.pid, path)
-        lease = registry.current("s")
-        assert lease is not None and lease.holder == "holder"
-        go.set()  # the forwarders' first intents pile up: the holder is frozen
-        deadline = time.monotonic() + 10
-        while len(store.pending_intents("s", limit=10)) < 3:
-            assert time.monotonic() < deadline, "the intents were not recorded"
-            time.sleep(0.005)
-        piled = [p.intent_id or "" for p in store.pending_intents("s", limit=10)]
-        assert registry.current("s") == lease, "the lease lapsed before the intents piled up"
-        os.kill(holder.pid, signal.SIGKILL)
-        killed_at = time.monotonic()
-        acks.update(collect(out, [holder, *forwarders], 3))
-        failover = time.monotonic() - killed_at
-    finally:
-        if holder.is_alive():
-            holder.kill()
-        go.set()
-        stop_all([holder, *forwarders])
-    assert holder.exitcode == -signal.SIGKILL
-    assert [p.exitcode for p in forwarders] == [0, 0, 0]
-    all_acks = [a for v in acks.values() for a in v]
-    assert len(all_acks) == 1 + 3 * count
-    check_log(store, "s", all_acks)
-    events = store.events("s")
-    by_id = {e.intent_id: e for e in events}
-    assert sorted(piled) == ["w0-0", "w1-0", "w2-0"]
-    taken = [by_id[i] for i in piled]
-    # The next holder applied every piled-up intent, once, in one generation after the dead one.
-    assert len({(e.writer, e.generation) for e in taken}) == 1
-    assert taken[0].writer != "holder" and taken[0].generation == lease.generation + 1
-    assert sorted(e.seq for e in taken) == [1, 2, 3]
-    assert [e.intent_id for e in sorted(taken, key=lambda e: e.seq)] == piled  # arrival order
-    assert failover < TTL + 5
-    assert intent_refs(path) == {}
-    store.close()
-    fsck(path)
 
 
 @pytest.mark.slow

@@ -1,21 +1,17 @@
 """Forwarding through a SQL database: `SqlEventStore` as an `IntentQueue`, on SQLite and
 PostgreSQL.
 
-The shared forwarding contract; the `intents` table itself (idempotent puts, arrival order,
-applied records swept, corrupt rows skipped, the schema and its migration); waiting (LISTEN/NOTIFY
-on PostgreSQL, `PRAGMA data_version` polling on SQLite); the database clock; and real processes:
-forwarded appends from three processes to a holder in a fourth, a holder SIGKILLed with intents
-pending, the holder woken by NOTIFY, a killed listener connection, a database that goes away.
-Workers are `spawn`ed and open the database on their own; they share nothing but the database.
+What is SQL's own: the `intents` table (one row per put, applied rows deleted and swept,
+corrupt rows skipped, the schema and its migration); waiting (LISTEN/NOTIFY on PostgreSQL, the
+`-wal` file and `PRAGMA data_version` on SQLite); the database clock; and processes: the holder
+woken by NOTIFY, a killed listener connection, a database that goes away. The contracts every
+store passes (intent queue, forwarding, processes) run in tests/test_sql_store.py.
 """
 
 from __future__ import annotations
 
 import gc
 import logging
-import os
-import signal
-import sqlite3
 import sys
 import threading
 import time
@@ -28,7 +24,6 @@ from typing import Any
 import psycopg
 import pytest
 from alembic import command
-from forwarding_procs import CTX, check_log, collect, start_forwarders, stop_all
 from sqlalchemy import create_engine, inspect
 
 from shard_sql import (
@@ -40,15 +35,12 @@ from shard_sql import (
     StoreUnavailable,
     migrate,
 )
-from shard_sql.ports import EventStore, IntentQueue
 from shard_sql.sql import alembic_config, migration_connection
 from shard_sql.sql.listener import intents_channel
 from shard_sql.sql.poller import WalWatch
-from shard_sql.testing import HOSTILE_SPACES, ForwardingContract
+from shard_sql.testing.processes import CTX, stop_all
 from shard_sql.validation import pending
 from shard_sql.verify import verify
-
-TTL = 1.0
 
 
 def libpq(url: str) -> str:
@@ -57,25 +49,6 @@ def libpq(url: str) -> str:
 
 def admin(url: str) -> psycopg.Connection[Any]:
     return psycopg.connect(libpq(url), autocommit=True)
-
-
-# -- the contract --------------------------------------------------------------------------------
-
-
-class TestSqliteForwarding(ForwardingContract):
-    def make_store(self) -> EventStore:
-        return SqlEventStore(f"sqlite:///{self.tmp_path}/shard.db")
-
-
-class TestSqliteMemoryForwarding(ForwardingContract):
-    def make_store(self) -> EventStore:
-        return SqlEventStore("sqlite://")
-
-
-@pytest.mark.postgres
-class TestPostgresForwarding(ForwardingContract):
-    def make_store(self) -> EventStore:
-        return SqlEventStore(self.request.getfixturevalue("pg_migrated_url"))
 
 
 # -- the intents table ----------------------------------------------------------------------------
@@ -109,11 +82,7 @@ def execute(url: str, sql: str, params: tuple[Any, ...] = ()) -> None:
         conn.exec_driver_sql(sql, params)
 
 
-def test_is_an_intent_queue(store: SqlEventStore) -> None:
-    assert isinstance(store, IntentQueue)
-
-
-def test_put_is_durable_idempotent_and_readable(store: SqlEventStore, url: str) -> None:
+def test_a_put_is_one_row(store: SqlEventStore, url: str) -> None:
     store.put_intent("wiki", pending("alias.set", {"page": "Home"}, "k1"), holder="node-a")
     store.put_intent("wiki", pending("alias.set", {"page": "Other"}, "k1"), holder="node-b")
     [(space, intent_id, type_, holder, at)] = rows(
@@ -121,67 +90,31 @@ def test_put_is_durable_idempotent_and_readable(store: SqlEventStore, url: str) 
     )
     assert (space, intent_id, type_, holder) == ("wiki", "k1", "alias.set", "node-a")
     assert at is not None
-    [p] = store.pending_intents("wiki", limit=10)
-    assert (p.type, p.payload, p.intent_id) == ("alias.set", {"page": "Home"}, "k1")
-    with SqlEventStore(url) as other:  # another process would see the same
-        assert [x.intent_id for x in other.pending_intents("wiki", limit=10)] == ["k1"]
-    assert store.spaces() == []  # intents are not events
 
 
-def test_arrival_order_limit_applied_and_swept(store: SqlEventStore, url: str) -> None:
-    ids = [f"id-{i}" for i in (7, 3, 11, 0, 5, 1, 9, 2, 10, 4, 8, 6)]
+def test_applied_rows_are_deleted_or_swept(store: SqlEventStore, url: str) -> None:
+    ids = ["a", "b", "c", "d"]
     for n, i in enumerate(ids):
         store.put_intent("s", pending("t", {"n": n}, i), holder="h")
-    assert [p.intent_id for p in store.pending_intents("s", limit=100)] == ids
-    assert [p.intent_id for p in store.pending_intents("s", limit=5)] == ids[:5]
-    assert store.pending_intents("s", limit=0) == []
-    # Two applied as a holder would; they stop being pending.
-    e0 = store.append("s", "t", {"n": 0}, expected_seq=0, intent_id=ids[0])
-    e1 = store.append("s", "t", {"n": 2}, expected_seq=1, intent_id=ids[2])
-    assert store.find_intent("s", ids[2]) == e1 and store.find_intent("s", ids[0]) == e0
-    assert store.find_intent("s", ids[1]) is None
-    # forget drops applied records only.
-    store.forget_intents("s", [ids[0], ids[1], "never-put"])
+    store.append("s", "t", {"n": 0}, expected_seq=0, intent_id="a")
+    store.append("s", "t", {"n": 2}, expected_seq=1, intent_id="c")
+    # forget deletes the rows of applied intents only.
+    store.forget_intents("s", ["a", "b", "never-put"])
     recorded = {r[0] for r in rows(url, "SELECT intent_id FROM intents")}
-    assert ids[0] not in recorded and ids[1] in recorded
-    # ids[2] applied but not forgotten (its holder died in between): skipped, and swept.
-    assert ids[2] in recorded
-    rest = [i for i in ids if i not in (ids[0], ids[2])]
-    assert [p.intent_id for p in store.pending_intents("s", limit=100)] == rest
-    assert ids[2] not in {r[0] for r in rows(url, "SELECT intent_id FROM intents")}
-    # A limit still counts unapplied intents only.
-    store.append("s", "t", {}, expected_seq=2, intent_id=rest[0])
-    assert [p.intent_id for p in store.pending_intents("s", limit=3)] == rest[1:4]
+    assert "a" not in recorded and "b" in recorded
+    # "c" applied but not forgotten (its holder died in between): swept by the next read.
+    assert "c" in recorded
+    assert [p.intent_id for p in store.pending_intents("s", limit=100)] == ["b", "d"]
+    assert "c" not in {r[0] for r in rows(url, "SELECT intent_id FROM intents")}
     # A late retry of an applied intent records nothing.
-    store.put_intent("s", pending("t", {"n": 0}, ids[0]), holder="h")
-    assert ids[0] not in {r[0] for r in rows(url, "SELECT intent_id FROM intents")}
-
-
-def test_spaces_do_not_mix(store: SqlEventStore) -> None:
-    names = [*HOSTILE_SPACES, "a", "A", "é" * 200]
-    for n, space in enumerate(names):
-        store.put_intent(space, pending("t", {"n": n}, "same-id"), holder="h")
-    for n, space in enumerate(names):
-        [p] = store.pending_intents(space, limit=10)
-        assert p.payload == {"n": n}
-    store.append("a", "t", {}, expected_seq=0, intent_id="same-id")
-    assert store.pending_intents("a", limit=10) == []
-    assert len(store.pending_intents("A", limit=10)) == 1
+    store.put_intent("s", pending("t", {"n": 0}, "a"), holder="h")
+    assert "a" not in {r[0] for r in rows(url, "SELECT intent_id FROM intents")}
 
 
 def test_bad_arguments(store: SqlEventStore) -> None:
-    with pytest.raises(InvalidEvent):
-        store.put_intent("s", pending("t", {}), holder="h")  # no intent id
-    with pytest.raises(InvalidEvent):
-        store.put_intent("", pending("t", {}, "i"), holder="h")
-    with pytest.raises(InvalidEvent):
-        store.put_intent("s", pending("t", {}, "i"), holder="")
-    with pytest.raises(InvalidEvent):
-        store.pending_intents("s", limit=-1)
+    # Beyond the contract's (tests/test_sql_store.py): a string where a list goes, a negative wait.
     with pytest.raises(InvalidEvent):
         store.forget_intents("s", "abc")
-    with pytest.raises(InvalidEvent):
-        store.find_intent("s", "")
     with pytest.raises(InvalidEvent):
         store.wait_for_change("s", 0.1)
     with pytest.raises(InvalidEvent):
@@ -406,10 +339,11 @@ def test_older_schema_is_refused_then_migrated(url: str) -> None:
 def holder_proc(
     url: str, space: str, ttl: float, ready: Any, stop: Any, out: Any, stats: Any = None
 ) -> None:
+    """The contract's holder (shard_sql.testing.processes), reporting its listener's counts."""
     store = SqlEventStore(url)
     node = AppendAuthority("holder", store, LeaseRegistry(store), ttl_seconds=ttl)
     # Takes the space before serving: the serving thread then waits for intents at once, not
-    # after a first idle pause of min(ttl / 6, 2 s) (see AppendAuthority._run).
+    # after a first idle pause of min(ttl / 6, 2 s) (see shard_sql.serving).
     e = node.append(space, "t", {"by": "holder"}, intent_id="holder-0")
     with node:
         out.put(("holder", [(e.intent_id, e.seq, e.writer, e.generation)]))
@@ -420,108 +354,6 @@ def holder_proc(
         listener = store.listener
         if stats is not None and listener is not None:
             stats.put((listener.intents, listener.applied + listener.signal.woken))
-    store.close()
-
-
-@pytest.mark.slow
-def test_three_processes_forward_to_a_holder_in_a_fourth(url: str) -> None:
-    SqlEventStore(url).close()
-    count = 15
-    forwarders, go, out = start_forwarders(url, "s", count, ttl=30)
-    ready, stop = CTX.Event(), CTX.Event()
-    holder = CTX.Process(target=holder_proc, args=(url, "s", 5.0, ready, stop, out))
-    holder.start()
-    try:
-        assert ready.wait(60)
-        go.set()
-        acks = collect(out, [holder, *forwarders], 4)
-    finally:
-        stop.set()
-        stop_all([holder, *forwarders])
-    assert [p.exitcode for p in [holder, *forwarders]] == [0, 0, 0, 0]
-    with SqlEventStore(url) as store:
-        all_acks = [a for v in acks.values() for a in v]
-        assert len(all_acks) == 1 + 3 * count
-        check_log(store, "s", all_acks)
-        events = store.events("s")
-        assert {e.writer for e in events} == {"holder"}  # every append written by the holder
-        assert len({e.generation for e in events}) == 1
-        for w in range(3):  # each process's appends in its own order
-            seqs = [seq for _, seq, _, _ in acks[w]]
-            assert seqs == sorted(seqs)
-        assert store.pending_intents("s", limit=10) == []
-    assert rows(url, "SELECT intent_id FROM intents") == []  # the holder forgot them all
-
-
-def sqlite_unlocked(url: str) -> bool:
-    """Whether a writer can take the SQLite file's write lock right now."""
-    conn = sqlite3.connect(url.removeprefix("sqlite:///"), timeout=0.05, isolation_level=None)
-    try:
-        conn.execute("BEGIN IMMEDIATE")
-        conn.execute("ROLLBACK")
-        return True
-    except sqlite3.OperationalError:
-        return False
-    finally:
-        conn.close()
-
-
-def stop_unlocked(pid: int, url: str) -> None:
-    """SIGSTOP `pid` at a moment it holds no SQLite write lock (on PostgreSQL: any moment; the
-    intents table is not locked by anything the holder does)."""
-    for _ in range(100):
-        os.kill(pid, signal.SIGSTOP)
-        time.sleep(0.005)
-        if not url.startswith("sqlite") or sqlite_unlocked(url):
-            return
-        os.kill(pid, signal.SIGCONT)
-        time.sleep(0.002)
-    raise AssertionError("the holder always held the write lock")
-
-
-@pytest.mark.slow
-def test_holder_killed_with_intents_pending(url: str) -> None:
-    SqlEventStore(url).close()
-    count = 5
-    forwarders, go, out = start_forwarders(url, "s", count, ttl=TTL)
-    ready, stop = CTX.Event(), CTX.Event()
-    holder = CTX.Process(target=holder_proc, args=(url, "s", TTL, ready, stop, out))
-    holder.start()
-    store = SqlEventStore(url)
-    registry = LeaseRegistry(store)
-    try:
-        assert ready.wait(60)
-        assert holder.pid is not None
-        stop_unlocked(holder.pid, url)
-        lease = registry.current("s")
-        assert lease is not None and lease.holder == "holder"
-        go.set()  # the forwarders' first intents pile up: the holder is frozen
-        deadline = time.monotonic() + 10
-        while len(store.pending_intents("s", limit=10)) < 3:
-            assert time.monotonic() < deadline, "the intents were not recorded"
-            time.sleep(0.005)
-        piled = [p.intent_id for p in store.pending_intents("s", limit=10)]
-        assert registry.current("s") == lease, "the lease lapsed before the intents piled up"
-        os.kill(holder.pid, signal.SIGKILL)
-        acks = collect(out, [holder, *forwarders], 4)
-    finally:
-        if holder.is_alive():
-            holder.kill()
-        stop_all([holder, *forwarders])
-    assert holder.exitcode == -signal.SIGKILL
-    assert [p.exitcode for p in forwarders] == [0, 0, 0]
-    all_acks = [a for v in acks.values() for a in v]
-    assert len(all_acks) == 1 + 3 * count
-    check_log(store, "s", all_acks)
-    by_id = {e.intent_id: e for e in store.events("s")}
-    assert sorted(piled) == ["w0-0", "w1-0", "w2-0"]
-    taken = [by_id[i] for i in piled]
-    # The next holder applied every piled-up intent, once, in one generation after the dead one,
-    # in arrival order.
-    assert len({(e.writer, e.generation) for e in taken}) == 1
-    assert taken[0].writer != "holder" and taken[0].generation == lease.generation + 1
-    assert [e.seq for e in taken] == [1, 2, 3]
-    assert store.pending_intents("s", limit=10) == []
     store.close()
 
 

@@ -1,29 +1,67 @@
-"""The contracts on the SQL adapter: a SQLite file and a real PostgreSQL."""
+"""The contracts on the SQL adapter: a SQLite file, SQLite in memory and a real PostgreSQL."""
 
 from __future__ import annotations
 
+import sqlite3
+
 import pytest
+from sqlalchemy import create_engine
 
 from shard_sql.ports import EventStore
 from shard_sql.sql import SqlEventStore
 from shard_sql.testing import (
     AdapterCase,
     AuthorityContract,
+    ForwardingContract,
     IntentQueueContract,
     LeaseRulesContract,
+    ProcessForwardingContract,
     StoreContract,
 )
 
 
-class SqliteFile(AdapterCase):
+def intent_records(url: str) -> int:
+    engine = create_engine(url)
+    try:
+        with engine.connect() as conn:
+            return int(conn.exec_driver_sql("SELECT count(*) FROM intents").scalar_one())
+    finally:
+        engine.dispose()
+
+
+class SqlHooks(AdapterCase):
+    def check_after(self, *, holder_killed: bool) -> None:
+        if not holder_killed:  # a holder that lived forgot what it applied
+            assert intent_records(self.store_url() or "") == 0
+
+
+class SqliteFile(SqlHooks):
     def make_store(self) -> EventStore:
         return SqlEventStore(self.store_url())
 
     def store_url(self) -> str:
         return f"sqlite:///{self.tmp_path}/shard.db"
 
+    def may_freeze_holder(self) -> bool:
+        """Whether a writer can take the file's write lock right now."""
+        path = self.store_url().removeprefix("sqlite:///")
+        conn = sqlite3.connect(path, timeout=0.05, isolation_level=None)
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("ROLLBACK")
+            return True
+        except sqlite3.OperationalError:
+            return False
+        finally:
+            conn.close()
 
-class Postgres(AdapterCase):
+
+class SqliteMemory(AdapterCase):
+    def make_store(self) -> EventStore:
+        return SqlEventStore("sqlite://")
+
+
+class Postgres(SqlHooks):
     def make_store(self) -> EventStore:
         return SqlEventStore(self.store_url())
 
@@ -49,6 +87,18 @@ class TestSqliteIntentQueue(SqliteFile, IntentQueueContract):
     pass
 
 
+class TestSqliteForwarding(SqliteFile, ForwardingContract):
+    pass
+
+
+class TestSqliteProcesses(SqliteFile, ProcessForwardingContract):
+    pass
+
+
+class TestSqliteMemoryForwarding(SqliteMemory, ForwardingContract):
+    pass
+
+
 @pytest.mark.postgres
 class TestPostgresStore(Postgres, StoreContract):
     pass
@@ -66,4 +116,14 @@ class TestPostgresLeaseRules(Postgres, LeaseRulesContract):
 
 @pytest.mark.postgres
 class TestPostgresIntentQueue(Postgres, IntentQueueContract):
+    pass
+
+
+@pytest.mark.postgres
+class TestPostgresForwarding(Postgres, ForwardingContract):
+    pass
+
+
+@pytest.mark.postgres
+class TestPostgresProcesses(Postgres, ProcessForwardingContract):
     pass

@@ -18,6 +18,7 @@ An adapter plugs in with one small test file: a class that opens it (`make_store
     class TestMyFeed(MyStore, FeedContract): ...  # stores with the feed (FeedStore)
     class TestMyTransactions(MyStore, TransactionContract): ...
     class TestMySubscription(MyStore, SubscriptionContract): ...
+    class TestMyProcesses(MyStore, ProcessForwardingContract): ...  # needs store_url
 
 The cases use pytest; the contracts are classes, so pytest collects them only as `Test*`
 subclasses. docs/architecture.md lists every contract.
@@ -35,6 +36,7 @@ from shard_sql.testing.contracts import (
 from shard_sql.testing.feed import FeedContract, SubscriptionContract, TransactionContract
 from shard_sql.testing.intent_queue import ForwardingContract, IntentQueueContract
 from shard_sql.testing.leases import LeaseRulesContract
+from shard_sql.testing.processes import ProcessForwardingContract
 
 __all__ = [
     "BAD_PAYLOADS",
@@ -47,6 +49,7 @@ __all__ = [
     "IntentQueueContract",
     "LeaseRulesContract",
     "ManualClock",
+    "ProcessForwardingContract",
     "StoreContract",
     "SubscriptionContract",
     "TransactionContract",
