@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -327,3 +328,62 @@ def test_closed_store(tmp_path: Path) -> None:
     store.close()
     with pytest.raises(StoreUnavailable):
         store.head("s")
+
+
+# -- secrets in URLs ---------------------------------------------------------------------------
+
+SECRETS = ("pw-in-userinfo", "pw-in-query", "sslpw-in-query")
+
+
+def with_secrets(url: str) -> str:
+    """`url` with a password in its userinfo and two in its query (the test server trusts every
+    local login: any password is accepted; libpq takes the query's `password` over the other)."""
+    return (
+        url.replace("postgres@", "postgres:pw-in-userinfo@", 1)
+        + "?password=pw-in-query&sslpassword=sslpw-in-query"
+    )
+
+
+def assert_no_secret(text: str) -> None:
+    for secret in SECRETS:
+        assert secret not in text, text
+
+
+@pytest.mark.postgres
+def test_url_secrets_are_masked_everywhere(pg_url: str) -> None:
+    url = with_secrets(pg_url)
+    with pytest.raises(SchemaError) as info:  # not migrated: the hint names the command
+        SqlEventStore(url)
+    assert "shard-sql migrate --url" in str(info.value)
+    assert "password=***" in str(info.value)
+    assert_no_secret(str(info.value))
+    cli = subprocess.run(
+        [sys.executable, "-m", "shard_sql", "--url", url, "migrate"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert cli.returncode == 0, cli.stderr
+    assert_no_secret(cli.stdout + cli.stderr)
+    with SqlEventStore(url) as store:
+        assert_no_secret(repr(store) + store.where)
+        assert "***" in repr(store)
+    downgrade_one(url)
+    with pytest.raises(SchemaError) as info:  # an older schema: the hint again
+        SqlEventStore(url)
+    assert_no_secret(str(info.value))
+
+
+def test_masked_keeps_what_is_not_secret() -> None:
+    from shard_sql.sql import masked
+
+    assert masked("postgresql://u:p@ss@h:5/db?sslmode=require&PassWord=x&token_x=y#f") == (
+        "postgresql://u:***@h:5/db?sslmode=require&PassWord=***&token_x=***#f"
+    )
+    assert masked("postgresql://u@h/db?application_name=a") == (
+        "postgresql://u@h/db?application_name=a"
+    )
+    assert masked("sqlite:////srv/a@b.db?synchronous=NORMAL") == (
+        "sqlite:////srv/a@b.db?synchronous=NORMAL"
+    )
+    assert masked("postgresql://u:pw@h:notaport/db") == "postgresql://u:***@h:notaport/db"

@@ -24,13 +24,13 @@ def store_url(args: argparse.Namespace) -> str:
 
 
 def display_url(url: str) -> str:
-    """The URL with any password masked."""
+    """The URL with every secret masked (the password, `?password=...`)."""
     if is_git_url(url) or url.startswith("memory:"):
         return url
     try:
-        from sqlalchemy.engine import make_url
+        from shard_sql.sql.urls import masked  # SQL URLs only: loads SQLAlchemy
 
-        return make_url(url).render_as_string(hide_password=True)
+        return masked(url)
     except Exception:
         return url
 

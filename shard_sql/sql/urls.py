@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import URL, make_url
 
@@ -32,6 +34,20 @@ def normalize_url(url: str | URL) -> URL:
     return parsed
 
 
-def masked(url: URL) -> str:
-    """The URL as text with its password masked."""
-    return url.render_as_string(hide_password=True)
+_SECRET_WORDS = ("password", "passwd", "pwd", "secret", "token")
+"""A query parameter whose name contains one of these is a secret (libpq takes `password` and
+`sslpassword` there, for instance)."""
+
+
+_USERINFO_PASSWORD = re.compile(r"(://[^/?#@:]*:)[^/?#]*@")  # up to the last @
+_QUERY_SECRET = re.compile(
+    rf"([?&][^=&#]*(?:{'|'.join(_SECRET_WORDS)})[^=&#]*=)[^&#]*", flags=re.IGNORECASE
+)
+
+
+def masked(url: str | URL) -> str:
+    """The URL as text with every secret masked: the password, and secret query parameters
+    (also in text that is not a valid URL)."""
+    text = url if isinstance(url, str) else url.render_as_string(hide_password=False)
+    text = _USERINFO_PASSWORD.sub(r"\1***@", text)
+    return _QUERY_SECRET.sub(r"\1***", text)
