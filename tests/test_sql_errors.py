@@ -387,3 +387,73 @@ def test_masked_keeps_what_is_not_secret() -> None:
         "sqlite:////srv/a@b.db?synchronous=NORMAL"
     )
     assert masked("postgresql://u:pw@h:notaport/db") == "postgresql://u:***@h:notaport/db"
+
+
+# -- foreign or damaged schemas ---------------------------------------------------------------
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def empty_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/foreign.db"
+    url: str = request.getfixturevalue("pg_url")
+    return url
+
+
+def execute(url: str, *statements: str) -> None:
+    with migration_connection(url) as conn:
+        for statement in statements:
+            conn.exec_driver_sql(statement)
+
+
+def refused(url: str) -> list[str]:
+    """The messages of every way in: each must be a SchemaError."""
+    messages = []
+    for attempt in (
+        lambda: SqlEventStore(url),
+        lambda: SqlEventStore(url, migrate=True),
+        lambda: migrate(url),
+    ):
+        with pytest.raises(SchemaError) as info:
+            attempt()
+        messages.append(str(info.value))
+    return messages
+
+
+def test_another_applications_events_table(empty_url: str) -> None:
+    execute(
+        empty_url,
+        "CREATE TABLE events (id integer PRIMARY KEY, body text)",
+        "INSERT INTO events VALUES (1, 'theirs')",
+    )
+    for message in refused(empty_url):
+        assert "events" in message and VERSION_TABLE in message, message
+    with migration_connection(empty_url) as conn:  # left as it was
+        assert conn.exec_driver_sql("SELECT id, body FROM events").fetchall() == [(1, "theirs")]
+
+
+def test_version_table_dropped(empty_url: str) -> None:
+    migrate(empty_url)
+    execute(empty_url, f"DROP TABLE {VERSION_TABLE}")
+    for message in refused(empty_url):
+        assert f"no {VERSION_TABLE}" in message and "events, leases, intents" in message, message
+
+
+def test_version_table_emptied(empty_url: str) -> None:
+    migrate(empty_url)
+    execute(empty_url, f"DELETE FROM {VERSION_TABLE}")
+    for message in refused(empty_url):
+        assert f"{VERSION_TABLE} is empty" in message, message
+    execute(empty_url, f"INSERT INTO {VERSION_TABLE} VALUES ('{SCHEMA_REVISION}')")  # the fix
+    with SqlEventStore(empty_url) as store:
+        assert store.head("s") == 0
+
+
+def test_version_table_with_two_rows(empty_url: str) -> None:
+    migrate(empty_url)
+    execute(empty_url, f"INSERT INTO {VERSION_TABLE} VALUES ('0002')")
+    for message in refused(empty_url):
+        assert f"{VERSION_TABLE} holds 2 rows" in message and "0002" in message, message
+    execute(empty_url, f"DELETE FROM {VERSION_TABLE} WHERE version_num = '0002'")
+    with SqlEventStore(empty_url) as store:
+        assert store.head("s") == 0

@@ -6,16 +6,16 @@ from __future__ import annotations
 import importlib.util
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.engine import URL, Connection, Engine
 
 from shard_sql.errors import SchemaError, ShardSqlError
-from shard_sql.orm import SCHEMA_REVISION, VERSION_TABLE
+from shard_sql.orm import EVENTS, INTENTS, LEASES, SCHEMA_REVISION, VERSION_TABLE
 from shard_sql.sql.connections import Database, open_engine
 from shard_sql.sql.dialects import Conn, Dialect, EngineOptions
 from shard_sql.sql.errors import DEFAULT_BUSY_TIMEOUT, Site, is_sqlite_busy, translate
@@ -112,15 +112,45 @@ class Migration:
         return self.before != self.after
 
 
-def _current_revision(conn: Connection) -> str | None:
-    from alembic.runtime.migration import MigrationContext  # see alembic_config
+Rows = Callable[[str, tuple[Any, ...]], Sequence[Sequence[Any]]]
+"""Runs a statement with its parameters; its rows."""
 
-    context = MigrationContext.configure(conn, opts={"version_table": VERSION_TABLE})
-    revision: str | None = context.get_current_revision()
-    return revision
+_OUR_TABLES = (EVENTS, LEASES, INTENTS)
 
 
-def run_migrations(engine: Engine, site: Site) -> Migration:
+def found_revision(rows: Rows, dialect: Dialect, site: Site) -> str | None:
+    """The schema revision in the version table; None when the database has no shard_sql
+    schema and none of its tables' names (a migration creates them). `SchemaError` saying what
+    was found for a schema that is foreign or damaged: tables by our names without a version
+    table, an empty version table beside our tables, more than one version row."""
+    names = (VERSION_TABLE, *_OUR_TABLES)
+    present = {row[0] for row in rows(dialect.tables_sql(len(names)), names)}
+    ours = ", ".join(n for n in _OUR_TABLES if n in present)
+    if VERSION_TABLE not in present:
+        if ours:
+            raise SchemaError(
+                f"{site} has tables named {ours} but no {VERSION_TABLE}: another application's "
+                "tables, or shard_sql's with their version table dropped. shard_sql neither uses "
+                "nor changes them: give it a database of its own, or restore the version table"
+            )
+        return None
+    versions = [str(row[0]) for row in rows(dialect.version_sql, ())]
+    if len(versions) > 1:
+        raise SchemaError(
+            f"{site}: {VERSION_TABLE} holds {len(versions)} rows ({', '.join(versions)}); it "
+            "holds one, the schema revision: delete the wrong ones"
+        )
+    if not versions:
+        if ours:
+            raise SchemaError(
+                f"{site}: {VERSION_TABLE} is empty beside the tables {ours}: insert the "
+                "revision they are at (shard_sql cannot tell)"
+            )
+        return None
+    return versions[0]
+
+
+def run_migrations(engine: Engine, dialect: Dialect, site: Site) -> Migration:
     """Upgrade the database behind `engine` to head; the revisions before and after."""
     from alembic import command  # see alembic_config
 
@@ -128,7 +158,12 @@ def run_migrations(engine: Engine, site: Site) -> Migration:
     while True:
         try:
             with _locked_connection(engine) as conn:
-                before = _current_revision(conn)  # under the lock: what this call found
+
+                def rows(sql: str, params: tuple[Any, ...]) -> Sequence[Sequence[Any]]:
+                    return conn.exec_driver_sql(sql, params).fetchall()
+
+                # Under the lock: what this call found; a foreign or damaged schema is left alone.
+                before = found_revision(rows, dialect, site)
                 command.upgrade(alembic_config(conn), "head")
             return Migration(before, SCHEMA_REVISION)
         except ShardSqlError:
@@ -148,7 +183,7 @@ def upgrade(url_or_engine: str | URL | Engine) -> Migration:
     found and left. Safe to run concurrently and repeatedly."""
     engine, owned, dialect = open_engine(url_or_engine, EngineOptions())
     try:
-        return run_migrations(engine, _site(engine, dialect))
+        return run_migrations(engine, dialect, _site(engine, dialect))
     finally:
         if owned:
             engine.dispose()
@@ -198,15 +233,23 @@ def open_schema(db: Database, migrate_now: bool) -> None:
         raise SchemaError(_revision_problem(db.site, revision))
     if not migrate_now:
         raise SchemaError(f"{db.site} has no shard_sql schema: {db.site.hint}")
-    run_migrations(db.engine, db.site)
+    run_migrations(db.engine, db.dialect, db.site)
 
 
 def _revision(c: Conn, db: Database) -> str | None:
-    try:
+    try:  # one statement when all is well
         c.cur.execute(db.dialect.version_sql)
-        rows = c.cur.fetchall()
+        versions = c.cur.fetchall()
     except Exception as e:
-        if isinstance(translate(e, db.site), SchemaError):
-            return None  # no version table: not a shard_sql database (yet)
-        raise
-    return str(rows[0][0]) if rows else None
+        if not isinstance(translate(e, db.site), SchemaError):
+            raise
+    else:
+        if len(versions) == 1:
+            return str(versions[0][0])
+
+    def rows(sql: str, params: tuple[Any, ...]) -> Sequence[Sequence[Any]]:
+        c.cur.execute(sql, params)
+        result: Sequence[Sequence[Any]] = c.cur.fetchall()
+        return result
+
+    return found_revision(rows, db.dialect, db.site)

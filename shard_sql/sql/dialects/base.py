@@ -140,6 +140,10 @@ class Dialect:
             f"generation = generation + 1 WHERE space = {p} {returning}"
         )
 
+    def tables_sql(self, n: int) -> str:
+        """The names, among `n` given, of the tables (or views) the store's statements see."""
+        raise NotImplementedError
+
     # -- engines and connections -------------------------------------------------------------
 
     def create_engine(self, url: URL, options: EngineOptions) -> Engine:

@@ -137,6 +137,13 @@ class PostgresDialect(Dialect):
             f"AND {_APPLIED} AND EXISTS (SELECT 1 FROM relaxed)"
         )
 
+    def tables_sql(self, n: int) -> str:
+        # Visible on the search path: what the store's unqualified statements would use.
+        return (
+            "SELECT relname FROM pg_class WHERE relkind IN ('r', 'p', 'v', 'm', 'f') "
+            f"AND relname IN ({', '.join(['%s'] * n)}) AND pg_table_is_visible(oid)"
+        )
+
     # -- engines and connections -------------------------------------------------------------
 
     def create_engine(self, url: URL, options: EngineOptions) -> Engine:

@@ -148,6 +148,12 @@ class SqliteDialect(Dialect):
             "ON CONFLICT (space, intent_id) DO NOTHING"
         )
 
+    def tables_sql(self, n: int) -> str:
+        return (
+            "SELECT name FROM sqlite_master WHERE type IN ('table', 'view') "
+            f"AND name IN ({', '.join('?' * n)})"
+        )
+
     # -- engines and connections -------------------------------------------------------------
 
     def create_engine(self, url: URL, options: EngineOptions) -> Engine:
