@@ -19,6 +19,7 @@ from shard_sql.store_base import (
     checked_wait,
     checkpoint_conflict,
     fence_space_matches,
+    placed,
     stamp,
 )
 from shard_sql.validation import (
@@ -34,7 +35,7 @@ from shard_sql.validation import (
     check_types,
     pending,
 )
-from shard_sql.values import Event, Lease, new_event
+from shard_sql.values import Event, Lease
 
 
 class InMemoryEventStore(StoreBase, FeedStore, MemoryLeases, IntentQueue):
@@ -99,16 +100,16 @@ class InMemoryEventStore(StoreBase, FeedStore, MemoryLeases, IntentQueue):
     def _apply(self, written: list[Event]) -> list[Event]:
         """Place `written` (checked, in seq order per space) in the logs and the feed. Under
         the lock."""
-        placed = []
+        out = []
         for e in written:
-            e = _placed(e, len(self._feed) + 1)
+            e = placed(e, len(self._feed) + 1)
             self._feed.append(e)
             self._logs.setdefault(e.space, []).append(e)
             if e.intent_id is not None:
                 self._by_intent[(e.space, e.intent_id)] = e
-            placed.append(e)
+            out.append(e)
         self._changed.notify_all()
-        return placed
+        return out
 
     # -- the feed and checkpoints (FeedStore) --------------------------------------------------
 
@@ -226,21 +227,6 @@ class InMemoryEventStore(StoreBase, FeedStore, MemoryLeases, IntentQueue):
         checked_wait(spaces, timeout)
         with self._changed:
             self._changed.wait(timeout)
-
-
-def _placed(e: Event, position: int) -> Event:
-    placed: Event = new_event(
-        e.space,
-        e.seq,
-        e.type,
-        e.payload,
-        e.recorded_at,
-        e.writer,
-        e.generation,
-        e.intent_id,
-        position,
-    )
-    return placed
 
 
 def _check_checkpoint(name: str, stored: int, position: int) -> None:

@@ -28,6 +28,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 __all__ = [
+    "CHECKPOINTS",
     "EVENTS",
     "INTENTS",
     "LEASES",
@@ -35,16 +36,18 @@ __all__ = [
     "SCHEMA_REVISION",
     "VERSION_TABLE",
     "Base",
+    "CheckpointRecord",
     "EventRecord",
     "IntentRecord",
     "LeaseRecord",
+    "checkpoints_table",
     "events_table",
     "intents_table",
     "leases_table",
     "metadata",
 ]
 
-SCHEMA_REVISION = "0003"
+SCHEMA_REVISION = "0004"
 """The alembic head revision these models describe.
 
 A store compares it with the database's version row when it opens, without loading alembic.
@@ -62,6 +65,9 @@ NAME_LENGTH = 200
 EVENTS = "events"
 LEASES = "leases"
 INTENTS = "intents"
+CHECKPOINTS = "checkpoints"
+PLACE_FEED = "shard_sql_place_feed"
+"""PostgreSQL: the function that places committed events in the feed (migration 0004)."""
 
 
 def _name(comment: str, *, nullable: bool = False) -> Mapped[Any]:
@@ -83,6 +89,18 @@ class Base(DeclarativeBase):
     )
 
 
+EVENTS_COMMENT = (
+    "shard_sql event log: append-only, one gapless sequence per space. Rows are never deleted "
+    "and never updated, but for position, set once; the primary key (space, seq) is the "
+    "compare-and-set of an append."
+)
+POSITION_COMMENT = (
+    "Place in the store-wide feed: 1, 2, 3, ... across every space, gaps allowed, never "
+    "changed once set. SQLite: set by the append. PostgreSQL: NULL until "
+    "shard_sql_place_feed() places the committed row; read the feed only after calling it."
+)
+
+
 class EventRecord(Base):
     """One event of a space's log."""
 
@@ -97,15 +115,18 @@ class EventRecord(Base):
             postgresql_where=text("intent_id IS NOT NULL"),
             sqlite_where=text("intent_id IS NOT NULL"),
         ),
+        Index("events_position_key", "position", unique=True),
+        # Rows the feed has not placed yet (PostgreSQL; always empty on SQLite).
+        Index(
+            "events_unplaced_idx",
+            "space",
+            "seq",
+            postgresql_where=text("position IS NULL"),
+            sqlite_where=text("position IS NULL"),
+        ),
         CheckConstraint("seq >= 0", name="seq"),
         CheckConstraint("generation >= 0", name="generation"),
-        {
-            "comment": (
-                "shard_sql event log: append-only, one gapless sequence per space. "
-                "Rows are never updated or deleted; the primary key (space, seq) is the "
-                "compare-and-set of an append."
-            )
-        },
+        {"comment": EVENTS_COMMENT},
     )
 
     space: Mapped[str] = _name("The log this event belongs to (1-200 characters).")
@@ -137,6 +158,9 @@ class EventRecord(Base):
         "with the same key returns this event instead of writing again.",
         nullable=True,
     )
+    position: Mapped[int | None] = mapped_column(
+        BigInteger, nullable=True, comment=POSITION_COMMENT
+    )
 
 
 class LeaseRecord(Base):
@@ -167,6 +191,13 @@ class LeaseRecord(Base):
         comment="Fencing token: +1 at every new grant (new holder, or after lapse, release or "
         "revoke); a renewal keeps it. Appends check holder and generation, not expiry.",
     )
+
+
+CHECKPOINTS_COMMENT = (
+    "shard_sql feed consumers: how far each named consumer has processed the feed. A save "
+    "never moves a position backwards; it is written in the consumer's transaction, with the "
+    "consumer's own writes."
+)
 
 
 class IntentRecord(Base):
@@ -224,8 +255,44 @@ class IntentRecord(Base):
     )
 
 
+class CheckpointRecord(Base):
+    """How far a named consumer of the feed has processed it."""
+
+    __tablename__ = CHECKPOINTS
+    __table_args__ = (
+        PrimaryKeyConstraint("name"),
+        CheckConstraint("position >= 0", name="position"),
+        {"comment": CHECKPOINTS_COMMENT},
+    )
+
+    name: Mapped[str] = _name("The consumer's name (a subscription's name), as a space is named.")
+    position: Mapped[int] = mapped_column(
+        BigInteger,
+        nullable=False,
+        comment="The feed position the consumer has processed up to (events.position); it "
+        "never moves backwards.",
+    )
+    updated_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True),
+        nullable=False,
+        comment="When the checkpoint was last saved (UTC; text YYYY-MM-DD HH:MM:SS.ffffff on "
+        "SQLite).",
+    )
+    holder: Mapped[str | None] = _name(
+        "Node id of the lease holder whose fenced save wrote it last (the lease "
+        "subscription:<name>); NULL when saved without a fence.",
+        nullable=True,
+    )
+    generation: Mapped[int | None] = mapped_column(
+        BigInteger,
+        nullable=True,
+        comment="Generation of that lease (fencing token); NULL when saved without a fence.",
+    )
+
+
 metadata = Base.metadata
 """The `MetaData` of every shard_sql table."""
 events_table = EventRecord.__table__
 leases_table = LeaseRecord.__table__
 intents_table = IntentRecord.__table__
+checkpoints_table = CheckpointRecord.__table__

@@ -152,6 +152,22 @@ def stamp(space: str, seq: int, p: Pending, fence: Lease | None, now: datetime) 
     return e
 
 
+def placed(e: Event, position: int | None) -> Event:
+    """`e` at feed position `position`."""
+    out: Event = new_event(
+        e.space,
+        e.seq,
+        e.type,
+        e.payload,
+        e.recorded_at,
+        e.writer,
+        e.generation,
+        e.intent_id,
+        position,
+    )
+    return out
+
+
 def decode_payloads(texts: Sequence[Any]) -> list[Any]:
     """`[json.loads(t) for t in texts]` in one `json.loads` call for the page: its per-call cost
     once, not per event (the garbage collector then runs as the host set it; the page still reads

@@ -299,27 +299,27 @@ class Database:
         time.sleep(delay * (0.5 + random.random()))
         return min(delay * 1.5, BUSY_MAX)
 
-    def insert_once(self, sql: str, params: tuple[Any, ...]) -> bool:
+    def insert_once(self, sql: str, params: tuple[Any, ...]) -> int | None:
         """One attempt at a single-event insert, without `call`'s retry scaffolding (0.4 us of
-        ~30; `Dialect.retry_free_insert` only). Whether it wrote the row; False after any error
-        too: the statement either committed or wrote nothing, and the caller runs it again
-        through `call`."""
+        ~30; `Dialect.retry_free_insert` only). None if it wrote nothing, also after any error:
+        the statement either committed or wrote nothing, and the caller runs it again through
+        `call`; else the row's position (`Dialect.inserted`)."""
         pool = self.pool
         try:
             c = pool.get()
         except Exception:
-            return False
+            return None
         healthy = True
         try:
             cur = c.cur
             cur.execute(sql, params)
-            return bool(cur.rowcount == 1)
+            return self.dialect.inserted(cur)
         except Exception:
             try:
                 self.dialect.rollback(c)
             except Exception:
                 healthy = False
-            return False
+            return None
         finally:
             pool.put(c, healthy)
 

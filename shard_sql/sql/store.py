@@ -24,7 +24,7 @@ from shard_sql.sql.errors import DEFAULT_BUSY_TIMEOUT, guarded, translate
 from shard_sql.sql.intents import SqlIntentQueue
 from shard_sql.sql.listener import Listener
 from shard_sql.sql.schema import open_schema
-from shard_sql.store_base import StoreBase, already_written, stamp
+from shard_sql.store_base import StoreBase, already_written, placed, stamp
 from shard_sql.validation import Pending, check_seq, check_stored_space
 from shard_sql.values import Event, Lease, new_event
 
@@ -205,10 +205,14 @@ class SqlEventStore(StoreBase, LeaseStore, IntentQueue, IntentInbox, SpaceWakeup
             gen = p.generation if p.generation is not None else fence.generation if fence else 0
             sql, params = self._dialect.append_one(space, p, expected_seq, at, writer, gen, check)
             insert_once = self._insert_once
-            if insert_once is not None and insert_once(sql, params):
+            position = None if insert_once is None else insert_once(sql, params)
+            if position is not None:
                 written = [
-                    new_event(space, expected_seq, p.type, p.payload, at, writer, gen, p.intent_id)
-                ]
+                    new_event(
+                        space, expected_seq, p.type, p.payload, at, writer, gen, p.intent_id,
+                        position or None,
+                    )
+                ]  # fmt: skip
             else:
                 statement = (sql, params)
                 written = self._write_one(space, p, expected_seq, check, statement, at, writer, gen)
@@ -235,8 +239,16 @@ class SqlEventStore(StoreBase, LeaseStore, IntentQueue, IntentInbox, SpaceWakeup
         batch = [p]
         try:
             for _ in range(3):
-                if self.database.call(self._insert, *statement, retry=p.intent_id is not None):
-                    return [new_event(space, seq, p.type, p.payload, at, writer, gen, p.intent_id)]
+                position = self.database.call(
+                    self._insert, *statement, retry=p.intent_id is not None
+                )
+                if position is not None:
+                    return [
+                        new_event(
+                            space, seq, p.type, p.payload, at, writer, gen, p.intent_id,
+                            position or None,
+                        )
+                    ]  # fmt: skip
                 # Nothing written: say why (the same checks, in the reference adapter's order).
                 done = self.database.call(self._check_write, space, batch, seq, check)
                 if done is not None:
@@ -245,16 +257,17 @@ class SqlEventStore(StoreBase, LeaseStore, IntentQueue, IntentInbox, SpaceWakeup
         except Exception as e:
             return self._write_failed(e, space, batch, seq, check)
 
-    def _insert(self, c: Conn, sql: str, params: Sequence[Any]) -> bool:
-        """Run a single-event INSERT; whether it wrote the row."""
+    def _insert(self, c: Conn, sql: str, params: Sequence[Any]) -> int | None:
+        """Run a single-event INSERT: None if it wrote nothing, else the row's position (0: to
+        be placed after the commit)."""
         cur = c.cur
         try:
             cur.execute(sql, params)
+            return self._dialect.inserted(cur)
         except Exception as e:
             if self._dialect.is_check_failure(e):
-                return False
+                return None
             raise
-        return bool(cur.rowcount == 1)
 
     def _write_batch(
         self,
@@ -334,7 +347,7 @@ class SqlEventStore(StoreBase, LeaseStore, IntentQueue, IntentInbox, SpaceWakeup
             return done
         # A batch shares one time (an import keeps each event's): format each time once.
         times = {t: d.time(t) for t in {e.recorded_at for e in events}}
-        d.insert_rows(
+        positions = d.insert_rows(
             c,
             [
                 (space, e.seq, e.type, p.payload_json, times[e.recorded_at], e.writer,
@@ -343,7 +356,9 @@ class SqlEventStore(StoreBase, LeaseStore, IntentQueue, IntentInbox, SpaceWakeup
             ],
         )  # fmt: skip
         d.commit(c)
-        return events
+        if positions[0] is None:
+            return events
+        return [placed(e, n) for e, n in zip(events, positions, strict=True)]
 
     def _check_write(
         self,

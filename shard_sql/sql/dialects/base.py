@@ -19,7 +19,7 @@ from shard_sql.values import Event, Lease
 __all__ = ["COLUMNS", "Conn", "Dialect", "EngineOptions", "Statement"]
 
 COLUMNS = "space, seq, type, payload, recorded_at, writer, generation, intent_id"
-READ_COLUMNS = "seq, type, payload, recorded_at, writer, generation, intent_id"
+READ_COLUMNS = "seq, type, payload, recorded_at, writer, generation, intent_id, position"
 
 Statement = tuple[str, tuple[Any, ...]]
 """SQL text and its parameters."""
@@ -194,7 +194,7 @@ class Dialect:
         raise NotImplementedError
 
     def to_events(self, space: str, rows: list[Any]) -> list[Event]:
-        """`Event`s from rows of `READ_COLUMNS`."""
+        """`Event`s from rows of `READ_COLUMNS` (a NULL position: not placed yet)."""
         raise NotImplementedError
 
     def payload(self, value: Any) -> Any:
@@ -214,9 +214,11 @@ class Dialect:
         """Roll back a transaction left open (no statement when there is none)."""
         raise NotImplementedError
 
-    def insert_rows(self, c: Conn, rows: list[tuple[Any, ...]]) -> None:
-        """Insert checked rows inside the open write transaction."""
+    def insert_rows(self, c: Conn, rows: list[tuple[Any, ...]]) -> list[int | None]:
+        """Insert checked rows (`COLUMNS`) inside the open write transaction; their feed
+        positions (None: placed after the commit)."""
         c.cur.executemany(self.insert_values, rows)
+        return [None] * len(rows)
 
     def lease_transaction(self, c: Conn, body: Callable[[], _R]) -> _R:
         """Run the statements of one lease grant (`body`) as one unit."""
@@ -246,6 +248,11 @@ class Dialect:
     def is_check_failure(self, e: BaseException) -> bool:
         """`e` is how `append_one`'s statement says that a check failed (else: no row)."""
         return False
+
+    def inserted(self, cur: Any) -> int | None:
+        """After `append_one`'s statement ran on `cur`: None if it wrote nothing, else the
+        row's feed position (0: placed after the commit)."""
+        return 0 if cur.rowcount == 1 else None
 
     def append_small_batch(
         self,

@@ -207,8 +207,8 @@ class PostgresDialect(Dialect):
     def to_events(self, space: str, rows: list[Any]) -> list[Event]:
         make = new_event
         if rows and rows[0][3].tzinfo is not UTC:  # a session not in UTC: convert
-            return [make(space, s, t, p, _utc(at), w, g, i) for s, t, p, at, w, g, i in rows]
-        return [make(space, s, t, p, at, w, g, i) for s, t, p, at, w, g, i in rows]
+            return [make(space, s, t, p, _utc(at), w, g, i, n) for s, t, p, at, w, g, i, n in rows]
+        return [make(space, s, t, p, at, w, g, i, n) for s, t, p, at, w, g, i, n in rows]
 
     # -- transactions --------------------------------------------------------------------------
 
@@ -219,11 +219,12 @@ class PostgresDialect(Dialect):
         if c.raw.info.transaction_status != 0:  # not idle
             c.raw.rollback()
 
-    def insert_rows(self, c: Conn, rows: list[tuple[Any, ...]]) -> None:
+    def insert_rows(self, c: Conn, rows: list[tuple[Any, ...]]) -> list[int | None]:
         # COPY beats executemany (measured: 100 rows 1.5 ms against 1.8-2.0 ms, pipelined).
         with c.cur.copy(self.copy_sql) as copy:
             for row in rows:
                 copy.write_row(row)
+        return [None] * len(rows)
 
     # -- statements ----------------------------------------------------------------------------
 
