@@ -18,7 +18,7 @@ from shard_sql.errors import SchemaError, ShardSqlError
 from shard_sql.orm import EVENTS, INTENTS, LEASES, SCHEMA_REVISION, VERSION_TABLE
 from shard_sql.sql.connections import Database, open_engine
 from shard_sql.sql.dialects import Conn, Dialect, EngineOptions
-from shard_sql.sql.errors import DEFAULT_BUSY_TIMEOUT, Site, is_sqlite_busy, translate
+from shard_sql.sql.errors import DEFAULT_BUSY_TIMEOUT, Site, translate
 from shard_sql.sql.urls import masked
 
 if TYPE_CHECKING:
@@ -34,8 +34,6 @@ __all__ = [
     "upgrade",
 ]
 
-MIGRATION_LOCK = 0x5A4D_5351_4C00_0001
-"""The advisory lock key migrations take on PostgreSQL ("ZMSQL" + 1)."""
 
 _PACKAGE = Path(__file__).resolve().parent.parent
 
@@ -77,26 +75,13 @@ def migration_connection(
 ) -> Iterator[Connection]:
     """A connection in a transaction that holds shard_sql's migration lock, committed on exit
     (used by `migrations/env.py` when alembic runs from the command line)."""
-    engine, owned, _ = open_engine(url_or_engine, EngineOptions(busy_timeout=busy_timeout))
+    engine, owned, dialect = open_engine(url_or_engine, EngineOptions(busy_timeout=busy_timeout))
     try:
-        with _locked_connection(engine) as conn:
+        with dialect.migration_transaction(engine) as conn:
             yield conn
     finally:
         if owned:
             engine.dispose()
-
-
-@contextmanager
-def _locked_connection(engine: Engine) -> Iterator[Connection]:
-    """SQLite: BEGIN IMMEDIATE (the write lock). PostgreSQL: a transaction-level advisory lock.
-    Concurrent migrations queue up; the later ones find the schema at head and do nothing."""
-    with engine.connect() as conn:
-        if engine.dialect.name == "postgresql":
-            conn.execution_options(isolation_level="READ COMMITTED")
-        with conn.begin():
-            if engine.dialect.name == "postgresql":
-                conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK})")
-            yield conn
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,7 +142,7 @@ def run_migrations(engine: Engine, dialect: Dialect, site: Site) -> Migration:
     deadline = time.monotonic() + DEFAULT_BUSY_TIMEOUT
     while True:
         try:
-            with _locked_connection(engine) as conn:
+            with dialect.migration_transaction(engine) as conn:
 
                 def rows(sql: str, params: tuple[Any, ...]) -> Sequence[Sequence[Any]]:
                     return conn.exec_driver_sql(sql, params).fetchall()
@@ -169,7 +154,7 @@ def run_migrations(engine: Engine, dialect: Dialect, site: Site) -> Migration:
         except ShardSqlError:
             raise
         except Exception as e:
-            if is_sqlite_busy(e) and time.monotonic() < deadline:
+            if dialect.is_busy(e) and time.monotonic() < deadline:
                 time.sleep(0.01 + random.random() * 0.05)
                 continue
             err = translate(e, site)

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, ClassVar, TypeVar
 
-from sqlalchemy.engine import URL, Engine
+from sqlalchemy.engine import URL, Connection, Engine
 
 from shard_sql.orm import EVENTS, INTENTS, LEASES, VERSION_TABLE
 from shard_sql.sql.errors import DEFAULT_BUSY_TIMEOUT, Site
@@ -156,6 +156,11 @@ class Dialect:
 
     def describe(self, url: URL) -> str:
         """Where the database is, for messages (never a secret)."""
+        raise NotImplementedError
+
+    def migration_transaction(self, engine: Engine) -> AbstractContextManager[Connection]:
+        """A connection in a transaction holding the migration lock, committed on exit:
+        concurrent migrations queue up, and the later ones find the schema at head."""
         raise NotImplementedError
 
     def single_connection(self, url: URL) -> bool:

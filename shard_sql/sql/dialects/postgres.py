@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
 from sqlalchemy import create_engine, event
-from sqlalchemy.engine import URL, Engine
+from sqlalchemy.engine import URL, Connection, Engine
 from sqlalchemy.pool import QueuePool
 
 from shard_sql.orm import EVENTS, INTENTS, LEASES
@@ -64,6 +65,10 @@ def append_small_batch_sql(*, fence: bool, intent: bool) -> str:
     if intent:
         sql += f" AND NOT EXISTS (SELECT 1 FROM {EVENTS} WHERE space = %s AND intent_id = ANY(%s))"
     return sql
+
+
+MIGRATION_LOCK = 0x5A4D_5351_4C00_0001
+"""The advisory lock key migrations take ("ZMSQL" + 1)."""
 
 
 def _utc(dt: datetime) -> datetime:
@@ -164,6 +169,14 @@ class PostgresDialect(Dialect):
 
     def adopt_engine(self, engine: Engine, options: EngineOptions) -> tuple[Engine, bool]:
         return engine, False
+
+    @contextmanager
+    def migration_transaction(self, engine: Engine) -> Iterator[Connection]:
+        with engine.connect() as conn:
+            conn.execution_options(isolation_level="READ COMMITTED")
+            with conn.begin():
+                conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK})")
+                yield conn
 
     def describe(self, url: URL) -> str:
         host = url.host or "the local socket"

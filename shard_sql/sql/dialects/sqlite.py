@@ -198,6 +198,12 @@ class SqliteDialect(Dialect):
             )
         return self.create_engine(engine.url, options), True
 
+    @contextmanager
+    def migration_transaction(self, engine: Engine) -> Iterator[Connection]:
+        # BEGIN IMMEDIATE (the engine's "begin" hook): the write lock.
+        with engine.connect() as conn, conn.begin():
+            yield conn
+
     def describe(self, url: URL) -> str:
         path = sqlite_file(url)
         return "SQLite in-memory database" if path is None else f"SQLite file {path}"
