@@ -78,6 +78,21 @@ def revoked(cur: Lease | None, space: str, now: datetime) -> Lease | None:
     return Lease(space, cur.holder, min(now, cur.expires_at), cur.generation + 1)
 
 
+ADVANCED_HOLDER = "shard-sql import"
+"""The holder of a record that `advanced` creates (it is never valid)."""
+
+
+def advanced(cur: Lease | None, space: str, generation: int, now: datetime) -> Lease | None:
+    """The record after an import wrote events under generations up to `generation`: at least
+    that generation, so the next grant is newer than every one in the log; a lease of a lower
+    generation ends now (its holder is fenced, as by a revocation). None: nothing to change."""
+    if generation < 1 or (cur is not None and cur.generation >= generation):
+        return None
+    if cur is None:
+        return Lease(space, ADVANCED_HOLDER, now, generation)
+    return Lease(space, cur.holder, min(now, cur.expires_at), generation)
+
+
 def valid(cur: Lease | None, now: datetime) -> Lease | None:
     """`cur` if it is valid at `now`."""
     return cur if cur is not None and cur.valid_at(now) else None
@@ -145,6 +160,13 @@ class MemoryLeases(LeaseStore):
     def lease_revoke(self, space: str, now: datetime) -> Lease | None:
         with self._lock:
             new = revoked(self._leases.get(space), space, now)
+            if new is not None:
+                self._leases[space] = new
+            return new
+
+    def lease_advance(self, space: str, generation: int, now: datetime) -> Lease | None:
+        with self._lock:
+            new = advanced(self._leases.get(space), space, generation, now)
             if new is not None:
                 self._leases[space] = new
             return new

@@ -287,3 +287,15 @@ class LeaseStore(Protocol):
         Returns the new (already expired) record, or None when the space never had a lease.
         """
         ...
+
+
+@runtime_checkable
+class GenerationFloor(Protocol):
+    """Optional, beside `LeaseStore`: what an import calls after writing events that keep the
+    generations they were written under (`shard_sql.transfer`)."""
+
+    def lease_advance(self, space: str, generation: int, now: datetime) -> Lease | None:
+        """Raise the space's lease generation to at least `generation` (the rule `advanced`),
+        so the next grant is newer than every generation in its log; a lease of a lower
+        generation ends at `now`. The new record, or None when it was there already."""
+        ...

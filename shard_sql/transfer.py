@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from typing import IO, Any
 
 from shard_sql.errors import InvalidEvent, SeqConflict, ShardSqlError
-from shard_sql.ports import BatchWriter, EventStore
+from shard_sql.ports import BatchWriter, EventStore, GenerationFloor, LeaseStore, system_clock
 from shard_sql.validation import (
     MAX_PAYLOAD_DEPTH,
     Pending,
@@ -257,18 +257,26 @@ class Importer:
     Consecutive events of a space go in batches of `batch` through the target's `BatchWriter`
     (no fence). Each space must continue at the target's head: events below it must be
     identical to those already there (they are skipped), and a gap is a `TransferError`.
-    Call `add` for each event, then `finish`.
+    Call `add` for each event, then `finish`, which raises each space's lease generation to the
+    highest in its log (`GenerationFloor`), so that the next grant is newer than all of them.
     """
 
     def __init__(self, target: object, *, batch: int = IMPORT_BATCH) -> None:
         if not isinstance(target, BatchWriter):
             raise TransferError(f"{type(target).__name__} cannot import events")
+        if isinstance(target, LeaseStore) and not isinstance(target, GenerationFloor):
+            raise TransferError(
+                f"{type(target).__name__} cannot raise its lease generations (lease_advance): "
+                "its next grants would go back below the imported generations"
+            )
         self.target = target
         self.batch_size = batch
         self.heads: dict[str, int] = {}
         self._expect: dict[str, int] = {}
         self._intents: dict[str, set[str]] = {}
         self._buffer: list[Event] = []
+        self.generations: dict[str, int] = {}
+        """The highest generation of each space's events (written or already there)."""
         self.written = 0
         self.skipped = 0
 
@@ -294,6 +302,8 @@ class Importer:
                 )
             seen.add(event.intent_id)
         self._expect[space] = event.seq + 1
+        if event.generation > self.generations.get(space, 0):
+            self.generations[space] = event.generation
         buffer = self._buffer
         if buffer and (buffer[0].space != space or len(buffer) >= self.batch_size):
             self.flush()
@@ -353,8 +363,12 @@ class Importer:
         self.written += len(new)
 
     def finish(self) -> ImportReport:
-        """Write what is queued; the report."""
+        """Write what is queued and raise the lease generations; the report."""
         self.flush()
+        if isinstance(self.target, GenerationFloor):
+            now = system_clock()
+            for space, generation in self.generations.items():
+                self.target.lease_advance(space, generation, now)
         return ImportReport(self.written, self.skipped, len(self.heads))
 
 

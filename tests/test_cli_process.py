@@ -458,3 +458,25 @@ def test_progress_on_a_terminal_and_a_closed_pipe(tmp_path: Path) -> None:
         err = head.stderr.read()
         head.wait(timeout=60)
     assert head.returncode == 141 and err == b""
+
+
+def test_after_copy_or_import_the_next_grant_is_newer_than_the_log(
+    backend: str, tmp_path: Path
+) -> None:
+    """A copied log keeps its generations; the target's leases must not go back below them
+    (else the next append breaks the generation rule that verify checks) (issue 13, item 1)."""
+    source = f"sqlite:///{tmp_path}/source.db"
+    for space in ("copied", "imported"):
+        for n in range(3):  # each CLI append is a grant of its own: generations 1, 2, 3
+            assert shard_sql("append", space, "t", json.dumps({"n": n}), url=source).code == 0
+    assert shard_sql("lease", "copied", "--revoke", url=source).code == 0  # the record: 4
+    target = migrated(backend)
+    assert shard_sql("copy", "copied", "--to", target, url=source).code == 0
+    dump = tmp_path / "imported.jsonl"
+    assert shard_sql("export", "imported", "--file", str(dump), url=source).code == 0
+    assert shard_sql("import", "--file", str(dump), url=target).code == 0
+    for space in ("copied", "imported"):
+        r = shard_sql("append", space, "t", "{}", "--json", url=target)
+        assert r.code == 0 and r.lines()[0]["generation"] > 3, r
+    r = shard_sql("verify", url=target)
+    assert r.code == 0, r

@@ -105,3 +105,15 @@ def test_a_generation_no_store_keeps_is_refused_before_writing(tmp_path: Path) -
         assert target.spaces() == []
     finally:
         target.close()
+
+
+def test_the_next_grant_after_a_copy_is_newer_than_the_copied_log() -> None:
+    source = filled()
+    registry = LeaseRegistry(source)
+    registry.revoke("wiki")
+    lease = registry.acquire("wiki", "node-b", 60)
+    source.append("wiki", "page.edited", {}, expected_seq=2, fence=lease)  # generation 3
+    target = InMemoryEventStore()
+    copy_events(source, target)
+    assert LeaseRegistry(target).acquire("wiki", "node-c", 60).generation == 4
+    assert LeaseRegistry(target).acquire("other", "node-c", 60).generation == 1  # unfenced log

@@ -28,7 +28,16 @@ from shard_sql.git.layout import (
 from shard_sql.git.loose import LooseObjects
 from shard_sql.git.objects import json_object, lease_bytes, parse_commit, parse_lease
 from shard_sql.git.repo import GitRepo
-from shard_sql.leases import check_fence, check_ttl, granted, released, renewed, revoked, valid
+from shard_sql.leases import (
+    advanced,
+    check_fence,
+    check_ttl,
+    granted,
+    released,
+    renewed,
+    revoked,
+    valid,
+)
 from shard_sql.ports import IntentQueue, LeaseStore, SpaceWakeups, system_clock
 from shard_sql.store_base import StoreBase, already_written, stamp
 from shard_sql.validation import Pending, check_seq, check_space, check_stored_space
@@ -287,6 +296,11 @@ class GitEventStore(StoreBase, LeaseStore, IntentQueue, SpaceWakeups):
     def lease_revoke(self, space: str, now: datetime) -> Lease | None:
         check_stored_space(space)
         return self._update_lease(space, lambda cur: revoked(cur, space, now))
+
+    @translated
+    def lease_advance(self, space: str, generation: int, now: datetime) -> Lease | None:
+        check_stored_space(space)
+        return self._update_lease(space, lambda cur: advanced(cur, space, generation, now))
 
     # -- forwarded intents (IntentQueue, SpaceWakeups): `GitIntentQueue` ---------------------
 

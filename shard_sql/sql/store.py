@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 from sqlalchemy.engine import URL, Engine
 
 from shard_sql.errors import InvalidEvent, LeaseHeld, SeqConflict, StaleLease, StoreUnavailable
-from shard_sql.leases import check_fence, check_ttl
+from shard_sql.leases import ADVANCED_HOLDER, check_fence, check_ttl
 from shard_sql.ports import IntentInbox, IntentQueue, LeaseStore, SpaceWakeups, system_clock
 from shard_sql.sql.clock import DatabaseClock
 from shard_sql.sql.connections import Database
@@ -469,6 +469,35 @@ class SqlEventStore(StoreBase, LeaseStore, IntentQueue, IntentInbox, SpaceWakeup
         d = self._dialect
         row = self.database.call(self._returning, d.revoke_sql, (d.time(now), space), retry=False)
         return None if row is None else d.lease(space, row)
+
+    @guarded
+    def lease_advance(self, space: str, generation: int, now: datetime) -> Lease | None:
+        check_stored_space(space)
+        if generation < 1:
+            return None
+        return self.database.call(self._advance, space, generation, now)
+
+    def _advance(self, c: Conn, space: str, generation: int, now: datetime) -> Lease | None:
+        d = self._dialect
+        t_now = d.time(now)
+
+        def attempt() -> tuple[Lease | None] | None:
+            row = self._returning(c, d.advance_sql, (t_now, generation, space, generation))
+            if row is None:
+                first = (space, ADVANCED_HOLDER, t_now, generation)
+                row = self._returning(c, d.first_advance_sql, first)
+            if row is not None:
+                return (d.lease(space, row),)
+            cur = self._lease_record(c, space)
+            if cur is not None and cur.generation >= generation:
+                return (None,)  # there already
+            return None  # the record changed between the statements: try again
+
+        for _ in range(100):
+            done = d.lease_transaction(c, attempt)
+            if done is not None:
+                return done[0]
+        raise StoreUnavailable(f"{self.where}: lease on {space!r} kept changing; try again")
 
     # -- forwarded intents: `SqlIntentQueue` ------------------------------------------------
 

@@ -1,5 +1,6 @@
 """The lease-rules contract: every `LeaseStore` gives exactly the answers of the rules in
-`shard_sql.leases` (`granted`, `renewed`, `released`, `revoked`, `valid`), over a table of cases.
+`shard_sql.leases` (`granted`, `renewed`, `released`, `revoked`, `valid`, and `advanced` for a
+store that is also a `GenerationFloor`), over a table of cases.
 
 Each case is a few steps on one space, at times given in seconds after `T0`. The rules run beside
 the store as a model: every step's answer (the lease returned, or the error and the lease it
@@ -15,8 +16,8 @@ from typing import Any
 
 import pytest
 
-from shard_sql.leases import granted, released, renewed, revoked, valid
-from shard_sql.ports import LeaseStore
+from shard_sql.leases import advanced, granted, released, renewed, revoked, valid
+from shard_sql.ports import GenerationFloor, LeaseStore
 from shard_sql.testing.contracts import AdapterCase
 from shard_sql.values import Lease
 
@@ -34,11 +35,12 @@ class Forged:
 
 @dataclass(frozen=True)
 class Step:
-    op: str  # acquire, renew, release, revoke, current
+    op: str  # acquire, renew, release, revoke, current, advance
     at: float  # seconds after T0
     holder: str = ""
     ttl: Any = TTL
     lease: int | Forged | None = None  # renew, release: the lease step n returned, or a forgery
+    generation: int = 0  # advance
 
 
 def acquire(holder: str, at: float, ttl: Any = TTL) -> Step:
@@ -60,6 +62,11 @@ def revoke(at: float) -> Step:
 
 def current(at: float) -> Step:
     return Step("current", at)
+
+
+def advance(generation: int, at: float) -> Step:
+    """What an import does after writing events of generations up to `generation`."""
+    return Step("advance", at, generation=generation)
 
 
 CASES: dict[str, list[Step]] = {
@@ -167,6 +174,27 @@ CASES: dict[str, list[Step]] = {
         revoke(15),
         revoke(16),
     ],
+    "an import raises the generation; a lease below it ends now, its holder fenced": [
+        acquire("A", 0),
+        advance(5, 2),
+        current(2),
+        renew(0, 3),
+        acquire("B", 3),
+        advance(4, 4),
+        advance(6, 5),
+        revoke(6),
+    ],
+    "an import into a space never leased leaves a record that is never valid": [
+        advance(0, 0),
+        advance(3, 0),
+        current(0),
+        acquire("A", 1),
+    ],
+    "an import after expiry keeps the expiry": [
+        acquire("A", 0),
+        advance(2, 15),
+        revoke(16),
+    ],
     "a TTL must be a positive number of seconds up to a year": [
         acquire("A", 0, ttl=0),
         acquire("A", 0, ttl=-1),
@@ -219,6 +247,10 @@ class _Rules:
             new = revoked(self.record, self.space, now)
             self.record = new or self.record
             return new
+        if step.op == "advance":
+            new = advanced(self.record, self.space, step.generation, now)
+            self.record = new or self.record
+            return new
         return valid(self.record, now)
 
 
@@ -233,6 +265,9 @@ def _on_store(store: LeaseStore, space: str, step: Step, lease: Lease | None, no
         return store.lease_release(lease, now)
     if step.op == "revoke":
         return store.lease_revoke(space, now)
+    if step.op == "advance":
+        assert isinstance(store, GenerationFloor), f"{type(store).__name__}: no lease_advance"
+        return store.lease_advance(space, step.generation, now)
     return store.lease_current(space, now)
 
 

@@ -97,8 +97,9 @@ class Dialect:
 
     def _lease_statements(self) -> None:
         """Each statement is the rule of the same name in `shard_sql.leases` as one
-        compare-and-set (`granted`, `renewed`, `released`, `revoked`, `valid`); the lease
-        contract tests hold them to the same answers. SET expressions all read the old row."""
+        compare-and-set (`granted`, `renewed`, `released`, `revoked`, `valid`, `advanced`); the
+        lease contract tests hold them to the same answers. SET expressions all read the old
+        row."""
         p, greatest, least = self.p, self.GREATEST, self.LEAST
         returning = "RETURNING holder, expires_at, generation"
         self.lease_sql = f"SELECT holder, expires_at, generation FROM {LEASES} WHERE space = {p}"
@@ -138,6 +139,17 @@ class Dialect:
         self.revoke_sql = (
             f"UPDATE {LEASES} SET expires_at = {least}(expires_at, {p}), "
             f"generation = generation + 1 WHERE space = {p} {returning}"
+        )
+        # advanced: the generation raised to the one given, the lease ended now (if lower).
+        # Parameters: now, generation, space, generation.
+        self.advance_sql = (
+            f"UPDATE {LEASES} SET expires_at = {least}(expires_at, {p}), generation = {p} "
+            f"WHERE space = {p} AND generation < {p} {returning}"
+        )
+        # advanced, on a space without a record: a record that is not valid, at that generation.
+        self.first_advance_sql = (
+            f"INSERT INTO {LEASES} (space, holder, expires_at, generation) "
+            f"VALUES ({p}, {p}, {p}, {p}) ON CONFLICT (space) DO NOTHING {returning}"
         )
 
     def tables_sql(self, n: int) -> str:
