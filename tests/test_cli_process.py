@@ -403,24 +403,15 @@ def test_verify_reports_a_violation(tmp_path: Path) -> None:
     assert "VIOLATION 's' seq 1: [writer] generation 1 written by 'node-b'" in r.out
 
 
-def test_progress_on_a_terminal_and_a_closed_pipe(tmp_path: Path) -> None:
-    """Export draws a bar on a terminal's stderr (never on stdout); `| head` ends quietly."""
-    need("shard_sql.sql")
+def on_a_terminal(*argv: str) -> tuple[subprocess.CompletedProcess[bytes], bytes]:
+    """Run the command with stderr on a pseudo-terminal; what it drew there."""
     import pty
 
-    from shard_sql import SqlEventStore
-
-    url = f"sqlite:///{tmp_path}/p.db"
-    store = SqlEventStore(url)
-    try:
-        store.append_many("s", [("t", {"i": i}) for i in range(3000)], expected_seq=0)
-    finally:
-        store.close()
     assert SHARD_SQL is not None
     primary, secondary = pty.openpty()
     try:
         proc = subprocess.run(
-            [SHARD_SQL, "export", "--url", url, "--file", str(tmp_path / "x.jsonl")],
+            [SHARD_SQL, *argv],
             stdout=subprocess.PIPE,
             stderr=secondary,
             env=environ(),
@@ -438,9 +429,30 @@ def test_progress_on_a_terminal_and_a_closed_pipe(tmp_path: Path) -> None:
             drawn += chunk
     finally:
         os.close(primary)
+    return proc, drawn
+
+
+def test_progress_on_a_terminal_and_a_closed_pipe(tmp_path: Path) -> None:
+    """Export and import draw a bar on a terminal's stderr (never on stdout), with a total and
+    a percentage; `| head` ends quietly."""
+    need("shard_sql.sql")
+    from shard_sql import SqlEventStore
+
+    url = f"sqlite:///{tmp_path}/p.db"
+    store = SqlEventStore(url)
+    try:
+        store.append_many("s", [("t", {"i": i}) for i in range(3000)], expected_seq=0)
+    finally:
+        store.close()
+    dump = str(tmp_path / "x.jsonl")
+    proc, drawn = on_a_terminal("export", "--url", url, "--file", dump)
     assert proc.returncode == 0
     assert b"export" in drawn and b"100%" in drawn and b"3000/3000" in drawn
     assert proc.stdout.decode().startswith("exported 3000 events")
+    proc, drawn = on_a_terminal("import", "--url", f"sqlite:///{tmp_path}/q.db", "--file", dump)
+    assert proc.returncode == 0 and proc.stdout.decode() == "imported 3000 events into 1 space\n"
+    size = f"{os.path.getsize(dump) / 1000:.1f}/{os.path.getsize(dump) / 1000:.1f} kB".encode()
+    assert b"import" in drawn and b"100%" in drawn and size in drawn, drawn
     # Piped: no bar at all.
     r = shard_sql("export", "s", "--file", str(tmp_path / "y.jsonl"), url=url)
     assert r.code == 0 and r.err == ""
