@@ -6,7 +6,6 @@ import contextlib
 import hashlib
 import json
 import os
-import re
 import subprocess
 import zlib
 from collections.abc import Callable
@@ -17,11 +16,14 @@ import pytest
 from shard_sql import GitEventStore, LeaseRegistry, ShardSqlError, StoreUnavailable
 from shard_sql.git.layout import (
     CHUNK,
+    FEED,
     INTENT_REFS,
     LEASES,
     SPACES,
     decode_name,
     encode_name,
+    entry_name,
+    fan,
     lease_ref,
     space_ref,
 )
@@ -61,6 +63,23 @@ def assert_fsck_clean(repo: Path) -> None:
         if line and not line.startswith(("notice:", "Checking"))
     ]
     assert r.returncode == 0 and not problems, r.stdout + r.stderr
+
+
+def set_feed_tip(repo: Path, space: str, oid: str) -> None:
+    """Point the space's tip in the feed at commit `oid`, as a hand edit would."""
+    import pygit2
+
+    r = pygit2.Repository(str(repo))
+    feed = r.references[FEED].peel(pygit2.Commit)
+    index = pygit2.Index()
+    index.read_tree(feed.tree)
+    path = f"spaces/{fan(space)}/{entry_name(space)}/tip"
+    index.add(pygit2.IndexEntry(path, pygit2.Oid(hex=oid), pygit2.enums.FileMode.COMMIT))
+    tree = index.write_tree(r)
+    raw = git(repo, "cat-file", "commit", FEED).split("\n", 1)[1]
+    new = git(repo, "hash-object", "-t", "commit", "-w", "--stdin", stdin=f"tree {tree}\n{raw}")
+    git(repo, "update-ref", FEED, new.strip())
+    r.free()
 
 
 def all_refs(repo: Path) -> dict[str, str]:
@@ -187,9 +206,9 @@ def test_hostile_names_stay_in_the_namespace(tmp_path: Path) -> None:
         store.append(name, "t", {"name": name}, expected_seq=0, fence=lease, intent_id=name)
     after = all_refs(repo)
     new = {r for r in after if r not in before}
-    assert all(r.startswith((SPACES, LEASES)) for r in new)
+    assert all(r.startswith((SPACES, LEASES)) or r == FEED for r in new)
     assert {r: after[r] for r in before} == before
-    assert len(new) == 2 * len(TRICKY)
+    assert len(new) == 2 * len(TRICKY) + 1
     assert store.spaces() == sorted(TRICKY)
     for name in TRICKY:
         [e] = store.events(name)
@@ -397,31 +416,39 @@ def test_reads_across_index_chunks(tmp_path: Path) -> None:
 
 
 def test_stale_lock_file_gives_a_typed_error(tmp_path: Path) -> None:
+    """A lock file nobody removes: on the feed it stops writes (not reads) with a typed error
+    naming it; on a lease ref it stops that lease's updates; on a space ref it only holds back
+    that space's ref (a copy of the feed) until it goes."""
     path = tmp_path / "r.git"
     store = GitEventStore(path, lock_timeout=0.3)
     reg = LeaseRegistry(store)
     lease = reg.acquire("s", "node", 30)
     e = store.append("s", "t", {"n": 0}, expected_seq=0, fence=lease)
-    tip = (path / space_ref("s")).read_bytes()
-    lock = path / (space_ref("s") + ".lock")
+    feed = (path / FEED).read_bytes()
+    lock = path / (FEED + ".lock")
     lock.write_text("garbage left by a killed writer\n")
-    with pytest.raises(StoreUnavailable, match=r"s\.lock"):
+    with pytest.raises(StoreUnavailable, match=r"feed\.lock"):
         store.append("s", "t", {"n": 1}, expected_seq=1, fence=lease)
     with pytest.raises(StoreUnavailable):
         store.append("s", "t", {"n": 1}, expected_seq=1)
     assert lock.exists()  # never removed behind the user's back
-    assert (path / space_ref("s")).read_bytes() == tip
+    assert (path / FEED).read_bytes() == feed
     assert store.events("s") == [e] and store.head("s") == 1  # reads still work
+    assert reg.renew(lease).generation == lease.generation  # leases wait for their own locks
     lease_lock = path / (lease_ref("s") + ".lock")
     lease_lock.write_text("")
     with pytest.raises(StoreUnavailable):
         reg.renew(lease)
-    with pytest.raises(StoreUnavailable):
-        store.append("s", "t", {"n": 1}, expected_seq=1, fence=lease)
     lock.unlink()
-    lease_lock.unlink()
+    space_lock = path / (space_ref("s") + ".lock")
+    space_lock.write_text("")
     assert store.append("s", "t", {"n": 1}, expected_seq=1, fence=lease).seq == 1
+    assert git(path, "rev-list", "--count", space_ref("s")) == "1\n"  # held back
+    lease_lock.unlink()
+    space_lock.unlink()
     assert reg.renew(lease).generation == lease.generation
+    assert store.append("s", "t", {"n": 2}, expected_seq=2, fence=lease).seq == 2
+    assert git(path, "rev-list", "--count", space_ref("s")) == "3\n"
     assert_fsck_clean(path)
     store.close()
 
@@ -497,7 +524,7 @@ def test_ref_to_a_foreign_commit_is_an_error(tmp_path: Path) -> None:
     store = GitEventStore(path)
     store.append("a", "t", {}, expected_seq=0)
     store.append("b", "t", {}, expected_seq=0)
-    git(path, "update-ref", space_ref("a"), store_commit(store, "b"))
+    set_feed_tip(path, "a", store_commit(store, "b"))
     with pytest.raises(StoreUnavailable, match="corrupt"):
         store.events("a")
     store.close()
@@ -571,7 +598,7 @@ def test_malformed_objects_are_store_unavailable(tmp_path: Path) -> None:
         event("{}", "not an object"),
     ]
     for oid in broken:
-        git(path, "update-ref", space_ref("s"), oid.strip())
+        set_feed_tip(path, "s", oid.strip())
         fresh = GitEventStore(path)
         # Each call succeeds (`head` reads the seq only) or raises StoreUnavailable, nothing else.
         with contextlib.suppress(StoreUnavailable):
@@ -596,12 +623,12 @@ def test_malformed_objects_are_store_unavailable(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("damage", [b"garbage\n", b""], ids=["garbage", "empty"])
-def test_a_damaged_space_ref_is_reported(
+def test_a_damaged_feed_ref_is_reported(
     tmp_path: Path, damage: bytes, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """A space ref that libgit2 cannot read (garbage, or emptied) still names its space in
-    `spaces()`; every read of it raises StoreUnavailable naming it, `verify` and `export` fail
-    (they used to skip the space and say ok); the other spaces stay readable."""
+    """The feed ref holds every space: damaged (garbage, or emptied), every read and write raises
+    StoreUnavailable naming it, `verify` and `export` fail. A damaged space ref is a damaged
+    copy: reads never use it, the space's next write puts it right."""
     from shard_sql.cli import main
 
     path = tmp_path / "r.git"
@@ -609,30 +636,31 @@ def test_a_damaged_space_ref_is_reported(
     store.append("a", "t", {}, expected_seq=0)
     store.append_many("wiki pages", [("t", {"i": i}) for i in range(300)], expected_seq=0)
     (path / space_ref("wiki pages")).write_bytes(damage)
-    assert store.spaces() == ["a", "wiki pages"]
+    assert store.spaces() == ["a", "wiki pages"] and store.head("wiki pages") == 300
+    assert len(store.events("wiki pages")) == 300
+    store.append("wiki pages", "t", {}, expected_seq=300)
+    assert git(path, "rev-list", "--count", space_ref("wiki pages")) == "301\n"
+    good = (path / FEED).read_bytes()
+    (path / FEED).write_bytes(damage)
     for call in (
-        lambda: store.head("wiki pages"),
+        store.spaces,
+        store.feed,
+        store.feed_head,
+        lambda: store.head("a"),
         lambda: store.events("wiki pages"),
         lambda: list(store.iter_events("wiki pages")),
-        lambda: store.append("wiki pages", "t", {}, expected_seq=300),
+        lambda: store.append("wiki pages", "t", {}, expected_seq=301),
     ):
-        with pytest.raises(StoreUnavailable, match=r"space 'wiki pages'.*unreadable"):
+        with pytest.raises(StoreUnavailable, match=r"the feed.*refs/shard-sql/feed.*unreadable"):
             call()
-    assert len(store.events("a")) == 1
     store.close()
     url = f"git+file://{path}"
     assert main(["verify", "--url", url]) != 0
-    assert "wiki pages" in capsys.readouterr().err
+    assert "refs/shard-sql/feed" in capsys.readouterr().err
     assert main(["export", "--url", url, "--file", str(tmp_path / "out.jsonl")]) != 0
-    assert "wiki pages" in capsys.readouterr().err
-    long_name = "😀" * 200  # hashed: its name is in its events only
-    store = GitEventStore(path)
-    store.append(long_name, "t", {}, expected_seq=0)
-    (path / space_ref("wiki pages")).unlink()
-    (path / space_ref(long_name)).write_bytes(damage)
-    with pytest.raises(StoreUnavailable, match=re.escape(space_ref(long_name))):
-        store.spaces()
-    store.close()
+    assert "refs/shard-sql/feed" in capsys.readouterr().err
+    (path / FEED).write_bytes(good)
+    assert GitEventStore(path).head("wiki pages") == 301
 
 
 def test_long_reads_do_not_fill_the_object_cache(tmp_path: Path) -> None:

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from shard_sql import GitEventStore, LeaseHeld, LeaseRegistry, SeqConflict, StoreUnavailable
-from shard_sql.git.layout import space_ref
+from shard_sql.git.layout import FEED, space_ref
 
 pytestmark = pytest.mark.slow
 
@@ -218,17 +218,19 @@ def test_gc_beside_a_writer_loses_nothing(tmp_path: Path) -> None:
     fsck(path)
 
 
-def test_writer_killed_holding_the_lock(tmp_path: Path) -> None:
+def test_a_killed_git_holding_the_feed_lock(tmp_path: Path) -> None:
+    """A lock that is not a shard_sql writer's (libgit2's here) is never taken for abandoned:
+    writes fail with a typed error telling the operator to remove it; nothing changed."""
     path = tmp_path / "log.git"
     store = GitEventStore(path, lock_timeout=0.3)
     first = store.append("s", "t", {"n": 0}, expected_seq=0)
     ready = CTX.Event()
-    victim = CTX.Process(target=lock_and_hang, args=(str(path), space_ref("s"), ready))
+    victim = CTX.Process(target=lock_and_hang, args=(str(path), FEED, ready))
     victim.start()
     assert ready.wait(30)
     os.kill(victim.pid, signal.SIGKILL)  # type: ignore[arg-type]
     victim.join(30)
-    lock = path / (space_ref("s") + ".lock")
+    lock = path / (FEED + ".lock")
     assert lock.exists()
     with pytest.raises(StoreUnavailable, match="remove it"):
         store.append("s", "t", {"n": 1}, expected_seq=1)

@@ -1,22 +1,24 @@
-"""A space's chain of event commits: its tip, its events read through the tip's index, the
-event of an intent id, and the commits and tip tree of a new batch."""
+"""A space's chain of event commits: its tip (as the feed says), its events read through the tip's
+index, the event of an intent id, and the commits and tip tree of a new batch."""
 
 from __future__ import annotations
 
 import re
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import pygit2
 from pygit2.enums import ObjectType, RepositoryOpenFlag
 
 from shard_sql.errors import StoreUnavailable
-from shard_sql.git.layout import CHUNK, INDEX_TREE, INTENT_TREES, intent_entry, space_ref
+from shard_sql.git.feed import Feed
+from shard_sql.git.layout import CHUNK, INDEX_TREE, INTENT_TREES, intent_entry
 from shard_sql.git.loose import LooseObjects
 from shard_sql.git.objects import (
     BLOB_MODE,
     TREE_MODE,
+    FeedCommit,
+    Tip,
     TreeEntries,
     commit_bytes,
     event_of,
@@ -32,15 +34,6 @@ from shard_sql.validation import Pending
 from shard_sql.values import Event
 
 _OID = re.compile(rb"[0-9a-f]{40}")
-
-
-@dataclass(frozen=True, slots=True)
-class Tip:
-    """A space's last commit: its id, its seq and its tree (the space's index)."""
-
-    oid: str
-    seq: int
-    tree: str
 
 
 class RecycledHandles:
@@ -73,14 +66,19 @@ class RecycledHandles:
 class SpaceChains:
     """Reads and extends the chains of one repository's spaces."""
 
-    def __init__(self, git: GitRepo) -> None:
+    def __init__(self, git: GitRepo, feed: Feed) -> None:
         self.git = git
+        self.feed = feed
 
     # -- reading -----------------------------------------------------------------------------
 
     def tip(self, handle: Any, space: str) -> Tip | None:
-        """The space's tip, None for a space without events."""
-        oid = self.git.target(handle, space_ref(space), f"space {space!r}")
+        """The space's tip as of now, None for a space without events."""
+        return self.tip_in(handle, self.feed.current(handle), space)
+
+    def tip_in(self, handle: Any, feed: FeedCommit | None, space: str) -> Tip | None:
+        """The space's tip in `feed`, None for a space without events."""
+        oid = self.feed.tip_oid(handle, feed, space)
         if oid is None:
             return None
         key = (space, oid)
@@ -94,19 +92,27 @@ class SpaceChains:
             raise StoreUnavailable(f"space {space!r}: the tip commit {oid} is corrupt")
         return self.git.remember(key, Tip(oid, seq, c.tree))
 
-    def events(self, space: str, tip: Tip, start: int, stop: int) -> Iterator[Event]:
-        """Events `start .. stop - 1` of the chain ending at `tip`, in seq order; a long read
-        uses `RecycledHandles`."""
+    def events(
+        self, space: str, feed: FeedCommit, tip: Tip, start: int, stop: int
+    ) -> Iterator[Event]:
+        """Events `start .. stop - 1` of the chain ending at `tip` (the space's tip in `feed`,
+        which gives their positions), in seq order; a long read uses `RecycledHandles`."""
         stop = min(stop, tip.seq + 1)
         recycled = RecycledHandles(self.git.gitdir) if stop - start > CHUNK else None
         try:
-            yield from self._read_events(space, tip, start, stop, recycled)
+            yield from self._read_events(space, feed, tip, start, stop, recycled)
         finally:
             if recycled is not None:
                 recycled.close()
 
     def _read_events(
-        self, space: str, tip: Tip, start: int, stop: int, recycled: RecycledHandles | None
+        self,
+        space: str,
+        feed: FeedCommit,
+        tip: Tip,
+        start: int,
+        stop: int,
+        recycled: RecycledHandles | None,
     ) -> Iterator[Event]:
         tail = tip.seq - tip.seq % CHUNK  # seqs below `tail` are indexed by the tip's tree
         seq = start
@@ -115,9 +121,10 @@ class SpaceChains:
             base = seq - seq % CHUNK
             oids = self.index_chunk(handle, tip, base)
             end = min(stop, base + CHUNK)
+            places = self.feed.positions(handle, feed, space, tip, seq, end)
             for s in range(seq, end):
                 data = self.git.read(handle, oids[s - base], ObjectType.COMMIT)
-                yield event_of(space, s, parse_commit(data))
+                yield event_of(space, s, parse_commit(data), places[s - seq])
             seq = end
         if seq < stop:
             handle = recycled.get(CHUNK) if recycled else self.git.handle()
@@ -129,8 +136,9 @@ class SpaceChains:
                 data = self.git.read(handle, oid, ObjectType.COMMIT)
                 walked.append(data)
                 oid = parent_of(data)
+            places = self.feed.positions(handle, feed, space, tip, seq, stop)
             for s in range(seq, stop):
-                yield event_of(space, s, parse_commit(walked[tip.seq - s]))
+                yield event_of(space, s, parse_commit(walked[tip.seq - s]), places[s - seq])
 
     def index_chunk(self, handle: Any, tip: Tip, start: int) -> list[str]:
         """The commit ids of seqs `start .. start + CHUNK - 1`, from the tip's tree."""
@@ -145,14 +153,16 @@ class SpaceChains:
             raise StoreUnavailable(f"the index chunk at seq {start} is malformed")
         return [o.decode("ascii") for o in oids[:-1]]
 
-    def event_at(self, space: str, tip: Tip, seq: int) -> Event:
-        for e in self.events(space, tip, seq, seq + 1):
+    def event_at(self, space: str, feed: FeedCommit, tip: Tip, seq: int) -> Event:
+        for e in self.events(space, feed, tip, seq, seq + 1):
             return e
         raise StoreUnavailable(f"space {space!r} has no seq {seq}")
 
-    def find_intent(self, space: str, tip: Tip | None, intent_id: str) -> Event | None:
-        """The event written for `intent_id` in the chain ending at `tip`, if any."""
-        if tip is None:
+    def find_intent(
+        self, space: str, feed: FeedCommit | None, tip: Tip | None, intent_id: str
+    ) -> Event | None:
+        """The event written for `intent_id` in the chain ending at `tip` (in `feed`), if any."""
+        if tip is None or feed is None:
             return None
         handle = self.git.handle()
         first, rest = intent_entry(intent_id)
@@ -177,12 +187,17 @@ class SpaceChains:
         seq = found[len(key) :]
         if not (seq.isascii() and seq.isdigit()):
             raise StoreUnavailable(f"space {space!r}: the intent index is malformed")
-        event = self.event_at(space, tip, int(seq))
+        event = self.event_at(space, feed, tip, int(seq))
         if event.intent_id != intent_id:
             raise StoreUnavailable(
                 f"space {space!r}: the intent index points {intent_id!r} at another event"
             )
         return event
+
+    def find_intent_now(self, handle: Any, space: str, intent_id: str) -> Event | None:
+        """The event written for `intent_id` in the space as of now, if any."""
+        feed = self.feed.current(handle)
+        return self.find_intent(space, feed, self.tip_in(handle, feed, space), intent_id)
 
     def chain_oids(self, handle: Any, tip: Tip | None, start: int) -> list[str]:
         """The commit ids of seqs `start .. tip.seq`, walking back from the tip."""
@@ -207,9 +222,9 @@ class SpaceChains:
         tip: Tip | None,
         batch: Sequence[Pending],
         out: Sequence[Event],
-    ) -> Tip:
-        """Write the batch's commits; return the new tip. Only the last gets the new tree
-        (commits in the middle of a batch keep the tree of the batch's parent)."""
+    ) -> tuple[Tip, list[str]]:
+        """Write the batch's commits; return the new tip and their ids. Only the last gets the
+        new tree (commits in the middle of a batch keep the tree of the batch's parent)."""
         parent = tip.oid if tip else None
         # The empty tree is written (or freshened) each time: a cached id could outlive a pruned
         # object.
@@ -222,7 +237,7 @@ class SpaceChains:
             parent = objects.put(ObjectType.COMMIT, commit_bytes(tree, parent, e, p.payload_json))
             made.append(parent)
         assert parent is not None
-        return Tip(parent, out[-1].seq, tree)
+        return Tip(parent, out[-1].seq, tree), made
 
     def _tip_tree(
         self,

@@ -9,7 +9,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import pygit2
@@ -20,6 +20,7 @@ from shard_sql.errors import InvalidEvent, ShardSqlError
 from shard_sql.git.chain import SpaceChains
 from shard_sql.git.errors import translated
 from shard_sql.git.layout import (
+    FEED,
     INTENT_REFS,
     intent_key,
     intent_ref,
@@ -156,7 +157,7 @@ class GitIntentQueue(IntentQueue, SpaceWakeups):
         self.awaited()[space] = item.intent_id  # this thread's waits are for its event now
         if self.git.target(handle, ref) is not None:
             return  # recorded before
-        if self.chains.find_intent(space, self.chains.tip(handle, space), item.intent_id):
+        if self.chains.find_intent_now(handle, space, item.intent_id):
             return  # applied already: a late retry leaves nothing behind
         data = record_bytes(space, item, holder, arrival_ns())
         # Neither the record nor its ref is fsynced: nobody is told anything until the event is
@@ -184,7 +185,7 @@ class GitIntentQueue(IntentQueue, SpaceWakeups):
         check_space(space)
         checked = check_intent_id(intent_id)
         assert checked is not None
-        found = self.chains.find_intent(space, self.chains.tip(self.git.handle(), space), checked)
+        found = self.chains.find_intent_now(self.git.handle(), space, checked)
         if found is not None and self.awaited().get(space) == checked:
             del self.awaited()[space]
         return found
@@ -263,14 +264,15 @@ class GitIntentQueue(IntentQueue, SpaceWakeups):
         if not records:
             return []  # the common case of a holder's idle rounds: no tip to read
         records.sort(key=lambda r: (r[0], r[1]))
-        tip = self.chains.tip(handle, space)
+        feed = self.chains.feed.current(handle)
+        tip = self.chains.tip_in(handle, feed, space)
         out: list[Pending] = []
         applied: list[str] = []
         for _, ref, item in records:
             if len(out) >= limit:
                 break
             assert item.intent_id is not None
-            if self.chains.find_intent(space, tip, item.intent_id) is not None:
+            if self.chains.find_intent(space, feed, tip, item.intent_id) is not None:
                 applied.append(ref)  # left by a holder that died before forgetting it
             else:
                 out.append(item)
@@ -284,14 +286,15 @@ class GitIntentQueue(IntentQueue, SpaceWakeups):
         check_space(space)
         ids = [check_intent_id(i) for i in intent_ids]
         handle = self.git.handle()
-        tip = self.chains.tip(handle, space)
+        feed = self.chains.feed.current(handle)
+        tip = self.chains.tip_in(handle, feed, space)
         gone = []
         for intent_id in ids:
             assert intent_id is not None
             ref = intent_ref(space, intent_id)
             if self.git.target(handle, ref) is None:
                 continue
-            if self.chains.find_intent(space, tip, intent_id) is not None:
+            if self.chains.find_intent(space, feed, tip, intent_id) is not None:
                 gone.append(ref)  # only applied intents: their events remain
         self._delete(gone)
 
@@ -361,6 +364,35 @@ class GitIntentQueue(IntentQueue, SpaceWakeups):
             if len(seen) >= WAIT_BASELINES:
                 seen.clear()
             seen[watched] = now_stamp
+
+    def wait_feed(self, after: int, timeout: float, feed_head: Callable[[], int]) -> bool:
+        """True as soon as `feed_head()` passes `after`, False after `timeout` seconds.
+
+        Sleeps on the feed's bell (rung after every commit) where there are bells, looking at a
+        stamp of the feed ref every BELL_FALLBACK seconds (a commit whose writer died before it
+        rang); elsewhere polls that stamp, as `wait_for_change` does.
+        """
+        self.git.handle()  # a closed store raises StoreUnavailable
+        deadline = time.monotonic() + timeout
+        paths = [self.git.refs.file(FEED), os.path.join(self.git.root, "packed-refs")]
+
+        def stamp() -> _Stamp:
+            return tuple(_stat(p) for p in paths)
+
+        bells = self.git.bells
+        found = bells.watch(self._waits, [bells.path("f", "")]) if bells is not None else None
+        while True:
+            start = time.monotonic()
+            before = stamp()
+            cost = time.monotonic() - start
+            if feed_head() > after:
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            if found is not None:
+                self._wait_on_bells(found[0], stamp, before, before, deadline)
+            else:
+                self._poll(stamp, before, cost, before, start, deadline)
 
     @staticmethod
     def _wait_on_bells(

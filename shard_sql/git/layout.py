@@ -7,8 +7,12 @@ import functools
 import hashlib
 
 NAMESPACE = "refs/shard-sql/"
+FEED = NAMESPACE + "feed"
+"""The feed: the last write's feed commit, whose tree holds every space's tip, the positions and
+the checkpoints. Every write moves it (its one commit point)."""
 SPACES = NAMESPACE + "spaces/"
-"""`SPACES + <encoded space>`: the space's last commit (one commit per event)."""
+"""`SPACES + <encoded space>`: the space's last commit (one commit per event), a copy of what the
+feed says, for git's own tools."""
 LEASES = NAMESPACE + "leases/"
 """`LEASES + <encoded space>`: a blob, the space's lease record."""
 INTENT_REFS = NAMESPACE + "intents/"
@@ -22,6 +26,13 @@ INDEX_TREE = "index"
 """Tip tree entry `index/<start>` (12 digits): the commit ids of seqs `start ..` (CHUNK of them)."""
 INTENT_TREES = "intents-"
 """Tip tree entries `intents-<h[:2]>/<h[2:]>.<seq>` (empty blobs) index the intent ids."""
+
+FEED_SPACES = "spaces"
+"""Feed tree entry `spaces/<fan>/<entry name>/`: a space's `tip` (a commit entry), `positions`
+(the positions of the seqs of its last, incomplete chunk, one per line) and `chunks/<start>`
+(the positions of seqs `start ..` (CHUNK of them), for every complete chunk)."""
+FEED_CHECKPOINTS = "checkpoints"
+"""Feed tree entry `checkpoints/<fan>/<entry name>`: a blob, the checkpoint record."""
 
 PIECE = 100
 """Longest path component of an encoded name (before its `+`)."""
@@ -87,6 +98,22 @@ def decode_name(path: str) -> str | None:
     except UnicodeDecodeError:
         return None
     return name if encode_name(name) == path else None
+
+
+def entry_name(name: str) -> str:
+    """The tree entry of a space or checkpoint name in the feed: its encoding without the `/`
+    (each one follows a `+`, and only those do, so it comes back by `entry_path`)."""
+    return encode_name(name).replace("/", "")
+
+
+def entry_path(entry: str) -> str:
+    """The encoding of the name whose tree entry is `entry`."""
+    return entry.replace("+", "+/")
+
+
+def fan(name: str) -> str:
+    """The fan-out directory of a name in the feed's tree: 2 hex digits of its SHA-256."""
+    return hashlib.sha256(name.encode("utf-8")).hexdigest()[:2]
 
 
 def space_ref(space: str) -> str:

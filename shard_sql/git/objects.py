@@ -17,11 +17,15 @@ from shard_sql.values import Event, Lease
 
 TRAILER = b"Shard-Sql-Event: "
 """Starts the last line of an event's commit message: the event's metadata as JSON."""
+FEED_TRAILER = b"Shard-Sql-Feed: "
+"""Starts the last line of a feed commit's message: what the write placed, as JSON."""
 IDENT = "shard-sql@invalid"
 """The e-mail of every commit's author and committer."""
 EMPTY_BLOB = "e69de29bb2d1d6434b8b29ae775ad8c2e48c5391"
 TREE_MODE = b"40000"
 BLOB_MODE = b"100644"
+COMMIT_MODE = b"160000"
+"""A tree entry naming a commit (git's submodule link): a space's tip in the feed's tree."""
 
 _ENTRY = re.compile(rb"([0-7]{5,6}) ([^\0/]+)\0(.{20})", re.DOTALL)
 _EMPTY_RAW = bytes.fromhex(EMPTY_BLOB)
@@ -94,6 +98,15 @@ def commit_bytes(tree: str, parent: str | None, event: Event, payload_json: str)
 
 
 @dataclass(frozen=True, slots=True)
+class Tip:
+    """A space's last commit: its id, its seq and its tree (the space's index)."""
+
+    oid: str
+    seq: int
+    tree: str
+
+
+@dataclass(frozen=True, slots=True)
 class EventCommit:
     """The parts of an event's commit that reading needs (payload and metadata unparsed)."""
 
@@ -131,9 +144,17 @@ def parent_of(data: bytes) -> str | None:
     return _oid(lines[1][7:]) if lines[1].startswith(b"parent ") else None
 
 
-def event_of(space: str, seq: int, c: EventCommit) -> Event:
-    """The event a commit holds, checked to be `space`'s seq `seq`."""
-    meta = json_object(c.meta, f"space {space!r}: the metadata at seq {seq}")
+def event_of(
+    space: str,
+    seq: int,
+    c: EventCommit,
+    position: int | None = None,
+    meta: dict[str, Any] | None = None,
+) -> Event:
+    """The event a commit holds (`meta`: its metadata, parsed already), checked to be `space`'s
+    seq `seq`; `position` its place in the feed."""
+    if meta is None:
+        meta = json_object(c.meta, f"space {space!r}: the metadata at seq {seq}")
     if meta.get("space") != space or meta.get("seq") != seq:
         raise StoreUnavailable(
             f"space {space!r}: the commit at seq {seq} belongs to "
@@ -150,7 +171,9 @@ def event_of(space: str, seq: int, c: EventCommit) -> Event:
         or not (intent_id is None or isinstance(intent_id, str))
     ):
         raise StoreUnavailable(f"space {space!r}: the metadata at seq {seq} is corrupt")
-    return Event(space, seq, type_, payload, _aware(recorded, space), writer, generation, intent_id)
+    return Event(
+        space, seq, type_, payload, _aware(recorded, space), writer, generation, intent_id, position
+    )
 
 
 def _aware(text: object, space: str) -> datetime:
@@ -162,6 +185,119 @@ def _aware(text: object, space: str) -> datetime:
     if when is None or when.tzinfo is None:
         raise StoreUnavailable(f"a timestamp of {space!r} is corrupt: {text!r}")
     return when
+
+
+# -- the feed ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class FeedCommit:
+    """A feed commit: the write it records and the feed after it.
+
+    `events` are the commit ids of positions `first .. head` (a write that completes index chunks
+    lists only what follows the last of them: the chunks hold the rest); `spaces` the spaces it
+    wrote, whose new tips are its parents after `previous`.
+    """
+
+    oid: str
+    tree: str
+    previous: str | None
+    head: int
+    first: int
+    events: tuple[str, ...]
+    spaces: tuple[str, ...]
+    tips: tuple[str, ...]
+
+
+def feed_commit_bytes(
+    tree: str,
+    previous: str | None,
+    tips: Sequence[str],
+    record: dict[str, Any],
+    subject: str,
+    when: int,
+) -> bytes:
+    """The raw commit of a write: parents the previous feed commit and the new tips."""
+    parents = ([previous] if previous else []) + list(tips)
+    head = f"tree {tree}\n" + "".join(f"parent {p}\n" for p in parents)
+    who = f"shard-sql <{IDENT}> {max(0, when)} +0000"
+    trailer = json.dumps(record, ensure_ascii=False, separators=(",", ":"))
+    return (
+        f"{head}author {who}\ncommitter {who}\n\n{subject}\n\n{FEED_TRAILER.decode()}{trailer}\n"
+    ).encode()
+
+
+def parse_feed_commit(oid: str, data: bytes) -> FeedCommit:
+    """A feed commit written by `feed_commit_bytes`; `StoreUnavailable` for anything else."""
+    head, sep, message = data.partition(b"\n\n")
+    lines = head.split(b"\n")
+    body = message.split(b"\n")
+    if (
+        not sep
+        or not lines[0].startswith(b"tree ")
+        or len(body) != 4
+        or body[1]
+        or body[3]
+        or not body[2].startswith(FEED_TRAILER)
+    ):
+        raise StoreUnavailable(f"{oid} is not a shard-sql feed commit (malformed message)")
+    parents = [_oid(x[7:]) for x in lines[1:] if x.startswith(b"parent ")]
+    record = json_object(body[2][len(FEED_TRAILER) :], f"the feed commit {oid}")
+    head_, first, events, spaces = (
+        record.get("head"),
+        record.get("first"),
+        record.get("events"),
+        record.get("spaces"),
+    )
+    if (
+        not isinstance(head_, int)
+        or not isinstance(first, int)
+        or not isinstance(events, list)
+        or not isinstance(spaces, list)
+        or not all(isinstance(e, str) and len(e) == 40 for e in events)
+        or not all(isinstance(x, str) for x in spaces)
+        or len(parents) not in (len(spaces), len(spaces) + 1)
+        or first + len(events) != head_ + 1
+        or first < 1
+    ):
+        raise StoreUnavailable(f"the feed commit {oid} is corrupt")
+    previous = parents[0] if len(parents) == len(spaces) + 1 else None
+    return FeedCommit(
+        oid,
+        _oid(lines[0][5:]),
+        previous,
+        head_,
+        first,
+        tuple(events),
+        tuple(spaces),
+        tuple(parents[len(parents) - len(spaces) :]),
+    )
+
+
+def checkpoint_bytes(name: str, position: int, updated_at: datetime, fence: Lease | None) -> bytes:
+    """The blob of a checkpoint record: one line of JSON."""
+    record = {
+        "name": name,
+        "position": position,
+        "updated_at": updated_at.isoformat(),
+        "holder": fence.holder if fence else None,
+        "generation": fence.generation if fence else None,
+    }
+    return (json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
+
+
+def parse_checkpoint(data: bytes) -> tuple[str, int]:
+    """`(name, position)` of a checkpoint record."""
+    record = json_object(data, "a checkpoint record")
+    name, position = record.get("name"), record.get("position")
+    if (
+        not isinstance(name, str)
+        or isinstance(position, bool)
+        or not isinstance(position, int)
+        or position < 0
+    ):
+        raise StoreUnavailable("a checkpoint record is corrupt")
+    return name, position
 
 
 # -- trees ---------------------------------------------------------------------------------------

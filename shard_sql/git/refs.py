@@ -1,18 +1,70 @@
 """Ref files written by git's own lock protocol (`<ref>.lock`, created only if absent, renamed
-over the ref), not through libgit2, whose fsync switch is process-wide; and `packed-refs`."""
+over the ref), not through libgit2, whose fsync switch is process-wide; `packed-refs`; and the
+store's write mutex, which tells a dead writer's lock file from a live one."""
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import logging
 import os
 import random
+import threading
 import time
 from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 from shard_sql.errors import StoreUnavailable
 from shard_sql.git.loose import OBJECT_RETRIES, LooseObjects, fsync_dir
 
 _Stamp = tuple[int, int, int]
+T = TypeVar("T")
+
+MUTEX_FILE = "shard-sql-writes.flock"
+"""In the common git directory: the file whose `flock` is the store's write mutex."""
+
+log = logging.getLogger("shard_sql.git")
+
+_held_mutexes: set[int] = set()
+_held_guard = threading.Lock()
+
+
+def _drop_inherited_mutexes() -> None:
+    """In a forked child: close the mutex descriptors inherited from the parent (a `flock` is
+    shared by every copy of its descriptor: the child's copy would keep it after the parent let
+    go)."""
+    for fd in list(_held_mutexes):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _held_mutexes.clear()
+
+
+os.register_at_fork(after_in_child=_drop_inherited_mutexes)
+
+
+class Mutex:
+    """The store's write mutex, held until `release`: an exclusive `flock` on MUTEX_FILE.
+
+    Every write of the feed ref, every space ref (a cache of the feed) and every lease grant or
+    revocation happens under it. The kernel releases it when its holder dies, so a ref lock file
+    of ours found while holding it was left by a dead writer (`RefFiles.lock`, `breakable`).
+    """
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def release(self) -> None:
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            with _held_guard:
+                _held_mutexes.discard(fd)
+            os.close(fd)
+
+    def __enter__(self) -> Mutex:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
 
 
 class RefLock:
@@ -31,6 +83,16 @@ class RefLock:
         self.durable = durable
         self.renamed = False
 
+    def rewrite(self, target: str, objects: LooseObjects) -> None:
+        """A lock taken from a staged file: replace its content by `target`, fsynced in one
+        round with `objects` (the new ones it reaches), before `commit`."""
+        fd = os.open(self.path + ".lock", os.O_WRONLY | os.O_TRUNC | os.O_CLOEXEC)
+        try:
+            os.write(fd, (target + "\n").encode("ascii"))
+            objects.sync(fd)
+        finally:
+            os.close(fd)
+
     def write(self, target: str, objects: LooseObjects | None = None) -> None:
         """Point the ref at `target`, once `objects` (the new ones it reaches) are durable."""
         os.write(self.fd, (target + "\n").encode("ascii"))
@@ -40,18 +102,25 @@ class RefLock:
         self.fd = -1
         self.commit(target)
 
-    def commit(self, target: str) -> None:
-        """Rename the lock file (holding `target`, durably) over the ref."""
+    def commit(self, target: str, *, sync: bool = True) -> None:
+        """Rename the lock file (holding `target`, durably) over the ref; then, with `sync`
+        (else the caller calls `sync` later), make the rename durable."""
         os.rename(self.path + ".lock", self.path)
         self.renamed = True
-        if self.durable:
-            try:
-                fsync_dir(os.path.dirname(self.path))
-            except FileNotFoundError:
-                # `git pack-refs` packed the new ref (durable by git's own fsync) and pruned its
-                # directory meanwhile: only that is success.
-                if self.read() != target:
-                    raise
+        if sync:
+            self.sync(target)
+
+    def sync(self, target: str | None = None) -> None:
+        """fsync the ref's directory (durable stores). `target`: what the ref must read if
+        `git pack-refs` removed the directory meanwhile (packed, the ref is durable by git's own
+        fsync); None: anything (a later write moved it on, durably)."""
+        if not self.durable:
+            return
+        try:
+            fsync_dir(os.path.dirname(self.path))
+        except FileNotFoundError:
+            if target is not None and self.read() != target:
+                raise
 
     def free(self) -> None:
         """Unlock; a ref not written is left unchanged."""
@@ -80,6 +149,45 @@ class RefFiles:
     def file(self, ref: str) -> str:
         return os.path.join(self.root, *ref.split("/"))
 
+    def retry(self, deadline: float, attempt: Callable[[], T | None], busy: Callable[[], str]) -> T:
+        """The one lock loop: `attempt` until it returns something, with back-off, until
+        `deadline`; then `StoreUnavailable(busy())`."""
+        backoff = 0.0005
+        while True:
+            got = attempt()
+            if got is not None:
+                return got
+            if time.monotonic() >= deadline:
+                raise StoreUnavailable(busy())
+            time.sleep(backoff * random.uniform(0.5, 1.5))
+            backoff = min(backoff * 2, 0.02)
+
+    def mutex(self, deadline: float) -> Mutex:
+        """Take the store's write mutex (see `Mutex`), waiting until `deadline`."""
+        path = os.path.join(self.root, MUTEX_FILE)
+
+        def attempt() -> Mutex | None:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                return None
+            except BaseException:
+                os.close(fd)
+                raise
+            with _held_guard:
+                _held_mutexes.add(fd)
+            return Mutex(fd)
+
+        def busy() -> str:
+            return (
+                f"git store {self.store}: another writer held the store's write mutex "
+                f"({path}) for {self.lock_timeout}s (a process stopped or stuck while writing)"
+            )
+
+        return self.retry(deadline, attempt, busy)
+
     def lock(
         self,
         ref: str,
@@ -88,46 +196,68 @@ class RefFiles:
         *,
         staged: str | None = None,
         durable: bool | None = None,
+        breakable: bool = False,
     ) -> RefLock:
         """Take `ref`'s lock, retrying with back-off while another writer holds it, until
-        `deadline` (then `StoreUnavailable` names the lock file: a writer killed under it leaves
-        it behind, and nothing proves it abandoned, so it is never removed automatically).
+        `deadline` (then `StoreUnavailable` names the lock file).
 
         `read` reads the ref's target; `staged`: a file beside the ref holding its new content
         (see `stage`), which becomes the lock file (a hard link: created only if absent).
+        `breakable` (the caller holds the write mutex): a lock file that is a hard link of a
+        staged file was left by a writer that died under the mutex, and is removed. Any other
+        (git's own, a hand-made one) is never removed automatically: nothing proves it abandoned.
         """
         path = self.file(ref)
         lock = path + ".lock"
         durable = self.durable if durable is None else durable
-        backoff = 0.0005
-        while True:
-            try:
-                if staged is not None:
-                    os.link(staged, lock)
-                    return RefLock(path, -1, read, durable)
-                fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
-                return RefLock(path, fd, read, durable)
-            except FileNotFoundError:
-                # The ref's first write, or `git pack-refs` removed its emptied directory (maybe
-                # a parent too, even while it is made again: then the next round makes it).
-                _make_dirs(os.path.dirname(path))
-                if time.monotonic() < deadline:
-                    continue
-            except FileExistsError:
-                pass
-            if time.monotonic() >= deadline:
-                raise StoreUnavailable(
-                    f"git store {self.store}: {ref} stayed locked for {self.lock_timeout}s; "
-                    f"if no writer is running, a crashed one left {lock} behind: remove it"
-                )
-            time.sleep(backoff * random.uniform(0.5, 1.5))
-            backoff = min(backoff * 2, 0.02)
 
-    def stage(self, ref: str, target: str, objects: LooseObjects) -> str:
-        """A new file beside `ref` holding `target`, fsynced in one round with `objects`, before
-        the ref's lock is taken: the lock is then held for a check, a rename and a directory
-        fsync only (a writer killed under it leaves a lock behind that blocks its space until an
-        operator removes it, so the shorter the better).
+        def attempt() -> RefLock | None:
+            for _ in range(OBJECT_RETRIES):
+                try:
+                    if staged is not None:
+                        os.link(staged, lock)
+                        return RefLock(path, -1, read, durable)
+                    fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+                    return RefLock(path, fd, read, durable)
+                except FileNotFoundError:
+                    # The ref's first write, or `git pack-refs` removed its emptied directory
+                    # (maybe a parent too, even while it is made again: then the next round).
+                    _make_dirs(os.path.dirname(path))
+                except FileExistsError:
+                    if not (breakable and _break_dead(lock)):
+                        return None
+            return None
+
+        def busy() -> str:
+            return (
+                f"git store {self.store}: {ref} stayed locked for {self.lock_timeout}s; "
+                f"if no writer is running, a crashed one left {lock} behind: remove it"
+            )
+
+        return self.retry(deadline, attempt, busy)
+
+    def update_cache(self, ref: str, target: str, read: Callable[[], str | None]) -> bool:
+        """Under the write mutex: point `ref` at `target` without fsync, unless git holds its
+        lock (then False: the ref is left as it was)."""
+        staged = self.stage(ref, target, None)
+        try:
+            try:
+                lock = self.lock(ref, 0.0, read, staged=staged, durable=False, breakable=True)
+            except StoreUnavailable:
+                return False
+            try:
+                lock.commit(target)
+            finally:
+                lock.free()
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(staged)
+        return True
+
+    def stage(self, ref: str, target: str, objects: LooseObjects | None) -> str:
+        """A new file beside `ref` holding `target`, fsynced in one round with `objects` (None:
+        not fsynced), before the ref's lock is taken: the lock is then held for a check, a rename
+        and a directory fsync only (the shorter, the less other writers wait).
 
         Named `<ref>.<random>.lock`: git and libgit2 skip `*.lock` files when they list refs, and
         no ref name has a `.` (`encode_name`), so it is nobody's lock.
@@ -144,7 +274,8 @@ class RefFiles:
                 continue
             try:
                 os.write(fd, (target + "\n").encode("ascii"))
-                objects.sync(fd)
+                if objects is not None:
+                    objects.sync(fd)
             except BaseException:
                 os.close(fd)
                 os.unlink(staged)
@@ -244,6 +375,33 @@ class RefFiles:
                 os.close(fd)
             if not done:
                 os.unlink(lock)
+
+
+def _break_dead(lock: str) -> bool:
+    """Remove `lock` if it is a hard link of a staged file (`RefFiles.stage`): only writers
+    holding the write mutex take such locks, so, found by the mutex's holder, it was left by one
+    that died. True when the lock is gone (try again), False when it is someone else's."""
+    try:
+        st = os.lstat(lock)
+    except FileNotFoundError:
+        return True
+    if st.st_nlink < 2:
+        return False
+    folder, name = os.path.split(lock)
+    base = name[: -len(".lock")]
+    with contextlib.suppress(OSError), os.scandir(folder) as it:
+        for entry in it:
+            if (
+                entry.name.startswith(base + ".")
+                and entry.name.endswith(".lock")
+                and entry.name != name
+                and entry.inode() == st.st_ino
+            ):
+                os.unlink(entry.path)  # the dead writer's staged file
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(lock)
+    log.warning("removed %s, left by a writer that died while writing", lock)
+    return True
 
 
 def _make_dirs(path: str) -> None:

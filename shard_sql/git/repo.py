@@ -141,10 +141,18 @@ class GitRepo:
             raise StoreUnavailable(f"object {oid} is not a tree")
         return tree
 
-    def lock(self, handle: Any, ref: str, deadline: float, staged: str | None = None) -> RefLock:
+    def lock(
+        self,
+        handle: Any,
+        ref: str,
+        deadline: float,
+        staged: str | None = None,
+        *,
+        breakable: bool = False,
+    ) -> RefLock:
         """`ref`'s lock (see `RefFiles.lock`)."""
         read = functools.partial(self.target, handle, ref)
-        return self.refs.lock(ref, deadline, read, staged=staged)
+        return self.refs.lock(ref, deadline, read, staged=staged, breakable=breakable)
 
     def objects(self, durable: bool | None = None) -> LooseObjects:
         """A writer of loose objects, synced together by its `sync`; a fan-out directory new to

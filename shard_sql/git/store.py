@@ -1,33 +1,42 @@
-"""`GitEventStore`: events, leases and forwarded intents in a git repository, shared by every
-process that opens it. docs/git.md explains the layout, the locking and the durability."""
+"""`GitEventStore`: events, the feed, checkpoints, leases and forwarded intents in a git
+repository, shared by every process that opens it. docs/git.md explains the layout, the locking
+and the durability."""
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import itertools
+import logging
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from pygit2.enums import ObjectType
 
-from shard_sql.errors import SeqConflict
-from shard_sql.git.chain import SpaceChains, Tip
+from shard_sql.errors import InvalidEvent, SeqConflict, ShardSqlError, StoreUnavailable
+from shard_sql.git.chain import RecycledHandles, SpaceChains
 from shard_sql.git.errors import translated, translated_iter
+from shard_sql.git.feed import CheckpointSave, Feed, SpaceWrite
 from shard_sql.git.intents import GitIntentQueue
-from shard_sql.git.layout import (
-    HASHED,
-    SPACES,
-    decode_name,
-    encode_name,
-    lease_ref,
-    space_ref,
-)
+from shard_sql.git.layout import CHUNK, FEED, lease_ref, space_ref
 from shard_sql.git.loose import LooseObjects
-from shard_sql.git.objects import json_object, lease_bytes, parse_commit, parse_lease
+from shard_sql.git.migrate import place_existing_events
+from shard_sql.git.objects import (
+    FeedCommit,
+    checkpoint_bytes,
+    event_of,
+    json_object,
+    lease_bytes,
+    parse_commit,
+    parse_lease,
+)
 from shard_sql.git.repo import GitRepo
+from shard_sql.git.transaction import GitTransaction, transaction_block
 from shard_sql.leases import (
     advanced,
     check_fence,
@@ -38,18 +47,32 @@ from shard_sql.leases import (
     revoked,
     valid,
 )
-from shard_sql.ports import IntentQueue, LeaseStore, SpaceWakeups, system_clock
-from shard_sql.store_base import StoreBase, already_written, stamp
-from shard_sql.validation import Pending, check_seq, check_space, check_stored_space
-from shard_sql.values import Event, Lease
+from shard_sql.ports import FeedStore, IntentQueue, LeaseStore, SpaceWakeups, system_clock
+from shard_sql.store_base import StoreBase, already_written, checkpoint_conflict, stamp
+from shard_sql.validation import (
+    Pending,
+    check_checkpoint_name,
+    check_position,
+    check_seq,
+    check_space,
+    check_stored_space,
+    check_timeout,
+    check_types,
+)
+from shard_sql.values import Event, Lease, new_event
+
+log = logging.getLogger("shard_sql.git")
 
 
-class GitEventStore(StoreBase, LeaseStore, IntentQueue, SpaceWakeups):
+class GitEventStore(StoreBase, FeedStore, LeaseStore, IntentQueue, SpaceWakeups):
     """Events and leases in a git repository, shared by every process that opens it.
 
-    `lock_timeout`: how long a write waits for a ref lock held by another writer before raising
-    `StoreUnavailable`. `durable`: fsync objects and refs before a write returns (turns on
-    libgit2's process-wide fsync setting, never turned off again).
+    `lock_timeout`: how long a write waits for the store's write mutex or a ref lock held by
+    another writer before raising `StoreUnavailable`. `durable`: fsync objects and refs before a
+    write returns (turns on libgit2's process-wide fsync setting, never turned off again).
+
+    A repository written before the feed existed gets positions for its events when it is first
+    opened (docs/git.md, "The feed").
     """
 
     def __init__(
@@ -59,8 +82,14 @@ class GitEventStore(StoreBase, LeaseStore, IntentQueue, SpaceWakeups):
         self.lock_timeout = float(lock_timeout)
         self.durable = durable
         self._git = GitRepo(self.path, lock_timeout=self.lock_timeout, durable=durable)
-        self._chains = SpaceChains(self._git)
+        self._feed = Feed(self._git)
+        self._chains = SpaceChains(self._git, self._feed)
         self._intents = GitIntentQueue(self._git, self._chains)
+        try:
+            place_existing_events(self._git, self._feed)
+        except BaseException:
+            self._git.close()
+            raise
 
     def __repr__(self) -> str:
         return f"GitEventStore({str(self.path)!r})"
@@ -75,18 +104,20 @@ class GitEventStore(StoreBase, LeaseStore, IntentQueue, SpaceWakeups):
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # -- reading -----------------------------------------------------------------------------
+    # -- reading a space ---------------------------------------------------------------------
 
     @translated
     def events(self, space: str, *, from_seq: int = 0, limit: int | None = None) -> list[Event]:
         check_stored_space(space)
         check_seq("from_seq", from_seq)
         stop = None if limit is None else from_seq + check_seq("limit", limit)
-        tip = self._chains.tip(self._git.handle(), space)
-        if tip is None:
+        handle = self._git.handle()
+        feed = self._feed.current(handle)
+        tip = self._chains.tip_in(handle, feed, space)
+        if tip is None or feed is None:
             return []
         end = tip.seq + 1 if stop is None else stop
-        return list(self._chains.events(space, tip, from_seq, end))
+        return list(self._chains.events(space, feed, tip, from_seq, end))
 
     def iter_events(self, space: str, *, from_seq: int = 0) -> Iterator[Event]:
         check_stored_space(space)
@@ -94,9 +125,11 @@ class GitEventStore(StoreBase, LeaseStore, IntentQueue, SpaceWakeups):
         return translated_iter(self, self._iter(space, from_seq))
 
     def _iter(self, space: str, from_seq: int) -> Iterator[Event]:
-        tip = self._chains.tip(self._git.handle(), space)
-        if tip is not None:
-            yield from self._chains.events(space, tip, from_seq, tip.seq + 1)
+        handle = self._git.handle()
+        feed = self._feed.current(handle)
+        tip = self._chains.tip_in(handle, feed, space)
+        if tip is not None and feed is not None:
+            yield from self._chains.events(space, feed, tip, from_seq, tip.seq + 1)
 
     @translated
     def head(self, space: str) -> int:
@@ -106,31 +139,81 @@ class GitEventStore(StoreBase, LeaseStore, IntentQueue, SpaceWakeups):
 
     @translated
     def spaces(self) -> list[str]:
-        """The spaces that have events, damaged ones included (their reads raise
-        `StoreUnavailable`, so that `verify` and `export` fail on them instead of missing them).
-        """
         handle = self._git.handle()
-        refs = {ref for ref in handle.references if ref.startswith(SPACES)}
-        refs.update(self._git.refs.loose_under(SPACES))  # those libgit2 cannot read too
-        names = []
-        for ref in refs:
-            path = ref[len(SPACES) :]
-            if path.startswith(HASHED):
-                # A long name is spelled out in its events only: read it from the tip (a damaged
-                # ref raises, naming the ref: the space's name is unknown).
-                oid = self._git.target(handle, ref, "a space with a long name")
-                if oid is None:
-                    continue
-                commit = parse_commit(self._git.read(handle, oid, ObjectType.COMMIT))
-                meta = json_object(commit.meta, f"{ref} (the tip of a long space name)")
-                name = meta.get("space")
-                if not isinstance(name, str) or encode_name(name) != path:
-                    continue
-            else:
-                name = decode_name(path)
-            if name is not None:
-                names.append(name)
-        return sorted(names)
+        return self._feed.spaces(handle, self._feed.current(handle))
+
+    # -- the feed and checkpoints (FeedStore) --------------------------------------------------
+
+    @translated
+    def feed(
+        self, after: int = 0, *, limit: int | None = None, types: Collection[str] | None = None
+    ) -> list[Event]:
+        check_position("after", after)
+        if limit is not None:
+            check_position("limit", limit)
+        wanted = check_types(types)
+        if limit == 0:
+            return []
+        return list(itertools.islice(self._feed_events(after, wanted), limit))
+
+    def iter_feed(self, after: int = 0, *, types: Collection[str] | None = None) -> Iterator[Event]:
+        """The feed as of the first item read, streamed (a block of CHUNK events at a time)."""
+        check_position("after", after)
+        wanted = check_types(types)
+        return translated_iter(self, self._feed_events(after, wanted))
+
+    def _feed_events(self, after: int, types: frozenset[str] | None) -> Iterator[Event]:
+        feed = self._feed.current(self._git.handle())
+        if feed is None or feed.head <= after:
+            return
+        recycled = RecycledHandles(self._git.gitdir) if feed.head - after > CHUNK else None
+        try:
+            handle = self._git.handle()
+            for first, oids in self._feed.event_oids(handle, feed, after, feed.head):
+                if recycled is not None:
+                    handle = recycled.get(len(oids))
+                for n, oid in enumerate(oids):
+                    c = parse_commit(self._git.read(handle, oid, ObjectType.COMMIT))
+                    meta = json_object(c.meta, f"the event at position {first + n}")
+                    if types is not None and meta.get("type") not in types:
+                        continue
+                    space, seq = meta.get("space"), meta.get("seq")
+                    if not isinstance(space, str) or not isinstance(seq, int):
+                        raise StoreUnavailable(f"the event at position {first + n} is corrupt")
+                    yield event_of(space, seq, c, first + n, meta)
+        finally:
+            if recycled is not None:
+                recycled.close()
+
+    @translated
+    def feed_head(self) -> int:
+        feed = self._feed.current(self._git.handle())
+        return 0 if feed is None else feed.head
+
+    def wait_feed(self, after: int, *, timeout: float) -> bool:
+        check_position("after", after)
+        seconds = check_timeout(timeout)
+        return self._intents.wait_feed(after, seconds, self.feed_head)
+
+    @translated
+    def checkpoint(self, name: str) -> int:
+        check_checkpoint_name(name)
+        handle = self._git.handle()
+        return self._feed.checkpoint(handle, self._feed.current(handle), name)
+
+    @translated
+    def checkpoints(self) -> dict[str, int]:
+        handle = self._git.handle()
+        return self._feed.checkpoints(handle, self._feed.current(handle))
+
+    def transaction(
+        self, connection: object | None = None
+    ) -> AbstractContextManager[GitTransaction]:
+        """A block whose writes commit together, as one move of the feed ref, when it exits
+        normally; see `GitTransaction`."""
+        if connection is not None:
+            raise InvalidEvent("connection", "only SQL stores join a host's connection")
+        return transaction_block(self)
 
     # -- writing -----------------------------------------------------------------------------
 
@@ -152,10 +235,11 @@ class GitEventStore(StoreBase, LeaseStore, IntentQueue, SpaceWakeups):
         deadline = time.monotonic() + self.lock_timeout
         while True:
             # Read and check without locks first: every refusal found here is final (heads and
-            # generations only grow); the checks are repeated under the locks below.
-            tip = self._chains.tip(handle, space)
+            # generations only grow); the checks are repeated under the mutex below.
+            feed = self._feed.current(handle)
+            tip = self._chains.tip_in(handle, feed, space)
             found = [
-                self._chains.find_intent(space, tip, p.intent_id) if p.intent_id else None
+                self._chains.find_intent(space, feed, tip, p.intent_id) if p.intent_id else None
                 for p in batch
             ]
             done = already_written(found, batch)
@@ -171,53 +255,139 @@ class GitEventStore(StoreBase, LeaseStore, IntentQueue, SpaceWakeups):
             out = [stamp(space, expected_seq + n, p, fence, now) for n, p in enumerate(batch)]
             objects = self._git.objects()
             try:
-                new = self._chains.write_commits(handle, objects, tip, batch, out)
-                moved = self._move_space_ref(
-                    handle, space, tip, new.oid, objects, deadline, fence if fenced else None
+                new, oids = self._chains.write_commits(handle, objects, tip, batch, out)
+                first = self.place(
+                    handle,
+                    objects,
+                    feed,
+                    [SpaceWrite(space, tip, new, oids, any(e.intent_id for e in out))],
+                    [(0, n) for n in range(len(out))],
+                    {},
+                    [fence] if fenced and fence is not None else [],
+                    deadline,
+                    strict=False,
                 )
-                if moved:
-                    self._git.remember((space, new.oid), new)
-                    bells = self._git.bells
-                    if bells is not None and any(p.intent_id for p in batch):
-                        bells.ring("e", space)  # a forwarder may wait for it
-                    return out
             finally:
                 objects.close()
+            if first is None:
+                continue  # another writer moved the space: look again
+            self._git.remember((space, new.oid), new)
+            return [_placed(e, first + n) for n, e in enumerate(out)]
 
-    def _move_space_ref(
+    def place(
         self,
         handle: Any,
-        space: str,
-        tip: Tip | None,
-        new: str,
         objects: LooseObjects,
+        feed: FeedCommit | None,
+        writes: Sequence[SpaceWrite],
+        order: Sequence[tuple[int, int]],
+        saves: Mapping[str, CheckpointSave],
+        fences: Sequence[Lease],
         deadline: float,
-        fence: Lease | None,
-    ) -> bool:
-        """Move the space ref from `tip` to `new` under its lock, `fence` checked under it;
-        `objects` (those `new` reaches) are made durable with the ref.
+        *,
+        strict: bool,
+    ) -> int | None:
+        """Commit `writes` (their commits in `objects`) and the checkpoint `saves` as the feed
+        commit after `feed`, placed in `order` (see `Feed.build`); return the first position.
 
-        A lease changes hands (a new generation) only under the same space ref lock (see
-        `_update_lease`), so the grant read here stays current until the ref has moved.
-        False when another writer moved the tip since it was read: the caller re-checks.
+        The feed commit is built and fsynced before the write mutex is taken. Under it, if the
+        feed moved meanwhile (another writer's commit), each written space must still be at the
+        tip the write was built on (else None, or `SeqConflict` when `strict`): the feed commit
+        is built again on the new feed and fsynced under the mutex. The `fences` and the
+        checkpoints are checked there too, then the feed ref is moved: the commit point. The
+        spaces' refs (copies for git's tools) follow.
         """
-        ref = space_ref(space)
-        staged = self._git.refs.stage(ref, new, objects)
+        records = self._checkpoint_records(saves)
+        self._check_saves(handle, feed, saves)
+        new = self._feed.build(handle, objects, feed, writes, order, records)
+        staged = self._git.refs.stage(FEED, new, objects)
         try:
-            lock = self._git.lock(handle, ref, deadline, staged)
-            try:
-                if self._git.target(handle, ref) != (tip.oid if tip else None):
-                    return False
-                if fence is not None:
-                    check_fence(fence, self._lease_record(handle, space))
-                lock.commit(new)
-            finally:
-                lock.free()
+            with self._git.refs.mutex(deadline):
+                lock = self._git.lock(handle, FEED, deadline, staged, breakable=True)
+                try:
+                    current = self._git.target(handle, FEED, "the feed")
+                    if current != (feed.oid if feed else None):
+                        cur = None if current is None else self._feed.commit(handle, current)
+                        for w in writes:
+                            if self._feed.tip_oid(handle, cur, w.space) != (
+                                w.base.oid if w.base else None
+                            ):
+                                if not strict:
+                                    return None
+                                moved = self._chains.tip_in(handle, cur, w.space)
+                                expected = w.base.seq + 1 if w.base else 0
+                                raise SeqConflict(w.space, expected, moved.seq + 1 if moved else 0)
+                        self._check_saves(handle, cur, saves)
+                        feed = cur
+                        again = self._git.objects()
+                        try:
+                            new = self._feed.build(handle, again, feed, writes, order, records)
+                            lock.rewrite(new, again)
+                        finally:
+                            again.close()
+                    for fence in fences:
+                        check_fence(fence, self._lease_record(handle, fence.space))
+                    lock.commit(new, sync=False)
+                finally:
+                    lock.free()
+                self._after_commit(handle, feed, writes)
+            self._ring(writes)
+            # Durable once the feed ref's directory is: synced after the mutex went, as each
+            # feed commit holds all before it, a later writer's sync makes this one's durable
+            # too (and this one's, the earlier ones').
+            lock.sync()
+            self._git.refs.sync_dirs(FEED)
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(staged)
-        self._git.refs.sync_dirs(ref)
-        return True
+        return (feed.head if feed else 0) + 1
+
+    def _checkpoint_records(self, saves: Mapping[str, CheckpointSave]) -> dict[str, bytes]:
+        now = system_clock()
+        return {
+            name: checkpoint_bytes(name, save.position, now, save.fence)
+            for name, save in saves.items()
+        }
+
+    def _check_saves(
+        self, handle: Any, feed: FeedCommit | None, saves: Mapping[str, CheckpointSave]
+    ) -> None:
+        """Each save is at or above the stored position, as if the block ran at its commit: its
+        lowest save of a checkpoint (the first) is the one to check."""
+        for name, save in saves.items():
+            stored = self._feed.checkpoint(handle, feed, name)
+            if save.lowest < stored:
+                raise checkpoint_conflict(name, save.lowest, stored)
+
+    def _after_commit(
+        self, handle: Any, previous: FeedCommit | None, writes: Sequence[SpaceWrite]
+    ) -> None:
+        """Under the mutex, once the feed moved: the spaces' refs follow it (those of this write,
+        and those of the previous one if its writer died before it moved them). The write is
+        committed: nothing here may fail it."""
+        ours = {w.space: w.tip.oid for w in writes}
+        theirs = dict(zip(previous.spaces, previous.tips, strict=True)) if previous else {}
+        for space, oid in itertools.chain(theirs.items(), ours.items()):
+            mine = space in ours
+            if mine and ours[space] != oid:
+                continue  # the previous write's tip, moved on by this one
+            ref = space_ref(space)
+            try:
+                if not mine and self._git.target(handle, ref) == oid:
+                    continue
+                read = functools.partial(self._git.target, handle, ref)
+                self._git.refs.update_cache(ref, oid, read)
+            except (ShardSqlError, OSError) as e:
+                log.warning("git store %s: %s left behind the feed: %s", self.path, ref, e)
+
+    def _ring(self, writes: Sequence[SpaceWrite]) -> None:
+        """After a commit: wake the feed's waiters, and the forwarders of the spaces written."""
+        bells = self._git.bells
+        if bells is not None:
+            bells.ring("f", "")
+            for w in writes:
+                if w.intents:
+                    bells.ring("e", w.space)  # a forwarder may wait for it
 
     # -- leases (LeaseStore): the rules of `shard_sql.leases`, applied under the ref locks ---
 
@@ -238,9 +408,9 @@ class GitEventStore(StoreBase, LeaseStore, IntentQueue, SpaceWakeups):
         """Run `change` on the current record under the lease ref's lock; store and return what
         it returns (None: nothing to store).
 
-        A new grant or a revocation (the holder or generation changes) also holds the space ref's
-        lock while the record is replaced, so no fenced write is between its check and its ref
-        update meanwhile. Renewals and releases keep holder and generation: they do not.
+        A new grant or a revocation (the holder or generation changes) also holds the store's
+        write mutex while the record is replaced, so no fenced write is between its check and
+        its commit meanwhile. Renewals and releases keep holder and generation: they do not.
         """
         handle = self._git.handle()
         deadline = time.monotonic() + self.lock_timeout
@@ -255,11 +425,8 @@ class GitEventStore(StoreBase, LeaseStore, IntentQueue, SpaceWakeups):
             if cur is not None and (cur.holder, cur.generation) == (new.holder, new.generation):
                 lock.write(blob, objects)
             else:
-                writes = self._git.lock(handle, space_ref(space), deadline)
-                try:
+                with self._git.refs.mutex(deadline):
                     lock.write(blob, objects)
-                finally:
-                    writes.free()
         finally:
             objects.close()
             lock.free()
@@ -321,3 +488,18 @@ class GitEventStore(StoreBase, LeaseStore, IntentQueue, SpaceWakeups):
 
     def wakes_per_space(self) -> bool:
         return self._intents.wakes_per_space()
+
+
+def _placed(e: Event, position: int) -> Event:
+    placed: Event = new_event(
+        e.space,
+        e.seq,
+        e.type,
+        e.payload,
+        e.recorded_at,
+        e.writer,
+        e.generation,
+        e.intent_id,
+        position,
+    )
+    return placed
