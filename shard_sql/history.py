@@ -13,6 +13,9 @@ was granted as a `Grant`; `check` compares them with the final log and lists eac
 - real-time order: an append invoked after another was acknowledged gets a higher seq.
 
 Events are matched to operations by `payload["op"]`, so appends without an intent id count too.
+
+`check_consumer` checks a feed consumer's run: it saw every event of the logs exactly once, in
+position order, and its checkpoint never moved backwards.
 """
 
 from __future__ import annotations
@@ -62,6 +65,8 @@ class Report:
     outcomes: Counter[str] = field(default_factory=Counter)
     events: int = 0
     violations: list[str] = field(default_factory=list)
+    consumed: int = 0
+    """Events a feed consumer handled (`check_consumer`), 0 without one."""
 
     @property
     def ok(self) -> bool:
@@ -69,8 +74,9 @@ class Report:
 
     def summary(self) -> str:
         outcomes = ", ".join(f"{k} {v}" for k, v in sorted(self.outcomes.items()))
+        consumed = f", consumed {self.consumed}" if self.consumed else ""
         return (
-            f"operations {self.operations} ({outcomes}), events {self.events}, "
+            f"operations {self.operations} ({outcomes}), events {self.events}{consumed}, "
             f"violations {len(self.violations)}"
         )
 
@@ -207,6 +213,84 @@ def _check_fencing(
                     break
 
 
+@dataclass(frozen=True, slots=True)
+class Observed:
+    """A read of a consumer's checkpoint: `position`, read between `start` and `end`
+    (`time.monotonic()`)."""
+
+    start: float
+    end: float
+    position: int
+
+
+def check_consumer(
+    logs: Mapping[str, Sequence[Event]],
+    feed: Sequence[Event],
+    seen: Sequence[Event],
+    observed: Iterable[Observed] = (),
+) -> list[str]:
+    """The violations of a feed consumer's run.
+
+    `logs`: the final logs of the spaces it consumed (as for `check`); `feed`: the final feed of
+    the types it consumed; `seen`: the events of its projection (one per handled batch, written
+    in the batch's transaction), each with `payload["events"]`, the `[position, space, seq, op]`
+    of every event of the batch, in the order handed over; `observed`: reads of its checkpoint.
+    """
+    v: list[str] = []
+    want = [(e.position, e.space, e.seq, e.payload.get("op")) for e in feed]
+    # The feed itself: every event of the logs once, positions increasing, each space in order.
+    in_logs = {(e.space, e.seq): e.payload.get("op") for events in logs.values() for e in events}
+    in_feed = Counter((space, seq) for _, space, seq, _ in want)
+    v += [f"feed: {k} appears {n} times" for k, n in in_feed.items() if n > 1][:10]
+    v += [f"feed: {k} is not in its space's log" for k in in_feed if k not in in_logs][:10]
+    v += [f"feed: {k} (op {op}) is missing" for k, op in in_logs.items() if k not in in_feed][:10]
+    v += _order("feed", want)
+    got: list[tuple[Any, ...]] = []
+    for e in seen:
+        events = e.payload.get("events") if isinstance(e.payload, dict) else None
+        if not isinstance(events, list):
+            v.append(f"consumer: projection seq {e.seq} carries no events")
+            continue
+        got += [tuple(x) for x in events]
+    counts = Counter(got)
+    v += [f"consumer: saw {k} {n} times" for k, n in counts.items() if n > 1][:10]
+    wanted = set(want)
+    v += [f"consumer: saw {k}, which is not in the feed" for k in counts if k not in wanted][:10]
+    v += [f"consumer: never saw {k}" for k in want if k not in counts][:10]
+    v += _order("consumer", got)
+    # A checkpoint read that ended before another began never shows a higher position.
+    reads = sorted(observed, key=lambda o: o.start)
+    ended = sorted(reads, key=lambda o: o.end)
+    best: Observed | None = None
+    i = 0
+    for r in reads:
+        while i < len(ended) and ended[i].end < r.start:
+            if best is None or ended[i].position > best.position:
+                best = ended[i]
+            i += 1
+        if best is not None and r.position < best.position:
+            v.append(f"checkpoint moved back from {best.position} to {r.position}")
+            break
+    return v
+
+
+def _order(who: str, items: Sequence[tuple[Any, ...]]) -> list[str]:
+    """Positions strictly increasing; within a space, seqs too."""
+    v: list[str] = []
+    last = 0
+    seqs: dict[str, int] = {}
+    for position, space, seq, _ in items:
+        if not isinstance(position, int) or position <= last:
+            v.append(f"{who}: position {position} after {last}: out of order")
+            break
+        last = position
+        if seq <= seqs.get(space, -1):
+            v.append(f"{who}: {space!r} seq {seq} after seq {seqs[space]}: out of order")
+            break
+        seqs[space] = seq
+    return v
+
+
 # -- recording, one JSON line per record, safe to append from many processes -----------------
 
 
@@ -215,6 +299,22 @@ def record(path: Path, **fields: Any) -> None:
     line = (json.dumps(fields, separators=(",", ":")) + "\n").encode()
     with open(path, "ab", buffering=0) as f:
         f.write(line)
+
+
+def load_observed(paths: Iterable[Path]) -> list[Observed]:
+    """The `checkpoint` records of a run (reads of a consumer's checkpoint)."""
+    out = []
+    for path in paths:
+        if not path.exists():
+            continue
+        for raw in path.read_text().splitlines():
+            try:
+                r = json.loads(raw)
+            except ValueError:
+                continue  # a line cut short by SIGKILL
+            if r.get("kind") == "checkpoint":
+                out.append(Observed(r["start"], r["end"], r["position"]))
+    return out
 
 
 def load(paths: Iterable[Path]) -> tuple[list[Op], list[Grant]]:

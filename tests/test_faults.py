@@ -1,7 +1,9 @@
 """The fault-injection suite: node processes append (directly and forwarded) to a few spaces
 while holders are SIGKILLed and SIGSTOPped past their TTL, PostgreSQL connections are killed and
 the server restarted, SQLite's write lock is contended and git lock files go stale; the history
-checker then proves the log kept every promise.
+checker then proves the log kept every promise. On git a feed consumer (`Subscription`, two
+copies) follows the feed meanwhile, killed and paused too: it must see every event once, in
+order, its checkpoint never moving back.
 
 The PostgreSQL restart runs under CI=true (or SHARD_SQL_FAULT_RESTART=1): elsewhere other test
 runs may share the server.
@@ -14,19 +16,33 @@ from pathlib import Path
 
 import pytest
 from faults.backends import git_stale_lock, pg_restart, pg_terminate, sqlite_lock
-from faults.harness import SUMMARY, Fault, describe, env_flag, kill_holder, pause_holder, run
+from faults.harness import (
+    SUMMARY,
+    Fault,
+    describe,
+    env_flag,
+    kill_consumer,
+    kill_holder,
+    pause_consumer,
+    pause_holder,
+    run,
+)
 
 pytestmark = pytest.mark.slow
 
 DURATION = float(os.environ.get("SHARD_SQL_FAULT_SECONDS", "18"))
 
 
-def _run(backend: str, url: str, workdir: Path, faults: dict[str, Fault]) -> None:
-    report, injected = run(url, workdir, faults=faults, duration=DURATION)
+def _run(
+    backend: str, url: str, workdir: Path, faults: dict[str, Fault], consumers: int = 0
+) -> None:
+    report, injected = run(url, workdir, faults=faults, duration=DURATION, consumers=consumers)
     line = describe(backend, report, injected)
     SUMMARY.append(line)
     assert report.ok, line + "\n" + "\n".join(report.violations[:20])
     assert report.outcomes["ok"] > 50, line
+    if consumers:
+        assert report.consumed >= report.outcomes["ok"], line
     for kind in faults:
         assert injected[kind] > 0, f"{kind} was never injected: {line}"
 
@@ -48,12 +64,15 @@ def test_faults_postgresql(tmp_path: Path, pg_migrated_url: str) -> None:
 
 
 def test_faults_git(tmp_path: Path) -> None:
+    """With a feed consumer (two copies taking turns) killed and paused too."""
     faults = {
         "kill_holder": kill_holder,
         "pause_holder": pause_holder,
         "stale_lock": git_stale_lock,
+        "kill_consumer": kill_consumer,
+        "pause_consumer": pause_consumer,
     }
-    _run("git", f"git+file://{tmp_path}/log.git", tmp_path, faults)
+    _run("git", f"git+file://{tmp_path}/log.git", tmp_path, faults, consumers=2)
 
 
 def test_checker_catches_unfenced_nodes(tmp_path: Path) -> None:

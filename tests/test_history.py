@@ -120,3 +120,46 @@ def test_checker_catches_a_run_with_fencing_switched_off() -> None:
     found = "\n".join(run(fenced=False))
     assert "generation decreases" in found
     assert "after generation 3 was granted" in found
+
+
+# -- a feed consumer -----------------------------------------------------------------------------
+
+
+def placed(space: str, seq: int, op: str, position: int) -> Event:
+    return Event(space, seq, "t", {"op": op}, T0, "A", 1, None, position)
+
+
+def batch(seq: int, *events: Event) -> Event:
+    seen = [[e.position, e.space, e.seq, e.payload["op"]] for e in events]
+    return Event("seen:c", seq, "fault.seen", {"events": seen}, T0, "c1", 0)
+
+
+def test_consumer_clean_run_passes() -> None:
+    from shard_sql.history import Observed, check_consumer
+
+    a0, b0, a1 = placed("a", 0, "x", 1), placed("b", 0, "y", 2), placed("a", 1, "z", 4)
+    logs = {"a": [a0, a1], "b": [b0]}
+    seen = [batch(0, a0, b0), batch(1, a1)]
+    reads = [Observed(0, 1, 0), Observed(2, 3, 2), Observed(2.5, 5, 1), Observed(6, 7, 4)]
+    assert check_consumer(logs, [a0, b0, a1], seen, reads) == []
+
+
+def test_consumer_violations_are_found() -> None:
+    from shard_sql.history import Observed, check_consumer
+
+    a0, b0, a1 = placed("a", 0, "x", 1), placed("b", 0, "y", 2), placed("a", 1, "z", 4)
+    logs = {"a": [a0, a1], "b": [b0]}
+    feed = [a0, b0, a1]
+
+    def found(seen: list[Event], reads: list[Observed] = [], f: list[Event] = feed) -> str:  # noqa: B006
+        v = check_consumer(logs, f, seen, reads)
+        assert v
+        return "\n".join(v)
+
+    assert "saw" in found([batch(0, a0, b0), batch(1, b0, a1)])  # twice
+    assert "never saw" in found([batch(0, a0, a1)])
+    assert "out of order" in found([batch(0, b0, a0, a1)])
+    assert "not in the feed" in found([batch(0, a0, b0, placed("b", 1, "w", 3), a1)])
+    assert "moved back" in found([batch(0, a0, b0, a1)], [Observed(0, 1, 4), Observed(2, 3, 2)])
+    assert "missing" in found([batch(0, a0, a1)], f=[a0, a1])  # the feed skipped b0
+    assert "out of order" in found([batch(0, a0, b0, a1)], f=[a0, a1, b0])

@@ -63,14 +63,15 @@ def sqlite_lock(run: Run, registry: LeaseRegistry) -> bool:
 
 
 def git_stale_lock(run: Run, registry: LeaseRegistry) -> bool:
-    """A killed writer's lock file on a space ref, left for a while, then cleared by an operator."""
-    from shard_sql.git.layout import space_ref
+    """A lock file on the feed ref that is no dead shard_sql writer's (a killed git's), left for
+    a while, then cleared by an operator: every write waits for it."""
+    from shard_sql.git.layout import FEED
     from shard_sql.urls import git_path
 
     gitdir = git_path(run.url)
     if (gitdir / ".git").is_dir():
         gitdir = gitdir / ".git"
-    lock = Path(gitdir, space_ref(run.rng.choice(run.spaces)) + ".lock")
+    lock = Path(gitdir, FEED + ".lock")
     lock.parent.mkdir(parents=True, exist_ok=True)
     try:
         fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)

@@ -3,6 +3,9 @@
 `run(url, faults=...)` starts `nodes` node processes (node.py) appending to a few spaces for
 `duration` seconds, while a fault loop injects the named faults, restarts killed nodes under new
 ids, and finally checks the log against the recorded history with `shard_sql.history.check`.
+With `consumers=N`, N copies of a feed consumer (consumer.py, a `Subscription` taking turns
+through its lease) follow the feed meanwhile; once the nodes are done and the consumer caught
+up, `shard_sql.history.check_consumer` checks what it saw. Any store with a feed, by URL.
 """
 
 from __future__ import annotations
@@ -17,12 +20,17 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+from faults.consumer import TYPE, projection
 from shard_sql import LeaseRegistry
-from shard_sql.history import Report, check, load
+from shard_sql.history import Report, check, check_consumer, load, load_observed
 from shard_sql.urls import open_store
 
 NODE = Path(__file__).with_name("node.py")
+CONSUMER = Path(__file__).with_name("consumer.py")
+CONSUMER_NAME = "faults"
+"""The subscription name of the consumer copies (its lease: `subscription:faults`)."""
 SUMMARY: list[str] = []
 """One line per run of this session, printed at the end of pytest's report (conftest.py)."""
 
@@ -40,6 +48,35 @@ class Run:
     duration: float = 0.0
     end: float = 0.0
     rng: random.Random = field(default_factory=lambda: random.Random(7))
+    consumers: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    consumers_started: int = 0
+
+    def start_consumer(self) -> str:
+        self.consumers_started += 1
+        node_id = f"c{self.consumers_started}"
+        cmd = [
+            sys.executable,
+            str(CONSUMER),
+            self.url,
+            CONSUMER_NAME,
+            node_id,
+            str(self.ttl),
+            str(self.workdir / f"{node_id}.jsonl"),
+            str(self.workdir / "consumer.stop"),
+            str(self.consumers_started),
+        ]
+        with open(self.workdir / f"{node_id}.err", "wb") as err:
+            self.consumers[node_id] = subprocess.Popen(cmd, stderr=err)
+        return node_id
+
+    def consumer_proc(self, registry: LeaseRegistry) -> tuple[str, subprocess.Popen[bytes]] | None:
+        """The consumer copy holding the subscription's lease, else any running one."""
+        cur = registry.current(f"subscription:{CONSUMER_NAME}")
+        live = [(n, p) for n, p in self.consumers.items() if p.poll() is None]
+        for node_id, proc in live:
+            if cur is not None and cur.holder == node_id:
+                return node_id, proc
+        return self.rng.choice(live) if live else None
 
     def start_node(self) -> str:
         self.started += 1
@@ -100,6 +137,62 @@ def pause_holder(run: Run, registry: LeaseRegistry) -> bool:
     return True
 
 
+def kill_consumer(run: Run, registry: LeaseRegistry) -> bool:
+    """SIGKILL the consumer copy holding the lease (mid-batch, maybe), start another."""
+    found = run.consumer_proc(registry)
+    if found is None:
+        return False
+    node_id, proc = found
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    del run.consumers[node_id]
+    run.start_consumer()
+    return True
+
+
+def pause_consumer(run: Run, registry: LeaseRegistry) -> bool:
+    """SIGSTOP the consumer copy holding the lease past its TTL, then SIGCONT: another copy takes
+    over meanwhile, and the batch the paused one was handling must not be saved."""
+    found = run.consumer_proc(registry)
+    if found is None:
+        return False
+    _, proc = found
+    proc.send_signal(signal.SIGSTOP)
+    time.sleep(run.ttl * 1.6)
+    proc.send_signal(signal.SIGCONT)
+    return True
+
+
+def _check_consumer(run: Run, store: Any, names: list[str], report: Report) -> None:
+    """Wait until the consumer's checkpoint passed the last node event, stop the copies, and
+    check what they saw."""
+    deadline = time.monotonic() + 60
+    feed = store.feed(types=[TYPE])
+    last = feed[-1].position if feed else 0
+    while store.checkpoint(CONSUMER_NAME) < last and time.monotonic() < deadline:
+        if not any(p.poll() is None for p in run.consumers.values()):
+            run.start_consumer()  # every copy died (their errors are checked below)
+        time.sleep(0.1)
+    (run.workdir / "consumer.stop").touch()
+    for node_id, proc in run.consumers.items():
+        try:
+            code = proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            code = None
+        if code != 0:
+            err = (run.workdir / f"{node_id}.err").read_text()[-2000:]
+            report.violations.append(f"consumer {node_id} ended with {code}: {err}")
+    seen = store.events(projection(CONSUMER_NAME))
+    logs = {s: store.events(s) for s in names}
+    observed = load_observed(sorted(run.workdir.glob("c*.jsonl")))
+    report.violations += check_consumer(logs, feed, seen, observed)
+    report.consumed = sum(len(e.payload.get("events", ())) for e in seen)
+    if store.checkpoint(CONSUMER_NAME) < last:
+        report.violations.append(f"the consumer never caught up with position {last}")
+
+
 def run(
     url: str,
     workdir: Path,
@@ -111,14 +204,18 @@ def run(
     ttl: float = 1.0,
     fault_every: float = 1.5,
     no_fence: bool = False,
+    consumers: int = 0,
 ) -> tuple[Report, Counter[str]]:
-    """Run the nodes with faults; return the checker's report and the faults injected."""
+    """Run the nodes (and `consumers` copies of the feed consumer) with faults; return the
+    checker's report and the faults injected."""
     store = open_store(url)
     names = [f"space-{i}" for i in range(spaces)]
     r = Run(url, workdir, names, ttl, no_fence=no_fence)
     r.end = time.monotonic() + duration
     for _ in range(nodes):
         r.start_node()
+    for _ in range(consumers):
+        r.start_consumer()
     registry = LeaseRegistry(store)
     kinds = list(faults)
     try:
@@ -137,8 +234,11 @@ def run(
                 proc.wait(timeout=max(r.end - time.monotonic(), 0) + ttl * 6 + 10)
             except subprocess.TimeoutExpired:
                 proc.kill()
+        report = Report()
+        if consumers:
+            _check_consumer(r, store, names, report)
     finally:
-        for proc in r.procs.values():
+        for proc in [*r.procs.values(), *r.consumers.values()]:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
@@ -147,7 +247,10 @@ def run(
     close = getattr(store, "close", None)
     if close is not None:
         close()
-    report = check(logs, ops, grants)
+    checked = check(logs, ops, grants)
+    checked.violations += report.violations
+    checked.consumed = report.consumed
+    report = checked
     untranslated = [
         line
         for p in workdir.glob("n*.jsonl")
