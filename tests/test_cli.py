@@ -526,6 +526,8 @@ def test_progress_bar_only_on_a_terminal() -> None:
 def test_display_url_hides_passwords() -> None:
     assert display_url("postgresql+psycopg://u:secret@h/db") == ("postgresql+psycopg://u:***@h/db")
     assert display_url("git+file:///x") == "git+file:///x"
+    shown = display_url("postgresql+psycopg://u:secret@h/db?sslpassword=s3cr3t&password=pw")
+    assert "secret" not in shown and "s3cr3t" not in shown and "=pw" not in shown
 
 
 def test_default_node_id() -> None:

@@ -24,15 +24,12 @@ def store_url(args: argparse.Namespace) -> str:
 
 
 def display_url(url: str) -> str:
-    """The URL with every secret masked (the password, `?password=...`)."""
+    """The URL with every secret it carries masked (the library's one rule for it)."""
     if is_git_url(url) or url.startswith("memory:"):
         return url
-    try:
-        from shard_sql.sql.urls import masked  # SQL URLs only: loads SQLAlchemy
+    from shard_sql.sql import masked
 
-        return masked(url)
-    except Exception:
-        return url
+    return masked(url)
 
 
 def _check_git_path(url: str) -> None:
