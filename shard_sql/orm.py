@@ -1,13 +1,13 @@
-"""shard_sql's tables as SQLAlchemy 2 ORM models: the source of the schema, and read models
-for a host application's own `Session` (writes go through the store).
+"""shard_sql's tables as SQLAlchemy 2 ORM models: read models for a host application's own
+`Session` queries (writes go through the store), and the source the migrations are checked
+against. `include_object` keeps a host's alembic autogenerate off these tables.
 
-The types per database and the collation are in docs/dba.md; the migrations are checked against
-these models (`tests/test_sql_migrations.py`).
+Recipes: docs/embedding.md; types per database: docs/dba.md.
 """
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import (
@@ -21,11 +21,17 @@ from sqlalchemy import (
     MetaData,
     PrimaryKeyConstraint,
     String,
+    Table,
+    TypeDecorator,
     UniqueConstraint,
     text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.sql.schema import SchemaItem
+
+from shard_sql.values import Event, new_event
 
 __all__ = [
     "CHECKPOINTS",
@@ -34,14 +40,17 @@ __all__ = [
     "LEASES",
     "NAME_LENGTH",
     "SCHEMA_REVISION",
+    "TABLES",
     "VERSION_TABLE",
     "Base",
     "CheckpointRecord",
     "EventRecord",
     "IntentRecord",
     "LeaseRecord",
+    "UtcDateTime",
     "checkpoints_table",
     "events_table",
+    "include_object",
     "intents_table",
     "leases_table",
     "metadata",
@@ -68,6 +77,30 @@ INTENTS = "intents"
 CHECKPOINTS = "checkpoints"
 PLACE_FEED = "shard_sql_place_feed"
 """PostgreSQL: the function that places committed events in the feed (migration 0004)."""
+TABLES = frozenset({EVENTS, LEASES, INTENTS, CHECKPOINTS, VERSION_TABLE})
+"""The name of every table shard_sql's migrations create, its version table included."""
+ROUTINES = frozenset({PLACE_FEED, "shard_sql_notify_applied", "events_notify_applied"})
+"""PostgreSQL: shard_sql's functions and its trigger."""
+
+
+class UtcDateTime(TypeDecorator[datetime]):
+    """`DateTime(timezone=True)` read as an aware UTC `datetime` on every database (SQLite keeps
+    UTC text without a zone); an aware value bound in a query is converted to UTC first."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is not None and value.tzinfo is not None:
+            return value.astimezone(UTC)
+        return value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value if value.tzinfo is UTC else value.astimezone(UTC)
 
 
 def _name(comment: str, *, nullable: bool = False) -> Mapped[Any]:
@@ -102,7 +135,8 @@ POSITION_COMMENT = (
 
 
 class EventRecord(Base):
-    """One event of a space's log."""
+    """One event of a space's log (read model: a host's `Session` may query it; writes go through
+    the store). On PostgreSQL `position` is None until the feed placed the row."""
 
     __tablename__ = EVENTS
     __table_args__ = (
@@ -141,7 +175,7 @@ class EventRecord(Base):
         comment="The event's data: a JSON object (JSONB on PostgreSQL, JSON text on SQLite).",
     )
     recorded_at: Mapped[datetime] = mapped_column(
-        DateTime(timezone=True),
+        UtcDateTime(),
         nullable=False,
         comment="When the event was written (UTC; text YYYY-MM-DD HH:MM:SS.ffffff on SQLite).",
     )
@@ -162,9 +196,18 @@ class EventRecord(Base):
         BigInteger, nullable=True, comment=POSITION_COMMENT
     )
 
+    def to_event(self) -> Event:
+        """This row as the `Event` the store returns."""
+        event: Event = new_event(
+            self.space, self.seq, self.type, self.payload, self.recorded_at, self.writer,
+            self.generation, self.intent_id, self.position,
+        )  # fmt: skip
+        return event
+
 
 class LeaseRecord(Base):
-    """The lease record of a space: who may append to it, until when, under which generation."""
+    """The lease record of a space: who may append to it, until when, under which generation
+    (read model; leases are granted through `LeaseRegistry`)."""
 
     __tablename__ = LEASES
     __table_args__ = (
@@ -181,7 +224,7 @@ class LeaseRecord(Base):
     space: Mapped[str] = _name("The space this lease grants appends to.")
     holder: Mapped[str] = _name("Node id of the current or last holder.")
     expires_at: Mapped[datetime] = mapped_column(
-        DateTime(timezone=True),
+        UtcDateTime(),
         nullable=False,
         comment="The lease is valid while now < expires_at (UTC); release sets it to now.",
     )
@@ -202,7 +245,7 @@ CHECKPOINTS_COMMENT = (
 
 class IntentRecord(Base):
     """An append forwarded to a space's holder by a node in another process or host, waiting to
-    be applied (see `shard_sql.sql.intents`)."""
+    be applied (read model; see `shard_sql.sql.intents`)."""
 
     __tablename__ = INTENTS
     __table_args__ = (
@@ -238,7 +281,7 @@ class IntentRecord(Base):
         "SQLite), checked before it was recorded.",
     )
     submitted_at: Mapped[datetime] = mapped_column(
-        DateTime(timezone=True),
+        UtcDateTime(),
         nullable=False,
         comment="When the intent was recorded (UTC; the server's clock on PostgreSQL, the "
         "sender's on SQLite, text YYYY-MM-DD HH:MM:SS.ffffff).",
@@ -256,7 +299,8 @@ class IntentRecord(Base):
 
 
 class CheckpointRecord(Base):
-    """How far a named consumer of the feed has processed it."""
+    """How far a named consumer of the feed has processed it (read model; saved by
+    `tx.save_checkpoint`)."""
 
     __tablename__ = CHECKPOINTS
     __table_args__ = (
@@ -273,7 +317,7 @@ class CheckpointRecord(Base):
         "never moves backwards.",
     )
     updated_at: Mapped[datetime] = mapped_column(
-        DateTime(timezone=True),
+        UtcDateTime(),
         nullable=False,
         comment="When the checkpoint was last saved (UTC; text YYYY-MM-DD HH:MM:SS.ffffff on "
         "SQLite).",
@@ -296,3 +340,28 @@ events_table = EventRecord.__table__
 leases_table = LeaseRecord.__table__
 intents_table = IntentRecord.__table__
 checkpoints_table = CheckpointRecord.__table__
+
+
+def include_object(
+    obj: SchemaItem,
+    name: str | None,
+    type_: str,
+    reflected: bool,
+    compare_to: SchemaItem | None,
+) -> bool:
+    """For a host application's alembic `env.py`, `context.configure(...,
+    include_object=include_object)`: its `--autogenerate` and `alembic check` then leave
+    shard_sql's tables (and their columns, indexes, constraints), its version table, functions
+    and trigger alone. The host's own tables are compared as usual, even one named `events` when
+    shard_sql lives in another PostgreSQL schema (docs/embedding.md).
+
+    Excluded: a table found in the database by one of shard_sql's names that the host's models
+    do not declare; anything of shard_sql's own `metadata` (a host that lists it in
+    `target_metadata`); objects named like shard_sql's functions and trigger (extensions such
+    as alembic_utils pass those)."""
+    table = obj if isinstance(obj, Table) else getattr(obj, "table", None)
+    if isinstance(table, Table):
+        if table.metadata is metadata:
+            return False
+        return not (type_ == "table" and reflected and compare_to is None and name in TABLES)
+    return name is None or name.partition("(")[0] not in ROUTINES
