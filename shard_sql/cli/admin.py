@@ -19,8 +19,17 @@ def register(add: AddCommand) -> None:
         "Upgrade the SQL database to the head schema (alembic) and say what it did (from which "
         "revision, or already at the head). A SQLite file is also migrated on open; PostgreSQL "
         "needs this once per upgrade. A git store needs no migration: a git+file:// one is "
-        "created if missing.",
+        "created if missing. With --check, change nothing: exit 0 when shard_sql's tables are "
+        "at the head schema, else 1 with one line saying what is behind, foreign or different "
+        "(only shard_sql's tables are looked at: it works in a database shared with an "
+        "application).",
         "shard-sql migrate --url postgresql+psycopg://postgres@127.0.0.1/app",
+        "shard-sql migrate --check",
+    )
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="only check that the schema is at head (exit 1 with the reason if not)",
     )
     p.set_defaults(func=migrate)
 
@@ -38,6 +47,9 @@ def register(add: AddCommand) -> None:
 
 
 def migrate(args: argparse.Namespace) -> None:
+    if args.check:
+        check(args)
+        return
     url = store_url(args)
     shown = display_url(url)
     before: str | None = None
@@ -57,6 +69,23 @@ def migrate(args: argparse.Namespace) -> None:
             message = f"{shown}: already at {after}"
     if args.json:
         emit(dumps({"url": shown, "migrated": before != after, "from": before, "to": after}))
+    else:
+        emit(message)
+
+
+def check(args: argparse.Namespace) -> None:
+    url = store_url(args)
+    shown = display_url(url)
+    if is_git_url(url) or url.startswith("memory:"):
+        revision = None
+        message = f"{shown}: no schema to check"
+    else:
+        from shard_sql.sql import check_schema
+
+        revision = check_schema(url)
+        message = f"{shown}: at {revision} (head)"
+    if args.json:
+        emit(dumps({"url": shown, "ok": True, "revision": revision}))
     else:
         emit(message)
 

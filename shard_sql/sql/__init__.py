@@ -10,6 +10,7 @@ from shard_sql.sql.errors import DEFAULT_BUSY_TIMEOUT
 from shard_sql.sql.schema import (
     Migration,
     alembic_config,
+    check_schema,
     migrate,
     migration_connection,
     migrations_dir,
@@ -24,6 +25,7 @@ __all__ = [
     "Migration",
     "SqlEventStore",
     "alembic_config",
+    "check_schema",
     "masked",
     "migrate",
     "migration_connection",

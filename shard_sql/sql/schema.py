@@ -12,10 +12,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from sqlalchemy import Table
 from sqlalchemy.engine import URL, Connection, Engine
+from sqlalchemy.sql.schema import SchemaItem
 
 from shard_sql.errors import SchemaError, ShardSqlError
-from shard_sql.orm import EVENTS, INTENTS, LEASES, SCHEMA_REVISION, VERSION_TABLE
+from shard_sql.orm import EVENTS, INTENTS, LEASES, SCHEMA_REVISION, TABLES, VERSION_TABLE
 from shard_sql.sql.connections import Database, open_engine
 from shard_sql.sql.dialects import Conn, Dialect, EngineOptions
 from shard_sql.sql.errors import DEFAULT_BUSY_TIMEOUT, Site, translate
@@ -27,6 +29,7 @@ if TYPE_CHECKING:
 __all__ = [
     "Migration",
     "alembic_config",
+    "check_schema",
     "migrate",
     "migration_connection",
     "migrations_dir",
@@ -238,3 +241,94 @@ def _revision(c: Conn, db: Database) -> str | None:
         return result
 
     return found_revision(rows, db.dialect, db.site)
+
+
+def check_schema(url_or_engine: str | URL | Engine) -> str:
+    """Check shard_sql's own schema, also in a database it shares with an application (whose
+    tables are not looked at): at the head revision, with every table, column, index and
+    constraint of the models. Returns the head revision; else `SchemaError`, one line saying
+    what is behind, newer, foreign or different. Changes nothing (an index a DBA added is fine).
+    """
+    engine, owned, dialect = open_engine(url_or_engine, EngineOptions())
+    site = _site(engine, dialect)
+    try:
+        if not dialect.exists(engine.url):
+            raise SchemaError(f"{site} does not exist")
+        with engine.connect() as conn:
+
+            def rows(sql: str, params: tuple[Any, ...]) -> Sequence[Sequence[Any]]:
+                return conn.exec_driver_sql(sql, params).fetchall()
+
+            revision = found_revision(rows, dialect, site)
+            if revision is None:
+                raise SchemaError(f"{site} has no shard_sql schema: {site.hint}")
+            if revision != SCHEMA_REVISION:
+                raise SchemaError(_revision_problem(site, revision))
+            differences = schema_differences(conn)
+        if differences:
+            raise SchemaError(
+                f"{site} is at shard_sql schema revision {SCHEMA_REVISION}, but its tables "
+                f"differ from it: {'; '.join(differences)}"
+            )
+        return SCHEMA_REVISION
+    except ShardSqlError:
+        raise
+    except Exception as e:
+        err = translate(e, site)
+        if err is None:
+            raise
+        raise err from e
+    finally:
+        if owned:
+            engine.dispose()
+
+
+def _is_ours(
+    obj: SchemaItem, name: str | None, type_: str, reflected: bool, compare_to: SchemaItem | None
+) -> bool:
+    table = obj if isinstance(obj, Table) else getattr(obj, "table", None)
+    return isinstance(table, Table) and table.name in TABLES
+
+
+def schema_differences(conn: Connection) -> list[str]:
+    """How shard_sql's tables in the database differ from the models (alembic's autogenerate
+    comparison, on those tables only), one phrase each; indexes the models lack are allowed."""
+    from alembic.autogenerate import compare_metadata  # see alembic_config
+    from alembic.migration import MigrationContext
+
+    from shard_sql.orm import metadata
+
+    context = MigrationContext.configure(
+        conn,
+        opts={
+            "version_table": VERSION_TABLE,
+            "compare_type": True,
+            "include_object": _is_ours,
+            "include_name": lambda name, type_, parents: type_ != "table" or name in TABLES,
+        },
+    )
+    found = [_describe(diff) for diff in compare_metadata(context, metadata)]
+    return [d for d in found if d]
+
+
+def _describe(diff: Any) -> str:
+    """One of alembic's differences as a phrase ('' for an index only the database has)."""
+    if isinstance(diff, list):  # modify_* come as a list per column
+        diff = diff[0]
+    kind = str(diff[0])
+    if kind == "remove_index":
+        return ""
+    if kind in ("add_table", "remove_table"):
+        return f"table {diff[1].name} {'missing' if kind == 'add_table' else 'extra'}"
+    if kind in ("add_column", "remove_column"):
+        missing = "missing" if kind == "add_column" else "not in shard_sql's models"
+        return f"column {diff[2]}.{diff[3].name} {missing}"
+    if kind in ("add_index", "add_constraint", "remove_constraint"):
+        item = diff[1]
+        where = getattr(getattr(item, "table", None), "name", "?")
+        what = "index" if kind == "add_index" else "constraint"
+        state = "extra" if kind.startswith("remove") else "missing"
+        return f"{what} {item.name} on {where} {state}"
+    if kind.startswith("modify_") and len(diff) > 3 and isinstance(diff[3], str):
+        return f"column {diff[2]}.{diff[3]}: {kind.removeprefix('modify_')} differs"
+    return f"{kind.replace('_', ' ')} on {diff[2] if len(diff) > 2 else '?'}"

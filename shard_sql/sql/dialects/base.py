@@ -175,6 +175,10 @@ class Dialect:
         concurrent migrations queue up, and the later ones find the schema at head."""
         raise NotImplementedError
 
+    def exists(self, url: URL) -> bool:
+        """The database is there (connecting would not create it)."""
+        return True
+
     def single_connection(self, url: URL) -> bool:
         """The database has one connection, used by one thread at a time."""
         return False

@@ -190,6 +190,10 @@ class SqliteDialect(Dialect):
         event.listen(engine, "begin", _begin_immediate)
         return engine
 
+    def exists(self, url: URL) -> bool:
+        path = sqlite_file(url)
+        return path is None or os.path.exists(path)
+
     def adopt_engine(self, engine: Engine, options: EngineOptions) -> tuple[Engine, bool]:
         # The store needs its own transaction control: its own connections to the same file.
         if is_memory(engine.url):
