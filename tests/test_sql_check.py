@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from alembic import command
-from sqlalchemy import Column, Integer, MetaData, Table, create_engine, text
+from sqlalchemy import Column, Integer, MetaData, Table, create_engine, inspect, text
 
 from shard_sql import SchemaError, migrate
 from shard_sql.cli import main
@@ -113,3 +113,15 @@ def test_migrate_check_on_the_command_line(
         "",
     )
     assert not (tmp_path / "log.git").exists()
+
+
+def test_an_applications_table_by_one_of_our_names_is_left_alone(url: str) -> None:
+    execute(url, "CREATE TABLE checkpoints (id INTEGER PRIMARY KEY)")
+    with pytest.raises(SchemaError, match="tables named checkpoints but no shard_sql_version"):
+        migrate(url)
+    assert "another application's" in refused(url)
+    engine = create_engine(url)
+    try:
+        assert set(inspect(engine).get_table_names()) == {"checkpoints"}
+    finally:
+        engine.dispose()

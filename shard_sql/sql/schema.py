@@ -17,7 +17,15 @@ from sqlalchemy.engine import URL, Connection, Engine
 from sqlalchemy.sql.schema import SchemaItem
 
 from shard_sql.errors import SchemaError, ShardSqlError
-from shard_sql.orm import EVENTS, INTENTS, LEASES, SCHEMA_REVISION, TABLES, VERSION_TABLE
+from shard_sql.orm import (
+    CHECKPOINTS,
+    EVENTS,
+    INTENTS,
+    LEASES,
+    SCHEMA_REVISION,
+    TABLES,
+    VERSION_TABLE,
+)
 from shard_sql.sql.connections import Database, open_engine
 from shard_sql.sql.dialects import Conn, Dialect, EngineOptions
 from shard_sql.sql.errors import DEFAULT_BUSY_TIMEOUT, Site, translate
@@ -103,14 +111,15 @@ class Migration:
 Rows = Callable[[str, tuple[Any, ...]], Sequence[Sequence[Any]]]
 """Runs a statement with its parameters; its rows."""
 
-_OUR_TABLES = (EVENTS, LEASES, INTENTS)
+_OUR_TABLES = (EVENTS, LEASES, INTENTS, CHECKPOINTS)
 
 
 def found_revision(rows: Rows, dialect: Dialect, site: Site) -> str | None:
     """The schema revision in the version table; None when the database has no shard_sql
     schema and none of its tables' names (a migration creates them). `SchemaError` saying what
-    was found for a schema that is foreign or damaged: tables by our names without a version
-    table, an empty version table beside our tables, more than one version row."""
+    was found for a schema that is foreign or damaged: tables by our names (an application's
+    `checkpoints` too) without a version table, an empty version table beside our tables, more
+    than one version row."""
     names = (VERSION_TABLE, *_OUR_TABLES)
     present = {row[0] for row in rows(dialect.tables_sql(len(names)), names)}
     ours = ", ".join(n for n in _OUR_TABLES if n in present)
