@@ -162,6 +162,7 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     shutil.copytree(REPO / "shard_sql", src / "shard_sql", ignore=ignore)
     shutil.copytree(REPO / "migrations", src / "migrations", ignore=ignore)
     shutil.copytree(REPO / "benchmarks", src / "benchmarks", ignore=ignore)  # shard_sql.bench
+    shutil.copytree(REPO / "examples", src / "examples", ignore=ignore)  # must stay out
     out = tmp_path_factory.mktemp("wheel")
     run(sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(out), str(src))
     [whl] = out.glob("shard_sql-*.whl")
@@ -207,12 +208,13 @@ def test_wheel_migrates_a_new_sqlite_file(wheel: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_wheel_ships_the_command_line_and_the_benchmark_suites(wheel: Path) -> None:
+def test_wheel_ships_the_cli_and_the_benchmark_suites_not_the_examples(wheel: Path) -> None:
     import zipfile
 
     names = set(zipfile.ZipFile(wheel).namelist())
     assert {"shard_sql/cli/__init__.py", "shard_sql/transfer.py"} <= names
     assert {"shard_sql/bench/perf_bench.py", "shard_sql/bench/sql_bench.py"} <= names
+    assert not [n for n in names if "orders_app" in n or "examples" in n]
 
 
 def test_version_table_is_our_own(db_url: str) -> None:
