@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from logging.config import fileConfig
+from typing import Any
 
 from alembic import context
 from orders_app.models import Base
@@ -16,7 +17,7 @@ config = context.config
 if config.config_file_name is not None:
     fileConfig(config.config_file_name, disable_existing_loggers=False)
 
-OPTIONS = {
+OPTIONS: dict[str, Any] = {
     "target_metadata": Base.metadata,
     "include_object": include_object,  # never drop or alter shard_sql's tables
     "compare_type": True,
