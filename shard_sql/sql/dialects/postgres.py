@@ -12,11 +12,19 @@ from sqlalchemy.engine import URL, Connection, Engine
 from sqlalchemy.pool import QueuePool
 
 from shard_sql.orm import EVENTS, INTENTS, LEASES
-from shard_sql.sql.dialects.base import COLUMNS, Conn, Dialect, EngineOptions, Statement
+from shard_sql.sql.dialects.base import (
+    COLUMNS,
+    READ_COLUMNS,
+    Conn,
+    Dialect,
+    EngineOptions,
+    Statement,
+)
 from shard_sql.sql.errors import Site
 from shard_sql.sql.listener import NOTIFY_LIMIT, intents_channel
 from shard_sql.sql.signals import INTENT, INTENT_BODY
 from shard_sql.sql.waits import NotifiedWaits, Waits
+from shard_sql.store_base import decode_payloads
 from shard_sql.validation import Pending, load_json
 from shard_sql.values import Event, Lease, new_event
 
@@ -101,6 +109,11 @@ class PostgresDialect(Dialect):
 
     def __init__(self) -> None:
         super().__init__()
+        # A space's events read their payload as text, decoded for the page in one json.loads
+        # (store_base.decode_payloads), not parsed row by row by psycopg.
+        as_text = READ_COLUMNS.replace("payload", "payload::text", 1)
+        self.read_sql = self.read_sql.replace(READ_COLUMNS, as_text, 1)
+        self.read_limit_sql = self.read_limit_sql.replace(READ_COLUMNS, as_text, 1)
         self.lease_locked_sql = self.lease_sql + " FOR SHARE"
         self.copy_sql = f"COPY {EVENTS} ({COLUMNS}) FROM STDIN"
         self._append = {
@@ -219,9 +232,17 @@ class PostgresDialect(Dialect):
 
     def to_events(self, space: str, rows: list[Any]) -> list[Event]:
         make = new_event
-        if rows and rows[0][3].tzinfo is not UTC:  # a session not in UTC: convert
-            return [make(space, s, t, p, _utc(at), w, g, i, n) for s, t, p, at, w, g, i, n in rows]
-        return [make(space, s, t, p, at, w, g, i, n) for s, t, p, at, w, g, i, n in rows]
+        if not rows:
+            return []
+        payloads = [row[2] for row in rows]
+        if isinstance(payloads[0], str):  # read as text (`read_sql`): one json.loads for all
+            payloads = decode_payloads(payloads)
+        if rows[0][3].tzinfo is not UTC:  # a session not in UTC: convert
+            rows = [(s, t, p, _utc(at), w, g, i, n) for s, t, p, at, w, g, i, n in rows]
+        return [
+            make(space, s, t, p, at, w, g, i, n)
+            for (s, t, _, at, w, g, i, n), p in zip(rows, payloads, strict=True)
+        ]
 
     # -- transactions --------------------------------------------------------------------------
 
