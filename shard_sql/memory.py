@@ -13,6 +13,7 @@ from shard_sql.leases import MemoryLeases, check_fence
 from shard_sql.ports import FeedStore, IntentQueue, Item, Transaction, system_clock
 from shard_sql.store_base import (
     StoreBase,
+    TransactionState,
     already_written,
     checked_intent_ids,
     checked_put,
@@ -169,9 +170,10 @@ class InMemoryEventStore(StoreBase, FeedStore, MemoryLeases, IntentQueue):
             tx = MemoryTransaction(self)
             try:
                 yield tx
+                tx.state.raise_failure()
                 self._commit(tx)
             finally:
-                tx.ended = True
+                tx.state.ended = True
 
     def _commit(self, tx: MemoryTransaction) -> None:
         """Check the transaction's writes again (a write of this thread outside it may have come
@@ -248,12 +250,12 @@ class MemoryTransaction(Transaction):
     The block holds the store's lock, so what a write checks (heads, leases, intents) holds at
     the end; the store checks it once more and applies everything, or raises and applies
     nothing. Its events carry `position=None`: the feed places them when the block ends.
-    A write that raises adds nothing; the block may go on.
+    A write that raises adds nothing and dooms the block (`TransactionState`).
     """
 
     def __init__(self, store: InMemoryEventStore) -> None:
         self._store = store
-        self.ended = False
+        self.state = TransactionState()
         self.writes: list[_Write] = []
         self.checkpoints: dict[str, tuple[int, Lease | None]] = {}
         self._heads: dict[str, int] = {}
@@ -269,9 +271,13 @@ class MemoryTransaction(Transaction):
         fence: Lease | None = None,
         intent_id: str | None = None,
     ) -> Event:
-        self._check_open()
-        check_space(space)
-        return self._write(space, [pending(type, payload, intent_id)], expected_seq, fence)[0]
+        self.state.check_open()
+        try:
+            check_space(space)
+            return self._write(space, [pending(type, payload, intent_id)], expected_seq, fence)[0]
+        except BaseException as e:
+            self.state.failed(e)
+            raise
 
     def append_many(
         self,
@@ -281,12 +287,23 @@ class MemoryTransaction(Transaction):
         expected_seq: int | None = None,
         fence: Lease | None = None,
     ) -> list[Event]:
-        self._check_open()
-        check_space(space)
-        return self._write(space, check_items(items), expected_seq, fence)
+        self.state.check_open()
+        try:
+            check_space(space)
+            return self._write(space, check_items(items), expected_seq, fence)
+        except BaseException as e:
+            self.state.failed(e)
+            raise
 
     def save_checkpoint(self, name: str, position: int, *, fence: Lease | None = None) -> None:
-        self._check_open()
+        self.state.check_open()
+        try:
+            self._save_checkpoint(name, position, fence)
+        except BaseException as e:
+            self.state.failed(e)
+            raise
+
+    def _save_checkpoint(self, name: str, position: int, fence: Lease | None) -> None:
         check_checkpoint_name(name)
         check_position("position", position)
         if fence is not None and not isinstance(fence, Lease):
@@ -299,10 +316,6 @@ class MemoryTransaction(Transaction):
         if fence is not None:
             check_fence(fence, store._leases.get(fence.space))
         self.checkpoints[name] = (position, fence)
-
-    def _check_open(self) -> None:
-        if self.ended:
-            raise InvalidEvent("transaction", "its block ended; open a new transaction")
 
     def _write(
         self, space: str, batch: list[Pending], expected_seq: int | None, fence: Lease | None

@@ -103,6 +103,40 @@ def feed_pages(
         after = last
 
 
+class TransactionState:
+    """The state every backend's `Transaction` keeps for its block: whether it ended, and the
+    first write in it that failed. A failed write (any error a write method raised, even one
+    the caller caught) dooms the transaction: later writes raise, and at the block's end
+    nothing commits and the first failure is raised again (docs/feed.md, Transactions)."""
+
+    __slots__ = ("ended", "failure")
+
+    def __init__(self) -> None:
+        self.ended = False
+        self.failure: BaseException | None = None
+
+    def check_open(self) -> None:
+        """`InvalidEvent("transaction")` once the block ended, or after a failed write."""
+        if self.ended:
+            raise InvalidEvent("transaction", "its block ended; open a new transaction")
+        if self.failure is not None:
+            raise InvalidEvent(
+                "transaction",
+                f"a write in it failed ({type(self.failure).__name__}): nothing in it will "
+                "commit; leave the block",
+            ) from self.failure
+
+    def failed(self, e: BaseException) -> None:
+        """Record a write's failure (the first one is kept)."""
+        if self.failure is None:
+            self.failure = e
+
+    def raise_failure(self) -> None:
+        """At the end of a block that exited normally: raise the first failure, if any."""
+        if self.failure is not None:
+            raise self.failure
+
+
 def checkpoint_conflict(name: str, position: int, stored: int) -> SeqConflict:
     """The error for a checkpoint save below the stored position (its `space` is the name)."""
     e = SeqConflict(name, position, stored)

@@ -7,6 +7,7 @@ Mixed with an adapter's `AdapterCase` like every contract (`make_store` returns 
 
 from __future__ import annotations
 
+import contextlib
 import random
 import threading
 import time
@@ -14,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from shard_sql.errors import InvalidEvent, LeaseHeld, SeqConflict, StaleLease
+from shard_sql.errors import IntentConflict, InvalidEvent, LeaseHeld, SeqConflict, StaleLease
 from shard_sql.leases import LeaseRegistry
 from shard_sql.ports import FeedStore, Transaction
 from shard_sql.subscription import Subscription
@@ -222,8 +223,10 @@ class FeedContract(_FeedCase):
             tx.save_checkpoint("c", 3)
             tx.save_checkpoint("c", 3)
             tx.save_checkpoint("c", 4)
-            with pytest.raises(SeqConflict):
-                tx.save_checkpoint("c", 2)
+        assert self.store.checkpoint("c") == 4
+        with pytest.raises(SeqConflict), self.store.transaction() as tx:
+            tx.save_checkpoint("c", 6)
+            tx.save_checkpoint("c", 5)  # below an earlier save in this transaction
         assert self.store.checkpoint("c") == 4
 
     def test_checkpoint_fenced(self) -> None:
@@ -307,6 +310,36 @@ class TransactionContract(_FeedCase):
             tx.append("a", "t", {})
             tx.save_checkpoint("c", 2)
             tx.append("b", "t", {}, fence=lease)
+        self._nothing_more()
+
+    def test_a_failed_write_dooms_the_block(self) -> None:
+        """A write that failed, even one the block caught, dooms the transaction: nothing of it
+        commits and the block's end raises (the first failure, or InvalidEvent("transaction"))."""
+        self.store.append("a", "t", {"k": 0}, expected_seq=0, intent_id="i0")
+        registry = LeaseRegistry(self.store)
+        lease = registry.acquire("f", "me", 30)
+        registry.revoke("f")
+        with self.store.transaction() as tx:
+            tx.save_checkpoint("c", 1)
+        failing: list[tuple[type[Exception], Any]] = [
+            (SeqConflict, lambda tx: tx.append("a", "t", {}, expected_seq=5)),
+            (StaleLease, lambda tx: tx.append("f", "t", {}, fence=lease)),
+            (IntentConflict, lambda tx: tx.append("a", "t", {"k": 1}, intent_id="i0")),
+            (SeqConflict, lambda tx: tx.save_checkpoint("c", 0)),
+            (InvalidEvent, lambda tx: tx.append_many("a", [])),
+        ]
+        for error, write in failing:
+            with pytest.raises((error, InvalidEvent)) as info, self.store.transaction() as tx:
+                tx.append("b", "t", {})
+                tx.save_checkpoint("c", 2)
+                with pytest.raises(error):
+                    write(tx)
+                with contextlib.suppress(InvalidEvent):  # a backend may refuse more writes
+                    tx.append("b", "t", {"after": True})
+            if not isinstance(info.value, error):
+                assert isinstance(info.value, InvalidEvent) and info.value.field == "transaction"
+            with pytest.raises(InvalidEvent):
+                tx.append("b", "t", {})
         self._nothing_more()
 
     def test_current_fence_writes(self) -> None:
