@@ -22,6 +22,7 @@ from shard_sql.store_base import (
     fence_space_matches,
     placed,
     stamp,
+    transaction_write,
 )
 from shard_sql.validation import (
     Pending,
@@ -261,6 +262,7 @@ class MemoryTransaction(Transaction):
         self._heads: dict[str, int] = {}
         self._intents: dict[tuple[str, str], Event] = {}
 
+    @transaction_write
     def append(
         self,
         space: str,
@@ -271,14 +273,10 @@ class MemoryTransaction(Transaction):
         fence: Lease | None = None,
         intent_id: str | None = None,
     ) -> Event:
-        self.state.check_open()
-        try:
-            check_space(space)
-            return self._write(space, [pending(type, payload, intent_id)], expected_seq, fence)[0]
-        except BaseException as e:
-            self.state.failed(e)
-            raise
+        check_space(space)
+        return self._write(space, [pending(type, payload, intent_id)], expected_seq, fence)[0]
 
+    @transaction_write
     def append_many(
         self,
         space: str,
@@ -287,23 +285,11 @@ class MemoryTransaction(Transaction):
         expected_seq: int | None = None,
         fence: Lease | None = None,
     ) -> list[Event]:
-        self.state.check_open()
-        try:
-            check_space(space)
-            return self._write(space, check_items(items), expected_seq, fence)
-        except BaseException as e:
-            self.state.failed(e)
-            raise
+        check_space(space)
+        return self._write(space, check_items(items), expected_seq, fence)
 
+    @transaction_write
     def save_checkpoint(self, name: str, position: int, *, fence: Lease | None = None) -> None:
-        self.state.check_open()
-        try:
-            self._save_checkpoint(name, position, fence)
-        except BaseException as e:
-            self.state.failed(e)
-            raise
-
-    def _save_checkpoint(self, name: str, position: int, fence: Lease | None) -> None:
         check_checkpoint_name(name)
         check_position("position", position)
         if fence is not None and not isinstance(fence, Lease):

@@ -3,9 +3,10 @@ idempotency rule and the event a write stamps."""
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Iterator, Sequence
+import functools
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from datetime import datetime
-from typing import Any, cast
+from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar, cast
 
 from shard_sql.errors import IntentConflict, InvalidEvent, SeqConflict
 from shard_sql.ports import BatchWriter, EventStore, FeedStore, Item
@@ -135,6 +136,32 @@ class TransactionState:
         """At the end of a block that exited normally: raise the first failure, if any."""
         if self.failure is not None:
             raise self.failure
+
+
+class _InTransaction(Protocol):
+    state: TransactionState
+
+
+_T = TypeVar("_T", bound=_InTransaction)
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def transaction_write(fn: Callable[Concatenate[_T, _P], _R]) -> Callable[Concatenate[_T, _P], _R]:
+    """A write method of a `Transaction` (whose `state` is a `TransactionState`): refused once
+    the block ended or a write failed; a failure it raises dooms the transaction."""
+
+    @functools.wraps(fn)
+    def write(self: _T, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        state = self.state
+        state.check_open()
+        try:
+            return fn(self, *args, **kwargs)
+        except BaseException as e:
+            state.failed(e)
+            raise
+
+    return write
 
 
 def checkpoint_conflict(name: str, position: int, stored: int) -> SeqConflict:

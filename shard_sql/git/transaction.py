@@ -18,7 +18,14 @@ from shard_sql.git.objects import FeedCommit, Tip
 from shard_sql.git.repo import GitRepo
 from shard_sql.leases import check_fence
 from shard_sql.ports import Item, Transaction, system_clock
-from shard_sql.store_base import already_written, checkpoint_conflict, fence_space_matches, stamp
+from shard_sql.store_base import (
+    TransactionState,
+    already_written,
+    checkpoint_conflict,
+    fence_space_matches,
+    stamp,
+    transaction_write,
+)
 from shard_sql.validation import (
     Pending,
     check_checkpoint_name,
@@ -77,9 +84,10 @@ def transaction_block(store: PlacingStore) -> Iterator[GitTransaction]:
     tx = GitTransaction(store)
     try:
         yield tx
+        tx.state.raise_failure()
         tx.commit()
     finally:
-        tx.ended = True
+        tx.state.ended = True
 
 
 class GitTransaction(Transaction):
@@ -89,14 +97,15 @@ class GitTransaction(Transaction):
     then, plus its own writes. Nothing is locked meanwhile; at the end every space written must
     still be at that head (else `SeqConflict`), the fences still current and the checkpoints not
     moved past the saved positions, checked under the store's write mutex as the one feed commit
-    is made. A write that raises adds nothing; the block may go on. Its events carry
+    is made. A write that raises adds nothing and dooms the block (`TransactionState`). Its
+    events carry
     `position=None`: the feed places them when the block ends.
     """
 
     def __init__(self, store: PlacingStore) -> None:
         self.path = store.path
         self._store = store
-        self.ended = False
+        self.state = TransactionState()
         self._handle: Any = None
         self._feed: FeedCommit | None = None
         self._spaces: dict[str, _Space] = {}
@@ -112,10 +121,7 @@ class GitTransaction(Transaction):
             self._feed = self._store._feed.current(self._handle)
         return self._handle, self._feed
 
-    def _check_open(self) -> None:
-        if self.ended:
-            raise InvalidEvent("transaction", "its block ended; open a new transaction")
-
+    @transaction_write
     @translated
     def append(
         self,
@@ -127,10 +133,10 @@ class GitTransaction(Transaction):
         fence: Lease | None = None,
         intent_id: str | None = None,
     ) -> Event:
-        self._check_open()
         check_space(space)
         return self._write(space, [pending(type, payload, intent_id)], expected_seq, fence)[0]
 
+    @transaction_write
     @translated
     def append_many(
         self,
@@ -140,13 +146,12 @@ class GitTransaction(Transaction):
         expected_seq: int | None = None,
         fence: Lease | None = None,
     ) -> list[Event]:
-        self._check_open()
         check_space(space)
         return self._write(space, check_items(items), expected_seq, fence)
 
+    @transaction_write
     @translated
     def save_checkpoint(self, name: str, position: int, *, fence: Lease | None = None) -> None:
-        self._check_open()
         check_checkpoint_name(name)
         check_position("position", position)
         if fence is not None and not isinstance(fence, Lease):
