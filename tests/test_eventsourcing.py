@@ -385,6 +385,19 @@ def test_a_duplicate_tracking_record_under_concurrency_writes_once(
     assert len(feed_of(factory)) == 1
 
 
+def test_a_projection_writes_with_its_tracking_record(factory: ShardSqlFactory) -> None:
+    view = factory.tracking_recorder()
+    with view.tracking_transaction(Tracking("Up", 1)) as tx:
+        tx.append("totals", "total.changed", {"total": 1})
+    with pytest.raises(IntegrityError), view.tracking_transaction(Tracking("Up", 1)) as tx:
+        tx.append("totals", "total.changed", {"total": 2})
+    with pytest.raises(RuntimeError), view.tracking_transaction(Tracking("Up", 2)) as tx:
+        tx.append("totals", "total.changed", {"total": 3})
+        raise RuntimeError("the projection failed")
+    assert [e.payload["total"] for e in factory.store.events("totals")] == [1]
+    assert view.max_tracking_id("Up") == 1
+
+
 def test_payloads_are_readable_json_or_base64(factory: ShardSqlFactory) -> None:
     recorder = factory.application_recorder()
     a = uuid4()

@@ -6,7 +6,8 @@ record is a checkpoint; docs/eventsourcing.md says why and what follows.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from threading import Thread
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
@@ -456,6 +457,17 @@ class ShardSqlTrackingRecorder(ShardSqlRecorder, TrackingRecorder):
     def insert_tracking(self, tracking: Tracking) -> None:
         with translated(), self.store.transaction() as tx:
             self._save_tracking(tx, tracking)
+
+    @contextmanager
+    def tracking_transaction(
+        self, tracking: Tracking, *, connection: object | None = None
+    ) -> Iterator[Transaction]:
+        """A shard_sql transaction that records `tracking`: what a projection writes in it
+        (events, or its own rows through `tx.connection` on SQL stores; `connection` joins the
+        host's) commits with the tracking record, or nothing does."""
+        with translated(), self.store.transaction(connection) as tx:
+            self._save_tracking(tx, tracking)
+            yield tx
 
     def max_tracking_id(self, application_name: str) -> int | None:
         with translated():
