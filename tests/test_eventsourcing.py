@@ -448,14 +448,15 @@ def test_snapshots_over_the_payload_limit_span_events(factory: ShardSqlFactory) 
         factory.application_recorder().insert_events([stored(a, 1, big)])
 
 
+class Counter(Aggregate):
+    count = 0
+
+    @event("Counted")
+    def add(self) -> None:
+        self.count += 1
+
+
 def test_snapshots_stay_out_of_the_notification_log(url: str) -> None:
-    class Counter(Aggregate):
-        count = 0
-
-        @event("Counted")
-        def add(self) -> None:
-            self.count += 1
-
     env = {"PERSISTENCE_MODULE": "shard_sql.eventsourcing", "SHARD_SQL_URL": url}
     app = Application[UUID](env={**env, "IS_SNAPSHOTTING_ENABLED": "y"})
     counter = Counter()
@@ -471,15 +472,16 @@ def test_snapshots_stay_out_of_the_notification_log(url: str) -> None:
     app.close()
 
 
+class Orders(Application[UUID]):
+    pass
+
+
+class Invoices(Application[UUID]):
+    pass
+
+
 def test_applications_sharing_a_store_keep_their_own_logs(url: str) -> None:
     env = {"PERSISTENCE_MODULE": "shard_sql.eventsourcing", "SHARD_SQL_URL": url}
-
-    class Orders(Application[UUID]):
-        pass
-
-    class Invoices(Application[UUID]):
-        pass
-
     orders, invoices = Orders(env=env), Invoices(env=env)
     orders.save(Aggregate())
     invoices.save(Aggregate(), Aggregate())
