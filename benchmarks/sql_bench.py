@@ -162,7 +162,7 @@ class RawSqlite:
         checks alone (the fence is the row's writer and generation, as in the store)."""
         params = (space, seq, TYPE, json.dumps(PAYLOAD), _now_text(), holder, generation, None)
         self.cur.execute(self.guarded, params)
-        assert self.cur.rowcount == 1
+        assert self.cur.fetchone() is not None  # RETURNING position: the row was written
 
     def fenced_multi_statement(self, space: str, seq: int, holder: str, generation: int) -> None:
         """The alternative to the one-statement append: BEGIN IMMEDIATE, a statement per check."""

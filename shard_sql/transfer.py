@@ -23,6 +23,7 @@ from shard_sql.validation import (
     check_text,
     on_fresh_stack,
     pending,
+    same_payload,
 )
 from shard_sql.values import Event
 
@@ -239,16 +240,14 @@ def export_jsonl(
 
 
 def same_event(a: Event, b: Event) -> bool:
-    """Equal as far as every store can keep it (times compared to the millisecond)."""
-    return (a.space, a.seq, a.type, a.payload, a.writer, a.generation, a.intent_id) == (
-        b.space,
-        b.seq,
-        b.type,
-        b.payload,
-        b.writer,
-        b.generation,
-        b.intent_id,
-    ) and abs((a.recorded_at - b.recorded_at).total_seconds()) < 0.001
+    """Equal as far as every store can keep it: payloads as JSON with their types (1, 1.0 and
+    True differ), times to the millisecond."""
+    return (
+        (a.space, a.seq, a.type, a.writer, a.generation, a.intent_id)
+        == (b.space, b.seq, b.type, b.writer, b.generation, b.intent_id)
+        and same_payload(a.payload, b.payload)
+        and abs((a.recorded_at - b.recorded_at).total_seconds()) < 0.001
+    )
 
 
 class Importer:

@@ -117,3 +117,14 @@ def test_the_next_grant_after_a_copy_is_newer_than_the_copied_log() -> None:
     copy_events(source, target)
     assert LeaseRegistry(target).acquire("wiki", "node-c", 60).generation == 4
     assert LeaseRegistry(target).acquire("other", "node-c", 60).generation == 1  # unfenced log
+
+
+def test_an_event_already_there_differs_when_a_number_changed_type() -> None:
+    """1 and 1.0 compare equal in Python but are different JSON: the import comparison keeps
+    the payload rule (`validation.same_payload`), so a copy over a different log is refused."""
+    source = InMemoryEventStore()
+    source.append("s", "t", {"v": 1}, expected_seq=0)
+    target = InMemoryEventStore()
+    target.append("s", "t", {"v": 1.0}, expected_seq=0)
+    with pytest.raises(TransferError, match="differs"):
+        copy_events(source, target)
