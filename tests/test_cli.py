@@ -882,3 +882,22 @@ def test_migrate_says_what_it_did(run: Any, tmp_path: Path) -> None:
     assert run("migrate", "--url", git, "--json").lines() == [
         {"url": git, "migrated": False, "from": None, "to": None}
     ]
+
+
+def test_a_retried_intent_says_it_was_written_before(run: Any, stores: Stores) -> None:
+    """An intent id written long before (by a process long gone) is not "forwarded to" it."""
+    import dataclasses
+    from datetime import UTC, datetime, timedelta
+
+    from shard_sql.validation import pending
+
+    store = main_store(stores)
+    old = dataclasses.replace(
+        pending("t", {"a": 1}, "req-9"),
+        recorded_at=datetime.now(UTC) - timedelta(hours=1),
+        writer="gone-node",
+        generation=3,
+    )
+    store.write("s", [old], expected_seq=0, fence=None)  # type: ignore[attr-defined]
+    r = run("append", "s", "t", '{"a": 1}', "--intent-id", "req-9")
+    assert r.code == 0 and "already written at" in r.out and "forwarded" not in r.out

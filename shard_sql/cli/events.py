@@ -10,7 +10,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from types import FrameType
 from typing import Any
 
@@ -141,12 +141,18 @@ def default_node_id() -> str:
     return f"cli-{host}-{os.getpid()}"
 
 
+REUSED_AFTER = timedelta(seconds=1)
+"""An event of the intent id recorded this long before the command started was not written by
+it: the id was used before (an idempotent retry), so the output says so, not "forwarded to"."""
+
+
 def append(args: argparse.Namespace) -> None:
     from shard_sql.authority import AppendAuthority
 
     payload = read_payload(args.payload)
     item = pending(args.type, payload, args.intent_id)  # checks before opening the store
     node_id = default_node_id() if args.node is None else check_text("node", args.node)
+    started = datetime.now(UTC)
     with opened(store_url(args), create=True) as store:
         node = AppendAuthority(
             node_id,
@@ -169,6 +175,8 @@ def append(args: argparse.Namespace) -> None:
         emit(dumps(event_to_json(event)))
     else:
         how = "" if event.writer == node_id else f", forwarded to {event.writer!r}"
+        if item.intent_id is not None and event.recorded_at < started - REUSED_AFTER:
+            how = f", already written at {iso(event.recorded_at)} for intent {item.intent_id!r}"
         emit(
             f"{event.space} seq {event.seq}: {event.type} "
             f"(writer {event.writer}, generation {event.generation}{how})"
