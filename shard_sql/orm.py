@@ -150,13 +150,14 @@ class EventRecord(Base):
             sqlite_where=text("intent_id IS NOT NULL"),
         ),
         Index("events_position_key", "position", unique=True),
-        # Rows the feed has not placed yet (PostgreSQL; always empty on SQLite).
+        # PostgreSQL: the rows the feed has not placed yet. SQLite sets every position in the
+        # append: an index kept empty (WHERE 0), so that no insert pays for it.
         Index(
             "events_unplaced_idx",
             "space",
             "seq",
             postgresql_where=text("position IS NULL"),
-            sqlite_where=text("position IS NULL"),
+            sqlite_where=text("0"),
         ),
         CheckConstraint("seq >= 0", name="seq"),
         CheckConstraint("generation >= 0", name="generation"),

@@ -87,15 +87,17 @@ class StoreBase(EventStore, BatchWriter):
         """Pages of `ITER_PAGE` events of `feed` (adapters that are a `FeedStore` have it)."""
         check_position("after", after)
         wanted = check_types(types)
-        return feed_pages(cast(FeedStore, self), after, wanted, self.ITER_PAGE)
+        store = cast(FeedStore, self)
+        return feed_pages(lambda a, n: store.feed(a, limit=n, types=wanted), after, self.ITER_PAGE)
 
 
 def feed_pages(
-    store: FeedStore, after: int, types: Collection[str] | None, page_size: int
+    read: Callable[[int, int], list[Event]], after: int, page_size: int
 ) -> Iterator[Event]:
-    """`store.feed` read `page_size` events at a time, each page after the last one's position."""
+    """`read(after, limit)` (a `feed`) `page_size` events at a time, each page after the last
+    one's position."""
     while True:
-        page = store.feed(after, limit=page_size, types=types)
+        page = read(after, page_size)
         yield from page
         if len(page) < page_size:
             return

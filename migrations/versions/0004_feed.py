@@ -128,12 +128,14 @@ def upgrade() -> None:
         "WHERE events.space = n.space AND events.seq = n.seq"
     )
     op.create_index("events_position_key", "events", ["position"], unique=True)
+    # PostgreSQL: the rows not placed yet. SQLite places every row as it is written: the index
+    # is kept empty (WHERE 0), so that no insert pays for it.
     op.create_index(
         "events_unplaced_idx",
         "events",
         ["space", "seq"],
         postgresql_where=sa.text("position IS NULL"),
-        sqlite_where=sa.text("position IS NULL"),
+        sqlite_where=sa.text("0"),
     )
     op.create_table(
         "checkpoints",

@@ -20,18 +20,28 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from shard_sql.errors import InvalidEvent, StoreUnavailable
-from shard_sql.sql.signals import APPLIED, EVENT_BODY, INTENT, INTENT_BODY, MAX_TRACKED, Signal
+from shard_sql.sql.signals import (
+    APPLIED,
+    EVENT_BODY,
+    FEED,
+    INTENT,
+    INTENT_BODY,
+    MAX_TRACKED,
+    Signal,
+)
 from shard_sql.validation import Pending
 from shard_sql.validation import pending as checked_pending
 from shard_sql.values import Event, new_event
 from shard_sql.wake import readable
 
-__all__ = ["CHANNEL", "Inbox", "Listener", "intents_channel"]
+__all__ = ["CHANNEL", "FEED_CHANNEL", "Inbox", "Listener", "intents_channel"]
 
 log = logging.getLogger("shard_sql.sql")
 
 CHANNEL = "shard_sql"
 """The PostgreSQL notification channel every listener LISTENs to."""
+FEED_CHANNEL = f"{CHANNEL}_feed"
+"""The channel of commits (`f:`), listened to while this process waits for the feed."""
 NOTIFY_LIMIT = 7900
 """Bytes: a notification body larger than this is replaced by `<kind>:<space>` (PostgreSQL
 refuses payloads of 8000 bytes or more); the reader then reads the table."""
@@ -196,6 +206,9 @@ class Listener:
         changes: list[tuple[str, str]] = []
         for payload in payloads:
             kind, _, rest = payload.partition(":")
+            if kind == FEED:
+                changes.append((FEED, ""))
+                continue
             if kind in (INTENT, APPLIED):
                 if kind == INTENT:
                     self.intents += 1
@@ -280,7 +293,11 @@ class Listener:
 
     def want(self, space: str) -> bool:
         """The space's intents should come here (this process holds it); True once they do."""
-        channel = intents_channel(space)
+        return self.want_channel(intents_channel(space))
+
+    def want_channel(self, channel: str) -> bool:
+        """LISTEN to `channel` (until nobody asked for `CHANNEL_IDLE` seconds); True once this
+        listener does."""
         with self.lock:
             known = channel in self.wanted
             self.wanted[channel] = time.monotonic()

@@ -7,7 +7,7 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 
-__all__ = ["APPLIED", "EVENT_BODY", "INTENT", "INTENT_BODY", "Signal"]
+__all__ = ["APPLIED", "EVENT_BODY", "FEED", "INTENT", "INTENT_BODY", "Signal"]
 
 INTENT = "i"
 """Notification kind: an intent was recorded in the space."""
@@ -20,6 +20,9 @@ INTENT_BODY = "j"
 EVENT_BODY = "e"
 """Notification kind (PostgreSQL, trigger of migration 0003): the event of a recorded intent was
 written; the payload is the event as JSON, so that its forwarder need not read it."""
+FEED = "f"
+"""Notification kind (PostgreSQL, channel shard_sql_feed): events were committed; the feed's
+waiters look (key `(FEED, "")`)."""
 FALLBACK_SLEEP = 0.05
 """Seconds: the longest a wait sleeps while the source of news is down (then the caller looks)."""
 MAX_TRACKED = 10_000
@@ -91,7 +94,6 @@ class Signal:
         while not `up`, at most `FALLBACK_SLEEP`. In the `awaited` spaces (this thread waits for
         the intent it recorded there, by intent id) only its event counts, elsewhere only
         `INTENT`. True when a change ended the wait."""
-        deadline = time.monotonic() + timeout
         keys: list[tuple[str, str]] = []
         for space in spaces:
             intent_id = awaited.get(space) if awaited else None
@@ -99,6 +101,11 @@ class Signal:
                 keys.append((INTENT, space))
             else:
                 keys += ((APPLIED, space), (EVENT_BODY, f"{space}\0{intent_id}"))
+        return self.wait_keys(keys, timeout)
+
+    def wait_keys(self, keys: Sequence[tuple[str, str]], timeout: float) -> bool:
+        """`wait` on these keys (or a reset)."""
+        deadline = time.monotonic() + timeout
         event: threading.Event | None = getattr(self._seen, "event", None)
         if event is None:
             event = self._seen.event = threading.Event()

@@ -6,7 +6,8 @@ How and why (one statement per append, the fence's row lock, retries): docs/sql.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Collection, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
@@ -14,7 +15,13 @@ from sqlalchemy.engine import URL, Engine
 
 from shard_sql.errors import InvalidEvent, LeaseHeld, SeqConflict, StaleLease, StoreUnavailable
 from shard_sql.leases import ADVANCED_HOLDER, check_fence, check_ttl
-from shard_sql.ports import IntentInbox, IntentQueue, LeaseStore, SpaceWakeups, system_clock
+from shard_sql.ports import (
+    IntentInbox,
+    IntentQueue,
+    LeaseStore,
+    SpaceWakeups,
+    system_clock,
+)
 from shard_sql.sql.clock import DatabaseClock
 from shard_sql.sql.connections import Database
 from shard_sql.sql.dialects import Conn, EngineOptions
@@ -24,8 +31,17 @@ from shard_sql.sql.errors import DEFAULT_BUSY_TIMEOUT, guarded, translate
 from shard_sql.sql.intents import SqlIntentQueue
 from shard_sql.sql.listener import Listener
 from shard_sql.sql.schema import open_schema
-from shard_sql.store_base import StoreBase, already_written, placed, stamp
-from shard_sql.validation import Pending, check_seq, check_stored_space
+from shard_sql.sql.waits import FEED_POLL
+from shard_sql.store_base import StoreBase, already_written, feed_pages, placed, stamp
+from shard_sql.validation import (
+    Pending,
+    check_checkpoint_name,
+    check_position,
+    check_seq,
+    check_stored_space,
+    check_timeout,
+    check_types,
+)
 from shard_sql.values import Event, Lease, new_event
 
 __all__ = ["SqlEventStore"]
@@ -107,6 +123,7 @@ class SqlEventStore(StoreBase, LeaseStore, IntentQueue, IntentInbox, SpaceWakeup
         self._insert_once = db.insert_once if db.dialect.retry_free_insert else None
         self._intents = SqlIntentQueue(db)
         self._clock = DatabaseClock(db)
+        self._feed_written = self._intents.waits.feed_written
         try:
             open_schema(db, migrate or self._dialect.migrates_on_open)
         except BaseException:
@@ -183,6 +200,92 @@ class SqlEventStore(StoreBase, LeaseStore, IntentQueue, IntentInbox, SpaceWakeup
         c.cur.execute(self._dialect.spaces_sql)
         return [row[0] for row in c.cur.fetchall()]
 
+    # -- the feed and checkpoints (FeedStore; docs/feed.md) ----------------------------------
+
+    @guarded
+    def feed(
+        self,
+        after: int = 0,
+        *,
+        limit: int | None = None,
+        types: Collection[str] | None = None,
+    ) -> list[Event]:
+        check_position("after", after)
+        if limit is not None and check_position("limit", limit) == 0:
+            return []
+        wanted = check_types(types)
+        if wanted is not None and not wanted:
+            return []
+        return self.database.call(self._feed, after, limit, wanted, True)
+
+    def _feed(
+        self, c: Conn, after: int, limit: int | None, types: frozenset[str] | None, place: bool
+    ) -> list[Event]:
+        d = self._dialect
+        if place:
+            d.place_feed(c)  # committed before the read below starts
+        c.cur.execute(*d.feed_statement(after, limit, types))
+        return d.to_feed_events(c.cur.fetchall())
+
+    def iter_feed(self, after: int = 0, *, types: Collection[str] | None = None) -> Iterator[Event]:
+        """Pages of `ITER_PAGE` events, placed once before the first page (events committed
+        later are placed above what this reads: a later `feed` finds them)."""
+        check_position("after", after)
+        wanted = check_types(types)
+        return self._iter_feed(after, wanted)
+
+    def _iter_feed(self, after: int, types: frozenset[str] | None) -> Iterator[Event]:
+        if types is not None and not types:
+            return
+        self.feed_head()
+
+        def read(after: int, limit: int) -> list[Event]:
+            return self._call_translated(self._feed, after, limit, types, False)
+
+        yield from feed_pages(read, after, self.ITER_PAGE)
+
+    @guarded
+    def feed_head(self) -> int:
+        return self.database.call(self._dialect.place_feed)
+
+    def wait_feed(self, after: int, *, timeout: float) -> bool:
+        """True as soon as an event above `after` is readable, False after `timeout` seconds.
+        Between looks at the head it sleeps until a commit may have happened (PostgreSQL: a
+        notification; SQLite: `data_version` and inotify), at most `FEED_POLL` seconds."""
+        check_position("after", after)
+        deadline = time.monotonic() + check_timeout(timeout)
+        waits = self._intents.waits
+        while True:
+            if self._call_translated(self._dialect.feed_beyond, after):
+                return True
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            waits.wait_feed(min(remaining, FEED_POLL))
+
+    @guarded
+    def checkpoint(self, name: str) -> int:
+        check_checkpoint_name(name)
+        row = self.database.call(self._returning, self._dialect.checkpoint_sql, (name,))
+        return 0 if row is None else int(row[0])
+
+    @guarded
+    def checkpoints(self) -> dict[str, int]:
+        return dict(self.database.call(self._rows, self._dialect.checkpoints_sql))
+
+    def _rows(self, c: Conn, sql: str) -> list[tuple[Any, ...]]:
+        c.cur.execute(sql)
+        return [tuple(row) for row in c.cur.fetchall()]
+
+    def feed_committed(self, cur: Any | None = None) -> None:
+        """Events were committed by a write outside `write` (a transaction): wake the feed's
+        waiters. `cur`: a cursor inside a transaction the store does not commit itself (a
+        host's), to announce the events when that transaction commits."""
+        if cur is not None:
+            self._dialect.notify_feed(cur)
+        elif self._feed_written is not None:
+            self._feed_written()
+
     # -- the write path --------------------------------------------------------------------
 
     def write(
@@ -218,10 +321,13 @@ class SqlEventStore(StoreBase, LeaseStore, IntentQueue, IntentInbox, SpaceWakeup
                 written = self._write_one(space, p, expected_seq, check, statement, at, writer, gen)
             if p.intent_id is not None:
                 self._intents.waits.events_written(space)  # a forwarder may wait for it
-            return written
-        if not batch:
+        elif not batch:
             raise InvalidEvent("items", "must not be empty")
-        return self._write_batch(space, batch, expected_seq, fence, check)
+        else:
+            written = self._write_batch(space, batch, expected_seq, fence, check)
+        if self._feed_written is not None:
+            self._feed_written()  # PostgreSQL: the feed's waiters (docs/feed.md)
+        return written
 
     def _write_one(
         self,

@@ -13,16 +13,21 @@ from typing import Any
 
 from shard_sql.errors import StoreUnavailable
 from shard_sql.sql.errors import Site, raise_translated
-from shard_sql.sql.listener import Listener
+from shard_sql.sql.listener import FEED_CHANNEL, Listener
+from shard_sql.sql.notifier import FeedNotifier
 from shard_sql.sql.poller import Poller
-from shard_sql.sql.signals import APPLIED, INTENT, Signal
+from shard_sql.sql.signals import APPLIED, FEED, INTENT, Signal
 from shard_sql.validation import Pending
 from shard_sql.values import Event
 from shard_sql.wake import Bells
 
-__all__ = ["LocalWaits", "NotifiedWaits", "PolledWaits", "Waits"]
+__all__ = ["FEED_POLL", "LocalWaits", "NotifiedWaits", "PolledWaits", "Waits"]
 
 SyncToken = tuple[int, int]
+
+FEED_POLL = 1.0
+"""Seconds: `wait_feed` looks at the feed's head at least this often, whatever woke it or not
+(a commit no wake-up announced: a host's transaction, a row written by hand)."""
 
 _ORPHANS: list[object] = []
 """Listeners and pollers inherited over a fork: referenced for good, never closed in the child (a
@@ -65,6 +70,17 @@ class Waits:
     def close(self) -> None:
         """Stop what waits started (threads, dedicated connections)."""
 
+    # The feed (`wait_feed`).
+
+    feed_written: Callable[[], None] | None = None
+    """Called after each commit of events by the store, where its waiters need telling (None:
+    the database tells them itself)."""
+
+    def wait_feed(self, timeout: float) -> None:
+        """Block until a commit may have happened since this thread's previous wait, or
+        `timeout`. The caller looks at the feed's head before each wait."""
+        raise NotImplementedError
+
     # The inbox of notified intents and events (`IntentInbox`): PostgreSQL's only.
 
     def take_event(self, space: str, intent_id: str) -> tuple[Event | None, bool]:
@@ -105,6 +121,8 @@ class NotifiedWaits(Waits):
         self._pid = os.getpid()
         self._listener: Listener | None = None
         self._closed = False
+        self._notifier = FeedNotifier(connect, site.where)
+        self.feed_written = self._notifier.poke
 
     @property
     def listener(self) -> Listener | None:
@@ -147,6 +165,11 @@ class NotifiedWaits(Waits):
     def per_space(self) -> bool:
         return True
 
+    def wait_feed(self, timeout: float) -> None:
+        listener = self._started()
+        listener.want_channel(FEED_CHANNEL)  # not yet listened to: LISTEN wakes every waiter
+        listener.signal.wait_keys([(FEED, "")], timeout)
+
     def before_put(self, space: str, intent_id: str) -> str | None:
         listener = self.listener
         if listener is None:
@@ -165,6 +188,7 @@ class NotifiedWaits(Waits):
             listener.signal.reset()
 
     def close(self) -> None:
+        self._notifier.close()
         if self._pid != os.getpid():
             self._forked()
             return
@@ -253,6 +277,13 @@ class PolledWaits(Waits):
     def per_space(self) -> bool:
         return self.bells is not None and self.bells.working
 
+    def wait_feed(self, timeout: float) -> None:
+        # Every commit, by any process, changes `data_version` and writes the -wal file.
+        try:
+            self._here().wait(timeout)
+        except Exception as e:
+            raise_translated(e, self._site)
+
     def after_put(self, space: str, intent_id: str, inserted: bool) -> None:
         if self.bells is not None and inserted:
             self.bells.ring("i", space)
@@ -283,13 +314,23 @@ class LocalWaits(Waits):
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._signal: Signal | None = None
+        self.feed_written = self._feed_written
 
-    def wait(self, spaces: Sequence[str], timeout: float, awaited: Mapping[str, str]) -> None:
+    def _here(self) -> Signal:
         with self._lock:
             if self._signal is None:
                 self._signal = Signal()
-            signal = self._signal
-        signal.wait(spaces, timeout, awaited)
+            return self._signal
+
+    def wait(self, spaces: Sequence[str], timeout: float, awaited: Mapping[str, str]) -> None:
+        self._here().wait(spaces, timeout, awaited)
+
+    def wait_feed(self, timeout: float) -> None:
+        self._here().wait_keys([(FEED, "")], timeout)
+
+    def _feed_written(self) -> None:
+        if self._signal is not None:
+            self._signal.changed([(FEED, "")])
 
     def after_put(self, space: str, intent_id: str, inserted: bool) -> None:
         if self._signal is not None:

@@ -10,16 +10,20 @@ from typing import Any, ClassVar, TypeVar
 
 from sqlalchemy.engine import URL, Connection, Engine
 
-from shard_sql.orm import EVENTS, INTENTS, LEASES, VERSION_TABLE
+from shard_sql.errors import SeqConflict
+from shard_sql.leases import check_fence
+from shard_sql.orm import CHECKPOINTS, EVENTS, INTENTS, LEASES, VERSION_TABLE
 from shard_sql.sql.errors import DEFAULT_BUSY_TIMEOUT, Site
 from shard_sql.sql.waits import Waits
+from shard_sql.store_base import checkpoint_conflict
 from shard_sql.validation import Pending
 from shard_sql.values import Event, Lease
 
-__all__ = ["COLUMNS", "Conn", "Dialect", "EngineOptions", "Statement"]
+__all__ = ["COLUMNS", "FEED_COLUMNS", "Conn", "Dialect", "EngineOptions", "Statement"]
 
 COLUMNS = "space, seq, type, payload, recorded_at, writer, generation, intent_id"
 READ_COLUMNS = "seq, type, payload, recorded_at, writer, generation, intent_id, position"
+FEED_COLUMNS = f"space, {READ_COLUMNS}"
 
 Statement = tuple[str, tuple[Any, ...]]
 """SQL text and its parameters."""
@@ -88,6 +92,9 @@ class Dialect:
             "FROM s WHERE s.space IS NOT NULL) SELECT space FROM s WHERE space IS NOT NULL"
         )
         self.version_sql = f"SELECT version_num FROM {VERSION_TABLE}"
+        self.feed_sql = f"SELECT {FEED_COLUMNS} FROM {EVENTS} WHERE position > {p}"
+        self.checkpoint_sql = f"SELECT position FROM {CHECKPOINTS} WHERE name = {p}"
+        self.checkpoints_sql = f"SELECT name, position FROM {CHECKPOINTS} ORDER BY name"
         self.pending_intents_sql = (
             f"SELECT id, intent_id, type, payload, EXISTS (SELECT 1 FROM {EVENTS} e "
             f"WHERE e.space = {INTENTS}.space AND e.intent_id = {INTENTS}.intent_id) "
@@ -312,6 +319,78 @@ class Dialect:
     def forget_intents(self, c: Conn, space: str, ids: list[str]) -> None:
         """Delete the records of those intents whose event exists."""
         raise NotImplementedError
+
+    # -- the feed and checkpoints --------------------------------------------------------------
+
+    def place_feed(self, c: Conn) -> int:
+        """Make every committed event readable in the feed; the feed's head (highest position).
+        Runs in its own transaction, never inside one of the store's or a host's."""
+        raise NotImplementedError
+
+    def feed_beyond(self, c: Conn, after: int) -> bool:
+        """Whether an event above `after` is committed: placed above it, or to be placed above it
+        by the next `place_feed` (a look that places nothing and takes no lock)."""
+        return self.place_feed(c) > after
+
+    types_sql: ClassVar[str] = ""
+    """The feed's type filter, one parameter (`types_param`)."""
+
+    def types_param(self, types: frozenset[str]) -> Any:
+        raise NotImplementedError
+
+    def feed_statement(
+        self, after: int, limit: int | None, types: frozenset[str] | None
+    ) -> Statement:
+        """The placed events above `after` in position order (at most `limit`, only `types`)."""
+        sql, params = self.feed_sql, [after]
+        if types is not None:
+            sql += self.types_sql
+            params.append(self.types_param(types))
+        sql += " ORDER BY position"
+        if limit is not None:
+            sql += f" LIMIT {self.p}"
+            params.append(limit)
+        return sql, tuple(params)
+
+    def to_feed_events(self, rows: list[Any]) -> list[Event]:
+        """`Event`s from rows of `FEED_COLUMNS`."""
+        raise NotImplementedError
+
+    def notify_feed(self, cur: Any) -> None:
+        """Inside a transaction the store will not commit itself (a host's): wake the feed's
+        waiters when it commits (PostgreSQL; SQLite's waiters see every commit)."""
+
+    save_checkpoint_sql: ClassVar[tuple[str, str]] = ("", "")
+    """The checkpoint save, without and with the fence: an upsert that writes only when the
+    stored position is not higher (and the fence holds), RETURNING the position.
+    Parameters: name, position, updated_at, holder, generation [, lease name, holder,
+    generation]."""
+
+    def save_checkpoint(
+        self, cur: Any, name: str, position: int, fence: Lease | None, now: datetime
+    ) -> None:
+        """Save checkpoint `name` at `position` with `cur`, a cursor inside a write transaction
+        (the store's or a host's): one statement. A position below the stored one raises
+        `SeqConflict`; `fence` (a `Lease`, any name) raises `StaleLease` unless it is still
+        that lease's current grant, checked in the same transaction."""
+        holder, generation = (fence.holder, fence.generation) if fence else (None, None)
+        params: tuple[Any, ...] = (name, position, self.time(now), holder, generation)
+        if fence is not None:
+            params += (fence.space, fence.holder, fence.generation)
+        cur.execute(self.save_checkpoint_sql[fence is not None], params)
+        if cur.fetchall():
+            return
+        # Nothing written: say why, in the reference adapter's order.
+        cur.execute(self.checkpoint_sql, (name,))
+        row = cur.fetchone()
+        stored = 0 if row is None else int(row[0])
+        if stored > position:
+            raise checkpoint_conflict(name, position, stored)
+        if fence is not None:
+            cur.execute(self.lease_locked_sql, (fence.space,))
+            found = cur.fetchone()
+            check_fence(fence, None if found is None else self.lease(fence.space, found))
+        raise SeqConflict(name, position, stored)  # changed in between: the caller retries
 
     def server_time(self, c: Conn) -> Any:
         """The database server's clock, if it `has_server_clock`."""

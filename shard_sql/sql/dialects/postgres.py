@@ -11,7 +11,7 @@ from sqlalchemy import create_engine, event
 from sqlalchemy.engine import URL, Connection, Engine
 from sqlalchemy.pool import QueuePool
 
-from shard_sql.orm import EVENTS, INTENTS, LEASES
+from shard_sql.orm import CHECKPOINTS, EVENTS, INTENTS, LEASES, PLACE_FEED
 from shard_sql.sql.dialects.base import (
     COLUMNS,
     READ_COLUMNS,
@@ -22,6 +22,7 @@ from shard_sql.sql.dialects.base import (
 )
 from shard_sql.sql.errors import Site
 from shard_sql.sql.listener import NOTIFY_LIMIT, intents_channel
+from shard_sql.sql.notifier import FEED_NOTIFY_SQL
 from shard_sql.sql.signals import INTENT, INTENT_BODY
 from shard_sql.sql.waits import NotifiedWaits, Waits
 from shard_sql.store_base import decode_payloads
@@ -79,6 +80,25 @@ MIGRATION_LOCK = 0x5A4D_5351_4C00_0001
 """The advisory lock key migrations take ("ZMSQL" + 1)."""
 
 
+def save_checkpoint_sql(*, fence: bool) -> str:
+    """The checkpoint upsert (`Dialect.save_checkpoint`); the fence's subquery takes FOR SHARE on
+    the lease row, as an append's does."""
+    check = (
+        f"EXISTS (SELECT 1 FROM {LEASES} WHERE space = %s AND holder = %s AND generation = %s "
+        "FOR SHARE)"
+        if fence
+        else "true"
+    )
+    return (
+        f"INSERT INTO {CHECKPOINTS} (name, position, updated_at, holder, generation) "
+        f"SELECT %s, %s, %s, %s, %s WHERE {check} "
+        "ON CONFLICT (name) DO UPDATE SET position = excluded.position, "
+        "updated_at = excluded.updated_at, holder = excluded.holder, "
+        f"generation = excluded.generation WHERE {CHECKPOINTS}.position <= excluded.position "
+        "RETURNING position"
+    )
+
+
 def _utc(dt: datetime) -> datetime:
     return dt if dt.tzinfo is UTC else dt.astimezone(UTC)
 
@@ -98,6 +118,8 @@ class PostgresDialect(Dialect):
     name = "postgresql"
     p = "%s"
     has_server_clock = True
+    types_sql = " AND type = ANY(%s)"
+    save_checkpoint_sql = (save_checkpoint_sql(fence=False), save_checkpoint_sql(fence=True))
 
     SMALL_BATCH: ClassVar[int] = 10
     SMALL_BATCH_INTENTS: ClassVar[int] = 100
@@ -114,7 +136,13 @@ class PostgresDialect(Dialect):
         as_text = READ_COLUMNS.replace("payload", "payload::text", 1)
         self.read_sql = self.read_sql.replace(READ_COLUMNS, as_text, 1)
         self.read_limit_sql = self.read_limit_sql.replace(READ_COLUMNS, as_text, 1)
+        self.feed_sql = self.feed_sql.replace(READ_COLUMNS, as_text, 1)
         self.lease_locked_sql = self.lease_sql + " FOR SHARE"
+        self.place_feed_sql = f"SELECT {PLACE_FEED}()"
+        self.feed_beyond_sql = (
+            f"SELECT (SELECT COALESCE(MAX(position), 0) FROM {EVENTS}), "
+            f"EXISTS (SELECT 1 FROM {EVENTS} WHERE position IS NULL)"
+        )
         self.copy_sql = f"COPY {EVENTS} ({COLUMNS}) FROM STDIN"
         self._append = {
             (fence, intent): append_one_sql(fence=fence, intent=intent)
@@ -243,6 +271,39 @@ class PostgresDialect(Dialect):
             make(space, s, t, p, at, w, g, i, n)
             for (s, t, _, at, w, g, i, n), p in zip(rows, payloads, strict=True)
         ]
+
+    def to_feed_events(self, rows: list[Any]) -> list[Event]:
+        make = new_event
+        if not rows:
+            return []
+        payloads = decode_payloads([row[3] for row in rows])  # read as text (`feed_sql`)
+        if rows[0][4].tzinfo is not UTC:  # a session not in UTC: convert
+            rows = [(sp, s, t, p, _utc(at), w, g, i, n) for sp, s, t, p, at, w, g, i, n in rows]
+        return [
+            make(sp, s, t, p, at, w, g, i, n)
+            for (sp, s, t, _, at, w, g, i, n), p in zip(rows, payloads, strict=True)
+        ]
+
+    # -- the feed ------------------------------------------------------------------------------
+
+    def place_feed(self, c: Conn) -> int:
+        # Its own transaction (the connection is in autocommit), READ COMMITTED: the function
+        # refuses any other level, whose snapshot would predate its lock.
+        c.cur.execute(self.place_feed_sql)
+        return int(c.cur.fetchone()[0])
+
+    def feed_beyond(self, c: Conn, after: int) -> bool:
+        # An unplaced committed row will be placed above the head, which is >= `after` here.
+        c.cur.execute(self.feed_beyond_sql)
+        head, unplaced = c.cur.fetchone()
+        return bool(head > after or (unplaced and head >= after))
+
+    def types_param(self, types: frozenset[str]) -> Any:
+        return list(types)
+
+    def notify_feed(self, cur: Any) -> None:
+        # Transactional: sent at the host's commit (taking NOTIFY's commit lock then).
+        cur.execute(FEED_NOTIFY_SQL)
 
     # -- transactions --------------------------------------------------------------------------
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 from collections.abc import Callable, Iterator, Sequence
@@ -15,7 +16,7 @@ from sqlalchemy.engine import URL, Connection, Engine
 from sqlalchemy.pool import QueuePool, StaticPool
 
 from shard_sql.errors import InvalidEvent
-from shard_sql.orm import EVENTS, INTENTS, LEASES
+from shard_sql.orm import CHECKPOINTS, EVENTS, INTENTS, LEASES
 from shard_sql.sql.dialects.base import COLUMNS, Conn, Dialect, EngineOptions, Statement
 from shard_sql.sql.errors import Site, is_sqlite_busy
 from shard_sql.sql.waits import LocalWaits, PolledWaits, Waits
@@ -131,6 +132,24 @@ def _begin_immediate(conn: Connection) -> None:
     conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
+def save_checkpoint_sql(*, fence: bool) -> str:
+    """The checkpoint upsert (`Dialect.save_checkpoint`). The SELECT needs its WHERE: SQLite's
+    parser takes an INSERT ... SELECT's ON CONFLICT for a join constraint otherwise."""
+    check = (
+        f"EXISTS (SELECT 1 FROM {LEASES} WHERE space = ?6 AND holder = ?7 AND generation = ?8)"
+        if fence
+        else "1"
+    )
+    return (
+        f"INSERT INTO {CHECKPOINTS} (name, position, updated_at, holder, generation) "
+        f"SELECT ?1, ?2, ?3, ?4, ?5 WHERE {check} "
+        "ON CONFLICT (name) DO UPDATE SET position = excluded.position, "
+        "updated_at = excluded.updated_at, holder = excluded.holder, "
+        f"generation = excluded.generation WHERE {CHECKPOINTS}.position <= excluded.position "
+        "RETURNING position"
+    )
+
+
 class SqliteDialect(Dialect):
     name = "sqlite"
     p = "?"
@@ -138,6 +157,8 @@ class SqliteDialect(Dialect):
     LEAST = "min"
     retry_free_insert = True
     migrates_on_open = True
+    types_sql = " AND type IN (SELECT value FROM json_each(?))"
+    save_checkpoint_sql = (save_checkpoint_sql(fence=False), save_checkpoint_sql(fence=True))
 
     def __init__(self, busy_timeout: float = 30.0) -> None:
         super().__init__()
@@ -253,8 +274,26 @@ class SqliteDialect(Dialect):
             for (s, t, _, at, w, g, i, n), p in zip(rows, payloads, strict=True)
         ]
 
+    def to_feed_events(self, rows: list[Any]) -> list[Event]:
+        fromiso, make = _fromiso, new_event
+        payloads = decode_payloads([row[3] for row in rows])
+        return [
+            make(sp, s, t, p, fromiso(at + "+00:00"), w, g, i, n)
+            for (sp, s, t, _, at, w, g, i, n), p in zip(rows, payloads, strict=True)
+        ]
+
     def payload(self, value: Any) -> Any:
         return load_json(value) if isinstance(value, str) else value
+
+    # -- the feed ------------------------------------------------------------------------------
+
+    def place_feed(self, c: Conn) -> int:
+        # Every event is placed as it is written, in its write transaction.
+        c.cur.execute(self.head_position_sql)
+        return int(c.cur.fetchone()[0])
+
+    def types_param(self, types: frozenset[str]) -> Any:
+        return json.dumps(sorted(types))
 
     # -- transactions --------------------------------------------------------------------------
 
@@ -326,8 +365,9 @@ class SqliteDialect(Dialect):
 
     def inserted(self, cur: Any) -> int | None:
         # `append_one_sql` returns the position; a failed check raised (`is_check_failure`).
-        rows = cur.fetchall()
-        return int(rows[0][0]) if rows else None
+        # (The row was written and committed by the first step, within `execute`.)
+        row = cur.fetchone()
+        return None if row is None else row[0]
 
     def is_check_failure(self, e: BaseException) -> bool:
         # The NOT NULL violation of `append_one_sql`'s seq.

@@ -1,0 +1,138 @@
+"""PostgreSQL: the store-side notifier that wakes the feed's waiters after the store's commits.
+
+One thread per store with its own autocommit connection sends `NOTIFY shard_sql_feed, 'f:'`
+after commits, coalesced (commits during a send cost one more send, not one each). Appends
+themselves never NOTIFY: a NOTIFY takes a database-wide lock at commit, held through the
+commit's WAL flush, which would queue up concurrent appends (docs/feed.md has the figures).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import random
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+from shard_sql.sql.listener import FEED_CHANNEL
+from shard_sql.sql.signals import FEED
+
+__all__ = ["FEED_NOTIFY_SQL", "FeedNotifier"]
+
+log = logging.getLogger("shard_sql.sql")
+
+FEED_NOTIFY_SQL = f"SELECT pg_notify('{FEED_CHANNEL}', '{FEED}:')"
+"""The wake-up: sent by the notifier, or inside a host's transaction (at its commit)."""
+RECONNECT_MIN = 0.05
+RECONNECT_MAX = 2.0
+
+_ORPHANS: list[object] = []
+"""Notifiers inherited over a fork: never used or closed in the child."""
+
+
+class FeedNotifier:
+    """Sends the feed's wake-ups for one store, on a thread started by the first `poke`."""
+
+    def __init__(self, connect: Callable[[], Any], where: str) -> None:
+        self._connect = connect
+        self._where = where
+        self._lock = threading.Lock()
+        self._pid = os.getpid()
+        self._thread: _Sender | None = None
+        self._closed = False
+
+    def poke(self) -> None:
+        """Events were committed: a wake-up goes out soon (cheap: sets an event)."""
+        sender = self._thread
+        if sender is None or self._pid != os.getpid():
+            sender = self._start()
+            if sender is None:
+                return
+        sender.poked = True
+        sender.due.set()
+
+    def _start(self) -> _Sender | None:
+        if self._pid != os.getpid():  # after a fork: the parent's thread is not ours
+            _ORPHANS.append(self._thread)
+            self._thread = None
+            self._pid = os.getpid()
+            self._lock = threading.Lock()
+        with self._lock:
+            if self._closed:
+                return None
+            if self._thread is None:
+                sender = _Sender(self._connect, self._where)
+                weakref.finalize(self, sender.stop)
+                self._thread = sender
+            return self._thread
+
+    def close(self) -> None:
+        if self._pid != os.getpid():
+            return
+        with self._lock:
+            self._closed = True
+            sender, self._thread = self._thread, None
+        if sender is not None:
+            sender.stop()
+
+
+class _Sender:
+    """The thread: waits for `due`, sends one NOTIFY, again while commits keep coming. It holds
+    neither the store nor the notifier, so a store dropped without `close()` stops it."""
+
+    def __init__(self, connect: Callable[[], Any], where: str) -> None:
+        self.due = threading.Event()
+        self.poked = False
+        self.sent = 0
+        self._connect = connect
+        self._where = where
+        self._stopping = False
+        self._thread = threading.Thread(
+            target=self._run, name=f"shard-sql-feed-notifier {where}", daemon=True
+        )
+        self._thread.start()
+
+    def stop(self) -> None:
+        """End the thread once the commits announced so far are announced (one try)."""
+        self._stopping = True
+        self.due.set()
+
+    def _run(self) -> None:
+        conn: Any = None
+        delay = RECONNECT_MIN
+        while True:
+            self.due.wait()
+            self.due.clear()
+            if not self.poked:
+                if self._stopping:
+                    break
+                continue
+            self.poked = False
+            try:
+                if conn is None:
+                    conn = self._connect()
+                    # Nobody waits for this commit's flush: a wake-up lost in a crash costs the
+                    # waiters a poll (`wait_feed` looks at the head at least every second).
+                    conn.execute("SET synchronous_commit = off")
+                conn.execute(FEED_NOTIFY_SQL)
+                self.sent += 1
+                delay = RECONNECT_MIN
+            except Exception as e:
+                log.debug("%s: feed notifier: %s", self._where, e)
+                if conn is not None:
+                    with contextlib.suppress(Exception):
+                        conn.close()
+                    conn = None
+                if self._stopping:
+                    break
+                self.poked = True  # the commits are still to be announced
+                self.due.set()
+                time.sleep(delay * (0.5 + random.random()))
+                delay = min(delay * 2, RECONNECT_MAX)
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                conn.close()

@@ -1,0 +1,319 @@
+"""The feed and checkpoints on the SQL adapter (a SQLite file, a real PostgreSQL): the contract
+suites, positions as each database assigns them, migration 0004 numbering the events already
+there, PostgreSQL's placement function, what wakes `wait_feed`, the checkpoint statement."""
+
+from __future__ import annotations
+
+import multiprocessing
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from typing import Any
+
+import psycopg
+import pytest
+from alembic import command
+from sqlalchemy import create_engine, text
+
+from shard_sql import LeaseRegistry, SeqConflict, SqlEventStore, StaleLease, migrate
+from shard_sql.ports import EventStore
+from shard_sql.sql.schema import alembic_config, migration_connection
+from shard_sql.testing import AdapterCase, FeedContract, SubscriptionContract
+
+CTX = multiprocessing.get_context("spawn")
+
+
+def libpq(url: str) -> str:
+    return url.replace("postgresql+psycopg://", "postgresql://", 1)
+
+
+class SqliteFile(AdapterCase):
+    def make_store(self) -> EventStore:
+        return SqlEventStore(self.store_url())
+
+    def store_url(self) -> str:
+        return f"sqlite:///{self.tmp_path}/shard.db"
+
+
+class Postgres(AdapterCase):
+    def make_store(self) -> EventStore:
+        return SqlEventStore(self.store_url())
+
+    def store_url(self) -> str:
+        if not hasattr(self, "_pg"):
+            self._pg: str = self.request.getfixturevalue("pg_migrated_url")
+        return self._pg
+
+
+needs_transactions = pytest.mark.skipif(
+    not hasattr(SqlEventStore, "transaction"),
+    reason="SqlEventStore.transaction() (issue 15) is not there yet",
+)
+
+
+@needs_transactions
+class TestSqliteFeed(SqliteFile, FeedContract):
+    pass
+
+
+@needs_transactions
+class TestPostgresFeed(Postgres, FeedContract):
+    pass
+
+
+@needs_transactions
+class TestSqliteSubscription(SqliteFile, SubscriptionContract):
+    pass
+
+
+@needs_transactions
+class TestPostgresSubscription(Postgres, SubscriptionContract):
+    pass
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def url(request: pytest.FixtureRequest, sqlite_url: str) -> str:
+    if request.param == "sqlite":
+        return sqlite_url
+    return str(request.getfixturevalue("pg_migrated_url"))
+
+
+@pytest.fixture
+def store(url: str) -> Iterator[SqlEventStore]:
+    with SqlEventStore(url) as s:
+        yield s
+
+
+# -- positions -----------------------------------------------------------------------------
+
+
+def test_sqlite_appends_return_their_positions(sqlite_url: str) -> None:
+    with SqlEventStore(sqlite_url) as store:
+        lease = LeaseRegistry(store).acquire("b", "me", 30)
+        assert store.append("a", "t", {}, expected_seq=0).position == 1
+        assert [e.position for e in store.append_many("b", [("t", {})] * 3, expected_seq=0)] == [
+            2,
+            3,
+            4,
+        ]
+        assert store.append("b", "t", {}, expected_seq=3, fence=lease).position == 5
+        again = store.append("a", "t", {"k": 1}, expected_seq=1, intent_id="i")
+        assert store.append("a", "t", {"k": 1}, expected_seq=1, intent_id="i").position == 6
+        assert again.position == 6
+        assert [e.position for e in store.events("b")] == [2, 3, 4, 5]
+        assert store.feed() == store.events("a")[:1] + store.events("b") + store.events("a")[1:]
+
+
+def test_postgres_places_after_commit(pg_migrated_url: str) -> None:
+    with SqlEventStore(pg_migrated_url) as store:
+        e = store.append("a", "t", {}, expected_seq=0)
+        assert e.position is None  # placed after the commit, by the next reader
+        assert store.events("a")[0].position is None
+        assert store.feed() == [e]
+        assert store.feed()[0].position == 1
+        assert store.events("a")[0].position == 1
+        written = store.append_many("b", [("t", {})] * 12, expected_seq=0)  # COPY
+        assert {x.position for x in written} == {None}
+        assert store.feed_head() == 13
+        assert [x.position for x in store.feed(1)] == list(range(2, 14))
+
+
+def _place(conn: Any) -> int:
+    return int(conn.execute("SELECT shard_sql_place_feed()").fetchone()[0])
+
+
+def test_placement_orders_by_running_max_of_time(pg_migrated_url: str) -> None:
+    """Within one placement: the running max of recorded_at within the space by seq, then space
+    and seq. A writer whose clock is behind cannot put seq 1 of a space before its seq 0."""
+    with psycopg.connect(libpq(pg_migrated_url), autocommit=True) as conn:
+        rows = [("b", 0, 5), ("a", 0, 3), ("a", 1, 1), ("b", 1, 6), ("a", 2, 7), ("c", 0, 3)]
+        for space, seq, second in rows:
+            conn.execute(
+                "INSERT INTO events (space, seq, type, payload, recorded_at, writer, generation)"
+                " VALUES (%s, %s, 't', '{}', %s, '', 0)",
+                (space, seq, datetime(2026, 1, 1, 0, 0, second, tzinfo=UTC)),
+            )
+        assert _place(conn) == 6
+        got = conn.execute("SELECT space, seq FROM events ORDER BY position").fetchall()
+        assert got == [("a", 0), ("a", 1), ("c", 0), ("b", 0), ("b", 1), ("a", 2)]
+        assert _place(conn) == 6  # nothing more: the head, without the lock
+
+
+def test_placement_refuses_a_snapshot_older_than_its_lock(pg_migrated_url: str) -> None:
+    with psycopg.connect(libpq(pg_migrated_url)) as conn:
+        conn.execute(
+            "INSERT INTO events (space, seq, type, payload, recorded_at, writer, generation)"
+            " VALUES ('a', 0, 't', '{}', now(), '', 0)"
+        )
+        conn.commit()
+        conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        with pytest.raises(psycopg.errors.RaiseException, match="READ COMMITTED"):
+            _place(conn)
+        conn.rollback()
+        assert _place(conn) == 1
+
+
+def test_placement_function_is_pinned_to_its_schema(pg_url: str) -> None:
+    """Migrated into another schema (search_path), the function finds its tables from any
+    session's search_path."""
+    with psycopg.connect(libpq(pg_url), autocommit=True) as conn:
+        conn.execute("CREATE SCHEMA feedtest")
+    migrate(pg_url + "?options=-csearch_path%3Dfeedtest")
+    with psycopg.connect(libpq(pg_url), autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO feedtest.events (space, seq, type, payload, recorded_at, writer, "
+            "generation) VALUES ('a', 0, 't', '{}', now(), '', 0)"
+        )
+        assert conn.execute("SELECT feedtest.shard_sql_place_feed()").fetchone() == (1,)
+        config = conn.execute(
+            "SELECT proconfig FROM pg_proc WHERE proname = 'shard_sql_place_feed'"
+        ).fetchone()
+        assert config == (["search_path=feedtest, pg_temp"],)
+
+
+# -- migration 0004 --------------------------------------------------------------------------
+
+
+def _at_0003(url: str) -> None:
+    with migration_connection(url) as conn:
+        command.upgrade(alembic_config(conn), "0003")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def empty_url(request: pytest.FixtureRequest, sqlite_url: str) -> str:
+    if request.param == "sqlite":
+        return sqlite_url
+    return str(request.getfixturevalue("pg_url"))
+
+
+def test_migration_numbers_the_events_already_there(empty_url: str) -> None:
+    _at_0003(empty_url)
+    engine = create_engine(empty_url)
+    rows = [("b", 0, 5), ("a", 0, 3), ("a", 1, 1), ("b", 1, 6), ("a", 2, 7), ("c", 0, 3)]
+    try:
+        with engine.begin() as conn:
+            for space, seq, second in rows:
+                conn.execute(
+                    text(
+                        "INSERT INTO events (space, seq, type, payload, recorded_at, writer, "
+                        "generation) VALUES (:s, :q, 't', '{}', :t, '', 0)"
+                    ),
+                    {"s": space, "q": seq, "t": f"2026-01-01 00:00:0{second}.000000+00:00"[:26]},
+                )
+    finally:
+        engine.dispose()
+    migrate(empty_url)
+    with SqlEventStore(empty_url) as store:
+        got = [(e.space, e.seq, e.position) for e in store.feed()]
+        assert got == [("a", 0, 1), ("a", 1, 2), ("c", 0, 3), ("b", 0, 4), ("b", 1, 5), ("a", 2, 6)]
+        e = store.append("c", "t", {}, expected_seq=1)
+        assert store.feed(6) == [e]
+        assert store.feed_head() == 7
+
+
+# -- wait_feed -------------------------------------------------------------------------------
+
+
+def _append_later(url: str, space: str, delay: float, raw: bool) -> None:
+    time.sleep(delay)
+    if raw:  # a commit that no store announces
+        engine = create_engine(url)
+        with engine.begin() as conn:
+            position = "(SELECT COALESCE(MAX(position), 0) + 1 FROM events)"
+            if engine.dialect.name == "postgresql":
+                position = "NULL"
+            conn.execute(
+                text(
+                    "INSERT INTO events (space, seq, type, payload, recorded_at, writer, "
+                    f"generation, position) VALUES (:s, 0, 't', '{{}}', "
+                    f"'2026-01-01 00:00:00.000000', '', 0, {position})"
+                ),
+                {"s": space},
+            )
+        engine.dispose()
+        return
+    with SqlEventStore(url) as store:
+        store.append(space, "t", {}, expected_seq=0)
+
+
+@pytest.mark.parametrize("raw", [False, True], ids=["store", "raw-sql"])
+def test_wait_feed_wakes_on_another_process_commit(store: SqlEventStore, raw: bool) -> None:
+    """A plain append in another process wakes the wait at once; a commit nobody announced (a
+    row inserted by hand, on PostgreSQL) within the fallback poll."""
+    head = store.feed_head()
+    assert store.wait_feed(head, timeout=0.2) is False  # the waiting machinery is up
+    proc = CTX.Process(
+        target=_append_later, args=(store.engine.url.render_as_string(False), "x", 0.5, raw)
+    )
+    proc.start()
+    try:
+        start = time.monotonic()
+        assert store.wait_feed(head, timeout=30) is True
+        waited = time.monotonic() - start
+    finally:
+        proc.join(30)
+    assert [e.space for e in store.feed(head)] == ["x"]
+    announced = not raw or store.engine.dialect.name == "sqlite"
+    assert waited < (5 if announced else 10), waited
+
+
+def test_wait_feed_sees_an_unplaced_commit(pg_migrated_url: str) -> None:
+    """PostgreSQL: a committed row not placed yet counts (the next read places it above)."""
+    with SqlEventStore(pg_migrated_url) as store, psycopg.connect(libpq(pg_migrated_url)) as c:
+        store.append("a", "t", {}, expected_seq=0)
+        head = store.feed_head()
+        c.execute(
+            "INSERT INTO events (space, seq, type, payload, recorded_at, writer, generation)"
+            " VALUES ('a', 1, 't', '{}', now(), '', 0)"
+        )
+        c.commit()
+        assert store.wait_feed(head, timeout=0) is True
+        assert store.wait_feed(head + 1, timeout=0) is False
+        assert [e.seq for e in store.feed(head)] == [1]
+
+
+# -- the checkpoint statement -------------------------------------------------------------------
+
+
+def _save(store: SqlEventStore, name: str, position: int, fence: Any = None) -> None:
+    d = store.database.dialect
+    with store.database.connection() as c:
+        d.begin_write(c)
+        try:
+            d.save_checkpoint(c.cur, name, position, fence, datetime.now(UTC))
+        except BaseException:
+            d.rollback(c)
+            raise
+        d.commit(c)
+
+
+def test_checkpoint_statement(store: SqlEventStore) -> None:
+    """What a transaction saves (`Dialect.save_checkpoint` on its cursor): never backwards,
+    fenced like an append; holder and generation of the fence recorded."""
+    assert store.checkpoint("c") == 0
+    _save(store, "c", 3)
+    _save(store, "c", 3)
+    with pytest.raises(SeqConflict):
+        _save(store, "c", 2)
+    registry = LeaseRegistry(store)
+    lease = registry.acquire("subscription:c", "node-1", 30)
+    _save(store, "c", 7, lease)
+    registry.revoke("subscription:c")
+    with pytest.raises(StaleLease):
+        _save(store, "c", 8, lease)
+    _save(store, "b", 0)
+    assert store.checkpoints() == {"b": 0, "c": 7}
+    with store.database.connection() as c:
+        c.cur.execute("SELECT name, holder, generation FROM checkpoints ORDER BY name")
+        assert [tuple(r) for r in c.cur.fetchall()] == [
+            ("b", None, None),
+            ("c", "node-1", lease.generation),
+        ]
+
+
+def test_new_database_has_no_unplaced_index_entries_on_sqlite(sqlite_url: str) -> None:
+    with SqlEventStore(sqlite_url) as store:
+        store.append("a", "t", {}, expected_seq=0)
+        with store.database.connection() as c:
+            c.cur.execute("SELECT sql FROM sqlite_master WHERE name = 'events_unplaced_idx'")
+            assert c.cur.fetchone()[0].endswith("WHERE 0")
