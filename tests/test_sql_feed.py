@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import multiprocessing
 import time
+import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
@@ -169,6 +170,33 @@ def test_placement_function_is_pinned_to_its_schema(pg_url: str) -> None:
             "SELECT proconfig FROM pg_proc WHERE proname = 'shard_sql_place_feed'"
         ).fetchone()
         assert config == (["search_path=feedtest, pg_temp"],)
+
+
+def test_a_reader_that_may_not_write(pg_migrated_url: str) -> None:
+    """A role with SELECT only places through the function (SECURITY DEFINER); a read-only
+    session cannot place, and reads what others placed (safely, only later)."""
+    role = f"feed_reader_{uuid.uuid4().hex[:8]}"
+    admin = psycopg.connect(libpq(pg_migrated_url), autocommit=True)
+    admin.execute(f"CREATE ROLE {role} LOGIN")
+    try:
+        admin.execute(f"GRANT SELECT ON events, leases, intents, checkpoints TO {role}")
+        admin.execute(f"GRANT SELECT ON shard_sql_version TO {role}")
+        url = pg_migrated_url.replace("://postgres@", f"://{role}@", 1)
+        with SqlEventStore(pg_migrated_url) as writer:
+            writer.append("a", "t", {}, expected_seq=0)
+            with SqlEventStore(url) as reader:
+                assert [e.seq for e in reader.feed()] == [0]
+            admin.execute(f"ALTER ROLE {role} SET default_transaction_read_only = on")
+            writer.append("a", "t", {}, expected_seq=1)
+            with SqlEventStore(url) as reader:
+                assert reader.feed_head() == 1  # not placed: this session may not write
+                assert [e.seq for e in reader.feed()] == [0]
+                assert writer.feed_head() == 2
+                assert [e.seq for e in reader.feed(1)] == [1]
+    finally:
+        admin.execute(f"DROP OWNED BY {role}")
+        admin.execute(f"DROP ROLE {role}")
+        admin.close()
 
 
 # -- migration 0004 --------------------------------------------------------------------------

@@ -57,7 +57,7 @@ NUMBERED = """
 """
 
 PLACE_FEED = f"""CREATE OR REPLACE FUNCTION shard_sql_place_feed() RETURNS bigint
-LANGUAGE plpgsql VOLATILE
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = %I, pg_temp
 AS $fn$
 DECLARE
@@ -84,7 +84,8 @@ BEGIN
 END
 $fn$"""
 """The placement function (a `format` pattern: %I is the schema its search_path is pinned to,
-the schema of the tables when the migration ran)."""
+the schema of the tables when the migration ran). SECURITY DEFINER: a role that may only read
+`events` (and execute the function) places too."""
 
 CREATE_PLACE_FEED = (
     f"DO $do$ BEGIN EXECUTE format($f${PLACE_FEED}\n$f$, current_schema()); END $do$"

@@ -80,6 +80,10 @@ MIGRATION_LOCK = 0x5A4D_5351_4C00_0001
 """The advisory lock key migrations take ("ZMSQL" + 1)."""
 
 
+READ_ONLY_TRANSACTION = "25006"
+"""SQLSTATE read_only_sql_transaction."""
+
+
 def save_checkpoint_sql(*, fence: bool) -> str:
     """The checkpoint upsert (`Dialect.save_checkpoint`); the fence's subquery takes FOR SHARE on
     the lease row, as an append's does."""
@@ -139,6 +143,7 @@ class PostgresDialect(Dialect):
         self.feed_sql = self.feed_sql.replace(READ_COLUMNS, as_text, 1)
         self.lease_locked_sql = self.lease_sql + " FOR SHARE"
         self.place_feed_sql = f"SELECT {PLACE_FEED}()"
+        self.feed_head_sql = f"SELECT COALESCE(MAX(position), 0) FROM {EVENTS}"
         self.feed_beyond_sql = (
             f"SELECT (SELECT COALESCE(MAX(position), 0) FROM {EVENTS}), "
             f"EXISTS (SELECT 1 FROM {EVENTS} WHERE position IS NULL)"
@@ -289,7 +294,13 @@ class PostgresDialect(Dialect):
     def place_feed(self, c: Conn) -> int:
         # Its own transaction (the connection is in autocommit), READ COMMITTED: the function
         # refuses any other level, whose snapshot would predate its lock.
-        c.cur.execute(self.place_feed_sql)
+        try:
+            c.cur.execute(self.place_feed_sql)
+        except Exception as e:
+            if getattr(e, "sqlstate", None) != READ_ONLY_TRANSACTION:
+                raise
+            # A read-only session: what others placed is read as safely, only later.
+            c.cur.execute(self.feed_head_sql)
         return int(c.cur.fetchone()[0])
 
     def feed_beyond(self, c: Conn, after: int) -> bool:
