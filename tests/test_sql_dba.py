@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -182,6 +183,32 @@ def test_revoke_by_hand(populated: str) -> None:
 
 
 @pytest.mark.postgres
+def test_read_the_feed_and_the_lag(populated: str) -> None:
+    if populated.startswith("postgresql"):  # alone, committed
+        engine = create_engine(populated, isolation_level="AUTOCOMMIT")
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT shard_sql_place_feed()")).scalar() == 7
+        engine.dispose()
+    rows = query(
+        populated,
+        "SELECT position, space, seq, type, payload FROM events "
+        "WHERE position > 4 ORDER BY position LIMIT 500",
+    )
+    assert [r[:3] for r in rows] == [(5, "wiki/home", 4), (6, "wiki/home", 5), (7, "other", 0)]
+    with SqlEventStore(populated) as store:
+        d = store.database.dialect
+        with store.database.connection() as c:
+            d.begin_write(c)
+            d.save_checkpoint(c.cur, "relay", 5, None, datetime.now(UTC))
+            d.commit(c)
+    rows = query(
+        populated,
+        "SELECT c.name, c.position, (SELECT coalesce(max(position), 0) FROM events) - c.position "
+        "AS lag, c.holder, c.updated_at FROM checkpoints c ORDER BY c.name",
+    )
+    assert [r[:4] for r in rows] == [("relay", 5, 2, None)]
+
+
 def test_read_only_role(pg_migrated_url: str) -> None:
     with SqlEventStore(pg_migrated_url) as store:
         store.append("s", "t", {"n": 0}, expected_seq=0)
@@ -194,7 +221,9 @@ def test_read_only_role(pg_migrated_url: str) -> None:
         try:
             conn.execute(f'GRANT CONNECT ON DATABASE "{database}" TO {role}')
             conn.execute(f"GRANT USAGE ON SCHEMA public TO {role}")
-            conn.execute(f"GRANT SELECT ON events, leases, shard_sql_version TO {role}")
+            conn.execute(
+                f"GRANT SELECT ON events, leases, checkpoints, shard_sql_version TO {role}"
+            )
             conn.execute(
                 f"ALTER DEFAULT PRIVILEGES IN SCHEMA public GRANT SELECT ON TABLES TO {role}"
             )
@@ -205,6 +234,10 @@ def test_read_only_role(pg_migrated_url: str) -> None:
                 assert reader.head("s") == 1 and reader.spaces() == ["s"]
                 assert [e.seq for e in reader.iter_events("s")] == [0]
                 assert LeaseRegistry(reader).current("s") is not None
+                assert reader.feed() == [] and reader.checkpoints() == {}  # nobody placed yet
+                with SqlEventStore(pg_migrated_url) as store:
+                    assert store.feed_head() == 1
+                assert [e.seq for e in reader.feed()] == [0]
                 for write in (
                     lambda: reader.append("s", "t", {}, expected_seq=1),
                     lambda: reader.append_many("s", [("t", {})] * 2, expected_seq=1),
