@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import json
 from collections.abc import Iterator
@@ -30,16 +31,16 @@ from shard_sql.errors import (
     ShardSqlError,
     StoreUnavailable,
 )
-from shard_sql.validation import MAX_PAYLOAD_BYTES, MAX_PAYLOAD_DEPTH, MAX_TYPE_LENGTH, _depth_ok
+from shard_sql.validation import MAX_PAYLOAD_BYTES, MAX_TYPE_LENGTH
 from shard_sql.values import Event
 
 VERSION = "version"
 """Payload key: the aggregate version (eventsourcing's `originator_version`)."""
 STATE = "state"
-"""Payload key: the state when it is JSON (the transcoder's output, neither compressed nor
-encrypted), kept as JSON so that a DBA can query it."""
+"""Payload key: the state as text, when it is UTF-8 (the JSON transcoder's output, neither
+compressed nor encrypted): readable, and exact on every backend."""
 STATE_B64 = "state_b64"
-"""Payload key: any other state (compressed, encrypted, not JSON), base64."""
+"""Payload key: any other state (compressed, encrypted), base64."""
 TOPIC = "topic"
 """Payload key: the full topic, when it is not a valid event type (too long)."""
 PART, PARTS = "part", "parts"
@@ -72,6 +73,7 @@ def id_text(originator_id: UUID | str) -> str:
     return str(originator_id) if isinstance(originator_id, UUID) else originator_id
 
 
+@functools.lru_cache(maxsize=4096)
 def parse_id(text: str, *, as_uuid: bool) -> UUID | str:
     """The originator id of a space: a UUID when it reads as one (and ids are UUIDs)."""
     if as_uuid and len(text) == 36:
@@ -106,48 +108,27 @@ def topic_of(e: Event) -> str:
 
 # -- state bytes -------------------------------------------------------------------------------
 
-_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
+_string = json.JSONEncoder(ensure_ascii=False).encode
 
 
-def _refuse(text: str) -> Any:
-    raise ValueError(text)
-
-
-def _float(text: str) -> float:
-    # JSONB would give 1e+16 back as the integer 10000000000000000, and -0.0 as 0.0.
-    value = float(text)
-    if "e+" in text or "E+" in text or (value == 0 and text.startswith("-")):
-        raise ValueError(text)
-    return value
-
-
-_loads = json.JSONDecoder(parse_constant=_refuse, parse_float=_float).decode
-
-
-def json_state(state: bytes) -> Any | None:
-    """The state as a JSON value when its bytes are exactly our encoding of that value (so
-    they come back byte for byte), else None. Only objects are tried: that is what the
-    transcoder writes; compressed or encrypted bytes rarely start with '{'."""
-    if not state.startswith(b"{"):
-        return None
-    # Under the payload object: at most MAX_PAYLOAD_DEPTH - 1 levels (else base64).
-    if state.count(b"{") + state.count(b"[") >= MAX_PAYLOAD_DEPTH and not _depth_ok(
-        b"[" + state + b"]"
-    ):
-        return None
+def text_state(state: bytes, room: int) -> str | None:
+    """The state as text, when it is UTF-8 without NUL (which JSONB cannot hold) and fits in
+    `room` bytes as a JSON string; else None (base64). Text comes back byte for byte."""
     try:
         text = state.decode("utf-8")
-        value = _loads(text)
-        if _dumps(value) != text or "\\u0000" in text:  # JSONB cannot hold NUL
-            return None
-    except ValueError:  # UnicodeDecodeError, JSONDecodeError and _refuse/_float
+    except UnicodeDecodeError:
         return None
-    return value
+    if "\x00" in text:
+        return None
+    if len(state) * 6 > room and len(_string(text).encode("utf-8")) > room:  # escapes
+        return None
+    return text
 
 
 def state_of(payload: dict[str, Any]) -> bytes:
-    if STATE in payload:
-        return _dumps(payload[STATE]).encode("utf-8")
+    text = payload.get(STATE)
+    if type(text) is str:
+        return text.encode("utf-8")
     try:
         return base64.b64decode(payload[STATE_B64], validate=True)
     except (KeyError, TypeError, binascii.Error) as e:
@@ -161,9 +142,9 @@ def payloads(s: StoredEvent, *, split: bool) -> list[dict[str, Any]]:
     if not _is_type(s.topic):
         head[TOPIC] = s.topic
     room = MAX_PAYLOAD_BYTES - _ROOM - len(s.topic) * 4
-    value = json_state(s.state) if len(s.state) <= room else None
-    if value is not None:
-        return [{**head, STATE: value}]
+    text = text_state(s.state, room) if len(s.state) <= room else None
+    if text is not None:
+        return [{**head, STATE: text}]
     if len(s.state) * 4 // 3 + 4 <= room:
         return [{**head, STATE_B64: base64.b64encode(s.state).decode("ascii")}]
     if not split:

@@ -55,6 +55,8 @@ WAKE_POLL = 0.25
 MAX_BASES = 100_000
 """Spaces whose first version a recorder remembers (then it forgets them all and reads again)."""
 
+_new = object.__new__
+
 _Run = tuple[str, list[StoredEvent], list[tuple[str, dict[str, Any]]]]
 """Consecutive stored events of one space, and the (type, payload) items that write them."""
 
@@ -125,9 +127,9 @@ class ShardSqlAggregateRecorder(ShardSqlRecorder, AggregateRecorder):
         with translated():
             if self.contiguous:
                 found = self._select_contiguous(space, gt, lte, desc, limit)
-                return [self._stored(originator_id, e.type, [e]) for e in found]
+                return [self._stored(originator_id, [e]) for e in found]
             records = self._select_parts(space, gt, lte, desc, limit)
-            return [self._stored(originator_id, r[0].type, r) for r in records]
+            return [self._stored(originator_id, r) for r in records]
 
     # -- writing ---------------------------------------------------------------------------
 
@@ -258,14 +260,16 @@ class ShardSqlAggregateRecorder(ShardSqlRecorder, AggregateRecorder):
 
     # -- reading ---------------------------------------------------------------------------
 
-    def _stored(self, originator_id: UUID | str, type_: str, parts: list[Event]) -> StoredEvent:
+    def _stored(self, originator_id: UUID | str, parts: list[Event]) -> StoredEvent:
         first = parts[0]
-        return StoredEvent(
+        s: StoredEvent = _new(StoredEvent)  # as in `_notification`
+        s.__dict__.update(
             originator_id=originator_id,
             originator_version=version_of(first),
             topic=topic_of(first),
             state=joined_state(parts) if len(parts) > 1 else state_of(first.payload),
         )
+        return s
 
     def _base(self, space: str) -> int | None:
         base = self._bases.get(space)
@@ -407,14 +411,17 @@ class ShardSqlApplicationRecorder(ShardSqlAggregateRecorder, ApplicationRecorder
         return e.space.startswith(self.space_prefix)
 
     def _notification(self, e: Event) -> Notification:
-        assert e.position is not None
-        return Notification(
-            id=e.position,
+        # Built as eventsourcing's mapper builds events: the frozen dataclass's __init__ costs
+        # as much as the rest of the conversion.
+        n: Notification = _new(Notification)
+        n.__dict__.update(
             originator_id=parse_id(e.space[len(self.space_prefix) :], as_uuid=self.uuid_ids),
             originator_version=version_of(e),
             topic=topic_of(e),
             state=state_of(e.payload),
+            id=e.position,
         )
+        return n
 
 
 class ShardSqlSubscription(ListenNotifySubscription[ShardSqlApplicationRecorder]):
