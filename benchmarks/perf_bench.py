@@ -18,7 +18,9 @@ a second file so that neither side pays the other's WAL checkpoints or page spli
 - 4 processes appending to one space through their own authorities (one holds the lease, three
   forward to it through the store's durable intents): the total next to one process alone (0.9x);
 - iterating 1,000,000 events with `iter_events` in a fresh process: RSS growth < 50 MB (the row's
-  baseline is the 50 MB budget, its ratio budget / growth, target 1.0x).
+  baseline is the 50 MB budget, its ratio budget / growth, target 1.0x);
+- the feed (work `feed`, feed_bench.py): reading it and a Subscription next to the raw driver,
+  wait_feed's wake-up, 4 processes on 4 spaces on PostgreSQL.
 
 The eventsourcing rows run when that library is importable (`pip install 'shard_sql[compare]'`),
 else they are skipped with a note. `run(quick=False, ...)` returns the rows for `shard-sql bench`
@@ -71,7 +73,7 @@ TARGET_GIT_APPEND = 0.8
 TARGET_GIT_READS = 10_000.0
 TARGET_PROCESSES = 0.9
 MEMORY_BUDGET_MB = 50.0
-WORKS = ("append", "many", "read", "git", "processes", "memory", "eventsourcing")
+WORKS = ("append", "many", "read", "git", "processes", "memory", "eventsourcing", "feed")
 BACKENDS = ("sqlite-full", "sqlite-normal", "postgresql", "git")
 CTX = multiprocessing.get_context("spawn")
 
@@ -768,6 +770,17 @@ def _run(
             if "memory" in works and sync == "FULL":
                 murl = f"sqlite:///{Path(tmp) / 'memory.db'}"
                 rows += memory_rows(label, murl, counts.memory_events)
+            if "feed" in works:
+                from . import feed_bench
+
+                fpath = Path(tmp) / f"feed-{sync.lower()}.db"
+                SqlEventStore(f"sqlite:///{fpath}").close()
+                fraw = RawSqlite(fpath, sync)
+                try:
+                    furl = f"sqlite:///{fpath}?synchronous={sync}"
+                    rows += feed_bench.feed_rows(label, furl, fraw, counts)
+                finally:
+                    fraw.close()
     if "postgresql" in backends:
         rows += _pg_rows(_pg_server(url, pg_url), counts, works, proc_rounds)
     if "git" in backends and ({"append", "read", "git", "processes"} & set(works)):
@@ -801,6 +814,16 @@ def _pg_rows(server: str, counts: Counts, works: tuple[str, ...], proc_rounds: i
             # events the rows above wrote.
             with scratch_pg(server) as es_db:
                 rows += es_bench.es_rows(label, es_db, es_env("postgresql", es_db), counts)
+        if "feed" in works:
+            from . import feed_bench
+
+            with scratch_pg(server) as feed_db:  # a feed of its own events only
+                SqlEventStore(feed_db, migrate=True).close()
+                feed_raw = RawPostgres(feed_db)
+                try:
+                    rows += feed_bench.feed_rows(label, feed_db, feed_raw, counts)
+                finally:
+                    feed_raw.close()
     finally:
         scratch.__exit__(None, None, None)
     return rows
@@ -813,6 +836,8 @@ def _fmt(value: float | None, unit: str) -> str:
         return f"{value:,.1f} MB"
     if unit == "us":
         return f"{value:,.0f} us"
+    if unit == "ms":
+        return f"{value:,.2f} ms"
     return f"{value:,.0f}"
 
 

@@ -34,7 +34,7 @@ def _check_rows(rows: list[dict[str, Any]]) -> None:
             assert r["note"]  # a skipped row says why
             continue
         assert r["figure"] >= 0
-        if r["baseline"] is not None and r["ratio"] is not None and r["unit"] != "MB":
+        if r["baseline"] is not None and r["ratio"] is not None and r["unit"] not in ("MB", "ms"):
             assert r["ratio"] == pytest.approx(r["figure"] / r["baseline"], rel=0.01, abs=0.01)
         if r["target"] is not None:
             assert r["ok"] in (True, False)
@@ -87,6 +87,23 @@ def test_eventsourcing_rows_quick(perf: Any) -> None:
             "reading the notification log",
         ]
     assert all(r["figure"] is not None for r in rows)
+
+
+@pytest.mark.postgres
+def test_feed_rows_quick(perf: Any) -> None:
+    rows = perf.run(quick=True, backends=("sqlite-normal", "postgresql"), works=("feed",))
+    _check_rows(rows)
+    works = [(r["backend"], r["work"].split(",")[0].split(" of ")[0]) for r in rows]
+    for backend in ("sqlite NORMAL", "postgresql"):
+        assert [w for b, w in works if b == backend][:4] == [
+            "read 2",
+            "read 2",
+            "Subscription",
+            "wait_feed wake-up after another process's append",
+        ]
+    assert works[-1] == ("postgresql", "4 processes appending to 4 different spaces (total)")
+    wake = [r for r in rows if r["unit"] == "ms"]
+    assert len(wake) == 2 and all(r["target_text"] == "<= 5 ms" for r in wake)
 
 
 def test_git_rows_quick(perf: Any) -> None:
