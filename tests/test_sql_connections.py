@@ -85,7 +85,9 @@ def test_thirty_threads_open_at_most_the_cap(pg_migrated_url: str) -> None:
 
         assert run_threads(30, work) == []
         assert sorted(store.spaces()) == sorted(f"s{k}" for k in range(30))
-    assert 1 <= counter.most <= 5, f"{counter.most} connections for a cap of 3 + 2"
+    # The cap is 3 + 2 for calls; the store's feed notifier has its own connection once the
+    # store has committed (docs/dba.md, "Connections"). No thread waited: no listener.
+    assert 1 <= counter.most <= 5 + 1, f"{counter.most} connections for a cap of 3 + 2 (+ 1)"
 
 
 @pytest.mark.postgres
