@@ -376,3 +376,98 @@ def test_kill_9_at_any_point_leaves_all_or_nothing(tmp_path: Path) -> None:
     assert store.checkpoint("w") <= store.feed_head()
     store.close()
     fsck(path)
+
+
+# -- several processes -----------------------------------------------------------------------------
+
+
+class _RolledBack(Exception):
+    pass
+
+
+def mixed_writer(path: str, worker: int, rounds: int, barrier: Any, out: Any) -> None:
+    """Plain appends and transactions over several spaces (some rolled back by an exception,
+    some refused by a SeqConflict); puts `(space, seq, id)` of every committed event on `out`."""
+    import random
+
+    rnd = random.Random(worker)
+    store = GitEventStore(path)
+    spaces = ["s0", "s1", "s2", f"own-{worker}"]
+    committed: list[tuple[str, int, str]] = []
+    barrier.wait()
+    for i in range(rounds):
+        try:
+            if rnd.random() < 0.4:
+                space = rnd.choice(spaces)
+                e = store.append(
+                    space, "t", {"id": f"{worker}.{i}"}, expected_seq=store.head(space)
+                )
+                committed.append((e.space, e.seq, e.payload["id"]))
+                continue
+            with store.transaction() as tx:
+                written = []
+                for space in rnd.sample(spaces, rnd.randint(1, 3)):
+                    items = [
+                        ("t", {"id": f"{worker}.{i}.{space}.{k}"}) for k in range(rnd.randint(1, 3))
+                    ]
+                    written += tx.append_many(space, items)
+                    time.sleep(rnd.random() * 0.003)
+                tx.save_checkpoint(f"w{worker}", i)
+                if rnd.random() < 0.2:
+                    raise _RolledBack
+            committed += [(e.space, e.seq, e.payload["id"]) for e in written]
+        except (SeqConflict, _RolledBack):
+            pass
+    store.close()
+    out.put(committed)
+
+
+@pytest.mark.slow
+def test_processes_write_while_a_reader_pages_the_feed(tmp_path: Path) -> None:
+    """The reader sees every committed event exactly once, in position order, each space in seq
+    order, whatever the processes' interleaving, rollbacks and conflicts."""
+    path = tmp_path / "r.git"
+    GitEventStore(path).close()
+    workers, rounds = 4, 40
+    out = CTX.Queue()
+    barrier = CTX.Barrier(workers)
+    procs = [
+        CTX.Process(target=mixed_writer, args=(str(path), w, rounds, barrier, out))
+        for w in range(workers)
+    ]
+    for p in procs:
+        p.start()
+    reader = GitEventStore(path)
+    seen: list[Any] = []
+    after = 0
+    results: list[list[tuple[str, int, str]]] = []
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        done = len(results) == workers
+        page = reader.feed(after, limit=1 + len(seen) % 17)
+        seen += page
+        if page:
+            after = page[-1].position or after
+        elif done:
+            break
+        else:
+            reader.wait_feed(after, timeout=0.05)
+            while not out.empty():
+                results.append(out.get())
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    positions = [e.position for e in seen]
+    assert positions == sorted(set(positions))
+    last: dict[str, int] = {}
+    for e in seen:
+        assert e.seq == last.get(e.space, -1) + 1  # each space in order, nothing skipped
+        last[e.space] = e.seq
+    got = [(e.space, e.seq, e.payload["id"]) for e in seen]
+    committed = [c for r in results for c in r]
+    assert len(got) == len(set(got)) and sorted(got) == sorted(committed)
+    assert [(e.space, e.seq) for e in reader.feed()] == [(e.space, e.seq) for e in seen]
+    assert committed and len(seen) > workers * rounds / 2
+    consistent(reader)
+    reader.close()
+    fsck(path)
