@@ -25,18 +25,19 @@ MUTEX_FILE = "shard-sql-writes.flock"
 
 log = logging.getLogger("shard_sql.git")
 
-_held_mutexes: set[int] = set()
-_held_guard = threading.Lock()
+_mutex_fds: set[int] = set()
+"""The descriptors of MUTEX_FILE this process opened (one per thread and repository)."""
+_mutex_guard = threading.Lock()
 
 
 def _drop_inherited_mutexes() -> None:
     """In a forked child: close the mutex descriptors inherited from the parent (a `flock` is
-    shared by every copy of its descriptor: the child's copy would keep it after the parent let
-    go)."""
-    for fd in list(_held_mutexes):
+    shared by every copy of its descriptor: the child's copy would keep the parent's lock after
+    the parent died). The child opens its own (`RefFiles.mutex` looks at the pid)."""
+    for fd in list(_mutex_fds):
         with contextlib.suppress(OSError):
             os.close(fd)
-    _held_mutexes.clear()
+    _mutex_fds.clear()
 
 
 os.register_at_fork(after_in_child=_drop_inherited_mutexes)
@@ -56,9 +57,7 @@ class Mutex:
     def release(self) -> None:
         fd, self.fd = self.fd, -1
         if fd >= 0:
-            with _held_guard:
-                _held_mutexes.discard(fd)
-            os.close(fd)
+            fcntl.flock(fd, fcntl.LOCK_UN)
 
     def __enter__(self) -> Mutex:
         return self
@@ -145,6 +144,18 @@ class RefFiles:
         self.synced: set[str] = set()
         """Directories (relative, `/`-separated) whose entries this process has fsynced."""
         self._packed: tuple[_Stamp | None, str, list[str]] = (None, "", [])
+        self._mutex_fd = threading.local()
+        self._mutex_fds: list[int] = []
+
+    def close(self) -> None:
+        """Close the write mutex's descriptors of every thread (the store is closed)."""
+        with _mutex_guard:
+            fds, self._mutex_fds = self._mutex_fds, []
+            for fd in fds:
+                if fd in _mutex_fds:  # else a fork's child: not ours any more
+                    _mutex_fds.discard(fd)
+                    os.close(fd)
+        self._mutex_fd = threading.local()
 
     def file(self, ref: str) -> str:
         return os.path.join(self.root, *ref.split("/"))
@@ -166,18 +177,22 @@ class RefFiles:
         """Take the store's write mutex (see `Mutex`), waiting until `deadline`."""
         path = os.path.join(self.root, MUTEX_FILE)
 
+        local = self._mutex_fd
+
         def attempt() -> Mutex | None:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+            # This thread's own descriptor (kept: a flock conflicts between descriptors, so two
+            # threads exclude each other; a forked child opens its own).
+            fd = getattr(local, "fd", -1)
+            if fd < 0 or local.pid != os.getpid():
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+                with _mutex_guard:
+                    _mutex_fds.add(fd)
+                    self._mutex_fds.append(fd)
+                local.fd, local.pid = fd, os.getpid()
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                os.close(fd)
                 return None
-            except BaseException:
-                os.close(fd)
-                raise
-            with _held_guard:
-                _held_mutexes.add(fd)
             return Mutex(fd)
 
         def busy() -> str:
@@ -237,22 +252,37 @@ class RefFiles:
         return self.retry(deadline, attempt, busy)
 
     def update_cache(self, ref: str, target: str, read: Callable[[], str | None]) -> bool:
-        """Under the write mutex: point `ref` at `target` without fsync, unless git holds its
-        lock (then False: the ref is left as it was)."""
-        staged = self.stage(ref, target, None)
-        try:
+        """Under the write mutex: point `ref` at `target` without fsync (git's protocol: its
+        lock file created, written, renamed), unless someone else holds its lock (then False:
+        the ref is left as it was). Only writers under the mutex lock these refs, and git holds
+        a ref's lock for moments: a lock older than `lock_timeout` was left by a dead writer,
+        and is removed."""
+        path = self.file(ref)
+        lock = path + ".lock"
+        for _ in range(OBJECT_RETRIES):
             try:
-                lock = self.lock(ref, 0.0, read, staged=staged, durable=False, breakable=True)
-            except StoreUnavailable:
-                return False
+                fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+            except FileNotFoundError:
+                _make_dirs(os.path.dirname(path))
+                continue
+            except FileExistsError:
+                try:
+                    age = time.time() - os.stat(lock).st_mtime
+                except FileNotFoundError:
+                    continue
+                if age < self.lock_timeout:
+                    return False
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(lock)
+                log.warning("removed %s, left by a writer that died while writing", lock)
+                continue
+            ref_lock = RefLock(path, fd, read, durable=False)
             try:
-                lock.commit(target)
+                ref_lock.write(target)
             finally:
-                lock.free()
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(staged)
-        return True
+                ref_lock.free()
+            return True
+        return False
 
     def stage(self, ref: str, target: str, objects: LooseObjects | None) -> str:
         """A new file beside `ref` holding `target`, fsynced in one round with `objects` (None:

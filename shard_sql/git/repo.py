@@ -105,6 +105,7 @@ class GitRepo:
         for handle in handles:
             handle.free()
         self._local = threading.local()
+        self.refs.close()
 
     def target(self, handle: Any, ref: str, of: str = "") -> str | None:
         """The object id `ref` (the ref `of` something) points at, None when it does not exist;
