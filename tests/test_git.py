@@ -66,20 +66,29 @@ def assert_fsck_clean(repo: Path) -> None:
 
 
 def set_feed_tip(repo: Path, space: str, oid: str) -> None:
-    """Point the space's tip in the feed at commit `oid`, as a hand edit would."""
+    """Point the space's tip in the feed at commit `oid`, as a hand edit would: the parent that
+    names it in the last feed commit, if that wrote the space, else its entry in the tree."""
     import pygit2
 
-    r = pygit2.Repository(str(repo))
-    feed = r.references[FEED].peel(pygit2.Commit)
-    index = pygit2.Index()
-    index.read_tree(feed.tree)
-    path = f"spaces/{fan(space)}/{entry_name(space)}/tip"
-    index.add(pygit2.IndexEntry(path, pygit2.Oid(hex=oid), pygit2.enums.FileMode.COMMIT))
-    tree = index.write_tree(r)
-    raw = git(repo, "cat-file", "commit", FEED).split("\n", 1)[1]
-    new = git(repo, "hash-object", "-t", "commit", "-w", "--stdin", stdin=f"tree {tree}\n{raw}")
+    raw = git(repo, "cat-file", "commit", FEED)
+    head, _, message = raw.partition("\n\n")
+    record = json.loads(message.rsplit("Shard-Sql-Feed: ", 1)[1])
+    lines = head.split("\n")
+    if record.get("since") and space in record["spaces"]:
+        parents = [n for n, line in enumerate(lines) if line.startswith("parent ")]
+        at = len(parents) - len(record["spaces"]) + record["spaces"].index(space)
+        lines[parents[at]] = f"parent {oid}"
+    else:
+        r = pygit2.Repository(str(repo))
+        index = pygit2.Index()
+        index.read_tree(r.references[FEED].peel(pygit2.Commit).tree)
+        path = f"spaces/{fan(space)}/{entry_name(space)}/tip"
+        index.add(pygit2.IndexEntry(path, pygit2.Oid(hex=oid), pygit2.enums.FileMode.COMMIT))
+        lines[0] = f"tree {index.write_tree(r)}"
+        r.free()
+    edited = "\n".join(lines) + "\n\n" + message
+    new = git(repo, "hash-object", "-t", "commit", "-w", "--stdin", "--literally", stdin=edited)
     git(repo, "update-ref", FEED, new.strip())
-    r.free()
 
 
 def all_refs(repo: Path) -> dict[str, str]:
@@ -522,8 +531,8 @@ def test_corrupted_tip_and_lease(tmp_path: Path) -> None:
 def test_ref_to_a_foreign_commit_is_an_error(tmp_path: Path) -> None:
     path = tmp_path / "r.git"
     store = GitEventStore(path)
-    store.append("a", "t", {}, expected_seq=0)
     store.append("b", "t", {}, expected_seq=0)
+    store.append("a", "t", {}, expected_seq=0)  # the last write: its feed commit names a's tip
     set_feed_tip(path, "a", store_commit(store, "b"))
     with pytest.raises(StoreUnavailable, match="corrupt"):
         store.events("a")

@@ -5,6 +5,7 @@ a commit."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import multiprocessing
 import os
 import signal
@@ -17,6 +18,7 @@ from typing import Any
 import pytest
 
 from shard_sql import GitEventStore, LeaseRegistry, SeqConflict, StoreUnavailable
+from shard_sql.git.feed import SNAPSHOT_EVERY
 from shard_sql.git.layout import CHUNK, FEED, space_ref
 from shard_sql.ports import EventStore
 from shard_sql.testing import AdapterCase, FeedContract, SubscriptionContract, TransactionContract
@@ -85,6 +87,9 @@ def consistent(store: GitEventStore) -> list[Any]:
 
 
 def test_one_feed_commit_per_write_readable_with_git(tmp_path: Path) -> None:
+    """A write's feed commit names what it wrote (its message; its parents: the previous feed
+    commit and the spaces' new tips); every SNAPSHOT_EVERY writes, a snapshot's tree holds it
+    all. The spaces' refs follow, for git's own tools; the feed ref alone reaches everything."""
     path = tmp_path / "r.git"
     store = GitEventStore(path)
     store.append("a", "t", {}, expected_seq=0)
@@ -95,13 +100,28 @@ def test_one_feed_commit_per_write_readable_with_git(tmp_path: Path) -> None:
     assert git(path, "rev-list", "--count", "--first-parent", FEED) == "3\n"  # with the root
     subject = git(path, "log", "-1", "--format=%s", FEED)
     assert subject == "feed 2..4: 3 events in 2 spaces\n"
+    record = json.loads(
+        git(path, "log", "-1", "--format=%(trailers:key=Shard-Sql-Feed,valueonly)", FEED)
+    )
+    assert (record["spaces"], record["seqs"], record["of"]) == (
+        ["a", "wiki pages"],
+        [1, 0],
+        [0, 0, 1],
+    )
+    assert record["checkpoints"] == {"reader": 1} and record["since"] == 2
+    assert git(path, "ls-tree", FEED) == ""  # no snapshot yet: the first one's (empty) tree
+    for i in range(SNAPSHOT_EVERY - 2):
+        store.append("a", "t", {}, expected_seq=3 + i)
+    assert git(path, "log", "-1", "--format=%s", FEED).endswith(" (snapshot)\n")
     tree = git(path, "ls-tree", "-r", "--name-only", FEED).split()
     assert any(p.endswith("/wiki%20pages/tip") for p in tree)
     assert any(p.startswith("checkpoints/") and p.endswith("/reader") for p in tree)
-    # The spaces' refs are copies of what the feed says, for git's own tools.
+    fresh = GitEventStore(path)
+    assert fresh.feed() == store.feed() and fresh.checkpoint("reader") == 1
+    assert [e.position for e in fresh.events("a")] == [e.position for e in store.events("a")]
+    fresh.close()
     for space in ("a", "wiki pages"):
         assert git(path, "rev-list", "--count", space_ref(space)) == f"{store.head(space)}\n"
-    # The feed reaches every event: fetching it alone copies the whole log.
     copy = tmp_path / "copy.git"
     git(tmp_path, "init", "-q", "--bare", str(copy))
     git(copy, "fetch", "-q", str(path), f"{FEED}:{FEED}")

@@ -1,5 +1,7 @@
-"""The feed of a git store: one commit per write, the write's one commit point, whose tree holds
-every space's tip, the positions of every event and the checkpoints (docs/git.md, "The feed")."""
+"""The feed of a git store: one commit per write, the write's one commit point. A write's commit
+records what it changed (a delta, in its message) on the tree of the last snapshot; every
+SNAPSHOT_EVERY writes a snapshot's tree holds every space's tip, the positions of every event and
+the checkpoints (docs/git.md, "The feed")."""
 
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ from shard_sql.git.objects import (
     FeedCommit,
     Tip,
     TreeEntries,
+    checkpoint_bytes,
     feed_commit_bytes,
     json_object,
     parse_checkpoint,
@@ -47,7 +50,29 @@ from shard_sql.values import Lease
 
 _OID = re.compile(rb"[0-9a-f]{40}")
 _FEED_KEY = "\0feed"
-"""The first part of the cache key of a parsed feed commit (no space name has a NUL)."""
+"""The first part of the cache key of a parsed feed commit (no space name has a NUL)..."""
+_DELTA_KEY = "\0delta"
+"""... and of the `Delta` of a feed commit."""
+
+SNAPSHOT_EVERY = 32
+"""Writes between two snapshots: a write in between adds one object (its feed commit) to the
+repository, a snapshot five or more (the tree path of each space it brings up to date)."""
+TAIL_LIMIT = 4 * CHUNK
+"""A write that would leave more positions than this outside the index chunks is a snapshot."""
+
+
+@dataclass(frozen=True, slots=True)
+class Delta:
+    """What the writes since the last snapshot changed: each space's new tip, the seq its
+    writes began at (= its head in the snapshot) and their positions, the checkpoints saved."""
+
+    tips: dict[str, str]
+    seqs: dict[str, int]
+    positions: dict[str, list[int]]
+    checkpoints: dict[str, int]
+
+
+NO_DELTA = Delta({}, {}, {}, {})
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,10 +147,40 @@ class Feed:
             raise StoreUnavailable(f"the feed's {path} is not a {kind.__name__.lower()}")
         return found
 
+    def delta(self, handle: Any, feed: FeedCommit | None) -> Delta:
+        """What the writes up to `feed` changed since its snapshot (kept per feed commit)."""
+        if feed is None or feed.since == 0:
+            return NO_DELTA
+        key = (_DELTA_KEY, feed.oid)
+        found = self.git.cached(key, Delta)
+        if found is not None:
+            return found
+        chain = [feed]
+        while chain[-1].since > 1:
+            c = chain[-1]
+            if c.previous is None:
+                raise StoreUnavailable(f"the feed commit {c.oid} has no snapshot before it")
+            prev = self.commit(handle, c.previous)
+            if prev.since != c.since - 1 or prev.head != c.first - 1:
+                raise StoreUnavailable(f"the feed commit {c.oid} does not follow {prev.oid}")
+            cached = self.git.cached((_DELTA_KEY, prev.oid), Delta)
+            if cached is not None:
+                break
+            chain.append(prev)
+        else:
+            cached = NO_DELTA
+        delta = cached
+        for c in reversed(chain):
+            delta = self.git.remember((_DELTA_KEY, c.oid), _folded(delta, c))
+        return delta
+
     def tip_oid(self, handle: Any, feed: FeedCommit | None, space: str) -> str | None:
         """The commit id of the space's last event in `feed`, None for a space without events."""
         if feed is None:
             return None
+        found = self.delta(handle, feed).tips.get(space)
+        if found is not None:
+            return found
         entry = self._entry(handle, feed, _space_dir(space) + "/tip", pygit2.Object)
         if entry is None:
             return None
@@ -137,8 +192,23 @@ class Feed:
         self, handle: Any, feed: FeedCommit, space: str, tip: Tip, start: int, stop: int
     ) -> list[int]:
         """The positions of the space's seqs `start .. stop - 1` (all at most `tip.seq`)."""
+        delta = self.delta(handle, feed)
+        since = delta.seqs.get(space)
+        if since is None:
+            return self._tree_positions(handle, feed, space, tip.seq + 1, start, stop)
+        recent = delta.positions[space]
+        if since + len(recent) != tip.seq + 1:
+            raise StoreUnavailable(f"space {space!r}: the feed's positions do not reach its tip")
+        out = self._tree_positions(handle, feed, space, since, start, min(stop, since))
+        return out + recent[max(start, since) - since : max(stop, since) - since]
+
+    def _tree_positions(
+        self, handle: Any, feed: FeedCommit, space: str, head: int, start: int, stop: int
+    ) -> list[int]:
+        """The positions of seqs `start .. stop - 1` from the snapshot's tree, which holds the
+        space's first `head` events."""
         base = _space_dir(space)
-        tail = (tip.seq + 1) // CHUNK * CHUNK  # seqs below it are in complete chunks
+        tail = head // CHUNK * CHUNK  # seqs below it are in complete chunks
         out: list[int] = []
         seq = start
         while seq < stop:
@@ -155,7 +225,7 @@ class Feed:
                 blob = self._entry(handle, feed, f"{base}/positions")
                 if blob is None:
                     raise StoreUnavailable(f"space {space!r}: positions missing")
-                nums = _numbers(blob.data, tip.seq + 1 - tail, f"positions of {space!r}")
+                nums = _numbers(blob.data, head - tail, f"positions of {space!r}")
                 out += nums[seq - tail : stop - tail]
                 seq = stop
         return out
@@ -163,6 +233,8 @@ class Feed:
     def listed(self, handle: Any, feed: FeedCommit, first: int) -> list[str]:
         """The event commit ids of positions `first .. feed.head`, from the commits' lists
         (`first` past the last complete index chunk), walking back from `feed`."""
+        if first > feed.head:
+            return []
         parts: list[tuple[str, ...]] = []
         c = feed
         while c.first > first:
@@ -180,7 +252,7 @@ class Feed:
         self, handle: Any, feed: FeedCommit, after: int, stop: int
     ) -> Iterator[tuple[int, list[str]]]:
         """Blocks `(first position, event commit ids)` of positions `after + 1 .. stop`."""
-        tail = feed.head // CHUNK * CHUNK  # positions up to it are in complete index chunks
+        tail = feed.indexed  # positions up to it are in complete index chunks
         p = after + 1
         while p <= stop:
             if p <= tail:
@@ -202,6 +274,9 @@ class Feed:
     def checkpoint(self, handle: Any, feed: FeedCommit | None, name: str) -> int:
         if feed is None:
             return 0
+        saved = self.delta(handle, feed).checkpoints.get(name)
+        if saved is not None:
+            return saved
         blob = self._entry(handle, feed, f"{FEED_CHECKPOINTS}/{fan(name)}/{entry_name(name)}")
         if blob is None:
             return 0
@@ -221,6 +296,7 @@ class Feed:
                     raise StoreUnavailable("the feed's checkpoints are malformed")
                 name, position = parse_checkpoint(blob.data)
                 out[name] = position
+        out.update(self.delta(handle, feed).checkpoints)
         return dict(sorted(out.items()))
 
     def spaces(self, handle: Any, feed: FeedCommit | None) -> list[str]:
@@ -245,7 +321,7 @@ class Feed:
                 if name is None:
                     raise StoreUnavailable(f"the feed names a space it cannot spell: {entry.name}")
                 names.append(name)
-        return sorted(names)
+        return sorted(set(names) | set(self.delta(handle, feed).tips))
 
     # -- building ----------------------------------------------------------------------------
 
@@ -256,70 +332,42 @@ class Feed:
         feed: FeedCommit | None,
         writes: Sequence[SpaceWrite],
         order: Sequence[tuple[int, int]],
-        saves: Mapping[str, bytes],
+        saves: Mapping[str, int],
     ) -> str:
         """Write the feed commit that follows `feed` with `writes` placed in `order` (pairs of a
-        write's index and an event's index in it) and the checkpoint records `saves`; return its
-        id. Each write's `base` must be its space's tip in `feed` (the caller checked)."""
+        write's index and an event's index in it) and the checkpoints `saves`; return its id.
+        Each write's `base` must be its space's tip in `feed` (the caller checked)."""
         old_head = feed.head if feed else 0
         listed = [writes[w].oids[i] for w, i in order]
         head = old_head + len(listed)
-        root = self._tree(handle, feed.tree if feed else None)
-        done = range(old_head // CHUNK, head // CHUNK)  # index chunks this write completes
-        if done:
-            start = done.start * CHUNK
-            known = self.listed(handle, feed, start + 1) if feed and start < old_head else []
-            known += listed
-            index = self._sub(handle, root, INDEX_TREE)
-            for k in done:
-                text = _lines(known[k * CHUNK - start : (k + 1) * CHUNK - start])
-                index[f"{k * CHUNK:012d}".encode()] = (BLOB_MODE, self._put(objects, text))
-            root[INDEX_TREE.encode()] = (TREE_MODE, self._tree_id(objects, index))
-        first = max(old_head + 1, head // CHUNK * CHUNK + 1)
-
-        positions: list[list[int]] = [[] for _ in writes]
-        for n, (w, _) in enumerate(order):
-            positions[w].append(old_head + 1 + n)
-        groups: dict[str, list[int]] = {}
-        for w, write in enumerate(writes):
-            groups.setdefault(fan(write.space), []).append(w)
-        if groups:
-            spaces = self._sub(handle, root, FEED_SPACES)
-            for key, members in groups.items():
-                group = self._sub(handle, spaces, key)
-                for w in members:
-                    name = entry_name(writes[w].space).encode()
-                    group[name] = (
-                        TREE_MODE,
-                        self._space_tree(handle, objects, group.get(name), writes[w], positions[w]),
-                    )
-                spaces[key.encode()] = (TREE_MODE, self._tree_id(objects, group))
-            root[FEED_SPACES.encode()] = (TREE_MODE, self._tree_id(objects, spaces))
-        if saves:
-            top = self._sub(handle, root, FEED_CHECKPOINTS)
-            by_fan: dict[str, list[str]] = {}
-            for checkpoint in saves:
-                by_fan.setdefault(fan(checkpoint), []).append(checkpoint)
-            for key, names in by_fan.items():
-                group = self._sub(handle, top, key)
-                for checkpoint in names:
-                    blob = self._put(objects, saves[checkpoint])
-                    group[entry_name(checkpoint).encode()] = (BLOB_MODE, blob)
-                top[key.encode()] = (TREE_MODE, self._tree_id(objects, group))
-            root[FEED_CHECKPOINTS.encode()] = (TREE_MODE, self._tree_id(objects, top))
-
-        tree = objects.put(ObjectType.TREE, tree_bytes(root))
-        record = {
-            "head": head,
-            "first": first,
-            "events": listed[first - old_head - 1 :],
-            "spaces": [w.space for w in writes],
-        }
+        since = (feed.since if feed else 0) + 1
+        indexed = feed.indexed if feed else 0
+        record: dict[str, Any] = {"head": head, "first": old_head + 1, "events": listed}
+        record["spaces"] = [w.space for w in writes]
+        record["seqs"] = [w.base.seq + 1 if w.base else 0 for w in writes]
+        if len(writes) > 1:
+            record["of"] = [w for w, _ in order]
+        record["checkpoints"] = dict(saves)
+        if since >= SNAPSHOT_EVERY or head - indexed > TAIL_LIMIT:
+            c = self._snapshot(handle, objects, feed, writes, order, saves, head)
+            tree, record["first"], record["indexed"] = c
+            record["events"] = listed[record["first"] - old_head - 1 :]
+            since = 0
+        elif feed is not None:
+            tree, record["indexed"] = feed.tree, indexed
+        else:
+            tree, record["indexed"] = objects.put(ObjectType.TREE, b""), 0
+        record["since"] = since
+        if not since:
+            del record["seqs"], record["checkpoints"]
+            record.pop("of", None)
         if listed:
             subject = f"feed {old_head + 1}..{head}: {len(listed)} events in "
             subject += f"{len(writes)} space" + ("s" if len(writes) != 1 else "")
         else:
             subject = f"feed {head}: checkpoints " + ", ".join(sorted(saves))[:200]
+        if not since:
+            subject += " (snapshot)"
         data = feed_commit_bytes(
             tree,
             feed.oid if feed else self._root(objects),
@@ -330,12 +378,78 @@ class Feed:
         )
         return objects.put(ObjectType.COMMIT, data)
 
+    def _snapshot(
+        self,
+        handle: Any,
+        objects: LooseObjects,
+        feed: FeedCommit | None,
+        writes: Sequence[SpaceWrite],
+        order: Sequence[tuple[int, int]],
+        saves: Mapping[str, int],
+        head: int,
+    ) -> tuple[str, int, int]:
+        """The tree of a snapshot after `feed` and this write: the delta since the last one
+        brought into it; with the first position its commit lists, and the positions indexed."""
+        old_head = feed.head if feed else 0
+        delta = self.delta(handle, feed)
+        spaces = {
+            s: (delta.seqs[s], list(delta.positions[s]), tip) for s, tip in delta.tips.items()
+        }
+        for w, write in enumerate(writes):
+            seq = write.base.seq + 1 if write.base else 0
+            start, positions, _ = spaces.get(write.space, (seq, [], ""))
+            positions += [old_head + 1 + n for n, (v, _) in enumerate(order) if v == w]
+            spaces[write.space] = (start, positions, write.tip.oid)
+        checkpoints = {**delta.checkpoints, **saves}
+        root = self._tree(handle, feed.tree if feed else None)
+        indexed = feed.indexed if feed else 0
+        done = range(indexed // CHUNK, head // CHUNK)  # index chunks this snapshot completes
+        if done:
+            known = self.listed(handle, feed, indexed + 1) if feed else []
+            known += [writes[w].oids[i] for w, i in order]
+            index = self._sub(handle, root, INDEX_TREE)
+            for k in done:
+                text = _lines(known[k * CHUNK - indexed : (k + 1) * CHUNK - indexed])
+                index[f"{k * CHUNK:012d}".encode()] = (BLOB_MODE, self._put(objects, text))
+            root[INDEX_TREE.encode()] = (TREE_MODE, self._tree_id(objects, index))
+        by_fan: dict[str, list[str]] = {}
+        for space in spaces:
+            by_fan.setdefault(fan(space), []).append(space)
+        if by_fan:
+            top = self._sub(handle, root, FEED_SPACES)
+            for key, names in by_fan.items():
+                group = self._sub(handle, top, key)
+                for space in names:
+                    name = entry_name(space).encode()
+                    start, positions, tip = spaces[space]
+                    entry = self._space_tree(
+                        handle, objects, space, group.get(name), start, positions, tip
+                    )
+                    group[name] = (TREE_MODE, entry)
+                top[key.encode()] = (TREE_MODE, self._tree_id(objects, group))
+            root[FEED_SPACES.encode()] = (TREE_MODE, self._tree_id(objects, top))
+        if checkpoints:
+            top = self._sub(handle, root, FEED_CHECKPOINTS)
+            by_fan = {}
+            for checkpoint in checkpoints:
+                by_fan.setdefault(fan(checkpoint), []).append(checkpoint)
+            for key, names in by_fan.items():
+                group = self._sub(handle, top, key)
+                for checkpoint in names:
+                    data = checkpoint_bytes(checkpoint, checkpoints[checkpoint])
+                    group[entry_name(checkpoint).encode()] = (BLOB_MODE, self._put(objects, data))
+                top[key.encode()] = (TREE_MODE, self._tree_id(objects, group))
+            root[FEED_CHECKPOINTS.encode()] = (TREE_MODE, self._tree_id(objects, top))
+        new_indexed = head // CHUNK * CHUNK
+        first = max(old_head + 1, new_indexed + 1)
+        return objects.put(ObjectType.TREE, tree_bytes(root)), first, new_indexed
+
     @staticmethod
     def _root(objects: LooseObjects) -> str:
         """The feed's first commit, before any write (so that every write's commit has the one
         before it as its first parent: `git log --first-parent` lists the writes)."""
         empty = objects.put(ObjectType.TREE, b"")
-        record = {"head": 0, "first": 1, "events": [], "spaces": []}
+        record = {"head": 0, "first": 1, "events": [], "spaces": [], "since": 0, "indexed": 0}
         return objects.put(
             ObjectType.COMMIT, feed_commit_bytes(empty, None, [], record, "feed: begins", 0)
         )
@@ -344,22 +458,23 @@ class Feed:
         self,
         handle: Any,
         objects: LooseObjects,
+        space: str,
         old: tuple[bytes, bytes] | None,
-        write: SpaceWrite,
+        head: int,
         positions: list[int],
+        tip: str,
     ) -> bytes:
-        """The raw id of a space's new entry: `tip`, `positions` (the last incomplete chunk's)
-        and `chunks/` (complete ones)."""
+        """The raw id of a space's new entry, whose old one held its first `head` events:
+        `tip`, `positions` (the last incomplete chunk's) and `chunks/` (complete ones)."""
         entry = self._tree(handle, old[1].hex()) if old else {}
-        base_head = write.base.seq + 1 if write.base else 0
-        start = base_head // CHUNK * CHUNK
+        start = head // CHUNK * CHUNK
         tail: list[int] = []
-        if write.base is not None:
+        if head:
             blob = entry.get(b"positions")
             if blob is None:
-                raise StoreUnavailable(f"space {write.space!r}: positions missing")
+                raise StoreUnavailable(f"space {space!r}: positions missing")
             data = self.git.read(handle, blob[1].hex(), ObjectType.BLOB)
-            tail = _numbers(data, base_head - start, f"positions of {write.space!r}")
+            tail = _numbers(data, head - start, f"positions of {space!r}")
         tail += positions
         if len(tail) >= CHUNK:
             chunks = self._sub(handle, entry, "chunks")
@@ -369,7 +484,7 @@ class Feed:
                 tail = tail[CHUNK:]
                 start += CHUNK
             entry[b"chunks"] = (TREE_MODE, self._tree_id(objects, chunks))
-        entry[b"tip"] = (COMMIT_MODE, bytes.fromhex(write.tip.oid))
+        entry[b"tip"] = (COMMIT_MODE, bytes.fromhex(tip))
         entry[b"positions"] = (BLOB_MODE, self._put(objects, _lines(tail)))
         return self._tree_id(objects, entry)
 
@@ -393,3 +508,21 @@ class Feed:
     @staticmethod
     def _tree_id(objects: LooseObjects, entries: TreeEntries) -> bytes:
         return bytes.fromhex(objects.put(ObjectType.TREE, tree_bytes(entries)))
+
+
+def _folded(delta: Delta, c: FeedCommit) -> Delta:
+    """`delta` with the write of `c` (a commit after a snapshot) added."""
+    tips, seqs = dict(delta.tips), dict(delta.seqs)
+    positions, checkpoints = dict(delta.positions), {**delta.checkpoints, **c.checkpoints}
+    for i, space in enumerate(c.spaces):
+        if c.of:
+            placed = [c.first + n for n, w in enumerate(c.of) if w == i]
+        else:
+            placed = list(range(c.first, c.head + 1))
+        before = positions.get(space, [])
+        start = seqs.setdefault(space, c.seqs[i])
+        if start + len(before) != c.seqs[i]:
+            raise StoreUnavailable(f"the feed commit {c.oid}: {space!r} does not follow on")
+        positions[space] = before + placed
+        tips[space] = c.tips[i]
+    return Delta(tips, seqs, positions, checkpoints)

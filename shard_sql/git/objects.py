@@ -194,9 +194,13 @@ def _aware(text: object, space: str) -> datetime:
 class FeedCommit:
     """A feed commit: the write it records and the feed after it.
 
-    `events` are the commit ids of positions `first .. head` (a write that completes index chunks
-    lists only what follows the last of them: the chunks hold the rest); `spaces` the spaces it
-    wrote, whose new tips are its parents after `previous`.
+    `events`: the commit ids of positions `first .. head` (a snapshot that completes index
+    chunks lists only what follows the last of them: the chunks hold the rest); `spaces`: the
+    spaces it wrote, from seq `seqs[i]` on, whose new tips are its parents after `previous`;
+    `of[n]`: the index in `spaces` of `events[n]` (empty when it wrote one space);
+    `checkpoints`: the positions it saved. `since`: the writes since the last snapshot (0: this
+    is one, its tree holds everything up to `head`; else its tree is that snapshot's);
+    `indexed`: the positions its tree's index chunks hold.
     """
 
     oid: str
@@ -207,6 +211,11 @@ class FeedCommit:
     events: tuple[str, ...]
     spaces: tuple[str, ...]
     tips: tuple[str, ...]
+    seqs: tuple[int, ...]
+    of: tuple[int, ...]
+    checkpoints: dict[str, int]
+    since: int
+    indexed: int
 
 
 def feed_commit_bytes(
@@ -227,6 +236,12 @@ def feed_commit_bytes(
     ).encode()
 
 
+def _ints(value: object, least: int = 0) -> bool:
+    return isinstance(value, list) and all(
+        isinstance(x, int) and not isinstance(x, bool) and x >= least for x in value
+    )
+
+
 def parse_feed_commit(oid: str, data: bytes) -> FeedCommit:
     """A feed commit written by `feed_commit_bytes`; `StoreUnavailable` for anything else."""
     head, sep, message = data.partition(b"\n\n")
@@ -242,23 +257,29 @@ def parse_feed_commit(oid: str, data: bytes) -> FeedCommit:
     ):
         raise StoreUnavailable(f"{oid} is not a shard-sql feed commit (malformed message)")
     parents = [_oid(x[7:]) for x in lines[1:] if x.startswith(b"parent ")]
-    record = json_object(body[2][len(FEED_TRAILER) :], f"the feed commit {oid}")
-    head_, first, events, spaces = (
-        record.get("head"),
-        record.get("first"),
-        record.get("events"),
-        record.get("spaces"),
-    )
+    r = json_object(body[2][len(FEED_TRAILER) :], f"the feed commit {oid}")
+    head_, first, events, spaces = r.get("head"), r.get("first"), r.get("events"), r.get("spaces")
+    seqs, of, saves = r.get("seqs", []), r.get("of", []), r.get("checkpoints", {})
+    since, indexed = r.get("since", 0), r.get("indexed", 0)
     if (
         not isinstance(head_, int)
         or not isinstance(first, int)
+        or not _ints([head_, first, since, indexed])
         or not isinstance(events, list)
+        or not all(isinstance(e, str) and _OID.fullmatch(e.encode()) for e in events)
         or not isinstance(spaces, list)
-        or not all(isinstance(e, str) and len(e) == 40 for e in events)
         or not all(isinstance(x, str) for x in spaces)
+        or not _ints(seqs)
+        or not _ints(of)
+        or not isinstance(saves, dict)
+        or not _ints(list(saves.values()))
         or len(parents) not in (len(spaces), len(spaces) + 1)
         or first + len(events) != head_ + 1
         or first < 1
+        or indexed > head_
+        or (since and len(seqs) != len(spaces))
+        or (since and len(spaces) > 1 and len(of) != len(events))
+        or any(n >= len(spaces) for n in of)
     ):
         raise StoreUnavailable(f"the feed commit {oid} is corrupt")
     previous = parents[0] if len(parents) == len(spaces) + 1 else None
@@ -271,18 +292,17 @@ def parse_feed_commit(oid: str, data: bytes) -> FeedCommit:
         tuple(events),
         tuple(spaces),
         tuple(parents[len(parents) - len(spaces) :]),
+        tuple(seqs),
+        tuple(of),
+        saves,
+        since,
+        indexed,
     )
 
 
-def checkpoint_bytes(name: str, position: int, updated_at: datetime, fence: Lease | None) -> bytes:
+def checkpoint_bytes(name: str, position: int) -> bytes:
     """The blob of a checkpoint record: one line of JSON."""
-    record = {
-        "name": name,
-        "position": position,
-        "updated_at": updated_at.isoformat(),
-        "holder": fence.holder if fence else None,
-        "generation": fence.generation if fence else None,
-    }
+    record = {"name": name, "position": position}
     return (json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
 
 

@@ -28,7 +28,6 @@ from shard_sql.git.loose import LooseObjects
 from shard_sql.git.migrate import place_existing_events
 from shard_sql.git.objects import (
     FeedCommit,
-    checkpoint_bytes,
     event_of,
     json_object,
     lease_bytes,
@@ -297,7 +296,7 @@ class GitEventStore(StoreBase, FeedStore, LeaseStore, IntentQueue, SpaceWakeups)
         checkpoints are checked there too, then the feed ref is moved: the commit point. The
         spaces' refs (copies for git's tools) follow.
         """
-        records = self._checkpoint_records(saves)
+        records = {name: save.position for name, save in saves.items()}
         self._check_saves(handle, feed, saves)
         new = self._feed.build(handle, objects, feed, writes, order, records)
         staged = self._git.refs.stage(FEED, new, objects)
@@ -341,13 +340,6 @@ class GitEventStore(StoreBase, FeedStore, LeaseStore, IntentQueue, SpaceWakeups)
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(staged)
         return (feed.head if feed else 0) + 1
-
-    def _checkpoint_records(self, saves: Mapping[str, CheckpointSave]) -> dict[str, bytes]:
-        now = system_clock()
-        return {
-            name: checkpoint_bytes(name, save.position, now, save.fence)
-            for name, save in saves.items()
-        }
 
     def _check_saves(
         self, handle: Any, feed: FeedCommit | None, saves: Mapping[str, CheckpointSave]
