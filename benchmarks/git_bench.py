@@ -9,7 +9,10 @@ Every figure is measured in the same run on the same repository as its baseline:
 - the git CLI's plumbing (`commit-tree` + `update-ref`, a process each), for the choice of layer;
 - reads: `events()` and `iter_events()` of a 10,000-event space, next to a bare pygit2 walk of
   the same commits (`odb.read` + `json.loads` of the payload), and `git cat-file --batch`;
-- the cost of durability: the append with libgit2's fsync switched off (process-wide).
+- the cost of durability: the append with libgit2's fsync switched off (process-wide);
+- the cost of the feed: the fenced append next to the same append as it was before the feed
+  (the same objects, the space ref moved under its own lock: `_SpaceRefOnly`), and a
+  transaction of one event in each of two spaces next to two fenced appends.
 
 `run(quick=False)` returns rows (work, figure, baseline, ratio, target, unit) for `shard-sql
 bench`; `python -m benchmarks.git_bench [--quick] [--json]` prints them.
@@ -34,8 +37,11 @@ from pygit2.enums import ObjectType
 
 from shard_sql import AppendAuthority, GitEventStore, LeaseRegistry
 from shard_sql.git.layout import space_ref
-from shard_sql.git.objects import commit_bytes
-from shard_sql.values import Event
+from shard_sql.git.objects import Tip, commit_bytes
+from shard_sql.leases import check_fence
+from shard_sql.store_base import stamp
+from shard_sql.validation import pending
+from shard_sql.values import Event, Lease
 
 PAYLOAD = {"page": "Home", "title": "A wiki page", "tags": ["a", "b"], "rev": 0}
 PAYLOAD_JSON = json.dumps(PAYLOAD, ensure_ascii=False, separators=(",", ":"))
@@ -78,6 +84,42 @@ class _Baseline:
         self.seq += 1
 
 
+class _SpaceRefOnly:
+    """A fenced append as the store made it before the feed: the same objects (`SpaceChains`),
+    the ref's new content staged and fsynced with them, the space ref's own lock, the fence
+    checked under it, the rename and the directory fsync (`RefFiles`); no feed, no mutex."""
+
+    def __init__(self, store: GitEventStore, lease: Lease) -> None:
+        self.store = store
+        self.lease = lease
+        self.ref = "refs/shard-sql-bench/before-the-feed"
+        self.tip: Tip | None = None
+
+    def append(self) -> None:
+        git, chains, store = self.store._git, self.store._chains, self.store
+        handle = git.handle()
+        check_fence(self.lease, store._lease_record(handle, self.lease.space))
+        batch = [pending("page.edited", PAYLOAD)]
+        seq = self.tip.seq + 1 if self.tip else 0
+        out = [stamp(self.lease.space, seq, batch[0], self.lease, datetime.now(UTC))]
+        objects = git.objects()
+        try:
+            new, _ = chains.write_commits(handle, objects, self.tip, batch, out)
+            staged = git.refs.stage(self.ref, new.oid, objects)
+            lock = git.lock(handle, self.ref, time.monotonic() + 10, staged)
+            try:
+                if git.target(handle, self.ref) != (self.tip.oid if self.tip else None):
+                    raise AssertionError("moved")
+                check_fence(self.lease, store._lease_record(handle, self.lease.space))
+                lock.commit(new.oid)
+            finally:
+                lock.free()
+                Path(staged).unlink(missing_ok=True)
+        finally:
+            objects.close()
+        self.tip = new
+
+
 def _appends(path: Path, count: int, rounds: int, durable: bool = True) -> dict[str, float]:
     store = GitEventStore(path, durable=durable)
     registry = LeaseRegistry(store)
@@ -108,10 +150,31 @@ def _appends(path: Path, count: int, rounds: int, durable: bool = True) -> dict[
         for _ in range(count):
             base.append()
 
+    before = _SpaceRefOnly(store, registry.acquire("before", "bench-node", 3600))
+
+    def before_the_feed(_: int) -> None:
+        for _ in range(count):
+            before.append()
+
+    pair = [registry.acquire(s, "bench-node", 3600) for s in ("tx-a", "tx-b")]
+
+    def transaction(_: int) -> None:
+        for _ in range(count // 2):
+            with store.transaction() as tx:
+                for lease in pair:
+                    tx.append(lease.space, "page.edited", PAYLOAD, fence=lease)
+
     # Warm up: a long-running writer has made its object directories durable already (once per
     # process and directory); then interleave the variants round by round, against drift.
     store.append_many("warm-up", [("t", {"i": i}) for i in range(512)], expected_seq=0)
-    variants = {"baseline": baseline, "fenced": fenced, "authority": authority, "intents": intents}
+    variants = {
+        "baseline": baseline,
+        "fenced": fenced,
+        "before": before_the_feed,
+        "transaction": transaction,
+        "authority": authority,
+        "intents": intents,
+    }
     rates: dict[str, list[float]] = {name: [] for name in variants}
     for r in range(rounds):
         for name, work in variants.items():
@@ -242,6 +305,8 @@ def run(*, quick: bool = False) -> list[dict[str, Any]]:
         fsync_ms = (1 / w["fenced"] - 1 / nf["fenced"]) * 1000
         table: list[tuple[str, float, float | None, float | None, str]] = [
             ("git append, fenced, lease held (fsync)", w["fenced"], base, 0.5, "ev/s"),
+            ("git append, fenced, vs before the feed", w["fenced"], w["before"], None, "ev/s"),
+            ("git transaction of 2 spaces, per event", w["transaction"], w["fenced"], None, "ev/s"),
             ("git append, fenced: absolute", w["fenced"], None, 300.0, "ev/s"),
             ("git append via AppendAuthority (fsync)", w["authority"], base, 0.5, "ev/s"),
             ("git append with intent_id (fsync)", w["intents"], base, None, "ev/s"),
@@ -251,6 +316,7 @@ def run(*, quick: bool = False) -> list[dict[str, Any]]:
             ("git events(): absolute", r["events"], None, 10_000.0, "ev/s"),
             ("git CLI cat-file --batch read (layer choice)", r["cat_file"], r["raw"], None, "ev/s"),
             ("git append, fenced, no fsync", nf["fenced"], nf["baseline"], None, "ev/s"),
+            ("git append, no fsync, vs before the feed", nf["fenced"], nf["before"], None, "ev/s"),
             ("fsync cost per fenced append", fsync_ms, None, None, "ms"),
         ]
         rows = [_row(*t) for t in table]
