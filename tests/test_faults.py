@@ -34,9 +34,22 @@ DURATION = float(os.environ.get("SHARD_SQL_FAULT_SECONDS", "18"))
 
 
 def _run(
-    backend: str, url: str, workdir: Path, faults: dict[str, Fault], consumers: int = 0
+    backend: str,
+    url: str,
+    workdir: Path,
+    faults: dict[str, Fault],
+    consumers: int = 0,
+    duration: float = DURATION,
+    fault_every: float = 1.5,
 ) -> None:
-    report, injected = run(url, workdir, faults=faults, duration=DURATION, consumers=consumers)
+    report, injected = run(
+        url,
+        workdir,
+        faults=faults,
+        consumers=consumers,
+        duration=duration,
+        fault_every=fault_every,
+    )
     line = describe(backend, report, injected)
     SUMMARY.append(line)
     assert report.ok, line + "\n" + "\n".join(report.violations[:20])
@@ -72,7 +85,9 @@ def test_faults_git(tmp_path: Path) -> None:
         "kill_consumer": kill_consumer,
         "pause_consumer": pause_consumer,
     }
-    _run("git", f"git+file://{tmp_path}/log.git", tmp_path, faults, consumers=2)
+    # Five kinds of fault, two of them 1-1.6 s long: a longer run, faults closer together.
+    url = f"git+file://{tmp_path}/log.git"
+    _run("git", url, tmp_path, faults, 2, duration=max(DURATION, 30), fault_every=1.0)
 
 
 def test_checker_catches_unfenced_nodes(tmp_path: Path) -> None:
