@@ -124,6 +124,11 @@ class SqlEventStore(StoreBase, LeaseStore, IntentQueue, IntentInbox, SpaceWakeup
         self._intents = SqlIntentQueue(db)
         self._clock = DatabaseClock(db)
         self._feed_written = self._intents.waits.feed_written
+        self._next_position = 0
+        """SQLite: the position after the one this store wrote last (0: unknown), tried first by
+        the next single append (`Dialect.append_at`: no `RETURNING` to read back)."""
+        self._guess_backoff = 0
+        self._guess_pause = 0
         try:
             open_schema(db, migrate or self._dialect.migrates_on_open)
         except BaseException:
@@ -306,9 +311,27 @@ class SqlEventStore(StoreBase, LeaseStore, IntentQueue, IntentInbox, SpaceWakeup
             at = p.recorded_at or _now(UTC)
             writer = p.writer if p.writer is not None else fence.holder if fence else ""
             gen = p.generation if p.generation is not None else fence.generation if fence else 0
-            sql, params = self._dialect.append_one(space, p, expected_seq, at, writer, gen, check)
             insert_once = self._insert_once
-            position = None if insert_once is None else insert_once(sql, params)
+            position = None
+            if insert_once is not None:  # SQLite
+                guess = self._next_position
+                if guess:  # the position after the one this store wrote last: no RETURNING
+                    statement = self._dialect.append_at(
+                        space, p, expected_seq, at, writer, gen, check, guess
+                    )
+                    if statement is not None and insert_once(*statement) is not None:
+                        position = guess
+                        self._next_position = guess + 1
+                        self._guess_backoff = 0
+                    else:
+                        self._missed_guess()
+                if position is None:
+                    sql, params = self._dialect.append_one(
+                        space, p, expected_seq, at, writer, gen, check
+                    )
+                    position = insert_once(sql, params)
+                    if position:
+                        self._expect_next(position)
             if position is not None:
                 written = [
                     new_event(
@@ -317,7 +340,7 @@ class SqlEventStore(StoreBase, LeaseStore, IntentQueue, IntentInbox, SpaceWakeup
                     )
                 ]  # fmt: skip
             else:
-                statement = (sql, params)
+                statement = self._dialect.append_one(space, p, expected_seq, at, writer, gen, check)
                 written = self._write_one(space, p, expected_seq, check, statement, at, writer, gen)
             if p.intent_id is not None:
                 self._intents.waits.events_written(space)  # a forwarder may wait for it
@@ -328,6 +351,21 @@ class SqlEventStore(StoreBase, LeaseStore, IntentQueue, IntentInbox, SpaceWakeup
         if self._feed_written is not None:
             self._feed_written()  # PostgreSQL: the feed's waiters (docs/feed.md)
         return written
+
+    def _missed_guess(self) -> None:
+        """SQLite: the append at the guessed position wrote nothing (another writer came
+        between, or a check failed: it is written the usual way). No guess for the next 1, 2,
+        4, ... 256 appends: other writers are busy."""
+        self._guess_backoff = min(2 * self._guess_backoff or 1, 256)
+        self._guess_pause = self._guess_backoff
+        self._next_position = 0
+
+    def _expect_next(self, position: int) -> None:
+        """An append wrote `position` the usual way: guess the next one, unless paused."""
+        if self._guess_pause:
+            self._guess_pause -= 1
+        else:
+            self._next_position = position + 1
 
     def _write_one(
         self,

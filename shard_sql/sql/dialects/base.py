@@ -273,6 +273,22 @@ class Dialect:
         is `seq`, `fence` (if any) is the current grant, `p`'s intent id is not written yet."""
         raise NotImplementedError
 
+    def append_at(
+        self,
+        space: str,
+        p: Pending,
+        seq: int,
+        at: datetime,
+        writer: str,
+        generation: int,
+        fence: Lease | None,
+        position: int,
+    ) -> Statement | None:
+        """`append_one` at feed position `position`, which the caller expects to be the next
+        (the one after the position it wrote last): the statement also writes nothing unless
+        `position` is above every position. None: this database places events after commit."""
+        return None
+
     def is_check_failure(self, e: BaseException) -> bool:
         """`e` is how `append_one`'s statement says that a check failed (else: no row)."""
         return False
