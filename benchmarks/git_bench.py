@@ -12,7 +12,8 @@ Every figure is measured in the same run on the same repository as its baseline:
 - the cost of durability: the append with libgit2's fsync switched off (process-wide);
 - the cost of the feed: the fenced append next to the same append as it was before the feed
   (the same objects, the space ref moved under its own lock: `_SpaceRefOnly`), and a
-  transaction of one event in each of two spaces next to two fenced appends.
+  transaction of one event in each of two spaces next to two fenced appends;
+- the cost of packing: the fenced append next to the same in a store that never packs.
 
 `run(quick=False)` returns rows (work, figure, baseline, ratio, target, unit) for `shard-sql
 bench`; `python -m benchmarks.git_bench [--quick] [--json]` prints them.
@@ -125,11 +126,16 @@ def _appends(path: Path, count: int, rounds: int, durable: bool = True) -> dict[
     registry = LeaseRegistry(store)
     repo = pygit2.Repository(str(path))
     lease = registry.acquire("fenced", "bench-node", 3600)
+    # The same fenced appends in a repository of their own that never packs: the price of
+    # packing in the background (every PACK_EVERY loose objects) on appends.
+    unpacked_path = path.with_name(path.name + "-unpacked")
+    unpacked = GitEventStore(unpacked_path, durable=durable, pack_every=0)
+    unpacked_lease = LeaseRegistry(unpacked).acquire("fenced", "bench-node", 3600)
     node = AppendAuthority("bench-node", store, registry, ttl_seconds=3600)
     node.acquire("authority")
     node.acquire("intents")
     base = _Baseline(repo, "baseline")
-    heads = {"fenced": 0, "intents": 0}
+    heads = {"fenced": 0, "intents": 0, "unpacked": 0}
 
     def fenced(_: int) -> None:
         for _ in range(count):
@@ -137,6 +143,17 @@ def _appends(path: Path, count: int, rounds: int, durable: bool = True) -> dict[
                 "fenced", "page.edited", PAYLOAD, expected_seq=heads["fenced"], fence=lease
             )
             heads["fenced"] += 1
+
+    def fenced_unpacked(_: int) -> None:
+        for _ in range(count):
+            unpacked.append(
+                "fenced",
+                "page.edited",
+                PAYLOAD,
+                expected_seq=heads["unpacked"],
+                fence=unpacked_lease,
+            )
+            heads["unpacked"] += 1
 
     def authority(_: int) -> None:
         for _ in range(count):
@@ -167,9 +184,11 @@ def _appends(path: Path, count: int, rounds: int, durable: bool = True) -> dict[
     # Warm up: a long-running writer has made its object directories durable already (once per
     # process and directory); then interleave the variants round by round, against drift.
     store.append_many("warm-up", [("t", {"i": i}) for i in range(512)], expected_seq=0)
+    unpacked.append_many("warm-up", [("t", {"i": i}) for i in range(512)], expected_seq=0)
     variants = {
         "baseline": baseline,
         "fenced": fenced,
+        "fenced_unpacked": fenced_unpacked,
         "before": before_the_feed,
         "transaction": transaction,
         "authority": authority,
@@ -182,6 +201,7 @@ def _appends(path: Path, count: int, rounds: int, durable: bool = True) -> dict[
             work(r)
             rates[name].append(_rate(count, time.perf_counter() - start))
     store.close()
+    unpacked.close()
     repo.free()
     return {name: statistics.median(values) for name, values in rates.items()}
 
@@ -308,6 +328,13 @@ def run(*, quick: bool = False) -> list[dict[str, Any]]:
             ("git append, fenced, vs before the feed", w["fenced"], w["before"], None, "ev/s"),
             ("git transaction of 2 spaces, per event", w["transaction"], w["fenced"], None, "ev/s"),
             ("git append, fenced: absolute", w["fenced"], None, 300.0, "ev/s"),
+            (
+                "git append, fenced, packing vs never",
+                w["fenced"],
+                w["fenced_unpacked"],
+                None,
+                "ev/s",
+            ),
             ("git append via AppendAuthority (fsync)", w["authority"], base, 0.5, "ev/s"),
             ("git append with intent_id (fsync)", w["intents"], base, None, "ev/s"),
             ("git CLI plumbing append (layer choice)", cli_rate, base, None, "ev/s"),

@@ -677,7 +677,8 @@ def test_long_reads_do_not_fill_the_object_cache(tmp_path: Path) -> None:
 
     pygit2.settings.enable_fsync_gitdir(False)  # speed only; other tests' stores turn it back on
     try:
-        store = GitEventStore(tmp_path / "r.git", durable=False)
+        # No packing: a run beside the reads would fill libgit2's (process-wide) cache too.
+        store = GitEventStore(tmp_path / "r.git", durable=False, pack_every=0)
         n = 12_000
         for start in range(0, n, 6_000):
             items = [("t", {"i": i, "pad": "x" * 200}) for i in range(start, start + 6_000)]

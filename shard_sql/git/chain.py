@@ -142,13 +142,10 @@ class SpaceChains:
 
     def index_chunk(self, handle: Any, tip: Tip, start: int) -> list[str]:
         """The commit ids of seqs `start .. start + CHUNK - 1`, from the tip's tree."""
-        try:
-            blob = self.git.tree(handle, tip.tree)[f"{INDEX_TREE}/{start:012d}"]
-        except KeyError:
-            blob = None
-        if not isinstance(blob, pygit2.Blob):
+        entry = self.git.entry(handle, tip.tree, f"{INDEX_TREE}/{start:012d}")
+        if not isinstance(entry, pygit2.Blob):
             raise StoreUnavailable(f"the index chunk at seq {start} is missing")
-        oids = blob.data.split(b"\n")
+        oids = self.git.read(handle, str(entry.id), ObjectType.BLOB).split(b"\n")
         if len(oids) != CHUNK + 1 or oids[-1] or not all(_OID.fullmatch(o) for o in oids[:-1]):
             raise StoreUnavailable(f"the index chunk at seq {start} is malformed")
         return [o.decode("ascii") for o in oids[:-1]]
@@ -166,12 +163,12 @@ class SpaceChains:
             return None
         handle = self.git.handle()
         first, rest = intent_entry(intent_id)
-        try:
-            leaf = self.git.tree(handle, tip.tree)[INTENT_TREES + first]
-        except KeyError:
+        entry = self.git.entry(handle, tip.tree, INTENT_TREES + first)
+        if entry is None:
             return None
-        if not isinstance(leaf, pygit2.Tree):
+        if not isinstance(entry, pygit2.Tree):
             raise StoreUnavailable(f"space {space!r}: the intent index is malformed")
+        leaf = self.git.tree(handle, str(entry.id))
         # Entries `<rest>.<seq>` are sorted by name: binary search for the `<rest>.` prefix.
         key = rest + "."
         lo, hi = 0, len(leaf)

@@ -139,9 +139,8 @@ class Feed:
     def _entry(self, handle: Any, feed: FeedCommit, path: str, kind: type = pygit2.Blob) -> Any:
         """The object at `path` in the feed's tree, None if there is none; `StoreUnavailable`
         if it is not a `kind`."""
-        try:
-            found = self.git.tree(handle, feed.tree)[path]
-        except KeyError:
+        found = self.git.entry(handle, feed.tree, path)
+        if found is None:
             return None
         if not isinstance(found, kind):
             raise StoreUnavailable(f"the feed's {path} is not a {kind.__name__.lower()}")
@@ -173,6 +172,10 @@ class Feed:
         for c in reversed(chain):
             delta = self.git.remember((_DELTA_KEY, c.oid), _folded(delta, c))
         return delta
+
+    def _data(self, handle: Any, blob: Any) -> bytes:
+        """The content of a blob entry (read as `GitRepo.read` reads, not loaded by pygit2)."""
+        return self.git.read(handle, str(blob.id), ObjectType.BLOB)
 
     def tip_oid(self, handle: Any, feed: FeedCommit | None, space: str) -> str | None:
         """The commit id of the space's last event in `feed`, None for a space without events."""
@@ -217,7 +220,9 @@ class Feed:
                 blob = self._entry(handle, feed, f"{base}/chunks/{first:012d}")
                 if blob is None:
                     raise StoreUnavailable(f"space {space!r}: positions missing at seq {first}")
-                nums = _numbers(blob.data, CHUNK, f"positions of {space!r} at seq {first}")
+                nums = _numbers(
+                    self._data(handle, blob), CHUNK, f"positions of {space!r} at seq {first}"
+                )
                 end = min(stop, first + CHUNK)
                 out += nums[seq - first : end - first]
                 seq = end
@@ -225,7 +230,7 @@ class Feed:
                 blob = self._entry(handle, feed, f"{base}/positions")
                 if blob is None:
                     raise StoreUnavailable(f"space {space!r}: positions missing")
-                nums = _numbers(blob.data, head - tail, f"positions of {space!r}")
+                nums = _numbers(self._data(handle, blob), head - tail, f"positions of {space!r}")
                 out += nums[seq - tail : stop - tail]
                 seq = stop
         return out
@@ -260,7 +265,7 @@ class Feed:
                 blob = self._entry(handle, feed, f"{INDEX_TREE}/{start:012d}")
                 if blob is None:
                     raise StoreUnavailable(f"the feed's index misses position {p}")
-                oids = blob.data.split(b"\n")
+                oids = self._data(handle, blob).split(b"\n")
                 wrong = not all(_OID.fullmatch(o) for o in oids[:-1])
                 if len(oids) != CHUNK + 1 or oids[-1] or wrong:
                     raise StoreUnavailable(f"the feed's index chunk at {start} is malformed")
@@ -280,7 +285,7 @@ class Feed:
         blob = self._entry(handle, feed, f"{FEED_CHECKPOINTS}/{fan(name)}/{entry_name(name)}")
         if blob is None:
             return 0
-        found, position = parse_checkpoint(blob.data)
+        found, position = parse_checkpoint(self._data(handle, blob))
         if found != name:
             raise StoreUnavailable(f"the checkpoint record of {name!r} names {found!r}")
         return position
@@ -294,7 +299,7 @@ class Feed:
             for blob in self.git.tree(handle, str(group.id)):
                 if not isinstance(blob, pygit2.Blob):
                     raise StoreUnavailable("the feed's checkpoints are malformed")
-                name, position = parse_checkpoint(blob.data)
+                name, position = parse_checkpoint(self._data(handle, blob))
                 out[name] = position
         out.update(self.delta(handle, feed).checkpoints)
         return dict(sorted(out.items()))

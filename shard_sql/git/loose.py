@@ -77,6 +77,13 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def _fsync_fanout(path: str) -> None:
+    """fsync `objects/xx/`, unless it is gone: emptied and removed by packing (`git gc`, or
+    `maintain`), which deletes only loose objects already in a durable pack."""
+    with contextlib.suppress(FileNotFoundError):
+        fsync_dir(path)
+
+
 def _fsync_close(fd: int) -> None:
     try:
         os.fsync(fd)
@@ -93,10 +100,18 @@ class LooseObjects:
     (shared by the writes of a store). `durable=False`: nothing is synced (intent records).
     """
 
-    def __init__(self, objects: str, synced: set[str], durable: bool) -> None:
+    def __init__(
+        self,
+        objects: str,
+        synced: set[str],
+        durable: bool,
+        on_create: Callable[[], None] | None = None,
+    ) -> None:
         self.objects = objects
         self.synced = synced
         self.durable = durable
+        self.on_create = on_create
+        """Called after each object created (not after one found present)."""
         self.fds: list[int] = []
         self.dirs: set[str] = set()
         self.fanouts: set[str] = set()
@@ -158,6 +173,8 @@ class LooseObjects:
             self._dir(oid, fan)
         else:
             os.close(fd)
+        if self.on_create is not None:
+            self.on_create()
 
     def _track(self, oid: str, fan: str, path: str) -> None:
         """An object present already may not be durable yet (its writer may not have synced
@@ -179,7 +196,7 @@ class LooseObjects:
         fds, self.fds = self.fds, []
         calls: list[Callable[[], object]] = [functools.partial(_fsync_close, fd) for fd in fds]
         calls += [functools.partial(os.fsync, fd) for fd in also]
-        calls += [functools.partial(fsync_dir, d) for d in sorted(self.dirs)]
+        calls += [functools.partial(_fsync_fanout, d) for d in sorted(self.dirs)]
         if self.fanouts:
             calls.append(functools.partial(fsync_dir, self.objects))
         run_concurrently(calls)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import functools
 import os
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -21,8 +23,20 @@ from shard_sql.wake import Bells
 
 T = TypeVar("T")
 
+MISS_RETRIES = 5
+"""Reads of an object not found: a handle's list of packs may name a pack merged and deleted
+since (packing), which libgit2 does not drop when it looks again; `free` drops the handle's
+object database, and the next read lists the packs anew (after a pause growing from 1 ms, in
+case packing goes on)."""
 CACHED_OBJECTS = 4096
 """What parsed objects say (tips, lease records), kept per store."""
+
+
+def _look_again(handle: Any, attempt: int) -> None:
+    """Before the next read of an object not found: see MISS_RETRIES."""
+    handle.free()
+    if attempt:
+        time.sleep(0.001 * 2**attempt)
 
 
 def open_or_create(path: Path) -> Any:
@@ -69,6 +83,8 @@ class GitRepo:
         self._closed = False
         self._cache: dict[tuple[str, str], object] = {}
         self._synced_fanouts: set[str] = set()
+        self.on_object_written: Callable[[], None] | None = None
+        """Called after each loose object this store writes (the packer counts them)."""
         if durable:
             pygit2.settings.enable_fsync_gitdir(True)
         try:
@@ -127,20 +143,47 @@ class GitRepo:
 
     def read(self, handle: Any, oid: str, kind: int) -> bytes:
         """The raw content of object `oid`, which must be of `kind`."""
-        obj_type, data = handle.odb.read(oid)[:2]
+        for attempt in range(MISS_RETRIES):
+            try:
+                obj_type, data = handle.odb.read(oid)[:2]
+                break
+            except pygit2.GitError as e:
+                if not isinstance(e, KeyError) or attempt == MISS_RETRIES - 1:
+                    raise  # not a miss (NotFoundError), or really missing
+                _look_again(handle, attempt)
         if obj_type != kind:
             raise StoreUnavailable(f"object {oid} is a {obj_type!r}, expected {kind!r}")
         return bytes(data)
 
     def tree(self, handle: Any, oid: str) -> Any:
         """The `pygit2.Tree` of id `oid`; `StoreUnavailable` when it is missing or no tree."""
-        try:
-            tree = handle[oid]
-        except (KeyError, ValueError) as e:  # what pygit2 raises for a missing or bad id
-            raise StoreUnavailable(f"tree {oid} is missing or unreadable: {e}") from e
+        for attempt in range(MISS_RETRIES):
+            try:
+                tree = handle[oid]
+                break
+            except (KeyError, ValueError) as e:  # what pygit2 raises for a missing or bad id
+                if not isinstance(e, KeyError) or attempt == MISS_RETRIES - 1:
+                    raise StoreUnavailable(f"tree {oid} is missing or unreadable: {e}") from e
+                _look_again(handle, attempt)
         if not isinstance(tree, pygit2.Tree):
             raise StoreUnavailable(f"object {oid} is not a tree")
         return tree
+
+    def entry(self, handle: Any, tree: str, path: str) -> Any:
+        """The entry at `path` (`/`-separated) below tree `tree`, not loaded; None when there is
+        none. Each tree on the way is read as `tree` reads (pygit2's own path lookup would take
+        a tree it misses, see MISS_RETRIES, for a path that does not exist)."""
+        *dirs, last = path.split("/")
+        node = self.tree(handle, tree)
+        try:
+            for name in dirs:
+                sub = node[name]
+                if not isinstance(sub, pygit2.Tree):
+                    return None
+                node = self.tree(handle, str(sub.id))
+            return node[last]
+        except KeyError:  # no entry of that name: entries are listed in the loaded tree
+            return None
 
     def lock(
         self,
@@ -159,7 +202,7 @@ class GitRepo:
         """A writer of loose objects, synced together by its `sync`; a fan-out directory new to
         this process has its entry in `objects/` synced too."""
         durable = self.durable if durable is None else durable
-        return LooseObjects(self.objects_dir, self._synced_fanouts, durable)
+        return LooseObjects(self.objects_dir, self._synced_fanouts, durable, self.on_object_written)
 
     def cached(self, key: tuple[str, str], kind: type[T]) -> T | None:
         """What `remember` kept for `key` (a space and an object id), if it is a `kind`."""

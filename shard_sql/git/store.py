@@ -34,6 +34,7 @@ from shard_sql.git.objects import (
     parse_commit,
     parse_lease,
 )
+from shard_sql.git.packing import PACK_EVERY, AutoPacker, Maintenance, pack
 from shard_sql.git.repo import GitRepo
 from shard_sql.git.transaction import GitTransaction, transaction_block
 from shard_sql.leases import (
@@ -69,14 +70,23 @@ class GitEventStore(StoreBase, FeedStore, LeaseStore, IntentQueue, SpaceWakeups)
     `lock_timeout`: how long a write waits for the store's write mutex or a ref lock held by
     another writer before raising `StoreUnavailable`. `durable`: fsync objects and refs before a
     write returns (turns on libgit2's process-wide fsync setting, never turned off again).
+    `pack_every`: after this many loose objects written by this store, pack them in a
+    background thread (0: never; see `maintain`).
 
     A repository written before the feed existed gets positions for its events when it is first
     opened (docs/git.md, "The feed").
     """
 
     def __init__(
-        self, path: str | os.PathLike[str], *, lock_timeout: float = 10.0, durable: bool = True
+        self,
+        path: str | os.PathLike[str],
+        *,
+        lock_timeout: float = 10.0,
+        durable: bool = True,
+        pack_every: int = PACK_EVERY,
     ) -> None:
+        if isinstance(pack_every, bool) or not isinstance(pack_every, int) or pack_every < 0:
+            raise InvalidEvent("pack_every", "must be an integer >= 0")
         self.path = Path(path)
         self.lock_timeout = float(lock_timeout)
         self.durable = durable
@@ -84,6 +94,8 @@ class GitEventStore(StoreBase, FeedStore, LeaseStore, IntentQueue, SpaceWakeups)
         self._feed = Feed(self._git)
         self._chains = SpaceChains(self._git, self._feed)
         self._intents = GitIntentQueue(self._git, self._chains)
+        self._packer = AutoPacker(self._git, pack_every)
+        self._git.on_object_written = self._packer.wrote
         try:
             place_existing_events(self._git, self._feed)
         except BaseException:
@@ -94,8 +106,17 @@ class GitEventStore(StoreBase, FeedStore, LeaseStore, IntentQueue, SpaceWakeups)
         return f"GitEventStore({str(self.path)!r})"
 
     def close(self) -> None:
-        """Release the repository handles; later calls raise `StoreUnavailable`."""
+        """Wait for a packing run in progress, release the repository handles; later calls
+        raise `StoreUnavailable`."""
+        self._packer.join()
         self._git.close()
+
+    @translated
+    def maintain(self) -> Maintenance:
+        """Pack the loose objects now (waiting for another process's run to end), as the
+        background packing does; safe while other processes write and read. docs/git.md."""
+        self._git.handle()  # a closed store raises StoreUnavailable
+        return pack(self._git)
 
     def __enter__(self) -> GitEventStore:
         return self

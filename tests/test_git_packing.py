@@ -1,0 +1,203 @@
+"""Packing a git store as it grows (issue 13 item 17): loose objects go into packs, beside live
+writers and readers, and nothing written is ever lost."""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from shard_sql import GitEventStore, InvalidEvent, LeaseRegistry, StoreUnavailable
+from shard_sql.git import Maintenance
+from shard_sql.git.packing import LOCK_FILE, loose_objects, pack_size, packs_to_merge
+
+
+def git(repo: Path, *args: str) -> str:
+    r = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, check=False)
+    assert r.returncode == 0, f"git {' '.join(args)}: {r.returncode}\n{r.stdout}\n{r.stderr}"
+    return r.stdout
+
+
+def fsck(repo: Path) -> None:
+    r = subprocess.run(
+        ["git", "-C", str(repo), "fsck", "--strict", "--no-dangling", "--full"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    lines = [x for x in (r.stdout + r.stderr).splitlines() if x and not x.startswith("notice:")]
+    assert r.returncode == 0 and not lines, r.stdout + r.stderr
+
+
+def packs(repo: Path) -> list[Path]:
+    return sorted((repo / "objects" / "pack").glob("pack-*.pack"))
+
+
+def test_packs_to_merge_keeps_sizes_geometric() -> None:
+    assert packs_to_merge([]) == 0
+    assert packs_to_merge([5]) == 0
+    assert packs_to_merge([100, 300, 1000]) == 0  # a progression already
+    assert packs_to_merge([100, 100]) == 2
+    assert packs_to_merge([300, 500]) == 2
+    assert packs_to_merge([100, 150, 1000]) == 2  # the big one stays
+    assert packs_to_merge([2000, 2000, 4000, 8000]) == 4  # merged, each next one is too small
+    sizes = [2000]
+    rewritten = 0
+    for _ in range(200):  # 200 runs of 2000 new objects: few packs, each object rewritten rarely
+        sizes.sort()
+        k = packs_to_merge(sizes)
+        merged = sum(sizes[:k])
+        rewritten += merged
+        sizes = [*sizes[k:], merged + 2000]
+    assert len(sizes) <= 10
+    assert rewritten <= 200 * 2000 * 10
+
+
+def test_appends_pack_as_the_store_grows(tmp_path: Path) -> None:
+    path = tmp_path / "r.git"
+    store = GitEventStore(path, durable=False, pack_every=100)
+    reg = LeaseRegistry(store)
+    lease = reg.acquire("s", "node", 60)
+    written = [
+        store.append("s", "t", {"i": i}, expected_seq=i, fence=lease, intent_id=f"k{i}")
+        for i in range(1000)
+    ]
+    store.close()  # waits for a run in progress
+    loose = len(loose_objects(str(path / "objects")))
+    packed = sum(pack_size(str(p.with_suffix(".idx"))) for p in packs(path))
+    assert loose < (loose + packed) / 4  # all ~9,000 objects were loose
+    assert 1 <= len(packs(path)) <= 12  # about log2(runs)
+    again = GitEventStore(path, pack_every=0)
+    assert again.events("s") == written
+    assert again.append("s", "t", {"i": 5}, expected_seq=1000, intent_id="k5") == written[5]
+    again.close()
+    fsck(path)
+
+
+def test_maintain(tmp_path: Path) -> None:
+    path = tmp_path / "r.git"
+    store = GitEventStore(path, pack_every=0)
+    assert store.maintain() == Maintenance(0, 0, 0, 0)  # nothing to pack
+    store.append_many("s", [("t", {"i": i}) for i in range(300)], expected_seq=0)
+    done = store.maintain()
+    assert done.packed >= 300 and done.loose_removed == done.packed and done.packs == 1
+    assert loose_objects(str(path / "objects")) == []
+    (kept,) = packs(path)
+    kept.with_suffix(".keep").write_text("")  # git's mark: never repacked
+    store.append_many("s", [("t", {"i": i}) for i in range(300, 600)], expected_seq=300)
+    store.maintain()
+    store.append("s", "t", {}, expected_seq=600)
+    assert store.maintain().merged_packs == 0  # the other pack, of about the same size: kept
+    assert kept.exists() and len(packs(path)) == 3
+    kept.with_suffix(".keep").unlink()
+    store.append("s", "t", {}, expected_seq=601)
+    assert store.maintain().merged_packs == 3
+    assert not kept.exists() and len(packs(path)) == 1
+    assert [e.seq for e in store.events("s")] == list(range(602))
+    store.close()
+    with pytest.raises(StoreUnavailable):
+        store.maintain()
+    with pytest.raises(InvalidEvent):
+        GitEventStore(path, pack_every=-1)
+    fsck(path)
+
+
+def test_one_packer_at_a_time(tmp_path: Path) -> None:
+    """A background run does nothing while another process packs (it holds the lock file)."""
+    import fcntl
+
+    from shard_sql.git.packing import pack
+
+    path = tmp_path / "r.git"
+    store = GitEventStore(path, pack_every=0)
+    store.append_many("s", [("t", {}) for _ in range(10)], expected_seq=0)
+    fd = os.open(path / LOCK_FILE, os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        assert pack(store._git, wait=False).packed == 0  # type: ignore[attr-defined]
+    finally:
+        os.close(fd)
+    assert store.maintain().packed > 0
+    store.close()
+
+
+MAINTAIN = """
+import sys
+from shard_sql import GitEventStore
+store = GitEventStore(sys.argv[1], pack_every=0)
+for _ in range(int(sys.argv[2])):
+    store.maintain()
+store.close()
+"""
+
+
+@pytest.mark.slow
+def test_packing_beside_writers_and_readers(tmp_path: Path) -> None:
+    """Writers (fenced appends, forwarded-intent records), readers, this process's `maintain`,
+    another process's and `git gc` all at once: every acknowledged event is read back as
+    written, no read fails, and git finds nothing wrong."""
+    path = tmp_path / "r.git"
+    GitEventStore(path).close()
+    stop = threading.Event()
+    acked: dict[str, list[object]] = {}
+    errors: list[BaseException] = []
+
+    def writer(space: str) -> None:
+        store = GitEventStore(path, pack_every=50)
+        lease = LeaseRegistry(store).acquire(space, space, 600)
+        acked[space] = []
+        try:
+            for i in range(100_000):
+                if stop.is_set():
+                    break
+                e = store.append(
+                    space, "t", {"i": i}, expected_seq=i, fence=lease, intent_id=f"{i}"
+                )
+                acked[space].append(e)
+        except BaseException as e:
+            errors.append(e)
+        store.close()
+
+    def reader() -> None:
+        store = GitEventStore(path, pack_every=0)
+        try:
+            while not stop.is_set():
+                for space in store.spaces():
+                    head = store.head(space)
+                    if head:
+                        start = random.randrange(head)
+                        got = [e.seq for e in store.events(space, from_seq=start, limit=300)]
+                        assert got == list(range(start, start + len(got)))
+                        assert len(got) >= min(head - start, 300)  # appends only add
+        except BaseException as e:
+            errors.append(e)
+        store.close()
+
+    threads = [threading.Thread(target=writer, args=(f"w{n}",)) for n in range(2)]
+    threads += [threading.Thread(target=reader) for _ in range(2)]
+    for t in threads:
+        t.start()
+    other = subprocess.Popen(
+        [sys.executable, "-c", MAINTAIN, str(path), "40"], stderr=subprocess.PIPE, text=True
+    )
+    store = GitEventStore(path, pack_every=0)
+    runs = [store.maintain() for _ in range(20)]
+    subprocess.run(["git", "-C", str(path), "gc", "--quiet"], check=True, timeout=120)
+    runs += [store.maintain() for _ in range(20)]
+    assert other.wait(timeout=120) == 0, other.communicate()[1]
+    stop.set()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
+    assert any(r.packed for r in runs) and any(r.merged_packs for r in runs)
+    for space, events in acked.items():
+        assert len(events) >= 5  # appends went on beside the packing
+        assert store.events(space) == events
+    store.maintain()
+    store.close()
+    fsck(path)
