@@ -434,20 +434,26 @@ class Feed:
                 top[key.encode()] = (TREE_MODE, self._tree_id(objects, group))
             root[FEED_SPACES.encode()] = (TREE_MODE, self._tree_id(objects, top))
         if checkpoints:
-            top = self._sub(handle, root, FEED_CHECKPOINTS)
-            by_fan = {}
-            for checkpoint in checkpoints:
-                by_fan.setdefault(fan(checkpoint), []).append(checkpoint)
-            for key, names in by_fan.items():
-                group = self._sub(handle, top, key)
-                for checkpoint in names:
-                    data = checkpoint_bytes(checkpoint, checkpoints[checkpoint])
-                    group[entry_name(checkpoint).encode()] = (BLOB_MODE, self._put(objects, data))
-                top[key.encode()] = (TREE_MODE, self._tree_id(objects, group))
-            root[FEED_CHECKPOINTS.encode()] = (TREE_MODE, self._tree_id(objects, top))
+            self._put_checkpoints(handle, objects, root, checkpoints)
         new_indexed = head // CHUNK * CHUNK
         first = max(old_head + 1, new_indexed + 1)
         return objects.put(ObjectType.TREE, tree_bytes(root)), first, new_indexed
+
+    def _put_checkpoints(
+        self, handle: Any, objects: LooseObjects, root: Any, checkpoints: Mapping[str, int]
+    ) -> None:
+        """A snapshot's checkpoints subtree (fanned out like the spaces) into `root`."""
+        top = self._sub(handle, root, FEED_CHECKPOINTS)
+        by_fan: dict[str, list[str]] = {}
+        for checkpoint in checkpoints:
+            by_fan.setdefault(fan(checkpoint), []).append(checkpoint)
+        for key, names in by_fan.items():
+            group = self._sub(handle, top, key)
+            for checkpoint in names:
+                data = checkpoint_bytes(checkpoint, checkpoints[checkpoint])
+                group[entry_name(checkpoint).encode()] = (BLOB_MODE, self._put(objects, data))
+            top[key.encode()] = (TREE_MODE, self._tree_id(objects, group))
+        root[FEED_CHECKPOINTS.encode()] = (TREE_MODE, self._tree_id(objects, top))
 
     @staticmethod
     def _root(objects: LooseObjects) -> str:

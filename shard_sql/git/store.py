@@ -328,15 +328,8 @@ class GitEventStore(StoreBase, FeedStore, LeaseStore, IntentQueue, SpaceWakeups)
                     current = self._git.target(handle, FEED, "the feed")
                     if current != (feed.oid if feed else None):
                         cur = None if current is None else self._feed.commit(handle, current)
-                        for w in writes:
-                            if self._feed.tip_oid(handle, cur, w.space) != (
-                                w.base.oid if w.base else None
-                            ):
-                                if not strict:
-                                    return None
-                                moved = self._chains.tip_in(handle, cur, w.space)
-                                expected = w.base.seq + 1 if w.base else 0
-                                raise SeqConflict(w.space, expected, moved.seq + 1 if moved else 0)
+                        if not self._at_their_bases(handle, cur, writes, strict=strict):
+                            return None
                         self._check_saves(handle, cur, saves)
                         feed = cur
                         again = self._git.objects()
@@ -361,6 +354,20 @@ class GitEventStore(StoreBase, FeedStore, LeaseStore, IntentQueue, SpaceWakeups)
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(staged)
         return (feed.head if feed else 0) + 1
+
+    def _at_their_bases(
+        self, handle: Any, feed: FeedCommit | None, writes: Sequence[SpaceWrite], *, strict: bool
+    ) -> bool:
+        """Whether every written space is still, in `feed`, at the tip its write was built on;
+        when one moved: False, or `SeqConflict` when `strict`."""
+        for w in writes:
+            if self._feed.tip_oid(handle, feed, w.space) != (w.base.oid if w.base else None):
+                if not strict:
+                    return False
+                moved = self._chains.tip_in(handle, feed, w.space)
+                expected = w.base.seq + 1 if w.base else 0
+                raise SeqConflict(w.space, expected, moved.seq + 1 if moved else 0)
+        return True
 
     def _check_saves(
         self, handle: Any, feed: FeedCommit | None, saves: Mapping[str, CheckpointSave]
