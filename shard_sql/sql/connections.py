@@ -81,6 +81,8 @@ class ConnectionPool:
         self._lock = threading.Lock()
         self._closed = False
         self._serial = threading.Lock() if single else None
+        self._owner: int | None = None
+        """The thread holding the single connection (`single`)."""
         self._all.add(self)
 
     @classmethod
@@ -93,6 +95,7 @@ class ConnectionPool:
             pool._lock = threading.Lock()
             if pool._serial is not None:
                 pool._serial = threading.Lock()
+                pool._owner = None
             if pool._owned:
                 # The engine's pool holds the parent's connections: a new, empty one.
                 cls._orphans.append(pool._engine.pool)
@@ -108,13 +111,22 @@ class ConnectionPool:
 
     def _get_serial(self) -> Conn:
         assert self._serial is not None
+        me = threading.get_ident()
+        if self._owner == me:  # waiting would wait forever
+            raise InvalidEvent(
+                "transaction",
+                "this thread holds the in-memory database's only connection in an open "
+                "transaction: write through it (tx.append), read after its block",
+            )
         self._serial.acquire()
+        self._owner = me
         try:
             try:
                 return self._idle.pop()
             except IndexError:
                 return self._connect()
         except BaseException:
+            self._owner = None
             self._serial.release()
             raise
 
@@ -171,6 +183,7 @@ class ConnectionPool:
             else:
                 self._idle.append(conn)
         finally:
+            self._owner = None
             self._serial.release()
 
     def drop_idle(self) -> None:
@@ -225,6 +238,7 @@ class Database:
             owned=self.owned,
         )
         self.closed = False
+        self._writing = threading.local()
 
     def close(self) -> None:
         """Close the connections, and dispose the engine unless it was passed in."""
@@ -265,7 +279,7 @@ class Database:
                 c = self.pool.get()
             except Exception as e:
                 if d.is_busy(e):
-                    delay = self._backoff(deadline, delay, e)
+                    delay = self.backoff(deadline, delay, e)
                     continue
                 raise
             healthy = True
@@ -280,7 +294,8 @@ class Database:
                 if not isinstance(e, Exception) or isinstance(e, ShardSqlError):
                     raise
                 if d.is_busy(e):
-                    delay = self._backoff(deadline, delay, e)
+                    self.check_not_writing()
+                    delay = self.backoff(deadline, delay, e)
                     continue
                 if not healthy:
                     self.pool.drop_idle()
@@ -291,7 +306,22 @@ class Database:
             finally:
                 self.pool.put(c, healthy)
 
-    def _backoff(self, deadline: float, delay: float, e: Exception) -> float:
+    def writing(self, n: int) -> None:
+        """This thread opened (+1) or ended (-1) a transaction that may hold the database's
+        write lock (see `check_not_writing`)."""
+        self._writing.n = getattr(self._writing, "n", 0) + n
+
+    def check_not_writing(self) -> None:
+        """A call found the database busy: if this thread holds a transaction open on it, the
+        lock is likely its own, and waiting would only wait out the busy timeout."""
+        if getattr(self._writing, "n", 0):
+            raise InvalidEvent(
+                "transaction",
+                f"{self.site} is locked, likely by this thread's open transaction: write "
+                "through it (tx.append), or after its block",
+            )
+
+    def backoff(self, deadline: float, delay: float, e: Exception) -> float:
         """Sleep `delay` (jittered) before the next try, or raise `e` past `deadline`; return the
         next delay."""
         if time.monotonic() >= deadline:

@@ -8,18 +8,21 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Collection, Iterator, Sequence
+from contextlib import AbstractContextManager
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
-from sqlalchemy.engine import URL, Engine
+from sqlalchemy.engine import URL, Connection, Engine
 
 from shard_sql.errors import InvalidEvent, LeaseHeld, SeqConflict, StaleLease, StoreUnavailable
 from shard_sql.leases import ADVANCED_HOLDER, check_fence, check_ttl
 from shard_sql.ports import (
+    FeedStore,
     IntentInbox,
     IntentQueue,
     LeaseStore,
     SpaceWakeups,
+    Transaction,
     system_clock,
 )
 from shard_sql.sql.clock import DatabaseClock
@@ -31,6 +34,7 @@ from shard_sql.sql.errors import DEFAULT_BUSY_TIMEOUT, guarded, translate
 from shard_sql.sql.intents import SqlIntentQueue
 from shard_sql.sql.listener import Listener
 from shard_sql.sql.schema import open_schema
+from shard_sql.sql.transaction import HostDatabases, SqlTransaction
 from shard_sql.sql.waits import FEED_POLL
 from shard_sql.store_base import StoreBase, already_written, feed_pages, placed, stamp
 from shard_sql.validation import (
@@ -78,7 +82,7 @@ def _check_options(
     )
 
 
-class SqlEventStore(StoreBase, LeaseStore, IntentQueue, IntentInbox, SpaceWakeups):
+class SqlEventStore(StoreBase, FeedStore, LeaseStore, IntentQueue, IntentInbox, SpaceWakeups):
     """Events and leases in a SQL database: a SQLite file or a PostgreSQL server.
 
     `url_or_engine`: a SQLAlchemy URL (`sqlite:///path.db`, `postgresql+psycopg://...`; plain
@@ -129,6 +133,7 @@ class SqlEventStore(StoreBase, LeaseStore, IntentQueue, IntentInbox, SpaceWakeup
         the next single append (`Dialect.append_at`: no `RETURNING` to read back)."""
         self._guess_backoff = 0
         self._guess_pause = 0
+        self._hosts = HostDatabases(db)
         try:
             open_schema(db, migrate or self._dialect.migrates_on_open)
         except BaseException:
@@ -290,6 +295,18 @@ class SqlEventStore(StoreBase, LeaseStore, IntentQueue, IntentInbox, SpaceWakeup
             self._dialect.notify_feed(cur)
         elif self._feed_written is not None:
             self._feed_written()
+
+    def transaction(self, connection: object | None = None) -> AbstractContextManager[Transaction]:
+        """A block whose writes commit together (`SqlTransaction`): the store's own transaction,
+        or, with `connection` (the host's SQLAlchemy `Connection` or `Session`, in a
+        transaction, on the store's database), the host's transaction, which the block joins
+        and does not commit. `InvalidEvent("connection")` for a closed session or connection,
+        one not in a transaction, in autocommit, or on another database."""
+        return SqlTransaction(self, connection)
+
+    def check_host_database(self, host: Connection) -> None:
+        """`InvalidEvent` unless a host's connection can take this store's writes."""
+        self._hosts.check(host)
 
     # -- the write path --------------------------------------------------------------------
 

@@ -229,6 +229,25 @@ class Dialect:
         """A payload column's value as Python data."""
         return value
 
+    # -- a host's transaction (`shard_sql.sql.transaction`) ----------------------------------
+
+    def host_problem(self, raw: Any) -> str | None:
+        """Why a host's driver connection, in a SQLAlchemy transaction, cannot take the store's
+        writes (they would not commit or roll back with its transaction); None: it can."""
+        return None
+
+    def join(self, c: Conn) -> None:
+        """Prepare the cursor of a host's connection (`Conn` over its pooled connection)."""
+
+    def lock_for_write(self, c: Conn) -> None:
+        """Before the first write in a host's transaction: take what the store's own write
+        transactions take first (SQLite: the write lock)."""
+
+    def identity(self, c: Conn) -> object:
+        """What tells this database apart from any other, read on `c` (a store's connection or a
+        host's): two connections to the same database give equal values."""
+        raise NotImplementedError
+
     # -- transactions --------------------------------------------------------------------------
 
     def begin_write(self, c: Conn) -> None:
@@ -297,6 +316,25 @@ class Dialect:
         """After `append_one`'s statement ran on `cur`: None if it wrote nothing, else the
         row's feed position (0: placed after the commit)."""
         return 0 if cur.rowcount == 1 else None
+
+    def append_at_head(
+        self,
+        space: str,
+        p: Pending,
+        at: datetime,
+        writer: str,
+        generation: int,
+        fence: Lease | None,
+    ) -> Statement:
+        """One event written at the space's head, inside a write transaction (`transaction`),
+        or nothing when `fence` (its holder and generation are the row's writer and generation)
+        is not the current grant or `p`'s intent id is written already: `appended` says which."""
+        raise NotImplementedError
+
+    def appended(self, cur: Any) -> tuple[int, int | None] | None:
+        """After `append_at_head`'s statement ran on `cur`: None if it wrote nothing, else the
+        row's seq and feed position (None: placed after the commit)."""
+        raise NotImplementedError
 
     def append_small_batch(
         self,

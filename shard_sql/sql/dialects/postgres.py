@@ -54,6 +54,28 @@ def append_one_sql(*, fence: bool, intent: bool) -> str:
     return sql
 
 
+def append_at_head_sql(*, fence: bool, intent: bool) -> str:
+    """`append_one_sql` at the space's head instead of a given seq (a transaction's append with
+    `expected_seq=None`), returning the seq. Parameters: space, space, the row's other 6; then
+    space, holder, generation; then space, intent id."""
+    sql = (
+        f"INSERT INTO {EVENTS} ({COLUMNS}) "
+        f"SELECT %s, COALESCE((SELECT seq + 1 FROM {EVENTS} WHERE space = %s "
+        "ORDER BY seq DESC LIMIT 1), 0), %s, CAST(%s AS jsonb), %s, %s, %s, %s"
+    )
+    checks = []
+    if fence:
+        checks.append(
+            f"EXISTS (SELECT 1 FROM {LEASES} WHERE space = %s AND holder = %s "
+            "AND generation = %s FOR SHARE)"
+        )
+    if intent:
+        checks.append(f"NOT EXISTS (SELECT 1 FROM {EVENTS} WHERE space = %s AND intent_id = %s)")
+    if checks:
+        sql += " WHERE " + " AND ".join(checks)
+    return sql + " RETURNING seq"
+
+
 def append_small_batch_sql(*, fence: bool, intent: bool) -> str:
     """A small batch in one statement, rows from arrays in order (`WITH ORDINALITY` numbers them:
     seq = expected + n - 1), under the checks of `append_one_sql` (evaluated once: they do not
@@ -151,6 +173,11 @@ class PostgresDialect(Dialect):
         self.copy_sql = f"COPY {EVENTS} ({COLUMNS}) FROM STDIN"
         self._append = {
             (fence, intent): append_one_sql(fence=fence, intent=intent)
+            for fence in (False, True)
+            for intent in (False, True)
+        }
+        self._at_head = {
+            (fence, intent): append_at_head_sql(fence=fence, intent=intent)
             for fence in (False, True)
             for intent in (False, True)
         }
@@ -316,6 +343,31 @@ class PostgresDialect(Dialect):
         # Transactional: sent at the host's commit (taking NOTIFY's commit lock then).
         cur.execute(FEED_NOTIFY_SQL)
 
+    # -- a host's transaction ------------------------------------------------------------------
+
+    def host_problem(self, raw: Any) -> str | None:
+        if raw.autocommit:
+            return (
+                "runs in autocommit (isolation_level AUTOCOMMIT): its statements would not "
+                "commit or roll back together"
+            )
+        return None
+
+    def join(self, c: Conn) -> None:
+        from psycopg.types.json import set_json_loads  # see setup
+
+        set_json_loads(load_json, c.cur)
+
+    def identity(self, c: Conn) -> object:
+        # The database's name and the cluster's system identifier (NULL for a role that may not
+        # read it: then the name alone).
+        c.cur.execute(
+            "SELECT current_database(), CASE WHEN has_function_privilege("
+            "'pg_control_system()', 'EXECUTE') THEN (SELECT system_identifier "
+            "FROM pg_control_system()) END"
+        )
+        return tuple(c.cur.fetchone())
+
     # -- transactions --------------------------------------------------------------------------
 
     def begin_write(self, c: Conn) -> None:
@@ -355,6 +407,30 @@ class PostgresDialect(Dialect):
         if intent_id is not None:
             params += (space, intent_id)
         return sql, params
+
+    def append_at_head(
+        self,
+        space: str,
+        p: Pending,
+        at: datetime,
+        writer: str,
+        generation: int,
+        fence: Lease | None,
+    ) -> Statement:
+        intent_id = p.intent_id
+        sql = self._at_head[(fence is not None, intent_id is not None)]
+        params: tuple[Any, ...] = (
+            space, space, p.type, p.payload_json, _utc(at), writer, generation, intent_id,
+        )  # fmt: skip
+        if fence is not None:
+            params += (space, fence.holder, fence.generation)
+        if intent_id is not None:
+            params += (space, intent_id)
+        return sql, params
+
+    def appended(self, cur: Any) -> tuple[int, int | None] | None:
+        row = cur.fetchone()
+        return None if row is None else (row[0], None)
 
     def append_small_batch(
         self,

@@ -100,6 +100,26 @@ NEXT_POSITION = f"(SELECT COALESCE(MAX(position), 0) + 1 FROM {EVENTS})"
 """The next feed position, inside the write transaction (SQLite serializes writes)."""
 
 
+def append_at_head_sql(*, fence: bool, intent: bool) -> str:
+    """`append_one_sql` at the space's head instead of a given seq (a transaction's append with
+    `expected_seq=None`), returning the seq and the position. The fence is the row's writer and
+    generation (?6, ?7); ?2 is not used."""
+    checks = []
+    if fence:
+        checks.append(
+            f"EXISTS (SELECT 1 FROM {LEASES} WHERE space = ?1 AND holder = ?6 AND generation = ?7)"
+        )
+    if intent:
+        checks.append(f"NOT EXISTS (SELECT 1 FROM {EVENTS} WHERE space = ?1 AND intent_id = ?8)")
+    seq = f"COALESCE((SELECT seq + 1 FROM {EVENTS} WHERE space = ?1 ORDER BY seq DESC LIMIT 1), 0)"
+    if checks:
+        seq = f"CASE WHEN {' AND '.join(checks)} THEN {seq} END"
+    return (
+        f"INSERT INTO {EVENTS} ({COLUMNS}, position) "
+        f"VALUES (?1, {seq}, ?3, ?4, ?5, ?6, ?7, ?8, {NEXT_POSITION}) RETURNING seq, position"
+    )
+
+
 _seconds: dict[tuple[int, ...], str] = {}
 
 
@@ -179,6 +199,11 @@ class SqliteDialect(Dialect):
             for intent in (False, True)
             for own in (False, True)
             for at in (False, True)
+        }
+        self._at_head = {
+            (fence, intent): append_at_head_sql(fence=fence, intent=intent)
+            for fence in (False, True)
+            for intent in (False, True)
         }
         self.head_position_sql = f"SELECT COALESCE(MAX(position), 0) FROM {EVENTS}"
         self.insert_placed_sql = (
@@ -306,6 +331,26 @@ class SqliteDialect(Dialect):
     def types_param(self, types: frozenset[str]) -> Any:
         return json.dumps(sorted(types))
 
+    # -- a host's transaction ------------------------------------------------------------------
+
+    def host_problem(self, raw: Any) -> str | None:
+        if getattr(raw, "autocommit", None) is True:  # Python 3.12's sqlite3 autocommit=True
+            return "its sqlite3 connection has autocommit=True: its commit() commits nothing"
+        return None
+
+    def lock_for_write(self, c: Conn) -> None:
+        # SQLite has one writer: take the lock before any check, so that nothing can come
+        # between the checks and the writes. A transaction that holds it already goes on.
+        if not c.raw.in_transaction:
+            c.cur.execute("BEGIN IMMEDIATE")
+
+    def identity(self, c: Conn) -> object:
+        for _, name, path in c.cur.execute("PRAGMA database_list").fetchall():
+            if name == "main" and path:
+                st = os.stat(path)
+                return (st.st_dev, st.st_ino)
+        return ("memory", id(c.raw))  # equal to no other connection's
+
     # -- transactions --------------------------------------------------------------------------
 
     def begin_write(self, c: Conn) -> None:
@@ -406,6 +451,24 @@ class SqliteDialect(Dialect):
         if row is not None:
             return row[0]  # type: ignore[no-any-return]
         return 0 if cur.rowcount == 1 else None
+
+    def append_at_head(
+        self,
+        space: str,
+        p: Pending,
+        at: datetime,
+        writer: str,
+        generation: int,
+        fence: Lease | None,
+    ) -> Statement:
+        sql = self._at_head[(fence is not None, p.intent_id is not None)]
+        row = (space, None, p.type, p.payload_json, sqlite_time(at), writer, generation)
+        return sql, (*row, p.intent_id)
+
+    def appended(self, cur: Any) -> tuple[int, int | None] | None:
+        # A failed check raised (`is_check_failure`).
+        row = cur.fetchone()
+        return None if row is None else (row[0], row[1])
 
     def is_check_failure(self, e: BaseException) -> bool:
         # The NOT NULL violation of `append_one_sql`'s seq.

@@ -1,0 +1,518 @@
+"""`SqlEventStore.transaction()`: several writes in one database transaction, the store's own or
+a host application's (api.md 9; docs/embedding.md, docs/sql.md)."""
+
+from __future__ import annotations
+
+import time
+import weakref
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, NoReturn
+
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.orm import Session, scoped_session
+
+from shard_sql.errors import InvalidEvent, SeqConflict, ShardSqlError
+from shard_sql.leases import check_fence
+from shard_sql.ports import Item, Transaction
+from shard_sql.sql.connections import BUSY_FIRST, Database
+from shard_sql.sql.dialects import Conn
+from shard_sql.sql.errors import translate
+from shard_sql.store_base import TransactionState, already_written, fence_space_matches, placed
+from shard_sql.validation import (
+    Pending,
+    check_checkpoint_name,
+    check_items,
+    check_position,
+    check_seq,
+    check_space,
+    pending,
+)
+from shard_sql.values import Event, Lease, new_event
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine.base import Transaction as SaTransaction
+
+    from shard_sql.sql.store import SqlEventStore
+
+__all__ = ["SqlTransaction"]
+
+_now = datetime.now
+
+
+class SqlTransaction(Transaction):
+    """One `store.transaction(connection)` block: the context manager and the `Transaction`.
+
+    Without `connection` the block takes a connection of the store, begins (SQLite: `BEGIN
+    IMMEDIATE`, the write lock for the whole block), commits at a normal exit and rolls back
+    otherwise. With a host's `Connection` or `Session` (already in a transaction) every write
+    and check runs on the host's connection, inside its transaction, and the block commits
+    nothing. A failed write dooms the transaction (`TransactionState`): at the block's end the
+    store's own transaction rolls back, a host's transaction (the innermost, a savepoint if the
+    block began inside one) is rolled back, and the first failure is raised again.
+    Not thread-safe: one thread uses a transaction.
+    """
+
+    __slots__ = (
+        "_c",
+        "_db",
+        "_host",
+        "_host_tx",
+        "_intent_spaces",
+        "_locked",
+        "_sa",
+        "_store",
+        "_trying",
+        "_wrote",
+        "state",
+    )
+
+    def __init__(self, store: SqlEventStore, connection: object | None) -> None:
+        self._store = store
+        self._db: Database = store.database
+        self.state = TransactionState()
+        self._c: Conn | None = None
+        self._sa: Connection | None = None
+        self._host: Connection | None = None
+        self._host_tx: SaTransaction | None = None
+        self._locked = False
+        self._wrote = False
+        self._trying = -1
+        """The seq the write under way tries (-1: the head, computed by the statement)."""
+        self._intent_spaces: set[str] = set()
+        if connection is not None:
+            self._host = _host_connection(connection)
+            self._host_tx = self._host.get_nested_transaction() or self._host.get_transaction()
+            store.check_host_database(self._host)
+
+    # -- the block -----------------------------------------------------------------------------
+
+    def __enter__(self) -> SqlTransaction:
+        if self._c is not None or self.state.ended:
+            raise InvalidEvent("transaction", "a transaction's block can be entered once")
+        host = self._host
+        try:
+            if host is None:
+                self._c = self._begin()
+            else:
+                c = Conn(host.connection)
+                try:
+                    self._db.dialect.join(c)
+                except BaseException:
+                    c.cur.close()
+                    raise
+                self._c = c
+        except ShardSqlError:
+            raise
+        except Exception as e:
+            self._raise_translated(e)
+        self._db.writing(1)
+        return self
+
+    def _begin(self) -> Conn:
+        """A connection of the store, in a write transaction (SQLite: busy retries until the
+        busy timeout, as the store's calls)."""
+        db = self._db
+        d = db.dialect
+        c = db.pool.get()
+        deadline = time.monotonic() + db.busy_timeout
+        delay = BUSY_FIRST
+        try:
+            while True:
+                try:
+                    d.begin_write(c)
+                    self._locked = True
+                    return c
+                except Exception as e:
+                    if not d.is_busy(e):
+                        raise
+                    db.check_not_writing()
+                    delay = db.backoff(deadline, delay, e)
+        except BaseException:
+            self._release(c, healthy=d.healthy(c))
+            raise
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        state, c = self.state, self._c
+        if state.ended or c is None:
+            return
+        state.ended = True
+        self._db.writing(-1)
+        self._close_connection_view()
+        try:
+            if self._host is None:
+                self._end_own(c, exc)
+            else:
+                self._end_joined(c, exc)
+        finally:
+            self._c = None
+
+    def _end_own(self, c: Conn, exc: BaseException | None) -> None:
+        d, store = self._db.dialect, self._store
+        healthy = True
+        try:
+            if exc is None and self.state.failure is None:
+                d.commit(c)
+                if self._wrote:
+                    store.feed_committed()
+                    for space in self._intent_spaces:
+                        store._intents.waits.events_written(space)  # a forwarder may wait
+                return
+            d.rollback(c)
+        except BaseException as e:
+            healthy = False
+            try:
+                d.rollback(c)
+                healthy = d.healthy(c)
+            except Exception:
+                pass
+            if exc is not None or isinstance(e, ShardSqlError) or not isinstance(e, Exception):
+                raise
+            self._raise_translated(e)
+        finally:
+            self._release(c, healthy)
+        if exc is None:
+            self.state.raise_failure()
+
+    def _end_joined(self, c: Conn, exc: BaseException | None) -> None:
+        try:
+            if self.state.failure is not None:
+                tx = self._host_tx
+                if tx is not None and tx.is_active:
+                    tx.rollback()  # the host's commit then fails: nothing of it commits
+            elif exc is None and self._wrote:
+                # PostgreSQL: the feed's waiters are woken when the host commits.
+                self._store.feed_committed(c.cur)
+        except ShardSqlError:
+            raise
+        except Exception as e:
+            if exc is None:
+                self._raise_translated(e)
+        finally:
+            c.cur.close()
+        if exc is None:
+            self.state.raise_failure()
+
+    def _release(self, c: Conn, healthy: bool) -> None:
+        self._db.pool.put(c, healthy)
+
+    # -- the Transaction -----------------------------------------------------------------------
+
+    @property
+    def connection(self) -> Connection:
+        """The SQLAlchemy `Connection` the writes run on: the host's, or (the store's own
+        transaction) one over the store's connection, inside its transaction, valid until the
+        block ends. Do not commit or roll it back: the block (or the host) does."""
+        if self._host is not None:
+            if self.state.ended:
+                raise InvalidEvent("transaction", "its block ended; open a new transaction")
+            return self._host
+        c = self._c
+        if c is None:
+            raise InvalidEvent("transaction", "its block ended or has not begun")
+        if self._sa is None:
+            # The store's connection seen through SQLAlchemy, in a SQLAlchemy transaction that
+            # issues nothing (`_has_events=False`: the store engine's BEGIN IMMEDIATE hook
+            # stays out), so that a Session bound to it joins instead of committing.
+            sa = Connection(
+                self._store.engine, connection=c.pooled, _has_events=False, _allow_revalidate=False
+            )
+            sa.begin()
+            self._sa = sa
+        return self._sa
+
+    def _close_connection_view(self) -> None:
+        sa = self._sa
+        if sa is not None:
+            self._sa = None
+            # Closed for its holder, without giving the store's connection back to the pool.
+            sa._dbapi_connection = None
+
+    def append(
+        self,
+        space: str,
+        type: str,
+        payload: dict[str, Any],
+        *,
+        expected_seq: int | None = None,
+        fence: Lease | None = None,
+        intent_id: str | None = None,
+    ) -> Event:
+        """As `store.append`; `expected_seq=None`: at the space's head in this transaction."""
+        state = self.state
+        if state.ended or state.failure is not None:
+            state.check_open()
+        try:
+            check_space(space)
+            p = pending(type, payload, intent_id)
+            if expected_seq is not None:
+                check_seq("expected_seq", expected_seq)
+            if fence is not None:
+                fence_space_matches(fence, space)
+            return self._append(space, p, expected_seq, fence)
+        except BaseException as e:
+            self._failed(e, space, expected_seq)
+
+    def _append(self, space: str, p: Pending, seq: int | None, fence: Lease | None) -> Event:
+        c = self._c
+        if c is None:
+            raise InvalidEvent("transaction", "its block has not begun (use it in a with block)")
+        d = self._db.dialect
+        if not self._locked:
+            d.lock_for_write(c)
+            self._locked = True
+        at = _now(UTC)
+        writer, gen = (fence.holder, fence.generation) if fence is not None else ("", 0)
+        cur = c.cur
+        done: tuple[int, int | None] | None
+        self._trying = -1 if seq is None else seq
+        try:
+            if seq is None:
+                cur.execute(*d.append_at_head(space, p, at, writer, gen, fence))
+                done = d.appended(cur)
+            else:
+                cur.execute(*d.append_one(space, p, seq, at, writer, gen, fence))
+                position = d.inserted(cur)
+                done = None if position is None else (seq, position or None)
+        except Exception as e:
+            if not d.is_check_failure(e):
+                raise
+            done = None
+        if done is None:
+            # Nothing written: say why (the checks, in the reference adapter's order).
+            return self._checked(c, space, [p], seq, fence)[0][0]
+        self._wrote = True
+        if p.intent_id is not None:
+            self._intent_spaces.add(space)
+        event: Event = new_event(
+            space, done[0], p.type, p.payload, at, writer, gen, p.intent_id, done[1]
+        )
+        return event
+
+    def append_many(
+        self,
+        space: str,
+        items: Iterable[Item],
+        *,
+        expected_seq: int | None = None,
+        fence: Lease | None = None,
+    ) -> list[Event]:
+        """As `store.append_many`; `expected_seq=None`: at the space's head in this
+        transaction."""
+        self.state.check_open()
+        try:
+            check_space(space)
+            batch = check_items(items)
+            if expected_seq is not None:
+                check_seq("expected_seq", expected_seq)
+            fence_space_matches(fence, space)
+            return self._append_many(space, batch, expected_seq, fence)
+        except BaseException as e:
+            self._failed(e, space, expected_seq)
+
+    def _append_many(
+        self, space: str, batch: list[Pending], seq: int | None, fence: Lease | None
+    ) -> list[Event]:
+        c = self._c
+        if c is None:
+            raise InvalidEvent("transaction", "its block has not begun (use it in a with block)")
+        d = self._db.dialect
+        if not self._locked:
+            d.lock_for_write(c)
+            self._locked = True
+        found, head = self._checked(c, space, batch, seq, fence, explain=False)
+        if found:
+            return found
+        self._trying = head
+        now = _now(UTC)
+        time_text = d.time(now)
+        writer, gen = (fence.holder, fence.generation) if fence is not None else ("", 0)
+        positions = d.insert_rows(
+            c,
+            [
+                (space, head + n, p.type, p.payload_json, time_text, writer, gen, p.intent_id)
+                for n, p in enumerate(batch)
+            ],
+        )
+        self._wrote = True
+        if any(p.intent_id is not None for p in batch):
+            self._intent_spaces.add(space)
+        return [
+            placed(new_event(space, head + n, p.type, p.payload, now, writer, gen, p.intent_id), k)
+            for n, (p, k) in enumerate(zip(batch, positions, strict=True))
+        ]
+
+    def _checked(
+        self,
+        c: Conn,
+        space: str,
+        batch: Sequence[Pending],
+        seq: int | None,
+        fence: Lease | None,
+        *,
+        explain: bool = True,
+    ) -> tuple[list[Event], int]:
+        """The write's checks in the transaction, in the reference adapter's order: the events
+        already written for the batch's intent ids (returned, with the head), the fence
+        (`StaleLease`), the head against `seq` (`SeqConflict`). `explain`: the write wrote
+        nothing already, so one of them must say why (else `SeqConflict`)."""
+        store, d = self._store, self._db.dialect
+        ids = [p.intent_id for p in batch if p.intent_id is not None]
+        if ids:
+            hits = d.events_by_intent(c, space, ids)
+            done = already_written([hits.get(p.intent_id or "") for p in batch], batch)
+            if done is not None:
+                return done, -1
+        if fence is not None:
+            check_fence(fence, store._lease_record(c, space, locked=True))
+        head = store._head(c, space)
+        if seq is not None and head != seq:
+            raise SeqConflict(space, seq, head)
+        if explain:
+            raise SeqConflict(space, head if seq is None else seq)  # changed meanwhile
+        return [], head
+
+    def save_checkpoint(self, name: str, position: int, *, fence: Lease | None = None) -> None:
+        """Store checkpoint `name` at `position` in this transaction; `SeqConflict` below the
+        stored position, `StaleLease` unless `fence` (a lease of any name) is current."""
+        self.state.check_open()
+        try:
+            check_checkpoint_name(name)
+            check_position("position", position)
+            if fence is not None and not isinstance(fence, Lease):
+                raise InvalidEvent("fence", f"must be a Lease, not {type(fence).__name__}")
+            c = self._c
+            if c is None:
+                raise InvalidEvent("transaction", "its block has not begun")
+            d = self._db.dialect
+            if not self._locked:
+                d.lock_for_write(c)
+                self._locked = True
+            d.save_checkpoint(c.cur, name, position, fence, _now(UTC))
+        except BaseException as e:
+            self._failed(e, None, None)
+
+    def _failed(self, e: BaseException, space: str | None, seq: int | None) -> NoReturn:
+        """Doom the transaction with `e` (a driver error translated) and raise it. A unique
+        violation is the `SeqConflict` of the write at `seq` (else the seq it tried: on
+        PostgreSQL another transaction wrote that seq first; -1: at a head not known here)."""
+        if isinstance(e, Exception) and not isinstance(e, ShardSqlError):
+            tried = self._trying if seq is None else seq
+            err = translate(e, self._db.site, space=space, expected_seq=tried)
+            if err is not None:
+                if isinstance(err, SeqConflict) and tried < 0:
+                    err.args = (f"space {space!r}: another transaction wrote at its head first",)
+                self.state.failed(err)
+                raise err from e
+        self.state.failed(e)
+        raise e
+
+    def _raise_translated(self, e: Exception) -> NoReturn:
+        err = translate(e, self._db.site)
+        if err is None:
+            raise e
+        raise err from e
+
+
+# -- the host's connection -----------------------------------------------------------------------
+
+
+def _host_connection(connection: object) -> Connection:
+    """The SQLAlchemy `Connection` of a host's `Connection`, `Session` or `scoped_session`, in
+    a transaction; `InvalidEvent("connection")` for anything else."""
+    if isinstance(connection, scoped_session):
+        connection = connection()
+    if isinstance(connection, Session):
+        if not connection.in_transaction():
+            raise InvalidEvent(
+                "connection",
+                "the Session is not in a transaction (closed, or nothing begun yet): call "
+                "session.begin(), or write with it first (add and flush)",
+            )
+        try:
+            connection = connection.connection()
+        except Exception as e:
+            raise InvalidEvent("connection", f"the Session has no connection: {e}") from e
+    if not isinstance(connection, Connection):
+        raise InvalidEvent(
+            "connection",
+            "must be a SQLAlchemy Connection or Session (or nothing: the store's own "
+            f"transaction), not {type(connection).__name__}",
+        )
+    if connection.closed or connection.invalidated:
+        raise InvalidEvent("connection", "is closed")
+    if not connection.in_transaction():
+        raise InvalidEvent(
+            "connection", "is not in a transaction: begin one (connection.begin()) first"
+        )
+    return connection
+
+
+class HostDatabases:
+    """Which host engines point at the store's database: checked once per engine (a read on one
+    of its connections), remembered while the engine lives."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+        self._checked: weakref.WeakKeyDictionary[Engine, bool] = weakref.WeakKeyDictionary()
+        self._own: object = None
+
+    def check(self, host: Connection) -> None:
+        """`InvalidEvent("connection")` unless `host` runs on the store's database in a
+        transaction that the store's writes can join."""
+        db = self._db
+        engine = host.engine
+        if engine.dialect.name != db.dialect.name:
+            raise InvalidEvent(
+                "connection",
+                f"is a {engine.dialect.name} connection; the store is on {db.site}",
+            )
+        try:
+            raw = host.connection.dbapi_connection
+        except Exception as e:
+            raise InvalidEvent("connection", f"is not usable: {e}") from e
+        problem = db.dialect.host_problem(raw)
+        if problem is not None:
+            raise InvalidEvent("connection", problem)
+        if engine is db.engine:
+            return
+        same = self._checked.get(engine)
+        if same is None:
+            same = self._checked[engine] = self._same(host)
+        if not same:
+            raise InvalidEvent(
+                "connection",
+                f"is a connection to another database than the store's ({db.site}): its "
+                "engine must point at the same database",
+            )
+
+    def _same(self, host: Connection) -> bool:
+        db, d = self._db, self._db.dialect
+        try:
+            if self._own is None:
+                self._own = db.call(d.identity)
+            c = Conn(host.connection)
+            try:
+                theirs = d.identity(c)
+            finally:
+                c.cur.close()
+        except Exception as e:
+            err = translate(e, db.site)
+            if err is None:
+                raise
+            raise err from e
+        return _same_identity(self._own, theirs)
+
+
+def _same_identity(a: object, b: object) -> bool:
+    """Equal identities (`Dialect.identity`); a part one side could not read (None) is
+    skipped."""
+    if not isinstance(a, tuple) or not isinstance(b, tuple) or len(a) != len(b):
+        return a == b
+    return all(x == y for x, y in zip(a, b, strict=True) if x is not None and y is not None)
