@@ -57,6 +57,7 @@ class SqlTransaction(Transaction):
     __slots__ = (
         "_c",
         "_db",
+        "_entered",
         "_host",
         "_host_tx",
         "_intent_spaces",
@@ -77,6 +78,7 @@ class SqlTransaction(Transaction):
         self._host: Connection | None = None
         self._host_tx: SaTransaction | None = None
         self._locked = False
+        self._entered = False
         self._wrote = False
         self._trying = -1
         """The seq the write under way tries (-1: the head, computed by the statement)."""
@@ -89,13 +91,12 @@ class SqlTransaction(Transaction):
     # -- the block -----------------------------------------------------------------------------
 
     def __enter__(self) -> SqlTransaction:
-        if self._c is not None or self.state.ended:
+        if self._entered:
             raise InvalidEvent("transaction", "a transaction's block can be entered once")
+        self._entered = True
         host = self._host
         try:
-            if host is None:
-                self._c = self._begin()
-            else:
+            if host is not None:
                 c = Conn(host.connection)
                 try:
                     self._db.dialect.join(c)
@@ -103,12 +104,26 @@ class SqlTransaction(Transaction):
                     c.cur.close()
                     raise
                 self._c = c
+                self._db.writing(1)  # the host's connection may hold SQLite's write lock
         except ShardSqlError:
             raise
         except Exception as e:
             self._raise_translated(e)
-        self._db.writing(1)
         return self
+
+    def _ready(self) -> Conn:
+        """The connection, in the write transaction: the store's own is taken and begun at the
+        block's first write (so that a lease can still be granted before it on SQLite); in a
+        host's, SQLite's write lock is taken before the first write's checks."""
+        if not self._entered:
+            raise InvalidEvent("transaction", "use it inside its with block")
+        c = self._c
+        if c is None:
+            c = self._c = self._begin()
+        elif not self._locked:
+            self._db.dialect.lock_for_write(c)
+            self._locked = True
+        return c
 
     def _begin(self) -> Conn:
         """A connection of the store, in a write transaction (SQLite: busy retries until the
@@ -123,6 +138,7 @@ class SqlTransaction(Transaction):
                 try:
                     d.begin_write(c)
                     self._locked = True
+                    db.writing(1)
                     return c
                 except Exception as e:
                     if not d.is_busy(e):
@@ -140,11 +156,16 @@ class SqlTransaction(Transaction):
         tb: TracebackType | None,
     ) -> None:
         state, c = self.state, self._c
-        if state.ended or c is None:
+        if state.ended or not self._entered:
             return
         state.ended = True
-        self._db.writing(-1)
+        if c is not None:
+            self._db.writing(-1)
         self._close_connection_view()
+        if c is None:  # nothing written, nothing begun
+            if exc is None:
+                state.raise_failure()
+            return
         try:
             if self._host is None:
                 self._end_own(c, exc)
@@ -213,9 +234,9 @@ class SqlTransaction(Transaction):
             if self.state.ended:
                 raise InvalidEvent("transaction", "its block ended; open a new transaction")
             return self._host
-        c = self._c
-        if c is None:
-            raise InvalidEvent("transaction", "its block ended or has not begun")
+        if self.state.ended:
+            raise InvalidEvent("transaction", "its block ended; open a new transaction")
+        c = self._ready()
         if self._sa is None:
             # The store's connection seen through SQLAlchemy, in a SQLAlchemy transaction that
             # issues nothing (`_has_events=False`: the store engine's BEGIN IMMEDIATE hook
@@ -260,13 +281,9 @@ class SqlTransaction(Transaction):
             self._failed(e, space, expected_seq)
 
     def _append(self, space: str, p: Pending, seq: int | None, fence: Lease | None) -> Event:
-        c = self._c
-        if c is None:
-            raise InvalidEvent("transaction", "its block has not begun (use it in a with block)")
+        c = self._c if self._locked else self._ready()
+        assert c is not None
         d = self._db.dialect
-        if not self._locked:
-            d.lock_for_write(c)
-            self._locked = True
         at = _now(UTC)
         writer, gen = (fence.holder, fence.generation) if fence is not None else ("", 0)
         cur = c.cur
@@ -319,13 +336,9 @@ class SqlTransaction(Transaction):
     def _append_many(
         self, space: str, batch: list[Pending], seq: int | None, fence: Lease | None
     ) -> list[Event]:
-        c = self._c
-        if c is None:
-            raise InvalidEvent("transaction", "its block has not begun (use it in a with block)")
+        c = self._c if self._locked else self._ready()
+        assert c is not None
         d = self._db.dialect
-        if not self._locked:
-            d.lock_for_write(c)
-            self._locked = True
         found, head = self._checked(c, space, batch, seq, fence, explain=False)
         if found:
             return found
@@ -387,13 +400,8 @@ class SqlTransaction(Transaction):
             check_position("position", position)
             if fence is not None and not isinstance(fence, Lease):
                 raise InvalidEvent("fence", f"must be a Lease, not {type(fence).__name__}")
-            c = self._c
-            if c is None:
-                raise InvalidEvent("transaction", "its block has not begun")
+            c = self._ready()
             d = self._db.dialect
-            if not self._locked:
-                d.lock_for_write(c)
-                self._locked = True
             d.save_checkpoint(c.cur, name, position, fence, _now(UTC))
         except BaseException as e:
             self._failed(e, None, None)
