@@ -13,14 +13,22 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import datetime
 from types import TracebackType
 from typing import Any
 
 from shard_sql.errors import IntentTimeout, InvalidEvent, LeaseHeld, SeqConflict, StaleLease
 from shard_sql.leases import LeaseRegistry, check_ttl, renewal_due
-from shard_sql.ports import BatchWriter, EventStore, IntentInbox, IntentQueue, SpaceWakeups
+from shard_sql.node_transaction import NodeTransaction
+from shard_sql.ports import (
+    BatchWriter,
+    EventStore,
+    FeedStore,
+    IntentInbox,
+    IntentQueue,
+    SpaceWakeups,
+)
 from shard_sql.serving import IntentServer
 from shard_sql.store_base import check_same_intent
 from shard_sql.validation import (
@@ -40,6 +48,15 @@ holder that released or died is replaced by this node taking the lease)."""
 BACKOFF_MAX = 0.05
 """Seconds: the longest pause between a forwarder's attempts."""
 log = logging.getLogger("shard_sql.authority")
+
+
+def _held_elsewhere(lease: Lease) -> LeaseHeld:
+    e = LeaseHeld(lease)
+    e.args = (
+        f"{e}: a transaction writes only to spaces this node holds (a forwarded append is "
+        "the holder's own transaction); append it after the block with node.append",
+    )
+    return e
 
 
 class NotHolder(Exception):
@@ -398,6 +415,55 @@ class AppendAuthority:
                 heads[space] = expected + len(events)
             return events
         raise SeqConflict(space, expected)
+
+    # -- transactions (docs/embedding.md) ---------------------------------------------------
+
+    def transaction(self, connection: object | None = None) -> NodeTransaction:
+        """`store.transaction(connection)` whose `append` and `append_many` write to spaces this
+        node holds, fenced by its leases: an unleased space is acquired first; a space another
+        node holds raises `LeaseHeld` naming it (forwarding cannot join a transaction). See
+        `NodeTransaction`. Needs leases kept in the store (`LeaseRegistry(store)`)."""
+        store = self.store
+        if not isinstance(store, FeedStore):
+            raise InvalidEvent("store", f"{type(store).__name__} has no transactions")
+        if self.registry.store is not store:
+            raise InvalidEvent(
+                "registry",
+                "keeps its leases outside the store, which then cannot check a transaction's "
+                "fences in the transaction: use LeaseRegistry(store)",
+            )
+        return NodeTransaction(self, store.transaction(connection))
+
+    def lease_for_transaction(self, space: str) -> Lease:
+        """This node's lease on `space` to fence a transaction's write: the one it holds (no
+        round trip, no renewal), else a new grant; `LeaseHeld` while another node holds it."""
+        check_space(space)
+        lease = self._leases.get(space)
+        if lease is not None and self.registry.now() < lease.expires_at:
+            return lease
+        cur = self.registry.current(space)
+        if cur is not None and cur.holder != self.node_id:
+            self._routes[space] = cur
+            raise _held_elsewhere(cur)
+        try:
+            return self.acquire(space)
+        except LeaseHeld as e:
+            self._routes[space] = e.lease
+            raise _held_elsewhere(e.lease) from None
+        except InvalidEvent as e:
+            if e.field != "transaction":
+                raise
+            raise InvalidEvent(
+                "space",
+                f"{space!r} is not leased to this node yet, and its grant (a write) waits for "
+                "the write lock this transaction holds: acquire it before the transaction's "
+                "first write (node.acquire(space))",
+            ) from e
+
+    def forget_heads(self, spaces: Iterable[str]) -> None:
+        """The heads of `spaces` may have moved (a transaction wrote there): read them again."""
+        for space in spaces:
+            self._heads.pop(space, None)
 
     # -- serving -----------------------------------------------------------------------------
 

@@ -12,6 +12,7 @@ from shard_sql import InMemoryEventStore, LeaseRegistry, SeqConflict, Subscripti
 from shard_sql.ports import Clock, EventStore
 from shard_sql.testing import (
     AdapterCase,
+    AuthorityTransactionContract,
     FeedContract,
     SubscriptionContract,
     TransactionContract,
@@ -28,6 +29,10 @@ class TestMemoryFeed(Memory, FeedContract):
 
 
 class TestMemoryTransactions(Memory, TransactionContract):
+    pass
+
+
+class TestMemoryNodeTransactions(Memory, AuthorityTransactionContract):
     pass
 
 

@@ -21,7 +21,13 @@ from shard_sql import GitEventStore, LeaseRegistry, SeqConflict, StoreUnavailabl
 from shard_sql.git.feed import SNAPSHOT_EVERY
 from shard_sql.git.layout import CHUNK, FEED, space_ref
 from shard_sql.ports import EventStore
-from shard_sql.testing import AdapterCase, FeedContract, SubscriptionContract, TransactionContract
+from shard_sql.testing import (
+    AdapterCase,
+    AuthorityTransactionContract,
+    FeedContract,
+    SubscriptionContract,
+    TransactionContract,
+)
 from shard_sql.validation import pending
 
 CTX = multiprocessing.get_context("spawn")
@@ -40,6 +46,10 @@ class TestGitFeed(Git, FeedContract):
 
 
 class TestGitTransactions(Git, TransactionContract):
+    pass
+
+
+class TestGitNodeTransactions(Git, AuthorityTransactionContract):
     pass
 
 

@@ -13,7 +13,9 @@ import sqlalchemy as sa
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, scoped_session
 
 from shard_sql import (
+    AppendAuthority,
     InvalidEvent,
+    LeaseHeld,
     LeaseRegistry,
     SchemaError,
     SeqConflict,
@@ -21,7 +23,12 @@ from shard_sql import (
     StaleLease,
 )
 from shard_sql.ports import EventStore
-from shard_sql.testing import AdapterCase, SubscriptionContract, TransactionContract
+from shard_sql.testing import (
+    AdapterCase,
+    AuthorityTransactionContract,
+    SubscriptionContract,
+    TransactionContract,
+)
 
 # The host rolls back a transaction the store already rolled back (a failed write): SQLAlchemy
 # says so.
@@ -46,6 +53,10 @@ class TestSqliteSubscription(SqliteFile, SubscriptionContract):
     pass
 
 
+class TestSqliteNodeTransactions(SqliteFile, AuthorityTransactionContract):
+    pass
+
+
 @pytest.mark.postgres
 class TestPostgresTransactions(Postgres, TransactionContract):
     pass
@@ -53,6 +64,11 @@ class TestPostgresTransactions(Postgres, TransactionContract):
 
 @pytest.mark.postgres
 class TestPostgresSubscription(Postgres, SubscriptionContract):
+    pass
+
+
+@pytest.mark.postgres
+class TestPostgresNodeTransactions(Postgres, AuthorityTransactionContract):
     pass
 
 
@@ -363,3 +379,51 @@ def test_postgres_host_commit_wakes_the_feed_and_orders_a_regrant(pg_migrated_ur
     finally:
         store.close()
         engine.dispose()
+
+
+def test_sqlite_grants_a_lease_only_before_the_transaction_writes(tmp_path: Any) -> None:
+    """SQLite has one writer: once the transaction wrote, a grant (a write on the store's own
+    connection) would wait for it. The node says so at once; a space held already is fine."""
+    with SqlEventStore(f"sqlite:///{tmp_path}/s.db") as store:
+        node = AppendAuthority("node-a", store, LeaseRegistry(store))
+        node.acquire("held")
+        start = time.monotonic()
+        with pytest.raises(InvalidEvent) as info, node.transaction() as tx:
+            tx.append("held", "t", {})
+            tx.append("fresh", "t", {})
+        assert info.value.field == "space" and "node.acquire" in str(info.value)
+        assert time.monotonic() - start < 2
+        assert store.head("held") == 0
+        node.acquire("fresh")
+        with node.transaction() as tx:
+            tx.append("held", "t", {})
+            tx.append("fresh", "t", {})
+        assert (store.head("held"), store.head("fresh")) == (1, 1)
+
+
+def test_the_node_writes_the_spaces_it_holds_in_the_host_transaction(host: Host) -> None:
+    store = host.store
+    node = AppendAuthority("node-a", store, LeaseRegistry(store))
+    other = AppendAuthority("node-b", store, node.registry)
+    node.acquire("mine")
+    other.acquire("theirs")
+    with Session(host.engine) as session, session.begin():
+        session.add(Order(item="placed"))
+        session.flush()
+        with node.transaction(session) as tx:
+            e = tx.append("mine", "order.placed", {})
+    assert (e.writer, host.orders()) == ("node-a", ["placed"])
+    with Session(host.engine) as session:
+        session.begin()
+        session.add(Order(item="refused"))
+        session.flush()
+        start = time.monotonic()
+        with pytest.raises(LeaseHeld, match="node-b"), node.transaction(session) as tx:
+            tx.append("mine", "t", {})
+            tx.append("theirs", "t", {})
+        assert time.monotonic() - start < 5
+        with pytest.raises(sa.exc.InvalidRequestError):
+            session.commit()
+        session.rollback()
+    assert host.orders() == ["placed"]
+    assert (store.head("mine"), store.head("theirs")) == (1, 0)

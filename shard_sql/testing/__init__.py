@@ -18,6 +18,7 @@ An adapter plugs in with one small test file: a class that opens it (`make_store
     class TestMyFeed(MyStore, FeedContract): ...  # stores with the feed (FeedStore)
     class TestMyTransactions(MyStore, TransactionContract): ...
     class TestMySubscription(MyStore, SubscriptionContract): ...
+    class TestMyNodeTransactions(MyStore, AuthorityTransactionContract): ...
     class TestMyProcesses(MyStore, ProcessForwardingContract): ...  # needs store_url
 
 The cases use pytest; the contracts are classes, so pytest collects them only as `Test*`
@@ -33,7 +34,12 @@ from shard_sql.testing.contracts import (
     AuthorityContract,
     StoreContract,
 )
-from shard_sql.testing.feed import FeedContract, SubscriptionContract, TransactionContract
+from shard_sql.testing.feed import (
+    AuthorityTransactionContract,
+    FeedContract,
+    SubscriptionContract,
+    TransactionContract,
+)
 from shard_sql.testing.intent_queue import ForwardingContract, IntentQueueContract
 from shard_sql.testing.leases import LeaseRulesContract
 from shard_sql.testing.processes import ProcessForwardingContract
@@ -44,6 +50,7 @@ __all__ = [
     "HOSTILE_SPACES",
     "AdapterCase",
     "AuthorityContract",
+    "AuthorityTransactionContract",
     "FeedContract",
     "ForwardingContract",
     "IntentQueueContract",

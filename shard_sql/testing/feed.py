@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from shard_sql.authority import AppendAuthority
 from shard_sql.errors import IntentConflict, InvalidEvent, LeaseHeld, SeqConflict, StaleLease
 from shard_sql.leases import LeaseRegistry
 from shard_sql.ports import FeedStore, Transaction
@@ -481,6 +482,67 @@ class TransactionContract(_FeedCase):
         assert sorted(got) == sorted(committed)
         assert sorted(got) == sorted((e.space, e.seq, e.payload["id"]) for e in self.store.feed())
         assert committed, "no transaction committed"
+
+
+class AuthorityTransactionContract(_FeedCase):
+    """`node.transaction()`: writes fenced by the node's leases; a space another node holds is
+    `LeaseHeld` (no forwarding into a transaction), at once."""
+
+    def nodes(self) -> tuple[AppendAuthority, AppendAuthority]:
+        registry = LeaseRegistry(self.store)
+        return (
+            AppendAuthority("node-a", self.store, registry),
+            AppendAuthority("node-b", self.store, registry),
+        )
+
+    def test_held_and_unleased_spaces(self) -> None:
+        a, _ = self.nodes()
+        held = a.acquire("held")
+        with a.transaction() as tx:
+            # Unleased: acquired first (before the block's first write, as SQLite needs).
+            [f] = tx.append_many("fresh", [("t", {})])
+            e = tx.append("held", "t", {})
+            tx.save_checkpoint("c", 1)
+        assert (e.writer, e.generation) == ("node-a", held.generation)
+        assert a.holds("fresh") and f.writer == "node-a"
+        assert self.store.events("held") == [e]
+        assert self.store.checkpoint("c") == 1
+        assert a.append("held", "t", {}).seq == 1  # the node's own append after it
+
+    def test_a_space_another_node_holds_is_lease_held(self) -> None:
+        a, b = self.nodes()
+        b.acquire("theirs")
+        start = time.monotonic()
+        with pytest.raises(LeaseHeld) as info, a.transaction() as tx:
+            tx.append("mine", "t", {})
+            tx.append("theirs", "t", {})
+        assert time.monotonic() - start < 5
+        assert info.value.lease.holder == "node-b"
+        assert "node-b" in str(info.value)
+        assert (self.store.head("mine"), self.store.head("theirs")) == (0, 0)
+        # a caught LeaseHeld still dooms the block
+        with pytest.raises(LeaseHeld), a.transaction() as tx:
+            tx.append("mine", "t", {})
+            with pytest.raises(LeaseHeld):
+                tx.append("theirs", "t", {})
+        assert self.store.head("mine") == 0
+        assert a.append("theirs", "t", {"forwarded": True}).writer == "node-b"
+
+    def test_a_lost_lease_fences_the_block(self) -> None:
+        a, b = self.nodes()
+        a.acquire("s")
+        a.registry.revoke("s")
+        b.acquire("s")
+        with pytest.raises(StaleLease), a.transaction() as tx:
+            tx.append("other", "t", {})
+            tx.append("s", "t", {})  # the node still believes it holds it
+        assert (self.store.head("s"), self.store.head("other")) == (0, 0)
+
+    def test_leases_kept_outside_the_store_are_refused(self) -> None:
+        node = AppendAuthority("node-a", self.store, LeaseRegistry())
+        with pytest.raises(InvalidEvent) as info:
+            node.transaction()
+        assert info.value.field == "registry"
 
 
 class _RolledBack(Exception):
