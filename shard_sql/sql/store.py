@@ -34,7 +34,7 @@ from shard_sql.sql.errors import DEFAULT_BUSY_TIMEOUT, guarded, translate
 from shard_sql.sql.intents import SqlIntentQueue
 from shard_sql.sql.listener import Listener
 from shard_sql.sql.schema import open_schema
-from shard_sql.sql.transaction import HostDatabases, SqlTransaction
+from shard_sql.sql.transaction import HostConnections, SqlTransaction
 from shard_sql.sql.waits import FEED_POLL
 from shard_sql.store_base import StoreBase, already_written, feed_pages, placed, stamp
 from shard_sql.validation import (
@@ -133,7 +133,7 @@ class SqlEventStore(StoreBase, FeedStore, LeaseStore, IntentQueue, IntentInbox, 
         the next single append (`Dialect.append_at`: no `RETURNING` to read back)."""
         self._guess_backoff = 0
         self._guess_pause = 0
-        self._hosts = HostDatabases(db)
+        self._hosts = HostConnections(db)
         try:
             open_schema(db, migrate or self._dialect.migrates_on_open)
         except BaseException:
@@ -304,9 +304,10 @@ class SqlEventStore(StoreBase, FeedStore, LeaseStore, IntentQueue, IntentInbox, 
         one not in a transaction, in autocommit, or on another database."""
         return SqlTransaction(self, connection)
 
-    def check_host_database(self, host: Connection) -> None:
-        """`InvalidEvent` unless a host's connection can take this store's writes."""
-        self._hosts.check(host)
+    def join_host(self, host: Connection) -> Conn:
+        """A cursor of a host's connection for a transaction's writes; `InvalidEvent` unless
+        it can take them (`HostConnections`)."""
+        return self._hosts.join(host)
 
     # -- the write path --------------------------------------------------------------------
 

@@ -4,13 +4,13 @@ a host application's (api.md 9; docs/embedding.md, docs/sql.md)."""
 from __future__ import annotations
 
 import time
-import weakref
+import uuid
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session, scoped_session
 
 from shard_sql.errors import InvalidEvent, SeqConflict, ShardSqlError
@@ -19,7 +19,7 @@ from shard_sql.ports import Item, Transaction
 from shard_sql.sql.connections import BUSY_FIRST, Database
 from shard_sql.sql.dialects import Conn
 from shard_sql.sql.errors import translate
-from shard_sql.store_base import TransactionState, already_written, fence_space_matches, placed
+from shard_sql.store_base import TransactionState, already_written, fence_space_matches
 from shard_sql.validation import (
     Pending,
     check_checkpoint_name,
@@ -65,6 +65,7 @@ class SqlTransaction(Transaction):
         "_sa",
         "_store",
         "_trying",
+        "_woke",
         "_wrote",
         "state",
     )
@@ -80,13 +81,15 @@ class SqlTransaction(Transaction):
         self._locked = False
         self._entered = False
         self._wrote = False
+        self._woke = False
+        """A write announced the events to the feed's waiters already (a host's transaction)."""
         self._trying = -1
         """The seq the write under way tries (-1: the head, computed by the statement)."""
         self._intent_spaces: set[str] = set()
         if connection is not None:
-            self._host = _host_connection(connection)
-            self._host_tx = self._host.get_nested_transaction() or self._host.get_transaction()
-            store.check_host_database(self._host)
+            host = self._host = _host_connection(connection)
+            self._host_tx = host.get_nested_transaction() or host.get_transaction()
+            self._c = store.join_host(host)
 
     # -- the block -----------------------------------------------------------------------------
 
@@ -94,35 +97,23 @@ class SqlTransaction(Transaction):
         if self._entered:
             raise InvalidEvent("transaction", "a transaction's block can be entered once")
         self._entered = True
-        host = self._host
-        try:
-            if host is not None:
-                c = Conn(host.connection)
-                try:
-                    self._db.dialect.join(c)
-                except BaseException:
-                    c.cur.close()
-                    raise
-                self._c = c
-                self._db.writing(1)  # the host's connection may hold SQLite's write lock
-        except ShardSqlError:
-            raise
-        except Exception as e:
-            self._raise_translated(e)
+        if self._host is not None:
+            self._db.writing(1)  # the host's connection may hold SQLite's write lock
         return self
 
-    def _ready(self) -> Conn:
+    def _ready(self, one_statement: bool = False) -> Conn:
         """The connection, in the write transaction: the store's own is taken and begun at the
         block's first write (so that a lease can still be granted before it on SQLite); in a
-        host's, SQLite's write lock is taken before the first write's checks."""
+        host's, SQLite's write lock is taken before the first write's checks (`one_statement`:
+        the write is one statement whose checks run under the lock it takes)."""
         if not self._entered:
             raise InvalidEvent("transaction", "use it inside its with block")
         c = self._c
         if c is None:
             c = self._c = self._begin()
         elif not self._locked:
-            self._db.dialect.lock_for_write(c)
-            self._locked = True
+            d = self._db.dialect
+            self._locked = d.lock_for_write(c, first_statement_writes=one_statement)
         return c
 
     def _begin(self) -> Conn:
@@ -207,7 +198,7 @@ class SqlTransaction(Transaction):
                 tx = self._host_tx
                 if tx is not None and tx.is_active:
                     tx.rollback()  # the host's commit then fails: nothing of it commits
-            elif exc is None and self._wrote:
+            elif exc is None and self._wrote and not self._woke:
                 # PostgreSQL: the feed's waiters are woken when the host commits.
                 self._store.feed_committed(c.cur)
         except ShardSqlError:
@@ -215,8 +206,6 @@ class SqlTransaction(Transaction):
         except Exception as e:
             if exc is None:
                 self._raise_translated(e)
-        finally:
-            c.cur.close()
         if exc is None:
             self.state.raise_failure()
 
@@ -281,7 +270,7 @@ class SqlTransaction(Transaction):
             self._failed(e, space, expected_seq)
 
     def _append(self, space: str, p: Pending, seq: int | None, fence: Lease | None) -> Event:
-        c = self._c if self._locked else self._ready()
+        c = self._c if self._locked else self._ready(one_statement=True)
         assert c is not None
         d = self._db.dialect
         at = _now(UTC)
@@ -291,8 +280,11 @@ class SqlTransaction(Transaction):
         self._trying = -1 if seq is None else seq
         try:
             if seq is None:
-                cur.execute(*d.append_at_head(space, p, at, writer, gen, fence))
+                wake = self._host is not None and not self._woke
+                cur.execute(*d.append_at_head(space, p, at, writer, gen, fence, wake=wake))
                 done = d.appended(cur)
+                if wake and done is not None:
+                    self._woke = True
             else:
                 cur.execute(*d.append_one(space, p, seq, at, writer, gen, fence))
                 position = d.inserted(cur)
@@ -356,8 +348,9 @@ class SqlTransaction(Transaction):
         self._wrote = True
         if any(p.intent_id is not None for p in batch):
             self._intent_spaces.add(space)
+        make = new_event
         return [
-            placed(new_event(space, head + n, p.type, p.payload, now, writer, gen, p.intent_id), k)
+            make(space, head + n, p.type, p.payload, now, writer, gen, p.intent_id, k)
             for n, (p, k) in enumerate(zip(batch, positions, strict=True))
         ]
 
@@ -434,7 +427,9 @@ class SqlTransaction(Transaction):
 def _host_connection(connection: object) -> Connection:
     """The SQLAlchemy `Connection` of a host's `Connection`, `Session` or `scoped_session`, in
     a transaction; `InvalidEvent("connection")` for anything else."""
-    if isinstance(connection, scoped_session):
+    if type(connection) is Connection:
+        pass
+    elif isinstance(connection, scoped_session):
         connection = connection()
     if isinstance(connection, Session):
         if not connection.in_transaction():
@@ -462,60 +457,62 @@ def _host_connection(connection: object) -> Connection:
     return connection
 
 
-class HostDatabases:
-    """Which host engines point at the store's database: checked once per engine (a read on one
-    of its connections), remembered while the engine lives."""
+class HostConnections:
+    """The host connections a store's transactions joined: each checked once (the same kind of
+    database, and the same database: one read), then its cursor kept in the connection's
+    `info` (SQLAlchemy's per driver connection dict) for the next transactions."""
 
     def __init__(self, db: Database) -> None:
         self._db = db
-        self._checked: weakref.WeakKeyDictionary[Engine, bool] = weakref.WeakKeyDictionary()
+        self._key = f"shard_sql.cursor.{uuid.uuid4().hex}"
         self._own: object = None
 
-    def check(self, host: Connection) -> None:
-        """`InvalidEvent("connection")` unless `host` runs on the store's database in a
-        transaction that the store's writes can join."""
+    def join(self, host: Connection) -> Conn:
+        """A cursor of `host`'s driver connection; `InvalidEvent("connection")` unless it is on
+        the store's database, in a transaction that the store's writes can join."""
         db = self._db
-        engine = host.engine
-        if engine.dialect.name != db.dialect.name:
-            raise InvalidEvent(
-                "connection",
-                f"is a {engine.dialect.name} connection; the store is on {db.site}",
-            )
         try:
-            raw = host.connection.dbapi_connection
+            pooled = host.connection
         except Exception as e:
             raise InvalidEvent("connection", f"is not usable: {e}") from e
-        problem = db.dialect.host_problem(raw)
+        c: Conn | None = pooled.info.get(self._key)
+        if c is None:
+            c = self._check(host, pooled.dbapi_connection)
+            pooled.info[self._key] = c
+        problem = db.dialect.host_problem(c.raw)
         if problem is not None:
             raise InvalidEvent("connection", problem)
-        if engine is db.engine:
-            return
-        same = self._checked.get(engine)
-        if same is None:
-            same = self._checked[engine] = self._same(host)
-        if not same:
-            raise InvalidEvent(
-                "connection",
-                f"is a connection to another database than the store's ({db.site}): its "
-                "engine must point at the same database",
-            )
+        return c
 
-    def _same(self, host: Connection) -> bool:
+    def _check(self, host: Connection, raw: Any) -> Conn:
         db, d = self._db, self._db.dialect
+        kind = host.engine.dialect.name
+        if kind != d.name:
+            raise InvalidEvent("connection", f"is a {kind} connection; the store is on {db.site}")
         try:
-            if self._own is None:
-                self._own = db.call(d.identity)
-            c = Conn(host.connection)
+            c = Conn.of_driver(raw)
             try:
-                theirs = d.identity(c)
-            finally:
+                if host.engine is not db.engine:
+                    if self._own is None:
+                        self._own = db.call(d.identity)
+                    if not _same_identity(self._own, d.identity(c)):
+                        raise InvalidEvent(
+                            "connection",
+                            f"is a connection to another database than the store's ({db.site}): "
+                            "its engine must point at the same database",
+                        )
+                d.join(c)
+            except BaseException:
                 c.cur.close()
+                raise
+        except ShardSqlError:
+            raise
         except Exception as e:
             err = translate(e, db.site)
             if err is None:
                 raise
             raise err from e
-        return _same_identity(self._own, theirs)
+        return c
 
 
 def _same_identity(a: object, b: object) -> bool:

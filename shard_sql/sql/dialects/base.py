@@ -59,6 +59,13 @@ class Conn:
         self.restore: Any = None
         """What `Dialect.setup` changed on a host's connection, for `Dialect.teardown`."""
 
+    @classmethod
+    def of_driver(cls, raw: Any) -> Conn:
+        """A cursor of a driver connection the store does not hold (a host's)."""
+        c = cls.__new__(cls)
+        c.pooled, c.raw, c.cur, c.restore = None, raw, raw.cursor(), None
+        return c
+
 
 class Dialect:
     """Everything that differs between SQLite and PostgreSQL, one subclass each; the store and
@@ -239,9 +246,11 @@ class Dialect:
     def join(self, c: Conn) -> None:
         """Prepare the cursor of a host's connection (`Conn` over its pooled connection)."""
 
-    def lock_for_write(self, c: Conn) -> None:
-        """Before the first write in a host's transaction: take what the store's own write
-        transactions take first (SQLite: the write lock)."""
+    def lock_for_write(self, c: Conn, *, first_statement_writes: bool = False) -> bool:
+        """Before a write in a host's transaction: take what the store's own write transactions
+        take first (SQLite: the write lock); whether it is held now. `first_statement_writes`:
+        the write is one statement with its checks inside, which may take the lock itself."""
+        return True
 
     def identity(self, c: Conn) -> object:
         """What tells this database apart from any other, read on `c` (a store's connection or a
@@ -325,10 +334,13 @@ class Dialect:
         writer: str,
         generation: int,
         fence: Lease | None,
+        *,
+        wake: bool = False,
     ) -> Statement:
         """One event written at the space's head, inside a write transaction (`transaction`),
         or nothing when `fence` (its holder and generation are the row's writer and generation)
-        is not the current grant or `p`'s intent id is written already: `appended` says which."""
+        is not the current grant or `p`'s intent id is written already: `appended` says which.
+        `wake`: when it writes, it also does what `notify_feed` does (in the same round trip)."""
         raise NotImplementedError
 
     def appended(self, cur: Any) -> tuple[int, int | None] | None:

@@ -54,15 +54,19 @@ def append_one_sql(*, fence: bool, intent: bool) -> str:
     return sql
 
 
-def append_at_head_sql(*, fence: bool, intent: bool) -> str:
+def append_at_head_sql(*, fence: bool, intent: bool, wake: bool = False) -> str:
     """`append_one_sql` at the space's head instead of a given seq (a transaction's append with
-    `expected_seq=None`), returning the seq. Parameters: space, space, the row's other 6; then
-    space, holder, generation; then space, intent id."""
+    `expected_seq=None`), returning the seq. `wake`: the row is selected from the feed's
+    notification (sent at the commit), evaluated only when the checks hold, so that a host's
+    transaction announces its events without a round trip of its own. Parameters: space,
+    space, the row's other 6; then space, holder, generation; then space, intent id."""
     sql = (
         f"INSERT INTO {EVENTS} ({COLUMNS}) "
         f"SELECT %s, COALESCE((SELECT seq + 1 FROM {EVENTS} WHERE space = %s "
         "ORDER BY seq DESC LIMIT 1), 0), %s, CAST(%s AS jsonb), %s, %s, %s, %s"
     )
+    if wake:
+        sql += f" FROM ({FEED_NOTIFY_SQL}) AS wake"
     checks = []
     if fence:
         checks.append(
@@ -177,9 +181,10 @@ class PostgresDialect(Dialect):
             for intent in (False, True)
         }
         self._at_head = {
-            (fence, intent): append_at_head_sql(fence=fence, intent=intent)
+            (fence, intent, wake): append_at_head_sql(fence=fence, intent=intent, wake=wake)
             for fence in (False, True)
             for intent in (False, True)
+            for wake in (False, True)
         }
         self._small = {
             (fence, intent): append_small_batch_sql(fence=fence, intent=intent)
@@ -416,9 +421,11 @@ class PostgresDialect(Dialect):
         writer: str,
         generation: int,
         fence: Lease | None,
+        *,
+        wake: bool = False,
     ) -> Statement:
         intent_id = p.intent_id
-        sql = self._at_head[(fence is not None, intent_id is not None)]
+        sql = self._at_head[(fence is not None, intent_id is not None, wake)]
         params: tuple[Any, ...] = (
             space, space, p.type, p.payload_json, _utc(at), writer, generation, intent_id,
         )  # fmt: skip

@@ -338,11 +338,18 @@ class SqliteDialect(Dialect):
             return "its sqlite3 connection has autocommit=True: its commit() commits nothing"
         return None
 
-    def lock_for_write(self, c: Conn) -> None:
+    def lock_for_write(self, c: Conn, *, first_statement_writes: bool = False) -> bool:
         # SQLite has one writer: take the lock before any check, so that nothing can come
         # between the checks and the writes. A transaction that holds it already goes on.
-        if not c.raw.in_transaction:
-            c.cur.execute("BEGIN IMMEDIATE")
+        raw = c.raw
+        if raw.in_transaction:
+            return True
+        if first_statement_writes and raw.isolation_level is not None:
+            # sqlite3 begins before the INSERT itself (its legacy transaction control), as for
+            # the host's own inserts: the statement's checks run under the lock it takes.
+            return False
+        c.cur.execute("BEGIN IMMEDIATE")
+        return True
 
     def identity(self, c: Conn) -> object:
         for _, name, path in c.cur.execute("PRAGMA database_list").fetchall():
@@ -460,6 +467,8 @@ class SqliteDialect(Dialect):
         writer: str,
         generation: int,
         fence: Lease | None,
+        *,
+        wake: bool = False,
     ) -> Statement:
         sql = self._at_head[(fence is not None, p.intent_id is not None)]
         row = (space, None, p.type, p.payload_json, sqlite_time(at), writer, generation)
