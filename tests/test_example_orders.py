@@ -15,7 +15,6 @@ import pytest
 from sqlalchemy import create_engine, func, inspect, select
 from sqlalchemy.orm import Session
 
-from shard_sql import SqlEventStore
 from shard_sql.orm import TABLES
 from shard_sql.sql import check_schema
 
@@ -88,12 +87,6 @@ def test_the_hosts_alembic_plans_nothing_about_shard_sqls_tables(
     assert check_schema(url)  # shard_sql's tables untouched
 
 
-needs_transactions = pytest.mark.skipif(
-    not hasattr(SqlEventStore, "transaction"), reason="SqlEventStore.transaction() not built yet"
-)
-
-
-@needs_transactions
 def test_an_order_and_its_event_commit_and_roll_back_together(url: str, app: ModuleType) -> None:
     from orders_app.models import Base, Order
 

@@ -46,28 +46,18 @@ class Postgres(AdapterCase):
         return self._pg
 
 
-needs_transactions = pytest.mark.skipif(
-    not hasattr(SqlEventStore, "transaction"),
-    reason="SqlEventStore.transaction() (issue 15) is not there yet",
-)
-
-
-@needs_transactions
 class TestSqliteFeed(SqliteFile, FeedContract):
     pass
 
 
-@needs_transactions
 class TestPostgresFeed(Postgres, FeedContract):
     pass
 
 
-@needs_transactions
 class TestSqliteSubscription(SqliteFile, SubscriptionContract):
     pass
 
 
-@needs_transactions
 class TestPostgresSubscription(Postgres, SubscriptionContract):
     pass
 

@@ -26,7 +26,6 @@ from shard_sql.ports import EventStore
 from shard_sql.testing import (
     AdapterCase,
     AuthorityTransactionContract,
-    SubscriptionContract,
     TransactionContract,
 )
 
@@ -49,21 +48,12 @@ class TestSqliteTransactions(SqliteFile, TransactionContract):
     pass
 
 
-class TestSqliteSubscription(SqliteFile, SubscriptionContract):
-    pass
-
-
 class TestSqliteNodeTransactions(SqliteFile, AuthorityTransactionContract):
     pass
 
 
 @pytest.mark.postgres
 class TestPostgresTransactions(Postgres, TransactionContract):
-    pass
-
-
-@pytest.mark.postgres
-class TestPostgresSubscription(Postgres, SubscriptionContract):
     pass
 
 
@@ -427,3 +417,42 @@ def test_the_node_writes_the_spaces_it_holds_in_the_host_transaction(host: Host)
         session.rollback()
     assert host.orders() == ["placed"]
     assert (store.head("mine"), store.head("theirs")) == (1, 0)
+
+
+@pytest.mark.postgres
+def test_postgres_crossed_writes_deadlock_into_a_seq_conflict(pg_migrated_url: str) -> None:
+    """Two host transactions write the same two spaces in opposite orders: each waits for the
+    other's new row; PostgreSQL breaks the deadlock, and the write it fails is a SeqConflict."""
+    store = SqlEventStore(pg_migrated_url)
+    engine = sa.create_engine(pg_migrated_url)
+    outcome: dict[str, str] = {}
+
+    def write(name: str, first: str, second: str, ready: threading.Barrier) -> None:
+        with engine.connect() as conn:
+            conn.begin()
+            try:
+                with store.transaction(conn) as tx:
+                    tx.append(first, "t", {"by": name})
+                    ready.wait(10)
+                    tx.append(second, "t", {"by": name})
+                conn.commit()
+                outcome[name] = "committed"
+            except SeqConflict:
+                outcome[name] = "conflict"
+
+    try:
+        ready = threading.Barrier(2)
+        threads = [
+            threading.Thread(target=write, args=("t1", "a", "b", ready)),
+            threading.Thread(target=write, args=("t2", "b", "a", ready)),
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert sorted(outcome.values()) == ["committed", "conflict"]
+        winner = next(n for n, o in outcome.items() if o == "committed")
+        assert [e.payload["by"] for e in store.events("a") + store.events("b")] == [winner] * 2
+    finally:
+        store.close()
+        engine.dispose()

@@ -59,6 +59,12 @@ def is_sqlite_busy(e: BaseException) -> bool:
     return "locked" in str(root) or "busy" in str(root)
 
 
+_LOST_RACE = ("40P01", "40001")
+"""PostgreSQL: deadlock detected, serialization failure. During a write in a transaction (two
+transactions inserting into the same spaces in another order wait on each other's new rows),
+that write's `SeqConflict`: another transaction wrote there."""
+
+
 def _is_unique_violation(root: BaseException) -> bool:
     if isinstance(root, sqlite3.IntegrityError):
         return "UNIQUE" in str(root) or getattr(root, "sqlite_errorcode", 0) in (1555, 2067)
@@ -79,11 +85,13 @@ def translate(
 ) -> ShardSqlError | None:
     """The shard_sql error for a driver, SQLAlchemy or alembic error; None for anything else
     (a bug, which must surface as itself). A unique violation of a write at `expected_seq` in
-    `space` is that write's `SeqConflict`."""
+    `space`, or a deadlock or serialization failure during it, is that write's `SeqConflict`."""
     if isinstance(e, ShardSqlError):
         return e
     root = _root(e)
-    if _is_unique_violation(root):
+    if _is_unique_violation(root) or (
+        space is not None and getattr(root, "sqlstate", None) in _LOST_RACE
+    ):
         if space is not None and expected_seq is not None:
             return SeqConflict(space, expected_seq)
         return SchemaError(f"{site}: unexpected unique violation: {_one_line(str(root))}")
