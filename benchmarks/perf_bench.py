@@ -11,6 +11,9 @@ a second file so that neither side pays the other's WAL checkpoints or page spli
   event: 1.1x on SQLite, 2.5x on PostgreSQL) and `Application.save` of one new event;
 - `append_many` of 100 next to BEGIN + `executemany` + COMMIT (0.8x on SQLite, 1.0x on
   PostgreSQL), and COPY on PostgreSQL;
+- `tx.append` and `tx.append_many` of 100 joining the host's SQLAlchemy transaction next to a raw
+  INSERT (executemany) on the host's connection in its transaction (0.85x; `append_many`'s
+  targets): `tx_rows`;
 - reading 100,000 events as `Event` objects (`events()` and `iter_events()`) next to the raw driver
   + a `json.loads` loop (1.0x), and the eventsourcing recorder's `select_events` + `json.loads`;
 - git append (fenced, and through `AppendAuthority`) next to a bare pygit2 ref transaction writing
@@ -73,7 +76,17 @@ TARGET_GIT_APPEND = 0.8
 TARGET_GIT_READS = 10_000.0
 TARGET_PROCESSES = 0.9
 MEMORY_BUDGET_MB = 50.0
-WORKS = ("append", "many", "read", "git", "processes", "memory", "eventsourcing", "feed")
+WORKS = (
+    "append",
+    "many",
+    "read",
+    "transaction",
+    "git",
+    "processes",
+    "memory",
+    "eventsourcing",
+    "feed",
+)
 BACKENDS = ("sqlite-full", "sqlite-normal", "postgresql", "git")
 CTX = multiprocessing.get_context("spawn")
 
@@ -402,6 +415,11 @@ def sql_rows(
 
                 fig, base = _steps(rounds, counts.batches, batches, copy_batches, 1)
                 rows.append(_row(work, label, "raw COPY", fig * 100, base * 100, None))
+
+        if "transaction" in works:
+            from .tx_rows import tx_rows
+
+            rows += tx_rows(label, url, rounds, appends, counts.batches)
 
         if "read" in works:
             space = new_space("read-back")

@@ -73,10 +73,6 @@ def test_processes_and_memory_quick(perf: Any) -> None:
 
 @pytest.mark.postgres
 def test_eventsourcing_rows_quick(perf: Any) -> None:
-    from shard_sql import SqlEventStore
-
-    if not hasattr(SqlEventStore, "transaction"):
-        pytest.skip("SqlEventStore has no feed yet")
     rows = perf.run(quick=True, backends=("sqlite-full", "postgresql"), works=("eventsourcing",))
     _check_rows(rows)
     for backend in ("sqlite FULL", "postgresql"):
@@ -127,3 +123,18 @@ def test_main_prints_one_table_and_json(
     assert [json.loads(line) for line in out.read_text().splitlines()] == rows
     assert perf.main(["--json"]) == 0
     assert [json.loads(x) for x in capsys.readouterr().out.splitlines()] == rows
+
+
+@pytest.mark.postgres
+def test_transaction_rows_quick(perf: Any) -> None:
+    rows = perf.run(quick=True, backends=("sqlite-full", "postgresql"), works=("transaction",))
+    _check_rows(rows)
+    for backend in ("sqlite FULL", "postgresql"):
+        assert [(r["work"], r["vs"]) for r in rows if r["backend"] == backend] == [
+            ("tx.append in the host's transaction", "raw INSERT in the host's transaction"),
+            (
+                "tx.append_many of 100 in the host's transaction",
+                "raw executemany in the host's transaction",
+            ),
+        ]
+    assert all(r["figure"] is not None and r["target"] is not None for r in rows)
