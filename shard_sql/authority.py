@@ -117,6 +117,7 @@ class AppendAuthority:
     `node_id` must be unique among the nodes sharing the registry's lease store.
     Used as a context manager, it renews its leases and serves intents forwarded from other
     processes in a background thread until the block exits, then releases its leases.
+    `transaction(connection)` writes to the spaces it holds inside a (host's) transaction.
     """
 
     def __init__(
