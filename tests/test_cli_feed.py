@@ -60,11 +60,7 @@ def store(
         url, opened = "memory:", memory
     else:
         url, opened = (_sql_store if request.param == "sqlite" else _git_store)(tmp_path)
-    if not isinstance(opened, FeedStore):
-        close = getattr(opened, "close", None)
-        if close is not None:
-            close()
-        pytest.skip(f"{type(opened).__name__} has no feed yet")
+    assert isinstance(opened, FeedStore)  # every adapter has the feed
     monkeypatch.setenv("SHARD_SQL_URL", url)
     yield opened
     close = getattr(opened, "close", None)
@@ -191,15 +187,3 @@ def test_checkpoints(run: Any, store: FeedStore) -> None:
         assert "node-1" in r.out
     r = run("checkpoints", "--json")
     assert {row["name"]: row["holder"] for row in r.lines()} == {"projector": None, "relay": None}
-
-
-def test_a_store_without_the_feed(run: Any, tmp_path: Path) -> None:
-    """Until every adapter has it: one error line, exit 1."""
-    url, opened = _sql_store(tmp_path)
-    try:
-        if isinstance(opened, FeedStore):
-            pytest.skip("SqlEventStore has the feed")
-        r = run("feed", "--url", url)
-        assert r.code == 1 and "has no feed yet" in r.err
-    finally:
-        opened.close()

@@ -36,7 +36,7 @@ from eventsourcing.tests import application as es_app
 from eventsourcing.tests import persistence as es
 from eventsourcing.utils import Environment
 
-from shard_sql import GitEventStore, InMemoryEventStore, SqlEventStore
+from shard_sql import InMemoryEventStore
 from shard_sql.eventsourcing import (
     ShardSqlAggregateRecorder,
     ShardSqlApplicationRecorder,
@@ -46,15 +46,6 @@ from shard_sql.eventsourcing import (
 )
 
 # -- backends ----------------------------------------------------------------------------------
-
-
-def skip_without_feed(backend: str) -> None:
-    """Until every adapter has the feed (issues 14, 15): skip the backends without it."""
-    adapter = {"Sqlite": SqlEventStore, "Postgres": SqlEventStore, "Git": GitEventStore}.get(
-        backend, InMemoryEventStore
-    )
-    if not hasattr(adapter, "transaction"):
-        pytest.skip(f"{adapter.__name__} has no feed yet")
 
 
 class _Backend(TestCase):
@@ -67,7 +58,6 @@ class _Backend(TestCase):
 
     def setUp(self) -> None:
         self.factories: list[ShardSqlFactory] = []
-        skip_without_feed(self.name)
         self.url = self.new_url()
         super().setUp()
 
@@ -182,7 +172,6 @@ class MyTrackingRecorder(ShardSqlTrackingRecorder):
 class _Factory(_Backend, es.InfrastructureFactoryTestCase[ShardSqlFactory]):
     def setUp(self) -> None:
         self.factories = []
-        skip_without_feed(self.name)
         self.url = self.new_url()
         self.env = Environment(
             env={"PERSISTENCE_MODULE": "shard_sql.eventsourcing", "SHARD_SQL_URL": self.url}
@@ -264,7 +253,6 @@ del _backend, _case, _name
 @pytest.fixture(params=["memory", "sqlite", "postgresql", "git"])
 def url(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[str]:
     kind = request.param
-    skip_without_feed({"sqlite": "Sqlite", "postgresql": "Postgres", "git": "Git"}.get(kind, ""))
     if kind == "memory":
         yield f"memory://{uuid4().hex}"
     elif kind == "sqlite":
@@ -518,7 +506,6 @@ def test_store_errors_are_eventsourcing_errors(tmp_path: Any) -> None:
 
 @pytest.mark.postgres
 def test_an_unmigrated_database_without_create_table(pg_url: str) -> None:
-    skip_without_feed("Postgres")
     with pytest.raises(ProgrammingError):
         ShardSqlFactory(Environment(env={"SHARD_SQL_URL": pg_url, "CREATE_TABLE": "no"}))
     ShardSqlFactory(Environment(env={"SHARD_SQL_URL": pg_url})).close()

@@ -66,7 +66,7 @@ def register(add: AddCommand) -> None:
 
 def _feed_store(store: object) -> FeedStore:
     if not isinstance(store, FeedStore):
-        raise CommandFailed(f"this {type(store).__name__} has no feed yet")
+        raise CommandFailed(f"this {type(store).__name__} keeps no feed")
     return store
 
 

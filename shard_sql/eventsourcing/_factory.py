@@ -78,7 +78,7 @@ class ShardSqlFactory(InfrastructureFactory[ShardSqlTrackingRecorder]):
             store = open_store(self.url, migrate=migrate)
         if not isinstance(store, FeedStore):
             store.close()
-            raise OperationalError(f"{type(store).__name__} has no feed yet: it cannot back this")
+            raise OperationalError(f"{type(store).__name__} keeps no feed: it cannot back this")
         self.store = store
 
     def _prefix(self) -> str:
