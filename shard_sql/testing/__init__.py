@@ -37,12 +37,12 @@ from shard_sql.testing.contracts import (
 from shard_sql.testing.feed import (
     AuthorityTransactionContract,
     FeedContract,
-    SubscriptionContract,
     TransactionContract,
 )
 from shard_sql.testing.intent_queue import ForwardingContract, IntentQueueContract
 from shard_sql.testing.leases import LeaseRulesContract
 from shard_sql.testing.processes import ProcessForwardingContract
+from shard_sql.testing.subscriptions import SubscriptionContract
 
 __all__ = [
     "BAD_PAYLOADS",
