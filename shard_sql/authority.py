@@ -271,7 +271,8 @@ class AppendAuthority:
             lease = self._leases.get(space)
             now = self.registry.now() if lease is not None else None
             if lease is not None and now is not None and now < lease.expires_at:
-                event = self._write_held(space, item, now)
+                # Once queued, with its intent id: the last holder may have written it already.
+                event = self._write_held(space, patience.item, now)
             else:
                 holder = self._holder(space, route_first=first, now=now)
                 first = False
