@@ -1,9 +1,9 @@
 """The fault-injection suite: node processes append (directly and forwarded) to a few spaces
 while holders are SIGKILLed and SIGSTOPped past their TTL, PostgreSQL connections are killed and
 the server restarted, SQLite's write lock is contended and git lock files go stale; the history
-checker then proves the log kept every promise. On git a feed consumer (`Subscription`, two
-copies) follows the feed meanwhile, killed and paused too: it must see every event once, in
-order, its checkpoint never moving back.
+checker then proves the log kept every promise. On every backend a feed consumer
+(`Subscription`, two copies) follows the feed meanwhile, killed and paused too: it must see every
+event once, in order, its checkpoint never moving back.
 
 The PostgreSQL restart runs under CI=true (or SHARD_SQL_FAULT_RESTART=1): elsewhere other test
 runs may share the server.
@@ -61,19 +61,32 @@ def _run(
 
 
 def test_faults_sqlite(tmp_path: Path) -> None:
-    faults = {"kill_holder": kill_holder, "pause_holder": pause_holder, "sqlite_lock": sqlite_lock}
-    _run("sqlite", f"sqlite:///{tmp_path}/faults.db", tmp_path, faults)
+    """With a feed consumer (two copies taking turns) killed and paused too."""
+    faults = {
+        "kill_holder": kill_holder,
+        "pause_holder": pause_holder,
+        "sqlite_lock": sqlite_lock,
+        "kill_consumer": kill_consumer,
+        "pause_consumer": pause_consumer,
+    }
+    url = f"sqlite:///{tmp_path}/faults.db"
+    _run("sqlite", url, tmp_path, faults, 2, duration=max(DURATION, 30), fault_every=1.0)
 
 
 def test_faults_postgresql(tmp_path: Path, pg_migrated_url: str) -> None:
+    """With a feed consumer killed and paused too; every connection is terminated now and then
+    (the consumers', their listeners' and the stores' feed notifiers' among them)."""
     faults: dict[str, Fault] = {
         "kill_holder": kill_holder,
         "pause_holder": pause_holder,
         "pg_terminate": pg_terminate,
+        "kill_consumer": kill_consumer,
+        "pause_consumer": pause_consumer,
     }
     if env_flag("CI") or env_flag("SHARD_SQL_FAULT_RESTART"):
         faults["pg_restart"] = pg_restart
-    _run("postgresql", pg_migrated_url, tmp_path, faults)
+    url = pg_migrated_url
+    _run("postgresql", url, tmp_path, faults, 2, duration=max(DURATION, 30), fault_every=1.0)
 
 
 def test_faults_git(tmp_path: Path) -> None:
