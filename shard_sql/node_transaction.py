@@ -7,17 +7,23 @@ from __future__ import annotations
 from collections.abc import Iterable
 from contextlib import AbstractContextManager
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from shard_sql.errors import InvalidEvent
 from shard_sql.ports import Item, Transaction
 from shard_sql.store_base import TransactionState
 from shard_sql.values import Event, Lease
 
-if TYPE_CHECKING:
-    from shard_sql.authority import AppendAuthority
+__all__ = ["NodeTransaction", "TransactionNode"]
 
-__all__ = ["NodeTransaction"]
+
+class TransactionNode(Protocol):
+    """What a node transaction uses of its `AppendAuthority` (named here, so that the
+    authority imports this module and not the other way round)."""
+
+    def lease_for_transaction(self, space: str) -> Lease: ...
+
+    def forget_heads(self, spaces: Iterable[str]) -> None: ...
 
 
 class NodeTransaction(Transaction):
@@ -37,7 +43,7 @@ class NodeTransaction(Transaction):
     `connection` are the store transaction's.
     """
 
-    def __init__(self, node: AppendAuthority, inner: AbstractContextManager[Transaction]) -> None:
+    def __init__(self, node: TransactionNode, inner: AbstractContextManager[Transaction]) -> None:
         self._node = node
         self._inner = inner
         self._tx: Transaction | None = None

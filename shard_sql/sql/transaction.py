@@ -8,9 +8,9 @@ import uuid
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, Protocol
 
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session, scoped_session
 
 from shard_sql.errors import InvalidEvent, SeqConflict, ShardSqlError
@@ -19,6 +19,7 @@ from shard_sql.ports import Item, Transaction
 from shard_sql.sql.connections import BUSY_FIRST, Database
 from shard_sql.sql.dialects import Conn
 from shard_sql.sql.errors import translate
+from shard_sql.sql.intents import SqlIntentQueue
 from shard_sql.store_base import TransactionState, already_written, fence_space_matches
 from shard_sql.validation import (
     Pending,
@@ -34,9 +35,27 @@ from shard_sql.values import Event, Lease, new_event
 if TYPE_CHECKING:
     from sqlalchemy.engine.base import Transaction as SaTransaction
 
-    from shard_sql.sql.store import SqlEventStore
+__all__ = ["SqlTransaction", "TransactionStore"]
 
-__all__ = ["SqlTransaction"]
+
+class TransactionStore(Protocol):
+    """What a transaction uses of its `SqlEventStore` (named here, so that the store module
+    imports this one and not the other way round)."""
+
+    database: Database
+    _intents: SqlIntentQueue
+
+    @property
+    def engine(self) -> Engine: ...
+
+    def feed_committed(self, cur: Any | None = None) -> None: ...
+
+    def join_host(self, host: Connection) -> Conn: ...
+
+    def _head(self, c: Conn, space: str) -> int: ...
+
+    def _lease_record(self, c: Conn, space: str, *, locked: bool = False) -> Lease | None: ...
+
 
 _now = datetime.now
 
@@ -70,7 +89,7 @@ class SqlTransaction(Transaction):
         "state",
     )
 
-    def __init__(self, store: SqlEventStore, connection: object | None) -> None:
+    def __init__(self, store: TransactionStore, connection: object | None) -> None:
         self._store = store
         self._db: Database = store.database
         self.state = TransactionState()
