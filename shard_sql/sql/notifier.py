@@ -1,7 +1,8 @@
 """PostgreSQL: the store-side notifier that wakes the feed's waiters after the store's commits.
 
 One thread per store with its own autocommit connection sends `NOTIFY shard_sql_feed, 'f:'`
-after commits, coalesced (commits during a send cost one more send, not one each). Appends
+after commits, coalesced (commits during a send and the `NOTIFY_GAP` after it cost one more
+send, not one each). Appends
 themselves never NOTIFY: a NOTIFY takes a database-wide lock at commit, held through the
 commit's WAL flush, which would queue up concurrent appends (docs/feed.md has the figures).
 """
@@ -27,6 +28,10 @@ log = logging.getLogger("shard_sql.sql")
 
 FEED_NOTIFY_SQL = f"SELECT pg_notify('{FEED_CHANNEL}', '{FEED}:')"
 """The wake-up: sent by the notifier, or inside a host's transaction (at its commit)."""
+NOTIFY_GAP = 0.002
+"""Seconds the sender waits after a notification before it sends the next one (the commits
+meanwhile share it): at most 500 a second per store, each one a transaction on the server.
+Measured: wake-up p50 unchanged (1.1-1.3 ms), 4 appending processes as fast or faster."""
 RECONNECT_MIN = 0.05
 RECONNECT_MAX = 2.0
 
@@ -121,6 +126,7 @@ class _Sender:
                 conn.execute(FEED_NOTIFY_SQL)
                 self.sent += 1
                 delay = RECONNECT_MIN
+                time.sleep(NOTIFY_GAP)
             except Exception as e:
                 log.debug("%s: feed notifier: %s", self._where, e)
                 if conn is not None:
