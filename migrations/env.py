@@ -3,11 +3,13 @@
 Three ways in:
 - `shard_sql.migrate(url)` / `SqlEventStore(url, migrate=True)` / `shard-sql migrate` pass an open
   connection (in `config.attributes["connection"]`) already inside a transaction that holds the
-  migration lock; the migrations run in that transaction and the caller commits.
+  migration lock (and whose search path is the schema in `config.attributes["schema"]`, if any);
+  the migrations run in that transaction and the caller commits.
 - `alembic upgrade head` from the repository root: the URL comes from `-x url=...`, else
-  `sqlalchemy.url` in alembic.ini, else SHARD_SQL_URL, else sqlite:///shard.db; the connection is
-  opened the way shard_sql opens it (SQLite: WAL and BEGIN IMMEDIATE; PostgreSQL: an advisory lock),
-  so concurrent migrations queue up instead of colliding.
+  `sqlalchemy.url` in alembic.ini, else SHARD_SQL_URL, else sqlite:///shard.db; the schema from
+  `-x schema=...` or the URL's `?shard_sql_schema=`; the connection is opened the way shard_sql
+  opens it (SQLite: WAL and BEGIN IMMEDIATE; PostgreSQL: an advisory lock), so concurrent
+  migrations queue up instead of colliding.
 - `alembic upgrade head --sql`: offline, prints the SQL.
 """
 
@@ -17,6 +19,7 @@ from logging.config import fileConfig
 from typing import Any
 
 from alembic import context
+from sqlalchemy.engine import URL
 
 from shard_sql.orm import VERSION_TABLE, metadata
 
@@ -34,32 +37,39 @@ OPTIONS: dict[str, Any] = {
 }
 
 
-def database_url() -> str:
+def database_url() -> tuple[URL, str | None]:
+    """The URL from the command line (without its `?shard_sql_schema=`) and the schema."""
+    from shard_sql.sql.urls import normalize_url, split_schema
     from shard_sql.urls import default_url
 
-    url = context.get_x_argument(as_dictionary=True).get("url")
-    return url or config.get_main_option("sqlalchemy.url") or default_url()
+    x = context.get_x_argument(as_dictionary=True)
+    url = x.get("url") or config.get_main_option("sqlalchemy.url") or default_url()
+    return split_schema(normalize_url(url), x.get("schema"))
 
 
 def run_offline() -> None:
-    from shard_sql.sql import normalize_url
-
-    context.configure(url=normalize_url(database_url()), literal_binds=True, **OPTIONS)
+    url, schema = database_url()
+    context.configure(url=url, literal_binds=True, version_table_schema=schema, **OPTIONS)
     with context.begin_transaction():
+        if schema is not None:
+            context.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
+            context.execute(f'SET LOCAL search_path TO "{schema}"')
         context.run_migrations()
 
 
 def run_online() -> None:
     connection = config.attributes.get("connection")
     if connection is not None:
-        context.configure(connection=connection, **OPTIONS)
+        schema = config.attributes.get("schema")
+        context.configure(connection=connection, version_table_schema=schema, **OPTIONS)
         with context.begin_transaction():
             context.run_migrations()
         return
     from shard_sql.sql import migration_connection
 
-    with migration_connection(database_url()) as connection:
-        context.configure(connection=connection, **OPTIONS)
+    url, schema = database_url()
+    with migration_connection(url, schema=schema) as connection:
+        context.configure(connection=connection, version_table_schema=schema, **OPTIONS)
         with context.begin_transaction():
             context.run_migrations()
 

@@ -56,7 +56,7 @@ __all__ = [
     "metadata",
 ]
 
-SCHEMA_REVISION = "0004"
+SCHEMA_REVISION = "0005"
 """The alembic head revision these models describe.
 
 A store compares it with the database's version row when it opens, without loading alembic.

@@ -17,10 +17,10 @@ from sqlalchemy.engine import URL, Engine
 
 from shard_sql.errors import InvalidEvent, ShardSqlError, StoreUnavailable
 from shard_sql.sql.dialects import Conn, Dialect, EngineOptions, dialect_for
-from shard_sql.sql.errors import Site
-from shard_sql.sql.urls import masked, normalize_url
+from shard_sql.sql.errors import DEFAULT_BUSY_TIMEOUT, Site
+from shard_sql.sql.urls import SCHEMA_PARAMETER, masked, normalize_url, split_schema
 
-__all__ = ["BUSY_FIRST", "BUSY_MAX", "ConnectionPool", "Database", "open_engine"]
+__all__ = ["BUSY_FIRST", "BUSY_MAX", "ConnectionPool", "Database", "open_engine", "site_of"]
 
 BUSY_FIRST = 0.00005
 BUSY_MAX = 0.002
@@ -40,7 +40,7 @@ def open_engine(
     """
     if isinstance(url_or_engine, Engine):
         url = normalize_url(url_or_engine.url)
-        dialect = dialect_for(url, busy_timeout=options.busy_timeout)
+        dialect = dialect_for(url, busy_timeout=options.busy_timeout, schema=options.schema)
         engine, owned = dialect.adopt_engine(url_or_engine, options)
         return engine, owned, dialect
     if not isinstance(url_or_engine, str | URL):
@@ -48,9 +48,18 @@ def open_engine(
             "url_or_engine",
             f"must be a database URL or a SQLAlchemy Engine, not {type(url_or_engine).__name__}",
         )
-    url = normalize_url(url_or_engine)
-    dialect = dialect_for(url, busy_timeout=options.busy_timeout)
+    url, schema = split_schema(normalize_url(url_or_engine), options.schema)
+    dialect = dialect_for(url, busy_timeout=options.busy_timeout, schema=schema)
     return dialect.create_engine(url, options), True, dialect
+
+
+def site_of(engine: Engine, dialect: Dialect, busy_timeout: float = DEFAULT_BUSY_TIMEOUT) -> Site:
+    """Where the store's tables are, for messages: the URL (with its schema, so that the
+    command a message names finds them) without secrets."""
+    url = engine.url
+    if dialect.schema is not None:
+        url = url.update_query_dict({SCHEMA_PARAMETER: dialect.schema})
+    return Site(dialect.describe(engine.url), masked(url), busy_timeout)
 
 
 class ConnectionPool:
@@ -229,7 +238,7 @@ class Database:
         engine, self.owned, self.dialect = open_engine(url_or_engine, options)
         self.engine = engine
         self.busy_timeout = options.busy_timeout
-        self.site = Site(self.dialect.describe(engine.url), masked(engine.url), self.busy_timeout)
+        self.site = site_of(engine, self.dialect, self.busy_timeout)
         self.pool = ConnectionPool(
             engine,
             self.dialect,

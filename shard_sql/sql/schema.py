@@ -26,10 +26,9 @@ from shard_sql.orm import (
     TABLES,
     VERSION_TABLE,
 )
-from shard_sql.sql.connections import Database, open_engine
+from shard_sql.sql.connections import Database, open_engine, site_of
 from shard_sql.sql.dialects import Conn, Dialect, EngineOptions
 from shard_sql.sql.errors import DEFAULT_BUSY_TIMEOUT, Site, translate
-from shard_sql.sql.urls import masked
 
 if TYPE_CHECKING:
     from alembic.config import Config
@@ -63,8 +62,9 @@ def migrations_dir() -> Path:
     raise SchemaError("shard_sql's migrations are missing from this installation")
 
 
-def alembic_config(connection: Connection | None = None) -> Config:
-    """An alembic `Config` for shard_sql's migrations, optionally bound to an open connection."""
+def alembic_config(connection: Connection | None = None, *, schema: str | None = None) -> Config:
+    """An alembic `Config` for shard_sql's migrations, optionally bound to an open connection
+    (of `migration_connection`, with `schema` if it has one)."""
     # alembic loads only when a migration runs (it is slow to import; a store at head never
     # needs it).
     from alembic.config import Config
@@ -73,20 +73,22 @@ def alembic_config(connection: Connection | None = None) -> Config:
     cfg.set_main_option("script_location", str(migrations_dir()).replace("%", "%%"))
     if connection is not None:
         cfg.attributes["connection"] = connection
+    cfg.attributes["schema"] = schema
     return cfg
-
-
-def _site(engine: Engine, dialect: Dialect, busy_timeout: float = DEFAULT_BUSY_TIMEOUT) -> Site:
-    return Site(dialect.describe(engine.url), masked(engine.url), busy_timeout)
 
 
 @contextmanager
 def migration_connection(
-    url_or_engine: str | URL | Engine, *, busy_timeout: float = DEFAULT_BUSY_TIMEOUT
+    url_or_engine: str | URL | Engine,
+    *,
+    busy_timeout: float = DEFAULT_BUSY_TIMEOUT,
+    schema: str | None = None,
 ) -> Iterator[Connection]:
     """A connection in a transaction that holds shard_sql's migration lock, committed on exit
-    (used by `migrations/env.py` when alembic runs from the command line)."""
-    engine, owned, dialect = open_engine(url_or_engine, EngineOptions(busy_timeout=busy_timeout))
+    (used by `migrations/env.py` when alembic runs from the command line). With a `schema`
+    (PostgreSQL), created if missing, the transaction's search path is that schema."""
+    options = EngineOptions(busy_timeout=busy_timeout, schema=schema)
+    engine, owned, dialect = open_engine(url_or_engine, options)
     try:
         with dialect.migration_transaction(engine) as conn:
             yield conn
@@ -128,7 +130,8 @@ def found_revision(rows: Rows, dialect: Dialect, site: Site) -> str | None:
             raise SchemaError(
                 f"{site} has tables named {ours} but no {VERSION_TABLE}: another application's "
                 "tables, or shard_sql's with their version table dropped. shard_sql neither uses "
-                "nor changes them: give it a database of its own, or restore the version table"
+                "nor changes them: give it a database (or PostgreSQL schema, schema=...) of its "
+                "own, or restore the version table"
             )
         return None
     versions = [str(row[0]) for row in rows(dialect.version_sql, ())]
@@ -161,7 +164,7 @@ def run_migrations(engine: Engine, dialect: Dialect, site: Site) -> Migration:
 
                 # Under the lock: what this call found; a foreign or damaged schema is left alone.
                 before = found_revision(rows, dialect, site)
-                command.upgrade(alembic_config(conn), "head")
+                command.upgrade(alembic_config(conn, schema=dialect.schema), "head")
             return Migration(before, SCHEMA_REVISION)
         except ShardSqlError:
             raise
@@ -175,21 +178,22 @@ def run_migrations(engine: Engine, dialect: Dialect, site: Site) -> Migration:
             raise err from e
 
 
-def upgrade(url_or_engine: str | URL | Engine) -> Migration:
+def upgrade(url_or_engine: str | URL | Engine, *, schema: str | None = None) -> Migration:
     """Upgrade the database to the head schema (creating the tables in an empty one); what it
-    found and left. Safe to run concurrently and repeatedly."""
-    engine, owned, dialect = open_engine(url_or_engine, EngineOptions())
+    found and left. Safe to run concurrently and repeatedly. `schema` (PostgreSQL, also
+    `?shard_sql_schema=` in the URL): shard_sql's tables live there, created if missing."""
+    engine, owned, dialect = open_engine(url_or_engine, EngineOptions(schema=schema))
     try:
-        return run_migrations(engine, dialect, _site(engine, dialect))
+        return run_migrations(engine, dialect, site_of(engine, dialect))
     finally:
         if owned:
             engine.dispose()
 
 
-def migrate(url_or_engine: str | URL | Engine) -> str:
+def migrate(url_or_engine: str | URL | Engine, *, schema: str | None = None) -> str:
     """Upgrade the database to the head schema (creating the tables in an empty one) and return
-    the head revision. Safe to run concurrently and repeatedly."""
-    return upgrade(url_or_engine).after
+    the head revision. Safe to run concurrently and repeatedly. `schema`: see `upgrade`."""
+    return upgrade(url_or_engine, schema=schema).after
 
 
 def _known_revision(revision: str) -> bool:
@@ -252,14 +256,14 @@ def _revision(c: Conn, db: Database) -> str | None:
     return found_revision(rows, db.dialect, db.site)
 
 
-def check_schema(url_or_engine: str | URL | Engine) -> str:
+def check_schema(url_or_engine: str | URL | Engine, *, schema: str | None = None) -> str:
     """Check shard_sql's own schema, also in a database it shares with an application (whose
     tables are not looked at): at the head revision, with every table, column, index and
-    constraint of the models. Returns the head revision; else `SchemaError`, one line saying
-    what is behind, newer, foreign or different. Changes nothing (an index a DBA added is fine).
-    """
-    engine, owned, dialect = open_engine(url_or_engine, EngineOptions())
-    site = _site(engine, dialect)
+    constraint of the models (in `schema`, if given). Returns the head revision; else
+    `SchemaError`, one line saying what is behind, newer, foreign or different. Changes nothing
+    (an index a DBA added is fine)."""
+    engine, owned, dialect = open_engine(url_or_engine, EngineOptions(schema=schema))
+    site = site_of(engine, dialect)
     try:
         if not dialect.exists(engine.url):
             raise SchemaError(f"{site} does not exist")
@@ -273,7 +277,7 @@ def check_schema(url_or_engine: str | URL | Engine) -> str:
                 raise SchemaError(f"{site} has no shard_sql schema: {site.hint}")
             if revision != SCHEMA_REVISION:
                 raise SchemaError(_revision_problem(site, revision))
-            differences = schema_differences(conn)
+            differences = schema_differences(conn, dialect.schema)
         if differences:
             raise SchemaError(
                 f"{site} is at shard_sql schema revision {SCHEMA_REVISION}, but its tables "
@@ -299,24 +303,39 @@ def _is_ours(
     return isinstance(table, Table) and table.name in TABLES
 
 
-def schema_differences(conn: Connection) -> list[str]:
-    """How shard_sql's tables in the database differ from the models (alembic's autogenerate
-    comparison, on those tables only), one phrase each; indexes the models lack are allowed."""
+def schema_differences(conn: Connection, schema: str | None = None) -> list[str]:
+    """How shard_sql's tables in the database (in `schema`, if given) differ from the models
+    (alembic's autogenerate comparison, on those tables only), one phrase each; indexes the
+    models lack are allowed."""
     from alembic.autogenerate import compare_metadata  # see alembic_config
     from alembic.migration import MigrationContext
+    from sqlalchemy import MetaData
 
     from shard_sql.orm import metadata
+
+    target = metadata
+    if schema is not None:
+        target = MetaData()
+        for table in metadata.tables.values():
+            table.to_metadata(target, schema=schema)
+
+    def include_name(name: str | None, type_: str, parents: dict[str, str | None]) -> bool:
+        if type_ == "schema":
+            return name == schema
+        return type_ != "table" or name in TABLES
 
     context = MigrationContext.configure(
         conn,
         opts={
             "version_table": VERSION_TABLE,
+            "version_table_schema": schema,
             "compare_type": True,
+            "include_schemas": schema is not None,
             "include_object": _is_ours,
-            "include_name": lambda name, type_, parents: type_ != "table" or name in TABLES,
+            "include_name": include_name,
         },
     )
-    found = [_describe(diff) for diff in compare_metadata(context, metadata)]
+    found = [_describe(diff) for diff in compare_metadata(context, target)]
     return [d for d in found if d]
 
 

@@ -9,7 +9,12 @@ from sqlalchemy.engine import URL, make_url
 
 from shard_sql.errors import InvalidEvent
 
-__all__ = ["masked", "normalize_url"]
+__all__ = ["SCHEMA_PARAMETER", "check_schema_name", "masked", "normalize_url", "split_schema"]
+
+SCHEMA_PARAMETER = "shard_sql_schema"
+"""The URL query parameter that names shard_sql's PostgreSQL schema (`?shard_sql_schema=log`)."""
+
+_SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,39}")
 
 
 def normalize_url(url: str | URL) -> URL:
@@ -32,6 +37,37 @@ def normalize_url(url: str | URL) -> URL:
     if backend not in ("sqlite", "postgresql"):
         raise InvalidEvent("url", f"{backend!r}: shard_sql supports sqlite:// and postgresql://")
     return parsed
+
+
+def check_schema_name(schema: object) -> str | None:
+    """A PostgreSQL schema name for shard_sql's tables (None: the search path's)."""
+    if schema is None:
+        return None
+    if (
+        not isinstance(schema, str)
+        or not _SCHEMA_NAME.fullmatch(schema)
+        or schema.startswith("pg_")
+        or schema == "information_schema"
+    ):
+        raise InvalidEvent(
+            "schema",
+            "must be a lowercase PostgreSQL schema name: a letter or _, then letters, digits or "
+            "_, at most 40 (not pg_... or information_schema)",
+        )
+    return schema
+
+
+def split_schema(url: URL, schema: str | None) -> tuple[URL, str | None]:
+    """The URL without `?shard_sql_schema=`, and the schema it or `schema` names (they must
+    agree when both do)."""
+    named = url.query.get(SCHEMA_PARAMETER)
+    if named is None:
+        return url, check_schema_name(schema)
+    if not isinstance(named, str):
+        raise InvalidEvent("url", f"names {SCHEMA_PARAMETER} more than once")
+    if schema is not None and named != schema:
+        raise InvalidEvent("schema", f"{schema!r} differs from the URL's {named!r}")
+    return url.difference_update_query([SCHEMA_PARAMETER]), check_schema_name(named)
 
 
 _SECRET_WORDS = ("password", "passwd", "pwd", "secret", "token")

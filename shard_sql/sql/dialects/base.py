@@ -44,6 +44,8 @@ class EngineOptions:
     """Connections opened beyond `pool_size` under load, closed when they come back."""
     pool_timeout: float = 30.0
     """Seconds a call waits for a free connection before `StoreUnavailable`."""
+    schema: str | None = None
+    """PostgreSQL: the schema of shard_sql's tables (None: the search path's)."""
 
 
 class Conn:
@@ -83,6 +85,12 @@ class Dialect:
     """A store opening a database below the head schema migrates it (SQLite files)."""
     has_server_clock: ClassVar[bool] = False
     """The server has a clock of its own (`server_time`) that every host can share."""
+    schema: str | None = None
+    """The schema of shard_sql's tables (PostgreSQL), in every statement; None: unqualified."""
+
+    def table(self, name: str) -> str:
+        """A table (or function) of shard_sql's as its statements name it."""
+        return name if self.schema is None else f'"{self.schema}".{name}'
 
     def __init__(self) -> None:
         p = self.p
@@ -98,7 +106,7 @@ class Dialect:
             f"UNION ALL SELECT (SELECT min(space) FROM {EVENTS} WHERE space > s.space) "
             "FROM s WHERE s.space IS NOT NULL) SELECT space FROM s WHERE space IS NOT NULL"
         )
-        self.version_sql = f"SELECT version_num FROM {VERSION_TABLE}"
+        self.version_sql = f"SELECT version_num FROM {self.table(VERSION_TABLE)}"
         self.feed_sql = f"SELECT {FEED_COLUMNS} FROM {EVENTS} WHERE position > {p}"
         self.checkpoint_sql = f"SELECT position FROM {CHECKPOINTS} WHERE name = {p}"
         self.checkpoints_sql = f"SELECT name, position FROM {CHECKPOINTS} ORDER BY name"

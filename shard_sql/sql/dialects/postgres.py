@@ -159,7 +159,8 @@ class PostgresDialect(Dialect):
     against one statement): 2 events 0.60/0.38, 10 0.62/0.60, 30 0.82/1.19; with intent ids
     (checked before COPY) 10 1.31/0.83, 100 11.0/8.5."""
 
-    def __init__(self) -> None:
+    def __init__(self, schema: str | None = None) -> None:
+        self.schema = schema
         super().__init__()
         # A space's events read their payload as text, decoded for the page in one json.loads
         # (store_base.decode_payloads), not parsed row by row by psycopg.
@@ -221,10 +222,15 @@ class PostgresDialect(Dialect):
         )
 
     def tables_sql(self, n: int) -> str:
-        # Visible on the search path: what the store's unqualified statements would use.
+        # In the store's schema, or visible on the search path: what its statements use.
+        where = (
+            "pg_table_is_visible(oid)"
+            if self.schema is None
+            else f"relnamespace = (SELECT oid FROM pg_namespace WHERE nspname = '{self.schema}')"
+        )
         return (
             "SELECT relname FROM pg_class WHERE relkind IN ('r', 'p', 'v', 'm', 'f') "
-            f"AND relname IN ({', '.join(['%s'] * n)}) AND pg_table_is_visible(oid)"
+            f"AND relname IN ({', '.join(['%s'] * n)}) AND {where}"
         )
 
     # -- engines and connections -------------------------------------------------------------
@@ -254,12 +260,19 @@ class PostgresDialect(Dialect):
             conn.execution_options(isolation_level="READ COMMITTED")
             with conn.begin():
                 conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK})")
+                if self.schema is not None:
+                    # Our own connection: the migrations' unqualified names land in the schema.
+                    conn.exec_driver_sql(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"')
+                    conn.exec_driver_sql(f'SET LOCAL search_path TO "{self.schema}"')
                 yield conn
 
     def describe(self, url: URL) -> str:
         host = url.host or "the local socket"
         port = f":{url.port}" if url.port else ""
-        return f"PostgreSQL at {host}{port} (database {url.database!r}, user {url.username!r})"
+        schema = "" if self.schema is None else f", schema {self.schema!r}"
+        return (
+            f"PostgreSQL at {host}{port} (database {url.database!r}, user {url.username!r}{schema})"
+        )
 
     def setup(self, c: Conn) -> None:
         # Only PostgreSQL stores load psycopg's modules.
