@@ -23,10 +23,18 @@ EXIT_CODES = (
 )
 
 
+SCHEMA_HELP = (
+    "PostgreSQL: the schema of shard_sql's tables (beside an application's own), as "
+    "?shard_sql_schema=NAME in the URL"
+)
+
+
 def _common_options() -> Parser:
-    """`--url` and `--json`, accepted after the command too (they override the ones before)."""
+    """`--url`, `--schema` and `--json`, accepted after the command too (they override the ones
+    before)."""
     common = Parser(add_help=False)
     common.add_argument("--url", default=argparse.SUPPRESS, help=URL_HELP)
+    common.add_argument("--schema", metavar="NAME", default=argparse.SUPPRESS, help=SCHEMA_HELP)
     common.add_argument(
         "--json", action="store_true", default=argparse.SUPPRESS, help="print JSON lines"
     )
@@ -54,6 +62,7 @@ def build_parser() -> Parser:
     )
     parser.add_argument("--version", action=ShowVersion)
     parser.add_argument("--url", default=None, help=URL_HELP)
+    parser.add_argument("--schema", metavar="NAME", default=None, help=SCHEMA_HELP)
     parser.add_argument("--json", action="store_true", default=False, help="print JSON lines")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     common = _common_options()

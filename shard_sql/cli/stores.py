@@ -6,6 +6,7 @@ import argparse
 import contextlib
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import quote
 
 from shard_sql.cli.errors import CommandFailed, UsageError
 from shard_sql.leases import LeaseRegistry
@@ -14,13 +15,19 @@ from shard_sql.urls import default_url, git_path, is_git_url, open_store
 
 
 def store_url(args: argparse.Namespace) -> str:
-    """The URL the command names: `--url`, else `SHARD_SQL_URL`, else the default."""
+    """The URL the command names: `--url`, else `SHARD_SQL_URL`, else the default; with
+    `--schema NAME`, `?shard_sql_schema=NAME` added."""
     url: str | None = getattr(args, "url", None)
     if url is None:
-        return default_url()
-    if not url.strip():
+        url = default_url()
+    elif not url.strip():
         raise UsageError("--url must not be empty")
-    return url
+    schema: str | None = getattr(args, "schema", None)
+    if schema is None:
+        return url
+    if is_git_url(url) or url.startswith("memory:"):
+        raise UsageError("--schema names a PostgreSQL schema: it takes a postgresql:// URL")
+    return f"{url}{'&' if '?' in url else '?'}shard_sql_schema={quote(schema, safe='')}"
 
 
 def display_url(url: str) -> str:
