@@ -137,3 +137,34 @@ def test_the_command_line_takes_schema(
     assert check_schema(pg_url, schema="other") == SCHEMA_REVISION
     assert main(["migrate", "--check", "--url", shared_url]) == 1
     assert "tables named events but no shard_sql_version" in capsys.readouterr().err
+
+
+def test_the_hosts_autogenerate_leaves_the_schema_alone(shared_url: str) -> None:
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+    from sqlalchemy import Column, Integer, MetaData, Table, Text
+
+    from shard_sql.orm import include_object
+
+    host = MetaData()
+    Table(
+        "events",
+        host,
+        Column("id", Integer, primary_key=True),
+        Column("what", Text, nullable=False),
+    )
+    engine = create_engine(shared_url)
+    try:
+        with engine.connect() as conn:
+            for every_schema in (False, True):
+                context = MigrationContext.configure(
+                    conn,
+                    opts={
+                        "target_metadata": host,
+                        "include_object": include_object,
+                        "include_schemas": every_schema,
+                    },
+                )
+                assert compare_metadata(context, host) == [], every_schema
+    finally:
+        engine.dispose()
