@@ -10,12 +10,34 @@ from pathlib import Path
 import psycopg
 import pytest
 from conftest import _libpq, _migrations_digest, drop_pg_database, new_pg_database, pg_admin_url
-from sqlalchemy import create_engine, inspect, text
+from sqlalchemy import create_engine, inspect, select, text
+from sqlalchemy.orm import Session
 
-from shard_sql import InvalidEvent, SchemaError, migrate
+from shard_sql import (
+    AppendAuthority,
+    InvalidEvent,
+    LeaseRegistry,
+    SchemaError,
+    SqlEventStore,
+    migrate,
+)
 from shard_sql.cli import main
-from shard_sql.orm import SCHEMA_REVISION, TABLES
+from shard_sql.orm import SCHEMA_REVISION, TABLES, EventRecord
+from shard_sql.ports import EventStore
 from shard_sql.sql import check_schema
+from shard_sql.testing import (
+    AdapterCase,
+    AuthorityContract,
+    AuthorityTransactionContract,
+    FeedContract,
+    ForwardingContract,
+    IntentQueueContract,
+    LeaseRulesContract,
+    ProcessForwardingContract,
+    StoreContract,
+    SubscriptionContract,
+    TransactionContract,
+)
 
 pytestmark = pytest.mark.postgres
 
@@ -168,3 +190,147 @@ def test_the_hosts_autogenerate_leaves_the_schema_alone(shared_url: str) -> None
                 assert compare_metadata(context, host) == [], every_schema
     finally:
         engine.dispose()
+
+
+def host_rows(url: str) -> list[tuple[object, ...]]:
+    return rows(url, "SELECT what FROM public.events ORDER BY id")
+
+
+def test_the_store_beside_the_hosts_events(shared_url: str) -> None:
+    with SqlEventStore(shared_url, schema=SCHEMA) as store:
+        assert repr(store).endswith(f"?shard_sql_schema={SCHEMA}')")
+        store.append("orders/1", "order.placed", {"n": 1}, expected_seq=0)
+        store.append_many("orders/2", [("order.placed", {}), ("order.paid", {})], expected_seq=0)
+        assert store.spaces() == ["orders/1", "orders/2"]
+        assert [e.position for e in store.feed()] == [1, 2, 3]
+        with store.transaction() as tx:
+            tx.append("orders/1", "order.paid", {})
+            tx.save_checkpoint("mailer", 3)
+        assert store.checkpoint("mailer") == 3 and store.feed_head() == 4
+    assert host_rows(shared_url) == [("mine",)]
+    assert rows(shared_url, f"SELECT count(*) FROM {SCHEMA}.events") == [(4,)]
+    with SqlEventStore(f"{shared_url}?shard_sql_schema={SCHEMA}") as same:
+        assert same.head("orders/2") == 2
+    with pytest.raises(SchemaError, match="tables named events but no shard_sql_version"):
+        SqlEventStore(shared_url)  # public holds the host's events only
+    with pytest.raises(SchemaError, match="has no shard_sql schema"):
+        SqlEventStore(shared_url, schema="elsewhere")
+
+
+def test_the_hosts_transaction_with_its_own_search_path(shared_url: str) -> None:
+    """The host's connection finds its own `events` first: shard_sql's statements, trigger and
+    fence checks name theirs."""
+    host = create_engine(shared_url)
+    store = SqlEventStore(host, schema=SCHEMA)
+    node = AppendAuthority("web-1", store, LeaseRegistry(store))
+    try:
+        node.acquire("orders/1")
+        with Session(host) as session, session.begin():
+            session.execute(text("INSERT INTO events (what) VALUES ('placed 1')"))
+            with store.transaction(session) as tx:
+                tx.append("orders/1", "order.placed", {}, intent_id="req-1")
+            with node.transaction(session) as tx:
+                tx.append("orders/1", "order.paid", {})
+        with pytest.raises(RuntimeError), Session(host) as session, session.begin():
+            session.execute(text("INSERT INTO events (what) VALUES ('placed 2')"))
+            with store.transaction(session) as tx:
+                tx.append("orders/2", "order.placed", {})
+            raise RuntimeError
+        assert host_rows(shared_url) == [("mine",), ("placed 1",)]
+        assert [(e.space, e.type) for e in store.feed()] == [
+            ("orders/1", "order.placed"),
+            ("orders/1", "order.paid"),
+        ]
+        # The host reads them with its Session through shard_sql.orm.
+        with Session(host) as session:
+            found = session.scalars(
+                select(EventRecord.type).order_by(EventRecord.seq),
+                execution_options={"schema_translate_map": {None: SCHEMA}},
+            )
+            assert list(found) == ["order.placed", "order.paid"]
+    finally:
+        node.release("orders/1")
+        store.close()
+        host.dispose()
+
+
+def test_each_schema_notifies_its_own_channels(pg_url: str) -> None:
+    migrate(pg_url, schema="a")
+    migrate(pg_url, schema="b")
+    with psycopg.connect(_libpq(pg_url), autocommit=True) as listen:
+        for channel in ("shard_sql_feed", "shard_sql_a_feed", "shard_sql_b_feed"):
+            listen.execute(f"LISTEN {channel}")
+        with SqlEventStore(pg_url, schema="a") as a, SqlEventStore(pg_url, schema="b") as b:
+            channels_a, channels_b = a.database.dialect.channels, b.database.dialect.channels
+            assert channels_a.intents("s") != channels_b.intents("s")
+            assert (channels_a.main, channels_b.main) == ("shard_sql_a", "shard_sql_b")
+            host = create_engine(pg_url)
+            try:
+                with host.begin() as conn, a.transaction(conn) as tx:
+                    tx.append("s", "t", {})  # notifies at the host's commit
+            finally:
+                host.dispose()
+            b.append("s", "t", {}, expected_seq=0)  # the store's notifier
+            assert a.wait_feed(0, timeout=5) and b.wait_feed(0, timeout=5)
+        heard = {n.channel for n in listen.notifies(timeout=1.0, stop_after=10)}
+    assert heard == {"shard_sql_a_feed", "shard_sql_b_feed"}
+
+
+# -- the contracts on a store in schema `log`, beside the host's `events` ----------------------
+
+
+class InSchema(AdapterCase):
+    """A store in schema `log` of a database whose `public.events` is the host's."""
+
+    def make_store(self) -> EventStore:
+        return SqlEventStore(self.store_url())
+
+    def store_url(self) -> str:
+        if not hasattr(self, "_pg"):
+            self._pg: str = self.request.getfixturevalue("shared_url")
+        return f"{self._pg}?shard_sql_schema={SCHEMA}"
+
+    def check_after(self, *, holder_killed: bool) -> None:
+        assert host_rows(self._pg) == [("mine",)]
+        if not holder_killed:
+            assert rows(self._pg, f"SELECT count(*) FROM {SCHEMA}.intents") == [(0,)]
+
+
+class TestSchemaStore(InSchema, StoreContract):
+    pass
+
+
+class TestSchemaAuthority(InSchema, AuthorityContract):
+    pass
+
+
+class TestSchemaLeaseRules(InSchema, LeaseRulesContract):
+    pass
+
+
+class TestSchemaIntentQueue(InSchema, IntentQueueContract):
+    pass
+
+
+class TestSchemaForwarding(InSchema, ForwardingContract):
+    pass
+
+
+class TestSchemaProcesses(InSchema, ProcessForwardingContract):
+    pass
+
+
+class TestSchemaFeed(InSchema, FeedContract):
+    pass
+
+
+class TestSchemaSubscription(InSchema, SubscriptionContract):
+    pass
+
+
+class TestSchemaTransactions(InSchema, TransactionContract):
+    pass
+
+
+class TestSchemaNodeTransactions(InSchema, AuthorityTransactionContract):
+    pass

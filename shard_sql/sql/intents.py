@@ -9,7 +9,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from shard_sql.errors import InvalidEvent, StoreUnavailable
-from shard_sql.orm import INTENTS
 from shard_sql.ports import IntentInbox, IntentQueue, SpaceWakeups, system_clock
 from shard_sql.sql.connections import Database
 from shard_sql.sql.dialects import Conn
@@ -157,7 +156,7 @@ class SqlIntentQueue(IntentQueue, IntentInbox, SpaceWakeups):
                     row_id,
                     space,
                     e,
-                    INTENTS,
+                    self._db.dialect.t.intents,
                     row_id,
                 )
             return None

@@ -16,6 +16,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -34,7 +35,7 @@ from shard_sql.validation import pending as checked_pending
 from shard_sql.values import Event, new_event
 from shard_sql.wake import readable
 
-__all__ = ["CHANNEL", "FEED_CHANNEL", "Inbox", "Listener", "intents_channel"]
+__all__ = ["CHANNEL", "FEED_CHANNEL", "Channels", "Inbox", "Listener", "intents_channel"]
 
 log = logging.getLogger("shard_sql.sql")
 
@@ -62,21 +63,53 @@ RECONNECT_MAX = 2.0
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
+@dataclass(frozen=True, slots=True)
+class Channels:
+    """The notification channels of the stores whose tables are in `schema` (None: the search
+    path's): stores in two schemas of one database never hear each other. Migration 0005 gives
+    `shard_sql_notify_applied()` the same `main`."""
+
+    schema: str | None = None
+
+    @property
+    def main(self) -> str:
+        """The channel every listener LISTENs to."""
+        return CHANNEL if self.schema in (None, "public") else f"{CHANNEL}_{self.schema}"
+
+    @property
+    def feed(self) -> str:
+        """The channel of commits (`f:`), listened to while this process waits for the feed."""
+        return f"{self.main}_feed"
+
+    @property
+    def feed_notify_sql(self) -> str:
+        """The feed's wake-up: sent by the notifier, or inside a host's transaction."""
+        return f"SELECT pg_notify('{self.feed}', '{FEED}:')"
+
+    def intents(self, space: str) -> str:
+        """The channel of a space's intents: only its holder listens (at most 63 bytes)."""
+        key = space if self.main == CHANNEL else f"{self.schema}\0{space}"
+        return f"{CHANNEL}_i_{hashlib.md5(key.encode(), usedforsecurity=False).hexdigest()[:16]}"
+
+
 def intents_channel(space: str) -> str:
-    """The notification channel of a space's intents (PostgreSQL): only its holder listens."""
-    return f"{CHANNEL}_i_{hashlib.md5(space.encode(), usedforsecurity=False).hexdigest()[:16]}"
+    """The channel of a space's intents for a store without a schema."""
+    return Channels().intents(space)
 
 
 class Listener:
-    """The PostgreSQL listener: a thread with its own connection running `LISTEN shard_sql`."""
+    """The PostgreSQL listener: a thread with its own connection running `LISTEN shard_sql` (the
+    main channel of its store's schema)."""
 
     def __init__(
         self,
         connect: Callable[[], Any],
         where: str,
-        watchers: Sequence[Callable[[str], bool]] = (),
+        watchers: Sequence[Callable[[str], bool]],
+        channels: Channels,
     ) -> None:
         self._connect = connect
+        self.channels = channels
         self._watchers = watchers
         self._where = where
         self.signal = Signal()
@@ -138,7 +171,7 @@ class Listener:
             conn: Any = None
             try:
                 conn = self._connect()
-                conn.execute(f"LISTEN {CHANNEL}")
+                conn.execute(f"LISTEN {self.channels.main}")
                 conn.execute(f"LISTEN {self.reply_channel}")
                 self._listen_wanted(conn)
                 keepalive(conn.fileno())
@@ -284,7 +317,7 @@ class Listener:
             if drop:
                 gone = set(drop)
                 for space, inbox in self.inboxes.items():
-                    if intents_channel(space) in gone:
+                    if self.channels.intents(space) in gone:
                         inbox.synced = 0
         for channel in drop:
             conn.execute(f"UNLISTEN {channel}")
@@ -293,7 +326,7 @@ class Listener:
 
     def want(self, space: str) -> bool:
         """The space's intents should come here (this process holds it); True once they do."""
-        return self.want_channel(intents_channel(space))
+        return self.want_channel(self.channels.intents(space))
 
     def want_channel(self, channel: str) -> bool:
         """LISTEN to `channel` (until nobody asked for `CHANNEL_IDLE` seconds); True once this

@@ -19,15 +19,15 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
-from shard_sql.sql.listener import FEED_CHANNEL
-from shard_sql.sql.signals import FEED
+from shard_sql.sql.listener import Channels
 
 __all__ = ["FEED_NOTIFY_SQL", "FeedNotifier"]
 
 log = logging.getLogger("shard_sql.sql")
 
-FEED_NOTIFY_SQL = f"SELECT pg_notify('{FEED_CHANNEL}', '{FEED}:')"
-"""The wake-up: sent by the notifier, or inside a host's transaction (at its commit)."""
+FEED_NOTIFY_SQL = Channels().feed_notify_sql
+"""The wake-up of a store without a schema: sent by the notifier, or inside a host's
+transaction (at its commit)."""
 NOTIFY_GAP = 0.002
 """Seconds the sender waits after a notification before it sends the next one (the commits
 meanwhile share it): at most 500 a second per store, each one a transaction on the server.
@@ -42,9 +42,12 @@ _ORPHANS: list[object] = []
 class FeedNotifier:
     """Sends the feed's wake-ups for one store, on a thread started by the first `poke`."""
 
-    def __init__(self, connect: Callable[[], Any], where: str) -> None:
+    def __init__(
+        self, connect: Callable[[], Any], where: str, notify_sql: str = FEED_NOTIFY_SQL
+    ) -> None:
         self._connect = connect
         self._where = where
+        self._notify_sql = notify_sql
         self._lock = threading.Lock()
         self._pid = os.getpid()
         self._thread: _Sender | None = None
@@ -70,7 +73,7 @@ class FeedNotifier:
             if self._closed:
                 return None
             if self._thread is None:
-                sender = _Sender(self._connect, self._where)
+                sender = _Sender(self._connect, self._where, self._notify_sql)
                 weakref.finalize(self, sender.stop)
                 self._thread = sender
             return self._thread
@@ -89,7 +92,8 @@ class _Sender:
     """The thread: waits for `due`, sends one NOTIFY, again while commits keep coming. It holds
     neither the store nor the notifier, so a store dropped without `close()` stops it."""
 
-    def __init__(self, connect: Callable[[], Any], where: str) -> None:
+    def __init__(self, connect: Callable[[], Any], where: str, notify_sql: str) -> None:
+        self.notify_sql = notify_sql
         self.due = threading.Event()
         self.poked = False
         self.sent = 0
@@ -123,7 +127,7 @@ class _Sender:
                     # Nobody waits for this commit's flush: a wake-up lost in a crash costs the
                     # waiters a poll (`wait_feed` looks at the head at least every second).
                     conn.execute("SET synchronous_commit = off")
-                conn.execute(FEED_NOTIFY_SQL)
+                conn.execute(self.notify_sql)
                 self.sent += 1
                 delay = RECONNECT_MIN
                 time.sleep(NOTIFY_GAP)

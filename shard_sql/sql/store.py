@@ -35,6 +35,7 @@ from shard_sql.sql.lease_records import SqlLeaseRecords
 from shard_sql.sql.listener import Listener
 from shard_sql.sql.schema import open_schema
 from shard_sql.sql.transaction import HostConnections, SqlTransaction
+from shard_sql.sql.urls import check_schema_name
 from shard_sql.sql.waits import FEED_POLL
 from shard_sql.store_base import StoreBase, already_written, feed_pages, placed, stamp
 from shard_sql.validation import (
@@ -60,6 +61,7 @@ def _check_options(
     pool_size: object,
     max_overflow: object,
     pool_timeout: object,
+    schema: object,
 ) -> EngineOptions:
     if not isinstance(sqlite_synchronous, str) or sqlite_synchronous.upper() not in SYNCHRONOUS:
         raise InvalidEvent("sqlite_synchronous", f"must be one of {', '.join(SYNCHRONOUS)}")
@@ -79,6 +81,7 @@ def _check_options(
         pool_size=pool_size,
         max_overflow=max_overflow,
         pool_timeout=float(pool_timeout),
+        schema=check_schema_name(schema),
     )
 
 
@@ -92,6 +95,10 @@ class SqlEventStore(StoreBase, FeedStore, SqlLeaseRecords, IntentQueue, IntentIn
 
     A SQLite file is migrated to the head schema when opened; any other database must already be
     at head (else `SchemaError`) unless `migrate=True`.
+
+    `schema` (PostgreSQL; also `?shard_sql_schema=NAME` in the URL): shard_sql's tables live in
+    that schema, named in every statement, beside an application's own tables of the same names
+    (docs/embedding.md). SQLite has none: `InvalidEvent`.
 
     Connections (of the store's own engine): `pool_size` kept open, up to `max_overflow` more
     under load; a call that finds none free waits `pool_timeout` seconds, then
@@ -113,9 +120,10 @@ class SqlEventStore(StoreBase, FeedStore, SqlLeaseRecords, IntentQueue, IntentIn
         pool_size: int = 5,
         max_overflow: int = 5,
         pool_timeout: float = 30.0,
+        schema: str | None = None,
     ) -> None:
         options = _check_options(
-            sqlite_synchronous, busy_timeout, pool_size, max_overflow, pool_timeout
+            sqlite_synchronous, busy_timeout, pool_size, max_overflow, pool_timeout, schema
         )
         self._closed = False
         self.database = Database(url_or_engine, options)

@@ -13,7 +13,7 @@ from typing import Any
 
 from shard_sql.errors import StoreUnavailable
 from shard_sql.sql.errors import Site, raise_translated
-from shard_sql.sql.listener import FEED_CHANNEL, Listener
+from shard_sql.sql.listener import Channels, Listener
 from shard_sql.sql.notifier import FeedNotifier
 from shard_sql.sql.poller import Poller
 from shard_sql.sql.signals import APPLIED, FEED, INTENT, Signal
@@ -113,15 +113,16 @@ class NotifiedWaits(Waits):
     """PostgreSQL: LISTEN/NOTIFY through one `Listener` thread per store, started by the first
     wait; a store dropped without `close()` stops it too."""
 
-    def __init__(self, connect: Callable[[], Any], site: Site) -> None:
+    def __init__(self, connect: Callable[[], Any], site: Site, channels: Channels) -> None:
         self._connect = connect
         self._where = site.where
+        self._channels = channels
         self._watchers: list[Callable[[str], bool]] = []
         self._lock = threading.Lock()
         self._pid = os.getpid()
         self._listener: Listener | None = None
         self._closed = False
-        self._notifier = FeedNotifier(connect, site.where)
+        self._notifier = FeedNotifier(connect, site.where, channels.feed_notify_sql)
         self.feed_written = self._notifier.poke
 
     @property
@@ -142,7 +143,7 @@ class NotifiedWaits(Waits):
             if self._listener is None:
                 # The thread holds neither this object nor the store: when they are dropped
                 # without close(), the finalizer stops it and its connection goes.
-                listener = Listener(self._connect, self._where, self._watchers)
+                listener = Listener(self._connect, self._where, self._watchers, self._channels)
                 weakref.finalize(self, listener.stop, False)
                 self._listener = listener
             return self._listener
@@ -167,7 +168,7 @@ class NotifiedWaits(Waits):
 
     def wait_feed(self, timeout: float) -> None:
         listener = self._started()
-        listener.want_channel(FEED_CHANNEL)  # not yet listened to: LISTEN wakes every waiter
+        listener.want_channel(self._channels.feed)  # new: LISTEN wakes every waiter
         listener.signal.wait_keys([(FEED, "")], timeout)
 
     def before_put(self, space: str, intent_id: str) -> str | None:

@@ -12,14 +12,14 @@ from sqlalchemy.engine import URL, Connection, Engine
 
 from shard_sql.errors import SeqConflict
 from shard_sql.leases import check_fence
-from shard_sql.orm import CHECKPOINTS, EVENTS, INTENTS, LEASES, VERSION_TABLE
+from shard_sql.orm import CHECKPOINTS, EVENTS, INTENTS, LEASES, PLACE_FEED, VERSION_TABLE
 from shard_sql.sql.errors import DEFAULT_BUSY_TIMEOUT, Site
 from shard_sql.sql.waits import Waits
 from shard_sql.store_base import checkpoint_conflict
 from shard_sql.validation import Pending
 from shard_sql.values import Event, Lease
 
-__all__ = ["COLUMNS", "FEED_COLUMNS", "Conn", "Dialect", "EngineOptions", "Statement"]
+__all__ = ["COLUMNS", "FEED_COLUMNS", "Conn", "Dialect", "EngineOptions", "Statement", "Tables"]
 
 COLUMNS = "space, seq, type, payload, recorded_at, writer, generation, intent_id"
 READ_COLUMNS = "seq, type, payload, recorded_at, writer, generation, intent_id, position"
@@ -27,6 +27,29 @@ FEED_COLUMNS = f"space, {READ_COLUMNS}"
 
 Statement = tuple[str, tuple[Any, ...]]
 """SQL text and its parameters."""
+
+
+@dataclass(frozen=True, slots=True)
+class Tables:
+    """shard_sql's tables and feed function as its statements name them: qualified with the
+    store's schema (`"log".events`), or bare, as the search path finds them."""
+
+    events: str = EVENTS
+    leases: str = LEASES
+    intents: str = INTENTS
+    checkpoints: str = CHECKPOINTS
+    version: str = VERSION_TABLE
+    place_feed: str = PLACE_FEED
+
+    @classmethod
+    def in_schema(cls, schema: str | None) -> Tables:
+        if schema is None:
+            return cls()
+        q = f'"{schema}".'
+        return cls(
+            *(q + n for n in (EVENTS, LEASES, INTENTS, CHECKPOINTS, VERSION_TABLE, PLACE_FEED))
+        )
+
 
 _R = TypeVar("_R")
 
@@ -86,34 +109,32 @@ class Dialect:
     has_server_clock: ClassVar[bool] = False
     """The server has a clock of its own (`server_time`) that every host can share."""
     schema: str | None = None
-    """The schema of shard_sql's tables (PostgreSQL), in every statement; None: unqualified."""
-
-    def table(self, name: str) -> str:
-        """A table (or function) of shard_sql's as its statements name it."""
-        return name if self.schema is None else f'"{self.schema}".{name}'
+    """The schema of shard_sql's tables (PostgreSQL), named in every statement (`t`); None:
+    unqualified names, found through the search path."""
 
     def __init__(self) -> None:
-        p = self.p
-        self.insert_values = f"INSERT INTO {EVENTS} ({COLUMNS}) VALUES ({', '.join([p] * 8)})"
-        self.head_sql = f"SELECT seq FROM {EVENTS} WHERE space = {p} ORDER BY seq DESC LIMIT 1"
+        self.t = Tables.in_schema(self.schema)
+        p, t = self.p, self.t
+        self.insert_values = f"INSERT INTO {t.events} ({COLUMNS}) VALUES ({', '.join([p] * 8)})"
+        self.head_sql = f"SELECT seq FROM {t.events} WHERE space = {p} ORDER BY seq DESC LIMIT 1"
         self.read_sql = (
-            f"SELECT {READ_COLUMNS} FROM {EVENTS} WHERE space = {p} AND seq >= {p} ORDER BY seq"
+            f"SELECT {READ_COLUMNS} FROM {t.events} WHERE space = {p} AND seq >= {p} ORDER BY seq"
         )
         self.read_limit_sql = self.read_sql + f" LIMIT {p}"
         # Skips through the primary key: milliseconds for millions of rows (docs/dba.md).
         self.spaces_sql = (
-            f"WITH RECURSIVE s(space) AS (SELECT min(space) FROM {EVENTS} "
-            f"UNION ALL SELECT (SELECT min(space) FROM {EVENTS} WHERE space > s.space) "
+            f"WITH RECURSIVE s(space) AS (SELECT min(space) FROM {t.events} "
+            f"UNION ALL SELECT (SELECT min(space) FROM {t.events} WHERE space > s.space) "
             "FROM s WHERE s.space IS NOT NULL) SELECT space FROM s WHERE space IS NOT NULL"
         )
-        self.version_sql = f"SELECT version_num FROM {self.table(VERSION_TABLE)}"
-        self.feed_sql = f"SELECT {FEED_COLUMNS} FROM {EVENTS} WHERE position > {p}"
-        self.checkpoint_sql = f"SELECT position FROM {CHECKPOINTS} WHERE name = {p}"
-        self.checkpoints_sql = f"SELECT name, position FROM {CHECKPOINTS} ORDER BY name"
+        self.version_sql = f"SELECT version_num FROM {t.version}"
+        self.feed_sql = f"SELECT {FEED_COLUMNS} FROM {t.events} WHERE position > {p}"
+        self.checkpoint_sql = f"SELECT position FROM {t.checkpoints} WHERE name = {p}"
+        self.checkpoints_sql = f"SELECT name, position FROM {t.checkpoints} ORDER BY name"
         self.pending_intents_sql = (
-            f"SELECT id, intent_id, type, payload, EXISTS (SELECT 1 FROM {EVENTS} e "
-            f"WHERE e.space = {INTENTS}.space AND e.intent_id = {INTENTS}.intent_id) "
-            f"FROM {INTENTS} WHERE space = {p} AND id > {p} ORDER BY id LIMIT {p}"
+            f"SELECT id, intent_id, type, payload, EXISTS (SELECT 1 FROM {t.events} e "
+            f"WHERE e.space = {t.intents}.space AND e.intent_id = {t.intents}.intent_id) "
+            f"FROM {t.intents} WHERE space = {p} AND id > {p} ORDER BY id LIMIT {p}"
         )
         self._lease_statements()
 
@@ -122,16 +143,16 @@ class Dialect:
         compare-and-set (`granted`, `renewed`, `released`, `revoked`, `valid`, `advanced`); the
         lease contract tests hold them to the same answers. SET expressions all read the old
         row."""
-        p, greatest, least = self.p, self.GREATEST, self.LEAST
+        p, t, greatest, least = self.p, self.t, self.GREATEST, self.LEAST
         returning = "RETURNING holder, expires_at, generation"
-        self.lease_sql = f"SELECT holder, expires_at, generation FROM {LEASES} WHERE space = {p}"
+        self.lease_sql = f"SELECT holder, expires_at, generation FROM {t.leases} WHERE space = {p}"
         self.lease_locked_sql = self.lease_sql
         """The lease row read inside a write, ordered before a new grant (see the dialects)."""
         # granted: the holder of a valid lease renews it (same generation); anyone over a lapsed
         # lease, or the same holder after a lapse, gets a new grant (generation + 1).
         # Parameters: holder, now, holder, now, expires, expires, holder, space, holder, now.
         self.grant_sql = (
-            f"UPDATE {LEASES} SET "
+            f"UPDATE {t.leases} SET "
             f"generation = CASE WHEN holder = {p} AND expires_at > {p} "
             "THEN generation ELSE generation + 1 END, "
             f"expires_at = CASE WHEN holder = {p} AND expires_at > {p} "
@@ -141,36 +162,36 @@ class Dialect:
         )
         # granted, on a space without a record: generation 1.
         self.first_grant_sql = (
-            f"INSERT INTO {LEASES} (space, holder, expires_at, generation) "
+            f"INSERT INTO {t.leases} (space, holder, expires_at, generation) "
             f"VALUES ({p}, {p}, {p}, 1) ON CONFLICT (space) DO NOTHING {returning}"
         )
         # renewed: only the valid current grant, never shortened.
         self.renew_sql = (
-            f"UPDATE {LEASES} SET expires_at = {greatest}(expires_at, {p}) "
+            f"UPDATE {t.leases} SET expires_at = {greatest}(expires_at, {p}) "
             f"WHERE space = {p} AND holder = {p} AND generation = {p} AND expires_at > {p} "
             f"{returning}"
         )
         # released: the current grant ends now (or stays ended).
         self.release_sql = (
-            f"UPDATE {LEASES} SET expires_at = {least}(expires_at, {p}) "
+            f"UPDATE {t.leases} SET expires_at = {least}(expires_at, {p}) "
             f"WHERE space = {p} AND holder = {p} AND generation = {p}"
         )
         # valid
         self.current_sql = self.lease_sql + f" AND expires_at > {p}"
         # revoked: ends now, generation + 1 (its holder is fenced).
         self.revoke_sql = (
-            f"UPDATE {LEASES} SET expires_at = {least}(expires_at, {p}), "
+            f"UPDATE {t.leases} SET expires_at = {least}(expires_at, {p}), "
             f"generation = generation + 1 WHERE space = {p} {returning}"
         )
         # advanced: the generation raised to the one given, the lease ended now (if lower).
         # Parameters: now, generation, space, generation.
         self.advance_sql = (
-            f"UPDATE {LEASES} SET expires_at = {least}(expires_at, {p}), generation = {p} "
+            f"UPDATE {t.leases} SET expires_at = {least}(expires_at, {p}), generation = {p} "
             f"WHERE space = {p} AND generation < {p} {returning}"
         )
         # advanced, on a space without a record: a record that is not valid, at that generation.
         self.first_advance_sql = (
-            f"INSERT INTO {LEASES} (space, holder, expires_at, generation) "
+            f"INSERT INTO {t.leases} (space, holder, expires_at, generation) "
             f"VALUES ({p}, {p}, {p}, {p}) ON CONFLICT (space) DO NOTHING {returning}"
         )
 
@@ -371,11 +392,11 @@ class Dialect:
     def events_by_intent(self, c: Conn, space: str, ids: list[str]) -> dict[str, Event]:
         """The events written in `space` for these intent ids."""
         found: dict[str, Event] = {}
-        p = self.p
+        p, t = self.p, self.t
         for start in range(0, len(ids), 500):
             chunk = ids[start : start + 500]
             c.cur.execute(
-                f"SELECT {READ_COLUMNS} FROM {EVENTS} WHERE space = {p} "
+                f"SELECT {READ_COLUMNS} FROM {t.events} WHERE space = {p} "
                 f"AND intent_id IN ({', '.join([p] * len(chunk))})",
                 (space, *chunk),
             )
@@ -434,7 +455,7 @@ class Dialect:
         """Inside a transaction the store will not commit itself (a host's): wake the feed's
         waiters when it commits (PostgreSQL; SQLite's waiters see every commit)."""
 
-    save_checkpoint_sql: ClassVar[tuple[str, str]] = ("", "")
+    save_checkpoint_sql: tuple[str, str] = ("", "")
     """The checkpoint save, without and with the fence: an upsert that writes only when the
     stored position is not higher (and the fence holds), RETURNING the position.
     Parameters: name, position, updated_at, holder, generation [, lease name, holder,

@@ -11,7 +11,7 @@ from sqlalchemy import create_engine, event
 from sqlalchemy.engine import URL, Connection, Engine
 from sqlalchemy.pool import QueuePool
 
-from shard_sql.orm import CHECKPOINTS, EVENTS, INTENTS, LEASES, PLACE_FEED
+from shard_sql.orm import CHECKPOINTS, INTENTS
 from shard_sql.sql.dialects.base import (
     COLUMNS,
     READ_COLUMNS,
@@ -19,10 +19,10 @@ from shard_sql.sql.dialects.base import (
     Dialect,
     EngineOptions,
     Statement,
+    Tables,
 )
 from shard_sql.sql.errors import Site
-from shard_sql.sql.listener import NOTIFY_LIMIT, intents_channel
-from shard_sql.sql.notifier import FEED_NOTIFY_SQL
+from shard_sql.sql.listener import NOTIFY_LIMIT, Channels
 from shard_sql.sql.signals import INTENT, INTENT_BODY
 from shard_sql.sql.waits import NotifiedWaits, Waits
 from shard_sql.store_base import decode_payloads
@@ -31,74 +31,81 @@ from shard_sql.values import Event, Lease, new_event
 
 __all__ = ["PostgresDialect", "append_one_sql", "append_small_batch_sql"]
 
+UNQUALIFIED = Tables()
+"""The tables of a store without a schema (the search path's)."""
 
-def append_one_sql(*, fence: bool, intent: bool) -> str:
+
+def append_one_sql(*, fence: bool, intent: bool, t: Tables = UNQUALIFIED) -> str:
     """The append of one event: `INSERT ... SELECT <the row> WHERE <head = seq> [AND <the fence
     holds>] [AND <the intent id is not written>]`, one round trip. The fence subquery takes
     `FOR SHARE` on the space's lease row: a new grant (an UPDATE of that row) waits for the
     append's commit, or the append sees the new generation and writes nothing.
     Parameters: the row (8), space, seq; then space, holder, generation; then space, intent id."""
     sql = (
-        f"INSERT INTO {EVENTS} ({COLUMNS}) "
+        f"INSERT INTO {t.events} ({COLUMNS}) "
         "SELECT %s, %s, %s, CAST(%s AS jsonb), %s, %s, %s, %s "
-        f"WHERE COALESCE((SELECT seq + 1 FROM {EVENTS} WHERE space = %s "
+        f"WHERE COALESCE((SELECT seq + 1 FROM {t.events} WHERE space = %s "
         "ORDER BY seq DESC LIMIT 1), 0) = %s"
     )
     if fence:
         sql += (
-            f" AND EXISTS (SELECT 1 FROM {LEASES} WHERE space = %s AND holder = %s "
+            f" AND EXISTS (SELECT 1 FROM {t.leases} WHERE space = %s AND holder = %s "
             "AND generation = %s FOR SHARE)"
         )
     if intent:
-        sql += f" AND NOT EXISTS (SELECT 1 FROM {EVENTS} WHERE space = %s AND intent_id = %s)"
+        sql += f" AND NOT EXISTS (SELECT 1 FROM {t.events} WHERE space = %s AND intent_id = %s)"
     return sql
 
 
-def append_at_head_sql(*, fence: bool, intent: bool, wake: bool = False) -> str:
+def append_at_head_sql(
+    t: Tables, channels: Channels, *, fence: bool, intent: bool, wake: bool = False
+) -> str:
     """`append_one_sql` at the space's head instead of a given seq (a transaction's append with
     `expected_seq=None`), returning the seq. `wake`: the row is selected from the feed's
     notification (sent at the commit), evaluated only when the checks hold, so that a host's
     transaction announces its events without a round trip of its own. Parameters: space,
     space, the row's other 6; then space, holder, generation; then space, intent id."""
     sql = (
-        f"INSERT INTO {EVENTS} ({COLUMNS}) "
-        f"SELECT %s, COALESCE((SELECT seq + 1 FROM {EVENTS} WHERE space = %s "
+        f"INSERT INTO {t.events} ({COLUMNS}) "
+        f"SELECT %s, COALESCE((SELECT seq + 1 FROM {t.events} WHERE space = %s "
         "ORDER BY seq DESC LIMIT 1), 0), %s, CAST(%s AS jsonb), %s, %s, %s, %s"
     )
     if wake:
-        sql += f" FROM ({FEED_NOTIFY_SQL}) AS wake"
+        sql += f" FROM ({channels.feed_notify_sql}) AS wake"
     checks = []
     if fence:
         checks.append(
-            f"EXISTS (SELECT 1 FROM {LEASES} WHERE space = %s AND holder = %s "
+            f"EXISTS (SELECT 1 FROM {t.leases} WHERE space = %s AND holder = %s "
             "AND generation = %s FOR SHARE)"
         )
     if intent:
-        checks.append(f"NOT EXISTS (SELECT 1 FROM {EVENTS} WHERE space = %s AND intent_id = %s)")
+        checks.append(f"NOT EXISTS (SELECT 1 FROM {t.events} WHERE space = %s AND intent_id = %s)")
     if checks:
         sql += " WHERE " + " AND ".join(checks)
     return sql + " RETURNING seq"
 
 
-def append_small_batch_sql(*, fence: bool, intent: bool) -> str:
+def append_small_batch_sql(*, fence: bool, intent: bool, t: Tables = UNQUALIFIED) -> str:
     """A small batch in one statement, rows from arrays in order (`WITH ORDINALITY` numbers them:
     seq = expected + n - 1), under the checks of `append_one_sql` (evaluated once: they do not
     depend on the row)."""
     sql = (
-        f"INSERT INTO {EVENTS} ({COLUMNS}) "
+        f"INSERT INTO {t.events} ({COLUMNS}) "
         "SELECT %s, %s + b.n - 1, b.t, CAST(b.p AS jsonb), b.at, b.w, b.g, b.i "
         "FROM unnest(%s::text[], %s::text[], %s::timestamptz[], %s::text[], %s::bigint[], "
         "%s::text[]) WITH ORDINALITY AS b(t, p, at, w, g, i, n) "
-        f"WHERE COALESCE((SELECT seq + 1 FROM {EVENTS} WHERE space = %s "
+        f"WHERE COALESCE((SELECT seq + 1 FROM {t.events} WHERE space = %s "
         "ORDER BY seq DESC LIMIT 1), 0) = %s"
     )
     if fence:
         sql += (
-            f" AND EXISTS (SELECT 1 FROM {LEASES} WHERE space = %s AND holder = %s "
+            f" AND EXISTS (SELECT 1 FROM {t.leases} WHERE space = %s AND holder = %s "
             "AND generation = %s FOR SHARE)"
         )
     if intent:
-        sql += f" AND NOT EXISTS (SELECT 1 FROM {EVENTS} WHERE space = %s AND intent_id = ANY(%s))"
+        sql += (
+            f" AND NOT EXISTS (SELECT 1 FROM {t.events} WHERE space = %s AND intent_id = ANY(%s))"
+        )
     return sql
 
 
@@ -110,17 +117,17 @@ READ_ONLY_TRANSACTION = "25006"
 """SQLSTATE read_only_sql_transaction."""
 
 
-def save_checkpoint_sql(*, fence: bool) -> str:
+def save_checkpoint_sql(*, fence: bool, t: Tables = UNQUALIFIED) -> str:
     """The checkpoint upsert (`Dialect.save_checkpoint`); the fence's subquery takes FOR SHARE on
     the lease row, as an append's does."""
     check = (
-        f"EXISTS (SELECT 1 FROM {LEASES} WHERE space = %s AND holder = %s AND generation = %s "
+        f"EXISTS (SELECT 1 FROM {t.leases} WHERE space = %s AND holder = %s AND generation = %s "
         "FOR SHARE)"
         if fence
         else "true"
     )
     return (
-        f"INSERT INTO {CHECKPOINTS} (name, position, updated_at, holder, generation) "
+        f"INSERT INTO {t.checkpoints} (name, position, updated_at, holder, generation) "
         f"SELECT %s, %s, %s, %s, %s WHERE {check} "
         "ON CONFLICT (name) DO UPDATE SET position = excluded.position, "
         "updated_at = excluded.updated_at, holder = excluded.holder, "
@@ -138,10 +145,12 @@ def _on_connect(dbapi_connection: Any, _record: Any) -> None:
     dbapi_connection.execute("SET TIME ZONE 'UTC'")
 
 
-_APPLIED = (
-    f"EXISTS (SELECT 1 FROM {EVENTS} e WHERE e.space = {INTENTS}.space "
-    f"AND e.intent_id = {INTENTS}.intent_id)"
-)
+def applied_sql(t: Tables) -> str:
+    """An intents row whose event is written."""
+    return (
+        f"EXISTS (SELECT 1 FROM {t.events} e WHERE e.space = {INTENTS}.space "
+        f"AND e.intent_id = {INTENTS}.intent_id)"
+    )
 
 
 class PostgresDialect(Dialect):
@@ -149,7 +158,6 @@ class PostgresDialect(Dialect):
     p = "%s"
     has_server_clock = True
     types_sql = " AND type = ANY(%s)"
-    save_checkpoint_sql = (save_checkpoint_sql(fence=False), save_checkpoint_sql(fence=True))
 
     SMALL_BATCH: ClassVar[int] = 10
     SMALL_BATCH_INTENTS: ClassVar[int] = 100
@@ -161,7 +169,14 @@ class PostgresDialect(Dialect):
 
     def __init__(self, schema: str | None = None) -> None:
         self.schema = schema
+        self.channels = Channels(schema)
+        """The notification channels of the stores in this schema."""
         super().__init__()
+        t, channels = self.t, self.channels
+        self.save_checkpoint_sql = (
+            save_checkpoint_sql(fence=False, t=t),
+            save_checkpoint_sql(fence=True, t=t),
+        )
         # A space's events read their payload as text, decoded for the page in one json.loads
         # (store_base.decode_payloads), not parsed row by row by psycopg.
         as_text = READ_COLUMNS.replace("payload", "payload::text", 1)
@@ -169,26 +184,28 @@ class PostgresDialect(Dialect):
         self.read_limit_sql = self.read_limit_sql.replace(READ_COLUMNS, as_text, 1)
         self.feed_sql = self.feed_sql.replace(READ_COLUMNS, as_text, 1)
         self.lease_locked_sql = self.lease_sql + " FOR SHARE"
-        self.place_feed_sql = f"SELECT {PLACE_FEED}()"
-        self.feed_head_sql = f"SELECT COALESCE(MAX(position), 0) FROM {EVENTS}"
+        self.place_feed_sql = f"SELECT {t.place_feed}()"
+        self.feed_head_sql = f"SELECT COALESCE(MAX(position), 0) FROM {t.events}"
         self.feed_beyond_sql = (
-            f"SELECT (SELECT COALESCE(MAX(position), 0) FROM {EVENTS}), "
-            f"EXISTS (SELECT 1 FROM {EVENTS} WHERE position IS NULL)"
+            f"SELECT (SELECT COALESCE(MAX(position), 0) FROM {t.events}), "
+            f"EXISTS (SELECT 1 FROM {t.events} WHERE position IS NULL)"
         )
-        self.copy_sql = f"COPY {EVENTS} ({COLUMNS}) FROM STDIN"
+        self.copy_sql = f"COPY {t.events} ({COLUMNS}) FROM STDIN"
         self._append = {
-            (fence, intent): append_one_sql(fence=fence, intent=intent)
+            (fence, intent): append_one_sql(fence=fence, intent=intent, t=t)
             for fence in (False, True)
             for intent in (False, True)
         }
         self._at_head = {
-            (fence, intent, wake): append_at_head_sql(fence=fence, intent=intent, wake=wake)
+            (fence, intent, wake): append_at_head_sql(
+                t, channels, fence=fence, intent=intent, wake=wake
+            )
             for fence in (False, True)
             for intent in (False, True)
             for wake in (False, True)
         }
         self._small = {
-            (fence, intent): append_small_batch_sql(fence=fence, intent=intent)
+            (fence, intent): append_small_batch_sql(fence=fence, intent=intent, t=t)
             for fence in (False, True)
             for intent in (False, True)
         }
@@ -199,10 +216,10 @@ class PostgresDialect(Dialect):
         # the next holder. This takes one disk flush off a forwarded append. The notification
         # carries the intent when it fits: the holder applies it without reading the table.
         insert = (
-            f"INSERT INTO {INTENTS} "
+            f"INSERT INTO {t.intents} "
             "(space, intent_id, type, payload, submitted_at, holder, reply_to) "
             "SELECT %s, %s, %s, CAST(%s AS jsonb), now(), %s, %s "
-            f"WHERE NOT EXISTS (SELECT 1 FROM {EVENTS} WHERE space = %s AND intent_id = %s) "
+            f"WHERE NOT EXISTS (SELECT 1 FROM {t.events} WHERE space = %s AND intent_id = %s) "
             "ON CONFLICT (space, intent_id) DO NOTHING"
         )
         body = "json_build_object('s', space, 'i', intent_id, 't', type, 'p', payload)::text"
@@ -217,8 +234,8 @@ class PostgresDialect(Dialect):
         # pending intents sweeps it: no need to wait for the WAL flush.
         self.forget_intents_sql = (
             "WITH relaxed AS (SELECT set_config('synchronous_commit', 'off', true)) "
-            f"DELETE FROM {INTENTS} WHERE space = %s AND intent_id = ANY(%s) "
-            f"AND {_APPLIED} AND EXISTS (SELECT 1 FROM relaxed)"
+            f"DELETE FROM {t.intents} WHERE space = %s AND intent_id = ANY(%s) "
+            f"AND {applied_sql(t)} AND EXISTS (SELECT 1 FROM relaxed)"
         )
 
     def tables_sql(self, n: int) -> str:
@@ -298,7 +315,7 @@ class PostgresDialect(Dialect):
             raw.autocommit = True
 
     def waits(self, url: URL, connect: Callable[[], Any], site: Site) -> Waits:
-        return NotifiedWaits(connect, site)
+        return NotifiedWaits(connect, site, self.channels)
 
     # -- values --------------------------------------------------------------------------------
 
@@ -359,7 +376,7 @@ class PostgresDialect(Dialect):
 
     def notify_feed(self, cur: Any) -> None:
         # Transactional: sent at the host's commit (taking NOTIFY's commit lock then).
-        cur.execute(FEED_NOTIFY_SQL)
+        cur.execute(self.channels.feed_notify_sql)
 
     # -- a host's transaction ------------------------------------------------------------------
 
@@ -488,7 +505,7 @@ class PostgresDialect(Dialect):
         self, space: str, item: Pending, holder: str, reply_to: str | None, now: datetime
     ) -> Statement:
         params = (space, item.intent_id, item.type, item.payload_json, holder, reply_to)
-        return self.put_intent_sql, (*params, space, item.intent_id, intents_channel(space))
+        return self.put_intent_sql, (*params, space, item.intent_id, self.channels.intents(space))
 
     def forget_intents(self, c: Conn, space: str, ids: list[str]) -> None:
         c.cur.execute(self.forget_intents_sql, (space, ids))
