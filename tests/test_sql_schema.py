@@ -145,6 +145,10 @@ def test_schema_names_are_checked(pg_url: str, sqlite_url: str) -> None:
         migrate(sqlite_url, schema=SCHEMA)
     with pytest.raises(InvalidEvent, match="SQLite has no schemas"):
         migrate(f"{sqlite_url}?shard_sql_schema={SCHEMA}")
+    with pytest.raises(InvalidEvent, match="SQLite has no schemas"):
+        SqlEventStore(sqlite_url, schema=SCHEMA)
+    with pytest.raises(InvalidEvent, match="schema"):
+        SqlEventStore(pg_url, schema="Bad Name")
     assert not Path(sqlite_url.removeprefix("sqlite:///")).exists()
 
 
