@@ -209,6 +209,10 @@ class PostgresDialect(Dialect):
             for fence in (False, True)
             for intent in (False, True)
         }
+        self._intent_statements(t)
+
+    def _intent_statements(self, t: Tables) -> None:
+        """Recording a forwarded intent (`put_intent_sql`) and forgetting applied ones."""
         # The intent's commit does not wait for the WAL flush: nobody has been told anything yet.
         # Lost in a server crash, the intent is simply not applied; its caller, still waiting for
         # the event (whose write does wait for the flush), gets IntentTimeout and retries with
