@@ -8,7 +8,7 @@ import uuid
 from collections.abc import Callable, Collection
 from typing import Any
 
-from shard_sql.errors import InvalidEvent, LeaseHeld, StaleLease
+from shard_sql.errors import InvalidEvent, LeaseHeld, StaleLease, StoreUnavailable
 from shard_sql.leases import DEFAULT_TTL, LeaseRegistry, check_ttl, renewal_due
 from shard_sql.ports import FeedStore, Transaction
 from shard_sql.validation import (
@@ -27,6 +27,8 @@ LEASE_PREFIX = "subscription:"
 """The lease of subscription `name` is the space-like name `subscription:<name>`."""
 POLL_SECONDS = 0.25
 """How long `run` waits at most (for the feed, or for the lease) before it looks at `stop`."""
+UNAVAILABLE_PAUSE = 0.1
+"""How long `run` pauses before it tries a store that was unavailable again."""
 
 
 class Subscription:
@@ -111,7 +113,8 @@ class Subscription:
     def run(self, stop: threading.Event) -> None:
         """Follow the feed until `stop` is set: process, then wait with `wait_feed` when caught
         up. With a registry, wait for the lease while another copy holds it, and go back to
-        waiting when it is lost. A handler's (or the store's) error ends the run with it."""
+        waiting when it is lost. A handler's error ends the run with it; a store unavailable
+        for a while (`StoreUnavailable`) is tried again after a pause."""
         try:
             while not stop.is_set():
                 if self.registry is not None and not self._wait_for_lease(stop):
@@ -120,6 +123,12 @@ class Subscription:
                     _, caught_up = self._batch()
                 except StaleLease:
                     self._drop_lease()  # another copy holds it now: wait for our turn again
+                    continue
+                except StoreUnavailable:
+                    # The store went away for a while (a restart, a lost connection): the batch
+                    # was not saved; follow the feed again from the saved checkpoint.
+                    self._position = None
+                    stop.wait(UNAVAILABLE_PAUSE)
                     continue
                 if caught_up:
                     after = self._position or 0
