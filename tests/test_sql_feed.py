@@ -15,35 +15,17 @@ import psycopg
 import pytest
 from alembic import command
 from sqlalchemy import create_engine, text
+from test_sql_store import Postgres, SqliteFile
 
 from shard_sql import LeaseRegistry, SeqConflict, SqlEventStore, StaleLease, migrate
-from shard_sql.ports import EventStore
 from shard_sql.sql.schema import alembic_config, migration_connection
-from shard_sql.testing import AdapterCase, FeedContract, SubscriptionContract
+from shard_sql.testing import FeedContract, SubscriptionContract
 
 CTX = multiprocessing.get_context("spawn")
 
 
 def libpq(url: str) -> str:
     return url.replace("postgresql+psycopg://", "postgresql://", 1)
-
-
-class SqliteFile(AdapterCase):
-    def make_store(self) -> EventStore:
-        return SqlEventStore(self.store_url())
-
-    def store_url(self) -> str:
-        return f"sqlite:///{self.tmp_path}/shard.db"
-
-
-class Postgres(AdapterCase):
-    def make_store(self) -> EventStore:
-        return SqlEventStore(self.store_url())
-
-    def store_url(self) -> str:
-        if not hasattr(self, "_pg"):
-            self._pg: str = self.request.getfixturevalue("pg_migrated_url")
-        return self._pg
 
 
 class TestSqliteFeed(SqliteFile, FeedContract):
