@@ -48,7 +48,7 @@ from shard_sql.leases import (
     valid,
 )
 from shard_sql.ports import FeedStore, IntentQueue, LeaseStore, SpaceWakeups, system_clock
-from shard_sql.store_base import StoreBase, already_written, checkpoint_conflict, stamp
+from shard_sql.store_base import StoreBase, already_written, checkpoint_conflict, placed, stamp
 from shard_sql.validation import (
     Pending,
     check_checkpoint_name,
@@ -59,7 +59,7 @@ from shard_sql.validation import (
     check_timeout,
     check_types,
 )
-from shard_sql.values import Event, Lease, new_event
+from shard_sql.values import Event, Lease
 
 log = logging.getLogger("shard_sql.git")
 
@@ -292,7 +292,7 @@ class GitEventStore(StoreBase, FeedStore, LeaseStore, IntentQueue, SpaceWakeups)
             if first is None:
                 continue  # another writer moved the space: look again
             self._git.remember((space, new.oid), new)
-            return [_placed(e, first + n) for n, e in enumerate(out)]
+            return [placed(e, first + n) for n, e in enumerate(out)]
 
     def place(
         self,
@@ -508,18 +508,3 @@ class GitEventStore(StoreBase, FeedStore, LeaseStore, IntentQueue, SpaceWakeups)
 
     def wakes_per_space(self) -> bool:
         return self._intents.wakes_per_space()
-
-
-def _placed(e: Event, position: int) -> Event:
-    placed: Event = new_event(
-        e.space,
-        e.seq,
-        e.type,
-        e.payload,
-        e.recorded_at,
-        e.writer,
-        e.generation,
-        e.intent_id,
-        position,
-    )
-    return placed
