@@ -257,9 +257,22 @@ def test_a_damaged_legacy_space_stops_the_placing(tmp_path: Path) -> None:
 def hang_at(path: str, where: str, ready: Any) -> None:
     """Write an event, and stop for good at `where`: holding the write mutex and the feed's lock
     before the feed moves ("commit"), or after it moved, before the space refs follow
-    ("update_cache")."""
+    ("update_cache"); or, finding a dead writer's lock on the feed, once the first of the two
+    files that lock is made of is removed ("break")."""
     from shard_sql.git import refs
 
+    if where == "break":
+        unlink = os.unlink
+
+        def unlink_then_stop(name: Any, *args: Any, **kwargs: Any) -> None:
+            unlink(name, *args, **kwargs)
+            if "/refs/shard-sql/feed" in str(name) and str(name).endswith(".lock"):
+                ready.set()
+                time.sleep(600)
+
+        os.unlink = unlink_then_stop  # type: ignore[assignment]
+        GitEventStore(path).append("victim", "t", {}, expected_seq=0)
+        return
     original = getattr(refs.RefLock if where == "commit" else refs.RefFiles, where)
 
     def stop(*args: Any, **kwargs: Any) -> Any:
@@ -302,6 +315,23 @@ def test_writer_killed_holding_the_feed_lock(tmp_path: Path) -> None:
     e = store.append("a", "t", {}, expected_seq=1)
     assert e.position == 2 and not lock.exists()
     assert not list((path / "refs" / "shard-sql").glob("feed.*.lock"))  # its staged file too
+    consistent(store)
+    store.close()
+    fsck(path)
+
+
+@pytest.mark.slow
+def test_writer_killed_while_removing_a_dead_writers_lock(tmp_path: Path) -> None:
+    """A writer killed halfway through removing a dead writer's feed lock leaves no lock that
+    the next writer cannot tell for a dead writer's (it removed the lock before its twin)."""
+    path = tmp_path / "r.git"
+    store = GitEventStore(path, lock_timeout=2)
+    store.append("a", "t", {}, expected_seq=0)
+    kill_at(path, "commit")
+    kill_at(path, "break")
+    e = store.append("a", "t", {}, expected_seq=1)
+    assert e.position == 2 and not (path / (FEED + ".lock")).exists()
+    assert store.head("victim") == 0
     consistent(store)
     store.close()
     fsck(path)

@@ -417,6 +417,10 @@ def _break_dead(lock: str) -> bool:
         return True
     if st.st_nlink < 2:
         return False
+    # The lock first, its staged twin after: a breaker killed in between leaves a staged file
+    # (nobody's lock), never a lock without its twin, which nothing could tell from git's own.
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(lock)
     folder, name = os.path.split(lock)
     base = name[: -len(".lock")]
     with contextlib.suppress(OSError), os.scandir(folder) as it:
@@ -424,12 +428,9 @@ def _break_dead(lock: str) -> bool:
             if (
                 entry.name.startswith(base + ".")
                 and entry.name.endswith(".lock")
-                and entry.name != name
                 and entry.inode() == st.st_ino
             ):
                 os.unlink(entry.path)  # the dead writer's staged file
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(lock)
     log.warning("removed %s, left by a writer that died while writing", lock)
     return True
 
