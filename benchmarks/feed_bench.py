@@ -24,7 +24,7 @@ from typing import Any
 
 from shard_sql import SqlEventStore, Subscription
 
-from .perf_bench import Counts, Row, _row, _skip
+from .rows import Counts, Row, measured, skipped
 from .sql_bench import PAYLOAD, TYPE, _compare, _libpq
 
 TARGET_READ = 1.0
@@ -67,7 +67,7 @@ def feed_rows(label: str, url: str, raw: Any, counts: Counts) -> list[Row]:
     with SqlEventStore(url) as store:
         _fill(store, n)
         if len(_raw_feed(raw, postgres)) != n:
-            return [_skip("feed rows", label, vs, "the scratch database was not empty")]
+            return [skipped("feed rows", label, vs, "the scratch database was not empty")]
 
         def bare() -> None:
             assert len(_raw_feed(raw, postgres)) == n
@@ -81,11 +81,11 @@ def feed_rows(label: str, url: str, raw: Any, counts: Counts) -> list[Row]:
         work = f"read {n:,} events through the feed"
         for how, read in (("feed()", read_list), ("iter_feed()", read_iter)):
             fig, base = _compare(counts.rounds, n, read, bare)
-            rows.append(_row(f"{work}, {how}", label, vs, fig, base, TARGET_READ))
+            rows.append(measured(f"{work}, {how}", label, vs, fig, base, TARGET_READ))
 
         work = f"Subscription of {n:,} events, batches of 100, no-op handler"
         if not hasattr(store, "transaction"):
-            rows.append(_skip(work, label, "raw read rate", "SqlEventStore has no transaction()"))
+            rows.append(skipped(work, label, "raw read rate", "SqlEventStore has no transaction()"))
         else:
 
             def subscribe() -> None:
@@ -93,7 +93,7 @@ def feed_rows(label: str, url: str, raw: Any, counts: Counts) -> list[Row]:
                 assert sub.run_once() >= n
 
             fig, base = _compare(counts.rounds, n, subscribe, bare)
-            rows.append(_row(work, label, "raw read rate", fig, base, TARGET_SUBSCRIPTION))
+            rows.append(measured(work, label, "raw read rate", fig, base, TARGET_SUBSCRIPTION))
     rows.append(_wake_row(label, url, 10 if counts.rounds <= 1 else 200))
     if postgres:
         rows.append(_spaces_row(label, url, counts))
@@ -154,7 +154,7 @@ def _wake_row(label: str, url: str, count: int) -> Row:
         if before:
             latencies.append((t - before[-1]) * 1000)
     p50 = statistics.median(latencies)
-    return _row(
+    return measured(
         "wait_feed wake-up after another process's append, p50",
         label,
         f"{TARGET_WAKE_MS:g} ms budget",
@@ -230,7 +230,7 @@ def _spaces_row(label: str, url: str, counts: Counts) -> Row:
     for r in range(rounds):
         for raw in (r % 2 == 0, r % 2 == 1):  # interleaved, the first side alternating
             (raw_rates if raw else store_rates).append(_four(url, raw, count))
-    return _row(
+    return measured(
         "4 processes appending to 4 different spaces (total)",
         label,
         "4 processes, raw inserts, same table",

@@ -24,6 +24,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from shard_sql import SqlEventStore
 
+from .rows import TARGET_APPEND, TARGET_MANY, measured
 from .sql_bench import INSERT_SQL, PAYLOAD, TYPE, WRITER, Step, _now_text, _Spaces, _steps
 
 WORK_ONE = "tx.append in the host's transaction"
@@ -70,7 +71,6 @@ class _Host:
 
 def tx_rows(label: str, url: str, rounds: int, appends: int, batches: int) -> list[Any]:
     """(work, vs, figure, baseline, unit) of one backend, events per second."""
-    from .perf_bench import TARGET_APPEND, TARGET_MANY, _row
 
     new_space = _Spaces()
     host = _Host(url)
@@ -130,12 +130,12 @@ def tx_rows(label: str, url: str, rounds: int, appends: int, batches: int) -> li
 
             fig, base = _steps(rounds, appends, one, raw_one, 25)
             rows.append(
-                _row(WORK_ONE, label, "raw INSERT in the host's transaction", fig, base,
+                measured(WORK_ONE, label, "raw INSERT in the host's transaction", fig, base,
                      TARGET_APPEND)
             )  # fmt: skip
             fig, base = _steps(rounds, batches, many, raw_many, 1)
             rows.append(
-                _row(WORK_MANY, label, "raw executemany in the host's transaction", fig * 100,
+                measured(WORK_MANY, label, "raw executemany in the host's transaction", fig * 100,
                      base * 100, TARGET_MANY[label])
             )  # fmt: skip
     finally:

@@ -112,8 +112,8 @@ def test_main_prints_one_table_and_json(
     perf: Any, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     rows = [
-        perf.asdict(perf._row("w", "sqlite FULL", "raw", 90.0, 100.0, 0.85)),
-        perf.asdict(perf._skip("w", "postgresql", "raw", "no server")),
+        perf.asdict(perf.measured("w", "sqlite FULL", "raw", 90.0, 100.0, 0.85)),
+        perf.asdict(perf.skipped("w", "postgresql", "raw", "no server")),
     ]
     monkeypatch.setattr(perf, "run", lambda **kw: rows)
     out = tmp_path / "rows.jsonl"

@@ -16,7 +16,8 @@ import functools
 from typing import Any
 from uuid import UUID
 
-from .perf_bench import ES_NOTE, Counts, Row, _eventsourcing, _page_class, _row, _skip
+from .es_side import eventsourcing_installed, page_class
+from .rows import ES_NOTE, Counts, Row, measured, skipped
 from .sql_bench import Step, _compare, _steps
 
 TARGET_SAVE = {"sqlite FULL": 1.0, "postgresql": 1.5}
@@ -37,7 +38,7 @@ def _app_class() -> Any:
 
 def _fill(app: Any, events: int) -> UUID:
     """One aggregate with `events` events, saved 1,000 at a time."""
-    page = _page_class()("Home")
+    page = page_class()("Home")
     while page.version < events:
         for _ in range(min(1000, events - page.version)):
             page.edit("A wiki page", ["a", "b"], page.version)
@@ -58,15 +59,17 @@ def _log_length(app: Any) -> int:
 def es_rows(label: str, module_url: str, own_env: dict[str, str], counts: Counts) -> list[Row]:
     """The rows on one backend: `module_url` for shard_sql, `own_env` for eventsourcing's own."""
     works = ("Application.save of a new aggregate", "reading an aggregate", "reading the log")
-    if not _eventsourcing():
-        return [_skip(w, label, VS, ES_NOTE) for w in works]
-    cls, page_cls = _app_class(), _page_class()
+    if not eventsourcing_installed():
+        return [skipped(w, label, VS, ES_NOTE) for w in works]
+    cls, page_cls = _app_class(), page_class()
     try:
         mine = cls(
             env={"PERSISTENCE_MODULE": "shard_sql.eventsourcing", "SHARD_SQL_URL": module_url}
         )
     except Exception as e:  # a store without the feed yet
-        return [_skip(w, label, VS, f"shard_sql.eventsourcing cannot run here: {e}") for w in works]
+        return [
+            skipped(w, label, VS, f"shard_sql.eventsourcing cannot run here: {e}") for w in works
+        ]
     own = cls(env=own_env)
     rows: list[Row] = []
     try:
@@ -78,7 +81,7 @@ def es_rows(label: str, module_url: str, own_env: dict[str, str], counts: Counts
             return start
 
         fig, base = _steps(counts.rounds, counts.appends, saves(mine), saves(own), 25)
-        rows.append(_row(works[0], label, VS, fig, base, TARGET_SAVE.get(label)))
+        rows.append(measured(works[0], label, VS, fig, base, TARGET_SAVE.get(label)))
 
         n = counts.reads
         ids = {id(app): _fill(app, n) for app in (mine, own)}
@@ -88,7 +91,7 @@ def es_rows(label: str, module_url: str, own_env: dict[str, str], counts: Counts
 
         fig, base = _compare(counts.rounds, n, replay(mine), replay(own))
         work = f"reading an aggregate of {n:,} events (repository.get)"
-        rows.append(_row(work, label, VS, fig, base, TARGET_READ))
+        rows.append(measured(work, label, VS, fig, base, TARGET_READ))
 
         length = _log_length(mine)
         assert length == _log_length(own), "both logs hold the same notifications"
@@ -96,7 +99,7 @@ def es_rows(label: str, module_url: str, own_env: dict[str, str], counts: Counts
             counts.rounds, length, lambda: _log_length(mine), lambda: _log_length(own)
         )
         work = f"reading the notification log ({length:,}, pages of {LOG_PAGE:,})"
-        rows.append(_row(work, label, VS, fig, base, TARGET_READ))
+        rows.append(measured(work, label, VS, fig, base, TARGET_READ))
     finally:
         mine.close()
         own.close()

@@ -1,0 +1,227 @@
+"""The multi-process rows of the performance suite: 4 processes appending to one space through
+their own authorities next to 1 process alone, with the CPU each event costs machine-wide; and
+the memory of iterating a long space in a fresh process."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from shard_sql import AppendAuthority, LeaseRegistry, SqlEventStore
+
+from .rows import MEMORY_BUDGET_MB, TARGET_PROCESSES, Counts, Row, measured
+from .sql_bench import PAYLOAD, TYPE
+
+CTX = multiprocessing.get_context("spawn")
+
+
+def _proc_worker(url: str, name: str, space: str, count: int, go: Any, out: Any, flag: str) -> None:
+    """One process: its own store and authority (serving what is forwarded to it), `count`
+    appends to `space`; reports (start, end) on the monotonic clock shared by the machine, then
+    the CPU seconds it used (all its threads) from the start until every worker was done."""
+    store = SqlEventStore(url) if not url.startswith("git:") else _git_store(url)
+    node = AppendAuthority(name, store, LeaseRegistry(store), ttl_seconds=60, forward_timeout=120)
+    with node:
+        node.append(f"warm-{name}", TYPE, PAYLOAD)
+        out.put(("ready", name, 0.0, 0.0))
+        go.wait(120)
+        c0 = os.times()
+        t0 = time.monotonic()
+        for _ in range(count):
+            node.append(space, TYPE, PAYLOAD)
+        t1 = time.monotonic()
+        out.put(("done", name, t0, t1))
+        # Keep serving until every worker is done: the holder must outlive the forwarders.
+        while not os.path.exists(flag):
+            time.sleep(0.01)
+        c1 = os.times()
+        out.put(("cpu", name, c1.user - c0.user + c1.system - c0.system, 0.0))
+    store.close()
+
+
+def _git_store(url: str) -> Any:
+    from shard_sql import GitEventStore
+
+    return GitEventStore(url.removeprefix("git:"))
+
+
+def _machine_busy() -> float:
+    """CPU seconds the whole machine has been busy (every core, every process: the database
+    server and the kernel too), from /proc/stat; 0.0 where there is none."""
+    try:
+        first = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+    except OSError:
+        return 0.0
+    # user nice system idle iowait irq softirq steal: all but idle and iowait are busy
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in first[1:9])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class _Spent:
+    rate: float
+    """Total events/s."""
+    machine_us: float
+    """Machine-wide CPU microseconds per event."""
+    workers_us: float
+    """CPU microseconds per event of the worker processes."""
+
+
+def _processes(url: str, space: str, workers: int, count: int) -> _Spent:
+    """Total events/s of `workers` processes appending `count` each to `space`, and the CPU it
+    took per event."""
+    flag = os.path.join(tempfile.gettempdir(), f"shard-perf-{uuid.uuid4().hex}.done")
+    go, out = CTX.Event(), CTX.Queue()
+    procs = [
+        CTX.Process(target=_proc_worker, args=(url, f"p{i}", space, count, go, out, flag))
+        for i in range(workers)
+    ]
+    for p in procs:
+        p.start()
+    try:
+        for _ in range(workers):
+            kind = out.get(timeout=120)[0]
+            assert kind == "ready"
+        busy = _machine_busy()
+        go.set()
+        spans = [out.get(timeout=600) for _ in range(workers)]
+        busy = _machine_busy() - busy
+        Path(flag).touch()
+        cpu = sum(out.get(timeout=60)[2] for _ in range(workers))
+        for p in procs:
+            p.join(60)
+    finally:
+        Path(flag).touch()
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+        Path(flag).unlink(missing_ok=True)
+    start = min(s[2] for s in spans)
+    end = max(s[3] for s in spans)
+    events = workers * count
+    return _Spent(events / (end - start), busy / events * 1e6, cpu / events * 1e6)
+
+
+def process_rows(label: str, url: str, counts: Counts, rounds: int) -> list[Row]:
+    n = counts.proc_appends
+    alone, four = [], []
+    for r in range(rounds):
+        alone.append(_processes(url, f"alone-{r}", 1, 4 * n))
+        four.append(_processes(url, f"four-{r}", 4, n))
+
+    def median(spent: list[_Spent], field: str) -> float:
+        return float(statistics.median(getattr(s, field) for s in spent))
+
+    fig, base = median(four, "rate"), median(alone, "rate")
+    rows = [
+        measured(
+            "4 processes appending to one space (total)",
+            label,
+            "1 process alone",
+            fig,
+            base,
+            TARGET_PROCESSES,
+            note=f"{n} appends each, 3 forwarding to the holder; medians of {rounds}",
+        )
+    ]
+    machine, workers = median(four, "machine_us"), median(four, "workers_us")
+    if machine:
+        # Where the time goes: a forwarded event costs more CPU than a direct one, and the
+        # machine's cores bound the rate at cores / (CPU per event).
+        cores = os.cpu_count() or 1
+        rows.append(
+            measured(
+                "  CPU per event, machine-wide (4 processes)",
+                label,
+                "1 process alone",
+                machine,
+                median(alone, "machine_us"),
+                None,
+                unit="us",
+                note=(
+                    f"of it the worker processes {workers:,.0f} us (alone "
+                    f"{median(alone, 'workers_us'):,.0f} us), the rest the database server and "
+                    f"the kernel; {cores} cores bound 4 processes to "
+                    f"{cores / machine * 1e6:,.0f} events/s at full use"
+                ),
+            )
+        )
+    return rows
+
+
+# -- memory of a long iteration --------------------------------------------------------------------
+
+_MEMORY_SCRIPT = r"""
+import gc, json, sys
+from shard_sql import SqlEventStore
+
+def status(key):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(key)
+
+store = SqlEventStore(sys.argv[1])
+space = sys.argv[2]
+head = store.head(space)
+for _ in store.iter_events(space, from_seq=max(head - 10, 0)):  # connections, statements
+    pass
+gc.collect()
+before = status("VmRSS")
+try:  # reset the peak (VmHWM) to the current RSS
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    peak_key = "VmHWM"
+except OSError:
+    peak_key = "VmRSS"
+peak = before
+n = 0
+for e in store.iter_events(space):
+    n += 1
+    if n % 20000 == 0:
+        peak = max(peak, status("VmRSS"))
+peak = max(peak, status(peak_key), status("VmRSS"))
+print(json.dumps({"n": n, "before": before, "peak": peak, "peak_key": peak_key}))
+"""
+
+
+def memory_rows(label: str, url: str, count: int) -> list[Row]:
+    space = "memory"
+    with SqlEventStore(url, migrate=True) as store:
+        batch = [(TYPE, PAYLOAD)] * min(10_000, count)
+        while (head := store.head(space)) < count:
+            store.append_many(space, batch[: count - head], expected_seq=head)
+    out = subprocess.run(
+        [sys.executable, "-c", _MEMORY_SCRIPT, url, space],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["n"] == count
+    growth = max(result["peak"] - result["before"], 0) / 1e6
+    return [
+        measured(
+            f"iterate {count:,} events with iter_events: RSS growth",
+            label,
+            "50 MB budget",
+            growth,
+            MEMORY_BUDGET_MB,
+            1.0,
+            unit="MB",
+            note="ratio = budget / growth; fresh process, peak RSS (VmHWM reset) - RSS before",
+            ratio=MEMORY_BUDGET_MB / max(growth, 0.01),
+            target_text="< 50 MB",
+        )
+    ]
