@@ -203,7 +203,11 @@ class SqlTransaction(Transaction):
                 healthy = d.healthy(c)
             except Exception:
                 pass
-            if exc is not None or isinstance(e, ShardSqlError) or not isinstance(e, Exception):
+            if exc is not None and isinstance(e, Exception):
+                # The block's own error goes on (a lost connection's rollback fails too: a raw
+                # driver error in its place would escape every caller's handling).
+                return
+            if isinstance(e, ShardSqlError) or not isinstance(e, Exception):
                 raise
             self._raise_translated(e)
         finally:
