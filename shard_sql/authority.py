@@ -1,8 +1,10 @@
 """The append authority: one writer per space, everyone else forwards to it.
 
 A node writes where it holds the lease and forwards elsewhere: to a node of the same registry
-directly, else as a durable intent in the store (`IntentQueue`) that the holder applies
-(`shard_sql.serving`). docs/architecture.md and docs/leases.md tell the whole story.
+directly, to a holder on the same host over its socket (`shard_sql.handoff`), else as a durable
+intent in the store (`IntentQueue`) that the holder applies (`shard_sql.serving`). A holder
+writes concurrent appends of a space together (`shard_sql.group`). docs/architecture.md and
+docs/leases.md tell the whole story.
 """
 
 from __future__ import annotations
@@ -19,12 +21,16 @@ from types import TracebackType
 from typing import Any
 
 from shard_sql.errors import IntentTimeout, InvalidEvent, LeaseHeld, SeqConflict, StaleLease
+from shard_sql.group import GroupCommit, GroupStats, NotHolder
+from shard_sql.handoff import HANDOFF_TIMEOUT, NOT_HOLDER, Endpoints, HandoffClient
+from shard_sql.handoff_listener import Listener, answer
 from shard_sql.leases import LeaseRegistry, check_ttl, renewal_due
 from shard_sql.node_transaction import NodeTransaction
 from shard_sql.ports import (
     BatchWriter,
     EventStore,
     FeedStore,
+    HandoffSite,
     IntentInbox,
     IntentQueue,
     SpaceWakeups,
@@ -57,10 +63,6 @@ def _held_elsewhere(lease: Lease) -> LeaseHeld:
         "the holder's own transaction); append it after the block with node.append",
     )
     return e
-
-
-class NotHolder(Exception):
-    """Internal: this node does not (or no longer) hold the space."""
 
 
 # -- the nodes of each registry: the same process, reached by a direct hand-off --------------
@@ -116,7 +118,9 @@ class AppendAuthority:
 
     `node_id` must be unique among the nodes sharing the registry's lease store.
     Used as a context manager, it renews its leases and serves intents forwarded from other
-    processes in a background thread until the block exits, then releases its leases.
+    processes in a background thread until the block exits, then releases its leases; on a
+    store with a hand-off directory it also listens there for forwarders on this host
+    (`handoff=False`: it neither listens nor hands over; forwarding is then durable only).
     `transaction(connection)` writes to the spaces it holds inside a (host's) transaction.
     """
 
@@ -128,6 +132,7 @@ class AppendAuthority:
         *,
         ttl_seconds: float = 30.0,
         forward_timeout: float = 30.0,
+        handoff: bool = True,
     ) -> None:
         self.node_id = check_text("node_id", node_id)
         self.ttl_seconds = check_ttl(ttl_seconds)
@@ -152,7 +157,18 @@ class AppendAuthority:
         self._locks: dict[str, threading.RLock] = {}
         self._guard = threading.Lock()
         self._unwatch: Callable[[], None] | None = None
+        self._group = GroupCommit(self._write_batch)
+        self._endpoints = self._handoff_endpoints() if handoff else None
+        self._client = None if self._endpoints is None else HandoffClient(self._endpoints)
+        self._listener: Listener | None = None
         _register(self)
+
+    def _handoff_endpoints(self) -> Endpoints | None:
+        """The store's hand-off directory, when processes forward to each other through it."""
+        if self._queue is None or not isinstance(self.store, HandoffSite):
+            return None
+        directory = self.store.handoff_dir()
+        return None if directory is None else Endpoints(directory)
 
     # -- leases ------------------------------------------------------------------------------
 
@@ -285,9 +301,10 @@ class AppendAuthority:
             self._pause(space, patience)
 
     def _write_held(self, space: str, item: Pending, now: datetime) -> Event | None:
-        """Write `item` under this node's lease; None when it does not hold it (any more)."""
+        """Write `item` under this node's lease, with what else is queued for the space; None
+        when it does not hold it (any more)."""
         try:
-            event = self._write_batch(space, [item], now)[0]
+            event = self._group.write(space, item)
         except NotHolder:
             return None
         if not self._server.running:
@@ -321,7 +338,7 @@ class AppendAuthority:
         target = local_node(self.registry, holder.holder)
         if target is not None and target is not self:
             try:
-                return target._write_batch(space, [patience.item])[0]
+                return target._group.write(space, patience.item)
             except NotHolder:
                 return None
         if self._queue is None:
@@ -329,6 +346,15 @@ class AppendAuthority:
         if patience.item.intent_id is None:
             intent_id = f"fwd-{uuid.uuid4().hex}"
             patience.item = dataclasses.replace(patience.item, intent_id=intent_id)
+        if not patience.queued and self._client is not None:
+            # The holder's socket first. Unreachable, or no answer in time: the durable path,
+            # with the same intent id (the holder may have written it: then that is found).
+            timeout = min(HANDOFF_TIMEOUT, patience.remaining())
+            sent = self._client.send(holder.holder, space, patience.item, timeout)
+            if sent == NOT_HOLDER:
+                return None
+            if not isinstance(sent, str):
+                return sent
         if not patience.queued:
             self._queue.put_intent(space, patience.item, holder=holder.holder)
             patience.queued = True
@@ -480,7 +506,26 @@ class AppendAuthority:
         """One round of upkeep: renew the leases due, drop lost ones, serve forwarded intents."""
         self._server.round(defer_forget=False)
 
+    def group_stats(self) -> GroupStats:
+        """How its grouped writes went (the items per write), for benchmarks and tests."""
+        return self._group.stats
+
+    def handoff_outcomes(self) -> dict[str, int]:
+        """How its hand-offs to other processes' holders ended ("written", "not_holder",
+        "unreachable", "unknown"); empty when it hands nothing over."""
+        return {} if self._client is None else dict(self._client.outcomes)
+
+    def _handed_over(self, space: str, item: Pending) -> bytes:
+        """The listener's call for an item a forwarder handed over: written only while this
+        node holds the space (its lease valid, the write fenced by its generation)."""
+        if space not in self._leases:
+            return answer(None)
+        return answer(lambda: self._group.write(space, item))
+
     def __enter__(self) -> AppendAuthority:
+        if self._endpoints is not None and self._listener is None:
+            listener = Listener(self._endpoints, self.node_id, self._handed_over)
+            self._listener = listener if listener.start() else None
         if self._inbox is not None:
             self._unwatch = self._inbox.watch_intents(self._server.intent_arrived)
         self._server.start()
@@ -492,7 +537,12 @@ class AppendAuthority:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        if self._listener is not None:
+            self._listener.stop()
+            self._listener = None
         self._server.stop()
+        if self._client is not None:
+            self._client.close()
         if self._unwatch is not None:
             self._unwatch()
             self._unwatch = None

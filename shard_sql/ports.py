@@ -299,3 +299,14 @@ class GenerationFloor(Protocol):
         so the next grant is newer than every generation in its log; a lease of a lower
         generation ends at `now`. The new record, or None when it was there already."""
         ...
+
+
+@runtime_checkable
+class HandoffSite(Protocol):
+    """Optional: where the holders of a store listen for direct hand-offs from forwarders on
+    the same host (`shard_sql.handoff`)."""
+
+    def handoff_dir(self) -> str | None:
+        """A private directory of this user, the same for every process opening the store on
+        this host; None: no hand-off (an in-memory database, no usable directory)."""
+        ...

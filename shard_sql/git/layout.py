@@ -19,6 +19,8 @@ INTENT_REFS = NAMESPACE + "intents/"
 """`INTENT_REFS + <encoded space> + "/" + intent_key(intent_id)`: a pending forwarded intent."""
 BELLS_DIR = "shard-sql-bells"
 """The directory of the wake-up files (`shard_sql.wake`) in the git directory."""
+HANDOFF_DIR = "shard-sql-handoff"
+"""The directory of the holders' sockets for direct hand-offs (`shard_sql.handoff`)."""
 
 CHUNK = 256
 """Seqs per `index/` blob: the tip's tree indexes whole chunks; at most CHUNK commits are walked."""

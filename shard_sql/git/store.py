@@ -23,7 +23,7 @@ from shard_sql.git.chain import RecycledHandles, SpaceChains
 from shard_sql.git.errors import translated, translated_iter
 from shard_sql.git.feed import CheckpointSave, Feed, SpaceWrite
 from shard_sql.git.intents import GitIntentQueue
-from shard_sql.git.layout import CHUNK, FEED, lease_ref, space_ref
+from shard_sql.git.layout import CHUNK, FEED, HANDOFF_DIR, lease_ref, space_ref
 from shard_sql.git.loose import LooseObjects
 from shard_sql.git.migrate import place_existing_events
 from shard_sql.git.objects import (
@@ -37,6 +37,7 @@ from shard_sql.git.objects import (
 from shard_sql.git.packing import PACK_EVERY, AutoPacker, Maintenance, pack
 from shard_sql.git.repo import GitRepo
 from shard_sql.git.transaction import GitTransaction, transaction_block
+from shard_sql.handoff import private_dir
 from shard_sql.leases import (
     advanced,
     check_fence,
@@ -508,3 +509,6 @@ class GitEventStore(StoreBase, FeedStore, LeaseStore, IntentQueue, SpaceWakeups)
 
     def wakes_per_space(self) -> bool:
         return self._intents.wakes_per_space()
+
+    def handoff_dir(self) -> str | None:
+        return private_dir(os.path.join(self._git.root, HANDOFF_DIR))

@@ -590,3 +590,6 @@ class SqlEventStore(StoreBase, FeedStore, SqlLeaseRecords, IntentQueue, IntentIn
 
     def watch_intents(self, callback: Callable[[str], bool]) -> Callable[[], None]:
         return self._intents.watch_intents(callback)
+
+    def handoff_dir(self) -> str | None:
+        return self._dialect.handoff_dir(self.database.engine.url)

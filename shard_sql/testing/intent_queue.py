@@ -113,8 +113,11 @@ class ForwardingContract(AdapterCase):
     """Forwarding through the store's durable intents (`IntentQueue`), as between processes.
 
     Two registries on one store stand for two processes: neither sees the other's nodes, so an
-    intent can only travel through the store.
+    intent can only travel through the store, or the holder's socket (`handoff`, the default;
+    off: durable intents only).
     """
+
+    handoff = True
 
     @pytest.fixture(autouse=True)
     def _registries(self, _adapter: None) -> None:
@@ -123,8 +126,12 @@ class ForwardingContract(AdapterCase):
         self.there = LeaseRegistry(self.store, clock=self.clock)
 
     def test_forwarded_to_holder_in_another_registry(self) -> None:
-        holder = AppendAuthority("holder", self.store, self.here, ttl_seconds=30)
-        other = AppendAuthority("other", self.store, self.there, forward_timeout=20)
+        holder = AppendAuthority(
+            "holder", self.store, self.here, ttl_seconds=30, handoff=self.handoff
+        )
+        other = AppendAuthority(
+            "other", self.store, self.there, forward_timeout=20, handoff=self.handoff
+        )
         holder.append("s", "t", {"n": 0})
         with holder:
             e = other.append("s", "t", {"n": 1})
@@ -134,8 +141,12 @@ class ForwardingContract(AdapterCase):
         assert [x.payload["n"] for x in self.store.events("s")] == [0, 1, 2]
 
     def test_timeout_then_safe_retry(self) -> None:
-        holder = AppendAuthority("holder", self.store, self.here, ttl_seconds=30)
-        other = AppendAuthority("other", self.store, self.there, forward_timeout=0.3)
+        holder = AppendAuthority(
+            "holder", self.store, self.here, ttl_seconds=30, handoff=self.handoff
+        )
+        other = AppendAuthority(
+            "other", self.store, self.there, forward_timeout=0.3, handoff=self.handoff
+        )
         holder.acquire("s")
         with pytest.raises(IntentTimeout):
             other.append("s", "t", {"n": 0}, intent_id="retry-me")
@@ -147,10 +158,15 @@ class ForwardingContract(AdapterCase):
         assert self.store.head("s") == 1
 
     def test_dead_holder_pending_intents_applied_by_next(self) -> None:
-        dead = AppendAuthority("dead", self.store, self.here, ttl_seconds=5)
+        dead = AppendAuthority("dead", self.store, self.here, ttl_seconds=5, handoff=self.handoff)
         dead.append("s", "t", {"n": "first"})
         waiters = [
-            AppendAuthority(f"w{i}", self.store, LeaseRegistry(self.store, clock=self.clock))
+            AppendAuthority(
+                f"w{i}",
+                self.store,
+                LeaseRegistry(self.store, clock=self.clock),
+                handoff=self.handoff,
+            )
             for i in range(3)
         ]
         results: dict[int, Event] = {}

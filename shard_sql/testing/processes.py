@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from shard_sql.authority import AppendAuthority
+from shard_sql.handoff import HANDOFF_TIMEOUT
 from shard_sql.leases import LeaseRegistry
 from shard_sql.ports import EventStore
 from shard_sql.testing.contracts import AdapterCase
@@ -36,12 +37,25 @@ Ack = tuple[str, int, str, int]
 
 
 def forwarder_proc(
-    url: str, space: str, worker: int, count: int, ttl: float, ready: Any, go: Any, out: Any
+    url: str,
+    space: str,
+    worker: int,
+    count: int,
+    ttl: float,
+    ready: Any,
+    go: Any,
+    out: Any,
+    handoff: bool = True,
 ) -> None:
     """Appends `count` events to `space` through its own node, once `go` is set."""
     store = open_store(url)
     node = AppendAuthority(
-        f"w{worker}", store, LeaseRegistry(store), ttl_seconds=ttl, forward_timeout=30
+        f"w{worker}",
+        store,
+        LeaseRegistry(store),
+        ttl_seconds=ttl,
+        forward_timeout=30,
+        handoff=handoff,
     )
     with node:  # serves what is forwarded to it if it takes the space over
         ready.put(worker)
@@ -54,12 +68,14 @@ def forwarder_proc(
     _close(store)
 
 
-def holder_proc(url: str, space: str, ttl: float, ready: Any, stop: Any, out: Any) -> None:
+def holder_proc(
+    url: str, space: str, ttl: float, ready: Any, stop: Any, out: Any, handoff: bool = True
+) -> None:
     """Takes `space` with one append, reports it on `out` (a queue of its own: a process killed
     while its queue's feeder thread holds the queue's lock leaves that queue locked for good),
     sets `ready`, and serves until `stop` is set."""
     store = open_store(url)
-    node = AppendAuthority("holder", store, LeaseRegistry(store), ttl_seconds=ttl)
+    node = AppendAuthority("holder", store, LeaseRegistry(store), ttl_seconds=ttl, handoff=handoff)
     # Takes the space before serving: the serving thread then waits for intents at once, not
     # after a first idle round.
     e = node.append(space, "t", {"by": "holder"}, intent_id="holder-0")
@@ -78,11 +94,15 @@ def _close(store: object) -> None:
         close()
 
 
-def start_forwarders(url: str, space: str, count: int, ttl: float) -> tuple[Any, ...]:
+def start_forwarders(
+    url: str, space: str, count: int, ttl: float, handoff: bool = True
+) -> tuple[Any, ...]:
     """Three forwarder processes, started and ready; they append once `go` is set."""
     ready, go, out = CTX.Queue(), CTX.Event(), CTX.Queue()
     procs = [
-        CTX.Process(target=forwarder_proc, args=(url, space, w, count, ttl, ready, go, out))
+        CTX.Process(
+            target=forwarder_proc, args=(url, space, w, count, ttl, ready, go, out, handoff)
+        )
         for w in range(3)
     ]
     for p in procs:
@@ -92,10 +112,10 @@ def start_forwarders(url: str, space: str, count: int, ttl: float) -> tuple[Any,
     return procs, go, out
 
 
-def start_holder(url: str, space: str, ttl: float) -> tuple[Any, ...]:
+def start_holder(url: str, space: str, ttl: float, handoff: bool = True) -> tuple[Any, ...]:
     """The holder process, holding `space` and serving; returns it, its stop event and queue."""
     ready, stop, out = CTX.Event(), CTX.Event(), CTX.Queue()
-    holder = CTX.Process(target=holder_proc, args=(url, space, ttl, ready, stop, out))
+    holder = CTX.Process(target=holder_proc, args=(url, space, ttl, ready, stop, out, handoff))
     holder.start()
     if not ready.wait(60):
         holder.kill()
@@ -145,7 +165,10 @@ def check_log(store: EventStore, space: str, acks: list[Ack]) -> None:
 
 @pytest.mark.slow
 class ProcessForwardingContract(AdapterCase):
-    """Forwarding between processes that share only the store (opened from `store_url`)."""
+    """Forwarding between processes that share only the store (opened from `store_url`):
+    through the holder's socket (`handoff`, the default), or durable intents only."""
+
+    handoff = True
 
     def may_freeze_holder(self) -> bool:
         """Whether a holder frozen now would hold no lock the others need (SQLite's write lock,
@@ -162,8 +185,8 @@ class ProcessForwardingContract(AdapterCase):
 
     def test_three_processes_forward_to_a_holder_in_a_fourth(self) -> None:
         url, count = self.url(), 15
-        forwarders, go, out = start_forwarders(url, "s", count, ttl=30)
-        holder, stop, holder_out = start_holder(url, "s", ttl=5.0)
+        forwarders, go, out = start_forwarders(url, "s", count, ttl=30, handoff=self.handoff)
+        holder, stop, holder_out = start_holder(url, "s", ttl=5.0, handoff=self.handoff)
         try:
             acks = collect(holder_out, [holder], 1)
             go.set()
@@ -187,8 +210,11 @@ class ProcessForwardingContract(AdapterCase):
 
     def test_holder_killed_with_intents_pending(self) -> None:
         url, count = self.url(), 6
-        forwarders, go, out = start_forwarders(url, "s", count, ttl=TTL)
-        holder, _stop, holder_out = start_holder(url, "s", ttl=TTL)
+        forwarders, go, out = start_forwarders(url, "s", count, ttl=TTL, handoff=self.handoff)
+        # With the hand-off, the forwarders first wait HANDOFF_TIMEOUT for the frozen holder's
+        # answer, then record their intents: its lease must outlast that.
+        ttl = TTL + HANDOFF_TIMEOUT * 2 if self.handoff else TTL
+        holder, _stop, holder_out = start_holder(url, "s", ttl=ttl, handoff=self.handoff)
         registry = LeaseRegistry(self.store)
         try:
             acks = collect(holder_out, [holder], 1)  # the holder holds the space
@@ -221,7 +247,7 @@ class ProcessForwardingContract(AdapterCase):
         assert len({(e.writer, e.generation) for e in taken}) == 1
         assert taken[0].writer != "holder" and taken[0].generation == lease.generation + 1
         assert [e.seq for e in taken] == [1, 2, 3]
-        assert failover < TTL + 5
+        assert failover < ttl + 5
         assert self.store.pending_intents("s", limit=10) == []
         self.check_after(holder_killed=True)
 

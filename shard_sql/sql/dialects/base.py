@@ -247,6 +247,10 @@ class Dialect:
         """How waits for forwarded intents and their events end on this database."""
         raise NotImplementedError
 
+    def handoff_dir(self, url: URL) -> str | None:
+        """Where holders on this host listen for direct hand-offs (`shard_sql.handoff`)."""
+        return None
+
     # -- values --------------------------------------------------------------------------------
 
     def time(self, dt: datetime) -> Any:

@@ -11,6 +11,7 @@ from sqlalchemy import create_engine, event
 from sqlalchemy.engine import URL, Connection, Engine
 from sqlalchemy.pool import QueuePool
 
+from shard_sql.handoff import runtime_dir
 from shard_sql.orm import CHECKPOINTS, INTENTS
 from shard_sql.sql.dialects.base import (
     COLUMNS,
@@ -320,6 +321,12 @@ class PostgresDialect(Dialect):
 
     def waits(self, url: URL, connect: Callable[[], Any], site: Site) -> Waits:
         return NotifiedWaits(connect, site, self.channels)
+
+    def handoff_dir(self, url: URL) -> str | None:
+        # One directory per server, database and schema on this host (a hash of them: no
+        # user, no password), under the user's runtime directory unless one is configured.
+        where = f"{url.host or 'local'}:{url.port or 5432}/{url.database}/{self.schema or ''}"
+        return runtime_dir(f"postgresql://{where}")
 
     # -- values --------------------------------------------------------------------------------
 

@@ -16,6 +16,7 @@ from sqlalchemy.engine import URL, Connection, Engine
 from sqlalchemy.pool import QueuePool, StaticPool
 
 from shard_sql.errors import InvalidEvent
+from shard_sql.handoff import private_dir
 from shard_sql.orm import CHECKPOINTS, EVENTS, INTENTS, LEASES
 from shard_sql.sql.dialects.base import COLUMNS, Conn, Dialect, EngineOptions, Statement
 from shard_sql.sql.errors import Site, is_sqlite_busy
@@ -292,6 +293,10 @@ class SqliteDialect(Dialect):
             return LocalWaits()
         wal = f"{os.path.abspath(database)}-wal"
         return PolledWaits(connect, site, wal, Bells.beside(f"{database}-bells"))
+
+    def handoff_dir(self, url: URL) -> str | None:
+        database = sqlite_file(url)
+        return None if database is None else private_dir(f"{os.path.abspath(database)}.handoff")
 
     # -- values --------------------------------------------------------------------------------
 

@@ -1,0 +1,189 @@
+"""Group commit: the appends waiting for one space are written in one store transaction.
+
+A holder's callers (its own threads, and the handlers of appends other processes handed over,
+`shard_sql.handoff`) queue their items per space. The first to find nobody writing leads: it
+writes what is queued, up to `GROUP_BOUND` items, as one fenced batch (one commit, one fsync),
+gives each caller its event, and hands the lead to the first caller still queued, if any. No
+thread of its own: a lone caller writes its item at once, as without grouping.
+
+A batch write that fails for one item (`IntentConflict`: its id was written with other content;
+`InvalidEvent`: part of the batch was written already) is written again item by item, so only
+that item fails. Any other failure (`NotHolder`, a lost connection) is every item's.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from shard_sql.errors import IntentConflict, InvalidEvent
+from shard_sql.validation import Pending
+from shard_sql.values import Event
+
+GROUP_BOUND = 256
+"""The most items one grouped write carries."""
+
+Write = Callable[[str, list[Pending]], list[Event]]
+
+
+class NotHolder(Exception):
+    """Internal: this node does not (or no longer) hold the space."""
+
+
+@dataclass
+class GroupStats:
+    """How the grouped writes went: `writes` batches carried `items` items, `largest` at most."""
+
+    writes: int = 0
+    items: int = 0
+    largest: int = 0
+
+    @property
+    def mean(self) -> float:
+        return self.items / self.writes if self.writes else 0.0
+
+
+class _Slot:
+    """One caller's item, then its event or error; `waiter` is released to wake it."""
+
+    __slots__ = ("error", "event", "item", "lead", "waiter")
+
+    def __init__(self, item: Pending) -> None:
+        self.item = item
+        self.event: Event | None = None
+        self.error: BaseException | None = None
+        self.lead = False
+        self.waiter: threading.Lock | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.event is not None or self.error is not None
+
+    def result(self) -> Event:
+        if self.error is not None:
+            raise self.error
+        assert self.event is not None
+        return self.event
+
+
+class _Queue:
+    __slots__ = ("busy", "mutex", "slots")
+
+    def __init__(self) -> None:
+        self.mutex = threading.Lock()
+        self.slots: list[_Slot] = []
+        self.busy = False
+        """A leader is writing (callers queue and wait)."""
+
+
+class GroupCommit:
+    """Writes the items of concurrent callers of one space together, through `write` (the
+    node's fenced batch write)."""
+
+    def __init__(self, write: Write, *, bound: int = GROUP_BOUND) -> None:
+        self._write = write
+        self._bound = bound
+        self._queues: dict[str, _Queue] = {}
+        self._guard = threading.Lock()
+        self.stats = GroupStats()
+
+    def write(self, space: str, item: Pending) -> Event:
+        """Write `item` to `space` with whatever else is queued there; its event, or the error
+        its write raised."""
+        q = self._queues.get(space) or self._queue(space)
+        slot = _Slot(item)
+        with q.mutex:
+            q.slots.append(slot)
+            follow = q.busy
+            if follow:
+                slot.waiter = waiter = threading.Lock()
+                waiter.acquire()
+            q.busy = True
+        if follow:
+            waiter.acquire()  # released with this item's result, or to take the lead
+            if not slot.lead:
+                return slot.result()
+        self._lead(space, q, slot)
+        return slot.result()
+
+    def _queue(self, space: str) -> _Queue:
+        with self._guard:
+            return self._queues.setdefault(space, _Queue())
+
+    def _lead(self, space: str, q: _Queue, mine: _Slot) -> None:
+        """Write batches until `mine` is written, then pass the lead on (or end it)."""
+        batch: list[_Slot] = []
+        try:
+            while True:
+                batch = self._take(q)
+                self._run(space, batch)
+                self._wake(batch, mine)
+                batch = []
+                if mine.done:
+                    return
+        except BaseException as e:  # KeyboardInterrupt, a bug: no caller waits forever
+            for slot in batch:
+                if not slot.done:
+                    slot.error = e
+            self._wake(batch, mine)
+            raise
+        finally:
+            with q.mutex:
+                nxt = q.slots[0] if q.slots else None
+                if nxt is None:
+                    q.busy = False
+                else:
+                    nxt.lead = True
+            if nxt is not None:
+                assert nxt.waiter is not None
+                nxt.waiter.release()
+
+    def _take(self, q: _Queue) -> list[_Slot]:
+        """The next batch: queued items in order, up to the bound; an intent id already in the
+        batch waits for the next one (a batch writes each id once)."""
+        with q.mutex:
+            batch: list[_Slot] = []
+            later: list[_Slot] = []
+            ids: set[str] = set()
+            for slot in q.slots:
+                intent_id = slot.item.intent_id
+                if len(batch) >= self._bound or (intent_id is not None and intent_id in ids):
+                    later.append(slot)
+                    continue
+                if intent_id is not None:
+                    ids.add(intent_id)
+                batch.append(slot)
+            q.slots = later
+            stats = self.stats
+            stats.writes += 1
+            stats.items += len(batch)
+            stats.largest = max(stats.largest, len(batch))
+            return batch
+
+    def _run(self, space: str, batch: list[_Slot]) -> None:
+        """Write `batch`, setting each slot's event or error."""
+        try:
+            events = self._write(space, [s.item for s in batch])
+        except (IntentConflict, InvalidEvent) as e:
+            if len(batch) == 1:
+                batch[0].error = e
+                return
+            for slot in batch:  # item by item: only the item at fault fails
+                try:
+                    slot.event = self._write(space, [slot.item])[0]
+                except Exception as item_error:
+                    slot.error = item_error
+            return
+        except Exception as e:
+            for slot in batch:
+                slot.error = e
+            return
+        for slot, event in zip(batch, events, strict=True):
+            slot.event = event
+
+    @staticmethod
+    def _wake(batch: list[_Slot], mine: _Slot) -> None:
+        for slot in batch:
+            if slot is not mine and slot.waiter is not None:
+                slot.waiter.release()

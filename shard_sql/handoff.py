@@ -1,0 +1,337 @@
+"""The direct hand-off: a forwarder on the holder's host gives it an append over a Unix socket.
+
+Each node serving as a context manager listens on `<directory>/<sha256(node_id)[:32]>.sock`,
+where the directory is the store's (`HandoffSite.handoff_dir`: beside a SQLite file, in a git
+directory, a per-user runtime directory for PostgreSQL). A forwarder knows the holder's id from
+the lease, so it finds the socket without any record. Only the holder's event write is durable:
+the forwarder acknowledges nothing before the event is written, and when the outcome is unknown
+it sends the same intent id along the durable path (docs/leases.md gives the whole argument).
+
+Security: the directory is the user's own (mode 0700, checked, else no hand-off), the socket
+0600, and both ends check the peer's uid (SO_PEERCRED, Linux). Nothing listens on a network
+address. A message is a 4-byte big-endian length and a JSON object, at most `MAX_MESSAGE` bytes;
+a malformed or oversized one closes the connection and writes nothing.
+
+This module holds the wire format, the directories and the forwarder's side; the holder's side
+(`Listener`) is `shard_sql.handoff_listener`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import logging
+import os
+import select
+import socket
+import stat
+import struct
+import sys
+import tempfile
+import threading
+import time
+from datetime import datetime
+from typing import Any
+
+from shard_sql.errors import IntentConflict, InvalidEvent
+from shard_sql.validation import MAX_PAYLOAD_BYTES, Pending, check_space, pending
+from shard_sql.values import Event
+
+MAX_MESSAGE = MAX_PAYLOAD_BYTES + 16 * 1024
+"""Bytes: the largest message either side accepts (a payload at its limit, and the rest)."""
+HANDOFF_TIMEOUT = 1.0
+"""Seconds a forwarder waits for the holder's answer before it takes the durable path (a holder
+frozen, or too busy): the outcome is then unknown, and the same intent id goes the durable way."""
+UNREACHABLE_FOR = 1.0
+"""Seconds a forwarder takes the durable path to a holder it could not reach (no socket, a
+refused connection, a timeout) before it tries the socket again."""
+MAX_PATH = 100
+"""Bytes: a longer socket path (AF_UNIX allows 107) is reached through /proc/self/fd/N/."""
+HEADER = struct.Struct(">I")
+NOT_HOLDER = "not_holder"
+"""The answer of a node that does not hold the space (any more): the forwarder looks again."""
+UNREACHABLE = "unreachable"
+"""Nothing was sent: no listener, refused, no permission."""
+UNKNOWN = "unknown"
+"""Sent, but no answer (a timeout, a closed connection): it may have been written."""
+log = logging.getLogger("shard_sql.handoff")
+
+
+class Malformed(Exception):
+    """A message that is not one this protocol sends: the connection is closed."""
+
+
+# -- directories -----------------------------------------------------------------------------
+
+
+def private_dir(path: str) -> str | None:
+    """`path`, created mode 0700 if missing, when it is a directory of this user that nobody
+    else may enter; else None (the hand-off is then off: forwarders take the durable path)."""
+    try:
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(path, 0o700)
+        st = os.lstat(path)
+    except OSError as e:
+        log.info("no direct hand-off: cannot make %s: %s", path, e)
+        return None
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+        log.warning("no direct hand-off: %s is not a private directory of this user", path)
+        return None
+    return os.path.abspath(path)
+
+
+def runtime_dir(key: str) -> str | None:
+    """A private directory for the store named by `key` (a server and database, no secret):
+    under $SHARD_SQL_HANDOFF_DIR if set, else $XDG_RUNTIME_DIR/shard-sql, else
+    <tmp>/shard-sql-<uid>; named by a hash of `key`."""
+    base = os.environ.get("SHARD_SQL_HANDOFF_DIR")
+    if not base:
+        xdg = os.environ.get("XDG_RUNTIME_DIR")
+        if xdg:
+            base = os.path.join(xdg, "shard-sql")
+        else:
+            base = os.path.join(tempfile.gettempdir(), f"shard-sql-{os.geteuid()}")
+    if private_dir(base) is None:
+        return None
+    digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:24]
+    return private_dir(os.path.join(base, digest))
+
+
+def socket_name(node_id: str) -> str:
+    """The socket file of node `node_id` in the store's hand-off directory."""
+    return hashlib.sha256(node_id.encode("utf-8", "surrogatepass")).hexdigest()[:32] + ".sock"
+
+
+class Endpoints:
+    """The sockets of one store's hand-off directory, by node id."""
+
+    def __init__(self, directory: str) -> None:
+        self.dir = directory
+        self._fd: int | None = None
+        self._guard = threading.Lock()
+
+    def path(self, node_id: str) -> str:
+        """The socket's file path (for stat, unlink)."""
+        return os.path.join(self.dir, socket_name(node_id))
+
+    def address(self, node_id: str) -> str:
+        """The address to bind or connect: the path, or through an open descriptor of the
+        directory when the path is too long for AF_UNIX."""
+        path = self.path(node_id)
+        if len(os.fsencode(path)) <= MAX_PATH or not sys.platform.startswith("linux"):
+            return path
+        with self._guard:
+            if self._fd is None:
+                self._fd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        return f"/proc/self/fd/{self._fd}/{socket_name(node_id)}"
+
+
+def peer_uid_ok(sock: socket.socket) -> bool:
+    """Whether the peer runs as this process's user (Linux: SO_PEERCRED; elsewhere the modes of
+    the directory and the socket are the check)."""
+    option = getattr(socket, "SO_PEERCRED", None)
+    if option is None:
+        return True
+    creds = sock.getsockopt(socket.SOL_SOCKET, option, struct.calcsize("3i"))
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    return bool(uid == os.geteuid())
+
+
+# -- messages --------------------------------------------------------------------------------
+
+
+def frame(body: bytes) -> bytes:
+    return HEADER.pack(len(body)) + body
+
+
+def read_message(sock: socket.socket) -> Any:
+    """One message's JSON value; None at a clean end of the connection; `Malformed` for a
+    message over `MAX_MESSAGE`, cut short, or not JSON."""
+    head = _read_exactly(sock, HEADER.size, eof_ok=True)
+    if head is None:
+        return None
+    (size,) = HEADER.unpack(head)
+    if size > MAX_MESSAGE:
+        raise Malformed(f"a message of {size} bytes")
+    body = _read_exactly(sock, size, eof_ok=False)
+    assert body is not None
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError) as e:
+        raise Malformed(f"not JSON: {e}") from None
+
+
+def _read_exactly(sock: socket.socket, n: int, *, eof_ok: bool) -> bytes | None:
+    data = sock.recv(n)
+    if len(data) == n:
+        return data
+    if not data and eof_ok:
+        return None
+    chunks = [data]
+    got = len(data)
+    while got < n:
+        if not data:
+            raise Malformed("the connection ended inside a message")
+        data = sock.recv(n - got)
+        chunks.append(data)
+        got += len(data)
+    return b"".join(chunks)
+
+
+def request(space: str, item: Pending) -> bytes:
+    """A hand-off request: the space and the checked item (its payload's JSON text as is)."""
+    head = json.dumps({"space": space, "type": item.type, "intent_id": item.intent_id})
+    return f'{head[:-1]}, "payload": {item.payload_json}}}'.encode()
+
+
+def parse_request(message: Any) -> tuple[str, Pending]:
+    """The space and item of a request; `Malformed` for anything our forwarders never send."""
+    if not isinstance(message, dict) or set(message) != {"space", "type", "intent_id", "payload"}:
+        raise Malformed("not a hand-off request")
+    intent_id = message["intent_id"]
+    if not isinstance(intent_id, str):
+        raise Malformed("a hand-off request carries an intent id")
+    try:
+        return check_space(message["space"]), pending(
+            message["type"], message["payload"], intent_id
+        )
+    except InvalidEvent as e:
+        raise Malformed(str(e)) from None
+
+
+def written(event: Event) -> bytes:
+    """The answer for a written event: what the forwarder does not know already."""
+    at = event.recorded_at.isoformat()
+    return json.dumps(
+        {"ok": [event.seq, at, event.writer, event.generation, event.position]}
+    ).encode()
+
+
+def refusal(kind: str, **details: Any) -> bytes:
+    return json.dumps({"error": kind, **details}).encode()
+
+
+def answer_event(space: str, item: Pending, answer: Any) -> Event | str:
+    """The forwarder's reading of an answer: the event, `NOT_HOLDER` or `UNKNOWN`; raises
+    `IntentConflict` / `InvalidEvent` as the holder's write did."""
+    if not isinstance(answer, dict):
+        return UNKNOWN
+    ok = answer.get("ok")
+    if isinstance(ok, list) and len(ok) == 5:
+        seq, at, writer, generation, position = ok
+        return Event(
+            space,
+            seq,
+            item.type,
+            item.payload,
+            datetime.fromisoformat(at),
+            writer,
+            generation,
+            item.intent_id,
+            position,
+        )
+    kind = answer.get("error")
+    if kind == NOT_HOLDER:
+        return NOT_HOLDER
+    if kind == "conflict":
+        raise IntentConflict(space, item.intent_id or "", int(answer["seq"]))
+    if kind == "invalid":
+        raise InvalidEvent(str(answer["field"]), str(answer["message"]))
+    return UNKNOWN  # "unavailable": the holder's store failed; it may have committed
+
+
+# -- the forwarder's side --------------------------------------------------------------------
+
+
+class HandoffClient:
+    """A forwarder's connections to the holders of one store's directory, kept open between
+    appends (one per thread at a time)."""
+
+    def __init__(self, endpoints: Endpoints) -> None:
+        self.endpoints = endpoints
+        self._idle: dict[str, list[socket.socket]] = {}
+        self._unreachable: dict[str, float] = {}
+        self._guard = threading.Lock()
+        self.outcomes: dict[str, int] = {"written": 0, NOT_HOLDER: 0, UNREACHABLE: 0, UNKNOWN: 0}
+        """How many hand-offs ended how (for tests and benchmarks; counted without a lock)."""
+
+    def send(self, holder: str, space: str, item: Pending, timeout: float) -> Event | str:
+        """Hand `item` (its intent id set) to `holder`: the written event, or `NOT_HOLDER`,
+        `UNREACHABLE` (nothing sent), `UNKNOWN` (sent, no answer within `timeout`)."""
+        outcome = self._send(holder, space, item, timeout)
+        self.outcomes["written" if isinstance(outcome, Event) else outcome] += 1
+        return outcome
+
+    def _send(self, holder: str, space: str, item: Pending, timeout: float) -> Event | str:
+        """Hand `item` (its intent id set) to `holder`: the written event, or `NOT_HOLDER`,
+        `UNREACHABLE` (nothing sent), `UNKNOWN` (sent, no answer within `timeout`)."""
+        assert item.intent_id is not None
+        until = self._unreachable.get(holder)
+        if until is not None and time.monotonic() < until:
+            return UNREACHABLE
+        body = request(space, item)
+        if len(body) > MAX_MESSAGE:
+            return UNREACHABLE
+        sock = self._connection(holder, timeout)
+        if sock is None:
+            return UNREACHABLE
+        try:
+            sock.settimeout(timeout)
+            sock.sendall(frame(body))
+            answer = read_message(sock)
+        except (OSError, Malformed) as e:
+            sock.close()
+            if isinstance(e, TimeoutError):
+                self._avoid(holder)
+            return UNKNOWN
+        if answer is None:
+            sock.close()
+            return UNKNOWN
+        with self._guard:
+            self._idle.setdefault(holder, []).append(sock)
+        return answer_event(space, item, answer)
+
+    def _avoid(self, holder: str) -> None:
+        self._unreachable[holder] = time.monotonic() + UNREACHABLE_FOR
+
+    def _connection(self, holder: str, timeout: float) -> socket.socket | None:
+        """An idle connection to `holder` (one closed by its end is dropped), else a new one;
+        None when it cannot be reached."""
+        while True:
+            with self._guard:
+                idle = self._idle.get(holder)
+                sock = idle.pop() if idle else None
+            if sock is None:
+                break
+            if not _ended(sock):
+                return sock
+            sock.close()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(timeout)
+            sock.connect(self.endpoints.address(holder))
+            if peer_uid_ok(sock):
+                return sock
+            log.warning("hand-off to %s refused: its socket is another user's", holder)
+        except OSError as e:
+            if e.errno not in (errno.ENOENT, errno.ECONNREFUSED):
+                log.info("hand-off to %s: cannot connect: %s", holder, e)
+        sock.close()
+        self._avoid(holder)
+        return None
+
+    def close(self) -> None:
+        with self._guard:
+            idle, self._idle = self._idle, {}
+        for socks in idle.values():
+            for sock in socks:
+                sock.close()
+
+
+def _ended(sock: socket.socket) -> bool:
+    """Whether an idle connection has news (its end closed it): it then cannot be used."""
+    poller = select.poll()
+    poller.register(sock, select.POLLIN | select.POLLHUP)
+    return bool(poller.poll(0))

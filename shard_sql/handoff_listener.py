@@ -1,0 +1,207 @@
+"""The holder's side of the direct hand-off (`shard_sql.handoff`): one listening socket per node,
+a thread per connected forwarder; each request is written through the node's group commit."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import threading
+from collections.abc import Callable
+
+from shard_sql.errors import IntentConflict, InvalidEvent
+from shard_sql.group import NotHolder
+from shard_sql.handoff import (
+    NOT_HOLDER,
+    Endpoints,
+    Malformed,
+    frame,
+    parse_request,
+    peer_uid_ok,
+    read_message,
+    refusal,
+    written,
+)
+from shard_sql.validation import Pending
+from shard_sql.values import Event
+
+MAX_CONNECTIONS = 128
+"""Forwarders one node serves at once; more are closed at once (they take the durable path)."""
+CHECK_EVERY = 0.5
+"""Seconds: how often the listener looks that its socket file is still its own (deleted or
+replaced: it binds a new one)."""
+BACKLOG = 128
+_NOSIGNAL = getattr(socket, "MSG_NOSIGNAL", 0)
+log = logging.getLogger("shard_sql.handoff")
+
+Submit = Callable[[str, Pending], bytes]
+"""Write one handed-over item; the answer's JSON body."""
+
+
+class Listener:
+    """Node `node_id`'s socket in `endpoints`; `submit` writes what forwarders hand over."""
+
+    def __init__(self, endpoints: Endpoints, node_id: str, submit: Submit) -> None:
+        self.endpoints, self.node_id, self._submit = endpoints, node_id, submit
+        self.path = endpoints.path(node_id)
+        self._server: socket.socket | None = None
+        self._inode = 0
+        self._conns: set[socket.socket] = set()
+        self._guard = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> bool:
+        """Listen; False (forwarders then take the durable path) when the socket cannot be
+        made, or a live process already listens under this node id."""
+        try:
+            if not self._bind():
+                return False
+        except OSError as e:
+            log.warning("node %s: no direct hand-off: %s", self.node_id, e)
+            return False
+        self._stop.clear()
+        self._thread = threading.Thread(
+            target=self._accept_loop, name=f"shard-sql-handoff-{self.node_id}", daemon=True
+        )
+        self._thread.start()
+        return True
+
+    def _bind(self) -> bool:
+        """A new listening socket at the node's path; a stale file (a dead process's: its
+        connection refused) is replaced."""
+        address = self.endpoints.address(self.node_id)
+        if os.path.lexists(self.path):
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            probe.settimeout(0.2)
+            try:
+                probe.connect(address)
+            except OSError:
+                os.unlink(self.path)  # nobody answers: a dead holder's file
+            else:
+                log.warning("node %s: another live process listens as this node", self.node_id)
+                return False
+            finally:
+                probe.close()
+        server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            server.bind(address)
+            os.chmod(self.path, 0o600)
+            server.listen(BACKLOG)
+            server.settimeout(CHECK_EVERY)
+            inode = os.stat(self.path).st_ino
+        except OSError:
+            server.close()
+            raise
+        old, self._server, self._inode = self._server, server, inode
+        if old is not None:
+            old.close()
+        return True
+
+    def _still_mine(self) -> bool:
+        try:
+            return os.stat(self.path).st_ino == self._inode
+        except OSError:
+            return False
+
+    def _accept_loop(self) -> None:
+        while not self._stop.is_set():
+            server = self._server
+            assert server is not None
+            try:
+                conn, _ = server.accept()
+            except TimeoutError:
+                self._check_socket_file()
+                continue
+            except OSError:
+                if self._stop.is_set():
+                    return
+                self._check_socket_file()
+                continue
+            self._admit(conn)
+
+    def _check_socket_file(self) -> None:
+        """Deleted or replaced under us (an operator, a cleanup): bind anew, so forwarders find
+        this node again (until then they took the durable path)."""
+        if self._stop.is_set() or self._still_mine():
+            return
+        try:
+            self._bind()
+        except OSError as e:
+            log.warning("node %s: cannot bind its hand-off socket again: %s", self.node_id, e)
+            self._stop.wait(CHECK_EVERY)
+
+    def _admit(self, conn: socket.socket) -> None:
+        with self._guard:
+            if len(self._conns) >= MAX_CONNECTIONS or self._stop.is_set():
+                conn.close()
+                return
+            self._conns.add(conn)
+        threading.Thread(
+            target=self._serve, args=(conn,), name=f"shard-sql-handoff-{self.node_id}", daemon=True
+        ).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        """Answer one forwarder's requests in turn until it hangs up. Anything malformed closes
+        the connection before anything is written."""
+        try:
+            conn.settimeout(None)
+            if not peer_uid_ok(conn):
+                log.warning("node %s: hand-off from another user refused", self.node_id)
+                return
+            while not self._stop.is_set():
+                message = read_message(conn)
+                if message is None:
+                    return
+                space, item = parse_request(message)
+                conn.sendall(frame(self._submit(space, item)), _NOSIGNAL)
+        except Malformed as e:
+            log.warning("node %s: malformed hand-off closed: %s", self.node_id, e)
+        except OSError as e:  # the forwarder went away (killed, timed out): nothing to tell
+            log.debug("node %s: hand-off connection ended: %s", self.node_id, e)
+        finally:
+            with self._guard:
+                self._conns.discard(conn)
+            conn.close()
+
+    def stop(self) -> None:
+        """Stop listening, remove the socket file (if still this node's), end connections."""
+        self._stop.set()
+        if self._server is not None:
+            with contextlib.suppress(OSError):
+                self._server.shutdown(socket.SHUT_RDWR)  # wakes the accept (Linux)
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._server is not None:
+            if self._still_mine():
+                with contextlib.suppress(OSError):
+                    os.unlink(self.path)
+            self._server.close()
+            self._server = None
+        with self._guard:
+            conns = list(self._conns)
+        for conn in conns:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+
+
+def answer(write: Callable[[], Event] | None) -> bytes:
+    """The answer to a handed-over item: `write` it (None: this node does not hold its space)
+    and tell the forwarder what came of it. The forwarder validated the item already: an error
+    here is the holder's write's (an intent id written with other content, a store failure)."""
+    if write is None:
+        return refusal(NOT_HOLDER)
+    try:
+        event = write()
+    except NotHolder:
+        return refusal(NOT_HOLDER)
+    except IntentConflict as e:
+        return refusal("conflict", seq=e.seq)
+    except InvalidEvent as e:
+        return refusal("invalid", field=e.field, message=str(e))
+    except Exception as e:  # the outcome is unknown to the forwarder: it takes the durable path
+        log.warning("hand-off write failed: %s", e)
+        return refusal("unavailable", message=str(e))
+    return written(event)
