@@ -1,9 +1,10 @@
 """The fault-injection suite: node processes append (directly and forwarded) to a few spaces
 while holders are SIGKILLed and SIGSTOPped past their TTL, PostgreSQL connections are killed and
-the server restarted, SQLite's write lock is contended and git lock files go stale; the history
-checker then proves the log kept every promise. On every backend a feed consumer
-(`Subscription`, two copies) follows the feed meanwhile, killed and paused too: it must see every
-event once, in order, its checkpoint never moving back.
+the server restarted, SQLite's write lock is contended and git lock files go stale, forwarders
+are SIGKILLed (maybe just after handing an append to a holder's socket) and holders' hand-off
+sockets deleted; the history checker then proves the log kept every promise. On every backend a
+feed consumer (`Subscription`, two copies) follows the feed meanwhile, killed and paused too: it
+must see every event once, in order, its checkpoint never moving back.
 
 The PostgreSQL restart runs under CI=true (or SHARD_SQL_FAULT_RESTART=1): elsewhere other test
 runs may share the server.
@@ -19,9 +20,11 @@ from faults.backends import git_stale_lock, pg_restart, pg_terminate, sqlite_loc
 from faults.harness import (
     SUMMARY,
     Fault,
+    delete_endpoint,
     describe,
     env_flag,
     kill_consumer,
+    kill_forwarder,
     kill_holder,
     pause_consumer,
     pause_holder,
@@ -68,6 +71,8 @@ def test_faults_sqlite(tmp_path: Path) -> None:
         "sqlite_lock": sqlite_lock,
         "kill_consumer": kill_consumer,
         "pause_consumer": pause_consumer,
+        "kill_forwarder": kill_forwarder,
+        "delete_endpoint": delete_endpoint,
     }
     url = f"sqlite:///{tmp_path}/faults.db"
     _run("sqlite", url, tmp_path, faults, 2, duration=max(DURATION, 30), fault_every=1.0)
@@ -82,6 +87,8 @@ def test_faults_postgresql(tmp_path: Path, pg_migrated_url: str) -> None:
         "pg_terminate": pg_terminate,
         "kill_consumer": kill_consumer,
         "pause_consumer": pause_consumer,
+        "kill_forwarder": kill_forwarder,
+        "delete_endpoint": delete_endpoint,
     }
     if env_flag("CI") or env_flag("SHARD_SQL_FAULT_RESTART"):
         faults["pg_restart"] = pg_restart
@@ -97,8 +104,10 @@ def test_faults_git(tmp_path: Path) -> None:
         "stale_lock": git_stale_lock,
         "kill_consumer": kill_consumer,
         "pause_consumer": pause_consumer,
+        "kill_forwarder": kill_forwarder,
+        "delete_endpoint": delete_endpoint,
     }
-    # Five kinds of fault, two of them 1-1.6 s long: a longer run, faults closer together.
+    # Seven kinds of fault, two of them 1-1.6 s long: a longer run, faults closer together.
     url = f"git+file://{tmp_path}/log.git"
     _run("git", url, tmp_path, faults, 2, duration=max(DURATION, 30), fault_every=1.0)
 

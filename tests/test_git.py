@@ -145,8 +145,16 @@ class TestGitForwarding(Git, ForwardingContract):
         assert_fsck_clean(self.tmp_path / "log.git")
 
 
+class TestGitForwardingDurable(Git, ForwardingContract):
+    handoff = False
+
+
 class TestGitProcesses(Git, ProcessForwardingContract):
     pass
+
+
+class TestGitProcessesDurable(Git, ProcessForwardingContract):
+    handoff = False
 
 
 # -- names -----------------------------------------------------------------------------------

@@ -91,8 +91,16 @@ class TestSqliteForwarding(SqliteFile, ForwardingContract):
     pass
 
 
+class TestSqliteForwardingDurable(SqliteFile, ForwardingContract):
+    handoff = False
+
+
 class TestSqliteProcesses(SqliteFile, ProcessForwardingContract):
     pass
+
+
+class TestSqliteProcessesDurable(SqliteFile, ProcessForwardingContract):
+    handoff = False
 
 
 class TestSqliteMemoryForwarding(SqliteMemory, ForwardingContract):
@@ -125,5 +133,15 @@ class TestPostgresForwarding(Postgres, ForwardingContract):
 
 
 @pytest.mark.postgres
+class TestPostgresForwardingDurable(Postgres, ForwardingContract):
+    handoff = False
+
+
+@pytest.mark.postgres
 class TestPostgresProcesses(Postgres, ProcessForwardingContract):
     pass
+
+
+@pytest.mark.postgres
+class TestPostgresProcessesDurable(Postgres, ProcessForwardingContract):
+    handoff = False

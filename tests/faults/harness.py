@@ -24,6 +24,7 @@ from typing import Any
 
 from faults.consumer import TYPE, projection
 from shard_sql import LeaseRegistry
+from shard_sql.handoff import Endpoints
 from shard_sql.history import Report, check, check_consumer, load, load_observed
 from shard_sql.urls import open_store
 
@@ -134,6 +135,39 @@ def pause_holder(run: Run, registry: LeaseRegistry) -> bool:
     proc.send_signal(signal.SIGSTOP)
     time.sleep(run.ttl * 1.6)
     proc.send_signal(signal.SIGCONT)
+    return True
+
+
+def kill_forwarder(run: Run, registry: LeaseRegistry) -> bool:
+    """SIGKILL a node that holds no space: a forwarder, maybe right after it handed an append
+    to a holder's socket (the holder writes it or not; nobody was told)."""
+    holders = {lease.holder for s in run.spaces if (lease := registry.current(s)) is not None}
+    live = [n for n, p in run.procs.items() if p.poll() is None and n not in holders]
+    if not live:
+        return False
+    node_id = run.rng.choice(live)
+    proc = run.procs.pop(node_id)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    run.start_node()
+    return True
+
+
+def delete_endpoint(run: Run, registry: LeaseRegistry) -> bool:
+    """Delete a holder's hand-off socket file (an operator's cleanup, a tmp reaper): forwarders
+    take the durable path until the holder binds it again."""
+    found = run.holder_proc(registry)
+    store = open_store(run.url)
+    try:
+        directory = getattr(store, "handoff_dir", lambda: None)()
+    finally:
+        getattr(store, "close", lambda: None)()
+    if found is None or directory is None:
+        return False
+    try:
+        os.unlink(Endpoints(directory).path(found[0]))
+    except FileNotFoundError:
+        return False
     return True
 
 

@@ -1,0 +1,406 @@
+"""The direct hand-off between processes (shard_sql.handoff) and the holder's group commit.
+
+Real SQLite files, PostgreSQL databases and git repositories; holders in other processes where
+a signal is the point (SIGSTOP, SIGKILL), in this one where only the socket matters (hostile
+messages). Whatever fails, the log must hold every acknowledged append exactly once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sqlite3
+import stat
+import struct
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from shard_sql import AppendAuthority, IntentConflict, LeaseRegistry
+from shard_sql.group import GroupCommit
+from shard_sql.handoff import MAX_MESSAGE, Endpoints, frame, request
+from shard_sql.testing.processes import (
+    CTX,
+    check_log,
+    collect,
+    start_forwarders,
+    start_holder,
+    stop_all,
+)
+from shard_sql.urls import open_store
+from shard_sql.validation import pending
+
+
+@pytest.fixture(
+    params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres), "git"],
+)
+def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/shard.db"
+    if request.param == "git":
+        return f"git+file://{tmp_path / 'log.git'}"
+    pg: str = request.getfixturevalue("pg_migrated_url")
+    return pg
+
+
+@pytest.fixture
+def store(url: str) -> Iterator[Any]:
+    s = open_store(url)
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def sqlite_store(tmp_path: Path) -> Iterator[Any]:
+    """For what the backend does not change (the wire format)."""
+    s = open_store(f"sqlite:///{tmp_path}/shard.db")
+    yield s
+    s.close()
+
+
+def node(store: Any, name: str, **kw: Any) -> AppendAuthority:
+    return AppendAuthority(name, store, LeaseRegistry(store), forward_timeout=30, **kw)
+
+
+def socket_path(store: Any, node_id: str) -> str:
+    directory = store.handoff_dir()
+    assert directory is not None
+    return Endpoints(directory).path(node_id)
+
+
+def raw_connection(store: Any, node_id: str) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(10)
+    sock.connect(Endpoints(store.handoff_dir()).address(node_id))
+    return sock
+
+
+def closed_by_peer(sock: socket.socket) -> bool:
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+
+
+# -- the endpoint --------------------------------------------------------------------------------
+
+
+def test_socket_and_directory_are_private(store: Any) -> None:
+    holder = node(store, "holder")
+    with holder:
+        path = socket_path(store, "holder")
+        assert stat.S_ISSOCK(os.stat(path).st_mode)
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+        assert stat.S_IMODE(os.stat(os.path.dirname(path)).st_mode) == 0o700
+        assert os.stat(path).st_uid == os.geteuid()
+    assert not os.path.exists(path)  # removed when the node stops
+
+
+def test_a_directory_others_may_enter_turns_the_handoff_off(tmp_path: Path) -> None:
+    db = tmp_path / "shard.db"
+    (tmp_path / "shard.db.handoff").mkdir(mode=0o755)
+    os.chmod(tmp_path / "shard.db.handoff", 0o755)
+    s: Any = open_store(f"sqlite:///{db}")
+    try:
+        assert s.handoff_dir() is None
+        holder, other = node(s, "holder"), node(s, "other")
+        holder.append("s", "t", {"n": 0})
+        with holder:
+            assert other.append("s", "t", {"n": 1}).writer == "holder"  # durable path
+        assert other.handoff_outcomes() == {}
+        assert os.listdir(tmp_path / "shard.db.handoff") == []
+    finally:
+        s.close()
+
+
+@pytest.mark.slow
+def test_forwarded_over_the_socket_from_other_processes(url: str, store: Any) -> None:
+    forwarders, go, out = start_forwarders(url, "s", 20, ttl=30)
+    holder, stop, holder_out = start_holder(url, "s", ttl=30)
+    try:
+        acks = collect(holder_out, [holder], 1)
+        go.set()
+        acks.update(collect(out, [holder, *forwarders], 3))
+    finally:
+        stop.set()
+        go.set()
+        stop_all([holder, *forwarders])
+    check_log(store, "s", [a for v in acks.values() for a in v])
+    assert {e.writer for e in store.events("s")} == {"holder"}
+    # Hand-offs leave no intent record behind, and none was read.
+    assert store.pending_intents("s", limit=10) == []
+
+
+def test_socket_hand_off_counts_and_stale_socket_file(store: Any) -> None:
+    """A socket file of a dead holder (nobody listens) is refused: the durable path; the next
+    listener under that node id replaces the file."""
+    holder, other = node(store, "holder"), node(store, "other")
+    holder.append("s", "t", {"n": 0})
+    path = socket_path(store, "holder")
+    dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    dead.bind(Endpoints(os.path.dirname(path)).address("holder"))
+    dead.close()  # the file stays, as a SIGKILLed holder leaves it
+    assert os.path.exists(path)
+    done: list[Any] = []
+    t = threading.Thread(target=lambda: done.append(other.append("s", "t", {"n": 1})))
+    t.start()
+    deadline = time.monotonic() + 10
+    while not store.pending_intents("s", limit=10):
+        assert time.monotonic() < deadline, "no durable intent after a refused connection"
+        time.sleep(0.01)
+    assert holder.serve("s") == 1
+    t.join(30)
+    assert done[0].seq == 1
+    assert other.handoff_outcomes()["unreachable"] == 1
+    with holder:  # its listener replaces the stale file
+        third = node(store, "third")
+        assert third.append("s", "t", {"n": 2}).writer == "holder"
+        assert third.handoff_outcomes()["written"] == 1
+    assert [e.payload["n"] for e in store.events("s")] == [0, 1, 2]
+
+
+def test_socket_file_deleted_under_a_holder(store: Any) -> None:
+    holder = node(store, "holder")
+    holder.append("s", "t", {"n": 0})
+    with holder:
+        path = socket_path(store, "holder")
+        os.unlink(path)
+        first = node(store, "first")
+        assert first.append("s", "t", {"n": 1}).writer == "holder"  # durable path
+        assert first.handoff_outcomes()["unreachable"] == 1
+        deadline = time.monotonic() + 10
+        while not os.path.exists(path):  # the listener binds its socket again
+            assert time.monotonic() < deadline, "the socket was not made again"
+            time.sleep(0.02)
+        second = node(store, "second")
+        assert second.append("s", "t", {"n": 2}).writer == "holder"
+        assert second.handoff_outcomes()["written"] == 1
+    assert [e.payload["n"] for e in store.events("s")] == [0, 1, 2]
+
+
+# -- hostile messages ------------------------------------------------------------------------------
+
+
+def _hostile_bodies() -> list[bytes]:
+    good = {"space": "s", "type": "t", "intent_id": "x", "payload": {"n": 1}}
+    return [
+        b"{not json",
+        b"\xff\xfe",
+        json.dumps([1, 2]).encode(),
+        json.dumps({**good, "space": 7}).encode(),
+        json.dumps({**good, "payload": "text"}).encode(),
+        json.dumps({**good, "intent_id": None}).encode(),
+        json.dumps({**good, "type": ""}).encode(),
+        json.dumps({**good, "extra": 1}).encode(),
+        json.dumps({k: v for k, v in good.items() if k != "type"}).encode(),
+        json.dumps({**good, "space": "a\x00b"}).encode(),
+        b'{"space": "s", "type": "t", "intent_id": "x", "payload": {"n": NaN}}',
+        b"[" * 100_000 + b"]" * 100_000,
+    ]
+
+
+@pytest.mark.parametrize("body", _hostile_bodies(), ids=range(len(_hostile_bodies())))
+def test_a_malformed_message_closes_the_connection_and_writes_nothing(
+    sqlite_store: Any, body: bytes
+) -> None:
+    store = sqlite_store
+    holder = node(store, "holder")
+    holder.append("s", "t", {"n": 0})
+    with holder:
+        sock = raw_connection(store, "holder")
+        sock.sendall(frame(body))
+        assert closed_by_peer(sock)
+        sock.close()
+        assert store.head("s") == 1
+        assert node(store, "after").append("s", "t", {"n": 1}).writer == "holder"
+    assert store.head("s") == 2
+
+
+def test_oversized_and_cut_messages_close_the_connection(sqlite_store: Any) -> None:
+    store = sqlite_store
+    holder = node(store, "holder")
+    holder.append("s", "t", {"n": 0})
+    with holder:
+        sock = raw_connection(store, "holder")
+        sock.sendall(struct.pack(">I", MAX_MESSAGE + 1) + b"{}")  # no more is read
+        assert closed_by_peer(sock)
+        sock.close()
+        item = pending("t", {"n": 1}, "cut")
+        sock = raw_connection(store, "holder")
+        sock.sendall(frame(request("s", item))[:-3])
+        sock.shutdown(socket.SHUT_WR)  # ends inside the message
+        assert closed_by_peer(sock)
+        sock.close()
+        assert store.head("s") == 1
+        sock = raw_connection(store, "holder")  # the listener still serves well-formed ones
+        sock.sendall(frame(request("s", item)))
+        size = struct.unpack(">I", sock.recv(4))[0]
+        answer = json.loads(sock.recv(size))
+        sock.close()
+        assert answer["ok"][0] == 1
+    assert [e.intent_id for e in store.events("s")] == [None, "cut"]
+
+
+@pytest.mark.slow
+def test_a_forwarder_killed_after_sending(url: str, store: Any) -> None:
+    """The holder writes what was sent (or not); a retry with the same id finds it: once."""
+    holder = node(store, "holder")
+    holder.append("s", "t", {"n": 0})
+    with holder:
+        proc = CTX.Process(target=send_and_die, args=(url, "holder", "s", "k1"))
+        proc.start()
+        proc.join(30)
+        assert proc.exitcode == -signal.SIGKILL
+        again = node(store, "retry").append("s", "t", {"n": "k1"}, intent_id="k1")
+    events = store.events("s")
+    assert [e.intent_id for e in events] == [None, "k1"]
+    assert again == events[1]
+
+
+def send_and_die(url: str, holder: str, space: str, intent_id: str) -> None:
+    s = open_store(url)
+    sock = raw_connection(s, holder)
+    sock.sendall(frame(request(space, pending("t", {"n": intent_id}, intent_id))))
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+# -- frozen and killed holders ---------------------------------------------------------------------
+
+
+def _may_freeze(url: str) -> bool:
+    """Whether nobody holds the write lock (SQLite) or a ref lock (git) right now."""
+    if url.startswith("sqlite:///"):
+        conn = sqlite3.connect(url.removeprefix("sqlite:///"), timeout=0.05, isolation_level=None)
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("ROLLBACK")
+            return True
+        except sqlite3.OperationalError:
+            return False
+        finally:
+            conn.close()
+    if url.startswith("git+file://"):
+        root = Path(url.removeprefix("git+file://"))
+        return not any(p.name.endswith(".lock") for p in root.rglob("*"))
+    return True
+
+
+def freeze(url: str, pid: int) -> None:
+    for _ in range(200):
+        os.kill(pid, signal.SIGSTOP)
+        time.sleep(0.005)
+        if _may_freeze(url):
+            return
+        os.kill(pid, signal.SIGCONT)
+        time.sleep(0.002)
+    raise AssertionError("the holder always held a lock")
+
+
+@pytest.mark.slow
+def test_a_frozen_holder_then_thawed(url: str, store: Any) -> None:
+    """The forwarder's request waits in the frozen holder's socket; the forwarder times out,
+    records the same intent durably and waits. Thawed, the holder meets the intent twice (the
+    socket, the record): one event."""
+    holder, stop, holder_out = start_holder(url, "s", ttl=30)
+    other = node(store, "other")
+    try:
+        collect(holder_out, [holder], 1)
+        assert other.append("s", "t", {"n": 1}, intent_id="a").writer == "holder"
+        freeze(url, holder.pid)
+        done: list[Any] = []
+        t = threading.Thread(
+            target=lambda: done.append(other.append("s", "t", {"n": 2}, intent_id="b"))
+        )
+        t.start()
+        deadline = time.monotonic() + 20
+        while not store.pending_intents("s", limit=10):
+            assert time.monotonic() < deadline, "no durable intent after the timeout"
+            time.sleep(0.01)
+        os.kill(holder.pid, signal.SIGCONT)
+        t.join(30)
+        assert done and done[0].intent_id == "b"
+    finally:
+        os.kill(holder.pid, signal.SIGCONT)
+        stop.set()
+        stop_all([holder])
+    assert other.handoff_outcomes()["unknown"] == 1
+    events = store.events("s")
+    assert [e.intent_id for e in events] == ["holder-0", "a", "b"]
+    assert {e.writer for e in events} == {"holder"}
+
+
+@pytest.mark.slow
+def test_holder_killed_while_forwarders_append(url: str, store: Any) -> None:
+    forwarders, go, out = start_forwarders(url, "s", 25, ttl=1.0)
+    holder, _stop, holder_out = start_holder(url, "s", ttl=1.0)
+    try:
+        acks = collect(holder_out, [holder], 1)
+        go.set()
+        deadline = time.monotonic() + 30
+        while store.head("s") < 10:  # forwarders are handing over: kill it among them
+            assert time.monotonic() < deadline, "nothing was forwarded"
+            time.sleep(0.002)
+        os.kill(holder.pid, signal.SIGKILL)
+        acks.update(collect(out, [holder, *forwarders], 3))
+    finally:
+        go.set()
+        stop_all([holder, *forwarders])
+    check_log(store, "s", [a for v in acks.values() for a in v])
+    writers = {e.writer for e in store.events("s")}
+    assert "holder" in writers and len(writers) >= 2  # a forwarder took over
+
+
+# -- group commit ----------------------------------------------------------------------------------
+
+
+def test_group_commit_writes_what_queued_in_one_batch(store: Any) -> None:
+    """While one write is in flight, four callers queue: the next write carries all four, and
+    an item whose id was written with other content fails alone."""
+    holder = node(store, "holder")
+    holder.append("s", "t", {"n": "x"}, intent_id="taken")
+    gate, entered = threading.Event(), threading.Event()
+    batches: list[int] = []
+
+    def write(space: str, batch: list[Any]) -> list[Any]:
+        batches.append(len(batch))
+        entered.set()
+        gate.wait(30)
+        return holder.write_if_held(space, batch) or []
+
+    group = GroupCommit(write)
+    results: dict[str, Any] = {}
+
+    def call(key: str, payload: dict[str, Any], intent_id: str | None) -> None:
+        try:
+            results[key] = group.write("s", pending("t", payload, intent_id))
+        except Exception as e:
+            results[key] = e
+
+    first = threading.Thread(target=call, args=("first", {"n": 0}, None))
+    first.start()
+    assert entered.wait(30)
+    queued = [("a", {"n": 1}, "a"), ("b", {"n": 2}, None), ("bad", {"n": 3}, "taken")]
+    queued.append(("a2", {"n": 1}, "a"))  # the same intent twice: written once
+    threads = [threading.Thread(target=call, args=q) for q in queued]
+    for n, t in enumerate(threads, 1):
+        t.start()
+        deadline = time.monotonic() + 10
+        while len(group._queues["s"].slots) < n:  # queued in this order
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+    gate.set()
+    for t in [first, *threads]:
+        t.join(30)
+    assert isinstance(results["bad"], IntentConflict)
+    assert results["a"] == results["a2"]
+    events = store.events("s")
+    assert [e.payload["n"] for e in events] == ["x", 0, 1, 2]
+    assert [e.seq for e in events] == [0, 1, 2, 3]
+    assert batches[:2] == [1, 3]  # the first alone, then a, b, bad (a2 waits: same id)
+    assert group.stats.largest == 3
