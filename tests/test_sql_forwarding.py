@@ -371,7 +371,7 @@ def test_notify_wakes_the_holder_and_the_forwarder(pg_migrated_url: str) -> None
     store = SqlEventStore(pg_migrated_url)
     try:
         assert ready.wait(60)
-        node = AppendAuthority("fwd", store, LeaseRegistry(store))
+        node = AppendAuthority("fwd", store, LeaseRegistry(store), handoff=False)  # notified
         for i in range(3):  # both listeners up (until then, waits are 50 ms sleeps)
             node.append("s", "t", {"warm-up": i})
         for i in range(n):
@@ -556,7 +556,7 @@ def test_listener_connection_terminated(pg_migrated_url: str) -> None:
     store = SqlEventStore(pg_migrated_url)
     try:
         assert ready.wait(60)
-        node = AppendAuthority("fwd", store, LeaseRegistry(store))
+        node = AppendAuthority("fwd", store, LeaseRegistry(store), handoff=False)  # notified
         node.append("s", "t", {"before": True})
         listener = store.listener
         assert listener is not None
