@@ -31,6 +31,7 @@ from shard_sql.git.layout import (
 )
 from shard_sql.git.repo import GitRepo
 from shard_sql.ports import IntentQueue, SpaceWakeups
+from shard_sql.store_base import checked_intent_ids, checked_wait
 from shard_sql.validation import (
     Pending,
     check_intent_id,
@@ -284,7 +285,7 @@ class GitIntentQueue(IntentQueue, SpaceWakeups):
     @translated
     def forget_intents(self, space: str, intent_ids: Sequence[str]) -> None:
         check_space(space)
-        ids = [check_intent_id(i) for i in intent_ids]
+        ids = checked_intent_ids(intent_ids)
         handle = self.git.handle()
         feed = self.chains.feed.current(handle)
         tip = self.chains.tip_in(handle, feed, space)
@@ -330,7 +331,7 @@ class GitIntentQueue(IntentQueue, SpaceWakeups):
         """Block until a space, lease or intent ref of `spaces` changed since this thread's last
         wait on them (its first wait on a set of spaces ends at once), or `timeout` passes."""
         self.git.handle()  # a closed store raises StoreUnavailable
-        watched = tuple(sorted({check_space(s) for s in spaces}))
+        watched = tuple(sorted(set(checked_wait(spaces, timeout))))
         paths = [os.path.join(self.git.root, "packed-refs")]
         dirs = []
         for space in watched:

@@ -14,6 +14,7 @@ from shard_sql.sql.connections import Database
 from shard_sql.sql.dialects import Conn
 from shard_sql.sql.errors import guarded
 from shard_sql.sql.listener import Listener
+from shard_sql.store_base import checked_intent_ids, checked_wait
 from shard_sql.validation import Pending, check_intent_id, check_seq, check_space, check_text
 from shard_sql.validation import pending as checked_pending
 from shard_sql.values import Event
@@ -165,9 +166,7 @@ class SqlIntentQueue(IntentQueue, IntentInbox, SpaceWakeups):
     def forget_intents(self, space: str, intent_ids: Sequence[str]) -> None:
         """Delete the records of these intents that are applied; wake the waiting forwarders."""
         check_space(space)
-        if isinstance(intent_ids, str):
-            raise InvalidEvent("intent_ids", "must be a sequence of intent ids, not a string")
-        ids = [i for i in intent_ids if check_intent_id(i) is not None]
+        ids = checked_intent_ids(intent_ids)
         if not ids:
             return
         self.waits.drop(space, ids)
@@ -218,11 +217,7 @@ class SqlIntentQueue(IntentQueue, IntentInbox, SpaceWakeups):
 
     def wait_for_change(self, spaces: Sequence[str], timeout: float) -> None:
         """Block until an intent or event may have arrived in `spaces`, or `timeout` passes."""
-        if isinstance(spaces, str):
-            raise InvalidEvent("spaces", "must be a sequence of spaces, not a string")
-        names = [check_space(s) for s in spaces]
-        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout < 0:
-            raise InvalidEvent("timeout", "must be a number of seconds >= 0")
+        names = checked_wait(spaces, timeout)
         if self._db.closed:
             raise StoreUnavailable(f"{self._site}: the store is closed")
         self.waits.wait(names, float(timeout), self._awaited())

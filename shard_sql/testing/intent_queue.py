@@ -84,6 +84,12 @@ class IntentQueueContract(AdapterCase):
             lambda: store.put_intent("s", pending("t", {}, "i"), holder=""),
             lambda: store.pending_intents("s", limit=-1),
             lambda: store.find_intent("s", ""),
+            lambda: store.forget_intents("s", "abc"),  # a string
+            lambda: store.forget_intents("s", [""]),
+            lambda: store.wait_for_change("s", 0),  # a string
+            lambda: store.wait_for_change(["s"], float("nan")),
+            lambda: store.wait_for_change(["s"], -1),
+            lambda: store.wait_for_change([""], 0),
         ]
         for call in calls:
             with pytest.raises(InvalidEvent):
