@@ -1,9 +1,11 @@
 """The multi-process rows of the performance suite: 4 processes appending to one space through
-their own authorities next to 1 process alone, with the CPU each event costs machine-wide; and
-the memory of iterating a long space in a fresh process."""
+their own authorities next to 1 process alone, with the CPU each event costs machine-wide, the
+forwarded append's latency next to a direct one's and the holder's group commits (items per
+write); and the memory of iterating a long space in a fresh process."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import multiprocessing
 import os
@@ -28,24 +30,40 @@ CTX = multiprocessing.get_context("spawn")
 def _proc_worker(url: str, name: str, space: str, count: int, go: Any, out: Any, flag: str) -> None:
     """One process: its own store and authority (serving what is forwarded to it), `count`
     appends to `space`; reports (start, end) on the monotonic clock shared by the machine, then
-    the CPU seconds it used (all its threads) from the start until every worker was done."""
+    the CPU seconds it used (all its threads) from the start until every worker was done, with
+    its appends' latencies (direct: written by this node; forwarded) and its group commits."""
     store = SqlEventStore(url) if not url.startswith("git:") else _git_store(url)
     node = AppendAuthority(name, store, LeaseRegistry(store), ttl_seconds=60, forward_timeout=120)
+    direct: list[float] = []
+    forwarded: list[float] = []
+    clock = time.perf_counter
     with node:
         node.append(f"warm-{name}", TYPE, PAYLOAD)
         out.put(("ready", name, 0.0, 0.0))
         go.wait(120)
+        groups = dataclasses.replace(node.group_stats())
         c0 = os.times()
         t0 = time.monotonic()
         for _ in range(count):
-            node.append(space, TYPE, PAYLOAD)
+            a = clock()
+            e = node.append(space, TYPE, PAYLOAD)
+            (direct if e.writer == name else forwarded).append(clock() - a)
         t1 = time.monotonic()
         out.put(("done", name, t0, t1))
         # Keep serving until every worker is done: the holder must outlive the forwarders.
         while not os.path.exists(flag):
             time.sleep(0.01)
         c1 = os.times()
-        out.put(("cpu", name, c1.user - c0.user + c1.system - c0.system, 0.0))
+        after = node.group_stats()
+        extra = {
+            "direct": direct,
+            "forwarded": forwarded,
+            "writes": after.writes - groups.writes,
+            "items": after.items - groups.items,
+            "largest": after.largest,
+            "handoffs": node.handoff_outcomes(),
+        }
+        out.put(("cpu", name, c1.user - c0.user + c1.system - c0.system, extra))
     store.close()
 
 
@@ -75,6 +93,21 @@ class _Spent:
     """Machine-wide CPU microseconds per event."""
     workers_us: float
     """CPU microseconds per event of the worker processes."""
+    direct_us: float
+    """The median latency of an append the appending node wrote itself (0: none)."""
+    forwarded_us: float
+    """The median latency of an append another node wrote (0: none)."""
+    writes: int
+    """Group commits of the run's appends (every node), and the items they carried."""
+    items: int
+    largest: int
+    handed: int
+    """Appends forwarded over a holder's socket; `durable`: the other forwarded ones."""
+    durable: int
+
+
+def _p50_us(values: list[float]) -> float:
+    return statistics.median(values) * 1e6 if values else 0.0
 
 
 def _processes(url: str, space: str, workers: int, count: int) -> _Spent:
@@ -97,7 +130,7 @@ def _processes(url: str, space: str, workers: int, count: int) -> _Spent:
         spans = [out.get(timeout=600) for _ in range(workers)]
         busy = _machine_busy() - busy
         Path(flag).touch()
-        cpu = sum(out.get(timeout=60)[2] for _ in range(workers))
+        reports = [out.get(timeout=60) for _ in range(workers)]
         for p in procs:
             p.join(60)
     finally:
@@ -109,7 +142,23 @@ def _processes(url: str, space: str, workers: int, count: int) -> _Spent:
     start = min(s[2] for s in spans)
     end = max(s[3] for s in spans)
     events = workers * count
-    return _Spent(events / (end - start), busy / events * 1e6, cpu / events * 1e6)
+    cpu = sum(r[2] for r in reports)
+    extra = [r[3] for r in reports]
+    handoffs = [x["handoffs"] for x in extra]
+    forwarded = [v for x in extra for v in x["forwarded"]]
+    handed = sum(h.get("written", 0) for h in handoffs)
+    return _Spent(
+        events / (end - start),
+        busy / events * 1e6,
+        cpu / events * 1e6,
+        _p50_us([v for x in extra for v in x["direct"]]),
+        _p50_us(forwarded),
+        sum(x["writes"] for x in extra),
+        sum(x["items"] for x in extra),
+        max(x["largest"] for x in extra),
+        handed,
+        len(forwarded) - handed,
+    )
 
 
 def process_rows(label: str, url: str, counts: Counts, rounds: int) -> list[Row]:
@@ -154,6 +203,49 @@ def process_rows(label: str, url: str, counts: Counts, rounds: int) -> list[Row]
                     f"the kernel; {cores} cores bound 4 processes to "
                     f"{cores / machine * 1e6:,.0f} events/s at full use"
                 ),
+            )
+        )
+    return rows + _forwarding_rows(label, alone, four)
+
+
+def _forwarding_rows(label: str, alone: list[_Spent], four: list[_Spent]) -> list[Row]:
+    """How the 4 processes forwarded: the forwarded append's latency next to a direct one's
+    (1 process alone), and the holder's group commits."""
+    forwarded = statistics.median(s.forwarded_us for s in four)
+    direct = statistics.median(s.direct_us for s in alone)
+    handed, durable = sum(s.handed for s in four), sum(s.durable for s in four)
+    rows = []
+    if forwarded and direct:
+        rows.append(
+            measured(
+                "  forwarded append latency p50 (4 processes)",
+                label,
+                "direct append p50, 1 process alone",
+                forwarded,
+                direct,
+                0.5,
+                unit="us",
+                note=(
+                    f"ratio = direct / forwarded; {handed} appends over the holder's socket, "
+                    f"{durable} durable; direct p50 among the 4: "
+                    f"{statistics.median(s.direct_us for s in four):,.0f} us"
+                ),
+                ratio=direct / forwarded,
+                target_text="<= 2x",
+            )
+        )
+    writes, items = sum(s.writes for s in four), sum(s.items for s in four)
+    if writes:
+        rows.append(
+            measured(
+                "  group commit: items per write (4 processes)",
+                label,
+                "",
+                items / writes,
+                None,
+                None,
+                unit="items",
+                note=f"mean of {writes} writes; the largest {max(s.largest for s in four)}",
             )
         )
     return rows
