@@ -87,7 +87,7 @@ def local_node(registry: LeaseRegistry, node_id: str) -> AppendAuthority | None:
     return None if nodes is None else nodes.get(node_id)
 
 
-class _Patience:
+class _ForwardedAppend:
     """One forwarded append: its item, deadline and back-off, and whether it is queued in the
     store (then when it looks at the space's lease again)."""
 
@@ -275,30 +275,30 @@ class AppendAuthority:
     def _forward(self, space: str, item: Pending) -> Event:
         """Write where this node holds the lease (taking an unleased space), else hand `item`
         to the holder: directly in this process, else through the store's intents."""
-        patience = _Patience(space, item, self.forward_timeout)
+        forwarded = _ForwardedAppend(space, item, self.forward_timeout)
         first = True
         while True:
-            if patience.queued:
-                event = self._forwarded_event(space, patience.item)
+            if forwarded.queued:
+                event = self._forwarded_event(space, forwarded.item)
                 if event is not None:
                     return event
-                if self._waited_for_news(space, patience):
+                if self._waited_for_news(space, forwarded):
                     continue
             lease = self._leases.get(space)
             now = self.registry.now() if lease is not None else None
             if lease is not None and now is not None and now < lease.expires_at:
                 # Once queued, with its intent id: the last holder may have written it already.
-                event = self._write_held(space, patience.item, now)
+                event = self._write_held(space, forwarded.item, now)
             else:
                 holder = self._holder(space, route_first=first, now=now)
                 first = False
                 if holder is None:  # taken by this node: write on the next attempt
                     continue
-                event = self._hand_over(space, patience, holder)
+                event = self._hand_over(space, forwarded, holder)
             if event is not None:
                 return event
             first = False
-            self._pause(space, patience)
+            self._pause(space, forwarded)
 
     def _write_held(self, space: str, item: Pending, now: datetime) -> Event | None:
         """Write `item` under this node's lease, with what else is queued for the space; None
@@ -332,33 +332,33 @@ class AppendAuthority:
         self.serve(space)  # a new holder first applies what was forwarded to its predecessor
         return None
 
-    def _hand_over(self, space: str, patience: _Patience, holder: Lease) -> Event | None:
+    def _hand_over(self, space: str, forwarded: _ForwardedAppend, holder: Lease) -> Event | None:
         """Give the item to `holder`: directly when it is a node of this registry (the event,
         or None when it no longer holds the space), else as a durable intent (None: wait)."""
         target = local_node(self.registry, holder.holder)
         if target is not None and target is not self:
             try:
-                return target._group.write(space, patience.item)
+                return target._group.write(space, forwarded.item)
             except NotHolder:
                 return None
         if self._queue is None:
             raise LeaseHeld(holder)
-        if patience.item.intent_id is None:
+        if forwarded.item.intent_id is None:
             intent_id = f"fwd-{uuid.uuid4().hex}"
-            patience.item = dataclasses.replace(patience.item, intent_id=intent_id)
-        if not patience.queued and self._client is not None:
+            forwarded.item = dataclasses.replace(forwarded.item, intent_id=intent_id)
+        if not forwarded.queued and self._client is not None:
             # The holder's socket first. Unreachable, or no answer in time: the durable path,
             # with the same intent id (the holder may have written it: then that is found).
-            timeout = min(HANDOFF_TIMEOUT, patience.remaining())
-            sent = self._client.send(holder.holder, space, patience.item, timeout)
+            timeout = min(HANDOFF_TIMEOUT, forwarded.remaining())
+            sent = self._client.send(holder.holder, space, forwarded.item, timeout)
             if sent == NOT_HOLDER:
                 return None
             if not isinstance(sent, str):
                 return sent
-        if not patience.queued:
-            self._queue.put_intent(space, patience.item, holder=holder.holder)
-            patience.queued = True
-            patience.recheck_at = time.monotonic() + LEASE_RECHECK
+        if not forwarded.queued:
+            self._queue.put_intent(space, forwarded.item, holder=holder.holder)
+            forwarded.queued = True
+            forwarded.recheck_at = time.monotonic() + LEASE_RECHECK
         return None
 
     def _forwarded_event(self, space: str, item: Pending) -> Event | None:
@@ -371,28 +371,28 @@ class AppendAuthority:
             done = self._queue.find_intent(space, item.intent_id)
         return None if done is None else check_same_intent(done, item)  # IntentConflict
 
-    def _waited_for_news(self, space: str, patience: _Patience) -> bool:
+    def _waited_for_news(self, space: str, forwarded: _ForwardedAppend) -> bool:
         """Until the lease is due for another look (every LEASE_RECHECK seconds, not at every
         wake-up: many forwarders, one space), wait on the store's news and return True; else
         set the next look and return False."""
         assert self._queue is not None
         now = time.monotonic()
-        if now >= patience.recheck_at:
-            patience.recheck_at = now + LEASE_RECHECK
+        if now >= forwarded.recheck_at:
+            forwarded.recheck_at = now + LEASE_RECHECK
             return False
-        if now >= patience.deadline:
-            raise patience.expired()
-        self._queue.wait_for_change([space], min(patience.recheck_at, patience.deadline) - now)
+        if now >= forwarded.deadline:
+            raise forwarded.expired()
+        self._queue.wait_for_change([space], min(forwarded.recheck_at, forwarded.deadline) - now)
         return True
 
-    def _pause(self, space: str, patience: _Patience) -> None:
+    def _pause(self, space: str, forwarded: _ForwardedAppend) -> None:
         """Between two attempts: a queued intent waits on the store's news, others sleep."""
-        left = patience.remaining()
-        if patience.queued and self._queue is not None:
+        left = forwarded.remaining()
+        if forwarded.queued and self._queue is not None:
             self._queue.wait_for_change([space], min(BACKOFF_MAX, left))
         else:
-            time.sleep(min(patience.backoff, left))
-        patience.backoff = min(patience.backoff * 2, BACKOFF_MAX)
+            time.sleep(min(forwarded.backoff, left))
+        forwarded.backoff = min(forwarded.backoff * 2, BACKOFF_MAX)
 
     def write_if_held(self, space: str, batch: list[Pending]) -> list[Event] | None:
         """Write `batch` under this node's lease; None when it does not hold the space."""

@@ -222,8 +222,8 @@ class SpaceWakeups(Protocol):
     """Optional, beside `IntentQueue`: how precise `wait_for_change` is."""
 
     def wakes_per_space(self) -> bool:
-        """True when a wait ends for news of the spaces waited on (notifications, bells), not
-        at every change of the store (a holder then needs no rest between empty rounds)."""
+        """True when a wait ends for news of the spaces waited on (notifications, wake-up files),
+        not at every change of the store (a holder then needs no rest between empty rounds)."""
         ...
 
 

@@ -61,8 +61,8 @@ class IntentServer:
         wakeups: SpaceWakeups | None,
     ) -> None:
         self.node, self.queue, self.inbox, self.wakeups = node, queue, inbox, wakeups
-        self._applied_unforgotten: dict[str, list[str]] = {}
-        self._unforgotten_since = 0.0
+        self._applied_not_forgotten: dict[str, list[str]] = {}
+        self._not_forgotten_since = 0.0
         self._forget_lock = threading.Lock()
         self._serving: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
@@ -122,8 +122,8 @@ class IntentServer:
             return True  # its id was written with other content: its forwarder is told so
 
     def wakes_per_space(self) -> bool:
-        """The store's waits end for news of the spaces waited on only (asked each time: bells
-        that cannot be made any more fall back to waking at every change)."""
+        """The store's waits end for news of the spaces waited on only (asked each time: wake-up
+        files that cannot be made any more fall back to waking at every change)."""
         return self.wakeups is not None and self.wakeups.wakes_per_space()
 
     def serve_lock(self, space: str) -> threading.Lock:
@@ -183,20 +183,20 @@ class IntentServer:
 
     def _keep_to_forget(self, space: str, ids: Sequence[str]) -> None:
         with self._forget_lock:
-            if not self._applied_unforgotten:
-                self._unforgotten_since = time.monotonic()
-            self._applied_unforgotten.setdefault(space, []).extend(ids)
+            if not self._applied_not_forgotten:
+                self._not_forgotten_since = time.monotonic()
+            self._applied_not_forgotten.setdefault(space, []).extend(ids)
 
     def forget_due(self, force: bool = False) -> float:
         """Delete the applied records kept back once the oldest has waited `FORGET_AFTER` (or
         `force`); return the seconds until the next are due (inf: none kept)."""
         with self._forget_lock:
-            if not self._applied_unforgotten or self.queue is None:
+            if not self._applied_not_forgotten or self.queue is None:
                 return float("inf")
-            wait = self._unforgotten_since + FORGET_AFTER - time.monotonic()
+            wait = self._not_forgotten_since + FORGET_AFTER - time.monotonic()
             if wait > 0 and not force:
                 return wait
-            kept, self._applied_unforgotten = self._applied_unforgotten, {}
+            kept, self._applied_not_forgotten = self._applied_not_forgotten, {}
         for space, ids in kept.items():
             self.queue.forget_intents(space, ids)
         return float("inf")
@@ -263,7 +263,7 @@ class IntentServer:
             return
         due = self.forget_due()
         if quiet:
-            # A store without per-space news (SQLite, git without bells) wakes it at every
+            # A store without per-space news (SQLite, git without wake-up files) wakes it at every
             # commit, to anything: after rounds that found nothing, it rests a little (up to
             # QUIET_MAX) before it listens again, so that nodes serving idle spaces do not all
             # read the table at every commit.

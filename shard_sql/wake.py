@@ -1,20 +1,21 @@
-"""Bells: per-space wake-ups across the processes of one host, for the stores without
+"""Wake-up files: per-space wake-ups across the processes of one host, for the stores without
 notifications (a SQLite file, a git repository), on Linux.
 
-A bell is an empty file in a directory beside the data (`<database file>-bells`, or
-`<git dir>/shard-sql-bells`), two per space that forwarding waited on: `i<md5(space)[:16]>`,
-rung (its mtime set) after a forwarded intent's record is committed, and `e<...>`, rung after a
-holder wrote events of forwarded intents. A holder's serving thread sleeps on the intent bells
-of its spaces, a forwarder on the event bell of the space it awaits, with inotify IN_ATTRIB
-(https://man7.org/linux/man-pages/man7/inotify.7.html).
+A wake-up file is an empty file in a directory beside the data (`<database file>-wakeups`, or
+`<git dir>/shard-sql-wakeups`), two per space that forwarding waited on: `i<md5(space)[:16]>`,
+signalled (its mtime set) after a forwarded intent's record is committed, and `e<...>`,
+signalled after a holder wrote events of forwarded intents. A holder's serving thread sleeps on
+the intent files of its spaces, a forwarder on the event file of the space it awaits, with
+inotify IN_ATTRIB (https://man7.org/linux/man-pages/man7/inotify.7.html).
 
 Without them a waiter wakes at every commit of anyone (SQLite: every `-wal` write; git: a poll
 every millisecond): with three processes forwarding to a holder, about 1 ms of CPU per forwarded
-event on SQLite, most of it waiters woken for nothing. A bell rings after the commit, so the
-waiter sees the change at once. A bell is a hint, never the truth: a ring is followed by a read,
-and waiters still look at the store's own change stamp every `BELL_FALLBACK` seconds (a change
-nobody rang for: a lease grant, a direct append, a writer that died between commit and ring).
-Only waiters create bell files; ringing a missing one costs a failed `utime`.
+event on SQLite, most of it waiters woken for nothing. A file is signalled after the commit, so
+the waiter sees the change at once. A signal is a hint, never the truth: it is followed by a
+read, and waiters still look at the store's own change stamp every `WAKEUP_POLL_FALLBACK`
+seconds (a change nobody signalled: a lease grant, a direct append, a writer that died between
+commit and signal). Only waiters create wake-up files; signalling a missing one costs a failed
+`utime`.
 """
 
 from __future__ import annotations
@@ -29,13 +30,20 @@ import time
 from collections.abc import Container, Sequence
 from typing import Any
 
-BELL_FALLBACK = 0.02
-"""Seconds: a waiter on bells looks at the store's change stamp at least this often."""
+INTENT_RECORDED = "i"
+"""Wake-up file kind (its name's first letter): a forwarded intent of the space was recorded."""
+EVENTS_WRITTEN = "e"
+"""Wake-up file kind: a holder wrote events of forwarded intents of the space."""
+FEED_WRITTEN = "f"
+"""Wake-up file kind (git, space ""): events were committed; the feed's waiters look."""
+
+WAKEUP_POLL_FALLBACK = 0.02
+"""Seconds: a waiter on wake-up files looks at the store's change stamp at least this often."""
 MAX_PATHS = 10_000
-"""Bell paths remembered per store (spaces seldom number more)."""
+"""Wake-up file paths remembered per store (spaces seldom number more)."""
 MAX_WATCHED = 64
-"""Bells one thread's watch keeps; past it the watch starts anew (a thread that waited on many
-spaces over time would hold inotify watches, and queue rings, for all of them)."""
+"""Wake-up files one thread's watch keeps; past it the watch starts anew (a thread that waited on
+many spaces over time would hold inotify watches, and queue signals, for all of them)."""
 
 
 def readable(fds: list[int], timeout: float) -> list[int]:
@@ -113,8 +121,8 @@ class Inotify:
         self.close()
 
 
-class Bells:
-    """The bells of one database file or repository (see the module docstring)."""
+class WakeupFiles:
+    """The wake-up files of one database file or repository (see the module docstring)."""
 
     IN_ATTRIB = 0x00000004
 
@@ -123,11 +131,11 @@ class Bells:
         self._paths: dict[tuple[str, str], str] = {}
         self.working = True
         """False after a watch could not be made (no permission, inotify limits): waits then
-        wake at every change, as without bells (`wakes_per_space`)."""
+        wake at every change, as without wake-up files (`wakes_per_space`)."""
 
     @classmethod
-    def beside(cls, directory: str | None) -> Bells | None:
-        """Bells in `directory`, or None where inotify is missing."""
+    def if_supported(cls, directory: str | None) -> WakeupFiles | None:
+        """Wake-up files in `directory`, or None where inotify is missing."""
         if not directory or inotify_libc() is None:
             return None
         return cls(os.path.abspath(directory))
@@ -143,37 +151,38 @@ class Bells:
             path = self._paths[key] = os.path.join(self.dir, kind + digest)
         return path
 
-    def waited_on(self, spaces: Sequence[str], awaited: Container[str]) -> list[str]:
-        """The bells a wait on `spaces` sleeps on: a forwarder's (its space in `awaited`, where
-        it recorded an intent) on the event bell, any other waiter's on the intent bell."""
-        return [self.path("e" if s in awaited else "i", s) for s in spaces]
+    def paths_to_wait_on(self, spaces: Sequence[str], awaited: Container[str]) -> list[str]:
+        """The files a wait on `spaces` sleeps on: a forwarder's (its space in `awaited`, where
+        it recorded an intent) on the event file, any other waiter's on the intent file."""
+        return [self.path(EVENTS_WRITTEN if s in awaited else INTENT_RECORDED, s) for s in spaces]
 
-    def ring(self, kind: str, space: str) -> None:
-        with contextlib.suppress(OSError):  # no such bell: nobody waits on it
+    def signal(self, kind: str, space: str) -> None:
+        """Wake the waiters on the `kind` file of `space` (sets its mtime)."""
+        with contextlib.suppress(OSError):  # no such file: nobody waits on it
             os.utime(self.path(kind, space))
 
-    def watch(self, state: Any, paths: list[str]) -> tuple[BellWatch, bool] | None:
-        """This thread's watch (kept as `state.bells`) on `paths`, and whether it is new for one
-        of them (a ring before it began was missed: the caller should look at once); None when
-        no watch can be made (the caller waits as it would without bells)."""
-        watch: BellWatch | None = getattr(state, "bells", None)
+    def watch(self, state: Any, paths: list[str]) -> tuple[WakeupWatch, bool] | None:
+        """This thread's watch (kept as `state.wakeup_watch`) on `paths`, and whether it is new
+        for one of them (a signal before it began was missed: the caller should look at once);
+        None when no watch can be made (the caller waits as it would without wake-up files)."""
+        watch: WakeupWatch | None = getattr(state, "wakeup_watch", None)
         if watch is not None and watch.pid != os.getpid():
             # Inherited over a fork: the parent's queue. Dropping this copy leaves the parent's.
             watch.close()
-            watch = state.bells = None
+            watch = state.wakeup_watch = None
         if watch is not None and (not watch.alive or len(watch.wds) > MAX_WATCHED):
             watch.close()
-            watch = state.bells = None
+            watch = state.wakeup_watch = None
         fresh = watch is None or any(p not in watch.wds for p in paths)
         if watch is None:
             fd = inotify_libc().inotify_init1(Inotify.FLAGS)
             if fd < 0:
                 self.working = False
                 return None
-            watch = state.bells = BellWatch(fd)
+            watch = state.wakeup_watch = WakeupWatch(fd)
         if fresh and not watch.add(paths):
             watch.close()
-            state.bells = None
+            state.wakeup_watch = None
             self.working = False
             return None
         self.working = True
@@ -181,9 +190,9 @@ class Bells:
         return watch, fresh
 
 
-class BellWatch(Inotify):
-    """One thread's inotify descriptor on the bells it waits on, kept between its waits: a ring
-    between a caller's read and its next wait ends that wait at once."""
+class WakeupWatch(Inotify):
+    """One thread's inotify descriptor on the wake-up files it waits on, kept between its waits:
+    a signal between a caller's read and its next wait ends that wait at once."""
 
     def __init__(self, fd: int) -> None:
         super().__init__(fd)
@@ -202,25 +211,25 @@ class BellWatch(Inotify):
                     pass
             except OSError:
                 return False
-            wd = libc.inotify_add_watch(self.fd, os.fsencode(path), Bells.IN_ATTRIB)
+            wd = libc.inotify_add_watch(self.fd, os.fsencode(path), WakeupFiles.IN_ATTRIB)
             if wd < 0:
                 return False
             self.wds[path] = wd
         return True
 
-    def rung(self, timeout: float) -> bool:
-        """Block until a bell of `current` rings, at most `timeout` seconds."""
+    def signalled(self, timeout: float) -> bool:
+        """Block until a file of `current` is signalled, at most `timeout` seconds."""
         deadline = time.monotonic() + timeout
         while True:
             if not readable([self.fd], deadline - time.monotonic()):
                 return False
-            if self._rung():
+            if self._any_signalled():
                 return True
 
-    def _rung(self) -> bool:
+    def _any_signalled(self) -> bool:
         events = self.read_events()
         if events is None:
             return True
-        # A bell file gone (watched anew next time) or rings dropped: as if ours rang.
+        # A wake-up file gone (watched anew next time) or signals dropped: as if ours came.
         lost = self.IN_IGNORED | self.IN_Q_OVERFLOW
         return any(wd in self.current or mask & lost for wd, mask in events)

@@ -2,7 +2,7 @@
 
 What is git's own: the intent refs (one ref per put, its record, arrival order apart from the
 refs' hashed names, applied refs deleted or swept, names git accepts, corrupt records, packed
-refs), waiting on bells, forwarding beside `git pack-refs`. The contracts every store passes
+refs), waiting on wake-up files, forwarding beside `git pack-refs`. The contracts every store passes
 (intent queue, forwarding, processes) run in tests/test_git.py.
 """
 
@@ -19,11 +19,11 @@ from typing import Any
 import pytest
 
 from shard_sql import AppendAuthority, GitEventStore, LeaseRegistry, StoreUnavailable
-from shard_sql.git.layout import INTENT_REFS, encode_name, intent_key
+from shard_sql.git.layout import INTENT_REFS, WAKEUPS_DIR, encode_name, intent_key
 from shard_sql.testing import HOSTILE_SPACES
 from shard_sql.testing.processes import check_log
 from shard_sql.validation import pending
-from shard_sql.wake import Bells
+from shard_sql.wake import EVENTS_WRITTEN, WakeupFiles
 
 
 def git(repo: Path, *args: str, stdin: str | None = None) -> str:
@@ -277,19 +277,22 @@ def test_forwarding_bench_quick_run() -> None:
     assert all(r["figure"] > 0 for r in rows)
 
 
-@pytest.mark.skipif(Bells.beside("x") is None, reason="bells need inotify (Linux)")
+@pytest.mark.skipif(
+    WakeupFiles.if_supported("x") is None, reason="wake-up files need inotify (Linux)"
+)
 def test_a_retried_put_waits_for_the_event(store: GitEventStore, repo: Path) -> None:
     """A put of an intent recorded before (a retry, maybe from another thread) still makes this
-    thread's waits on its space waits for the event (the event bell), as a first put does."""
+    thread's waits on its space waits for the event (the event wake-up file), as a first put
+    does."""
     store.put_intent("s", pending("t", {}, "k"), holder="h")
-    bells = Bells.beside(str(repo / "shard-sql-bells"))
-    assert bells is not None
-    event_bell = Path(bells.path("e", "s"))
+    files = WakeupFiles.if_supported(str(repo / WAKEUPS_DIR))
+    assert files is not None
+    event_file = Path(files.path(EVENTS_WRITTEN, "s"))
     waited: list[float] = []
 
     def retry() -> None:
         store.put_intent("s", pending("t", {}, "k"), holder="h")  # recorded before: no new ref
-        store.wait_for_change(["s"], 0)  # a first wait: it makes the bell it sleeps on
+        store.wait_for_change(["s"], 0)  # a first wait: it makes the file it sleeps on
         t0 = time.monotonic()
         store.wait_for_change(["s"], 20)
         waited.append(time.monotonic() - t0)
@@ -298,7 +301,7 @@ def test_a_retried_put_waits_for_the_event(store: GitEventStore, repo: Path) -> 
     thread.start()
     deadline = time.monotonic() + 10
     while thread.is_alive() and time.monotonic() < deadline:
-        bells.ring("e", "s")  # only a waiter on the event bell made its file and hears it
+        files.signal(EVENTS_WRITTEN, "s")  # only a waiter on the event file made it and hears it
         time.sleep(0.02)
     thread.join(30)
-    assert event_bell.exists() and waited and waited[0] < 10
+    assert event_file.exists() and waited and waited[0] < 10

@@ -1,6 +1,7 @@
 """Forwarded intents in a git repository: one ref per pending intent, created only if absent,
-deleted once its event exists; and the waits of holders and forwarders (bells, else polling).
-docs/git.md explains the records, the arrival order, deletion beside `git gc`, and waiting."""
+deleted once its event exists; and the waits of holders and forwarders (wake-up files, else
+polling). docs/git.md explains the records, the arrival order, deletion beside `git gc`, and
+waiting."""
 
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ from shard_sql.validation import (
     pending,
 )
 from shard_sql.values import Event
-from shard_sql.wake import BellWatch
+from shard_sql.wake import FEED_WRITTEN, INTENT_RECORDED, WakeupWatch
 
 POLL_MIN = 0.001
 """Pause between two polls of `wait_for_change` during its first `POLL_FAST` seconds (an answer
@@ -167,12 +168,12 @@ class GitIntentQueue(IntentQueue, SpaceWakeups):
         blob = self.git.objects(durable=False).put(ObjectType.BLOB, data)
         deadline = time.monotonic() + self.git.lock_timeout
         self.git.refs.create(ref, blob, deadline, lambda: self.git.target(handle, ref))
-        if self.git.bells is not None:
-            self.git.bells.ring("i", space)
+        if self.git.wakeup_files is not None:
+            self.git.wakeup_files.signal(INTENT_RECORDED, space)
 
     def awaited(self) -> dict[str, str]:
         """This thread's spaces where it waits for an intent it recorded (by its intent id):
-        its waits on them wait for the event (the event bell), not for intents."""
+        its waits on them wait for the event (the event wake-up file), not for intents."""
         try:
             out: dict[str, str] = self._waits.awaited
         except AttributeError:
@@ -324,8 +325,8 @@ class GitIntentQueue(IntentQueue, SpaceWakeups):
     # -- waiting -----------------------------------------------------------------------------
 
     def wakes_per_space(self) -> bool:
-        """`SpaceWakeups`: True with bells (Linux)."""
-        return self.git.bells is not None and self.git.bells.working
+        """`SpaceWakeups`: True with wake-up files (Linux)."""
+        return self.git.wakeup_files is not None and self.git.wakeup_files.working
 
     def wait_for_change(self, spaces: Sequence[str], timeout: float) -> None:
         """Block until a space, lease or intent ref of `spaces` changed since this thread's last
@@ -347,10 +348,10 @@ class GitIntentQueue(IntentQueue, SpaceWakeups):
         deadline = start + max(0.0, timeout)
         now_stamp = stamp()
         cost = time.monotonic() - start
-        bells = self.git.bells
+        files = self.git.wakeup_files
         found = None
-        if bells is not None:
-            found = bells.watch(self._waits, bells.waited_on(watched, self.awaited()))
+        if files is not None:
+            found = files.watch(self._waits, files.paths_to_wait_on(watched, self.awaited()))
         baseline = seen.get(watched)
         try:
             if baseline is None:
@@ -358,7 +359,7 @@ class GitIntentQueue(IntentQueue, SpaceWakeups):
                 # so it ends at once (the caller looks again); the next has this stamp to go by.
                 return
             if found is not None:
-                now_stamp = self._wait_on_bells(found[0], stamp, now_stamp, baseline, deadline)
+                now_stamp = self._wait_on_wakeups(found[0], stamp, now_stamp, baseline, deadline)
             else:
                 now_stamp = self._poll(stamp, now_stamp, cost, baseline, start, deadline)
         finally:
@@ -369,9 +370,10 @@ class GitIntentQueue(IntentQueue, SpaceWakeups):
     def wait_feed(self, after: int, timeout: float, feed_head: Callable[[], int]) -> bool:
         """True as soon as `feed_head()` passes `after`, False after `timeout` seconds.
 
-        Sleeps on the feed's bell (rung after every commit) where there are bells, looking at a
-        stamp of the feed ref every BELL_FALLBACK seconds (a commit whose writer died before it
-        rang); elsewhere polls that stamp, as `wait_for_change` does.
+        Sleeps on the feed's wake-up file (signalled after every commit) where there are wake-up
+        files, looking at a stamp of the feed ref every WAKEUP_POLL_FALLBACK seconds (a commit
+        whose writer died before it signalled); elsewhere polls that stamp, as `wait_for_change`
+        does.
         """
         self.git.handle()  # a closed store raises StoreUnavailable
         deadline = time.monotonic() + timeout
@@ -380,8 +382,8 @@ class GitIntentQueue(IntentQueue, SpaceWakeups):
         def stamp() -> _Stamp:
             return tuple(_stat(p) for p in paths)
 
-        bells = self.git.bells
-        found = bells.watch(self._waits, [bells.path("f", "")]) if bells is not None else None
+        files = self.git.wakeup_files
+        found = None if files is None else files.watch(self._waits, [files.path(FEED_WRITTEN, "")])
         while True:
             start = time.monotonic()
             before = stamp()
@@ -391,24 +393,24 @@ class GitIntentQueue(IntentQueue, SpaceWakeups):
             if time.monotonic() >= deadline:
                 return False
             if found is not None:
-                self._wait_on_bells(found[0], stamp, before, before, deadline)
+                self._wait_on_wakeups(found[0], stamp, before, before, deadline)
             else:
                 self._poll(stamp, before, cost, before, start, deadline)
 
     @staticmethod
-    def _wait_on_bells(
-        watch: BellWatch, stamp: Any, now_stamp: _Stamp, baseline: _Stamp, deadline: float
+    def _wait_on_wakeups(
+        watch: WakeupWatch, stamp: Any, now_stamp: _Stamp, baseline: _Stamp, deadline: float
     ) -> _Stamp:
-        """Sleep on the bells until one rings or the stamp differs from `baseline` (a ring
-        missed before the watch began shows in the stamp, looked at every BELL_FALLBACK
-        seconds); return the last stamp seen."""
+        """Sleep on the wake-up files until one is signalled or the stamp differs from
+        `baseline` (a signal missed before the watch began shows in the stamp, looked at every
+        WAKEUP_POLL_FALLBACK seconds); return the last stamp seen."""
         while now_stamp == baseline:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
-            rung = watch.rung(min(remaining, wake.BELL_FALLBACK))
+            signalled = watch.signalled(min(remaining, wake.WAKEUP_POLL_FALLBACK))
             now_stamp = stamp()
-            if rung:
+            if signalled:
                 break
         return now_stamp
 

@@ -16,10 +16,10 @@ from pygit2.enums import RepositoryOpenFlag
 
 from shard_sql.errors import ShardSqlError, StoreUnavailable
 from shard_sql.git.errors import GIT_ERRORS, translate
-from shard_sql.git.layout import BELLS_DIR
+from shard_sql.git.layout import WAKEUPS_DIR
 from shard_sql.git.loose import LooseObjects
 from shard_sql.git.refs import RefFiles, RefLock
-from shard_sql.wake import Bells
+from shard_sql.wake import WakeupFiles
 
 T = TypeVar("T")
 
@@ -99,7 +99,7 @@ class GitRepo:
         self.root = common_dir(self.gitdir)
         self.refs = RefFiles(self.root, path, lock_timeout, durable)
         self.objects_dir = os.path.join(self.root, "objects")
-        self.bells = Bells.beside(os.path.join(self.root, BELLS_DIR))
+        self.wakeup_files = WakeupFiles.if_supported(os.path.join(self.root, WAKEUPS_DIR))
 
     def handle(self) -> Any:
         """This thread's pygit2 handle on the repository."""

@@ -61,6 +61,7 @@ from shard_sql.validation import (
     check_types,
 )
 from shard_sql.values import Event, Lease
+from shard_sql.wake import EVENTS_WRITTEN, FEED_WRITTEN
 
 log = logging.getLogger("shard_sql.git")
 
@@ -345,7 +346,7 @@ class GitEventStore(StoreBase, FeedStore, LeaseStore, IntentQueue, SpaceWakeups)
                 finally:
                     lock.free()
                 self._after_commit(handle, feed, writes)
-            self._ring(writes)
+            self._signal_wakeups(writes)
             # Durable once the feed ref's directory is: synced after the mutex went, as each
             # feed commit holds all before it, a later writer's sync makes this one's durable
             # too (and this one's, the earlier ones').
@@ -401,14 +402,14 @@ class GitEventStore(StoreBase, FeedStore, LeaseStore, IntentQueue, SpaceWakeups)
             except (ShardSqlError, OSError) as e:
                 log.warning("git store %s: %s left behind the feed: %s", self.path, ref, e)
 
-    def _ring(self, writes: Sequence[SpaceWrite]) -> None:
+    def _signal_wakeups(self, writes: Sequence[SpaceWrite]) -> None:
         """After a commit: wake the feed's waiters, and the forwarders of the spaces written."""
-        bells = self._git.bells
-        if bells is not None:
-            bells.ring("f", "")
+        files = self._git.wakeup_files
+        if files is not None:
+            files.signal(FEED_WRITTEN, "")
             for w in writes:
                 if w.intents:
-                    bells.ring("e", w.space)  # a forwarder may wait for it
+                    files.signal(EVENTS_WRITTEN, w.space)  # a forwarder may wait for it
 
     # -- leases (LeaseStore): the rules of `shard_sql.leases`, applied under the ref locks ---
 

@@ -183,7 +183,7 @@ class SqlIntentQueue(IntentQueue, IntentInbox, SpaceWakeups):
     # -- the inbox (`IntentInbox`) and wake-ups (`SpaceWakeups`) -------------------------------
 
     def wakes_per_space(self) -> bool:
-        """PostgreSQL (notifications per space), a SQLite file with bells."""
+        """PostgreSQL (notifications per space), a SQLite file with wake-up files."""
         return self.waits.per_space()
 
     def notified_intents(self, space: str, *, limit: int) -> list[Pending] | None:

@@ -247,7 +247,7 @@ class Listener:
                     self.intents += 1
                     self._unsync(rest)
                 else:
-                    self._unexpect_space(rest)
+                    self._stop_expecting_space(rest)
                 changes.append((kind, rest))
                 continue
             space = None
@@ -264,7 +264,7 @@ class Listener:
                 changes.append((kind, space))
             else:  # not ours, or not readable: news for everyone
                 self._unsync(None)
-                self._unexpect_space(None)
+                self._stop_expecting_space(None)
                 changes += ((INTENT, payload), (APPLIED, payload))
         if changes and self._watchers:
             # A watcher (a holder's `AppendAuthority`) applies the new intents here and now.
@@ -407,7 +407,7 @@ class Listener:
             connection = self.connections if self.signal.up else 0
             self.expected[(space, intent_id)] = (connection, time.monotonic())
 
-    def unexpect(self, space: str, intent_id: str) -> None:
+    def stop_expecting(self, space: str, intent_id: str) -> None:
         """No notification will come for it (its record was not inserted): read the table."""
         with self.lock:
             if (space, intent_id) in self.expected:
@@ -442,7 +442,7 @@ class Listener:
                 connection, _ = self.expected[key]
                 self.expected[key] = (connection, time.monotonic())
 
-    def _unexpect_space(self, space: str | None) -> None:
+    def _stop_expecting_space(self, space: str | None) -> None:
         """An event was notified without its body (in `space`, or anywhere): the waiters there
         read the table."""
         with self.lock:

@@ -1,5 +1,6 @@
 """SQLite's waits: `PRAGMA data_version` on a dedicated connection, with the thread asleep on
-bells (`shard_sql.wake`) or on inotify of the `-wal` file in between. How and why: docs/sql.md."""
+wake-up files (`shard_sql.wake`) or on inotify of the `-wal` file in between. How and why:
+docs/sql.md."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 import shard_sql.wake
-from shard_sql.wake import Bells, Inotify, inotify_libc, readable
+from shard_sql.wake import Inotify, WakeupFiles, inotify_libc, readable
 
 __all__ = ["Poller", "WalWatch"]
 
@@ -68,14 +69,17 @@ class WalWatch(Inotify):
 
 class Poller:
     """SQLite: `PRAGMA data_version` on a dedicated connection, shared by the waiting threads;
-    each thread sleeps on its `BellWatch` or `WalWatch` between polls where it can."""
+    each thread sleeps on its `WakeupWatch` or `WalWatch` between polls where it can."""
 
     def __init__(
-        self, connect: Callable[[], Any], wal: str | None = None, bells: Bells | None = None
+        self,
+        connect: Callable[[], Any],
+        wal: str | None = None,
+        wakeup_files: WakeupFiles | None = None,
     ) -> None:
         self._connect = connect
         self._wal = wal
-        self.bells = bells
+        self.wakeup_files = wakeup_files
         self._lock = threading.Lock()
         self._conn: Any = None
         self._seen = threading.local()
@@ -105,28 +109,31 @@ class Poller:
             watch = self._seen.watch = WalWatch.open(self._wal)
         return watch
 
-    def wait_bells(self, paths: list[str], timeout: float) -> bool:
-        """Wait until one of the bells `paths` rings (see `Bells`), or `data_version` moved at a
-        look every `BELL_FALLBACK` seconds; True if either. Without bells, as `wait`."""
+    def wait_wakeups(self, paths: list[str], timeout: float) -> bool:
+        """Wait until one of the wake-up files `paths` is signalled (see `WakeupFiles`), or
+        `data_version` moved at a look every `WAKEUP_POLL_FALLBACK` seconds; True if either.
+        Without wake-up files, as `wait`."""
         seen = self._seen
-        found = None if self.bells is None else self.bells.watch(seen, paths)
+        found = None if self.wakeup_files is None else self.wakeup_files.watch(seen, paths)
         if found is None:
             return self.wait(timeout)
         watch, fresh = found
         base: int | None = getattr(seen, "version", None)
         if fresh or base is None:
-            # A ring before the watch was missed: the caller looks (and its next wait is sure).
+            # A signal before the watch was missed: the caller looks (and its next wait is sure).
             seen.version = self.version()
             return True
         deadline = time.monotonic() + timeout
         while True:
             remaining = deadline - time.monotonic()
-            rang = remaining > 0 and watch.rung(min(remaining, shard_sql.wake.BELL_FALLBACK))
+            signalled = remaining > 0 and watch.signalled(
+                min(remaining, shard_sql.wake.WAKEUP_POLL_FALLBACK)
+            )
             version = self.version()
-            if rang or version != base:
+            if signalled or version != base:
                 seen.version = version
                 return True
-            if remaining <= shard_sql.wake.BELL_FALLBACK:
+            if remaining <= shard_sql.wake.WAKEUP_POLL_FALLBACK:
                 return False
 
     def wait(self, timeout: float) -> bool:

@@ -1,5 +1,5 @@
 """How a SQL store's waits for forwarded intents and their events end, per kind of database:
-notifications (PostgreSQL), polling with bells (a SQLite file), one process's own signal (an
+notifications (PostgreSQL), polling with wake-up files (a SQLite file), one process's own signal (an
 in-memory SQLite database). The intent queue calls these hooks and never asks which it has."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from shard_sql.sql.poller import Poller
 from shard_sql.sql.signals import APPLIED, FEED, INTENT, Signal
 from shard_sql.validation import Pending
 from shard_sql.values import Event
-from shard_sql.wake import Bells
+from shard_sql.wake import EVENTS_WRITTEN, INTENT_RECORDED, WakeupFiles
 
 __all__ = ["FEED_POLL", "LocalWaits", "NotifiedWaits", "PolledWaits", "Waits"]
 
@@ -181,7 +181,7 @@ class NotifiedWaits(Waits):
     def after_put(self, space: str, intent_id: str, inserted: bool) -> None:
         listener = self.listener
         if listener is not None and not inserted:
-            listener.unexpect(space, intent_id)  # recorded or applied already: no news to come
+            listener.stop_expecting(space, intent_id)  # recorded or applied before: no news to come
 
     def lease_granted(self) -> None:
         listener = self.listener
@@ -237,16 +237,17 @@ class NotifiedWaits(Waits):
 
 
 class PolledWaits(Waits):
-    """A SQLite file: a `Poller` shared by the waiting threads, asleep on bells where it can."""
+    """A SQLite file: a `Poller` shared by the waiting threads, asleep on wake-up files where it
+    can."""
 
     def __init__(
-        self, connect: Callable[[], Any], site: Site, wal: str, bells: Bells | None
+        self, connect: Callable[[], Any], site: Site, wal: str, wakeup_files: WakeupFiles | None
     ) -> None:
         self._connect = connect
         self._site = site
         self._wal = wal
-        self.bells = bells
-        """The bells beside the database file (None where inotify is missing)."""
+        self.wakeup_files = wakeup_files
+        """The wake-up files beside the database file (None where inotify is missing)."""
         self._lock = threading.Lock()
         self._pid = os.getpid()
         self._poller: Poller | None = None
@@ -262,21 +263,21 @@ class PolledWaits(Waits):
             self._lock = threading.Lock()
         with self._lock:
             if self._poller is None:
-                self._poller = Poller(self._connect, self._wal, self.bells)
+                self._poller = Poller(self._connect, self._wal, self.wakeup_files)
             return self._poller
 
     def wait(self, spaces: Sequence[str], timeout: float, awaited: Mapping[str, str]) -> None:
         poller = self._here()
         try:
-            if self.bells is None:
+            if self.wakeup_files is None:
                 poller.wait(timeout)
             else:
-                poller.wait_bells(self.bells.waited_on(spaces, awaited), timeout)
+                poller.wait_wakeups(self.wakeup_files.paths_to_wait_on(spaces, awaited), timeout)
         except Exception as e:
             raise_translated(e, self._site)
 
     def per_space(self) -> bool:
-        return self.bells is not None and self.bells.working
+        return self.wakeup_files is not None and self.wakeup_files.working
 
     def wait_feed(self, timeout: float) -> None:
         # Every commit, by any process, changes `data_version` and writes the -wal file.
@@ -286,16 +287,16 @@ class PolledWaits(Waits):
             raise_translated(e, self._site)
 
     def after_put(self, space: str, intent_id: str, inserted: bool) -> None:
-        if self.bells is not None and inserted:
-            self.bells.ring("i", space)
+        if self.wakeup_files is not None and inserted:
+            self.wakeup_files.signal(INTENT_RECORDED, space)
         poller = self._poller
         if poller is not None and self._pid == os.getpid():
             # Our own commit is no news for this thread: its next wait is for the holder's.
             poller.seen_now()
 
     def events_written(self, space: str) -> None:
-        if self.bells is not None:
-            self.bells.ring("e", space)
+        if self.wakeup_files is not None:
+            self.wakeup_files.signal(EVENTS_WRITTEN, space)
 
     def close(self) -> None:
         if self._pid != os.getpid():

@@ -24,7 +24,7 @@ from shard_sql.sql.waits import LocalWaits, PolledWaits, Waits
 from shard_sql.store_base import decode_payloads
 from shard_sql.validation import Pending, load_json
 from shard_sql.values import Event, Lease, new_event
-from shard_sql.wake import Bells
+from shard_sql.wake import WakeupFiles
 
 __all__ = ["SYNCHRONOUS", "SqliteDialect", "append_one_sql", "is_memory", "sqlite_file"]
 
@@ -292,7 +292,7 @@ class SqliteDialect(Dialect):
         if database is None:
             return LocalWaits()
         wal = f"{os.path.abspath(database)}-wal"
-        return PolledWaits(connect, site, wal, Bells.beside(f"{database}-bells"))
+        return PolledWaits(connect, site, wal, WakeupFiles.if_supported(f"{database}-wakeups"))
 
     def handoff_dir(self, url: URL) -> str | None:
         database = sqlite_file(url)

@@ -1,4 +1,4 @@
-"""Bells (`shard_sql.wake`): the per-space wake-ups of forwarding on the stores without
+"""Wake-up files (`shard_sql.wake`): the per-space wake-ups of forwarding on the stores without
 notifications, SQLite files and git repositories, on Linux."""
 
 from __future__ import annotations
@@ -15,38 +15,40 @@ import pytest
 
 from shard_sql import GitEventStore, SqlEventStore
 from shard_sql.validation import pending
-from shard_sql.wake import Bells
+from shard_sql.wake import EVENTS_WRITTEN, INTENT_RECORDED, WakeupFiles
 
 STORES: dict[str, Callable[[Path], Any]] = {
     "sqlite": lambda d: SqlEventStore(f"sqlite:///{d}/shard.db"),
     "git": lambda d: GitEventStore(d / "log.git"),
 }
-BELLS = {"sqlite": "shard.db-bells", "git": "log.git/shard-sql-bells"}
+WAKEUP_DIRS = {"sqlite": "shard.db-wakeups", "git": "log.git/shard-sql-wakeups"}
 
 
 @pytest.mark.parametrize("kind", sorted(STORES))
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="inotify is Linux's")
-def test_bells(kind: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """SQLite and git on Linux: a holder's wait sleeps on its spaces' intent bells, a forwarder's on
-    the event bell of the space it awaits; a forwarded intent's put rings the first, the write
-    of events with intent ids the second, each after its commit. With the `data_version` look
-    pushed out of reach, only a ring can end these waits."""
-    import shard_sql.wake as bells_module
+def test_wakeup_files(kind: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SQLite and git on Linux: a holder's wait sleeps on its spaces' intent wake-up files, a
+    forwarder's on the event file of the space it awaits; a forwarded intent's put signals the
+    first, the write of events with intent ids the second, each after its commit. With the
+    `data_version` look pushed out of reach, only a signal can end these waits."""
+    import shard_sql.wake as wake_module
 
     open_ = STORES[kind]
     with open_(tmp_path) as holder, open_(tmp_path) as fwd:
-        bells = Bells.beside(str(tmp_path / BELLS[kind]))  # where the stores keep theirs
-        assert bells is not None
-        i_bell, e_bell = Path(bells.path("i", "s")), Path(bells.path("e", "s"))
-        holder.wait_for_change(["s"], 0)  # the first wait: the bell is made
-        assert i_bell.exists() and not e_bell.exists()  # rung bells are made by waiters only
-        monkeypatch.setattr(bells_module, "BELL_FALLBACK", 60.0)
-        stamp = i_bell.stat().st_mtime_ns
+        # Where the stores keep theirs:
+        files = WakeupFiles.if_supported(str(tmp_path / WAKEUP_DIRS[kind]))
+        assert files is not None
+        intent_file = Path(files.path(INTENT_RECORDED, "s"))
+        event_file = Path(files.path(EVENTS_WRITTEN, "s"))
+        holder.wait_for_change(["s"], 0)  # the first wait: the file is made
+        assert intent_file.exists() and not event_file.exists()  # files are made by waiters only
+        monkeypatch.setattr(wake_module, "WAKEUP_POLL_FALLBACK", 60.0)
+        stamp = intent_file.stat().st_mtime_ns
         watching, found = threading.Event(), []
 
         def forwarder() -> None:
             fwd.put_intent("s", pending("t", {}, "k1"), holder="h")
-            fwd.wait_for_change(["s"], 0.1)  # its first: the event bell is made
+            fwd.wait_for_change(["s"], 0.1)  # its first: the event file is made
             watching.set()
             fwd.wait_for_change(["s"], 60)
             found.append(fwd.find_intent("s", "k1"))
@@ -54,68 +56,69 @@ def test_bells(kind: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
         thread = threading.Thread(target=forwarder)
         thread.start()
         t0 = time.monotonic()
-        holder.wait_for_change(["s"], 60)  # ended by the put's ring, not the timeout
+        holder.wait_for_change(["s"], 60)  # ended by the put's signal, not the timeout
         assert time.monotonic() - t0 < 30
-        assert i_bell.stat().st_mtime_ns > stamp
+        assert intent_file.stat().st_mtime_ns > stamp
         [item] = holder.pending_intents("s", limit=10)
-        assert watching.wait(10) and e_bell.exists()
-        stamp = e_bell.stat().st_mtime_ns
+        assert watching.wait(10) and event_file.exists()
+        stamp = event_file.stat().st_mtime_ns
         time.sleep(0.01)  # past the file system's timestamp granularity
-        holder.append("s", "t", {}, expected_seq=0)  # no intent id: nobody waits, no ring
-        assert e_bell.stat().st_mtime_ns == stamp
+        holder.append("s", "t", {}, expected_seq=0)  # no intent id: nobody waits, no signal
+        assert event_file.stat().st_mtime_ns == stamp
         holder.write("s", [item], expected_seq=1, fence=None)
         thread.join(30)  # a forwarder's wait left to its 60 s timeout would still be running
         assert not thread.is_alive() and found[0] is not None and found[0].seq == 1
-        assert e_bell.stat().st_mtime_ns > stamp
-        # A ring between a caller's look and its next wait ends that wait at once.
-        bells.ring("i", "s")
+        assert event_file.stat().st_mtime_ns > stamp
+        # A signal between a caller's look and its next wait ends that wait at once.
+        files.signal(INTENT_RECORDED, "s")
         t0 = time.monotonic()
         holder.wait_for_change(["s"], 60)
         assert time.monotonic() - t0 < 30
 
 
-def test_sqlite_uri_filename_bells_beside_the_file(
+def test_sqlite_uri_filename_wakeup_files_beside_the_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A `file:` URI filename (`uri=true`) puts the bells beside that file, not under a
+    """A `file:` URI filename (`uri=true`) puts the wake-up files beside that file, not under a
     directory called `file:` in the working directory."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "data").mkdir()
     url = f"sqlite:///file:{tmp_path}/data/u.db?uri=true"
     with SqlEventStore(url) as store:
         store.wait_for_change(["s"], 0)
-        bells = Bells.beside(f"{tmp_path}/data/u.db-bells")
-        if bells is not None:  # Linux: the store made its bell there
-            assert Path(bells.path("i", "s")).exists()
+        files = WakeupFiles.if_supported(f"{tmp_path}/data/u.db-wakeups")
+        if files is not None:  # Linux: the store made its file there
+            assert Path(files.path(INTENT_RECORDED, "s")).exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
 
 
 @pytest.mark.parametrize("kind", sorted(STORES))
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="inotify is Linux's")
-def test_bells_removed_under_a_waiter(
+def test_wakeup_files_removed_under_a_waiter(
     kind: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The bell directory removed while a thread waits on it (an operator's cleanup): that wait
-    ends, the next one makes the bells again, and rings reach it."""
+    """The wake-up directory removed while a thread waits on it (an operator's cleanup): that
+    wait ends, the next one makes the files again, and signals reach it."""
     import shutil
 
-    import shard_sql.wake as bells_module
+    import shard_sql.wake as wake_module
 
     open_ = STORES[kind]
     with open_(tmp_path) as holder, open_(tmp_path) as fwd:
-        bells = Bells.beside(str(tmp_path / BELLS[kind]))  # where the stores keep theirs
-        assert bells is not None
+        # Where the stores keep theirs:
+        files = WakeupFiles.if_supported(str(tmp_path / WAKEUP_DIRS[kind]))
+        assert files is not None
         holder.wait_for_change(["s"], 0)
-        assert Path(bells.path("i", "s")).exists()
-        monkeypatch.setattr(bells_module, "BELL_FALLBACK", 60.0)
-        timer = threading.Timer(0.05, shutil.rmtree, args=(bells.dir,))
+        assert Path(files.path(INTENT_RECORDED, "s")).exists()
+        monkeypatch.setattr(wake_module, "WAKEUP_POLL_FALLBACK", 60.0)
+        timer = threading.Timer(0.05, shutil.rmtree, args=(files.dir,))
         timer.start()
         t0 = time.monotonic()
         holder.wait_for_change(["s"], 60)  # ended by the removal, not the timeout
         assert time.monotonic() - t0 < 30
         timer.join()
         holder.wait_for_change(["s"], 0)  # watches anew
-        assert Path(bells.path("i", "s")).exists()
+        assert Path(files.path(INTENT_RECORDED, "s")).exists()
         timer = threading.Timer(
             0.05, lambda: fwd.put_intent("s", pending("t", {}, "k"), holder="h")
         )
