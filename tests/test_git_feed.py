@@ -412,7 +412,7 @@ def test_kill_9_at_any_point_leaves_all_or_nothing(tmp_path: Path) -> None:
     path = tmp_path / "r.git"
     GitEventStore(path).close()
     rnd = random.Random(5)
-    for round_ in range(24):
+    for round_ in range(16):
         procs = [CTX.Process(target=writer_loop, args=(str(path), round_ * 2 + k)) for k in (0, 1)]
         for p in procs:
             p.start()
