@@ -157,6 +157,25 @@ class FeedStore(EventStore, Protocol):
 
 
 @runtime_checkable
+class PayloadReads(Protocol):
+    """Reads of what an event carries for a reader of payloads: seq (or position, space), type
+    and payload, without the rest of an `Event` (an adapter's fast path for readers that convert
+    every event into their own records, such as the eventsourcing module). Internal."""
+
+    def event_payloads(
+        self, space: str, *, from_seq: int = 0, limit: int | None = None
+    ) -> list[tuple[int, str, dict[str, Any]]]:
+        """`(seq, type, payload)` of each event `events(space, ...)` returns."""
+        ...
+
+    def feed_payloads(
+        self, after: int = 0, *, limit: int | None = None, types: Collection[str] | None = None
+    ) -> list[tuple[int, str, str, dict[str, Any]]]:
+        """`(position, space, type, payload)` of each event `feed(after, ...)` returns."""
+        ...
+
+
+@runtime_checkable
 class BatchWriter(Protocol):
     """The one write path every adapter implements; `append` and `append_many` call it.
 

@@ -17,7 +17,7 @@ from alembic import command
 from sqlalchemy import create_engine, text
 from test_sql_store import Postgres, SqliteFile
 
-from shard_sql import LeaseRegistry, SeqConflict, SqlEventStore, StaleLease, migrate
+from shard_sql import InvalidEvent, LeaseRegistry, SeqConflict, SqlEventStore, StaleLease, migrate
 from shard_sql.sql.schema import alembic_config, migration_connection
 from shard_sql.testing import FeedContract, SubscriptionContract
 
@@ -89,6 +89,30 @@ def test_postgres_places_after_commit(pg_migrated_url: str) -> None:
         assert {x.position for x in written} == {None}
         assert store.feed_head() == 13
         assert [x.position for x in store.feed(1)] == list(range(2, 14))
+
+
+def test_payload_reads_are_the_events_columns(store: SqlEventStore) -> None:
+    """`PayloadReads` (the eventsourcing module's reads): the seq or position, space, type and
+    payload of what `events` and `feed` return, with the same bounds and filters; on PostgreSQL
+    the feed's rows are placed first, as `feed` places them."""
+    store.append_many("a", [("t", {"n": 0}), ("u", {"n": [1, "x"]})], expected_seq=0)
+    store.append("b", "t", {"s": "\u00e9\"'\\", "f": 1.5, "z": None}, expected_seq=0)
+    store.append("a", "u", {}, expected_seq=2)
+    for kwargs in ({}, {"from_seq": 1}, {"limit": 2}, {"from_seq": 1, "limit": 1}):
+        want = [(e.seq, e.type, e.payload) for e in store.events("a", **kwargs)]
+        assert store.event_payloads("a", **kwargs) == want
+    assert store.event_payloads("a", from_seq=9) == [] == store.event_payloads("c")
+    assert store.event_payloads("a", limit=0) == []
+    feed = store.feed_payloads()  # places (PostgreSQL) before it reads
+    assert feed == [(e.position, e.space, e.type, e.payload) for e in store.feed()]
+    assert [row[0] for row in feed] == [1, 2, 3, 4]
+    assert store.feed_payloads(1, limit=2) == feed[1:3]
+    assert store.feed_payloads(types=["u"]) == [feed[1], feed[3]]
+    assert store.feed_payloads(types=[]) == [] == store.feed_payloads(4)
+    with pytest.raises(InvalidEvent):
+        store.feed_payloads(-1)
+    with pytest.raises(InvalidEvent):
+        store.event_payloads("", limit=1)
 
 
 def _place(conn: Any) -> int:

@@ -102,8 +102,12 @@ def type_of(topic: str) -> str:
 
 
 def topic_of(e: Event) -> str:
-    topic = e.payload.get(TOPIC)
-    return topic if isinstance(topic, str) else e.type
+    return payload_topic(e.type, e.payload)
+
+
+def payload_topic(type_: str, payload: dict[str, Any]) -> str:
+    topic = payload.get(TOPIC)
+    return topic if isinstance(topic, str) else type_
 
 
 # -- state bytes -------------------------------------------------------------------------------
@@ -160,10 +164,56 @@ def payloads(s: StoredEvent, *, split: bool) -> list[dict[str, Any]]:
 
 
 def version_of(e: Event) -> int:
-    v = e.payload.get(VERSION)
+    return version_in(e.payload, e.space, e.seq)
+
+
+def version_in(payload: dict[str, Any], space: str, seq: int) -> int:
+    v = payload.get(VERSION)
     if type(v) is not int:
-        raise DataError(f"event {e.space}#{e.seq} is not an eventsourcing event (no version)")
+        raise DataError(f"event {space}#{seq} is not an eventsourcing event (no version)")
     return v
+
+
+# -- records from rows: (seq, type, payload) of one space's events ---------------------------
+
+_new = object.__new__
+_set = object.__setattr__
+
+Row = tuple[int, str, dict[str, Any]]
+"""What a store's `event_payloads` returns for an event: `(seq, type, payload)`."""
+
+
+def record(cls: type[Any], fields: dict[str, Any]) -> Any:
+    """An instance of eventsourcing's `StoredEvent` or `Notification` (frozen dataclasses)
+    with these fields, built as its mapper builds events: `__init__` costs as much as the rest
+    of the conversion (0.6 us against 0.3 us per event read)."""
+    r = _new(cls)
+    _set(r, "__dict__", fields)
+    return r
+
+
+def stored_events(originator_id: UUID | str, space: str, rows: list[Row]) -> list[StoredEvent]:
+    """The stored events of rows of one aggregate's events (one event per record)."""
+    out: list[StoredEvent] = []
+    append, new, set_ = out.append, _new, _set
+    for seq, type_, payload in rows:
+        v, text = payload.get(VERSION), payload.get(STATE)
+        if type(v) is not int or type(text) is not str or len(payload) != 2:
+            # Not the usual {version, state}: a long topic, base64 state, or not ours.
+            v = version_in(payload, space, seq)
+            type_ = payload_topic(type_, payload)
+            state = state_of(payload)
+        else:
+            state = text.encode("utf-8")
+        s = new(StoredEvent)
+        set_(
+            s,
+            "__dict__",
+            {"originator_id": originator_id, "originator_version": v, "topic": type_,
+             "state": state},
+        )  # fmt: skip
+        append(s)
+    return out
 
 
 def part_of(e: Event) -> int:

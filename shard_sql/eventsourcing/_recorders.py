@@ -30,18 +30,25 @@ from eventsourcing.persistence import (
 
 from shard_sql.errors import SeqConflict
 from shard_sql.eventsourcing._mapping import (
+    STATE,
+    VERSION,
+    Row,
     id_text,
     joined_state,
     parse_id,
     part_of,
+    payload_topic,
     payloads,
+    record,
     state_of,
+    stored_events,
     topic_of,
     translated,
     type_of,
+    version_in,
     version_of,
 )
-from shard_sql.ports import FeedStore
+from shard_sql.ports import FeedStore, PayloadReads
 from shard_sql.values import Event
 
 if TYPE_CHECKING:
@@ -56,6 +63,10 @@ MAX_BASES = 100_000
 """Spaces whose first version a recorder remembers (then it forgets them all and reads again)."""
 
 _new = object.__new__
+_set = object.__setattr__
+
+FeedRow = tuple[int, str, str, dict[str, Any]]
+"""What a store's `feed_payloads` returns for an event: `(position, space, type, payload)`."""
 
 _Run = tuple[str, list[StoredEvent], list[tuple[str, dict[str, Any]]]]
 """Consecutive stored events of one space, and the (type, payload) items that write them."""
@@ -83,6 +94,29 @@ class ShardSqlRecorder(Recorder):
         self.contiguous = purpose == "events"
         self.uuid_ids = uuid_ids
         self._bases: dict[str, int] = {}
+        # Checked once: isinstance against a Protocol costs more than reading an event.
+        self._payload_reads = store if isinstance(store, PayloadReads) else None
+
+    def _rows(self, space: str, from_seq: int = 0, limit: int | None = None) -> list[Row]:
+        """`(seq, type, payload)` of the events `store.events` returns: without building
+        `Event`s where the store can (`PayloadReads`, SQL stores)."""
+        reads = self._payload_reads
+        if reads is not None:
+            return reads.event_payloads(space, from_seq=from_seq, limit=limit)
+        return [
+            (e.seq, e.type, e.payload)
+            for e in self.store.events(space, from_seq=from_seq, limit=limit)
+        ]
+
+    def _feed_rows(self, after: int, limit: int, types: list[str] | None) -> list[FeedRow]:
+        """`(position, space, type, payload)` of the events `store.feed` returns."""
+        reads = self._payload_reads
+        if reads is not None:
+            return reads.feed_payloads(after, limit=limit, types=types)
+        return [
+            (e.position or 0, e.space, e.type, e.payload)
+            for e in self.store.feed(after, limit=limit, types=types)
+        ]
 
     def space(self, originator_id: UUID | str) -> str:
         """The space of an aggregate's events (or snapshots)."""
@@ -126,8 +160,8 @@ class ShardSqlAggregateRecorder(ShardSqlRecorder, AggregateRecorder):
         space = self.space(originator_id)
         with translated():
             if self.contiguous:
-                found = self._select_contiguous(space, gt, lte, desc, limit)
-                return [self._stored(originator_id, [e]) for e in found]
+                rows = self._select_contiguous(space, gt, lte, desc, limit)
+                return stored_events(originator_id, space, rows)
             records = self._select_parts(space, gt, lte, desc, limit)
             return [self._stored(originator_id, r) for r in records]
 
@@ -262,12 +296,14 @@ class ShardSqlAggregateRecorder(ShardSqlRecorder, AggregateRecorder):
 
     def _stored(self, originator_id: UUID | str, parts: list[Event]) -> StoredEvent:
         first = parts[0]
-        s: StoredEvent = _new(StoredEvent)  # as in `_notification`
-        s.__dict__.update(
-            originator_id=originator_id,
-            originator_version=version_of(first),
-            topic=topic_of(first),
-            state=joined_state(parts) if len(parts) > 1 else state_of(first.payload),
+        s: StoredEvent = record(
+            StoredEvent,
+            {
+                "originator_id": originator_id,
+                "originator_version": version_of(first),
+                "topic": topic_of(first),
+                "state": joined_state(parts),
+            },
         )
         return s
 
@@ -283,12 +319,12 @@ class ShardSqlAggregateRecorder(ShardSqlRecorder, AggregateRecorder):
 
     def _select_contiguous(
         self, space: str, gt: int | None, lte: int | None, desc: bool, limit: int | None
-    ) -> list[Event]:
+    ) -> list[Row]:
         """Versions follow each other from the first: seq = version - first version."""
         if gt is None and lte is None and not desc:
-            found = self.store.events(space, limit=limit)
+            found = self._rows(space, limit=limit)
             if found and space not in self._bases:
-                self._remember(space, version_of(found[0]))
+                self._remember(space, version_in(found[0][2], space, found[0][0]))
             return found
         base = self._base(space)
         if base is None:
@@ -299,9 +335,9 @@ class ShardSqlAggregateRecorder(ShardSqlRecorder, AggregateRecorder):
             return []
         if not desc:
             n = hi - lo if limit is None else min(limit, hi - lo)
-            return self.store.events(space, from_seq=lo, limit=n)
+            return self._rows(space, from_seq=lo, limit=n)
         start = lo if limit is None else max(lo, hi - limit)
-        found = self.store.events(space, from_seq=start, limit=hi - start)
+        found = self._rows(space, from_seq=start, limit=hi - start)
         found.reverse()
         return found
 
@@ -374,19 +410,48 @@ class ShardSqlApplicationRecorder(ShardSqlAggregateRecorder, ApplicationRecorder
         with translated():
             while len(out) < limit:
                 want = limit - len(out)
-                page = self.store.feed(after, limit=want, types=types)
-                for e in page:
-                    assert e.position is not None
-                    if stop is not None and e.position > stop:
-                        return out
-                    if e.space.startswith(self.space_prefix) and (
-                        not wanted or topic_of(e) in wanted
-                    ):
-                        out.append(self._notification(e))
+                page = self._feed_rows(after, want, types)
+                if self._notifications(page, stop, wanted, out):
+                    break  # past `stop`
                 if len(page) < want:
                     break
-                after = page[-1].position or after
+                after = page[-1][0]
         return out
+
+    def _notifications(
+        self, page: list[FeedRow], stop: int | None, wanted: set[str], out: list[Notification]
+    ) -> bool:
+        """Add the notifications of this application's events in `page` to `out`; True when
+        an event is past `stop`."""
+        prefix, cut, as_uuid = self.space_prefix, len(self.space_prefix), self.uuid_ids
+        ids: dict[str, UUID | str] = {}
+        new, set_, append = _new, _set, out.append
+        for position, space, type_, payload in page:
+            if stop is not None and position > stop:
+                return True
+            if not space.startswith(prefix):
+                continue
+            v, text = payload.get(VERSION), payload.get(STATE)
+            if type(v) is int and type(text) is str and len(payload) == 2:
+                state = text.encode("utf-8")  # the usual {version, state}
+            else:
+                v = version_in(payload, space, position)
+                type_ = payload_topic(type_, payload)
+                state = state_of(payload)
+            if wanted and type_ not in wanted:
+                continue
+            originator_id = ids.get(space)
+            if originator_id is None:
+                originator_id = ids[space] = parse_id(space[cut:], as_uuid=as_uuid)
+            n = new(Notification)  # as `stored_events` builds records
+            set_(
+                n,
+                "__dict__",
+                {"originator_id": originator_id, "originator_version": v, "topic": type_,
+                 "state": state, "id": position},
+            )  # fmt: skip
+            append(n)
+        return False
 
     def max_notification_id(self) -> int | None:
         """The last position of this application's events: looked for back from the feed's
@@ -409,19 +474,6 @@ class ShardSqlApplicationRecorder(ShardSqlAggregateRecorder, ApplicationRecorder
 
     def _mine(self, e: Event) -> bool:
         return e.space.startswith(self.space_prefix)
-
-    def _notification(self, e: Event) -> Notification:
-        # Built as eventsourcing's mapper builds events: the frozen dataclass's __init__ costs
-        # as much as the rest of the conversion.
-        n: Notification = _new(Notification)
-        n.__dict__.update(
-            originator_id=parse_id(e.space[len(self.space_prefix) :], as_uuid=self.uuid_ids),
-            originator_version=version_of(e),
-            topic=topic_of(e),
-            state=state_of(e.payload),
-            id=e.position,
-        )
-        return n
 
 
 class ShardSqlSubscription(ListenNotifySubscription[ShardSqlApplicationRecorder]):

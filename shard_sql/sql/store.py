@@ -33,6 +33,7 @@ from shard_sql.sql.errors import DEFAULT_BUSY_TIMEOUT, guarded, translate
 from shard_sql.sql.intents import SqlIntentQueue
 from shard_sql.sql.lease_records import SqlLeaseRecords
 from shard_sql.sql.listener import Listener
+from shard_sql.sql.payload_reads import SqlPayloadReads
 from shard_sql.sql.schema import open_schema
 from shard_sql.sql.transaction import HostConnections, SqlTransaction
 from shard_sql.sql.urls import check_schema_name
@@ -85,7 +86,9 @@ def _check_options(
     )
 
 
-class SqlEventStore(StoreBase, FeedStore, SqlLeaseRecords, IntentQueue, IntentInbox, SpaceWakeups):
+class SqlEventStore(
+    StoreBase, FeedStore, SqlPayloadReads, SqlLeaseRecords, IntentQueue, IntentInbox, SpaceWakeups
+):
     """Events and leases in a SQL database: a SQLite file or a PostgreSQL server.
 
     `url_or_engine`: a SQLAlchemy URL (`sqlite:///path.db`, `postgresql+psycopg://...`; plain
