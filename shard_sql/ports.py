@@ -158,20 +158,30 @@ class FeedStore(EventStore, Protocol):
 
 @runtime_checkable
 class PayloadReads(Protocol):
-    """Reads of what an event carries for a reader of payloads: seq (or position, space), type
-    and payload, without the rest of an `Event` (an adapter's fast path for readers that convert
-    every event into their own records, such as the eventsourcing module). Internal."""
+    """Reads of a few top-level payload keys of each event, extracted by the store, without
+    building `Event`s or decoding whole payloads: an adapter's fast path for readers that turn
+    every event into a record of their own (the eventsourcing module). Internal.
 
-    def event_payloads(
-        self, space: str, *, from_seq: int = 0, limit: int | None = None
-    ) -> list[tuple[int, str, dict[str, Any]]]:
-        """`(seq, type, payload)` of each event `events(space, ...)` returns."""
+    Each key's value comes as text: a JSON string's own text, an integer's digits, None where
+    the payload has no such key or null there (other values as the database renders them: do
+    not rely on those). Keys are names of letters, digits and underscores (`InvalidEvent`).
+    """
+
+    def event_fields(
+        self, space: str, keys: Sequence[str], *, from_seq: int = 0, limit: int | None = None
+    ) -> list[tuple[Any, ...]]:
+        """`(seq, type, *values of keys)` of each event `events(space, ...)` returns."""
         ...
 
-    def feed_payloads(
-        self, after: int = 0, *, limit: int | None = None, types: Collection[str] | None = None
-    ) -> list[tuple[int, str, str, dict[str, Any]]]:
-        """`(position, space, type, payload)` of each event `feed(after, ...)` returns."""
+    def feed_fields(
+        self,
+        keys: Sequence[str],
+        after: int = 0,
+        *,
+        limit: int | None = None,
+        types: Collection[str] | None = None,
+    ) -> list[tuple[Any, ...]]:
+        """`(position, space, type, *values of keys)` of each event `feed(after, ...)` returns."""
         ...
 
 

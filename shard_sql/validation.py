@@ -7,7 +7,7 @@ import json
 import math
 import re
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -531,3 +531,22 @@ def _pending_factory() -> Any:
 
 
 _new_pending: Any = _pending_factory()
+
+
+# -- `PayloadReads` -------------------------------------------------------------------------
+
+FIELD_KEY = re.compile(r"[A-Za-z0-9_]{1,64}")
+MAX_FIELD_KEYS = 16
+
+
+def check_field_keys(keys: object) -> tuple[str, ...]:
+    """The keys of a `PayloadReads` call: 1 to 16 names of letters, digits and underscores."""
+    if isinstance(keys, str) or not isinstance(keys, Sequence):
+        raise InvalidEvent("keys", "must be a sequence of payload keys")
+    out = tuple(keys)
+    if not 0 < len(out) <= MAX_FIELD_KEYS:
+        raise InvalidEvent("keys", f"must be 1 to {MAX_FIELD_KEYS} keys")
+    for k in out:
+        if not isinstance(k, str) or FIELD_KEY.fullmatch(k) is None:
+            raise InvalidEvent("keys", f"{k!r} is not a key of letters, digits and underscores")
+    return out

@@ -91,28 +91,42 @@ def test_postgres_places_after_commit(pg_migrated_url: str) -> None:
         assert [x.position for x in store.feed(1)] == list(range(2, 14))
 
 
-def test_payload_reads_are_the_events_columns(store: SqlEventStore) -> None:
-    """`PayloadReads` (the eventsourcing module's reads): the seq or position, space, type and
-    payload of what `events` and `feed` return, with the same bounds and filters; on PostgreSQL
-    the feed's rows are placed first, as `feed` places them."""
-    store.append_many("a", [("t", {"n": 0}), ("u", {"n": [1, "x"]})], expected_seq=0)
-    store.append("b", "t", {"s": "\u00e9\"'\\", "f": 1.5, "z": None}, expected_seq=0)
-    store.append("a", "u", {}, expected_seq=2)
-    for kwargs in ({}, {"from_seq": 1}, {"limit": 2}, {"from_seq": 1, "limit": 1}):
-        want = [(e.seq, e.type, e.payload) for e in store.events("a", **kwargs)]
-        assert store.event_payloads("a", **kwargs) == want
-    assert store.event_payloads("a", from_seq=9) == [] == store.event_payloads("c")
-    assert store.event_payloads("a", limit=0) == []
-    feed = store.feed_payloads()  # places (PostgreSQL) before it reads
-    assert feed == [(e.position, e.space, e.type, e.payload) for e in store.feed()]
-    assert [row[0] for row in feed] == [1, 2, 3, 4]
-    assert store.feed_payloads(1, limit=2) == feed[1:3]
-    assert store.feed_payloads(types=["u"]) == [feed[1], feed[3]]
-    assert store.feed_payloads(types=[]) == [] == store.feed_payloads(4)
+def test_payload_reads_extract_keys_as_text(store: SqlEventStore) -> None:
+    """`PayloadReads` (the eventsourcing module's reads): the seq or position, space and type of
+    what `events` and `feed` return, with the same bounds and filters, and the payload keys
+    asked for as text (a string's own text, an integer's digits, None where missing or null).
+    On PostgreSQL the feed's rows are placed first, as `feed` places them."""
+    odd = "\u00e9\"'\\ \\u0041 \U0001f600\n"
+    store.append_many("a", [("t", {"v": 0, "s": odd}), ("u", {"v": -7})], expected_seq=0)
+    store.append("b", "t", {"v": 12345678901234, "s": "", "z": None}, expected_seq=0)
+    store.append("a", "u", {"v": 3, "s": "x"}, expected_seq=2)
+    keys = ("v", "s", "z", "missing")
+    rows = [(0, "t", "0", odd, None, None), (1, "u", "-7", None, None, None)]
+    rows.append((2, "u", "3", "x", None, None))
+    assert store.event_fields("a", keys) == rows
+    assert store.event_fields("a", keys, from_seq=1) == rows[1:]
+    assert store.event_fields("a", keys, limit=2) == rows[:2]
+    assert store.event_fields("a", keys, from_seq=1, limit=1) == rows[1:2]
+    assert store.event_fields("a", keys, from_seq=9) == [] == store.event_fields("c", keys)
+    assert store.event_fields("a", keys, limit=0) == []
+    feed = store.feed_fields(["v", "s"])  # places (PostgreSQL) before it reads
+    assert feed == [
+        (1, "a", "t", "0", odd),
+        (2, "a", "u", "-7", None),
+        (3, "b", "t", "12345678901234", ""),
+        (4, "a", "u", "3", "x"),
+    ]
+    assert [e.position for e in store.feed()] == [1, 2, 3, 4]
+    assert store.feed_fields(["v", "s"], 1, limit=2) == feed[1:3]
+    assert store.feed_fields(["v", "s"], types=["u"]) == [feed[1], feed[3]]
+    assert store.feed_fields(["v"], types=[]) == [] == store.feed_fields(["v"], 4)
+    for bad in ([], "v", ["v", "a.b"], ["$.v"], ["v'"], [1], ["v"] * 17):
+        with pytest.raises(InvalidEvent):
+            store.event_fields("a", bad)  # type: ignore[arg-type]
+        with pytest.raises(InvalidEvent):
+            store.feed_fields(bad)  # type: ignore[arg-type]
     with pytest.raises(InvalidEvent):
-        store.feed_payloads(-1)
-    with pytest.raises(InvalidEvent):
-        store.event_payloads("", limit=1)
+        store.feed_fields(["v"], -1)
 
 
 def _place(conn: Any) -> int:

@@ -102,12 +102,8 @@ def type_of(topic: str) -> str:
 
 
 def topic_of(e: Event) -> str:
-    return payload_topic(e.type, e.payload)
-
-
-def payload_topic(type_: str, payload: dict[str, Any]) -> str:
-    topic = payload.get(TOPIC)
-    return topic if isinstance(topic, str) else type_
+    topic = e.payload.get(TOPIC)
+    return topic if isinstance(topic, str) else e.type
 
 
 # -- state bytes -------------------------------------------------------------------------------
@@ -164,56 +160,10 @@ def payloads(s: StoredEvent, *, split: bool) -> list[dict[str, Any]]:
 
 
 def version_of(e: Event) -> int:
-    return version_in(e.payload, e.space, e.seq)
-
-
-def version_in(payload: dict[str, Any], space: str, seq: int) -> int:
-    v = payload.get(VERSION)
+    v = e.payload.get(VERSION)
     if type(v) is not int:
-        raise DataError(f"event {space}#{seq} is not an eventsourcing event (no version)")
+        raise DataError(f"event {e.space}#{e.seq} is not an eventsourcing event (no version)")
     return v
-
-
-# -- records from rows: (seq, type, payload) of one space's events ---------------------------
-
-_new = object.__new__
-_set = object.__setattr__
-
-Row = tuple[int, str, dict[str, Any]]
-"""What a store's `event_payloads` returns for an event: `(seq, type, payload)`."""
-
-
-def record(cls: type[Any], fields: dict[str, Any]) -> Any:
-    """An instance of eventsourcing's `StoredEvent` or `Notification` (frozen dataclasses)
-    with these fields, built as its mapper builds events: `__init__` costs as much as the rest
-    of the conversion (0.6 us against 0.3 us per event read)."""
-    r = _new(cls)
-    _set(r, "__dict__", fields)
-    return r
-
-
-def stored_events(originator_id: UUID | str, space: str, rows: list[Row]) -> list[StoredEvent]:
-    """The stored events of rows of one aggregate's events (one event per record)."""
-    out: list[StoredEvent] = []
-    append, new, set_ = out.append, _new, _set
-    for seq, type_, payload in rows:
-        v, text = payload.get(VERSION), payload.get(STATE)
-        if type(v) is not int or type(text) is not str or len(payload) != 2:
-            # Not the usual {version, state}: a long topic, base64 state, or not ours.
-            v = version_in(payload, space, seq)
-            type_ = payload_topic(type_, payload)
-            state = state_of(payload)
-        else:
-            state = text.encode("utf-8")
-        s = new(StoredEvent)
-        set_(
-            s,
-            "__dict__",
-            {"originator_id": originator_id, "originator_version": v, "topic": type_,
-             "state": state},
-        )  # fmt: skip
-        append(s)
-    return out
 
 
 def part_of(e: Event) -> int:
@@ -226,3 +176,77 @@ def joined_state(parts: list[Event]) -> bytes:
     if len(parts) == 1:
         return state_of(parts[0].payload)
     return b"".join(state_of(p.payload) for p in parts)
+
+
+# -- records from rows (`PayloadReads`) ---------------------------------------------------------
+
+FIELDS = (VERSION, STATE, TOPIC, STATE_B64)
+"""The payload keys a record is made of, read as text by a store's `PayloadReads`."""
+
+Row = tuple[Any, ...]
+"""An event as `event_fields(space, FIELDS)` gives it: `(seq, type, version, state, topic,
+state_b64)`, the last four as text or None (`feed_fields`: `(position, space, type, ...)`)."""
+
+_new = object.__new__
+_set = object.__setattr__
+
+
+def event_row(e: Event) -> Row:
+    """The row of an `Event` (stores without `PayloadReads`)."""
+    p = e.payload
+    v, text, topic, b64 = (p.get(k) for k in FIELDS)
+    return (
+        e.seq,
+        e.type,
+        v if type(v) is int else None,
+        text if type(text) is str else None,
+        topic if type(topic) is str else None,
+        b64 if type(b64) is str else None,
+    )
+
+
+def row_version(value: Any, space: str, seq: int) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise DataError(f"event {space}#{seq} is not an eventsourcing event (no version)") from None
+
+
+def row_state(text: str | None, b64: str | None, space: str, seq: int) -> bytes:
+    if text is not None:
+        return text.encode("utf-8")
+    try:
+        return base64.b64decode(b64, validate=True)  # type: ignore[arg-type]
+    except (TypeError, binascii.Error) as e:
+        raise DataError(f"event {space}#{seq} is not an eventsourcing event payload: {e}") from e
+
+
+def record(cls: type[Any], fields: dict[str, Any]) -> Any:
+    """An instance of eventsourcing's `StoredEvent` or `Notification` (frozen dataclasses) with
+    these fields, built as its mapper builds events: `__init__` costs as much as the rest of
+    the conversion (0.6 us against 0.3 us per event read)."""
+    r = _new(cls)
+    _set(r, "__dict__", fields)
+    return r
+
+
+def stored_events(originator_id: UUID | str, space: str, rows: list[Row]) -> list[StoredEvent]:
+    """The stored events of rows of one aggregate's events (one event per record)."""
+    out: list[StoredEvent] = []
+    append, new, set_ = out.append, _new, _set
+    for seq, type_, v, text, topic, b64 in rows:
+        try:
+            version = int(v)
+        except (TypeError, ValueError):
+            version = row_version(v, space, seq)  # raises
+        s = new(StoredEvent)
+        set_(
+            s,
+            "__dict__",
+            {"originator_id": originator_id, "originator_version": version,
+             "topic": type_ if topic is None else topic,
+             "state": text.encode("utf-8") if text is not None else row_state(
+                 text, b64, space, seq)},
+        )  # fmt: skip
+        append(s)
+    return out

@@ -30,22 +30,21 @@ from eventsourcing.persistence import (
 
 from shard_sql.errors import SeqConflict
 from shard_sql.eventsourcing._mapping import (
-    STATE,
-    VERSION,
+    FIELDS,
     Row,
+    event_row,
     id_text,
     joined_state,
     parse_id,
     part_of,
-    payload_topic,
     payloads,
     record,
-    state_of,
+    row_state,
+    row_version,
     stored_events,
     topic_of,
     translated,
     type_of,
-    version_in,
     version_of,
 )
 from shard_sql.ports import FeedStore, PayloadReads
@@ -64,9 +63,6 @@ MAX_BASES = 100_000
 
 _new = object.__new__
 _set = object.__setattr__
-
-FeedRow = tuple[int, str, str, dict[str, Any]]
-"""What a store's `feed_payloads` returns for an event: `(position, space, type, payload)`."""
 
 _Run = tuple[str, list[StoredEvent], list[tuple[str, dict[str, Any]]]]
 """Consecutive stored events of one space, and the (type, payload) items that write them."""
@@ -98,23 +94,21 @@ class ShardSqlRecorder(Recorder):
         self._payload_reads = store if isinstance(store, PayloadReads) else None
 
     def _rows(self, space: str, from_seq: int = 0, limit: int | None = None) -> list[Row]:
-        """`(seq, type, payload)` of the events `store.events` returns: without building
-        `Event`s where the store can (`PayloadReads`, SQL stores)."""
+        """The rows (`Row`) of the events `store.events` returns: the store extracts the
+        payload keys where it can (`PayloadReads`, SQL stores), no `Event` is built."""
         reads = self._payload_reads
         if reads is not None:
-            return reads.event_payloads(space, from_seq=from_seq, limit=limit)
-        return [
-            (e.seq, e.type, e.payload)
-            for e in self.store.events(space, from_seq=from_seq, limit=limit)
-        ]
+            return reads.event_fields(space, FIELDS, from_seq=from_seq, limit=limit)
+        return [event_row(e) for e in self.store.events(space, from_seq=from_seq, limit=limit)]
 
-    def _feed_rows(self, after: int, limit: int, types: list[str] | None) -> list[FeedRow]:
-        """`(position, space, type, payload)` of the events `store.feed` returns."""
+    def _feed_rows(self, after: int, limit: int, types: list[str] | None) -> list[Row]:
+        """`(position, space, type, version, state, topic, state_b64)` of the events
+        `store.feed` returns."""
         reads = self._payload_reads
         if reads is not None:
-            return reads.feed_payloads(after, limit=limit, types=types)
+            return reads.feed_fields(FIELDS, after, limit=limit, types=types)
         return [
-            (e.position or 0, e.space, e.type, e.payload)
+            (e.position or 0, e.space, *event_row(e)[1:])
             for e in self.store.feed(after, limit=limit, types=types)
         ]
 
@@ -330,7 +324,7 @@ class ShardSqlAggregateRecorder(ShardSqlRecorder, AggregateRecorder):
         if gt is None and lte is None and not desc:
             found = self._rows(space, limit=limit)
             if found and space not in self._bases:
-                self._remember(space, version_in(found[0][2], space, found[0][0]))
+                self._remember(space, row_version(found[0][2], space, found[0][0]))
             return found
         base = self._base(space)
         if base is None:
@@ -425,27 +419,27 @@ class ShardSqlApplicationRecorder(ShardSqlAggregateRecorder, ApplicationRecorder
         return out
 
     def _notifications(
-        self, page: list[FeedRow], stop: int | None, wanted: set[str], out: list[Notification]
+        self, page: list[Row], stop: int | None, wanted: set[str], out: list[Notification]
     ) -> bool:
         """Add the notifications of this application's events in `page` to `out`; True when
         an event is past `stop`."""
         prefix, cut, as_uuid = self.space_prefix, len(self.space_prefix), self.uuid_ids
         ids: dict[str, UUID | str] = {}
         new, set_, append = _new, _set, out.append
-        for position, space, type_, payload in page:
+        for position, space, type_, v, text, topic, b64 in page:
             if stop is not None and position > stop:
                 return True
             if not space.startswith(prefix):
                 continue
-            v, text = payload.get(VERSION), payload.get(STATE)
-            if type(v) is int and type(text) is str and len(payload) == 2:
-                state = text.encode("utf-8")  # the usual {version, state}
-            else:
-                v = version_in(payload, space, position)
-                type_ = payload_topic(type_, payload)
-                state = state_of(payload)
+            if topic is not None:
+                type_ = topic
             if wanted and type_ not in wanted:
                 continue
+            try:
+                v = int(v)
+            except (TypeError, ValueError):
+                v = row_version(v, space, position)  # raises
+            state = text.encode("utf-8") if text is not None else row_state(text, b64, space, 0)
             originator_id = ids.get(space)
             if originator_id is None:
                 originator_id = ids[space] = parse_id(space[cut:], as_uuid=as_uuid)

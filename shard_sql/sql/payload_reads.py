@@ -1,11 +1,11 @@
-"""`PayloadReads` for SQL stores: a space's events and the feed as `(seq, type, payload)` and
-`(position, space, type, payload)` rows, the columns a reader of payloads needs and nothing else
-to fetch or convert (no `Event`, no time to parse). A part of `SqlEventStore`, kept in its own
-module for size; the statements are the dialect's."""
+"""`PayloadReads` for SQL stores: a space's events and the feed as rows of the columns a reader
+of payloads needs, with the payload keys it asks for extracted by the database (`->>`): no
+`Event` built, no payload decoded in Python, no time parsed. A part of `SqlEventStore`, kept in
+its own module for size; the statements are the dialect's."""
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from typing import Any
 
 from shard_sql.ports import PayloadReads
@@ -13,7 +13,13 @@ from shard_sql.sql.connections import Database
 from shard_sql.sql.dialects import Conn
 from shard_sql.sql.dialects.base import Dialect
 from shard_sql.sql.errors import Site, guarded
-from shard_sql.validation import check_position, check_seq, check_stored_space, check_types
+from shard_sql.validation import (
+    check_field_keys,
+    check_position,
+    check_seq,
+    check_stored_space,
+    check_types,
+)
 
 __all__ = ["SqlPayloadReads"]
 
@@ -26,41 +32,54 @@ class SqlPayloadReads(PayloadReads):
     _dialect: Dialect
 
     @guarded
-    def event_payloads(
-        self, space: str, *, from_seq: int = 0, limit: int | None = None
-    ) -> list[tuple[int, str, dict[str, Any]]]:
+    def event_fields(
+        self, space: str, keys: Sequence[str], *, from_seq: int = 0, limit: int | None = None
+    ) -> list[tuple[Any, ...]]:
         check_stored_space(space)
+        keys = check_field_keys(keys)
         check_seq("from_seq", from_seq)
         if limit is not None and check_seq("limit", limit) == 0:
             return []
-        return self.database.call(self._read_payloads, space, from_seq, limit)
+        return self.database.call(self._read_fields, space, keys, from_seq, limit)
 
-    def _read_payloads(
-        self, c: Conn, space: str, from_seq: int, limit: int | None
-    ) -> list[tuple[int, str, dict[str, Any]]]:
-        cur, d = c.cur, self._dialect
+    def _read_fields(
+        self, c: Conn, space: str, keys: tuple[str, ...], from_seq: int, limit: int | None
+    ) -> list[tuple[Any, ...]]:
+        d = self._dialect
+        sql = d.fields_sql(len(keys), False)
         if limit is None:
-            cur.execute(d.payloads_sql, (space, from_seq))
+            c.cur.execute(sql, (*keys, space, from_seq))
         else:
-            cur.execute(d.payloads_limit_sql, (space, from_seq, limit))
-        return d.to_payloads(cur.fetchall())
+            c.cur.execute(f"{sql} LIMIT {d.p}", (*keys, space, from_seq, limit))
+        return c.cur.fetchall()  # type: ignore[no-any-return]
 
     @guarded
-    def feed_payloads(
-        self, after: int = 0, *, limit: int | None = None, types: Collection[str] | None = None
-    ) -> list[tuple[int, str, str, dict[str, Any]]]:
+    def feed_fields(
+        self,
+        keys: Sequence[str],
+        after: int = 0,
+        *,
+        limit: int | None = None,
+        types: Collection[str] | None = None,
+    ) -> list[tuple[Any, ...]]:
+        keys = check_field_keys(keys)
         check_position("after", after)
         if limit is not None and check_position("limit", limit) == 0:
             return []
         wanted = check_types(types)
         if wanted is not None and not wanted:
             return []
-        return self.database.call(self._feed_payloads, after, limit, wanted)
+        return self.database.call(self._feed_fields, keys, after, limit, wanted)
 
-    def _feed_payloads(
-        self, c: Conn, after: int, limit: int | None, types: frozenset[str] | None
-    ) -> list[tuple[int, str, str, dict[str, Any]]]:
+    def _feed_fields(
+        self,
+        c: Conn,
+        keys: tuple[str, ...],
+        after: int,
+        limit: int | None,
+        types: frozenset[str] | None,
+    ) -> list[tuple[Any, ...]]:
         d = self._dialect
         d.place_feed(c)  # committed before the read below starts, as `feed` does
-        c.cur.execute(*d.feed_statement(after, limit, types, d.feed_payloads_sql))
-        return d.to_payloads(c.cur.fetchall())
+        c.cur.execute(*d.feed_statement(after, limit, types, keys))
+        return c.cur.fetchall()  # type: ignore[no-any-return]

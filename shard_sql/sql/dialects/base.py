@@ -15,7 +15,7 @@ from shard_sql.leases import check_fence
 from shard_sql.orm import CHECKPOINTS, EVENTS, INTENTS, LEASES, PLACE_FEED, VERSION_TABLE
 from shard_sql.sql.errors import DEFAULT_BUSY_TIMEOUT, Site
 from shard_sql.sql.waits import Waits
-from shard_sql.store_base import checkpoint_conflict, decode_payloads
+from shard_sql.store_base import checkpoint_conflict
 from shard_sql.validation import Pending
 from shard_sql.values import Event, Lease
 
@@ -121,15 +121,8 @@ class Dialect:
             f"SELECT {READ_COLUMNS} FROM {t.events} WHERE space = {p} AND seq >= {p} ORDER BY seq"
         )
         self.read_limit_sql = self.read_sql + f" LIMIT {p}"
-        # `PayloadReads`: the columns a reader of payloads needs, nothing else to convert.
-        self.payloads_sql = (
-            f"SELECT seq, type, payload FROM {t.events} WHERE space = {p} AND seq >= {p} "
-            "ORDER BY seq"
-        )
-        self.payloads_limit_sql = self.payloads_sql + f" LIMIT {p}"
-        self.feed_payloads_sql = (
-            f"SELECT position, space, type, payload FROM {t.events} WHERE position > {p}"
-        )
+        self._fields: dict[tuple[int, bool], str] = {}
+        """`fields_sql`'s statements, made once."""
         # Skips through the primary key: milliseconds for millions of rows (docs/dba.md).
         self.spaces_sql = (
             f"WITH RECURSIVE s(space) AS (SELECT min(space) FROM {t.events} "
@@ -447,11 +440,16 @@ class Dialect:
         raise NotImplementedError
 
     def feed_statement(
-        self, after: int, limit: int | None, types: frozenset[str] | None, sql: str = ""
+        self,
+        after: int,
+        limit: int | None,
+        types: frozenset[str] | None,
+        fields: Sequence[str] = (),
     ) -> Statement:
         """The placed events above `after` in position order (at most `limit`, only `types`):
-        `feed_sql`'s columns, or those of `sql` (`feed_payloads_sql`)."""
-        sql, params = sql or self.feed_sql, [after]
+        `feed_sql`'s columns, or with `fields`, those of `fields_sql`."""
+        sql = self.fields_sql(len(fields), True) if fields else self.feed_sql
+        params: list[Any] = [*fields, after]
         if types is not None:
             sql += self.types_sql
             params.append(self.types_param(types))
@@ -465,15 +463,24 @@ class Dialect:
         """`Event`s from rows of `FEED_COLUMNS`."""
         raise NotImplementedError
 
-    def to_payloads(self, rows: list[Any]) -> list[Any]:
-        """Rows of `payloads_sql` or `feed_payloads_sql` with their payload (the last column)
-        as Python data: read as JSON text, decoded for the page in one `json.loads`."""
-        if not rows:
-            return []
-        payloads = decode_payloads([row[-1] for row in rows])
-        if len(rows[0]) == 3:
-            return [(a, b, p) for (a, b, _), p in zip(rows, payloads, strict=True)]
-        return [(a, b, c, p) for (a, b, c, _), p in zip(rows, payloads, strict=True)]
+    field_column: ClassVar[str] = ""
+    """A payload's top-level key (the parameter) as text: a string's own text, an integer's
+    digits, None where the key is missing or null (`PayloadReads`)."""
+
+    def fields_sql(self, n: int, feed: bool) -> str:
+        """`seq, type` and `n` payload keys (`field_column`, the first `n` parameters) of a
+        space's events from a seq; `feed`: `position, space, type` and the keys of the feed's
+        events above a position, open for `feed_statement`'s filters."""
+        sql = self._fields.get((n, feed))
+        if sql is None:
+            t, p, cols = self.t, self.p, ", ".join([self.field_column] * n)
+            sql = self._fields[(n, feed)] = (
+                f"SELECT position, space, type, {cols} FROM {t.events} WHERE position > {p}"
+                if feed
+                else f"SELECT seq, type, {cols} FROM {t.events} WHERE space = {p} "
+                f"AND seq >= {p} ORDER BY seq"
+            )
+        return sql
 
     def notify_feed(self, cur: Any) -> None:
         """Inside a transaction the store will not commit itself (a host's): wake the feed's

@@ -159,6 +159,7 @@ class PostgresDialect(Dialect):
     p = "%s"
     has_server_clock = True
     types_sql = " AND type = ANY(%s)"
+    field_column = "payload ->> %s"
 
     SMALL_BATCH: ClassVar[int] = 10
     SMALL_BATCH_INTENTS: ClassVar[int] = 100
@@ -184,10 +185,6 @@ class PostgresDialect(Dialect):
         self.read_sql = self.read_sql.replace(READ_COLUMNS, as_text, 1)
         self.read_limit_sql = self.read_limit_sql.replace(READ_COLUMNS, as_text, 1)
         self.feed_sql = self.feed_sql.replace(READ_COLUMNS, as_text, 1)
-        text = ("payload FROM", "payload::text FROM")
-        self.payloads_sql = self.payloads_sql.replace(*text, 1)
-        self.payloads_limit_sql = self.payloads_limit_sql.replace(*text, 1)
-        self.feed_payloads_sql = self.feed_payloads_sql.replace(*text, 1)
         self.lease_locked_sql = self.lease_sql + " FOR SHARE"
         self.place_feed_sql = f"SELECT {t.place_feed}()"
         self.feed_head_sql = f"SELECT COALESCE(MAX(position), 0) FROM {t.events}"

@@ -189,6 +189,7 @@ class SqliteDialect(Dialect):
     retry_free_insert = True
     migrates_on_open = True
     types_sql = " AND type IN (SELECT value FROM json_each(?))"
+    field_column = "CAST(payload ->> ? AS TEXT)"  # ->> gives an integer as one
     save_checkpoint_sql = (save_checkpoint_sql(fence=False), save_checkpoint_sql(fence=True))
 
     def __init__(self, busy_timeout: float = 30.0) -> None:
