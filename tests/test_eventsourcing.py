@@ -404,6 +404,20 @@ def test_states_are_text_or_base64(factory: ShardSqlFactory) -> None:
     assert events[4].payload == {"version": 5, "state_b64": base64.b64encode(nul).decode()}
     got = [s.state for s in recorder.select_events(a)]
     assert got == [plain, packed, spaced, deep, nul]  # byte for byte, on every backend
+    log = recorder.select_notifications(None, 10)
+    assert [n.state for n in log if n.originator_id == a] == states
+
+
+def test_events_not_written_by_the_module_are_data_errors(factory: ShardSqlFactory) -> None:
+    recorder = factory.application_recorder()
+    a, b = uuid4(), uuid4()
+    factory.store.append(f"Shop.events:{a}", "t", {"no": "version"}, expected_seq=0)
+    factory.store.append(f"Shop.events:{b}", "t", {"version": 1, "state_b64": "!"}, expected_seq=0)
+    for originator_id in (a, b):
+        with pytest.raises(DataError, match="not an eventsourcing event"):
+            recorder.select_events(originator_id)
+    with pytest.raises(DataError, match="not an eventsourcing event"):
+        recorder.select_notifications(None, 10)
 
 
 def test_topics_longer_than_a_type(factory: ShardSqlFactory) -> None:

@@ -205,20 +205,25 @@ def event_row(e: Event) -> Row:
     )
 
 
-def row_version(value: Any, space: str, seq: int) -> int:
+def row_version(value: Any, space: str, at: str, n: int) -> int:
+    """A row's version; `DataError` names the event by its space and `at` ("seq", "position")
+    `n`."""
     try:
         return int(value)
     except (TypeError, ValueError):
-        raise DataError(f"event {space}#{seq} is not an eventsourcing event (no version)") from None
+        msg = f"event {space} {at} {n} is not an eventsourcing event (no version)"
+        raise DataError(msg) from None
 
 
-def row_state(text: str | None, b64: str | None, space: str, seq: int) -> bytes:
+def row_state(text: str | None, b64: str | None, space: str, at: str, n: int) -> bytes:
+    """A row's state bytes (`row_version` says what `space`, `at` and `n` are)."""
     if text is not None:
         return text.encode("utf-8")
     try:
         return base64.b64decode(b64, validate=True)  # type: ignore[arg-type]
     except (TypeError, binascii.Error) as e:
-        raise DataError(f"event {space}#{seq} is not an eventsourcing event payload: {e}") from e
+        msg = f"event {space} {at} {n} is not an eventsourcing event payload: {e}"
+        raise DataError(msg) from e
 
 
 def record(cls: type[Any], fields: dict[str, Any]) -> Any:
@@ -238,7 +243,7 @@ def stored_events(originator_id: UUID | str, space: str, rows: list[Row]) -> lis
         try:
             version = int(v)
         except (TypeError, ValueError):
-            version = row_version(v, space, seq)  # raises
+            version = row_version(v, space, "seq", seq)  # raises
         s = new(StoredEvent)
         set_(
             s,
@@ -246,7 +251,7 @@ def stored_events(originator_id: UUID | str, space: str, rows: list[Row]) -> lis
             {"originator_id": originator_id, "originator_version": version,
              "topic": type_ if topic is None else topic,
              "state": text.encode("utf-8") if text is not None else row_state(
-                 text, b64, space, seq)},
+                 text, b64, space, "seq", seq)},
         )  # fmt: skip
         append(s)
     return out

@@ -324,7 +324,7 @@ class ShardSqlAggregateRecorder(ShardSqlRecorder, AggregateRecorder):
         if gt is None and lte is None and not desc:
             found = self._rows(space, limit=limit)
             if found and space not in self._bases:
-                self._remember(space, row_version(found[0][2], space, found[0][0]))
+                self._remember(space, row_version(found[0][2], space, "seq", found[0][0]))
             return found
         base = self._base(space)
         if base is None:
@@ -438,8 +438,11 @@ class ShardSqlApplicationRecorder(ShardSqlAggregateRecorder, ApplicationRecorder
             try:
                 v = int(v)
             except (TypeError, ValueError):
-                v = row_version(v, space, position)  # raises
-            state = text.encode("utf-8") if text is not None else row_state(text, b64, space, 0)
+                v = row_version(v, space, "position", position)  # raises
+            if text is not None:
+                state = text.encode("utf-8")
+            else:
+                state = row_state(text, b64, space, "position", position)
             originator_id = ids.get(space)
             if originator_id is None:
                 originator_id = ids[space] = parse_id(space[cut:], as_uuid=as_uuid)
