@@ -92,20 +92,35 @@ class GroupCommit:
         """Write `item` to `space` with whatever else is queued there; its event, or the error
         its write raised."""
         q = self._queues.get(space) or self._queue(space)
-        slot = _Slot(item)
         with q.mutex:
-            q.slots.append(slot)
-            follow = q.busy
-            if follow:
+            alone = not q.busy
+            if alone:
+                q.busy = True
+            else:
+                slot = _Slot(item)
+                q.slots.append(slot)
                 slot.waiter = waiter = threading.Lock()
                 waiter.acquire()
-            q.busy = True
-        if follow:
-            waiter.acquire()  # released with this item's result, or to take the lead
-            if not slot.lead:
-                return slot.result()
+        if alone:
+            return self._write_alone(space, q, item)
+        waiter.acquire()  # released with this item's result, or to take the lead
+        if not slot.lead:
+            return slot.result()
         self._lead(space, q, slot)
         return slot.result()
+
+    def _write_alone(self, space: str, q: _Queue, item: Pending) -> Event:
+        """Nobody was writing: write `item` at once, as a batch of one (no slot, no queue: a
+        lone caller pays nothing for grouping), then pass the lead to whoever queued meanwhile."""
+        try:
+            [event] = self._write(space, [item])
+            stats = self.stats
+            stats.writes += 1
+            stats.items += 1
+            stats.largest = max(stats.largest, 1)
+            return event
+        finally:
+            self._pass_lead(q)
 
     def _queue(self, space: str) -> _Queue:
         with self._guard:
@@ -129,15 +144,20 @@ class GroupCommit:
             self._wake(batch, mine)
             raise
         finally:
-            with q.mutex:
-                nxt = q.slots[0] if q.slots else None
-                if nxt is None:
-                    q.busy = False
-                else:
-                    nxt.lead = True
-            if nxt is not None:
-                assert nxt.waiter is not None
-                nxt.waiter.release()
+            self._pass_lead(q)
+
+    @staticmethod
+    def _pass_lead(q: _Queue) -> None:
+        """The lead goes to the first caller queued, or ends."""
+        with q.mutex:
+            nxt = q.slots[0] if q.slots else None
+            if nxt is None:
+                q.busy = False
+            else:
+                nxt.lead = True
+        if nxt is not None:
+            assert nxt.waiter is not None
+            nxt.waiter.release()
 
     def _take(self, q: _Queue) -> list[_Slot]:
         """The next batch: queued items in order, up to the bound; an intent id already in the
