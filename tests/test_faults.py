@@ -75,7 +75,7 @@ def test_faults_sqlite(tmp_path: Path) -> None:
         "delete_endpoint": delete_endpoint,
     }
     url = f"sqlite:///{tmp_path}/faults.db"
-    _run("sqlite", url, tmp_path, faults, 2, duration=max(DURATION, 24), fault_every=1.0)
+    _run("sqlite", url, tmp_path, faults, 2, duration=max(DURATION, 30), fault_every=1.0)
 
 
 def test_faults_postgresql(tmp_path: Path, pg_migrated_url: str) -> None:
@@ -109,7 +109,7 @@ def test_faults_git(tmp_path: Path) -> None:
     }
     # Seven kinds of fault, two of them 1-1.6 s long: a longer run, faults closer together.
     url = f"git+file://{tmp_path}/log.git"
-    _run("git", url, tmp_path, faults, 2, duration=max(DURATION, 24), fault_every=1.0)
+    _run("git", url, tmp_path, faults, 2, duration=max(DURATION, 30), fault_every=1.0)
 
 
 def test_checker_catches_unfenced_nodes(tmp_path: Path) -> None:
