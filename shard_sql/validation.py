@@ -115,6 +115,18 @@ def check_position(field: str, value: object) -> int:
     return value
 
 
+def check_feed_read(
+    after: object, limit: object, types: object
+) -> tuple[bool, frozenset[str] | None]:
+    """The arguments of a read of the feed, checked: whether it reads nothing (a `limit` of 0,
+    answered before the types are looked at; an empty type filter), and its type filter."""
+    check_position("after", after)
+    if limit is not None and check_position("limit", limit) == 0:
+        return True, None
+    wanted = check_types(types)
+    return wanted is not None and not wanted, wanted
+
+
 def check_types(types: object) -> frozenset[str] | None:
     """A feed's type filter: None (every type) or a collection of type names (not one string).
     An empty collection matches no event."""

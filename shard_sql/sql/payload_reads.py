@@ -14,11 +14,10 @@ from shard_sql.sql.dialects import Conn
 from shard_sql.sql.dialects.base import Dialect
 from shard_sql.sql.errors import Site, guarded
 from shard_sql.validation import (
+    check_feed_read,
     check_field_keys,
-    check_position,
     check_seq,
     check_stored_space,
-    check_types,
 )
 
 __all__ = ["SqlPayloadReads"]
@@ -63,11 +62,8 @@ class SqlPayloadReads(PayloadReads):
         types: Collection[str] | None = None,
     ) -> list[tuple[Any, ...]]:
         keys = check_field_keys(keys)
-        check_position("after", after)
-        if limit is not None and check_position("limit", limit) == 0:
-            return []
-        wanted = check_types(types)
-        if wanted is not None and not wanted:
+        nothing, wanted = check_feed_read(after, limit, types)
+        if nothing:
             return []
         return self.database.call(self._feed_fields, keys, after, limit, wanted)
 

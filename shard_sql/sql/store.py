@@ -42,6 +42,7 @@ from shard_sql.store_base import StoreBase, already_written, feed_pages, placed,
 from shard_sql.validation import (
     Pending,
     check_checkpoint_name,
+    check_feed_read,
     check_position,
     check_seq,
     check_stored_space,
@@ -231,11 +232,8 @@ class SqlEventStore(
         limit: int | None = None,
         types: Collection[str] | None = None,
     ) -> list[Event]:
-        check_position("after", after)
-        if limit is not None and check_position("limit", limit) == 0:
-            return []
-        wanted = check_types(types)
-        if wanted is not None and not wanted:
+        nothing, wanted = check_feed_read(after, limit, types)
+        if nothing:
             return []
         return self.database.call(self._feed, after, limit, wanted, True)
 
