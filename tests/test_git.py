@@ -108,10 +108,6 @@ class Git(AdapterCase):
     def store_url(self) -> str | None:
         return f"git+file://{self.tmp_path / 'log.git'}"
 
-    def may_freeze_holder(self) -> bool:
-        """No ref lock held: a stale lock is another test's business."""
-        return not any(p.name.endswith(".lock") for p in (self.tmp_path / "log.git").rglob("*"))
-
     def check_after(self, *, holder_killed: bool) -> None:
         assert intent_refs(self.tmp_path / "log.git") == {}
         assert_fsck_clean(self.tmp_path / "log.git")

@@ -11,7 +11,6 @@ import json
 import os
 import signal
 import socket
-import sqlite3
 import stat
 import struct
 import threading
@@ -29,6 +28,7 @@ from shard_sql.testing.processes import (
     CTX,
     check_log,
     collect,
+    no_write_lock_held,
     start_forwarders,
     start_holder,
     stop_all,
@@ -273,29 +273,11 @@ def send_and_die(url: str, holder: str, space: str, intent_id: str) -> None:
 # -- frozen and killed holders ---------------------------------------------------------------------
 
 
-def _may_freeze(url: str) -> bool:
-    """Whether nobody holds the write lock (SQLite) or a ref lock (git) right now."""
-    if url.startswith("sqlite:///"):
-        conn = sqlite3.connect(url.removeprefix("sqlite:///"), timeout=0.05, isolation_level=None)
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            conn.execute("ROLLBACK")
-            return True
-        except sqlite3.OperationalError:
-            return False
-        finally:
-            conn.close()
-    if url.startswith("git+file://"):
-        root = Path(url.removeprefix("git+file://"))
-        return not any(p.name.endswith(".lock") for p in root.rglob("*"))
-    return True
-
-
 def freeze(url: str, pid: int) -> None:
     for _ in range(200):
         os.kill(pid, signal.SIGSTOP)
         time.sleep(0.005)
-        if _may_freeze(url):
+        if no_write_lock_held(url):
             return
         os.kill(pid, signal.SIGCONT)
         time.sleep(0.002)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sqlite3
-
 import pytest
 from sqlalchemy import create_engine
 
@@ -41,19 +39,6 @@ class SqliteFile(SqlHooks):
 
     def store_url(self) -> str:
         return f"sqlite:///{self.tmp_path}/shard.db"
-
-    def may_freeze_holder(self) -> bool:
-        """Whether a writer can take the file's write lock right now."""
-        path = self.store_url().removeprefix("sqlite:///")
-        conn = sqlite3.connect(path, timeout=0.05, isolation_level=None)
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            conn.execute("ROLLBACK")
-            return True
-        except sqlite3.OperationalError:
-            return False
-        finally:
-            conn.close()
 
 
 class SqliteMemory(AdapterCase):

@@ -12,7 +12,9 @@ import multiprocessing
 import os
 import queue
 import signal
+import sqlite3
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -26,6 +28,27 @@ from shard_sql.urls import open_store
 from shard_sql.verify import verify
 
 CTX = multiprocessing.get_context("spawn")
+
+
+def no_write_lock_held(url: str) -> bool:
+    """Whether nobody holds the store's write lock right now: SQLite's (a `BEGIN IMMEDIATE`
+    gets it at once), or a git ref lock (no `*.lock` file). Other stores: True."""
+    if url.startswith("sqlite:///"):
+        conn = sqlite3.connect(url.removeprefix("sqlite:///"), timeout=0.05, isolation_level=None)
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("ROLLBACK")
+            return True
+        except sqlite3.OperationalError:
+            return False
+        finally:
+            conn.close()
+    if url.startswith("git+file://"):
+        root = Path(url.removeprefix("git+file://"))
+        return not any(p.name.endswith(".lock") for p in root.rglob("*"))
+    return True
+
+
 TTL = 1.0
 """Seconds: the lease of the holder killed with intents pending."""
 
@@ -173,7 +196,8 @@ class ProcessForwardingContract(AdapterCase):
     def may_freeze_holder(self) -> bool:
         """Whether a holder frozen now would hold no lock the others need (SQLite's write lock,
         a git ref lock): a frozen lock holder is another test's business."""
-        return True
+        url = self.store_url()
+        return url is None or no_write_lock_held(url)
 
     def check_after(self, *, holder_killed: bool) -> None:
         """What else a run leaves sound (no intent record left, the files intact)."""
