@@ -39,6 +39,12 @@ class GroupStats:
     items: int = 0
     largest: int = 0
 
+    def add(self, items: int) -> None:
+        """One more write, of `items` items."""
+        self.writes += 1
+        self.items += items
+        self.largest = max(self.largest, items)
+
     @property
     def mean(self) -> float:
         return self.items / self.writes if self.writes else 0.0
@@ -114,10 +120,7 @@ class GroupCommit:
         lone caller pays nothing for grouping), then pass the lead to whoever queued meanwhile."""
         try:
             [event] = self._write(space, [item])
-            stats = self.stats
-            stats.writes += 1
-            stats.items += 1
-            stats.largest = max(stats.largest, 1)
+            self.stats.add(1)
             return event
         finally:
             self._pass_lead(q)
@@ -175,10 +178,7 @@ class GroupCommit:
                     ids.add(intent_id)
                 batch.append(slot)
             q.slots = later
-            stats = self.stats
-            stats.writes += 1
-            stats.items += len(batch)
-            stats.largest = max(stats.largest, len(batch))
+            self.stats.add(len(batch))
             return batch
 
     def _run(self, space: str, batch: list[_Slot]) -> None:
