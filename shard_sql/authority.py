@@ -23,7 +23,8 @@ from typing import Any
 from shard_sql.errors import IntentTimeout, InvalidEvent, LeaseHeld, SeqConflict, StaleLease
 from shard_sql.group import GroupCommit, GroupStats, NotHolder
 from shard_sql.handoff import HANDOFF_TIMEOUT, NOT_HOLDER, Endpoints, HandoffClient
-from shard_sql.handoff_listener import Listener, answer
+from shard_sql.handoff_listener import BaseListener, answer
+from shard_sql.handoff_tcp import NetworkHandoff, start_listeners
 from shard_sql.leases import LeaseRegistry, check_ttl, renewal_due
 from shard_sql.node_transaction import NodeTransaction
 from shard_sql.ports import (
@@ -121,6 +122,9 @@ class AppendAuthority:
     processes in a background thread until the block exits, then releases its leases; on a
     store with a hand-off directory it also listens there for forwarders on this host
     (`handoff=False`: it neither listens nor hands over; forwarding is then durable only).
+    Across hosts only where a deployment asks (`shard_sql.handoff_tcp`): `handoff_secret`
+    (else from the environment) lets it hand over on the network, `handoff_listen="host:port"`
+    also listens there (its id then `<name>@<host>:<port>`).
     `transaction(connection)` writes to the spaces it holds inside a (host's) transaction.
     """
 
@@ -133,6 +137,8 @@ class AppendAuthority:
         ttl_seconds: float = 30.0,
         forward_timeout: float = 30.0,
         handoff: bool = True,
+        handoff_listen: str | None = None,
+        handoff_secret: str | bytes | None = None,
     ) -> None:
         self.node_id = check_text("node_id", node_id)
         self.ttl_seconds = check_ttl(ttl_seconds)
@@ -158,9 +164,13 @@ class AppendAuthority:
         self._guard = threading.Lock()
         self._unwatch: Callable[[], None] | None = None
         self._group = GroupCommit(self._write_batch)
+        network = NetworkHandoff.configure(handoff_listen, handoff_secret) if handoff else None
+        self._network = network if self._queue is not None else None
         self._endpoints = self._handoff_endpoints() if handoff else None
-        self._client = None if self._endpoints is None else HandoffClient(self._endpoints)
-        self._listener: Listener | None = None
+        dial = None if self._network is None else self._network.dial
+        routes = self._endpoints is not None or dial is not None
+        self._client = HandoffClient(self._endpoints, dial) if routes else None
+        self._listeners: list[BaseListener] = []
         _register(self)
 
     def _handoff_endpoints(self) -> Endpoints | None:
@@ -523,9 +533,10 @@ class AppendAuthority:
         return answer(lambda: self._group.write(space, item))
 
     def __enter__(self) -> AppendAuthority:
-        if self._endpoints is not None and self._listener is None:
-            listener = Listener(self._endpoints, self.node_id, self._handed_over)
-            self._listener = listener if listener.start() else None
+        if not self._listeners:
+            self._listeners = start_listeners(
+                self._endpoints, self._network, self.node_id, self._handed_over
+            )
         if self._inbox is not None:
             self._unwatch = self._inbox.watch_intents(self._server.intent_arrived)
         self._server.start()
@@ -537,9 +548,9 @@ class AppendAuthority:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self._listener is not None:
-            self._listener.stop()
-            self._listener = None
+        for listener in self._listeners:
+            listener.stop()
+        self._listeners = []
         self._server.stop()
         if self._client is not None:
             self._client.close()

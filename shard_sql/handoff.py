@@ -9,7 +9,8 @@ it sends the same intent id along the durable path (docs/leases.md gives the who
 
 Security: the directory is the user's own (mode 0700, checked, else no hand-off), the socket
 0600, and both ends check the peer's uid (SO_PEERCRED, Linux). Nothing listens on a network
-address. A message is a 4-byte big-endian length and a JSON object, at most `MAX_MESSAGE` bytes;
+address unless a deployment configures one, with a shared secret (`shard_sql.handoff_tcp`). A
+message is a 4-byte big-endian length and a JSON object, at most `MAX_MESSAGE` bytes;
 a malformed or oversized one closes the connection and writes nothing.
 
 This module holds the wire format, the directories and the forwarder's side; the holder's side
@@ -32,6 +33,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
@@ -146,14 +148,14 @@ def frame(body: bytes) -> bytes:
     return HEADER.pack(len(body)) + body
 
 
-def read_message(sock: socket.socket) -> Any:
+def read_message(sock: socket.socket, limit: int = MAX_MESSAGE) -> Any:
     """One message's JSON value; None at a clean end of the connection; `Malformed` for a
-    message over `MAX_MESSAGE`, cut short, or not JSON."""
+    message over `limit` bytes, cut short, or not JSON."""
     head = _read_exactly(sock, HEADER.size, eof_ok=True)
     if head is None:
         return None
     (size,) = HEADER.unpack(head)
-    if size > MAX_MESSAGE:
+    if size > limit:
         raise Malformed(f"a message of {size} bytes")
     body = _read_exactly(sock, size, eof_ok=False)
     assert body is not None
@@ -245,12 +247,19 @@ def answer_event(space: str, item: Pending, answer: Any) -> Event | str:
 # -- the forwarder's side --------------------------------------------------------------------
 
 
-class HandoffClient:
-    """A forwarder's connections to the holders of one store's directory, kept open between
-    appends (one per thread at a time)."""
+Dial = Callable[[str, float], socket.socket | None]
+"""Connect to a holder by its id over the network (`shard_sql.handoff_tcp`): an authenticated
+connection, or None (not reachable that way: no address, no secret, refused, an impostor)."""
 
-    def __init__(self, endpoints: Endpoints) -> None:
+
+class HandoffClient:
+    """A forwarder's connections to the holders of one store: through the store's directory
+    (`endpoints`), else over the network (`dial`), kept open between appends (one per thread at
+    a time)."""
+
+    def __init__(self, endpoints: Endpoints | None, dial: Dial | None = None) -> None:
         self.endpoints = endpoints
+        self._dial = dial
         self._idle: dict[str, list[socket.socket]] = {}
         self._unreachable: dict[str, float] = {}
         self._guard = threading.Lock()
@@ -308,6 +317,16 @@ class HandoffClient:
             if not _ended(sock):
                 return sock
             sock.close()
+        sock = None if self.endpoints is None else self._connect_socket(holder, timeout)
+        if sock is None and self._dial is not None:
+            sock = self._dial(holder, timeout)
+        if sock is None:
+            self._avoid(holder)
+        return sock
+
+    def _connect_socket(self, holder: str, timeout: float) -> socket.socket | None:
+        """A connection to `holder`'s Unix socket; None when there is none, or not its user's."""
+        assert self.endpoints is not None
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.settimeout(timeout)
@@ -319,7 +338,6 @@ class HandoffClient:
             if e.errno not in (errno.ENOENT, errno.ECONNREFUSED):
                 log.info("hand-off to %s: cannot connect: %s", holder, e)
         sock.close()
-        self._avoid(holder)
         return None
 
     def close(self) -> None:

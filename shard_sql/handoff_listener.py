@@ -1,5 +1,7 @@
 """The holder's side of the direct hand-off (`shard_sql.handoff`): one listening socket per node,
-a thread per connected forwarder; each request is written through the node's group commit."""
+a thread per connected forwarder; each request is written through the node's group commit.
+`BaseListener` is what a Unix socket (`Listener`) and a network one (`shard_sql.handoff_tcp`)
+share: the accept loop, the connections, the requests."""
 
 from __future__ import annotations
 
@@ -39,14 +41,13 @@ Submit = Callable[[str, Pending], bytes]
 """Write one handed-over item; the answer's JSON body."""
 
 
-class Listener:
-    """Node `node_id`'s socket in `endpoints`; `submit` writes what forwarders hand over."""
+class BaseListener:
+    """Node `node_id`'s listening socket (made by `_bind`); `submit` writes what forwarders
+    hand over, once `_admitted` let them in."""
 
-    def __init__(self, endpoints: Endpoints, node_id: str, submit: Submit) -> None:
-        self.endpoints, self.node_id, self._submit = endpoints, node_id, submit
-        self.path = endpoints.path(node_id)
+    def __init__(self, node_id: str, submit: Submit) -> None:
+        self.node_id, self._submit = node_id, submit
         self._server: socket.socket | None = None
-        self._inode = 0
         self._conns: set[socket.socket] = set()
         self._guard = threading.Lock()
         self._stop = threading.Event()
@@ -67,6 +68,98 @@ class Listener:
         )
         self._thread.start()
         return True
+
+    def _bind(self) -> bool:
+        """A new listening socket in `self._server` (closing the old one); False when another
+        live process listens there."""
+        raise NotImplementedError
+
+    def _accept_loop(self) -> None:
+        while not self._stop.is_set():
+            server = self._server
+            assert server is not None
+            try:
+                conn, _ = server.accept()
+            except TimeoutError:
+                self._check_socket_file()
+                continue
+            except OSError:
+                if self._stop.is_set():
+                    return
+                self._check_socket_file()
+                continue
+            self._admit(conn)
+
+    def _check_socket_file(self) -> None:
+        """Every `CHECK_EVERY` seconds without a connection: look after the endpoint."""
+
+    def _admit(self, conn: socket.socket) -> None:
+        with self._guard:
+            if len(self._conns) >= MAX_CONNECTIONS or self._stop.is_set():
+                conn.close()
+                return
+            self._conns.add(conn)
+        threading.Thread(
+            target=self._serve, args=(conn,), name=f"shard-sql-handoff-{self.node_id}", daemon=True
+        ).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        """Answer one forwarder's requests in turn until it hangs up. Anything malformed closes
+        the connection before anything is written."""
+        try:
+            if not self._admitted(conn):
+                return
+            conn.settimeout(None)
+            while not self._stop.is_set():
+                message = read_message(conn)
+                if message is None:
+                    return
+                space, item = parse_request(message)
+                conn.sendall(frame(self._submit(space, item)), _NOSIGNAL)
+        except Malformed as e:
+            log.warning("node %s: malformed hand-off closed: %s", self.node_id, e)
+        except OSError as e:  # the forwarder went away (killed, timed out): nothing to tell
+            log.debug("node %s: hand-off connection ended: %s", self.node_id, e)
+        finally:
+            with self._guard:
+                self._conns.discard(conn)
+            conn.close()
+
+    def _admitted(self, conn: socket.socket) -> bool:
+        """Whether this connection's peer may hand over appends (else it is closed)."""
+        raise NotImplementedError
+
+    def _remove_endpoint(self) -> None:
+        """At the stop: what else than the socket to clean up."""
+
+    def stop(self) -> None:
+        """Stop listening, remove the endpoint (if still this node's), end connections."""
+        self._stop.set()
+        if self._server is not None:
+            with contextlib.suppress(OSError):
+                self._server.shutdown(socket.SHUT_RDWR)  # wakes the accept (Linux)
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._server is not None:
+            self._remove_endpoint()
+            self._server.close()
+            self._server = None
+        with self._guard:
+            conns = list(self._conns)
+        for conn in conns:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+
+
+class Listener(BaseListener):
+    """Node `node_id`'s Unix socket in `endpoints`: only processes of this user get in."""
+
+    def __init__(self, endpoints: Endpoints, node_id: str, submit: Submit) -> None:
+        super().__init__(node_id, submit)
+        self.endpoints = endpoints
+        self.path = endpoints.path(node_id)
+        self._inode = 0
 
     def _bind(self) -> bool:
         """A new listening socket at the node's path; a stale file (a dead process's: its
@@ -105,22 +198,6 @@ class Listener:
         except OSError:
             return False
 
-    def _accept_loop(self) -> None:
-        while not self._stop.is_set():
-            server = self._server
-            assert server is not None
-            try:
-                conn, _ = server.accept()
-            except TimeoutError:
-                self._check_socket_file()
-                continue
-            except OSError:
-                if self._stop.is_set():
-                    return
-                self._check_socket_file()
-                continue
-            self._admit(conn)
-
     def _check_socket_file(self) -> None:
         """Deleted or replaced under us (an operator, a cleanup): bind anew, so forwarders find
         this node again (until then they took the durable path)."""
@@ -132,59 +209,16 @@ class Listener:
             log.warning("node %s: cannot bind its hand-off socket again: %s", self.node_id, e)
             self._stop.wait(CHECK_EVERY)
 
-    def _admit(self, conn: socket.socket) -> None:
-        with self._guard:
-            if len(self._conns) >= MAX_CONNECTIONS or self._stop.is_set():
-                conn.close()
-                return
-            self._conns.add(conn)
-        threading.Thread(
-            target=self._serve, args=(conn,), name=f"shard-sql-handoff-{self.node_id}", daemon=True
-        ).start()
+    def _admitted(self, conn: socket.socket) -> bool:
+        if peer_uid_ok(conn):
+            return True
+        log.warning("node %s: hand-off from another user refused", self.node_id)
+        return False
 
-    def _serve(self, conn: socket.socket) -> None:
-        """Answer one forwarder's requests in turn until it hangs up. Anything malformed closes
-        the connection before anything is written."""
-        try:
-            conn.settimeout(None)
-            if not peer_uid_ok(conn):
-                log.warning("node %s: hand-off from another user refused", self.node_id)
-                return
-            while not self._stop.is_set():
-                message = read_message(conn)
-                if message is None:
-                    return
-                space, item = parse_request(message)
-                conn.sendall(frame(self._submit(space, item)), _NOSIGNAL)
-        except Malformed as e:
-            log.warning("node %s: malformed hand-off closed: %s", self.node_id, e)
-        except OSError as e:  # the forwarder went away (killed, timed out): nothing to tell
-            log.debug("node %s: hand-off connection ended: %s", self.node_id, e)
-        finally:
-            with self._guard:
-                self._conns.discard(conn)
-            conn.close()
-
-    def stop(self) -> None:
-        """Stop listening, remove the socket file (if still this node's), end connections."""
-        self._stop.set()
-        if self._server is not None:
+    def _remove_endpoint(self) -> None:
+        if self._still_mine():
             with contextlib.suppress(OSError):
-                self._server.shutdown(socket.SHUT_RDWR)  # wakes the accept (Linux)
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
-        if self._server is not None:
-            if self._still_mine():
-                with contextlib.suppress(OSError):
-                    os.unlink(self.path)
-            self._server.close()
-            self._server = None
-        with self._guard:
-            conns = list(self._conns)
-        for conn in conns:
-            with contextlib.suppress(OSError):
-                conn.shutdown(socket.SHUT_RDWR)
+                os.unlink(self.path)
 
 
 def answer(write: Callable[[], Event] | None) -> bytes:
