@@ -19,7 +19,11 @@ a second file so that neither side pays the other's WAL checkpoints or page spli
 - git append (fenced, and through `AppendAuthority`) next to a bare pygit2 ref transaction writing
   the same commit (0.8x), git reads (>= 10,000 events/s);
 - 4 processes appending to one space through their own authorities (one holds the lease, three
-  forward to it through the store's durable intents): the total next to one process alone (0.9x);
+  forward to it: over its socket, else through the store's durable intents): the total next to
+  one process alone (0.9x), the CPU per event, the forwarded append's p50 next to a direct one's
+  (<= 2x) and the holder's group commits; then without load, one forwarder process appending one
+  event at a time through an idle holder process, p50 (<= 2x a lone direct append's, the same
+  process alternating with it) and p90;
 - iterating 1,000,000 events with `iter_events` in a fresh process: RSS growth < 50 MB (the row's
   baseline is the 50 MB budget, its ratio budget / growth, target 1.0x);
 - the feed (work `feed`, feed_bench.py): reading it and a Subscription next to the raw driver,
@@ -32,8 +36,9 @@ as one table. Reuses `sql_bench` (raw drivers, interleaving, scratch PostgreSQL 
 `git_bench` (the bare pygit2 baseline, reads).
 
 The rows come from: `rows` (Row, Counts, targets), `sql_rows` (appends, batches, reads),
-`tx_rows` (transactions), `process_rows` (4 processes; memory), `es_side` (eventsourcing as a
-baseline), `es_rows` (eventsourcing on shard_sql), `feed_bench` (the feed).
+`tx_rows` (transactions), `process_rows` (4 processes; forwarding without load; memory),
+`es_side` (eventsourcing as a baseline), `es_rows` (eventsourcing on shard_sql), `feed_bench`
+(the feed).
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """The multi-process rows of the performance suite: 4 processes appending to one space through
 their own authorities next to 1 process alone, with the CPU each event costs machine-wide, the
 forwarded append's latency next to a direct one's and the holder's group commits (items per
-write); and the memory of iterating a long space in a fresh process."""
+write); the forwarded append's latency without load (one forwarder, an idle holder) next to a
+lone direct append's; and the memory of iterating a long space in a fresh process."""
 
 from __future__ import annotations
 
@@ -205,7 +206,7 @@ def process_rows(label: str, url: str, counts: Counts, rounds: int) -> list[Row]
                 ),
             )
         )
-    return rows + _forwarding_rows(label, alone, four)
+    return rows + _forwarding_rows(label, alone, four) + idle_forwarding_rows(label, url, counts)
 
 
 def _forwarding_rows(label: str, alone: list[_Spent], four: list[_Spent]) -> list[Row]:
@@ -249,6 +250,105 @@ def _forwarding_rows(label: str, alone: list[_Spent], four: list[_Spent]) -> lis
             )
         )
     return rows
+
+
+# -- forwarding without load ----------------------------------------------------------------------
+
+IDLE_CHUNK = 25
+"""Direct and forwarded appends alternate in runs of this many (drift hits both alike)."""
+
+
+def _open(url: str) -> Any:
+    return SqlEventStore(url) if not url.startswith("git:") else _git_store(url)
+
+
+def _idle_holder(url: str, space: str, ready: Any, stop: Any) -> None:
+    """Holds `space` and serves (its socket, its intents), appending nothing, until `stop`."""
+    store = _open(url)
+    node = AppendAuthority("idle-holder", store, LeaseRegistry(store), ttl_seconds=600)
+    node.append(space, TYPE, PAYLOAD)
+    with node:
+        ready.set()
+        stop.wait(600)
+    store.close()
+
+
+def _idle_forwarder(url: str, space: str, count: int, out: Any) -> None:
+    """`count` appends to a space of its own (direct, alone) and `count` to `space` (forwarded
+    to the idle holder), one at a time, alternating every `IDLE_CHUNK`; their latencies."""
+    store = _open(url)
+    node = AppendAuthority("idle-fwd", store, LeaseRegistry(store), ttl_seconds=600)
+    mine = f"{space}-direct"
+    clock = time.perf_counter
+    lat: dict[str, list[float]] = {mine: [], space: []}
+    with node:
+        for target in (mine, space):  # warm both paths: connections, the socket, caches
+            for _ in range(5):
+                node.append(target, TYPE, PAYLOAD)
+        warm = dict(node.handoff_outcomes())
+        while len(lat[space]) < count:
+            for target in (mine, space):
+                for _ in range(min(IDLE_CHUNK, count - len(lat[target]))):
+                    a = clock()
+                    e = node.append(target, TYPE, PAYLOAD)
+                    lat[target].append(clock() - a)
+                    assert e.writer == ("idle-fwd" if target == mine else "idle-holder")
+        done = node.handoff_outcomes()
+    store.close()
+    out.put((lat[mine], lat[space], done.get("written", 0) - warm.get("written", 0)))
+
+
+def _p(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))] * 1e6
+
+
+def idle_forwarding_rows(label: str, url: str, counts: Counts) -> list[Row]:
+    """One forwarder process appending one event at a time through an idle holder process (the
+    hand-off over its Unix socket), next to the same process's lone direct appends."""
+    n = max(10, counts.proc_appends // 5)
+    space = f"idle-{uuid.uuid4().hex[:8]}"
+    ready, stop, out = CTX.Event(), CTX.Event(), CTX.Queue()
+    holder = CTX.Process(target=_idle_holder, args=(url, space, ready, stop))
+    holder.start()
+    try:
+        if not ready.wait(120):
+            raise RuntimeError("the idle holder did not start")
+        fwd = CTX.Process(target=_idle_forwarder, args=(url, space, n, out))
+        fwd.start()
+        direct, forwarded, handed = out.get(timeout=600)
+        fwd.join(60)
+    finally:
+        stop.set()
+        holder.join(60)
+        if holder.is_alive():
+            holder.kill()
+    d50, f50, f90 = _p(direct, 0.5), _p(forwarded, 0.5), _p(forwarded, 0.9)
+    how = f"{handed} of {n} over the holder's socket, the rest durable"
+    return [
+        measured(
+            "  forwarded append latency p50, idle holder (1 forwarder)",
+            label,
+            "lone direct append p50",
+            f50,
+            d50,
+            0.5,
+            unit="us",
+            note=f"ratio = direct / forwarded; {n} each, alternating every {IDLE_CHUNK}; {how}",
+            ratio=d50 / f50,
+            target_text="<= 2x",
+        ),
+        measured(
+            "  forwarded append latency p90, idle holder (1 forwarder)",
+            label,
+            "lone direct append p90",
+            f90,
+            _p(direct, 0.9),
+            None,
+            unit="us",
+            note=f"ratio = forwarded / direct (no target); direct p50 {d50:,.0f} us",
+        ),
+    ]
 
 
 # -- memory of a long iteration --------------------------------------------------------------------

@@ -70,12 +70,18 @@ def test_processes_and_memory_quick(perf: Any) -> None:
             ("CPU per event, machine-wide (4 processes)", "us"),
             ("forwarded append latency p50 (4 processes)", "us"),
             ("group commit: items per write (4 processes)", "items"),
+            ("forwarded append latency p50, idle holder (1 forwarder)", "us"),
+            ("forwarded append latency p90, idle holder (1 forwarder)", "us"),
         ]
         assert rows[1]["figure"] > 0 and "cores bound 4 processes" in rows[1]["note"]
         # The forwarded appends went over the holder's socket; the holder grouped its writes.
         handed = re.search(r"(\d+) appends over the holder's socket", rows[2]["note"])
         assert handed is not None and int(handed.group(1)) > 0
         assert rows[2]["target_text"] == "<= 2x" and rows[3]["figure"] >= 1
+        # Without load: one forwarder through an idle holder's socket, next to direct appends.
+        idle = re.search(r"(\d+) of (\d+) over the holder's socket", rows[4]["note"])
+        assert idle is not None and int(idle.group(1)) > 0
+        assert rows[4]["target_text"] == "<= 2x" and rows[4]["baseline"] > 0
     rows = perf.run(quick=True, backends=("sqlite-full",), works=("memory",))
     _check_rows(rows)
     assert rows[0]["unit"] == "MB" and rows[0]["target_text"] == "< 50 MB"
