@@ -52,6 +52,7 @@ refused connection, a timeout) before it tries the socket again."""
 MAX_PATH = 100
 """Bytes: a longer socket path (AF_UNIX allows 107) is reached through /proc/self/fd/N/."""
 HEADER = struct.Struct(">I")
+NOSIGNAL = getattr(socket, "MSG_NOSIGNAL", 0)
 NOT_HOLDER = "not_holder"
 """The answer of a node that does not hold the space (any more): the forwarder looks again."""
 UNREACHABLE = "unreachable"
@@ -151,6 +152,13 @@ def frame(body: bytes) -> bytes:
 def read_message(sock: socket.socket, limit: int = MAX_MESSAGE) -> Any:
     """One message's JSON value; None at a clean end of the connection; `Malformed` for a
     message over `limit` bytes, cut short, or not JSON."""
+    body = read_frame(sock, limit)
+    return None if body is None else decode(body)
+
+
+def read_frame(sock: socket.socket, limit: int = MAX_MESSAGE) -> bytes | None:
+    """One message's bytes; None at a clean end of the connection; `Malformed` for a message
+    over `limit` bytes or cut short."""
     head = _read_exactly(sock, HEADER.size, eof_ok=True)
     if head is None:
         return None
@@ -159,10 +167,31 @@ def read_message(sock: socket.socket, limit: int = MAX_MESSAGE) -> Any:
         raise Malformed(f"a message of {size} bytes")
     body = _read_exactly(sock, size, eof_ok=False)
     assert body is not None
+    return body
+
+
+def decode(body: bytes) -> Any:
     try:
         return json.loads(body)
     except (ValueError, RecursionError) as e:
         raise Malformed(f"not JSON: {e}") from None
+
+
+class Channel:
+    """One connection's messages, as they are: on a Unix socket, where the kernel vouches for
+    the peer (a network connection seals them: `shard_sql.handoff_tcp`)."""
+
+    __slots__ = ("sock",)
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    def send(self, body: bytes) -> None:
+        self.sock.sendall(frame(body), NOSIGNAL)
+
+    def receive(self) -> Any:
+        """The next message (`read_message`)."""
+        return read_message(self.sock)
 
 
 def _read_exactly(sock: socket.socket, n: int, *, eof_ok: bool) -> bytes | None:
@@ -247,7 +276,7 @@ def answer_event(space: str, item: Pending, answer: Any) -> Event | str:
 # -- the forwarder's side --------------------------------------------------------------------
 
 
-Dial = Callable[[str, float], socket.socket | None]
+Dial = Callable[[str, float], Channel | None]
 """Connect to a holder by its id over the network (`shard_sql.handoff_tcp`): an authenticated
 connection, or None (not reachable that way: no address, no secret, refused, an impostor)."""
 
@@ -260,7 +289,7 @@ class HandoffClient:
     def __init__(self, endpoints: Endpoints | None, dial: Dial | None = None) -> None:
         self.endpoints = endpoints
         self._dial = dial
-        self._idle: dict[str, list[socket.socket]] = {}
+        self._idle: dict[str, list[Channel]] = {}
         self._unreachable: dict[str, float] = {}
         self._guard = threading.Lock()
         self.outcomes: dict[str, int] = {"written": 0, NOT_HOLDER: 0, UNREACHABLE: 0, UNKNOWN: 0}
@@ -283,46 +312,47 @@ class HandoffClient:
         body = request(space, item)
         if len(body) > MAX_MESSAGE:
             return UNREACHABLE
-        sock = self._connection(holder, timeout)
-        if sock is None:
+        channel = self._connection(holder, timeout)
+        if channel is None:
             return UNREACHABLE
         try:
-            sock.settimeout(timeout)
-            sock.sendall(frame(body))
-            answer = read_message(sock)
+            channel.sock.settimeout(timeout)
+            channel.send(body)
+            answer = channel.receive()
         except (OSError, Malformed) as e:
-            sock.close()
+            channel.sock.close()
             if isinstance(e, TimeoutError):
                 self._avoid(holder)
             return UNKNOWN
         if answer is None:
-            sock.close()
+            channel.sock.close()
             return UNKNOWN
         with self._guard:
-            self._idle.setdefault(holder, []).append(sock)
+            self._idle.setdefault(holder, []).append(channel)
         return answer_event(space, item, answer)
 
     def _avoid(self, holder: str) -> None:
         self._unreachable[holder] = time.monotonic() + UNREACHABLE_FOR
 
-    def _connection(self, holder: str, timeout: float) -> socket.socket | None:
-        """An idle connection to `holder` (one closed by its end is dropped), else a new one;
-        None when it cannot be reached."""
+    def _connection(self, holder: str, timeout: float) -> Channel | None:
+        """An idle connection to `holder` (one closed by its end is dropped), else a new one:
+        its Unix socket, else over the network; None when it cannot be reached."""
         while True:
             with self._guard:
                 idle = self._idle.get(holder)
-                sock = idle.pop() if idle else None
-            if sock is None:
+                channel = idle.pop() if idle else None
+            if channel is None:
                 break
-            if not _ended(sock):
-                return sock
-            sock.close()
+            if not _ended(channel.sock):
+                return channel
+            channel.sock.close()
         sock = None if self.endpoints is None else self._connect_socket(holder, timeout)
-        if sock is None and self._dial is not None:
-            sock = self._dial(holder, timeout)
-        if sock is None:
+        channel = None if sock is None else Channel(sock)
+        if channel is None and self._dial is not None:
+            channel = self._dial(holder, timeout)
+        if channel is None:
             self._avoid(holder)
-        return sock
+        return channel
 
     def _connect_socket(self, holder: str, timeout: float) -> socket.socket | None:
         """A connection to `holder`'s Unix socket; None when there is none, or not its user's."""
@@ -343,9 +373,9 @@ class HandoffClient:
     def close(self) -> None:
         with self._guard:
             idle, self._idle = self._idle, {}
-        for socks in idle.values():
-            for sock in socks:
-                sock.close()
+        for channels in idle.values():
+            for channel in channels:
+                channel.sock.close()
 
 
 def _ended(sock: socket.socket) -> bool:

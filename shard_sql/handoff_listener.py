@@ -16,12 +16,11 @@ from shard_sql.errors import IntentConflict, InvalidEvent
 from shard_sql.group import NotHolder
 from shard_sql.handoff import (
     NOT_HOLDER,
+    Channel,
     Endpoints,
     Malformed,
-    frame,
     parse_request,
     peer_uid_ok,
-    read_message,
     refusal,
     written,
 )
@@ -34,7 +33,6 @@ CHECK_EVERY = 0.5
 """Seconds: how often the listener looks that its socket file is still its own (deleted or
 replaced: it binds a new one)."""
 BACKLOG = 128
-_NOSIGNAL = getattr(socket, "MSG_NOSIGNAL", 0)
 log = logging.getLogger("shard_sql.handoff")
 
 Submit = Callable[[str, Pending], bytes]
@@ -107,15 +105,16 @@ class BaseListener:
         """Answer one forwarder's requests in turn until it hangs up. Anything malformed closes
         the connection before anything is written."""
         try:
-            if not self._admitted(conn):
+            channel = self._admitted(conn)
+            if channel is None:
                 return
             conn.settimeout(None)
             while not self._stop.is_set():
-                message = read_message(conn)
+                message = channel.receive()
                 if message is None:
                     return
                 space, item = parse_request(message)
-                conn.sendall(frame(self._submit(space, item)), _NOSIGNAL)
+                channel.send(self._submit(space, item))
         except Malformed as e:
             log.warning("node %s: malformed hand-off closed: %s", self.node_id, e)
         except OSError as e:  # the forwarder went away (killed, timed out): nothing to tell
@@ -125,8 +124,8 @@ class BaseListener:
                 self._conns.discard(conn)
             conn.close()
 
-    def _admitted(self, conn: socket.socket) -> bool:
-        """Whether this connection's peer may hand over appends (else it is closed)."""
+    def _admitted(self, conn: socket.socket) -> Channel | None:
+        """The connection's messages, when its peer may hand over appends; None: it is closed."""
         raise NotImplementedError
 
     def _remove_endpoint(self) -> None:
@@ -209,11 +208,11 @@ class Listener(BaseListener):
             log.warning("node %s: cannot bind its hand-off socket again: %s", self.node_id, e)
             self._stop.wait(CHECK_EVERY)
 
-    def _admitted(self, conn: socket.socket) -> bool:
+    def _admitted(self, conn: socket.socket) -> Channel | None:
         if peer_uid_ok(conn):
-            return True
+            return Channel(conn)
         log.warning("node %s: hand-off from another user refused", self.node_id)
-        return False
+        return None
 
     def _remove_endpoint(self) -> None:
         if self._still_mine():

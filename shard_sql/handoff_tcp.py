@@ -13,8 +13,9 @@ No record, no schema change, the same on every backend.
 On connect, both ends prove they know the secret (HMAC-SHA256 over two fresh nonces, each
 end's proof bound to its role), before the forwarder sends anything: a holder never writes for
 a stranger, a forwarder never hands its intent to an impostor. A wrong proof or a malformed
-handshake closes the connection; the forwarder then takes the durable path. The traffic is not
-encrypted and, after the handshake, not authenticated message by message (docs/leases.md).
+handshake closes the connection; the forwarder then takes the durable path. Every message after
+is sealed with a key of that session (`SealedChannel`): one altered, injected or replayed
+closes the connection. The traffic is not encrypted (docs/leases.md).
 """
 
 from __future__ import annotations
@@ -29,7 +30,17 @@ from collections.abc import Mapping
 from typing import Any
 
 from shard_sql.errors import InvalidEvent
-from shard_sql.handoff import Endpoints, Malformed, frame, read_message
+from shard_sql.handoff import (
+    MAX_MESSAGE,
+    NOSIGNAL,
+    Channel,
+    Endpoints,
+    Malformed,
+    decode,
+    frame,
+    read_frame,
+    read_message,
+)
 from shard_sql.handoff_listener import BACKLOG, CHECK_EVERY, BaseListener, Listener, Submit
 
 LISTEN_ENV = "SHARD_SQL_HANDOFF_LISTEN"
@@ -43,6 +54,8 @@ HANDSHAKE_MAX = 512
 """Bytes: the largest handshake message (anything longer closes the connection)."""
 PROTOCOL = "shard-sql-handoff-tcp/1"
 NONCE = 32
+SEAL = 32
+"""Bytes: the HMAC-SHA256 that seals each message after the handshake."""
 log = logging.getLogger("shard_sql.handoff")
 
 
@@ -148,7 +161,7 @@ class NetworkHandoff:
             )
         return TcpListener(self.listen, self.secret, node_id, submit)
 
-    def dial(self, holder: str, timeout: float) -> socket.socket | None:
+    def dial(self, holder: str, timeout: float) -> Channel | None:
         """An authenticated connection to the holder named `holder`; None when its id carries
         no address, nobody answers there, or the answer is not the secret's."""
         where = advertised(holder)
@@ -161,8 +174,9 @@ class NetworkHandoff:
             return None
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if client_handshake(sock, self.secret):
-                return sock
+            channel = client_handshake(sock, self.secret)
+            if channel is not None:
+                return channel
             log.warning("hand-off to %s refused: it does not know the shared secret", holder)
         except (OSError, Malformed) as e:
             log.info("hand-off to %s: handshake failed: %s", holder, e)
@@ -201,8 +215,9 @@ def _same(text: str, proof: bytes) -> bool:
     return hmac.compare_digest(text.encode("utf-8", "surrogatepass"), proof.hex().encode())
 
 
-def client_handshake(sock: socket.socket, secret: Secret) -> bool:
-    """The forwarder's side: True once the holder proved it knows the secret."""
+def client_handshake(sock: socket.socket, secret: Secret) -> SealedChannel | None:
+    """The forwarder's side: the sealed connection once the holder proved it knows the secret;
+    None when it did not (or closed: it did not take our proof)."""
     hello = read_message(sock, HANDSHAKE_MAX)
     if _field(hello, {"hello", "nonce"}, "hello") != PROTOCOL:
         raise Malformed("another protocol")
@@ -211,24 +226,60 @@ def client_handshake(sock: socket.socket, secret: Secret) -> bool:
     _send(sock, {"nonce": client_nonce.hex(), "proof": proof.hex()})
     answer = read_message(sock, HANDSHAKE_MAX)
     if answer is None:
-        return False  # the holder closed: it did not take our proof
+        return None
     mine = _field(answer, {"proof"}, "proof")
-    return _same(mine, secret.proof(b"server", server_nonce, client_nonce))
+    if not _same(mine, secret.proof(b"server", server_nonce, client_nonce)):
+        return None
+    return SealedChannel(sock, secret.proof(b"session", server_nonce, client_nonce), b"client")
 
 
-def server_handshake(sock: socket.socket, secret: Secret) -> bool:
-    """The holder's side: True once the client proved it knows the secret (then this end
-    proves it back)."""
+def server_handshake(sock: socket.socket, secret: Secret) -> SealedChannel | None:
+    """The holder's side: the sealed connection once the client proved it knows the secret
+    (then this end proves it back); None when it did not."""
     server_nonce = os.urandom(NONCE)
     _send(sock, {"hello": PROTOCOL, "nonce": server_nonce.hex()})
     answer = read_message(sock, HANDSHAKE_MAX)
     if answer is None:
-        return False
+        return None
     client_nonce = _nonce(_field(answer, {"nonce", "proof"}, "nonce"))
     if not _same(answer["proof"], secret.proof(b"client", server_nonce, client_nonce)):
-        return False
+        return None
     _send(sock, {"proof": secret.proof(b"server", server_nonce, client_nonce).hex()})
-    return True
+    return SealedChannel(sock, secret.proof(b"session", server_nonce, client_nonce), b"server")
+
+
+class SealedChannel(Channel):
+    """A network connection's messages after the handshake, each sealed with an HMAC-SHA256 of
+    the session's key (from the secret and both nonces) over its sender's role, its number in
+    that direction and its bytes: a message altered, injected, replayed, reordered or sent back
+    to its sender is refused (`Malformed`: the connection is closed). Not encrypted."""
+
+    __slots__ = ("_in", "_key", "_out", "_received", "_sent")
+
+    def __init__(self, sock: socket.socket, key: bytes, role: bytes) -> None:
+        super().__init__(sock)
+        self._key, self._out = key, role
+        self._in = b"server" if role == b"client" else b"client"
+        self._sent = self._received = 0
+
+    def _seal(self, role: bytes, number: int, body: bytes) -> bytes:
+        message = b"%s\0%s%s" % (role, number.to_bytes(8, "big"), body)
+        return hmac.new(self._key, message, hashlib.sha256).digest()
+
+    def send(self, body: bytes) -> None:
+        seal = self._seal(self._out, self._sent, body)
+        self._sent += 1
+        self.sock.sendall(frame(seal + body), NOSIGNAL)
+
+    def receive(self) -> Any:
+        sealed = read_frame(self.sock, MAX_MESSAGE + SEAL)
+        if sealed is None:
+            return None
+        seal, body = sealed[:SEAL], sealed[SEAL:]
+        if not hmac.compare_digest(seal, self._seal(self._in, self._received, body)):
+            raise Malformed("a message without the session's seal")
+        self._received += 1
+        return decode(body)
 
 
 # -- the holder's side -------------------------------------------------------------------------
@@ -258,13 +309,15 @@ class TcpListener(BaseListener):
         self._server = server
         return True
 
-    def _admitted(self, conn: socket.socket) -> bool:
+    def _admitted(self, conn: socket.socket) -> Channel | None:
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         conn.settimeout(HANDSHAKE_TIMEOUT)
-        if server_handshake(conn, self._secret):
-            return True
-        log.warning("node %s: a network hand-off without the shared secret refused", self.node_id)
-        return False
+        channel = server_handshake(conn, self._secret)
+        if channel is None:
+            log.warning(
+                "node %s: a network hand-off without the shared secret refused", self.node_id
+            )
+        return channel
 
 
 def start_listeners(

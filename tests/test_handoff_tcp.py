@@ -15,7 +15,7 @@ import os
 import socket
 import struct
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ import pytest
 
 from shard_sql import AppendAuthority, InvalidEvent, LeaseRegistry
 from shard_sql import handoff_tcp as tcp
-from shard_sql.handoff import MAX_MESSAGE, frame, read_message, request
+from shard_sql.handoff import MAX_MESSAGE, frame, read_frame, read_message, request
 from shard_sql.testing.processes import CTX, check_log, stop_all
 from shard_sql.urls import open_store
 from shard_sql.validation import pending
@@ -106,10 +106,11 @@ def closed_by_peer(sock: socket.socket) -> bool:
         return True
 
 
-def authenticated(where: tuple[str, int], secret: str = SECRET) -> socket.socket:
+def authenticated(where: tuple[str, int], secret: str = SECRET) -> tcp.SealedChannel:
     sock = socket.create_connection(where, timeout=30)
-    assert tcp.client_handshake(sock, tcp.Secret(secret))
-    return sock
+    channel = tcp.client_handshake(sock, tcp.Secret(secret))
+    assert channel is not None
+    return channel
 
 
 # -- configuration -------------------------------------------------------------------------------
@@ -261,7 +262,7 @@ def test_a_wrong_secret_takes_the_durable_path(
     with holder:
         # A raw client with the wrong secret: the holder closes without its proof.
         sock = socket.create_connection(address(holder), timeout=30)
-        assert not tcp.client_handshake(sock, tcp.Secret(OTHER))
+        assert tcp.client_handshake(sock, tcp.Secret(OTHER)) is None
         sock.close()
         assert store.head("s") == 1
         stranger = node(store, "stranger", handoff_secret=OTHER)
@@ -322,14 +323,27 @@ def _before_auth() -> list[bytes]:
     ]
 
 
-def _after_auth() -> list[bytes]:
+def _reflected(channel: tcp.SealedChannel) -> None:
+    """A request answered, then the holder's own sealed answer sent back to it."""
+    channel.send(request("s", pending("t", {"n": 1}, "once")))
+    answer = read_frame(channel.sock)
+    assert answer is not None
+    channel.sock.sendall(frame(answer))
+
+
+def _after_auth() -> list[Callable[[tcp.SealedChannel], None]]:
+    """What an authenticated client, or someone in the middle without the key, may send."""
     good = {"space": "s", "type": "t", "intent_id": "x", "payload": {"n": 1}}
+    req = request("s", pending("t", {"n": 9}, "injected"))
     return [
-        frame(b"{not json"),
-        frame(json.dumps({**good, "extra": 1}).encode()),
-        frame(json.dumps({**good, "payload": "text"}).encode()),
-        struct.pack(">I", MAX_MESSAGE + 1) + b"{}",
-        frame(request("s", pending("t", {"n": 1}, "cut")))[:-3],
+        lambda ch: ch.send(b"{not json"),
+        lambda ch: ch.send(json.dumps({**good, "extra": 1}).encode()),
+        lambda ch: ch.send(json.dumps({**good, "payload": "text"}).encode()),
+        lambda ch: ch.sock.sendall(frame(req)),  # unsealed: injected without the key
+        lambda ch: ch.sock.sendall(frame(os.urandom(tcp.SEAL) + req)),  # a wrong seal
+        _reflected,
+        lambda ch: ch.sock.sendall(struct.pack(">I", MAX_MESSAGE + tcp.SEAL + 1) + b"{}"),
+        lambda ch: ch.sock.sendall(frame(os.urandom(tcp.SEAL) + req)[:-3]),  # cut short
     ]
 
 
@@ -346,19 +360,19 @@ def test_hostile_messages_before_and_after_the_handshake_write_nothing(sqlite_st
                 sock.shutdown(socket.SHUT_WR)
             assert closed_by_peer(sock), n
             sock.close()
-        for n, raw in enumerate(_after_auth()):
-            sock = authenticated(where)
-            with contextlib.suppress(OSError):  # the holder may have closed already
-                sock.sendall(raw)
-                sock.shutdown(socket.SHUT_WR)
-            assert closed_by_peer(sock), n
-            sock.close()
-        assert store.head("s") == 1
-        sock = authenticated(where)  # still serving well-formed requests
-        sock.sendall(frame(request("s", pending("t", {"n": 1}, "good"))))
-        assert read_message(sock)["ok"][0] == 1
-        sock.close()
-    assert [e.intent_id for e in store.events("s")] == [None, "good"]
+        for n, send in enumerate(_after_auth()):
+            channel = authenticated(where)
+            with contextlib.suppress(OSError):
+                send(channel)
+                channel.sock.shutdown(socket.SHUT_WR)
+            assert closed_by_peer(channel.sock), n
+            channel.sock.close()
+        assert [e.intent_id for e in store.events("s")] == [None, "once"]
+        channel = authenticated(where)  # still serving well-formed requests
+        channel.send(request("s", pending("t", {"n": 2}, "good")))
+        assert channel.receive()["ok"][0] == 2
+        channel.sock.close()
+    assert [e.intent_id for e in store.events("s")] == [None, "once", "good"]
 
 
 def test_a_client_that_never_speaks_blocks_nobody(
