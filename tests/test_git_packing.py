@@ -8,13 +8,16 @@ import random
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
+import pygit2
 import pytest
 
 from shard_sql import GitEventStore, InvalidEvent, LeaseRegistry, StoreUnavailable
 from shard_sql.git import Maintenance
 from shard_sql.git.packing import LOCK_FILE, loose_objects, pack_size, packs_to_merge
+from shard_sql.wake import inotify_libc
 
 
 def git(repo: Path, *args: str) -> str:
@@ -124,6 +127,75 @@ def test_one_packer_at_a_time(tmp_path: Path) -> None:
         os.close(fd)
     assert store.maintain().packed > 0
     store.close()
+
+
+def _names_appearing(directory: Path, run: Callable[[], object]) -> list[str]:
+    """The names that appear in `directory` (created, or renamed into it) while `run` runs, in
+    order (inotify)."""
+    libc = inotify_libc()
+    fd = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+    assert fd >= 0
+    try:
+        in_create, in_moved_to = 0x100, 0x80
+        assert libc.inotify_add_watch(fd, str(directory).encode(), in_create | in_moved_to) >= 0
+        run()
+        names = []
+        while True:
+            try:
+                data = os.read(fd, 65536)
+            except BlockingIOError:
+                return names
+            offset = 0
+            while offset < len(data):  # struct inotify_event: int wd; u32 mask, cookie, len; name
+                size = int.from_bytes(data[offset + 12 : offset + 16], sys.byteorder)
+                name = data[offset + 16 : offset + 16 + size].rstrip(b"\0").decode()
+                names.append(name)
+                offset += 16 + size
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.skipif(inotify_libc() is None, reason="watches the pack directory with inotify")
+def test_a_new_pack_appears_before_its_index(tmp_path: Path) -> None:
+    """The race of issue 13 item 17: libgit2 puts a new pack's index in place first, then the
+    pack. `git gc` deletes an index without its pack as garbage (`warning: no corresponding
+    .pack`); between the two renames it saw one, deleted it after the pack arrived, and the
+    loose objects the pack held were deleted too: gone (`NotFoundError`). A pack must appear
+    before its index, as git writes them."""
+    path = tmp_path / "r.git"
+    store = GitEventStore(path, pack_every=0)
+    store.append_many("s", [("t", {"i": i}) for i in range(50)], expected_seq=0)
+    names = _names_appearing(path / "objects" / "pack", store.maintain)
+    (pack_file,) = packs(path)
+    final = [n for n in names if n.startswith(pack_file.stem)]
+    assert final[0] == pack_file.name and final[-1] == pack_file.stem + ".idx", names
+    assert not [n for n in os.listdir(path / "objects") if n.startswith("tmp")]
+    store.close()
+    fsck(path)
+
+
+def test_a_pack_written_again_keeps_its_loose_objects(tmp_path: Path) -> None:
+    """Writers write an object loose again after it was packed; the same objects pack into the
+    same bytes, under the same name. That pack may be one a `git repack -d` beside listed at its
+    start and deletes at its end: its loose copies are kept, for a later run."""
+    path = tmp_path / "r.git"
+    store = GitEventStore(path, pack_every=0)
+    store.append_many("s", [("t", {"i": i}) for i in range(50)], expected_seq=0)
+    loose = loose_objects(str(path / "objects"))
+    handle = pygit2.Repository(str(path))
+    raw = [handle.odb.read(oid)[:2] for oid in loose]
+    handle.free()
+    first = store.maintain()
+    assert first.loose_removed == len(loose) and loose_objects(str(path / "objects")) == []
+    again = store._git.objects()  # type: ignore[attr-defined]
+    assert sorted(again.put(kind, bytes(data)) for kind, data in raw) == sorted(loose)
+    assert store.maintain() == Maintenance(first.packed, 0, 0, 1)  # the same pack, in place
+    assert sorted(loose_objects(str(path / "objects"))) == sorted(loose)
+    store.append("s", "t", {}, expected_seq=50)
+    assert store.maintain().loose_removed > len(loose)  # another pack: removed
+    assert [e.seq for e in store.events("s")] == list(range(51))
+    store.close()
+    fsck(path)
 
 
 MAINTAIN = """

@@ -7,6 +7,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
+import tempfile
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -27,6 +29,9 @@ PACK_EVERY = 2000
 about seven: its commit, the feed's commit and trees; git's own `gc.auto` is 6700)."""
 GEOMETRIC_FACTOR = 2
 """Each pack keeps at least twice the objects of the next smaller one; smaller ones are merged."""
+STAGING_PREFIX = "tmp_shard_sql_pack_"
+"""A run writes its pack in a directory of this prefix in `objects/` (`git prune` removes one
+left by a crash once it is older than its prune age, as it does its own `tmp_` files)."""
 LOCK_FILE = "shard-sql-packing.lock"
 """In the git directory: held (`flock`) by the process that packs, so that one packs at a time."""
 
@@ -142,10 +147,11 @@ def pack(git: GitRepo, *, wait: bool = True) -> Maintenance:
     """Move the loose objects, and the packs `packs_to_merge` picks, into one new pack; then
     delete the loose objects and the packs it holds.
 
-    Safe beside writers: a loose object is deleted only once the new pack holding it is durable,
-    and every object of a merged pack is in the new pack; an object written meanwhile is not
-    touched. Safe beside readers: libgit2 and git look for an object again, in the packs as they
-    are now, when it is not where they last saw it.
+    Safe beside writers: a loose object is deleted only once the new pack holding it is in
+    place and durable, and every object of a merged pack is in the new pack; an object written
+    meanwhile is not touched. Safe beside readers: git looks for an object again in the packs as
+    they are now when it is not where it last saw it, and so does `GitRepo` (see MISS_RETRIES).
+    Safe beside `git gc`: the pack appears before its index (`_put_in_place`).
     """
     pack_dir = os.path.join(git.objects_dir, "pack")
     with _exclusive(os.path.join(git.root, LOCK_FILE), wait) as mine:
@@ -156,12 +162,17 @@ def pack(git: GitRepo, *, wait: bool = True) -> Maintenance:
         merged = [base for _, base in packs[: packs_to_merge([n for n, _ in packs])]]
         if not loose and len(merged) < 2:
             return Maintenance(0, 0, 0, len(packs))
-        before = set(os.listdir(pack_dir)) if os.path.isdir(pack_dir) else set()
-        written, packed_loose, held = _write_pack(git.gitdir, loose, merged)
-        if git.durable:  # libgit2 fsyncs its pack too (its fsync setting is on): to be sure
-            for name in set(os.listdir(pack_dir)) - before:
-                _fsync_file(os.path.join(pack_dir, name))
-            fsync_dir(pack_dir)
+        os.makedirs(pack_dir, exist_ok=True)
+        staging = tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=git.objects_dir)
+        try:
+            written, packed_loose, held = _write_pack(git.gitdir, loose, merged, staging)
+            if not written:
+                return Maintenance(0, 0, 0, len(packs))
+            new = _put_in_place(staging, pack_dir, git.durable)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        if not new:  # the same pack was there already: see _put_in_place
+            return Maintenance(written, 0, 0, len(_packs(pack_dir)))
         removed = _remove_loose(git.objects_dir, packed_loose)
         for base in held:
             _remove_pack(base)
@@ -169,11 +180,12 @@ def pack(git: GitRepo, *, wait: bool = True) -> Maintenance:
 
 
 def _write_pack(
-    gitdir: str, loose: list[str], merged: list[str]
+    gitdir: str, loose: list[str], merged: list[str], staging: str
 ) -> tuple[int, list[str], list[str]]:
     """Write one pack of the objects `loose` and those of the packs `merged` (paths without
-    extension). Return the number written, the loose ids and the merged packs it holds whole
-    (`git gc` beside it may have packed or deleted some meanwhile: those are left alone)."""
+    extension) into the directory `staging`. Return the number written, the loose ids and the
+    merged packs it holds whole (`git gc` beside it may have packed or deleted some meanwhile:
+    those are left alone)."""
     handle = pygit2.Repository(gitdir, RepositoryOpenFlag.NO_SEARCH)
     try:
         builder = pygit2.PackBuilder(handle)
@@ -189,10 +201,36 @@ def _write_pack(
                 held.append(base)
         if not packed_loose and not held:
             return 0, [], []
-        builder.write()
+        builder.write(staging)
         return builder.written_objects_count, packed_loose, held
     finally:
         handle.free()
+
+
+def _put_in_place(staging: str, pack_dir: str, durable: bool) -> bool:
+    """Move the pack written in `staging` into `pack_dir` as git does, the index last. libgit2
+    renames the index into place first, and `git gc` deletes an index without its pack (as
+    garbage: "no corresponding .pack"): one that saw ours between the two renames deleted it
+    after the pack arrived, the run then deleted the loose objects, and those that only the new
+    pack held were gone (issue 13 item 17).
+
+    False when a pack of the same name (the same objects, written the same way) was in place
+    already: it may be one that a `git repack -d` running beside listed at its start and deletes
+    at its end, so the loose objects and merged packs are kept this time."""
+    names = os.listdir(staging)
+    (pack_name,) = [n for n in names if n.endswith(".pack")]
+    stem = pack_name[: -len(".pack")]
+    if durable:  # libgit2 fsyncs its pack too (its fsync setting is on): to be sure
+        for name in names:
+            _fsync_file(os.path.join(staging, name))
+    existed = any(os.path.exists(os.path.join(pack_dir, stem + e)) for e in (".pack", ".idx"))
+    idx = stem + ".idx"
+    for name in sorted(names, key=lambda n: (n == idx, n != pack_name)):  # .pack first, .idx last
+        if name.startswith(stem):
+            os.replace(os.path.join(staging, name), os.path.join(pack_dir, name))
+    if durable:
+        fsync_dir(pack_dir)
+    return not existed
 
 
 def _added(builder: pygit2.PackBuilder, oid: str) -> bool:
