@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import os
 import random
+import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -196,6 +198,48 @@ def test_a_pack_written_again_keeps_its_loose_objects(tmp_path: Path) -> None:
     assert [e.seq for e in store.events("s")] == list(range(51))
     store.close()
     fsck(path)
+
+
+def test_no_pack_deleted_while_git_gc_runs(tmp_path: Path) -> None:
+    """`git gc`'s repack lists the packs when it starts and fails ("unable to add recent
+    objects") when one of them has gone when it reads it: while a `gc.pid` says a gc runs,
+    merged packs are left for a later run (their objects are in the new pack too)."""
+    path = tmp_path / "r.git"
+    store = GitEventStore(path, pack_every=0)
+    for n in range(2):
+        store.append_many("s", [("t", {"i": i}) for i in range(100)], expected_seq=100 * n)
+        store.maintain()
+    assert len(packs(path)) == 2
+    host = socket.gethostname()
+    (path / "gc.pid").write_text(f"{os.getpid()} {host}")  # as git writes it; this one lives
+    store.append("s", "t", {}, expected_seq=200)
+    assert store.maintain().merged_packs == 0
+    assert len(packs(path)) == 3 and loose_objects(str(path / "objects")) == []
+    gone = subprocess.Popen([sys.executable, "-c", ""])
+    gone.wait()  # a process that ended
+    (path / "gc.pid").write_text(f"{gone.pid} {host}")  # a gc killed on this host
+    store.append("s", "t", {}, expected_seq=201)
+    assert store.maintain().merged_packs == 3
+    assert len(packs(path)) == 1
+    assert [e.seq for e in store.events("s")] == list(range(202))
+    store.close()
+    fsck(path)
+
+
+def test_what_gc_pid_says(tmp_path: Path) -> None:
+    from shard_sql.git.packing import _gc_running
+
+    pid = tmp_path / "gc.pid"
+    assert not _gc_running(str(tmp_path))
+    pid.write_text(f"{os.getpid()} {socket.gethostname()}")
+    assert _gc_running(str(tmp_path))
+    pid.write_text("1 another-host")  # a gc on another host: git leaves it alone, and so do we
+    assert _gc_running(str(tmp_path))
+    stale = time.time() - 13 * 3600  # ... unless it is older than 12 hours, as git takes it
+    os.utime(pid, (stale, stale))
+    assert not _gc_running(str(tmp_path))
+    pid.write_text("garbage")
+    assert not _gc_running(str(tmp_path))
 
 
 MAINTAIN = """

@@ -8,8 +8,10 @@ import contextlib
 import logging
 import os
 import shutil
+import socket
 import tempfile
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -32,6 +34,8 @@ GEOMETRIC_FACTOR = 2
 STAGING_PREFIX = "tmp_shard_sql_pack_"
 """A run writes its pack in a directory of this prefix in `objects/` (`git prune` removes one
 left by a crash once it is older than its prune age, as it does its own `tmp_` files)."""
+GC_PID_STALE = 12 * 3600
+"""Seconds after which git takes a `gc.pid` for one left by a `git gc` that died."""
 LOCK_FILE = "shard-sql-packing.lock"
 """In the git directory: held (`flock`) by the process that packs, so that one packs at a time."""
 
@@ -174,6 +178,8 @@ def pack(git: GitRepo, *, wait: bool = True) -> Maintenance:
         if not new:  # the same pack was there already: see _put_in_place
             return Maintenance(written, 0, 0, len(_packs(pack_dir)))
         removed = _remove_loose(git.objects_dir, packed_loose)
+        if _gc_running(git.root):  # kept (their objects are in the new pack too): see there
+            held = []
         for base in held:
             _remove_pack(base)
         return Maintenance(written, len(held), removed, len(_packs(pack_dir)))
@@ -231,6 +237,29 @@ def _put_in_place(staging: str, pack_dir: str, durable: bool) -> bool:
     if durable:
         fsync_dir(pack_dir)
     return not existed
+
+
+def _gc_running(root: str) -> bool:
+    """Whether a `git gc` runs on the repository (its `gc.pid`, as git reads it): its `git
+    repack` lists the packs when it starts and fails ("unable to add recent objects") when one
+    of them has gone when it reads it, so merged packs are deleted by a later run instead."""
+    try:
+        with open(os.path.join(root, "gc.pid"), "rb") as f:
+            fields = f.read(1024).split()
+            age = time.time() - os.fstat(f.fileno()).st_mtime
+    except OSError:
+        return False
+    if age > GC_PID_STALE or len(fields) < 2 or not fields[0].isdigit():
+        return False
+    if fields[1].decode(errors="replace") != socket.gethostname():
+        return True  # git's own rule: a gc on another host is left alone
+    try:
+        os.kill(int(fields[0]), 0)
+    except ProcessLookupError:
+        return False  # a gc killed on this host
+    except OSError:
+        pass  # EPERM: someone else's, alive
+    return True
 
 
 def _added(builder: pygit2.PackBuilder, oid: str) -> bool:
