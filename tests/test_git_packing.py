@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 
@@ -252,6 +253,10 @@ store.close()
 """
 
 
+WRITES = 2000
+"""Appends per writer beside the packers, at most (they stop when the packers are done)."""
+
+
 @pytest.mark.slow
 def test_packing_beside_writers_and_readers(tmp_path: Path) -> None:
     """Writers (fenced appends, forwarded-intent records), readers, this process's `maintain`,
@@ -268,7 +273,7 @@ def test_packing_beside_writers_and_readers(tmp_path: Path) -> None:
         lease = LeaseRegistry(store).acquire(space, space, 600)
         acked[space] = []
         try:
-            for i in range(100_000):
+            for i in range(WRITES):
                 if stop.is_set():
                     break
                 e = store.append(
@@ -290,6 +295,9 @@ def test_packing_beside_writers_and_readers(tmp_path: Path) -> None:
                         got = [e.seq for e in store.events(space, from_seq=start, limit=300)]
                         assert got == list(range(start, start + len(got)))
                         assert len(got) >= min(head - start, 300)  # appends only add
+                    # A reader that never waits holds the GIL: the writers' and packers' every
+                    # system call then waits for it (5 ms each), and the test took 75 s, not 2.
+                    time.sleep(0.002)
         except BaseException as e:
             errors.append(e)
         store.close()
@@ -298,18 +306,23 @@ def test_packing_beside_writers_and_readers(tmp_path: Path) -> None:
     threads += [threading.Thread(target=reader) for _ in range(2)]
     for t in threads:
         t.start()
-    other = subprocess.Popen(
-        [sys.executable, "-c", MAINTAIN, str(path), "40"], stderr=subprocess.PIPE, text=True
-    )
     store = GitEventStore(path, pack_every=0)
-    runs = [store.maintain() for _ in range(20)]
-    subprocess.run(["git", "-C", str(path), "gc", "--quiet"], check=True, timeout=120)
-    runs += [store.maintain() for _ in range(20)]
-    assert other.wait(timeout=120) == 0, other.communicate()[1]
-    stop.set()
-    for t in threads:
-        t.join(60)
-    assert not errors, errors
+    try:  # a failure here must still stop the threads
+        other = subprocess.Popen(
+            [sys.executable, "-c", MAINTAIN, str(path), "40"], stderr=subprocess.PIPE, text=True
+        )
+        runs = [store.maintain() for _ in range(20)]
+        gc = subprocess.run(
+            ["git", "-C", str(path), "gc", "--quiet"], timeout=120, capture_output=True, text=True
+        )
+        runs += [store.maintain() for _ in range(20)]
+        assert other.wait(timeout=120) == 0, other.communicate()[1]
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(60)
+    assert not errors, [traceback.format_exception(e) for e in errors]
+    assert gc.returncode == 0, gc.stderr
     assert any(r.packed for r in runs) and any(r.merged_packs for r in runs)
     for space, events in acked.items():
         assert len(events) >= 5  # appends went on beside the packing
