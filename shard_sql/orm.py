@@ -56,7 +56,7 @@ __all__ = [
     "metadata",
 ]
 
-SCHEMA_REVISION = "0005"
+SCHEMA_REVISION = "0006"
 """The alembic head revision these models describe.
 
 A store compares it with the database's version row when it opens, without loading alembic.
@@ -77,9 +77,13 @@ INTENTS = "intents"
 CHECKPOINTS = "checkpoints"
 PLACE_FEED = "shard_sql_place_feed"
 """PostgreSQL: the function that places committed events in the feed (migration 0004)."""
+APPEND_PLACED = "shard_sql_append_placed"
+"""PostgreSQL: the function that appends events and places them before its commit (0006)."""
 TABLES = frozenset({EVENTS, LEASES, INTENTS, CHECKPOINTS, VERSION_TABLE})
 """The name of every table shard_sql's migrations create, its version table included."""
-ROUTINES = frozenset({PLACE_FEED, "shard_sql_notify_applied", "events_notify_applied"})
+ROUTINES = frozenset(
+    {PLACE_FEED, APPEND_PLACED, "shard_sql_notify_applied", "events_notify_applied"}
+)
 """PostgreSQL: shard_sql's functions and its trigger."""
 
 

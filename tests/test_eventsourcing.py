@@ -580,3 +580,55 @@ def test_a_system_processes_each_notification_once(url: str) -> None:
     assert len(runner.get(Tallies).notification_log.select(1, 10)) == 4
     runner.stop()
     del keep
+
+
+def test_a_postgres_save_is_placed_in_its_own_transaction(pg_migrated_url: str) -> None:
+    """One aggregate's events are appended and placed by one statement (one commit) when the
+    placement's lock is free; when another session holds it, they commit unplaced and the
+    recorder places them after the commit (`feed_head`), as before."""
+    import psycopg
+
+    f = ShardSqlFactory(Environment("Shop", {"SHARD_SQL_URL": pg_migrated_url}))
+    try:
+        recorder = f.application_recorder()
+        a = uuid4()
+        with psycopg.connect(pg_migrated_url.replace("+psycopg", ""), autocommit=True) as other:
+            # Placed by the save's own statement: no placement after it, no read of positions.
+            after_commit: list[str] = []
+            store: Any = f.store
+            for name in ("feed_head", "events"):
+                real = getattr(store, name)
+
+                def counted(*args: Any, _real: Any = real, _name: str = name, **kw: Any) -> Any:
+                    after_commit.append(_name)
+                    return _real(*args, **kw)
+
+                setattr(store, name, counted)
+            assert recorder.insert_events([stored(a, 1), stored(a, 2)]) == [1, 2]
+            assert after_commit == []
+            assert [e.position for e in f.store.events(f"Shop.events:{a}")] == [1, 2]
+
+            other.execute("BEGIN")
+            other.execute("SELECT pg_advisory_xact_lock(1514554416, 'events'::regclass::oid::int)")
+            got: dict[str, Any] = {}
+
+            def save() -> None:
+                got["ids"] = recorder.insert_events([stored(a, 3)])
+
+            saver = threading.Thread(target=save)
+            saver.start()
+            with psycopg.connect(pg_migrated_url.replace("+psycopg", ""), autocommit=True) as look:
+                for _ in range(2000):  # until the event is committed, unplaced
+                    n = look.execute("SELECT count(*) FROM events WHERE position IS NULL")
+                    if n.fetchone() == (1,):
+                        break
+                    threading.Event().wait(0.005)
+                else:
+                    raise AssertionError("the event was not committed")
+            other.execute("COMMIT")  # the recorder's placement gets the lock
+            saver.join(30)
+            assert got["ids"] == [3]
+            assert after_commit[-2:] == ["feed_head", "events"]  # placed after the commit
+            assert [n.id for n in recorder.select_notifications(1, 10)] == [1, 2, 3]
+    finally:
+        f.close()

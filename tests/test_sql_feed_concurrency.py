@@ -3,6 +3,9 @@ transactions open for random times (BEGIN, the store's own append statements, a 
 COMMIT or ROLLBACK), while a reader pages the feed. The reader must read exactly the committed
 events, each once, positions increasing, each space in seq order.
 
+On PostgreSQL some writes are `shard_sql_append_placed()` (placed before their own commit when
+the placement's lock is free): the positions they return must be the ones the reader reads.
+
 On PostgreSQL some writers pause long between their insert and their commit, so commits come in
 another order than the inserts (what skips a reader when positions are taken at insert time)."""
 
@@ -45,9 +48,31 @@ def _head(c: Conn, space: str, store: SqlEventStore) -> int:
     return 0 if row is None else int(row[0]) + 1
 
 
+def _placed(store: SqlEventStore, c: Conn, w: str, i: int, rnd: random.Random) -> list[Any]:
+    """One `append_placed` (1-3 events of one space, in autocommit); what it committed, each
+    with the position it returned (None: placed after its commit)."""
+    d = store.database.dialect
+    assert isinstance(d, PostgresDialect)
+    space = rnd.choice(["shared-0", "shared-1", f"own-{w}"])
+    seq = _head(c, space, store)
+    idents = [f"{w}.{i}.{space}.{k}" for k in range(rnd.randint(1, 3))]
+    items = [pending("t", {"id": x}) for x in idents]
+    try:
+        got = d.append_placed(c, space, items, seq, datetime.now(UTC))
+    except Exception:
+        d.rollback(c)  # another writer took that seq first
+        return []
+    if got is None:
+        return []
+    store.feed_committed()
+    return [[space, seq + k, x, p] for k, (x, p) in enumerate(zip(idents, got, strict=True))]
+
+
 def _transaction(store: SqlEventStore, c: Conn, w: str, i: int, rnd: random.Random) -> list[Any]:
     """One transaction: 1-2 spaces, 1-3 events each; what it committed (empty: rolled back)."""
     d = store.database.dialect
+    if isinstance(d, PostgresDialect) and rnd.random() < 0.3:
+        return _placed(store, c, w, i, rnd)
     while True:
         try:
             d.begin_write(c)
@@ -91,7 +116,7 @@ def _writer(url: str, w: str, seed: int, results: Any) -> None:
 
 
 def test_the_reader_reads_exactly_what_committed(url: str) -> None:
-    seen, committed = _run(url)
+    seen, committed, promised = _run(url)
     positions = [e.position for e in seen]
     assert None not in positions
     assert positions == sorted(set(positions)), "positions repeat or go back"  # type: ignore[type-var]
@@ -103,6 +128,10 @@ def test_the_reader_reads_exactly_what_committed(url: str) -> None:
     assert len(got) == len(set(got))
     assert sorted(got) == sorted(committed)
     assert len(committed) > 50, len(committed)
+    read = {(e.space, e.seq): e.position for e in seen}
+    assert {k: read[k] for k in promised} == promised, "a returned position is not the feed's"
+    if url.startswith("postgresql"):
+        assert promised, "no append placed its events before its commit"
 
 
 def test_positions_taken_at_insert_are_caught(
@@ -122,13 +151,16 @@ def test_positions_taken_at_insert_are_caught(
     monkeypatch.setattr(
         PostgresDialect, "feed_beyond", lambda self, c, after: head(self, c) > after
     )
-    seen, committed = _run(pg_migrated_url)
+    seen, committed, _ = _run(pg_migrated_url)
     got = {(e.space, e.seq, e.payload["id"]) for e in seen}
     assert got < set(committed), "no event was skipped: the test would not catch a skip"
 
 
-def _run(url: str) -> tuple[list[Event], list[tuple[str, int, str]]]:
-    """Writers and a paging reader; (what the reader read, what the writers committed)."""
+def _run(
+    url: str,
+) -> tuple[list[Event], list[tuple[str, int, str]], dict[tuple[str, int], int]]:
+    """Writers and a paging reader; (what the reader read, what the writers committed, the
+    positions `append_placed` returned)."""
     results: Any = CTX.Queue()
     procs = [CTX.Process(target=_writer, args=(url, f"p{n}", n, results)) for n in range(PROCESSES)]
     threads = [
@@ -142,6 +174,7 @@ def _run(url: str) -> tuple[list[Event], list[tuple[str, int, str]]]:
     for t in threads:
         t.start()
     committed: list[tuple[str, int, str]] = []
+    promised: dict[tuple[str, int], int] = {}
     done = 0
     after = 0
     try:
@@ -151,7 +184,8 @@ def _run(url: str) -> tuple[list[Event], list[tuple[str, int, str]]]:
                 if got is None:
                     done += 1
                 else:
-                    committed.extend(tuple(e) for e in got)
+                    committed.extend((e[0], e[1], e[2]) for e in got)
+                    promised.update({(e[0], e[1]): e[3] for e in got if len(e) > 3 and e[3]})
             page = store.feed(after, limit=7)
             seen.extend(page)
             if page:
@@ -167,4 +201,4 @@ def _run(url: str) -> tuple[list[Event], list[tuple[str, int, str]]]:
         for t in threads:
             t.join(60)
         store.close()
-    return seen, committed
+    return seen, committed, promised

@@ -119,6 +119,7 @@ def test_migrate_puts_everything_in_the_schema(pg_url: str) -> None:
         "WHERE proname LIKE 'shard_sql%' ORDER BY proname",
     )
     assert functions == [
+        ("shard_sql_append_placed", SCHEMA, [f"search_path={SCHEMA}, pg_temp"]),
         ("shard_sql_notify_applied", SCHEMA, [f"search_path={SCHEMA}, pg_temp"]),
         ("shard_sql_place_feed", SCHEMA, [f"search_path={SCHEMA}, pg_temp"]),
     ]

@@ -47,6 +47,7 @@ from shard_sql.eventsourcing._mapping import (
     type_of,
     version_of,
 )
+from shard_sql.eventsourcing._placed import placed_appends
 from shard_sql.ports import FeedStore, PayloadReads
 from shard_sql.values import Event
 
@@ -92,6 +93,7 @@ class ShardSqlRecorder(Recorder):
         self._bases: dict[str, int] = {}
         # Checked once: isinstance against a Protocol costs more than reading an event.
         self._payload_reads = store if isinstance(store, PayloadReads) else None
+        self._placed = placed_appends(store)
 
     def _rows(self, space: str, from_seq: int = 0, limit: int | None = None) -> list[Row]:
         """The rows (`Row`) of the events `store.events` returns: the store extracts the
@@ -170,7 +172,7 @@ class ShardSqlAggregateRecorder(ShardSqlRecorder, AggregateRecorder):
             for attempt in range(WRITE_TRIES):
                 expected = self._expected(runs)
                 try:
-                    written = self._write(runs, expected, tracking)
+                    ids = self._write(runs, expected, tracking)
                 except SeqConflict as e:
                     if attempt + 1 < WRITE_TRIES and self._learn(e, expected):
                         continue
@@ -179,7 +181,7 @@ class ShardSqlAggregateRecorder(ShardSqlRecorder, AggregateRecorder):
             for space, (_, v1, guessed) in expected.items():
                 if guessed:
                     self._remember(space, v1)
-            return self._positions(written) if self.returns_ids else []
+            return ids
 
     def _runs(self, stored_events: Sequence[StoredEvent]) -> list[_Run]:
         """Group consecutive events of one space; refuse versions that cannot be appended."""
@@ -236,13 +238,21 @@ class ShardSqlAggregateRecorder(ShardSqlRecorder, AggregateRecorder):
         runs: list[_Run],
         expected: dict[str, tuple[int, int, bool]],
         tracking: Tracking | None,
-    ) -> list[list[Event]]:
+    ) -> list[int]:
+        """Write the runs (and the tracking record) in one transaction; the positions of their
+        events when the recorder returns them (else [])."""
         if len(runs) == 1 and tracking is None:
             # One aggregate (what `Application.save` of one aggregate writes): the store's own
             # write, one transaction as below, in fewer statements (SQLite and PostgreSQL: one
             # event is one statement in autocommit, no BEGIN, head read and COMMIT of its own).
             space, _, items = runs[0]
-            return [self.store.append_many(space, items, expected_seq=expected[space][0])]
+            seq = expected[space][0]
+            placed = self._placed
+            if placed is not None and self.returns_ids:
+                # PostgreSQL: written and placed in one transaction (`PlacedAppends`).
+                return placed(space, items, seq)
+            out = self.store.append_many(space, items, expected_seq=seq)
+            return self._positions([out]) if self.returns_ids else []
         seqs = {space: seq for space, (seq, _, _) in expected.items()}
         written: list[list[Event]] = []
         with self.store.transaction() as tx:
@@ -252,7 +262,7 @@ class ShardSqlAggregateRecorder(ShardSqlRecorder, AggregateRecorder):
                 written.append(out)
             if tracking is not None:
                 self._save_tracking(tx, tracking)
-        return written
+        return self._positions(written) if self.returns_ids else []
 
     def _learn(self, e: SeqConflict, expected: dict[str, tuple[int, int, bool]]) -> bool:
         """After a SeqConflict: is the write worth trying again?"""

@@ -12,7 +12,15 @@ from sqlalchemy.engine import URL, Connection, Engine
 
 from shard_sql.errors import SeqConflict
 from shard_sql.leases import check_fence
-from shard_sql.orm import CHECKPOINTS, EVENTS, INTENTS, LEASES, PLACE_FEED, VERSION_TABLE
+from shard_sql.orm import (
+    APPEND_PLACED,
+    CHECKPOINTS,
+    EVENTS,
+    INTENTS,
+    LEASES,
+    PLACE_FEED,
+    VERSION_TABLE,
+)
 from shard_sql.sql.errors import DEFAULT_BUSY_TIMEOUT, Site
 from shard_sql.sql.waits import Waits
 from shard_sql.store_base import checkpoint_conflict
@@ -40,6 +48,7 @@ class Tables:
     checkpoints: str = CHECKPOINTS
     version: str = VERSION_TABLE
     place_feed: str = PLACE_FEED
+    append_placed: str = APPEND_PLACED
 
     @classmethod
     def in_schema(cls, schema: str | None) -> Tables:
@@ -47,7 +56,18 @@ class Tables:
             return cls()
         q = f'"{schema}".'
         return cls(
-            *(q + n for n in (EVENTS, LEASES, INTENTS, CHECKPOINTS, VERSION_TABLE, PLACE_FEED))
+            *(
+                q + n
+                for n in (
+                    EVENTS,
+                    LEASES,
+                    INTENTS,
+                    CHECKPOINTS,
+                    VERSION_TABLE,
+                    PLACE_FEED,
+                    APPEND_PLACED,
+                )
+            )
         )
 
 

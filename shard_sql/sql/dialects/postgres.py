@@ -193,6 +193,7 @@ class PostgresDialect(Dialect):
             f"EXISTS (SELECT 1 FROM {t.events} WHERE position IS NULL)"
         )
         self.copy_sql = f"COPY {t.events} ({COLUMNS}) FROM STDIN"
+        self.append_placed_sql = f"SELECT {t.append_placed}(%s, %s, %s::text[], %s::text[], %s)"
         self._append = {
             (fence, intent): append_one_sql(fence=fence, intent=intent, t=t)
             for fence in (False, True)
@@ -376,6 +377,24 @@ class PostgresDialect(Dialect):
             # A read-only session: what others placed is read as safely, only later.
             c.cur.execute(self.feed_head_sql)
         return int(c.cur.fetchone()[0])
+
+    def append_placed(
+        self, c: Conn, space: str, batch: Sequence[Pending], seq: int, at: datetime
+    ) -> list[int | None] | None:
+        """Append `batch` (no intent ids, unfenced) at `seq` and place it in the feed before
+        the commit: one statement in autocommit (`shard_sql_append_placed()`, migration 0006),
+        one round trip and one commit, where an append and then `place_feed` are two commits
+        and a read. None: nothing written (the head is not `seq`). Else the events' positions,
+        or None for each when another session held the placement's lock: they are committed
+        unplaced, and placed by the next `place_feed`, as any other write's events are."""
+        cur = c.cur
+        cur.execute(
+            self.append_placed_sql,
+            (space, seq, [p.type for p in batch], [p.payload_json for p in batch], _utc(at)),
+        )
+        row = cur.fetchone()
+        positions: list[int | None] | None = row[0]
+        return positions
 
     def feed_beyond(self, c: Conn, after: int) -> bool:
         # An unplaced committed row will be placed above the head, which is >= `after` here.

@@ -1,0 +1,73 @@
+"""PostgreSQL: one aggregate's events written and placed in the feed in one transaction.
+
+An application recorder returns the notification ids (feed positions) of what it writes. A
+PostgreSQL append leaves its rows unplaced, so `append_many` and then `feed_head()` are two
+commits, each waiting for the disk flush, and a read to learn the positions.
+`PostgresDialect.append_placed` does the three in one statement (`shard_sql_append_placed()`,
+migration 0006): one round trip, one commit (docs/eventsourcing.md).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from eventsourcing.persistence import OperationalError
+
+from shard_sql.errors import SeqConflict, ShardSqlError
+from shard_sql.ports import FeedStore
+from shard_sql.validation import check_items, check_space
+
+if TYPE_CHECKING:
+    from shard_sql.sql.store import SqlEventStore
+
+_now = datetime.now
+
+
+class PlacedAppends:
+    """`append_many` for a store whose dialect places in the write's transaction; None for a
+    store that does not (`placed_appends`)."""
+
+    def __init__(self, store: SqlEventStore) -> None:
+        from shard_sql.sql.errors import translate
+
+        self.store = store
+        self.db = store.database
+        self._append = store.database.dialect.append_placed  # type: ignore[attr-defined]
+        self._translate = translate
+
+    def __call__(self, space: str, items: list[tuple[str, dict[str, Any]]], seq: int) -> list[int]:
+        """Write `items` at `seq`; their positions."""
+        check_space(space)
+        batch = check_items(items)
+        db = self.db
+        try:
+            got = db.call(self._append, space, batch, seq, _now(UTC), retry=False)
+        except ShardSqlError:
+            raise
+        except Exception as e:
+            err = self._translate(e, db.site, space=space, expected_seq=seq)
+            if err is None:
+                raise
+            raise err from e
+        if got is None:
+            raise SeqConflict(space, seq)
+        self.store.feed_committed()  # wake the feed's waiters, as the store's writes do
+        positions = [p for p in got if p is not None]
+        if len(positions) < len(batch):
+            # Another session held the placement's lock: placed after the commit instead.
+            self.store.feed_head()
+            again = self.store.events(space, from_seq=seq, limit=len(batch))
+            positions = [e.position for e in again if e.position is not None]
+            if len(positions) != len(batch):
+                raise OperationalError("events were written but the feed has not placed them")
+        return positions
+
+
+def placed_appends(store: FeedStore) -> PlacedAppends | None:
+    """`PlacedAppends` for a PostgreSQL store, else None."""
+    database = getattr(store, "database", None)
+    dialect = getattr(database, "dialect", None)
+    if dialect is None or not callable(getattr(dialect, "append_placed", None)):
+        return None
+    return PlacedAppends(store)  # type: ignore[arg-type]
