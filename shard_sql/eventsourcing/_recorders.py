@@ -185,6 +185,13 @@ class ShardSqlAggregateRecorder(ShardSqlRecorder, AggregateRecorder):
 
     def _runs(self, stored_events: Sequence[StoredEvent]) -> list[_Run]:
         """Group consecutive events of one space; refuse versions that cannot be appended."""
+        if len(stored_events) == 1:  # `Application.save` of a new aggregate: one event
+            s = stored_events[0]
+            if type(s.originator_version) is not int:
+                name = type(s.originator_version).__name__
+                raise DataError(f"originator_version must be an int, not {name}")
+            items = [(type_of(s.topic), p) for p in payloads(s, split=not self.contiguous)]
+            return [(self.space(s.originator_id), [s], items)]
         runs: list[_Run] = []
         last: dict[str, int] = {}
         split = not self.contiguous
