@@ -14,7 +14,8 @@ import hashlib
 import os
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import suppress
 from pathlib import Path
 
 import psycopg
@@ -65,41 +66,57 @@ def new_pg_database(template: str | None = None) -> str:
     return _url_of(name)
 
 
-def _migrations_digest() -> str:
+def _migrations_digest(salt: str = "") -> str:
     root = Path(__file__).resolve().parent.parent
-    digest = hashlib.sha256()
+    digest = hashlib.sha256(salt.encode())
     for path in sorted((root / "migrations").rglob("*.py")):
         digest.update(path.relative_to(root).as_posix().encode())
         digest.update(path.read_bytes())
     return digest.hexdigest()[:16]
 
 
-_template: str | None = None
+_templates: dict[str, str] = {}
+
+KEPT_TEMPLATES = 3
+"""Templates of one kind kept on the server, the newest: older ones (made by other versions of
+the migrations, by runs of other branches) are dropped when a new one is made."""
 
 
-def migrated_template() -> str:
-    """The name of a database at the head schema, to copy: `shard_test_template_<digest of the
-    migrations>`, made by the first test run that needs it and kept for later runs. Concurrent
-    runs race safely: each migrates a database of its own, renames it to the template's name,
-    and the loser drops its copy. Nobody connects to the template (which CREATE DATABASE ...
-    TEMPLATE requires)."""
-    global _template
-    if _template is not None:
-        return _template
+def kept_template(kind: str, make: Callable[[str], None], salt: str = "") -> str:
+    """The name of a database `shard_test_<kind>_<digest of the migrations and salt>` that
+    `make(url)` made from an empty one, to copy (`salt`: what else `make` puts in it, e.g. its
+    DDL): made by the first test run that needs it and kept for later runs. Concurrent runs
+    race safely: each makes a database of its own, renames it to the template's name, and the
+    loser drops its copy. Nobody connects to the template (which CREATE DATABASE ... TEMPLATE
+    requires)."""
+    if kind in _templates:
+        return _templates[kind]
     _require_pg()
-    name = f"shard_test_template_{_migrations_digest()}"
+    name = f"shard_test_{kind}_{_migrations_digest(salt)}"
     with psycopg.connect(_libpq(pg_admin_url()), autocommit=True) as conn:
         exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone()
     if exists is None:
         scratch = new_pg_database()
-        migrate(scratch)  # disposes its engine: no connection stays behind
+        make(scratch)  # leaves no connection behind
         with psycopg.connect(_libpq(pg_admin_url()), autocommit=True) as conn:
             try:
                 conn.execute(f'ALTER DATABASE "{scratch.rpartition("/")[2]}" RENAME TO "{name}"')
             except psycopg.errors.DuplicateDatabase:
                 drop_pg_database(scratch)  # another run made it first
-    _template = name
+            older = conn.execute(
+                "SELECT datname FROM pg_database WHERE datname ~ %s ORDER BY oid DESC OFFSET %s",
+                (f"^shard_test_{kind}_[0-9a-f]{{16}}$", KEPT_TEMPLATES),
+            ).fetchall()
+            for (old,) in older:
+                with suppress(psycopg.Error):  # not WITH (FORCE): one being copied stays
+                    conn.execute(f'DROP DATABASE IF EXISTS "{old}"')
+    _templates[kind] = name
     return name
+
+
+def migrated_template() -> str:
+    """The name of a database at the head schema, to copy (see `kept_template`)."""
+    return kept_template("template", migrate)  # migrate disposes its engine
 
 
 def drop_pg_database(url: str) -> None:
@@ -202,15 +219,22 @@ def copy_of(template: str) -> str:
 
 def _catalog_and_version(conn: psycopg.Connection[tuple[object, ...]]) -> str:
     [(catalog,)] = conn.execute(_CATALOG).fetchall()
-    versions = conn.execute(
-        "SELECT string_agg(format('%s', v), ',') FROM (SELECT t::text AS v FROM "
-        "shard_sql_version t ORDER BY 1) v"
-    ).fetchone()
+    versions = []
+    for (table,) in conn.execute(  # shard_sql's, in whichever schema it was migrated to
+        "SELECT format('%I.%I', schemaname, tablename) FROM pg_tables "
+        "WHERE tablename = 'shard_sql_version' ORDER BY 1"
+    ).fetchall():
+        found = conn.execute(
+            f"SELECT string_agg(format('%s', v), ',') FROM (SELECT t::text AS v FROM "
+            f"{table} t ORDER BY 1) v"
+        ).fetchone()
+        versions.append(f"{table} {found}")
     return f"{catalog} {versions}"
 
 
-def give_back(template: str, url: str) -> None:
-    """Empty `url` for the next test if its catalog is still the template's; else drop it."""
+def give_back(template: str, url: str, *refill: str) -> None:
+    """Empty `url` for the next test if its catalog is still the template's (then run the
+    `refill` statements: the rows of the template's other tables); else drop it."""
     try:
         with psycopg.connect(_libpq(url), autocommit=True) as conn:
             conn.execute("SET lock_timeout = '5s'")
@@ -248,6 +272,8 @@ def give_back(template: str, url: str) -> None:
                 "WHERE schemaname NOT IN ('pg_catalog', 'information_schema')"
             ).fetchall():
                 conn.execute(f"ALTER SEQUENCE {seq} RESTART")
+            for statement in refill:
+                conn.execute(statement)
     except (psycopg.Error, LookupError, TimeoutError, ValueError):
         drop_pg_database(url)
         return

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from conftest import _libpq, _migrations_digest, drop_pg_database, new_pg_database, pg_admin_url
+from conftest import _libpq, copy_of, give_back, kept_template
 from sqlalchemy import create_engine, inspect, select, text
 from sqlalchemy.orm import Session
 
@@ -43,42 +43,29 @@ pytestmark = pytest.mark.postgres
 
 SCHEMA = "log"
 HOST_EVENTS = "CREATE TABLE public.events (id serial PRIMARY KEY, what text NOT NULL)"
+HOST_ROW = "INSERT INTO public.events (what) VALUES ('mine')"
 
-_template: str | None = None
+
+def _make_schema_template(url: str) -> None:
+    execute(url, HOST_EVENTS, HOST_ROW)
+    migrate(url, schema=SCHEMA)
 
 
 def schema_template() -> str:
-    """A database with the host's own `public.events` (one row) and shard_sql at head in `log`:
-    made once per run of the migrations, copied by every test."""
-    global _template
-    if _template is None:
-        name = f"shard_test_schema_{_migrations_digest()}"
-        with psycopg.connect(_libpq(pg_admin_url()), autocommit=True) as conn:
-            found = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
-            exists = found.fetchone() is not None
-        if not exists:
-            scratch = new_pg_database()
-            execute(scratch, HOST_EVENTS, "INSERT INTO public.events (what) VALUES ('mine')")
-            migrate(scratch, schema=SCHEMA)
-            with psycopg.connect(_libpq(pg_admin_url()), autocommit=True) as conn:
-                try:
-                    conn.execute(
-                        f'ALTER DATABASE "{scratch.rpartition("/")[2]}" RENAME TO "{name}"'
-                    )
-                except psycopg.errors.DuplicateDatabase:
-                    drop_pg_database(scratch)
-        _template = name
-    return _template
+    """A database with the host's own `public.events` (one row) and shard_sql at head in `log`,
+    kept for later runs (conftest's `kept_template`); tests get copies of it (`copy_of`)."""
+    return kept_template("schema", _make_schema_template, f"{HOST_EVENTS} {HOST_ROW} {SCHEMA}")
 
 
 @pytest.fixture
 def shared_url() -> Iterator[str]:
     """A database shared with a host: its `public.events`, shard_sql in schema `log`."""
-    url = new_pg_database(schema_template())
+    template = schema_template()
+    url = copy_of(template)
     try:
         yield url
     finally:
-        drop_pg_database(url)
+        give_back(template, url, HOST_ROW)
 
 
 def execute(url: str, *statements: str) -> None:
