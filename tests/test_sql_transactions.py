@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from conftest import copy_of, give_back, kept_template
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, scoped_session
+from sqlalchemy.schema import CreateTable
 
 from shard_sql import (
     AppendAuthority,
@@ -21,6 +24,7 @@ from shard_sql import (
     SeqConflict,
     SqlEventStore,
     StaleLease,
+    migrate,
 )
 from shard_sql.ports import EventStore
 from shard_sql.testing import (
@@ -78,11 +82,16 @@ class Order(Base):
 class Host:
     """The store and the application's engine on one database."""
 
-    def __init__(self, url: str, other_url: str) -> None:
-        self.url, self.other_url = url, other_url
+    def __init__(self, url: str, other_url: Callable[[], str]) -> None:
+        self.url, self._other_url = url, other_url
         self.store = SqlEventStore(url)
         self.engine = sa.create_engine(url)
         Base.metadata.create_all(self.engine)
+
+    @property
+    def other_url(self) -> str:
+        """Another database (made when a test asks for it)."""
+        return self._other_url()
 
     def orders(self) -> list[str]:
         with Session(self.engine) as s:
@@ -93,20 +102,41 @@ class Host:
         self.engine.dispose()
 
 
+def _make_host_template(url: str) -> None:
+    migrate(url)
+    engine = sa.create_engine(url)
+    try:
+        Base.metadata.create_all(engine)
+    finally:
+        engine.dispose()
+
+
+def _host_ddl() -> str:
+    dialect = postgresql.dialect()  # type: ignore[no-untyped-call]
+    return ";".join(
+        str(CreateTable(t).compile(dialect=dialect)) for t in Base.metadata.sorted_tables
+    )
+
+
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
 def host(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[Host]:
     if request.param == "sqlite":
-        h = Host(f"sqlite:///{tmp_path}/shared.db", f"sqlite:///{tmp_path}/other.db")
+        h = Host(f"sqlite:///{tmp_path}/shared.db", lambda: f"sqlite:///{tmp_path}/other.db")
         SqlEventStore(h.other_url).close()  # another shard_sql database
-    else:
-        h = Host(
-            request.getfixturevalue("pg_migrated_url"),
-            request.getfixturevalue("pg_url"),
-        )
+        try:
+            yield h
+        finally:
+            h.close()
+        return
+    # A copy of a template at the head schema with the host's tables, handed on (conftest).
+    template = kept_template("host", _make_host_template, _host_ddl())
+    url = copy_of(template)
+    h = Host(url, lambda: str(request.getfixturevalue("pg_url")))
     try:
         yield h
     finally:
         h.close()
+        give_back(template, url)
 
 
 def test_session_rollback_leaves_neither_commit_leaves_both(host: Host) -> None:
