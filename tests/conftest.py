@@ -10,12 +10,14 @@ handed from test to test while a test leaves the catalog unchanged (`give_back`)
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import suppress
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import psycopg
@@ -291,7 +293,8 @@ def drop_given_back() -> None:
 def _drop_copies_at_the_end() -> Iterator[None]:
     yield
     if _given_back:
-        drop_given_back()
+        with _turn(exclusive=False):  # not while the other worker restarts the server
+            drop_given_back()
 
 
 @pytest.fixture
@@ -312,11 +315,63 @@ def sqlite_url(tmp_path: os.PathLike[str]) -> str:
     return f"sqlite:///{os.fspath(tmp_path)}/shard.db"
 
 
-def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    """Print the fault-injection runs: operations, faults injected by kind, violations."""
+# -- two pytest-xdist workers (pyproject's addopts: -n 2) --------------------------------------
+#
+# A test marked `exclusive` runs alone: a test of the other worker that is running finishes
+# first, and the other worker's next test waits until it is done (the PostgreSQL fault test
+# restarts the server under CI; the fault runs count on the machine's two cores). Every test
+# takes a shared lock, an exclusive one takes it exclusively; a gate taken before either keeps a
+# waiting exclusive test from being overtaken by the other worker's next tests. Without xdist:
+# no lock.
+
+
+@contextmanager
+def _turn(*, exclusive: bool) -> Iterator[None]:
+    run = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+    if not run:
+        yield
+        return
+    base = os.path.join(tempfile.gettempdir(), f"shard_sql_tests_{run}")
+    gate = os.open(base + ".gate", os.O_CREAT | os.O_RDWR, 0o600)
+    lock = os.open(base + ".lock", os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        fcntl.flock(gate, fcntl.LOCK_EX)
+        fcntl.flock(lock, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        fcntl.flock(gate, fcntl.LOCK_UN)
+        yield
+    finally:
+        os.close(lock)  # releases the locks
+        os.close(gate)
+
+
+@pytest.fixture(autouse=True)
+def _one_at_a_time_when_exclusive(request: pytest.FixtureRequest) -> Iterator[None]:
+    with _turn(exclusive=request.node.get_closest_marker("exclusive") is not None):
+        yield
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """Hand the fault-injection lines of a test to the report (from a worker to the controller)."""
+    outcome = yield
     from faults.harness import SUMMARY
 
-    if SUMMARY:
+    if call.when == "call" and SUMMARY:
+        report: pytest.TestReport = outcome.get_result()
+        report.user_properties.extend(("fault injection", line) for line in SUMMARY)
+        SUMMARY.clear()
+
+
+_fault_lines: list[str] = []
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    _fault_lines.extend(str(v) for k, v in report.user_properties if k == "fault injection")
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Print the fault-injection runs: operations, faults injected by kind, violations."""
+    if _fault_lines:
         terminalreporter.section("fault injection")
-        for line in SUMMARY:
+        for line in _fault_lines:
             terminalreporter.write_line(line)

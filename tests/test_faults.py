@@ -7,7 +7,9 @@ feed consumer (`Subscription`, two copies) follows the feed meanwhile, killed an
 must see every event once, in order, its checkpoint never moving back.
 
 The PostgreSQL restart runs under CI=true (or SHARD_SQL_FAULT_RESTART=1): elsewhere other test
-runs may share the server.
+runs may share the server. Each run is `exclusive` (conftest): the other xdist worker waits
+meanwhile (the restart drops every connection to the server; with the other worker's tests
+beside it, the git run's consumer once fell a minute behind: the runs count on the two cores).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from faults.harness import (
     run,
 )
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.exclusive]
 
 DURATION = float(os.environ.get("SHARD_SQL_FAULT_SECONDS", "18"))
 
