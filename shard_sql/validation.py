@@ -23,7 +23,7 @@ from shard_sql.names import check_stored_space as check_stored_space
 from shard_sql.names import check_stored_type as check_stored_type
 from shard_sql.names import check_text as check_text
 from shard_sql.names import check_type as check_type
-from shard_sql.values import Lease
+from shard_sql.values import Lease, slots_twin
 
 MAX_PAYLOAD_BYTES = 1024 * 1024
 """A payload serializes to at most 1 MiB of UTF-8 JSON."""
@@ -509,35 +509,25 @@ class Pending:
 
 
 def _pending_factory() -> Any:
-    """`Pending(type, payload_json, payload, intent_id)` built through the slot descriptors: the
-    same frozen value, without the frozen dataclass's `__init__` (0.9 -> 0.3 us)."""
-    try:
-        s0, s1, s2, s3, s4, s5, s6 = (
-            getattr(Pending, f).__set__
-            for f in (
-                "type",
-                "payload_json",
-                "payload",
-                "intent_id",
-                "recorded_at",
-                "writer",
-                "generation",
-            )
-        )
-    except AttributeError:  # not a slots class any more: the plain constructor
+    """`Pending(type, payload_json, payload, intent_id)` built through `slots_twin`: the same
+    frozen value, without the frozen dataclass's `__init__` (4.2k instructions, 6.5k through
+    the slots' `__set__`)."""
+    twin = slots_twin(Pending)
+    if twin is None:
         return Pending
-    new = object.__new__
+    new, cls = object.__new__, Pending
 
     def make(t: str, text: str, payload: dict[str, Any], intent_id: str | None) -> Pending:
-        p: Pending = new(Pending)
-        s0(p, t)
-        s1(p, text)
-        s2(p, payload)
-        s3(p, intent_id)
-        s4(p, None)
-        s5(p, None)
-        s6(p, None)
-        return p
+        p = new(twin)
+        p.type = t
+        p.payload_json = text
+        p.payload = payload
+        p.intent_id = intent_id
+        p.recorded_at = None
+        p.writer = None
+        p.generation = None
+        p.__class__ = cls
+        return p  # type: ignore[no-any-return]
 
     return make
 

