@@ -16,7 +16,7 @@ import time
 import uuid
 import weakref
 from collections.abc import Callable, Iterable
-from datetime import datetime
+from datetime import datetime, timedelta
 from types import TracebackType
 from typing import Any
 
@@ -25,7 +25,7 @@ from shard_sql.group import GroupCommit, GroupStats, NotHolder
 from shard_sql.handoff import HANDOFF_TIMEOUT, NOT_HOLDER, Endpoints, HandoffClient
 from shard_sql.handoff_listener import BaseListener, answer
 from shard_sql.handoff_tcp import NetworkHandoff, start_listeners
-from shard_sql.leases import LeaseRegistry, check_ttl, renewal_due
+from shard_sql.leases import RENEW_WHEN_LEFT, LeaseRegistry, check_ttl, renewal_due
 from shard_sql.node_transaction import NodeTransaction
 from shard_sql.ports import (
     BatchWriter,
@@ -160,6 +160,8 @@ class AppendAuthority:
         """The latest lease of another node seen per space: where to forward, without a read."""
         self._leases: dict[str, Lease] = {}
         self._heads: dict[str, int] = {}
+        self._renewals: dict[str, tuple[Lease, datetime]] = {}
+        """Per space: its lease here, and a time before which its renewal is not due."""
         self._locks: dict[str, threading.RLock] = {}
         self._guard = threading.Lock()
         self._unwatch: Callable[[], None] | None = None
@@ -206,6 +208,7 @@ class AppendAuthority:
         with self._lock(space):
             lease = self._leases.pop(space, None)
             self._heads.pop(space, None)
+            self._renewals.pop(space, None)
             if lease is not None:
                 self.registry.release(lease)
 
@@ -247,6 +250,7 @@ class AppendAuthority:
     def _forget_lease(self, space: str) -> None:
         self._leases.pop(space, None)
         self._heads.pop(space, None)
+        self._renewals.pop(space, None)
 
     def _lock(self, space: str) -> threading.RLock:
         lock = self._locks.get(space)  # a dict read is atomic: no guard on the common path
@@ -270,16 +274,14 @@ class AppendAuthority:
         """
         check_space(space)
         item = pending(type, payload, intent_id)
-        held = self._leases.get(space)
-        if held is not None:
+        if space in self._leases:
             # Held here: write at once, before the forwarding loop's set-up (its first round
-            # would do the same), after a thread applying forwarded intents here, if any.
+            # would do the same), after a thread applying forwarded intents here, if any. The
+            # lease's expiry is looked at under the space's lock (`_write_batch`).
             self._server.let_serving_finish(space)
-            now = self.registry.now()
-            if now < held.expires_at:
-                event = self._write_held(space, item, now)
-                if event is not None:
-                    return event
+            event = self._write_held(space, item)
+            if event is not None:
+                return event
         return self._forward(space, item)
 
     def _forward(self, space: str, item: Pending) -> Event:
@@ -298,7 +300,7 @@ class AppendAuthority:
             now = self.registry.now() if lease is not None else None
             if lease is not None and now is not None and now < lease.expires_at:
                 # Once queued, with its intent id: the last holder may have written it already.
-                event = self._write_held(space, forwarded.item, now)
+                event = self._write_held(space, forwarded.item)
             else:
                 holder = self._holder(space, route_first=first, now=now)
                 first = False
@@ -310,15 +312,14 @@ class AppendAuthority:
             first = False
             self._pause(space, forwarded)
 
-    def _write_held(self, space: str, item: Pending, now: datetime) -> Event | None:
+    def _write_held(self, space: str, item: Pending) -> Event | None:
         """Write `item` under this node's lease, with what else is queued for the space; None
         when it does not hold it (any more)."""
         try:
             event = self._group.write(space, item)
         except NotHolder:
             return None
-        if not self._server.running:
-            self._server.serve_now_and_then(space)
+        self._server.serve_now_and_then(space)
         return event
 
     def _holder(self, space: str, *, route_first: bool, now: datetime | None) -> Lease | None:
@@ -411,48 +412,49 @@ class AppendAuthority:
         except NotHolder:
             return None
 
-    def _write_batch(
-        self, space: str, batch: list[Pending], now: datetime | None = None
-    ) -> list[Event]:
-        """Write under this node's lease, renewing it when due; `NotHolder` when it does not
-        hold the space. `now`: the registry's time, read just before by the caller (one clock
-        read per append); else read here."""
+    def _write_batch(self, space: str, batch: list[Pending]) -> list[Event]:
+        """Write fenced by this node's lease at the space's head (known here, else read),
+        renewing the lease when due, re-reading the head after a write without the lease (a
+        direct `store.append`); `NotHolder` when it does not hold the space."""
         lock = self._locks.get(space) or self._lock(space)
         lock.acquire()  # not `with`: 0.1 us less
         try:
             lease = self._leases.get(space)
-            if now is None:
-                now = self.registry.now()
+            now = self.registry.now()
             if lease is None or not now < lease.expires_at:
                 raise NotHolder(space)
-            if renewal_due(lease, now, self.ttl_seconds):
+            if self._renewal_due(space, lease, now):
                 lease = self._renew(space, lease)
-            return self._write_at_head(space, batch, lease)
+            heads, registry, writer = self._heads, self.registry, self._writer
+            expected = -1
+            for _ in range(MAX_CONFLICT_RETRIES):
+                known = heads.get(space)
+                expected = self.store.head(space) if known is None else known
+                try:
+                    events = registry.fenced_write(
+                        writer, space, batch, expected_seq=expected, lease=lease
+                    )
+                except SeqConflict:
+                    heads.pop(space, None)
+                    continue
+                except StaleLease:
+                    self._forget_lease(space)
+                    raise NotHolder(space) from None
+                if events[0].seq == expected:
+                    heads[space] = expected + len(events)
+                return events
+            raise SeqConflict(space, expected)
         finally:
             lock.release()
 
-    def _write_at_head(self, space: str, batch: list[Pending], lease: Lease) -> list[Event]:
-        """Write fenced by `lease` at the space's head (known here, else read), re-reading the
-        head after a write without the lease (a direct `store.append`)."""
-        heads, registry, writer = self._heads, self.registry, self._writer
-        expected = -1
-        for _ in range(MAX_CONFLICT_RETRIES):
-            known = heads.get(space)
-            expected = self.store.head(space) if known is None else known
-            try:
-                events = registry.fenced_write(
-                    writer, space, batch, expected_seq=expected, lease=lease
-                )
-            except SeqConflict:
-                heads.pop(space, None)
-                continue
-            except StaleLease:
-                self._forget_lease(space)
-                raise NotHolder(space) from None
-            if events[0].seq == expected:
-                heads[space] = expected + len(events)
-            return events
-        raise SeqConflict(space, expected)
+    def _renewal_due(self, space: str, lease: Lease, now: datetime) -> bool:
+        """`renewal_due` for this node's `lease` on `space`, asked only once `now` is past a time
+        before which it cannot be due (two comparisons per append instead of its arithmetic)."""
+        known = self._renewals.get(space)
+        if known is None or known[0] is not lease:
+            left = timedelta(seconds=self.ttl_seconds * RENEW_WHEN_LEFT + 1)
+            known = self._renewals[space] = (lease, lease.expires_at - left)
+        return now >= known[1] and renewal_due(lease, now, self.ttl_seconds)
 
     # -- transactions (docs/embedding.md) ---------------------------------------------------
 

@@ -43,7 +43,8 @@ class GroupStats:
         """One more write, of `items` items."""
         self.writes += 1
         self.items += items
-        self.largest = max(self.largest, items)
+        if items > self.largest:
+            self.largest = items
 
     @property
     def mean(self) -> float:

@@ -147,7 +147,7 @@ class IntentServer:
         """For a holder with no serving thread: apply what other processes forwarded, at most
         every SERVE_EVERY seconds, so they do not wait for its lease to lapse. Called after an
         append that has succeeded whatever happens here."""
-        if self.queue is None:
+        if self.queue is None or self._thread is not None:
             return
         now = time.monotonic()
         if now - self._served_at.get(space, 0.0) < SERVE_EVERY:
