@@ -135,7 +135,7 @@ def sqlite_time(dt: datetime) -> str:
         if len(_seconds) > 64:
             _seconds.clear()
         text = _seconds[key] = dt.isoformat(" ", "seconds")[:19]
-    return f"{text}.{dt.microsecond:06d}"
+    return "%s.%06d" % (text, dt.microsecond)  # noqa: UP031 (0.2 us less than an f-string)
 
 
 _fromiso = datetime.fromisoformat
@@ -202,6 +202,12 @@ class SqliteDialect(Dialect):
             for own in (False, True)
             for at in (False, True)
         }
+        self._at_own = (
+            self._append[(True, False, True, True)],
+            self._append[(True, True, True, True)],
+        )
+        """`append_at`'s statements fenced by the row's writer and generation: without, with an
+        intent id."""
         self._at_head = {
             (fence, intent): append_at_head_sql(fence=fence, intent=intent)
             for fence in (False, True)
@@ -443,12 +449,17 @@ class SqliteDialect(Dialect):
         fence: Lease | None,
         position: int,
     ) -> Statement | None:
+        intent_id = p.intent_id
+        if fence is not None and fence.holder == writer and fence.generation == generation:
+            # The common case (a holder's append), in one tuple: 1 us less.
+            return self._at_own[intent_id is not None], (
+                space, seq, p.type, p.payload_json, sqlite_time(at), writer, generation, intent_id,
+                position,
+            )  # fmt: skip
         row = (space, seq, p.type, p.payload_json, sqlite_time(at), writer, generation)
-        intent = p.intent_id is not None
+        intent = intent_id is not None
         if fence is None:
             return self._append[(False, intent, False, True)], (*row, p.intent_id, position)
-        if fence.holder == writer and fence.generation == generation:
-            return self._append[(True, intent, True, True)], (*row, p.intent_id, position)
         return self._append[(True, intent, False, True)], (
             *row,
             p.intent_id,
