@@ -16,7 +16,7 @@ import time
 import uuid
 import weakref
 from collections.abc import Callable, Iterable
-from datetime import datetime, timedelta
+from datetime import datetime
 from types import TracebackType
 from typing import Any
 
@@ -25,7 +25,12 @@ from shard_sql.group import GroupCommit, GroupStats, NotHolder
 from shard_sql.handoff import HANDOFF_TIMEOUT, NOT_HOLDER, Endpoints, HandoffClient
 from shard_sql.handoff_listener import BaseListener, answer
 from shard_sql.handoff_tcp import NetworkHandoff, start_listeners
-from shard_sql.leases import RENEW_WHEN_LEFT, LeaseRegistry, check_ttl, renewal_due
+from shard_sql.leases import (
+    LeaseRegistry,
+    check_ttl,
+    renewal_due,
+    renewal_not_due_before,
+)
 from shard_sql.node_transaction import NodeTransaction
 from shard_sql.ports import (
     BatchWriter,
@@ -452,8 +457,7 @@ class AppendAuthority:
         before which it cannot be due (two comparisons per append instead of its arithmetic)."""
         known = self._renewals.get(space)
         if known is None or known[0] is not lease:
-            left = timedelta(seconds=self.ttl_seconds * RENEW_WHEN_LEFT + 1)
-            known = self._renewals[space] = (lease, lease.expires_at - left)
+            known = self._renewals[space] = (lease, renewal_not_due_before(lease, self.ttl_seconds))
         return now >= known[1] and renewal_due(lease, now, self.ttl_seconds)
 
     # -- transactions (docs/embedding.md) ---------------------------------------------------

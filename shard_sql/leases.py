@@ -103,6 +103,12 @@ def renewal_due(lease: Lease, now: datetime, ttl_seconds: float) -> bool:
     return (lease.expires_at - now).total_seconds() < ttl_seconds * RENEW_WHEN_LEFT
 
 
+def renewal_not_due_before(lease: Lease, ttl_seconds: float) -> datetime:
+    """A time before which `renewal_due(lease, now, ttl_seconds)` is False (a second early, so
+    no rounding matters): a holder that compares it with now asks `renewal_due` only after."""
+    return lease.expires_at - timedelta(seconds=ttl_seconds * RENEW_WHEN_LEFT + 1)
+
+
 def check_fence(fence: Lease | None, current: Lease | None) -> None:
     """Raise `StaleLease` unless `fence` is the current grant (same holder and generation).
 
