@@ -36,8 +36,11 @@ class PlacedAppends:
         self._append = store.database.dialect.append_placed  # type: ignore[attr-defined]
         self._translate = translate
 
-    def __call__(self, space: str, items: list[tuple[str, dict[str, Any]]], seq: int) -> list[int]:
-        """Write `items` at `seq`; their positions."""
+    def __call__(
+        self, space: str, items: list[tuple[str, dict[str, Any]]], seq: int
+    ) -> list[int] | None:
+        """Write `items` at `seq`; their positions, or None when they were left for the next
+        placement (`placed_later` reads them)."""
         check_space(space)
         batch = check_items(items)
         db = self.db
@@ -53,15 +56,22 @@ class PlacedAppends:
         if got is None:
             raise SeqConflict(space, seq)
         self.store.feed_committed()  # wake the feed's waiters, as the store's writes do
-        positions = [p for p in got if p is not None]
-        if len(positions) < len(batch):
-            # Another session held the placement's lock: placed after the commit instead.
-            self.store.feed_head()
-            again = self.store.events(space, from_seq=seq, limit=len(batch))
-            positions = [e.position for e in again if e.position is not None]
-            if len(positions) != len(batch):
-                raise OperationalError("events were written but the feed has not placed them")
-        return positions
+        if None in got:
+            return None  # another session held the placement's lock: placed after the commit
+        return got  # type: ignore[no-any-return]
+
+
+def placed_later(store: FeedStore, runs: list[tuple[str, int, int]]) -> list[int]:
+    """The positions of events committed unplaced, `(space, first seq, count)` per run:
+    `feed_head` places them (PostgreSQL places events after their commit), then they are read."""
+    store.feed_head()
+    ids: list[int | None] = []
+    for space, seq, n in runs:
+        ids.extend(e.position for e in store.events(space, from_seq=seq, limit=n))
+    placed = [i for i in ids if i is not None]
+    if len(placed) != sum(n for _, _, n in runs):
+        raise OperationalError("events were written but the feed has not placed them")
+    return placed
 
 
 def placed_appends(store: FeedStore) -> PlacedAppends | None:

@@ -19,7 +19,6 @@ from eventsourcing.persistence import (
     IntegrityError,
     ListenNotifySubscription,
     Notification,
-    OperationalError,
     ProcessRecorder,
     Recorder,
     StoredEvent,
@@ -47,7 +46,7 @@ from shard_sql.eventsourcing._mapping import (
     type_of,
     version_of,
 )
-from shard_sql.eventsourcing._placed import placed_appends
+from shard_sql.eventsourcing._placed import placed_appends, placed_later
 from shard_sql.ports import FeedStore, PayloadReads
 from shard_sql.values import Event
 
@@ -257,7 +256,8 @@ class ShardSqlAggregateRecorder(ShardSqlRecorder, AggregateRecorder):
             placed = self._placed
             if placed is not None and self.returns_ids:
                 # PostgreSQL: written and placed in one transaction (`PlacedAppends`).
-                return placed(space, items, seq)
+                ids = placed(space, items, seq)
+                return placed_later(self.store, [(space, seq, len(items))]) if ids is None else ids
             out = self.store.append_many(space, items, expected_seq=seq)
             return self._positions([out]) if self.returns_ids else []
         seqs = {space: seq for space, (seq, _, _) in expected.items()}
@@ -294,20 +294,11 @@ class ShardSqlAggregateRecorder(ShardSqlRecorder, AggregateRecorder):
         self._bases[space] = base
 
     def _positions(self, written: list[list[Event]]) -> list[int]:
-        """Feed positions of the written events. PostgreSQL places events after their commit:
-        `feed_head` places them, and they are read again."""
+        """Feed positions of the written events (`placed_later` for those not placed yet)."""
         ids = [e.position for out in written for e in out]
         if None not in ids:
             return ids  # type: ignore[return-value]
-        self.store.feed_head()
-        ids = []
-        for out in written:
-            again = self.store.events(out[0].space, from_seq=out[0].seq, limit=len(out))
-            ids.extend(e.position for e in again)
-        placed = [i for i in ids if i is not None]
-        if len(placed) != len(ids):
-            raise OperationalError("events were written but the feed has not placed them")
-        return placed
+        return placed_later(self.store, [(out[0].space, out[0].seq, len(out)) for out in written])
 
     # -- reading ---------------------------------------------------------------------------
 
