@@ -115,6 +115,14 @@ def check_position(field: str, value: object) -> int:
     return value
 
 
+def check_events_read(space: object, from_seq: object, limit: object) -> bool:
+    """The arguments of a read of a space's events, checked: whether it reads nothing (a
+    `limit` of 0)."""
+    check_stored_space(space)
+    check_seq("from_seq", from_seq)
+    return limit is not None and check_seq("limit", limit) == 0
+
+
 def check_feed_read(
     after: object, limit: object, types: object
 ) -> tuple[bool, frozenset[str] | None]:

@@ -13,12 +13,7 @@ from shard_sql.sql.connections import Database
 from shard_sql.sql.dialects import Conn
 from shard_sql.sql.dialects.base import Dialect
 from shard_sql.sql.errors import Site, guarded
-from shard_sql.validation import (
-    check_feed_read,
-    check_field_keys,
-    check_seq,
-    check_stored_space,
-)
+from shard_sql.validation import check_events_read, check_feed_read, check_field_keys
 
 __all__ = ["SqlPayloadReads"]
 
@@ -34,10 +29,8 @@ class SqlPayloadReads(PayloadReads):
     def event_fields(
         self, space: str, keys: Sequence[str], *, from_seq: int = 0, limit: int | None = None
     ) -> list[tuple[Any, ...]]:
-        check_stored_space(space)
         keys = check_field_keys(keys)
-        check_seq("from_seq", from_seq)
-        if limit is not None and check_seq("limit", limit) == 0:
+        if check_events_read(space, from_seq, limit):
             return []
         return self.database.call(self._read_fields, space, keys, from_seq, limit)
 

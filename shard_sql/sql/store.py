@@ -42,9 +42,9 @@ from shard_sql.store_base import StoreBase, already_written, feed_pages, placed,
 from shard_sql.validation import (
     Pending,
     check_checkpoint_name,
+    check_events_read,
     check_feed_read,
     check_position,
-    check_seq,
     check_stored_space,
     check_timeout,
     check_types,
@@ -190,9 +190,7 @@ class SqlEventStore(
 
     @guarded
     def events(self, space: str, *, from_seq: int = 0, limit: int | None = None) -> list[Event]:
-        check_stored_space(space)
-        check_seq("from_seq", from_seq)
-        if limit is not None and check_seq("limit", limit) == 0:
+        if check_events_read(space, from_seq, limit):
             return []
         return self.database.call(self._read, space, from_seq, limit)
 
