@@ -188,7 +188,7 @@ class NetworkHandoff:
 
 
 def _send(sock: socket.socket, message: dict[str, str]) -> None:
-    sock.sendall(frame(json.dumps(message).encode()))
+    Channel(sock).send(json.dumps(message).encode())
 
 
 def _field(message: Any, keys: set[str], key: str) -> str:
