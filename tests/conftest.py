@@ -344,6 +344,17 @@ def _turn(*, exclusive: bool) -> Iterator[None]:
         os.close(gate)
 
 
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """A worker that is done removes the lock files (the other worker, if still running, makes
+    new ones for its next test and removes them when it is done)."""
+    run = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+    if run:
+        base = os.path.join(tempfile.gettempdir(), f"shard_sql_tests_{run}")
+        for name in (base + ".gate", base + ".lock"):
+            with suppress(FileNotFoundError):
+                os.unlink(name)
+
+
 @pytest.fixture(autouse=True)
 def _one_at_a_time_when_exclusive(request: pytest.FixtureRequest) -> Iterator[None]:
     with _turn(exclusive=request.node.get_closest_marker("exclusive") is not None):
