@@ -429,10 +429,8 @@ class SqlEventStore(
     def _insert(self, c: Conn, sql: str, params: Sequence[Any]) -> int | None:
         """Run a single-event INSERT: None if it wrote nothing, else the row's position (0: to
         be placed after the commit)."""
-        cur = c.cur
         try:
-            cur.execute(sql, params)
-            return self._dialect.inserted(cur)
+            return self._dialect.insert_one(c, sql, params)
         except Exception as e:
             if self._dialect.is_check_failure(e):
                 return None

@@ -94,7 +94,7 @@ class EngineOptions:
 class Conn:
     """A driver connection the store holds, with a reusable cursor."""
 
-    __slots__ = ("cur", "pooled", "raw", "restore")
+    __slots__ = ("cur", "pooled", "prepared", "raw", "restore")
 
     def __init__(self, pooled: Any) -> None:
         self.pooled = pooled
@@ -103,12 +103,15 @@ class Conn:
         self.cur: Any = self.raw.cursor()
         self.restore: Any = None
         """What `Dialect.setup` changed on a host's connection, for `Dialect.teardown`."""
+        self.prepared: set[bytes] | None = None
+        """PostgreSQL: the statements prepared on this connection (`dialects.prepared`), None
+        where the store prepares none."""
 
     @classmethod
     def of_driver(cls, raw: Any) -> Conn:
         """A cursor of a driver connection the store does not hold (a host's)."""
         c = cls.__new__(cls)
-        c.pooled, c.raw, c.cur, c.restore = None, raw, raw.cursor(), None
+        c.pooled, c.raw, c.cur, c.restore, c.prepared = None, raw, raw.cursor(), None, None
         return c
 
 
@@ -375,6 +378,13 @@ class Dialect:
     def is_check_failure(self, e: BaseException) -> bool:
         """`e` is how `append_one`'s statement says that a check failed (else: no row)."""
         return False
+
+    def insert_one(self, c: Conn, sql: str, params: Sequence[Any]) -> int | None:
+        """Run `append_one`'s statement on `c` (in autocommit): None if it wrote nothing, else
+        the row's feed position (0: placed after the commit)."""
+        cur = c.cur
+        cur.execute(sql, params)
+        return self.inserted(cur)
 
     def inserted(self, cur: Any) -> int | None:
         """After `append_one`'s statement ran on `cur`: None if it wrote nothing, else the

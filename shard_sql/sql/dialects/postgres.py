@@ -22,6 +22,15 @@ from shard_sql.sql.dialects.base import (
     Statement,
     Tables,
 )
+from shard_sql.sql.dialects.prepared import (
+    INT8,
+    TEXT,
+    TIMESTAMPTZ,
+    Prepared,
+    prepared_names,
+    run,
+    text_params,
+)
 from shard_sql.sql.errors import Site
 from shard_sql.sql.listener import NOTIFY_LIMIT, Channels
 from shard_sql.sql.signals import INTENT, INTENT_BODY
@@ -56,6 +65,16 @@ def append_one_sql(*, fence: bool, intent: bool, t: Tables = UNQUALIFIED) -> str
     if intent:
         sql += f" AND NOT EXISTS (SELECT 1 FROM {t.events} WHERE space = %s AND intent_id = %s)"
     return sql
+
+
+def append_one_types(*, fence: bool, intent: bool) -> list[int]:
+    """The types of `append_one_sql`'s parameters, to prepare it (`dialects.prepared`)."""
+    types = [TEXT, INT8, TEXT, TEXT, TIMESTAMPTZ, TEXT, INT8, TEXT, TEXT, INT8]
+    if fence:
+        types += [TEXT, TEXT, INT8]
+    if intent:
+        types += [TEXT, TEXT]
+    return types
 
 
 def append_at_head_sql(
@@ -199,6 +218,12 @@ class PostgresDialect(Dialect):
             for fence in (False, True)
             for intent in (False, True)
         }
+        self._prepared = {
+            self._append[fence, intent]: Prepared(
+                self._append[fence, intent], append_one_types(fence=fence, intent=intent)
+            )
+            for fence, intent in self._append
+        }
         self._at_head = {
             (fence, intent, wake): append_at_head_sql(
                 t, channels, fence=fence, intent=intent, wake=wake
@@ -309,6 +334,7 @@ class PostgresDialect(Dialect):
             # round trip; its time zone stays the host's, times are converted on reading.)
             c.restore = False
             c.raw.autocommit = True
+        c.prepared = prepared_names(c)
 
     def teardown(self, c: Conn) -> None:
         if c.restore is not None:
@@ -473,6 +499,16 @@ class PostgresDialect(Dialect):
         if intent_id is not None:
             params += (space, intent_id)
         return sql, params
+
+    def insert_one(self, c: Conn, sql: str, params: Sequence[Any]) -> int | None:
+        # A prepared statement run through libpq: 50k instructions less than cursor.execute.
+        names = c.prepared
+        statement = self._prepared.get(sql)
+        if names is not None and statement is not None:
+            values = text_params(params)
+            if values is not None:
+                return 0 if run(c, names, statement, values).command_tuples == 1 else None
+        return super().insert_one(c, sql, params)
 
     def append_at_head(
         self,
