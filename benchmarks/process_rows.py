@@ -22,6 +22,7 @@ from typing import Any
 
 from shard_sql import AppendAuthority, LeaseRegistry, SqlEventStore
 
+from .bare_socket import ping_pong
 from .rows import MEMORY_BUDGET_MB, TARGET_PROCESSES, Counts, Row, measured
 from .sql_bench import PAYLOAD, TYPE
 
@@ -206,7 +207,54 @@ def process_rows(label: str, url: str, counts: Counts, rounds: int) -> list[Row]
                 ),
             )
         )
-    return rows + _forwarding_rows(label, alone, four) + idle_forwarding_rows(label, url, counts)
+    idle = idle_forwarding_rows(label, url, counts)
+    rows += _forwarding_rows(label, alone, four) + idle
+    return rows + bare_socket_rows(label, base, idle[0].baseline)
+
+
+BARE_MESSAGES = 2_000
+"""Round trips of each bare ping-pong client (a second or so for both rows)."""
+
+
+def bare_socket_rows(label: str, alone: float, direct_us: float | None) -> list[Row]:
+    """The floor under the hand-off on this machine, measured in the same run: a bare Unix-socket
+    ping-pong (`bare_socket`), 4 clients to one server next to 1 process appending alone, and one
+    client's round trip next to a lone direct append."""
+    total, _ = ping_pong(4, BARE_MESSAGES)
+    _, rtt = ping_pong(1, BARE_MESSAGES)
+    rows = [
+        measured(
+            "  bare socket ping-pong, 4 clients to 1 server (no database)",
+            label,
+            "1 process alone",
+            total,
+            alone,
+            None,
+            unit="msgs/s",
+            note=(
+                "the floor: 4 processes appending through one holder exchange a message per "
+                "event, so under 0.9x here no hand-off in Python reaches the target"
+            ),
+        )
+    ]
+    if direct_us:
+        rows.append(
+            measured(
+                "  bare socket round trip p50, 1 client (no database)",
+                label,
+                "lone direct append p50",
+                rtt,
+                direct_us,
+                None,
+                unit="us",
+                note=(
+                    "ratio = direct / round trip; a forwarded append costs at least the round "
+                    f"trip and the holder's write: >= {1 + rtt / direct_us:.2f}x a direct one"
+                ),
+                ratio=direct_us / rtt,
+            )
+        )
+    return rows
 
 
 def _forwarding_rows(label: str, alone: list[_Spent], four: list[_Spent]) -> list[Row]:

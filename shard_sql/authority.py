@@ -9,6 +9,7 @@ docs/leases.md tell the whole story.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import threading
@@ -531,12 +532,15 @@ class AppendAuthority:
         "unreachable", "unknown"); empty when it hands nothing over."""
         return {} if self._client is None else dict(self._client.outcomes)
 
-    def _handed_over(self, space: str, item: Pending) -> bytes:
+    def _handed_over(self, space: str, item: Pending, reply: Callable[[bytes], None]) -> None:
         """The listener's call for an item a forwarder handed over: written only while this
-        node holds the space (its lease valid, the write fenced by its generation)."""
+        node holds the space (its lease valid, the write fenced by its generation); its answer
+        goes to `reply` from the thread that wrote it, right after the commit."""
         if space not in self._leases:
-            return answer(None)
-        return answer(lambda: self._group.write(space, item))
+            reply(answer(None, NotHolder(space)))
+            return
+        with contextlib.suppress(Exception):  # told to `reply` already
+            self._group.write(space, item, lambda event, error: reply(answer(event, error)))
 
     def __enter__(self) -> AppendAuthority:
         if not self._listeners:

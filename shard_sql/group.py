@@ -6,6 +6,12 @@ writes what is queued, up to `GROUP_BOUND` items, as one fenced batch (one commi
 gives each caller its event, and hands the lead to the first caller still queued, if any. No
 thread of its own: a lone caller writes its item at once, as without grouping.
 
+A caller may give a `reply`, called with its item's event (or error) by whichever thread wrote
+it, right after the commit and before any thread is woken: a handed-over item's answer goes out
+to its forwarder at once, without waiting for its handler's thread to be scheduled. A leader
+whose item is written goes on writing what queued meanwhile (up to `KEEP_LEADING` batches)
+rather than waking the next caller to write it: one thread switch fewer per batch.
+
 A batch write that fails for one item (`IntentConflict`: its id was written with other content;
 `InvalidEvent`: part of the batch was written already) is written again item by item, so only
 that item fails. Any other failure (`NotHolder`, a lost connection) is every item's.
@@ -13,6 +19,7 @@ that item fails. Any other failure (`NotHolder`, a lost connection) is every ite
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,10 +28,18 @@ from shard_sql.errors import IntentConflict, InvalidEvent
 from shard_sql.validation import Pending
 from shard_sql.values import Event
 
+log = logging.getLogger("shard_sql.group")
+
 GROUP_BOUND = 256
 """The most items one grouped write carries."""
 
+KEEP_LEADING = 8
+"""Batches a leader writes for others once its own item is written, before it wakes the first
+caller queued to lead (its own caller waits meanwhile)."""
+
 Write = Callable[[str, list[Pending]], list[Event]]
+Reply = Callable[[Event | None, BaseException | None], None]
+"""Told an item's event (error None) or error (event None), by the thread that wrote it."""
 
 
 class NotHolder(Exception):
@@ -54,10 +69,11 @@ class GroupStats:
 class _Slot:
     """One caller's item, then its event or error; `waiter` is released to wake it."""
 
-    __slots__ = ("error", "event", "item", "lead", "waiter")
+    __slots__ = ("error", "event", "item", "lead", "reply", "waiter")
 
-    def __init__(self, item: Pending) -> None:
+    def __init__(self, item: Pending, reply: Reply | None) -> None:
         self.item = item
+        self.reply = reply
         self.event: Event | None = None
         self.error: BaseException | None = None
         self.lead = False
@@ -95,33 +111,43 @@ class GroupCommit:
         self._guard = threading.Lock()
         self.stats = GroupStats()
 
-    def write(self, space: str, item: Pending) -> Event:
+    def write(self, space: str, item: Pending, reply: Reply | None = None) -> Event:
         """Write `item` to `space` with whatever else is queued there; its event, or the error
-        its write raised."""
+        its write raised. `reply`, if given, is told the same first (see the module)."""
         q = self._queues.get(space) or self._queue(space)
         with q.mutex:
             alone = not q.busy
             if alone:
                 q.busy = True
             else:
-                slot = _Slot(item)
+                slot = _Slot(item, reply)
                 q.slots.append(slot)
                 slot.waiter = waiter = threading.Lock()
                 waiter.acquire()
         if alone:
-            return self._write_alone(space, q, item)
+            return self._write_alone(space, q, item, reply)
         waiter.acquire()  # released with this item's result, or to take the lead
         if not slot.lead:
             return slot.result()
         self._lead(space, q, slot)
         return slot.result()
 
-    def _write_alone(self, space: str, q: _Queue, item: Pending) -> Event:
+    def _write_alone(self, space: str, q: _Queue, item: Pending, reply: Reply | None) -> Event:
         """Nobody was writing: write `item` at once, as a batch of one (no slot, no queue: a
-        lone caller pays nothing for grouping), then pass the lead to whoever queued meanwhile."""
+        lone caller pays nothing for grouping), then write what queued meanwhile, or pass the
+        lead on."""
         try:
-            [event] = self._write(space, [item])
+            try:
+                [event] = self._write(space, [item])
+            except BaseException as e:
+                if reply is not None:
+                    _tell(reply, None, e)
+                raise
             self.stats.add(1)
+            if reply is not None:
+                _tell(reply, event, None)
+            if q.slots:
+                self._lead_others(space, q)
             return event
         finally:
             self._pass_lead(q)
@@ -131,24 +157,36 @@ class GroupCommit:
             return self._queues.setdefault(space, _Queue())
 
     def _lead(self, space: str, q: _Queue, mine: _Slot) -> None:
-        """Write batches until `mine` is written, then pass the lead on (or end it)."""
-        batch: list[_Slot] = []
+        """Write batches until `mine` is written, then what queued meanwhile (up to
+        `KEEP_LEADING` batches), then pass the lead on (or end it)."""
         try:
-            while True:
-                batch = self._take(q)
-                self._run(space, batch)
-                self._wake(batch, mine)
-                batch = []
-                if mine.done:
-                    return
+            while not mine.done:
+                self._write_next(space, q, mine)
+            self._lead_others(space, q)
+        finally:
+            self._pass_lead(q)
+
+    def _lead_others(self, space: str, q: _Queue) -> None:
+        """Once the leader's own item is written: the next batches queued, up to
+        `KEEP_LEADING`, without the thread switch of passing the lead (the first caller queued
+        would wake to write the same)."""
+        for _ in range(KEEP_LEADING):
+            if not q.slots:  # read without the mutex: a miss only passes the lead
+                return
+            self._write_next(space, q, None)
+
+    def _write_next(self, space: str, q: _Queue, mine: _Slot | None) -> None:
+        """Write the next batch; tell and wake its callers (but `mine`, the leader's own)."""
+        batch = self._take(q)
+        try:
+            self._run(space, batch)
         except BaseException as e:  # KeyboardInterrupt, a bug: no caller waits forever
             for slot in batch:
                 if not slot.done:
                     slot.error = e
-            self._wake(batch, mine)
+            self._finish(batch, mine)
             raise
-        finally:
-            self._pass_lead(q)
+        self._finish(batch, mine)
 
     @staticmethod
     def _pass_lead(q: _Queue) -> None:
@@ -204,7 +242,19 @@ class GroupCommit:
             slot.event = event
 
     @staticmethod
-    def _wake(batch: list[_Slot], mine: _Slot) -> None:
+    def _finish(batch: list[_Slot], mine: _Slot | None) -> None:
+        """Tell every item's reply first (answers go out at once), then wake the callers."""
+        for slot in batch:
+            if slot.reply is not None:
+                _tell(slot.reply, slot.event, slot.error)
         for slot in batch:
             if slot is not mine and slot.waiter is not None:
                 slot.waiter.release()
+
+
+def _tell(reply: Reply, event: Event | None, error: BaseException | None) -> None:
+    """A reply's failure (a forwarder gone) is its caller's, never the batch's."""
+    try:
+        reply(event, error)
+    except Exception as e:
+        log.debug("a group commit's reply failed: %s", e)

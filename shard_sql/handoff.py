@@ -186,8 +186,12 @@ class Channel:
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
 
+    def pack(self, body: bytes) -> bytes:
+        """The bytes that carry `body` on this connection (each message is packed once)."""
+        return frame(body)
+
     def send(self, body: bytes) -> None:
-        self.sock.sendall(frame(body), NOSIGNAL)
+        self.sock.sendall(self.pack(body), NOSIGNAL)
 
     def receive(self) -> Any:
         """The next message (`read_message`)."""

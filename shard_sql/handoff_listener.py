@@ -15,6 +15,7 @@ from collections.abc import Callable
 from shard_sql.errors import IntentConflict, InvalidEvent
 from shard_sql.group import NotHolder
 from shard_sql.handoff import (
+    NOSIGNAL,
     NOT_HOLDER,
     Channel,
     Endpoints,
@@ -35,8 +36,49 @@ replaced: it binds a new one)."""
 BACKLOG = 128
 log = logging.getLogger("shard_sql.handoff")
 
-Submit = Callable[[str, Pending], bytes]
-"""Write one handed-over item; the answer's JSON body."""
+DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
+
+
+class Reply:
+    """The answer to one request. Sent at once by the thread that wrote the item (the group
+    commit's leader), without blocking: what the socket does not take then (a forwarder slow to
+    read) is sent by the connection's own thread (`finish`), so that no forwarder can stall the
+    writes of others."""
+
+    __slots__ = ("_channel", "_error", "_rest")
+
+    def __init__(self, channel: Channel) -> None:
+        self._channel = channel
+        self._rest: bytes | None = None
+        self._error: OSError | None = None
+
+    def __call__(self, body: bytes) -> None:
+        data = self._channel.pack(body)
+        sent = 0
+        if DONTWAIT:
+            try:
+                sent = self._channel.sock.send(data, DONTWAIT | NOSIGNAL)
+            except BlockingIOError:
+                pass
+            except OSError as e:  # the forwarder went away: its thread ends the connection
+                self._error = e
+                return
+        self._rest = data[sent:]
+
+    def finish(self) -> None:
+        """On the connection's thread, once the item is written: send what is left (OSError:
+        the connection is lost)."""
+        if self._error is not None:
+            raise self._error
+        if self._rest is None:
+            raise OSError("a hand-off request was not answered")
+        if self._rest:
+            self._channel.sock.sendall(self._rest, NOSIGNAL)
+
+
+Submit = Callable[[str, Pending, Reply], None]
+"""Write one handed-over item, telling the `Reply` the answer's JSON body (once, from whichever
+thread wrote it)."""
 
 
 class BaseListener:
@@ -114,7 +156,9 @@ class BaseListener:
                 if message is None:
                     return
                 space, item = parse_request(message)
-                channel.send(self._submit(space, item))
+                reply = Reply(channel)
+                self._submit(space, item, reply)
+                reply.finish()
         except Malformed as e:
             log.warning("node %s: malformed hand-off closed: %s", self.node_id, e)
         except OSError as e:  # the forwarder went away (killed, timed out): nothing to tell
@@ -220,21 +264,19 @@ class Listener(BaseListener):
                 os.unlink(self.path)
 
 
-def answer(write: Callable[[], Event] | None) -> bytes:
-    """The answer to a handed-over item: `write` it (None: this node does not hold its space)
-    and tell the forwarder what came of it. The forwarder validated the item already: an error
-    here is the holder's write's (an intent id written with other content, a store failure)."""
-    if write is None:
+def answer(event: Event | None, error: BaseException | None) -> bytes:
+    """The answer to a handed-over item: its event, or what its write raised (`NotHolder`: this
+    node does not hold its space). The forwarder validated the item already: an error here is
+    the holder's write's (an intent id written with other content, a store failure)."""
+    if error is None:
+        assert event is not None
+        return written(event)
+    if isinstance(error, NotHolder):
         return refusal(NOT_HOLDER)
-    try:
-        event = write()
-    except NotHolder:
-        return refusal(NOT_HOLDER)
-    except IntentConflict as e:
-        return refusal("conflict", seq=e.seq)
-    except InvalidEvent as e:
-        return refusal("invalid", field=e.field, message=str(e))
-    except Exception as e:  # the outcome is unknown to the forwarder: it takes the durable path
-        log.warning("hand-off write failed: %s", e)
-        return refusal("unavailable", message=str(e))
-    return written(event)
+    if isinstance(error, IntentConflict):
+        return refusal("conflict", seq=error.seq)
+    if isinstance(error, InvalidEvent):
+        return refusal("invalid", field=error.field, message=str(error))
+    # the outcome is unknown to the forwarder: it takes the durable path
+    log.warning("hand-off write failed: %s", error)
+    return refusal("unavailable", message=str(error))

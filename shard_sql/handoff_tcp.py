@@ -32,7 +32,6 @@ from typing import Any
 from shard_sql.errors import InvalidEvent
 from shard_sql.handoff import (
     MAX_MESSAGE,
-    NOSIGNAL,
     Channel,
     Endpoints,
     Malformed,
@@ -266,10 +265,10 @@ class SealedChannel(Channel):
         message = b"%s\0%s%s" % (role, number.to_bytes(8, "big"), body)
         return hmac.new(self._key, message, hashlib.sha256).digest()
 
-    def send(self, body: bytes) -> None:
+    def pack(self, body: bytes) -> bytes:
         seal = self._seal(self._out, self._sent, body)
         self._sent += 1
-        self.sock.sendall(frame(seal + body), NOSIGNAL)
+        return frame(seal + body)
 
     def receive(self) -> Any:
         sealed = read_frame(self.sock, MAX_MESSAGE + SEAL)

@@ -386,3 +386,77 @@ def test_group_commit_writes_what_queued_in_one_batch(store: Any) -> None:
     assert [e.seq for e in events] == [0, 1, 2, 3]
     assert batches[:2] == [1, 3]  # the first alone, then a, b, bad (a2 waits: same id)
     assert group.stats.largest == 3
+
+
+def test_group_commit_tells_each_reply_once_before_its_caller_wakes(store: Any) -> None:
+    """A caller's reply is told its event by the thread that wrote it, before that caller is
+    woken; the leader writes what queued after its own item itself; a reply that fails costs
+    nobody else their event."""
+    holder = node(store, "holder")
+    holder.append("s", "t", {"n": "x"})
+    gate, entered = threading.Event(), threading.Event()
+    order: list[str] = []
+    writers: list[str] = []
+
+    def write(space: str, batch: list[Any]) -> list[Any]:
+        writers.append(threading.current_thread().name)
+        entered.set()
+        gate.wait(30)
+        return holder.write_if_held(space, batch) or []
+
+    group = GroupCommit(write)
+    told: dict[str, list[Any]] = {}
+    results: dict[str, Any] = {}
+
+    def call(key: str) -> None:
+        def reply(event: Any, error: BaseException | None) -> None:
+            told.setdefault(key, []).append((event, error))
+            order.append(f"told {key}")
+            if key == "c":
+                raise OSError("its forwarder went away")
+
+        results[key] = group.write("s", pending("t", {"k": key}), reply)
+        order.append(f"woke {key}")
+
+    first = threading.Thread(target=call, args=("first",), name="first")
+    first.start()
+    assert entered.wait(30)
+    threads = [threading.Thread(target=call, args=(k,), name=k) for k in "abc"]
+    for n, t in enumerate(threads, 1):
+        t.start()
+        deadline = time.monotonic() + 10
+        while len(group._queues["s"].slots) < n:
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+    gate.set()
+    for t in [first, *threads]:
+        t.join(30)
+    assert writers == ["first", "first"]  # the leader wrote the queued batch itself
+    for key in ("first", "a", "b", "c"):
+        assert told[key] == [(results[key], None)]
+        assert order.index(f"told {key}") < order.index(f"woke {key}")
+    assert [e.payload["k"] for e in store.events("s")[1:]] == ["first", "a", "b", "c"]
+
+
+def test_a_reply_the_socket_cannot_take_is_finished_by_the_connection_thread() -> None:
+    """The group commit's leader never blocks on a forwarder that does not read: what the socket
+    does not take at once is sent by the connection's own thread."""
+    from shard_sql.handoff import Channel, read_frame
+    from shard_sql.handoff_listener import Reply
+
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    body = b"z" * 300_000  # more than the socket's buffers hold
+    reply = Reply(Channel(ours))
+    done = threading.Event()
+    t = threading.Thread(target=lambda: (reply(body), done.set()))
+    t.start()
+    assert done.wait(10), "the reply blocked on a peer that does not read"
+    got: list[bytes | None] = []
+    reader = threading.Thread(target=lambda: got.append(read_frame(theirs)))
+    reader.start()
+    reply.finish()
+    reader.join(10)
+    assert got == [body]
+    ours.close()
+    theirs.close()
