@@ -10,11 +10,10 @@ docs/leases.md tell the whole story.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
+import os
 import threading
 import time
-import uuid
 import weakref
 from collections.abc import Callable, Iterable
 from datetime import datetime
@@ -361,8 +360,16 @@ class AppendAuthority:
         if self._queue is None:
             raise LeaseHeld(holder)
         if forwarded.item.intent_id is None:
-            intent_id = f"fwd-{uuid.uuid4().hex}"
-            forwarded.item = dataclasses.replace(forwarded.item, intent_id=intent_id)
+            item = forwarded.item  # a new Pending: 4k instructions, dataclasses.replace's 12k
+            forwarded.item = Pending(
+                item.type,
+                item.payload_json,
+                item.payload,
+                f"fwd-{os.urandom(16).hex()}",  # uuid4's randomness without its object
+                item.recorded_at,
+                item.writer,
+                item.generation,
+            )
         if not forwarded.queued and self._client is not None:
             # The holder's socket first. Unreachable, or no answer in time: the durable path,
             # with the same intent id (the holder may have written it: then that is found).

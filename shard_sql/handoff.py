@@ -52,6 +52,9 @@ refused connection, a timeout) before it tries the socket again."""
 MAX_PATH = 100
 """Bytes: a longer socket path (AF_UNIX allows 107) is reached through /proc/self/fd/N/."""
 HEADER = struct.Struct(">I")
+TIMEVAL = struct.Struct("@ll")
+KERNEL_TIMEOUTS = sys.platform.startswith("linux")
+PEEK = socket.MSG_PEEK | getattr(socket, "MSG_DONTWAIT", 0)
 NOSIGNAL = getattr(socket, "MSG_NOSIGNAL", 0)
 NOT_HOLDER = "not_holder"
 """The answer of a node that does not hold the space (any more): the forwarder looks again."""
@@ -181,10 +184,29 @@ class Channel:
     """One connection's messages, as they are: on a Unix socket, where the kernel vouches for
     the peer (a network connection seals them: `shard_sql.handoff_tcp`)."""
 
-    __slots__ = ("sock",)
+    __slots__ = ("sock", "timeout")
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
+        self.timeout: float | None = None
+        """The forwarder's: the timeout its socket's sends and receives have (`wait_at_most`)."""
+
+    def wait_at_most(self, timeout: float) -> None:
+        """Sends and receives fail after `timeout` seconds (the forwarder's side). On Linux by
+        the kernel (SO_RCVTIMEO, SO_SNDTIMEO: a timed-out call raises `BlockingIOError`) on a
+        socket left blocking, rather than by Python's socket timeout, which polls before every
+        send and receive (two system calls instead of one each)."""
+        if timeout == self.timeout:
+            return
+        if KERNEL_TIMEOUTS:
+            self.sock.settimeout(None)
+            micros = max(int(timeout * 1e6), 1)  # 0 would be no timeout at all
+            value = TIMEVAL.pack(micros // 1_000_000, micros % 1_000_000)
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, value)
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, value)
+        else:
+            self.sock.settimeout(timeout)
+        self.timeout = timeout
 
     def pack(self, body: bytes) -> bytes:
         """The bytes that carry `body` on this connection (each message is packed once)."""
@@ -320,12 +342,12 @@ class HandoffClient:
         if channel is None:
             return UNREACHABLE
         try:
-            channel.sock.settimeout(timeout)
+            channel.wait_at_most(timeout)
             channel.send(body)
             answer = channel.receive()
         except (OSError, Malformed) as e:
             channel.sock.close()
-            if isinstance(e, TimeoutError):
+            if isinstance(e, TimeoutError | BlockingIOError):  # Python's timeout, the kernel's
                 self._avoid(holder)
             return UNKNOWN
         if answer is None:
@@ -383,7 +405,16 @@ class HandoffClient:
 
 
 def _ended(sock: socket.socket) -> bool:
-    """Whether an idle connection has news (its end closed it): it then cannot be used."""
-    poller = select.poll()
-    poller.register(sock, select.POLLIN | select.POLLHUP)
-    return bool(poller.poll(0))
+    """Whether an idle connection has news (its end closed it): it then cannot be used. One
+    look that does not wait and takes nothing (MSG_PEEK, MSG_DONTWAIT)."""
+    if sock.gettimeout() is not None:  # not yet made to wait by the kernel: Python would poll
+        poller = select.poll()
+        poller.register(sock, select.POLLIN | select.POLLHUP)
+        return bool(poller.poll(0))
+    try:
+        sock.recv(1, PEEK)  # data nobody asked for, or the end (b""): either way unusable
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+    return True
