@@ -35,11 +35,12 @@ import threading
 import time
 from collections.abc import Callable
 from datetime import datetime
+from json.encoder import encode_basestring_ascii as json_string
 from typing import Any
 
 from shard_sql.errors import IntentConflict, InvalidEvent
 from shard_sql.validation import MAX_PAYLOAD_BYTES, Pending, check_space, pending
-from shard_sql.values import Event
+from shard_sql.values import Event, new_event
 
 MAX_MESSAGE = MAX_PAYLOAD_BYTES + 16 * 1024
 """Bytes: the largest message either side accepts (a payload at its limit, and the rest)."""
@@ -238,9 +239,13 @@ def _read_exactly(sock: socket.socket, n: int, *, eof_ok: bool) -> bytes | None:
 
 
 def request(space: str, item: Pending) -> bytes:
-    """A hand-off request: the space and the checked item (its payload's JSON text as is)."""
-    head = json.dumps({"space": space, "type": item.type, "intent_id": item.intent_id})
-    return f'{head[:-1]}, "payload": {item.payload_json}}}'.encode()
+    """A hand-off request: the space and the checked item (its payload's JSON text as is). The
+    text `json.dumps` of the same object gives, written directly (a third of its cost)."""
+    intent_id = "null" if item.intent_id is None else json_string(item.intent_id)
+    return (
+        f'{{"space": {json_string(space)}, "type": {json_string(item.type)}, '
+        f'"intent_id": {intent_id}, "payload": {item.payload_json}}}'
+    ).encode()
 
 
 def parse_request(message: Any) -> tuple[str, Pending]:
@@ -259,10 +264,12 @@ def parse_request(message: Any) -> tuple[str, Pending]:
 
 
 def written(event: Event) -> bytes:
-    """The answer for a written event: what the forwarder does not know already."""
-    at = event.recorded_at.isoformat()
-    return json.dumps(
-        {"ok": [event.seq, at, event.writer, event.generation, event.position]}
+    """The answer for a written event: what the forwarder does not know already (the text
+    `json.dumps` gives, written directly)."""
+    position = "null" if event.position is None else int(event.position)
+    return (
+        f'{{"ok": [{int(event.seq)}, "{event.recorded_at.isoformat()}", '
+        f"{json_string(event.writer)}, {int(event.generation)}, {position}]}}"
     ).encode()
 
 
@@ -278,7 +285,7 @@ def answer_event(space: str, item: Pending, answer: Any) -> Event | str:
     ok = answer.get("ok")
     if isinstance(ok, list) and len(ok) == 5:
         seq, at, writer, generation, position = ok
-        return Event(
+        event: Event = new_event(  # Event(...) without the frozen __init__'s cost
             space,
             seq,
             item.type,
@@ -289,6 +296,7 @@ def answer_event(space: str, item: Pending, answer: Any) -> Event | str:
             item.intent_id,
             position,
         )
+        return event
     kind = answer.get("error")
     if kind == NOT_HOLDER:
         return NOT_HOLDER

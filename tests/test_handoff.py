@@ -460,3 +460,26 @@ def test_a_reply_the_socket_cannot_take_is_finished_by_the_connection_thread() -
     assert got == [body]
     ours.close()
     theirs.close()
+
+
+@pytest.mark.parametrize("intent_id", ["fwd-1", 'a "quoted\\" id é', None])
+@pytest.mark.parametrize("position", [None, 7])
+def test_the_wire_texts_are_those_of_json_dumps(
+    intent_id: str | None, position: int | None
+) -> None:
+    """`request` and `written` write their JSON directly: the same text `json.dumps` gives, for
+    names with quotes, backslashes and non-ASCII characters too."""
+    from datetime import UTC, datetime
+
+    from shard_sql.handoff import answer_event, written
+    from shard_sql.values import Event
+
+    item = pending('type "é\\', {"k": 'v "é', "n": [1.5, None]}, intent_id)
+    space = 'space "é\\'
+    head = json.dumps({"space": space, "type": item.type, "intent_id": intent_id})
+    assert request(space, item) == f'{head[:-1]}, "payload": {item.payload_json}}}'.encode()
+    at = datetime(2026, 12, 7, 15, 0, 0, 123456, tzinfo=UTC)
+    event = Event(space, 5, item.type, item.payload, at, 'node "é', 3, intent_id, position)
+    ok = [event.seq, at.isoformat(), event.writer, event.generation, position]
+    assert written(event) == json.dumps({"ok": ok}).encode()
+    assert answer_event(space, item, json.loads(written(event))) == event
