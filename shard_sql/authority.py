@@ -9,7 +9,6 @@ docs/leases.md tell the whole story.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import threading
@@ -546,8 +545,7 @@ class AppendAuthority:
         if space not in self._leases:
             reply(answer(None, NotHolder(space)))
             return
-        with contextlib.suppress(Exception):  # told to `reply` already
-            self._group.write(space, item, lambda event, error: reply(answer(event, error)))
+        self._group.submit(space, item, lambda event, error: reply(answer(event, error)))
 
     def __enter__(self) -> AppendAuthority:
         if not self._listeners:
@@ -568,6 +566,7 @@ class AppendAuthority:
         for listener in self._listeners:
             listener.stop()
         self._listeners = []
+        self._group.close()
         self._server.stop()
         if self._client is not None:
             self._client.close()

@@ -19,8 +19,10 @@ that item fails. Any other failure (`NotHolder`, a lost connection) is every ite
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -110,6 +112,24 @@ class GroupCommit:
         self._queues: dict[str, _Queue] = {}
         self._guard = threading.Lock()
         self.stats = GroupStats()
+        self._drain: deque[tuple[str, _Queue]] = deque()
+        self._drain_ready = threading.Condition(threading.Lock())
+        self._drainer: threading.Thread | None = None
+        self._closed = False
+
+    def submit(self, space: str, item: Pending, reply: Reply) -> None:
+        """Write `item` to `space` with whatever else is queued there and tell `reply` how it
+        went, without waiting for it: while a leader is at work the item is queued for it and
+        this returns at once (a forwarder's handler goes back to its socket); else this thread
+        writes it at once, as a lone caller does."""
+        q = self._queues.get(space) or self._queue(space)
+        with q.mutex:
+            if q.busy:
+                q.slots.append(_Slot(item, reply))
+                return
+            q.busy = True
+        with contextlib.suppress(Exception):  # told to `reply`
+            self._write_alone(space, q, item, reply)
 
     def write(self, space: str, item: Pending, reply: Reply | None = None) -> Event:
         """Write `item` to `space` with whatever else is queued there; its event, or the error
@@ -150,7 +170,7 @@ class GroupCommit:
                 self._lead_others(space, q)
             return event
         finally:
-            self._pass_lead(q)
+            self._pass_lead(space, q)
 
     def _queue(self, space: str) -> _Queue:
         with self._guard:
@@ -164,7 +184,7 @@ class GroupCommit:
                 self._write_next(space, q, mine)
             self._lead_others(space, q)
         finally:
-            self._pass_lead(q)
+            self._pass_lead(space, q)
 
     def _lead_others(self, space: str, q: _Queue) -> None:
         """Once the leader's own item is written: the next batches queued, up to
@@ -188,18 +208,57 @@ class GroupCommit:
             raise
         self._finish(batch, mine)
 
-    @staticmethod
-    def _pass_lead(q: _Queue) -> None:
-        """The lead goes to the first caller queued, or ends."""
+    def _pass_lead(self, space: str, q: _Queue) -> None:
+        """The lead goes to the first caller queued that waits (`write`), else, when only
+        submitted items are queued (their callers wait for nobody), to the drainer; or ends."""
         with q.mutex:
-            nxt = q.slots[0] if q.slots else None
-            if nxt is None:
+            if not q.slots:
                 q.busy = False
-            else:
+                return
+            nxt = next((slot for slot in q.slots if slot.waiter is not None), None)
+            if nxt is not None:
                 nxt.lead = True
-        if nxt is not None:
-            assert nxt.waiter is not None
-            nxt.waiter.release()
+        if nxt is None:
+            self._hand_to_drainer(space, q)
+            return
+        assert nxt.waiter is not None
+        nxt.waiter.release()
+
+    def _hand_to_drainer(self, space: str, q: _Queue) -> None:
+        """The lead of `space` to the drainer: a thread of this group commit, started when
+        first needed, that writes what was submitted when no caller waits to."""
+        with self._drain_ready:
+            self._drain.append((space, q))
+            if self._drainer is None:
+                self._closed = False
+                self._drainer = threading.Thread(
+                    target=self._drain_loop, name="shard-sql-group", daemon=True
+                )
+                self._drainer.start()
+            self._drain_ready.notify()
+
+    def _drain_loop(self) -> None:
+        while True:
+            with self._drain_ready:
+                while not self._drain and not self._closed:
+                    self._drain_ready.wait()
+                if not self._drain:
+                    self._drainer = None
+                    return
+                space, q = self._drain.popleft()
+            try:
+                self._write_next(space, q, None)  # handed the lead with items queued
+                self._lead_others(space, q)
+            except BaseException as e:  # told to the batch's callers: the drainer goes on
+                log.warning("a group commit's drainer: %s", e)
+            finally:
+                self._pass_lead(space, q)
+
+    def close(self) -> None:
+        """The drainer ends once nothing is left to it (a later `submit` starts it again)."""
+        with self._drain_ready:
+            self._closed = True
+            self._drain_ready.notify()
 
     def _take(self, q: _Queue) -> list[_Slot]:
         """The next batch: queued items in order, up to the bound; an intent id already in the

@@ -7,6 +7,7 @@ messages). Whatever fails, the log must hold every acknowledged append exactly o
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -438,26 +439,80 @@ def test_group_commit_tells_each_reply_once_before_its_caller_wakes(store: Any) 
     assert [e.payload["k"] for e in store.events("s")[1:]] == ["first", "a", "b", "c"]
 
 
-def test_a_reply_the_socket_cannot_take_is_finished_by_the_connection_thread() -> None:
-    """The group commit's leader never blocks on a forwarder that does not read: what the socket
-    does not take at once is sent by the connection's own thread."""
-    from shard_sql.handoff import Channel, read_frame
+def test_submitted_items_are_written_by_the_leader_or_the_drainer(
+    store: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`submit` returns at once while a leader writes; what only submitted items are left queued
+    when the leader goes is written by the group commit's drainer, and each reply is told."""
+    import shard_sql.group
+
+    monkeypatch.setattr(shard_sql.group, "KEEP_LEADING", 0)  # the leader leaves at once
+    holder = node(store, "holder")
+    holder.append("s", "t", {"k": "x"})
+    gate, entered = threading.Event(), threading.Event()
+    writers: list[str] = []
+
+    def write(space: str, batch: list[Any]) -> list[Any]:
+        writers.append(threading.current_thread().name)
+        entered.set()
+        gate.wait(30)
+        return holder.write_if_held(space, batch) or []
+
+    group = GroupCommit(write)
+    first = threading.Thread(target=lambda: group.write("s", pending("t", {"k": 0})))
+    first.start()
+    assert entered.wait(30)
+    told: dict[int, Any] = {}
+    all_told = threading.Event()
+
+    def reply_for(n: int) -> Any:
+        def reply(event: Any, error: BaseException | None) -> None:
+            told[n] = event if error is None else error
+            if len(told) == 3:
+                all_told.set()
+
+        return reply
+
+    for n in (1, 2, 3):
+        group.submit("s", pending("t", {"k": n}), reply_for(n))  # returns: the write is gated
+    assert not told
+    gate.set()
+    first.join(30)
+    assert all_told.wait(30)
+    group.close()
+    assert [told[n].payload["k"] for n in (1, 2, 3)] == [1, 2, 3]
+    assert writers[-1] == "shard-sql-group"  # the drainer wrote them
+    assert [e.payload["k"] for e in store.events("s")] == ["x", 0, 1, 2, 3]
+
+
+def test_a_reply_the_socket_cannot_take_at_once_shuts_the_connection() -> None:
+    """The group commit's leader never waits on a forwarder that does not read its answers: a
+    reply the socket does not take at once shuts that connection (the forwarder then takes the
+    durable path with the same intent id), and the leader goes on."""
+    from shard_sql.handoff import Channel
     from shard_sql.handoff_listener import Reply
 
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-    body = b"z" * 300_000  # more than the socket's buffers hold
+    ours.setblocking(False)
+    filled = 0
+    for size in (1024, 1):  # a forwarder that sent, and never read what it was answered
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                filled += ours.send(b"f" * size)
+    ours.setblocking(True)
     reply = Reply(Channel(ours))
     done = threading.Event()
-    t = threading.Thread(target=lambda: (reply(body), done.set()))
+    body = b'{"ok": []}'
+    t = threading.Thread(target=lambda: (reply.send(body), done.set()))
     t.start()
     assert done.wait(10), "the reply blocked on a peer that does not read"
-    got: list[bytes | None] = []
-    reader = threading.Thread(target=lambda: got.append(read_frame(theirs)))
-    reader.start()
-    reply.finish()
-    reader.join(10)
-    assert got == [body]
+    assert reply.told
+    got = b""
+    theirs.settimeout(10)
+    while chunk := theirs.recv(65536):  # the end comes after what was in the buffer
+        got += chunk
+    assert got.startswith(b"f" * filled) and len(got) < filled + len(body)  # no whole answer
     ours.close()
     theirs.close()
 
