@@ -3,8 +3,12 @@
 A holder's callers (its own threads, and the handlers of appends other processes handed over,
 `shard_sql.handoff`) queue their items per space. The first to find nobody writing leads: it
 writes what is queued, up to `GROUP_BOUND` items, as one fenced batch (one commit, one fsync),
-gives each caller its event, and hands the lead to the first caller still queued, if any. No
-thread of its own: a lone caller writes its item at once, as without grouping.
+gives each caller its event, and hands the lead to the first caller still queued, if any. A lone
+caller writes its item at once, as without grouping.
+
+A forwarder's handler does not wait: it `submit`s its item (with its reply) and goes back to its
+socket; when a leader goes with only such items queued, the group commit's drainer thread (started
+when first needed) leads in their place.
 
 A caller may give a `reply`, called with its item's event (or error) by whichever thread wrote
 it, right after the commit and before any thread is woken: a handed-over item's answer goes out
