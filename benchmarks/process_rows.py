@@ -248,10 +248,9 @@ def bare_socket_rows(label: str, alone: float, direct_us: float | None) -> list[
                 None,
                 unit="us",
                 note=(
-                    "ratio = direct / round trip; a forwarded append costs at least the round "
+                    "ratio = round trip / direct; a forwarded append costs at least the round "
                     f"trip and the holder's write: >= {1 + rtt / direct_us:.2f}x a direct one"
                 ),
-                ratio=direct_us / rtt,
             )
         )
     return rows

@@ -72,6 +72,8 @@ def test_processes_and_memory_quick(perf: Any) -> None:
             ("group commit: items per write (4 processes)", "items"),
             ("forwarded append latency p50, idle holder (1 forwarder)", "us"),
             ("forwarded append latency p90, idle holder (1 forwarder)", "us"),
+            ("bare socket ping-pong, 4 clients to 1 server (no database)", "msgs/s"),
+            ("bare socket round trip p50, 1 client (no database)", "us"),
         ]
         assert rows[1]["figure"] > 0 and "cores bound 4 processes" in rows[1]["note"]
         # The forwarded appends went over the holder's socket; the holder grouped its writes.
@@ -82,6 +84,9 @@ def test_processes_and_memory_quick(perf: Any) -> None:
         idle = re.search(r"(\d+) of (\d+) over the holder's socket", rows[4]["note"])
         assert idle is not None and int(idle.group(1)) > 0
         assert rows[4]["target_text"] == "<= 2x" and rows[4]["baseline"] > 0
+        # The floor, measured in the same run: a bare socket ping-pong, no database.
+        assert rows[6]["figure"] > 0 and rows[6]["baseline"] == rows[0]["baseline"]
+        assert rows[7]["figure"] > 0 and rows[7]["baseline"] == rows[4]["baseline"]
     rows = perf.run(quick=True, backends=("sqlite-full",), works=("memory",))
     _check_rows(rows)
     assert rows[0]["unit"] == "MB" and rows[0]["target_text"] == "< 50 MB"
