@@ -53,6 +53,8 @@ refused connection, a timeout) before it tries the socket again."""
 MAX_PATH = 100
 """Bytes: a longer socket path (AF_UNIX allows 107) is reached through /proc/self/fd/N/."""
 HEADER = struct.Struct(">I")
+READ_AHEAD = 64 * 1024
+"""Bytes a channel asks for at once (a message of the hand-off is most often far smaller)."""
 TIMEVAL = struct.Struct("@ll")
 KERNEL_TIMEOUTS = sys.platform.startswith("linux")
 PEEK = int(socket.MSG_PEEK | getattr(socket, "MSG_DONTWAIT", 0))
@@ -186,10 +188,12 @@ class Channel:
     """One connection's messages, as they are: on a Unix socket, where the kernel vouches for
     the peer (a network connection seals them: `shard_sql.handoff_tcp`)."""
 
-    __slots__ = ("sock", "timeout")
+    __slots__ = ("_more", "sock", "timeout")
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
+        self._more = b""
+        """Bytes received past the last message (a peer that sends before it is answered)."""
         self.timeout: float | None = None
         """The forwarder's: the timeout its socket's sends and receives have (`wait_at_most`)."""
 
@@ -218,8 +222,49 @@ class Channel:
         self.sock.sendall(self.pack(body), NOSIGNAL)
 
     def receive(self) -> Any:
-        """The next message (`read_message`)."""
-        return read_message(self.sock)
+        """The next message's JSON value (as `read_message`)."""
+        body = self.read_frame(MAX_MESSAGE)
+        return None if body is None else decode(body)
+
+    def read_frame(self, limit: int) -> bytes | None:
+        """The next message's bytes (as `read_frame`), most often in one system call: what the
+        peer sent is read at once, header and body, and what came past the message is kept for
+        the next."""
+        data = self._more or self.sock.recv(READ_AHEAD)
+        self._more = b""
+        if len(data) >= HEADER.size:
+            (size,) = HEADER.unpack_from(data)
+            if size > limit:
+                raise Malformed(f"a message of {size} bytes")
+            end = HEADER.size + size
+            if len(data) >= end:
+                self._more = data[end:]
+                return data[HEADER.size : end]
+        elif not data:
+            return None
+        return self._read_rest(data, limit)
+
+    def _read_rest(self, data: bytes, limit: int) -> bytes:
+        """A message whose first `data` came: the rest, read as it comes."""
+        buffer = bytearray(data)
+        size = -1
+        while True:
+            if size < 0 and len(buffer) >= HEADER.size:
+                (size,) = HEADER.unpack_from(buffer)
+                if size > limit:
+                    raise Malformed(f"a message of {size} bytes")
+            end = HEADER.size + size
+            if size >= 0 and len(buffer) >= end:
+                self._more = bytes(buffer[end:])
+                return bytes(buffer[HEADER.size : end])
+            more = self.sock.recv(max(READ_AHEAD, end - len(buffer)))
+            if not more:
+                raise Malformed("the connection ended inside a message")
+            buffer += more
+
+    def has_more(self) -> bool:
+        """Whether bytes past the last message came (nothing our peers send unasked)."""
+        return bool(self._more)
 
 
 def _read_exactly(sock: socket.socket, n: int, *, eof_ok: bool) -> bytes | None:
@@ -378,7 +423,7 @@ class HandoffClient:
                 channel = idle.pop() if idle else None
             if channel is None:
                 break
-            if not _ended(channel.sock):
+            if not channel.has_more() and not _ended(channel.sock):
                 return channel
             channel.sock.close()
         sock = None if self.endpoints is None else self._connect_socket(holder, timeout)

@@ -37,7 +37,6 @@ from shard_sql.handoff import (
     Malformed,
     decode,
     frame,
-    read_frame,
     read_message,
 )
 from shard_sql.handoff_listener import BACKLOG, CHECK_EVERY, BaseListener, Listener, Submit
@@ -271,7 +270,7 @@ class SealedChannel(Channel):
         return frame(seal + body)
 
     def receive(self) -> Any:
-        sealed = read_frame(self.sock, MAX_MESSAGE + SEAL)
+        sealed = self.read_frame(MAX_MESSAGE + SEAL)
         if sealed is None:
             return None
         seal, body = sealed[:SEAL], sealed[SEAL:]

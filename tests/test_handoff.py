@@ -538,3 +538,29 @@ def test_the_wire_texts_are_those_of_json_dumps(
     ok = [event.seq, at.isoformat(), event.writer, event.generation, position]
     assert written(event) == json.dumps({"ok": ok}).encode()
     assert answer_event(space, item, json.loads(written(event))) == event
+
+
+def test_a_channel_reads_messages_as_they_come() -> None:
+    """A channel reads what came at once and keeps what is past the message: two messages in one
+    send come out in turn, one sent in pieces whole, one cut short is `Malformed`."""
+    from shard_sql.handoff import Channel, Malformed
+
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    channel = Channel(ours)
+    theirs.sendall(frame(b'{"a": 1}') + frame(b'{"b": 2}'))
+    assert channel.receive() == {"a": 1}
+    assert channel.has_more()
+    assert channel.receive() == {"b": 2}
+    assert not channel.has_more()
+    big = frame(json.dumps({"c": "x" * 200_000}).encode())
+    sender = threading.Thread(target=lambda: [theirs.sendall(big[i : i + 3]) for i in (0, 3)])
+    sender.start()
+    sender.join(10)
+    threading.Thread(target=lambda: theirs.sendall(big[6:])).start()
+    assert channel.receive() == {"c": "x" * 200_000}
+    theirs.sendall(frame(b'{"d": 4}')[:7])
+    theirs.close()
+    with pytest.raises(Malformed):
+        channel.receive()
+    assert channel.receive() is None  # a clean end after it
+    ours.close()
