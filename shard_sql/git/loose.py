@@ -16,7 +16,7 @@ import threading
 import time
 import zlib
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from pygit2.enums import ObjectType
 
@@ -69,6 +69,20 @@ def run_concurrently(calls: Sequence[Callable[[], object]]) -> None:
         raise error
 
 
+def deflate(raw: bytes) -> bytes:
+    """zlib at level 1, as git writes loose objects, with a window and a hash table no larger
+    than the object (at least 512 bytes): `zlib.compress` clears 256 KB of tables for each
+    object of a few hundred bytes. Any zlib reader (git's, libgit2's) inflates it."""
+    bits = min(15, max(9, (len(raw) - 1).bit_length()))
+    c = zlib.compressobj(1, zlib.DEFLATED, bits, bits - 7)
+    return c.compress(raw) + c.flush()
+
+
+def in_background(call: Callable[[], None]) -> Future[None]:
+    """Start `call` (an fsync) in the pool, to overlap it with this thread's work."""
+    return _fsync_pool().submit(call)
+
+
 def fsync_dir(path: str) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
@@ -119,7 +133,8 @@ class LooseObjects:
     def put(self, kind: int, data: bytes) -> str:
         """Write one object (or freshen it if present) and return its id.
 
-        `git gc` may remove an empty `objects/xx/` between the mkdir and the file's creation:
+        `objects/xx/` is made when the file's creation finds it missing (as git does: no mkdir
+        per object). `git gc` may remove an empty one between the mkdir and the creation:
         retried (objects are content-addressed, so a retry is idempotent).
         """
         head = b"%s %d\0" % (KIND_NAMES[kind], len(data))
@@ -133,15 +148,16 @@ class LooseObjects:
                     self._track(oid, fan, path)
                     return oid
                 if body is None:
-                    body = zlib.compress(head + data, 1)
-                with contextlib.suppress(FileExistsError):
-                    os.mkdir(fan)
+                    body = deflate(head + data)
                 self._create(fan, path, body, oid)
                 return oid
             except (FileNotFoundError, NotADirectoryError):
                 if attempt == OBJECT_RETRIES - 1:
                     raise
-                time.sleep(0.001 * (attempt + 1))
+                if attempt:  # a second miss: `git gc` is emptying directories, give it time
+                    time.sleep(0.001 * attempt)
+                with contextlib.suppress(FileExistsError, FileNotFoundError):
+                    os.mkdir(fan)
         raise AssertionError("unreachable")
 
     @staticmethod

@@ -294,13 +294,13 @@ class RefFiles:
         """
         path = self.file(ref)
         for attempt in range(OBJECT_RETRIES):
-            _make_dirs(os.path.dirname(path))
             staged = f"{path}.{random.getrandbits(64):016x}.lock"
             try:
                 fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
-            except FileNotFoundError:  # `git pack-refs` removed the emptied directory: again
-                if attempt == OBJECT_RETRIES - 1:
+            except FileNotFoundError:  # the ref's first write, or `git pack-refs` removed the
+                if attempt == OBJECT_RETRIES - 1:  # emptied directory: made, then again
                     raise
+                _make_dirs(os.path.dirname(path))
                 continue
             try:
                 os.write(fd, (target + "\n").encode("ascii"))
