@@ -381,7 +381,10 @@ class Feed:
             subject,
             int(time.time()),
         )
-        return objects.put(ObjectType.COMMIT, data)
+        oid = objects.put(ObjectType.COMMIT, data)
+        # Kept as read back: the next write of this process reads it, unless another's moved on.
+        self.git.remember((_FEED_KEY, oid), parse_feed_commit(oid, data))
+        return oid
 
     def _snapshot(
         self,
