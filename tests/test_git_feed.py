@@ -299,6 +299,39 @@ def kill_at(path: Path, where: str) -> None:
     victim.join(30)
 
 
+@pytest.mark.parametrize("overlap_after", [-1.0, 3600.0], ids=["overlapped", "after"])
+def test_copies_and_durability_on_either_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, overlap_after: float
+) -> None:
+    """The feed ref's directory is fsynced on another thread while the copies move (a busy
+    disk) or after the mutex (a fast one): either way each write leaves the feed and every
+    space's ref right, including a space ref moved by hand, put right by its space's next write
+    (a store skips looking at the previous write's copies only when it moved them itself)."""
+    import shard_sql.git.store as git_store
+
+    monkeypatch.setattr(git_store, "OVERLAP_AFTER", overlap_after)
+    path = tmp_path / "r.git"
+    store = GitEventStore(path)
+    other = GitEventStore(path)
+    for i in range(3):
+        store.append("a", "t", {}, expected_seq=i)
+        other.append("b", "t", {}, expected_seq=i)
+        for space in ("a", "b"):
+            assert git(path, "rev-list", "--count", space_ref(space)) == f"{i + 1}\n"
+    first = git(path, "rev-list", "--reverse", space_ref("a")).split()[0]
+    git(path, "update-ref", space_ref("a"), first)  # moved by hand
+    store.append("b", "t", {}, expected_seq=3)  # another space's write leaves it
+    assert git(path, "rev-list", "--count", space_ref("a")) == "1\n"
+    store.append("a", "t", {}, expected_seq=3)
+    assert git(path, "rev-list", "--count", space_ref("a")) == "4\n"
+    assert git(path, "rev-list", "--count", space_ref("b")) == "4\n"
+    assert [e.position for e in store.feed()] == list(range(1, 9))
+    consistent(store)
+    store.close()
+    other.close()
+    fsck(path)
+
+
 @pytest.mark.slow
 def test_writer_killed_holding_the_feed_lock(tmp_path: Path) -> None:
     """Killed before the feed moved: nothing of its write shows; its lock is left behind, and the

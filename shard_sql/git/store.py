@@ -11,6 +11,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from concurrent.futures import Future, wait
 from contextlib import AbstractContextManager
 from datetime import datetime
 from pathlib import Path
@@ -24,7 +25,7 @@ from shard_sql.git.errors import translated, translated_iter
 from shard_sql.git.feed import CheckpointSave, Feed, SpaceWrite
 from shard_sql.git.intents import GitIntentQueue
 from shard_sql.git.layout import CHUNK, FEED, HANDOFF_DIR, lease_ref, space_ref
-from shard_sql.git.loose import LooseObjects
+from shard_sql.git.loose import LooseObjects, in_background
 from shard_sql.git.migrate import place_existing_events
 from shard_sql.git.objects import (
     FeedCommit,
@@ -35,6 +36,7 @@ from shard_sql.git.objects import (
     parse_lease,
 )
 from shard_sql.git.packing import PACK_EVERY, AutoPacker, Maintenance, pack
+from shard_sql.git.refs import RefLock
 from shard_sql.git.repo import GitRepo
 from shard_sql.git.transaction import GitTransaction, transaction_block
 from shard_sql.handoff import private_dir
@@ -64,6 +66,16 @@ from shard_sql.values import Event, Lease
 from shard_sql.wake import EVENTS_WRITTEN, FEED_WRITTEN
 
 log = logging.getLogger("shard_sql.git")
+
+OVERLAP_AFTER = 0.0005
+"""Seconds: a write whose first round of fsyncs took longer (a busy disk) fsyncs the feed ref's
+directory on another thread while the space refs' copies move; on a fast disk the hand-off to a
+thread costs more than it saves."""
+
+
+def _unlink(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
 
 
 class GitEventStore(StoreBase, FeedStore, LeaseStore, IntentQueue, SpaceWakeups):
@@ -98,6 +110,9 @@ class GitEventStore(StoreBase, FeedStore, LeaseStore, IntentQueue, SpaceWakeups)
         self._intents = GitIntentQueue(self._git, self._chains)
         self._packer = AutoPacker(self._git, pack_every)
         self._git.on_object_written = self._packer.wrote
+        self._copied: str | None = None
+        """The feed commit whose space refs this store moved (under the write mutex), all of
+        them: the next write need not look at them."""
         try:
             place_existing_events(self._git, self._feed)
         except BaseException:
@@ -322,40 +337,77 @@ class GitEventStore(StoreBase, FeedStore, LeaseStore, IntentQueue, SpaceWakeups)
         records = {name: save.position for name, save in saves.items()}
         self._check_saves(handle, feed, saves)
         new = self._feed.build(handle, objects, feed, writes, order, records)
+        began = time.monotonic()
         staged = self._git.refs.stage(FEED, new, objects)
+        overlap = self.durable and time.monotonic() - began > OVERLAP_AFTER
+        removed = False  # the staged file
+        synced: Future[None] | None = None
         try:
             with self._git.refs.mutex(deadline):
                 lock = self._git.lock(handle, FEED, deadline, staged, breakable=True)
                 try:
                     current = self._git.target(handle, FEED, "the feed")
                     if current != (feed.oid if feed else None):
-                        cur = None if current is None else self._feed.commit(handle, current)
-                        if not self._at_their_bases(handle, cur, writes, strict=strict):
+                        args = (handle, lock, current, writes, order, saves, records)
+                        rebuilt = self._rebuilt(*args, strict=strict)
+                        if rebuilt is None:
                             return None
-                        self._check_saves(handle, cur, saves)
-                        feed = cur
-                        again = self._git.objects()
-                        try:
-                            new = self._feed.build(handle, again, feed, writes, order, records)
-                            lock.rewrite(new, again)
-                        finally:
-                            again.close()
+                        feed, new = rebuilt
                     for fence in fences:
                         check_fence(fence, self._lease_record(handle, fence.space))
                     lock.commit(new, sync=False)
                 finally:
                     lock.free()
-                self._after_commit(handle, feed, writes)
+                synced = in_background(lock.sync) if overlap else None  # see `_durable`
+                self._after_commit(handle, feed, new, writes)
             self._signal_wakeups(writes)
-            # Durable once the feed ref's directory is: synced after the mutex went, as each
-            # feed commit holds all before it, a later writer's sync makes this one's durable
-            # too (and this one's, the earlier ones').
-            lock.sync()
-            self._git.refs.sync_dirs(FEED)
+            removed = True
+            _unlink(staged)
+            self._durable(lock, synced)
         finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(staged)
+            if not removed:
+                _unlink(staged)
+            if synced is not None:
+                wait([synced])  # on an error: no sync of this write left running after it
         return (feed.head if feed else 0) + 1
+
+    def _durable(self, lock: RefLock, synced: Future[None] | None) -> None:
+        """After the mutex: the write is durable once the feed ref's directory is, fsynced now,
+        or (a slow disk) by `synced`, started on another thread right after the rename while
+        the copies moved. Each feed commit holds all before it: a later writer's sync makes this
+        one's durable too (and this one's, the earlier ones')."""
+        if synced is not None:
+            synced.result()
+        else:
+            lock.sync()
+        self._git.refs.sync_dirs(FEED)
+
+    def _rebuilt(
+        self,
+        handle: Any,
+        lock: RefLock,
+        current: str | None,
+        writes: Sequence[SpaceWrite],
+        order: Sequence[tuple[int, int]],
+        saves: Mapping[str, CheckpointSave],
+        records: Mapping[str, int],
+        *,
+        strict: bool,
+    ) -> tuple[FeedCommit | None, str] | None:
+        """Under the mutex, the feed moved to `current` since the write's feed commit was built:
+        unless a written space moved (None, or `SeqConflict` when `strict`), that feed and the
+        write's commit built again on it, its id fsynced into `lock`."""
+        feed = None if current is None else self._feed.commit(handle, current)
+        if not self._at_their_bases(handle, feed, writes, strict=strict):
+            return None
+        self._check_saves(handle, feed, saves)
+        again = self._git.objects()
+        try:
+            new = self._feed.build(handle, again, feed, writes, order, records)
+            lock.rewrite(new, again)
+        finally:
+            again.close()
+        return feed, new
 
     def _at_their_bases(
         self, handle: Any, feed: FeedCommit | None, writes: Sequence[SpaceWrite], *, strict: bool
@@ -382,13 +434,22 @@ class GitEventStore(StoreBase, FeedStore, LeaseStore, IntentQueue, SpaceWakeups)
                 raise checkpoint_conflict(name, save.lowest, stored)
 
     def _after_commit(
-        self, handle: Any, previous: FeedCommit | None, writes: Sequence[SpaceWrite]
+        self,
+        handle: Any,
+        previous: FeedCommit | None,
+        committed: str,
+        writes: Sequence[SpaceWrite],
     ) -> None:
-        """Under the mutex, once the feed moved: the spaces' refs follow it (those of this write,
-        and those of the previous one if its writer died before it moved them). The write is
-        committed: nothing here may fail it."""
+        """Under the mutex, once the feed moved to `committed`: the spaces' refs follow it (those
+        of this write, and those of the previous one if its writer died before it moved them:
+        not looked at when this store moved them itself). The write is committed: nothing here
+        may fail it."""
         ours = {w.space: w.tip.oid for w in writes}
-        theirs = dict(zip(previous.spaces, previous.tips, strict=True)) if previous else {}
+        theirs: dict[str, str] = {}
+        if previous is not None and previous.oid != self._copied:
+            theirs = dict(zip(previous.spaces, previous.tips, strict=True))
+        self._copied = None
+        moved = True
         for space, oid in itertools.chain(theirs.items(), ours.items()):
             mine = space in ours
             if mine and ours[space] != oid:
@@ -398,9 +459,12 @@ class GitEventStore(StoreBase, FeedStore, LeaseStore, IntentQueue, SpaceWakeups)
                 if not mine and self._git.target(handle, ref) == oid:
                     continue
                 read = functools.partial(self._git.target, handle, ref)
-                self._git.refs.update_cache(ref, oid, read)
+                moved = self._git.refs.update_cache(ref, oid, read) and moved
             except (ShardSqlError, OSError) as e:
+                moved = False
                 log.warning("git store %s: %s left behind the feed: %s", self.path, ref, e)
+        if moved:
+            self._copied = committed
 
     def _signal_wakeups(self, writes: Sequence[SpaceWrite]) -> None:
         """After a commit: wake the feed's waiters, and the forwarders of the spaces written."""
