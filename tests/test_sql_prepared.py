@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from shard_sql import LeaseRegistry, SchemaError, SeqConflict, SqlEventStore, StaleLease
-from shard_sql.sql.dialects.prepared import Prepared, text_params
+from shard_sql.sql.dialects.prepared import Prepared, append_values
 
 PREPARED = "SELECT name FROM pg_prepared_statements WHERE name LIKE 'shard_sql%%' ORDER BY name"
 
@@ -96,21 +96,36 @@ def test_a_failed_prepare_is_the_drivers_error(pg_migrated_url: str) -> None:
         assert store.append("s", "t", {}, expected_seq=0).seq == 0
 
 
-def test_text_params() -> None:
-    at = datetime(2026, 12, 7, 15, 0, 0, 123456, tzinfo=UTC)
-    assert text_params(["s", 5, None, at, "ü"]) == [
-        b"s",
-        b"5",
-        None,
-        b"2026-12-07T15:00:00.123456+00:00",
-        "ü".encode(),
-    ]
-    east = datetime(2026, 12, 7, 15, 0, tzinfo=timezone(timedelta(hours=5, minutes=30)))
-    assert text_params([east]) == [b"2026-12-07T15:00:00+05:30"]
+def test_append_values() -> None:
+    at = datetime(2000, 1, 1, 0, 0, 1, 5, tzinfo=UTC)
+    row = ("s", 5, "t", '{"a":"ü"}', at, "w", 2, None, "s", 5)
+    assert append_values(row) == [
+        b"s", b"5", b"t", '{"a":"ü"}'.encode(), (1_000_005).to_bytes(8, "big"), b"w", b"2",
+        None, b"s", b"5",
+    ]  # fmt: skip
+    fenced = append_values((*row, "s", "h", 3))
+    assert fenced is not None and fenced[10:] == [b"s", b"h", b"3"]
+    both = append_values((*row[:7], "k", *row[8:], "s", "h", 3, "s", "k"))
+    assert both is not None and both[7] == b"k" and both[13:] == [b"s", b"k"]
+    east = datetime(2000, 1, 1, 5, 30, tzinfo=timezone(timedelta(hours=5, minutes=30)))
+    assert append_values((*row[:4], east, *row[5:])) == [*row_values(row)[:4], bytes(8),
+                                                        *row_values(row)[5:]]  # fmt: skip
+    before = datetime(1999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC)
+    assert append_values((*row[:4], before, *row[5:]))[4] == (-1).to_bytes(8, "big", signed=True)  # type: ignore[index]
     # What libpq would cut or psycopg adapts otherwise: left to cursor.execute.
-    refused: list[Any] = ["a\x00b", 1.5, True, datetime(2026, 1, 1), b"x", "\ud800"]
-    for value in refused:
-        assert text_params(["s", value]) is None
+    assert append_values((*row[:5], "a\x00b", *row[6:])) is None
+    assert append_values((*row, "s", "a\x00b", 3)) is None
+    assert append_values((*row, "s", "h", 3.5)) is None
+    assert append_values((*row[:6], 2.0, *row[7:])) is None
+    assert append_values((*row[:4], datetime(2000, 1, 1), *row[5:])) is None
+    assert append_values((*row[:5], "\ud800", *row[6:])) is None
+    assert append_values((*row[:5], None, *row[6:])) is None
+
+
+def row_values(row: tuple[Any, ...]) -> list[bytes | None]:
+    values = append_values(row)
+    assert values is not None
+    return values
 
 
 def test_prepared_statement_text() -> None:

@@ -23,13 +23,11 @@ from shard_sql.sql.dialects.base import (
     Tables,
 )
 from shard_sql.sql.dialects.prepared import (
-    INT8,
-    TEXT,
-    TIMESTAMPTZ,
     Prepared,
+    append_types,
+    append_values,
     prepared_names,
     run,
-    text_params,
 )
 from shard_sql.sql.errors import Site
 from shard_sql.sql.listener import NOTIFY_LIMIT, Channels
@@ -65,16 +63,6 @@ def append_one_sql(*, fence: bool, intent: bool, t: Tables = UNQUALIFIED) -> str
     if intent:
         sql += f" AND NOT EXISTS (SELECT 1 FROM {t.events} WHERE space = %s AND intent_id = %s)"
     return sql
-
-
-def append_one_types(*, fence: bool, intent: bool) -> list[int]:
-    """The types of `append_one_sql`'s parameters, to prepare it (`dialects.prepared`)."""
-    types = [TEXT, INT8, TEXT, TEXT, TIMESTAMPTZ, TEXT, INT8, TEXT, TEXT, INT8]
-    if fence:
-        types += [TEXT, TEXT, INT8]
-    if intent:
-        types += [TEXT, TEXT]
-    return types
 
 
 def append_at_head_sql(
@@ -220,7 +208,7 @@ class PostgresDialect(Dialect):
         }
         self._prepared = {
             self._append[fence, intent]: Prepared(
-                self._append[fence, intent], append_one_types(fence=fence, intent=intent)
+                self._append[fence, intent], append_types(fence=fence, intent=intent)
             )
             for fence, intent in self._append
         }
@@ -505,7 +493,7 @@ class PostgresDialect(Dialect):
         names = c.prepared
         statement = self._prepared.get(sql)
         if names is not None and statement is not None:
-            values = text_params(params)
+            values = append_values(params)
             if values is not None:
                 return 0 if run(c, names, statement, values).command_tuples == 1 else None
         return super().insert_one(c, sql, params)
