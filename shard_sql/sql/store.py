@@ -38,7 +38,7 @@ from shard_sql.sql.schema import open_schema
 from shard_sql.sql.transaction import HostConnections, SqlTransaction
 from shard_sql.sql.urls import check_schema_name
 from shard_sql.sql.waits import FEED_POLL
-from shard_sql.store_base import StoreBase, already_written, feed_pages, placed, stamp
+from shard_sql.store_base import StoreBase, already_written, feed_pages, stamp
 from shard_sql.validation import (
     Pending,
     check_checkpoint_name,
@@ -445,14 +445,13 @@ class SqlEventStore(
         check: Lease | None,
     ) -> list[Event]:
         now = system_clock()
-        events = [stamp(space, expected_seq + n, p, fence, now) for n, p in enumerate(batch)]
         # A write whose every event has an intent id can be repeated safely after a lost
         # connection: a committed first attempt is then found and returned, never doubled.
         repeatable = all(p.intent_id is not None for p in batch)
         try:
             for _ in range(3):
                 done = self.database.call(
-                    self._write, space, events, batch, check, expected_seq, retry=repeatable
+                    self._write, space, batch, fence, check, expected_seq, now, retry=repeatable
                 )
                 if done is not None:
                     if any(p.intent_id for p in batch):
@@ -493,39 +492,47 @@ class SqlEventStore(
         self,
         c: Conn,
         space: str,
-        events: list[Event],
         batch: Sequence[Pending],
         fence: Lease | None,
+        check: Lease | None,
         expected_seq: int,
+        now: datetime,
     ) -> list[Event] | None:
         """One attempt at a batch: the events written, the events an earlier call wrote for these
-        intent ids, a raised error, or None (a benign race: try again)."""
+        intent ids, a raised error, or None (a benign race: try again). `fence` stamps the
+        events (writer, generation), `check` is the fence checked."""
         d = self._dialect
-        statement = d.append_small_batch(space, events, batch, fence, expected_seq)
-        if statement is not None:
+        if d.small_batch(batch):
+            events = [stamp(space, expected_seq + n, p, fence, now) for n, p in enumerate(batch)]
+            statement = d.append_small_batch(space, events, batch, check, expected_seq)
             c.cur.execute(*statement)
             if c.cur.rowcount == len(events):
                 return events
-            return self._check_write(c, space, batch, expected_seq, fence)
+            return self._check_write(c, space, batch, expected_seq, check)
         d.begin_write(c)
-        done = self._check_write(c, space, batch, expected_seq, fence, locked=True)
+        done = self._check_write(c, space, batch, expected_seq, check, locked=True)
         if done is not None:
             d.rollback(c)
             return done
-        # A batch shares one time (an import keeps each event's): format each time once.
-        times = {t: d.time(t) for t in {e.recorded_at for e in events}}
-        positions = d.insert_rows(
-            c,
-            [
-                (space, e.seq, e.type, p.payload_json, times[e.recorded_at], e.writer,
-                 e.generation, e.intent_id)
-                for e, p in zip(events, batch, strict=True)
-            ],
-        )  # fmt: skip
+        # Each event is built once, when its position is known (SQLite). A batch shares one
+        # time, writer and generation (an import keeps each event's).
+        at = d.time(now)
+        writer, generation = (fence.holder, fence.generation) if fence else ("", 0)
+        rows = [
+            (space, expected_seq + n, p.type, p.payload_json,
+             at if p.recorded_at is None else d.time(p.recorded_at),
+             writer if p.writer is None else p.writer,
+             generation if p.generation is None else p.generation, p.intent_id)
+            for n, p in enumerate(batch)
+        ]  # fmt: skip
+        positions = d.insert_rows(c, rows)
         d.commit(c)
-        if positions[0] is None:
-            return events
-        return [placed(e, n) for e, n in zip(events, positions, strict=True)]
+        make = new_event
+        return [
+            make(space, row[1], p.type, p.payload, p.recorded_at or now, row[5], row[6],
+                 p.intent_id, position)
+            for row, p, position in zip(rows, batch, positions, strict=True)
+        ]  # fmt: skip
 
     def _check_write(
         self,

@@ -413,6 +413,11 @@ class Dialect:
         row's seq and feed position (None: placed after the commit)."""
         raise NotImplementedError
 
+    def small_batch(self, batch: Sequence[Pending]) -> bool:
+        """`batch` is written faster by `append_small_batch`'s one statement than in a
+        transaction (`insert_rows`)."""
+        return False
+
     def append_small_batch(
         self,
         space: str,
@@ -420,10 +425,9 @@ class Dialect:
         batch: Sequence[Pending],
         fence: Lease | None,
         seq: int,
-    ) -> Statement | None:
-        """A batch in one statement under `append_one`'s checks, when this database does it
-        faster than a transaction; None: write it in a transaction."""
-        return None
+    ) -> Statement:
+        """A `small_batch` in one statement under `append_one`'s checks."""
+        raise NotImplementedError
 
     def events_by_intent(self, c: Conn, space: str, ids: list[str]) -> dict[str, Event]:
         """The events written in `space` for these intent ids."""

@@ -524,6 +524,12 @@ class PostgresDialect(Dialect):
         row = cur.fetchone()
         return None if row is None else (row[0], None)
 
+    def small_batch(self, batch: Sequence[Pending]) -> bool:
+        # One statement, one round trip (BEGIN, checks, COPY, COMMIT are four): what a holder
+        # applying a few forwarded intents at a time writes.
+        limit = self.SMALL_BATCH if batch[0].intent_id is None else self.SMALL_BATCH_INTENTS
+        return len(batch) <= limit
+
     def append_small_batch(
         self,
         space: str,
@@ -531,12 +537,7 @@ class PostgresDialect(Dialect):
         batch: Sequence[Pending],
         fence: Lease | None,
         seq: int,
-    ) -> Statement | None:
-        # One statement, one round trip (BEGIN, checks, COPY, COMMIT are four): what a holder
-        # applying a few forwarded intents at a time writes.
-        limit = self.SMALL_BATCH if events[0].intent_id is None else self.SMALL_BATCH_INTENTS
-        if len(events) > limit:
-            return None
+    ) -> Statement:
         intents = [e.intent_id for e in events if e.intent_id is not None]
         params: tuple[Any, ...] = (
             space,
