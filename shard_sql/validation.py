@@ -543,6 +543,18 @@ def _pending_factory() -> Any:
 _new_pending: Any = _pending_factory()
 
 
+def built_pending(type_: object, payload_json: str, payload: dict[str, Any]) -> Pending:
+    """A `Pending` for a payload shard_sql built itself, with the JSON text `check_payload`
+    would give it, written by the builder: the type is checked, the payload is not (no encode,
+    no decode back). Never for a caller's payload; a test holds each builder to `pending`."""
+    if type(type_) is str and type_ in CHECKED_NAMES and len(type_) <= MAX_TYPE_LENGTH:
+        t = type_  # `check_type`'s common case inline, as in `pending`
+    else:
+        t = check_type(type_)
+    p: Pending = _new_pending(t, payload_json, payload, None)
+    return p
+
+
 # -- `PayloadReads` -------------------------------------------------------------------------
 
 FIELD_KEY = re.compile(r"[A-Za-z0-9_]{1,64}")

@@ -44,6 +44,8 @@ from shard_sql.eventsourcing import (
     ShardSqlProcessRecorder,
     ShardSqlTrackingRecorder,
 )
+from shard_sql.eventsourcing._mapping import _SMALL, payloads, usual_pending
+from shard_sql.validation import pending
 
 # -- backends ----------------------------------------------------------------------------------
 
@@ -406,6 +408,46 @@ def test_states_are_text_or_base64(factory: ShardSqlFactory) -> None:
     assert got == [plain, packed, spaced, deep, nul]  # byte for byte, on every backend
     log = recorder.select_notifications(None, 10)
     assert [n.state for n in log if n.originator_id == a] == states
+
+
+def test_usual_events_are_written_as_the_checked_path_writes_them() -> None:
+    """`usual_pending` builds a save's payload and its JSON text without the store's checks:
+    each must be what `pending` (the checks every other write goes through) gives, and every
+    event it does not vouch for goes through the checks."""
+    a = uuid4()
+    escapes = '"\\/\b\f\n\r\t\x01\x1f\x7f\x80\u2028\u2029 é ☃ 😀 \ufeff'
+    usual = [
+        stored(a, 1, b'{"timestamp":{"_type_":"datetime_iso","_data_":"x"},"page":"Home"}'),
+        stored(a, 0, b""),
+        stored(a, -5, escapes.encode(), topic="app.domain:Page.Edited"),
+        stored(a, 2**63 - 1, b"\\u0000 \\\\u0000", topic="é" * 200),
+        stored(a, -(2**63) + 1, b"1e+16 -0.0 NaN"),
+        stored(a, 7, b"x" * _SMALL),
+    ]
+    for s in usual:
+        built = usual_pending(s)
+        assert built is not None, s
+        (payload,) = payloads(s, split=False)
+        assert built == pending(s.topic, payload), s  # type, text, payload, no intent id
+        assert type(built.payload["version"]) is int
+    unusual = [
+        stored(a, 1, b"a\x00b"),  # NUL: base64
+        stored(a, 1, b"\xff"),  # not UTF-8: base64
+        stored(a, 1, topic="t" * 201),  # not a type: the topic in the payload
+        stored(a, 1, topic="a\tb"),
+        stored(a, 1, b"x" * (_SMALL + 1)),  # escapes might not fit: measured
+        stored(a, 2**63),  # digits beyond the room the state leaves
+        stored(a, True),
+    ]
+    assert [usual_pending(s) for s in unusual] == [None] * len(unusual)
+    # The space's name is checked still: once per recorder for UUID ids, on each write for text.
+    bad_app = ShardSqlApplicationRecorder(InMemoryEventStore(), prefix="Bad\u200b.")
+    with pytest.raises(DataError, match="space"):
+        bad_app.insert_events([stored(a, 1)])
+    text_ids = ShardSqlApplicationRecorder(InMemoryEventStore(), uuid_ids=False)
+    with pytest.raises(DataError, match="space"):
+        text_ids.insert_events([stored("a\tb", 1)])  # type: ignore[arg-type]
+    assert text_ids.insert_events([stored("a b", 1)]) == [1]  # type: ignore[arg-type]
 
 
 def test_events_not_written_by_the_module_are_data_errors(factory: ShardSqlFactory) -> None:

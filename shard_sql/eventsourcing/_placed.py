@@ -10,13 +10,13 @@ migration 0006): one round trip, one commit (docs/eventsourcing.md).
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from eventsourcing.persistence import OperationalError
 
 from shard_sql.errors import SeqConflict, ShardSqlError
 from shard_sql.ports import FeedStore
-from shard_sql.validation import check_items, check_space
+from shard_sql.validation import Pending
 
 if TYPE_CHECKING:
     from shard_sql.sql.store import SqlEventStore
@@ -36,13 +36,10 @@ class PlacedAppends:
         self._append = store.database.dialect.append_placed  # type: ignore[attr-defined]
         self._translate = translate
 
-    def __call__(
-        self, space: str, items: list[tuple[str, dict[str, Any]]], seq: int
-    ) -> list[int] | None:
-        """Write `items` at `seq`; their positions, or None when they were left for the next
-        placement (`placed_later` reads them)."""
-        check_space(space)
-        batch = check_items(items)
+    def __call__(self, space: str, batch: list[Pending], seq: int) -> list[int] | None:
+        """Write `batch` (checked, as `space` and `seq`, by the caller: `store.write`'s
+        arguments) at `seq`; their positions, or None when they were left for the next placement
+        (`placed_later` reads them)."""
         db = self.db
         try:
             got = db.call(self._append, space, batch, seq, _now(UTC), retry=False)

@@ -27,7 +27,7 @@ from eventsourcing.persistence import (
     TrackingRecorder,
 )
 
-from shard_sql.errors import SeqConflict
+from shard_sql.errors import InvalidEvent, SeqConflict
 from shard_sql.eventsourcing._mapping import (
     FIELDS,
     Row,
@@ -44,10 +44,12 @@ from shard_sql.eventsourcing._mapping import (
     topic_of,
     translated,
     type_of,
+    usual_pending,
     version_of,
 )
 from shard_sql.eventsourcing._placed import placed_appends, placed_later
-from shard_sql.ports import FeedStore, PayloadReads
+from shard_sql.ports import BatchWriter, FeedStore, PayloadReads
+from shard_sql.validation import Pending, check_items, check_seq, check_space
 from shard_sql.values import Event
 
 if TYPE_CHECKING:
@@ -64,8 +66,16 @@ MAX_BASES = 100_000
 _new = object.__new__
 _set = object.__setattr__
 
-_Run = tuple[str, list[StoredEvent], list[tuple[str, dict[str, Any]]]]
-"""Consecutive stored events of one space, and the (type, payload) items that write them."""
+_Run = tuple[str, list[StoredEvent]]
+"""Consecutive stored events of one space."""
+
+
+def _valid_space(space: str) -> bool:
+    try:
+        check_space(space)
+    except InvalidEvent:
+        return False
+    return True
 
 
 class ShardSqlRecorder(Recorder):
@@ -89,9 +99,13 @@ class ShardSqlRecorder(Recorder):
         self.tracking_prefix = f"{prefix}tracking:"
         self.contiguous = purpose == "events"
         self.uuid_ids = uuid_ids
+        # The space of a UUID is the prefix and 36 hex digits and dashes: a valid space name
+        # whenever the prefix makes one (checked here once, not on every write).
+        self._uuid_spaces_valid = _valid_space(self.space_prefix + "0" * 36)
         self._bases: dict[str, int] = {}
         # Checked once: isinstance against a Protocol costs more than reading an event.
         self._payload_reads = store if isinstance(store, PayloadReads) else None
+        self._batch_writer = store if isinstance(store, BatchWriter) else None
         self._placed = placed_appends(store)
 
     def _rows(self, space: str, from_seq: int = 0, limit: int | None = None) -> list[Row]:
@@ -189,11 +203,9 @@ class ShardSqlAggregateRecorder(ShardSqlRecorder, AggregateRecorder):
             if type(s.originator_version) is not int:
                 name = type(s.originator_version).__name__
                 raise DataError(f"originator_version must be an int, not {name}")
-            items = [(type_of(s.topic), p) for p in payloads(s, split=not self.contiguous)]
-            return [(self.space(s.originator_id), [s], items)]
+            return [(self.space(s.originator_id), [s])]
         runs: list[_Run] = []
         last: dict[str, int] = {}
-        split = not self.contiguous
         for s in stored_events:
             space = self.space(s.originator_id)
             v = s.originator_version
@@ -203,19 +215,35 @@ class ShardSqlAggregateRecorder(ShardSqlRecorder, AggregateRecorder):
             if prev is not None and (v != prev + 1 if self.contiguous else v <= prev):
                 raise IntegrityError(f"{space}: version {v} cannot follow version {prev}")
             last[space] = v
-            items = [(type_of(s.topic), p) for p in payloads(s, split=split)]
             if runs and runs[-1][0] == space:
                 runs[-1][1].append(s)
-                runs[-1][2].extend(items)
             else:
-                runs.append((space, [s], items))
+                runs.append((space, [s]))
         return runs
+
+    def _items(self, events: list[StoredEvent]) -> list[tuple[str, dict[str, Any]]]:
+        """The (type, payload) items that write `events`; `DataError` for one that cannot be
+        written (over the payload limit)."""
+        split = not self.contiguous
+        return [(type_of(s.topic), p) for s in events for p in payloads(s, split=split)]
+
+    def _batch(self, events: list[StoredEvent]) -> list[Pending]:
+        """`events` ready to write: the usual events as `usual_pending` builds them (their
+        payloads made here, so not checked again), any other batch through the store's checks
+        (`check_items`)."""
+        out = []
+        for s in events:
+            p = usual_pending(s)
+            if p is None:
+                return check_items(self._items(events))
+            out.append(p)
+        return out
 
     def _expected(self, runs: list[_Run]) -> dict[str, tuple[int, int, bool]]:
         """Per space: (the seq to write at, the first version written, whether the seq is a
         guess). With an unknown first version, the guess is a new aggregate: seq 0."""
         out: dict[str, tuple[int, int, bool]] = {}
-        for space, events, _ in runs:
+        for space, events in runs:
             if space in out:
                 continue
             v1 = events[0].originator_version
@@ -251,20 +279,32 @@ class ShardSqlAggregateRecorder(ShardSqlRecorder, AggregateRecorder):
             # One aggregate (what `Application.save` of one aggregate writes): the store's own
             # write, one transaction as below, in fewer statements (SQLite and PostgreSQL: one
             # event is one statement in autocommit, no BEGIN, head read and COMMIT of its own).
-            space, _, items = runs[0]
+            # The checks of `append_many`, with the payloads this module built not checked again
+            # (`_batch`): the store's `write` takes the batch.
+            space, events = runs[0]
             seq = expected[space][0]
+            if not (self._uuid_spaces_valid and type(events[0].originator_id) is UUID):
+                check_space(space)
+            if seq:
+                check_seq("expected_seq", seq)
+            batch = self._batch(events)
             placed = self._placed
             if placed is not None and self.returns_ids:
                 # PostgreSQL: written and placed in one transaction (`PlacedAppends`).
-                ids = placed(space, items, seq)
-                return placed_later(self.store, [(space, seq, len(items))]) if ids is None else ids
-            out = self.store.append_many(space, items, expected_seq=seq)
+                ids = placed(space, batch, seq)
+                return placed_later(self.store, [(space, seq, len(batch))]) if ids is None else ids
+            writer = self._batch_writer
+            if writer is not None:
+                out = writer.write(space, batch, expected_seq=seq, fence=None)
+            else:
+                items = [(p.type, p.payload) for p in batch]
+                out = self.store.append_many(space, items, expected_seq=seq)
             return self._positions([out]) if self.returns_ids else []
         seqs = {space: seq for space, (seq, _, _) in expected.items()}
         written: list[list[Event]] = []
         with self.store.transaction() as tx:
-            for space, _, items in runs:
-                out = tx.append_many(space, items, expected_seq=seqs[space])
+            for space, events in runs:
+                out = tx.append_many(space, self._items(events), expected_seq=seqs[space])
                 seqs[space] += len(out)
                 written.append(out)
             if tracking is not None:
