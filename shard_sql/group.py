@@ -187,6 +187,13 @@ class GroupCommit:
             while not mine.done:
                 self._write_next(space, q, mine)
             self._lead_others(space, q)
+        except BaseException as e:  # KeyboardInterrupt, a bug
+            if not mine.done:  # still queued: the lead must not pass to this caller again
+                with q.mutex:
+                    if mine in q.slots:
+                        q.slots.remove(mine)
+                mine.error = e
+            raise
         finally:
             self._pass_lead(space, q)
 
@@ -235,10 +242,11 @@ class GroupCommit:
             self._drain.append((space, q))
             if self._drainer is None:
                 self._closed = False
-                self._drainer = threading.Thread(
+                drainer = threading.Thread(
                     target=self._drain_loop, name="shard-sql-group", daemon=True
                 )
-                self._drainer.start()
+                drainer.start()  # if it cannot start, the next hand-off tries again
+                self._drainer = drainer
             self._drain_ready.notify()
 
     def _drain_loop(self) -> None:

@@ -485,6 +485,58 @@ def test_submitted_items_are_written_by_the_leader_or_the_drainer(
     assert [e.payload["k"] for e in store.events("s")] == ["x", 0, 1, 2, 3]
 
 
+def test_a_leader_interrupted_before_its_own_item_leaves_the_space_writable(
+    store: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A caller handed the lead whose first batch (a submitted item ahead of its own) is
+    interrupted (KeyboardInterrupt) gives the lead up for good: the space is not left busy with
+    the lead passed to that caller again, and the next write goes through."""
+    import shard_sql.group
+
+    monkeypatch.setattr(shard_sql.group, "KEEP_LEADING", 0)  # the first leader leaves at once
+    holder = node(store, "holder")
+    holder.append("s", "t", {"k": "x"})
+    gate, entered = threading.Event(), threading.Event()
+
+    def write(space: str, batch: list[Any]) -> list[Any]:
+        entered.set()
+        gate.wait(30)
+        if batch[0].payload["k"] == "interrupted":
+            raise KeyboardInterrupt
+        return holder.write_if_held(space, batch) or []
+
+    group = GroupCommit(write, bound=1)
+    results: dict[str, Any] = {}
+
+    def call(key: str) -> None:
+        try:
+            results[key] = group.write("s", pending("t", {"k": key}))
+        except BaseException as e:
+            results[key] = e
+
+    first = threading.Thread(target=call, args=("first",))
+    first.start()
+    assert entered.wait(30)
+    told: list[Any] = []
+    group.submit("s", pending("t", {"k": "interrupted"}), lambda ev, err: told.append(err))
+    second = threading.Thread(target=call, args=("second",))
+    second.start()
+    deadline = time.monotonic() + 10
+    while len(group._queues["s"].slots) < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+    gate.set()
+    first.join(30)
+    second.join(30)
+    assert isinstance(results["second"], KeyboardInterrupt)  # led, its batch was interrupted
+    assert len(told) == 1 and isinstance(told[0], KeyboardInterrupt)
+    last = threading.Thread(target=call, args=("last",), daemon=True)
+    last.start()
+    last.join(10)
+    assert not last.is_alive(), "the space stayed busy: the lead went to a caller gone"
+    assert [e.payload["k"] for e in store.events("s")] == ["x", "first", "last"]
+
+
 def test_a_reply_the_socket_cannot_take_at_once_shuts_the_connection() -> None:
     """The group commit's leader never waits on a forwarder that does not read its answers: a
     reply the socket does not take at once shuts that connection (the forwarder then takes the
