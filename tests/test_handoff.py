@@ -342,20 +342,35 @@ def test_holder_killed_while_forwarders_append(url: str, store: Any) -> None:
 # -- group commit ----------------------------------------------------------------------------------
 
 
+class GatedWrites:
+    """A group commit's `write` through `holder`'s fenced batch write that waits for `gate`
+    (setting `entered` first), noting each batch's size and writing thread; a batch whose first
+    item's payload is `interrupted` raises KeyboardInterrupt instead."""
+
+    def __init__(self, holder: Any, *, interrupted: dict[str, Any] | None = None) -> None:
+        self.holder = holder
+        self.interrupted = interrupted
+        self.gate, self.entered = threading.Event(), threading.Event()
+        self.sizes: list[int] = []
+        self.writers: list[str] = []
+
+    def __call__(self, space: str, batch: list[Any]) -> list[Any]:
+        self.sizes.append(len(batch))
+        self.writers.append(threading.current_thread().name)
+        self.entered.set()
+        self.gate.wait(30)
+        if self.interrupted is not None and batch[0].payload == self.interrupted:
+            raise KeyboardInterrupt
+        return self.holder.write_if_held(space, batch) or []
+
+
 def test_group_commit_writes_what_queued_in_one_batch(store: Any) -> None:
     """While one write is in flight, four callers queue: the next write carries all four, and
     an item whose id was written with other content fails alone."""
     holder = node(store, "holder")
     holder.append("s", "t", {"n": "x"}, intent_id="taken")
-    gate, entered = threading.Event(), threading.Event()
-    batches: list[int] = []
-
-    def write(space: str, batch: list[Any]) -> list[Any]:
-        batches.append(len(batch))
-        entered.set()
-        gate.wait(30)
-        return holder.write_if_held(space, batch) or []
-
+    write = GatedWrites(holder)
+    gate, entered, batches = write.gate, write.entered, write.sizes
     group = GroupCommit(write)
     results: dict[str, Any] = {}
 
@@ -395,16 +410,9 @@ def test_group_commit_tells_each_reply_once_before_its_caller_wakes(store: Any) 
     nobody else their event."""
     holder = node(store, "holder")
     holder.append("s", "t", {"n": "x"})
-    gate, entered = threading.Event(), threading.Event()
+    write = GatedWrites(holder)
+    gate, entered, writers = write.gate, write.entered, write.writers
     order: list[str] = []
-    writers: list[str] = []
-
-    def write(space: str, batch: list[Any]) -> list[Any]:
-        writers.append(threading.current_thread().name)
-        entered.set()
-        gate.wait(30)
-        return holder.write_if_held(space, batch) or []
-
     group = GroupCommit(write)
     told: dict[str, list[Any]] = {}
     results: dict[str, Any] = {}
@@ -449,15 +457,8 @@ def test_submitted_items_are_written_by_the_leader_or_the_drainer(
     monkeypatch.setattr(shard_sql.group, "KEEP_LEADING", 0)  # the leader leaves at once
     holder = node(store, "holder")
     holder.append("s", "t", {"k": "x"})
-    gate, entered = threading.Event(), threading.Event()
-    writers: list[str] = []
-
-    def write(space: str, batch: list[Any]) -> list[Any]:
-        writers.append(threading.current_thread().name)
-        entered.set()
-        gate.wait(30)
-        return holder.write_if_held(space, batch) or []
-
+    write = GatedWrites(holder)
+    gate, entered, writers = write.gate, write.entered, write.writers
     group = GroupCommit(write)
     first = threading.Thread(target=lambda: group.write("s", pending("t", {"k": 0})))
     first.start()
@@ -496,15 +497,8 @@ def test_a_leader_interrupted_before_its_own_item_leaves_the_space_writable(
     monkeypatch.setattr(shard_sql.group, "KEEP_LEADING", 0)  # the first leader leaves at once
     holder = node(store, "holder")
     holder.append("s", "t", {"k": "x"})
-    gate, entered = threading.Event(), threading.Event()
-
-    def write(space: str, batch: list[Any]) -> list[Any]:
-        entered.set()
-        gate.wait(30)
-        if batch[0].payload["k"] == "interrupted":
-            raise KeyboardInterrupt
-        return holder.write_if_held(space, batch) or []
-
+    write = GatedWrites(holder, interrupted={"k": "interrupted"})
+    gate, entered = write.gate, write.entered
     group = GroupCommit(write, bound=1)
     results: dict[str, Any] = {}
 
