@@ -20,9 +20,9 @@ from types import TracebackType
 from typing import Any
 
 from shard_sql.errors import IntentTimeout, InvalidEvent, LeaseHeld, SeqConflict, StaleLease
-from shard_sql.group import GroupCommit, GroupStats, NotHolder
+from shard_sql.group import GroupCommit, GroupStats, NotHolder, Reply
 from shard_sql.handoff import HANDOFF_TIMEOUT, NOT_HOLDER, Endpoints, HandoffClient
-from shard_sql.handoff_listener import BaseListener, answer
+from shard_sql.handoff_listener import BaseListener
 from shard_sql.handoff_tcp import NetworkHandoff, start_listeners
 from shard_sql.leases import (
     LeaseRegistry,
@@ -538,14 +538,15 @@ class AppendAuthority:
         "unreachable", "unknown"); empty when it hands nothing over."""
         return {} if self._client is None else dict(self._client.outcomes)
 
-    def _handed_over(self, space: str, item: Pending, reply: Callable[[bytes], None]) -> None:
-        """The listener's call for an item a forwarder handed over: written only while this
-        node holds the space (its lease valid, the write fenced by its generation); its answer
-        goes to `reply` from the thread that wrote it, right after the commit."""
+    def _handed_over(self, space: str, entries: list[tuple[Pending, Reply]]) -> None:
+        """The listener's call for items forwarders handed over: written only while this node
+        holds the space (its lease valid, the write fenced by its generation); each answer goes
+        to its reply from the thread that wrote it, right after the commit."""
         if space not in self._leases:
-            reply(answer(None, NotHolder(space)))
+            for _, reply in entries:
+                reply(None, NotHolder(space))
             return
-        self._group.submit(space, item, lambda event, error: reply(answer(event, error)))
+        self._group.submit(space, entries)
 
     def __enter__(self) -> AppendAuthority:
         if not self._listeners:

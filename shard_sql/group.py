@@ -1,18 +1,19 @@
 """Group commit: the appends waiting for one space are written in one store transaction.
 
-A holder's callers (its own threads, and the handlers of appends other processes handed over,
-`shard_sql.handoff`) queue their items per space. The first to find nobody writing leads: it
-writes what is queued, up to `GROUP_BOUND` items, as one fenced batch (one commit, one fsync),
-gives each caller its event, and hands the lead to the first caller still queued, if any. A lone
-caller writes its item at once, as without grouping.
+A holder's callers (its own threads, and the listener of the appends other processes hand
+over, `shard_sql.handoff_listener`) queue their items per space. The first to find nobody
+writing leads: it writes what is queued, up to `GROUP_BOUND` items, as one fenced batch (one
+commit, one fsync), gives each caller its event, and hands the lead to the first caller still
+queued, if any. A lone caller writes its item at once, as without grouping.
 
-A forwarder's handler does not wait: it `submit`s its item (with its reply) and goes back to its
-socket; when a leader goes with only such items queued, the group commit's drainer thread (started
-when first needed) leads in their place.
+The holder's listener does not wait: it `submit`s the items its forwarders sent (each with its
+reply) and goes back to its sockets; it writes them itself when nobody leads. When a leader goes
+with only such items queued, the group commit's drainer thread (started when first needed) leads
+in their place.
 
 A caller may give a `reply`, called with its item's event (or error) by whichever thread wrote
 it, right after the commit and before any thread is woken: a handed-over item's answer goes out
-to its forwarder at once, without waiting for its handler's thread to be scheduled. A leader
+to its forwarder at once, without waiting for the listener's thread to be scheduled. A leader
 whose item is written goes on writing what queued meanwhile (up to `KEEP_LEADING` batches)
 rather than waking the next caller to write it: one thread switch fewer per batch.
 
@@ -121,19 +122,28 @@ class GroupCommit:
         self._drainer: threading.Thread | None = None
         self._closed = False
 
-    def submit(self, space: str, item: Pending, reply: Reply) -> None:
-        """Write `item` to `space` with whatever else is queued there and tell `reply` how it
-        went, without waiting for it: while a leader is at work the item is queued for it and
-        this returns at once (a forwarder's handler goes back to its socket); else this thread
-        writes it at once, as a lone caller does."""
+    def submit(self, space: str, entries: list[tuple[Pending, Reply]]) -> None:
+        """Write the items of `entries` to `space` with whatever else is queued there and tell
+        each its `reply`, without waiting for them: while a leader is at work they are queued
+        for it and this returns at once (the listener goes back to its sockets); else this
+        thread writes them at once, as one batch (up to the bound), then what queued meanwhile,
+        as a leader does."""
         q = self._queues.get(space) or self._queue(space)
         with q.mutex:
+            if q.busy or len(entries) > 1:
+                q.slots += [_Slot(item, reply) for item, reply in entries]
             if q.busy:
-                q.slots.append(_Slot(item, reply))
                 return
             q.busy = True
-        with contextlib.suppress(Exception):  # told to `reply`
-            self._write_alone(space, q, item, reply)
+        if len(entries) == 1:  # alone: no slot, no queue (as a lone caller)
+            item, reply = entries[0]
+            with contextlib.suppress(Exception):  # told to `reply`
+                self._write_alone(space, q, item, reply)
+            return
+        try:
+            self._lead_others(space, q)  # a failed write is told to its items' replies
+        finally:
+            self._pass_lead(space, q)
 
     def write(self, space: str, item: Pending, reply: Reply | None = None) -> Event:
         """Write `item` to `space` with whatever else is queued there; its event, or the error

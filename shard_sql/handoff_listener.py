@@ -1,25 +1,37 @@
-"""The holder's side of the direct hand-off (`shard_sql.handoff`): one listening socket per node,
-a thread per connected forwarder; each request is written through the node's group commit.
-`BaseListener` is what a Unix socket (`Listener`) and a network one (`shard_sql.handoff_tcp`)
-share: the accept loop, the connections, the requests."""
+"""The holder's side of the direct hand-off (`shard_sql.handoff`): one listening socket per node;
+each request is written through the node's group commit.
+
+A Unix socket (`Listener`) is served by one thread for all its forwarders: it waits on every
+connection at once (epoll), reads each request that came, and submits them together, per space:
+while nobody writes the space, that thread writes them itself, as one batch, and answers them
+right after the commit. No request crosses to another thread on its way in, and the more that
+come while a batch is written, the larger the next one. `BaseListener` is what a Unix socket and
+a network one (`shard_sql.handoff_tcp`, a thread per connection: its handshake waits) share."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
 import os
+import selectors
 import socket
 import threading
+import time
 from collections.abc import Callable
 
 from shard_sql.errors import IntentConflict, InvalidEvent
 from shard_sql.group import NotHolder
+from shard_sql.group import Reply as Told
 from shard_sql.handoff import (
+    HEADER,
+    MAX_MESSAGE,
     NOSIGNAL,
     NOT_HOLDER,
+    READ_AHEAD,
     Channel,
     Endpoints,
     Malformed,
+    decode,
     parse_request,
     peer_uid_ok,
     refusal,
@@ -43,16 +55,19 @@ a reply's send may wait on a forwarder that does not read."""
 
 class Reply:
     """The answer to one request, sent by the thread that wrote its item (the group commit's
-    leader) right after the commit, without blocking: a forwarder reads its answer before it
-    sends again, so the socket takes it at once; one that does not (it sends without reading,
-    or went away) has its connection shut, so that no forwarder can stall the writes of
-    others."""
+    leader, which calls it with the event or the error) right after the commit, without
+    blocking: a forwarder reads its answer before it sends again, so the socket takes it at
+    once; one that does not (it sends without reading, or went away) has its connection shut,
+    so that no forwarder can stall the writes of others."""
 
     __slots__ = ("_channel", "told")
 
     def __init__(self, channel: Channel) -> None:
         self._channel = channel
         self.told = False
+
+    def __call__(self, event: Event | None, error: BaseException | None) -> None:
+        self.send(written(event) if error is None and event is not None else answer(event, error))
 
     def send(self, body: bytes) -> None:
         self.told = True
@@ -67,9 +82,9 @@ class Reply:
                 sock.shutdown(socket.SHUT_RDWR)  # its thread ends the connection
 
 
-Submit = Callable[[str, Pending, Callable[[bytes], None]], None]
-"""Write one handed-over item, telling its reply the answer's JSON body once, from whichever
-thread writes it; it may return before (`GroupCommit.submit`)."""
+Submit = Callable[[str, list[tuple[Pending, Told]]], None]
+"""Write handed-over items of one space, telling each item's reply its event or error once,
+from whichever thread writes it; it may return before (`GroupCommit.submit`)."""
 
 
 class BaseListener:
@@ -151,7 +166,7 @@ class BaseListener:
                     raise Malformed("a request before the answer to the one before")
                 space, item = parse_request(message)
                 reply = Reply(channel)
-                self._submit(space, item, reply.send)  # answered by whoever writes it
+                self._submit(space, [(item, reply)])  # answered by whoever writes it
         except Malformed as e:
             log.warning("node %s: malformed hand-off closed: %s", self.node_id, e)
         except OSError as e:  # the forwarder went away (killed, timed out): nothing to tell
@@ -218,7 +233,7 @@ class Listener(BaseListener):
             server.bind(address)
             os.chmod(self.path, 0o600)
             server.listen(BACKLOG)
-            server.settimeout(CHECK_EVERY)
+            server.setblocking(False)  # its one thread waits on it and every connection
             inode = os.stat(self.path).st_ino
         except OSError:
             server.close()
@@ -255,6 +270,135 @@ class Listener(BaseListener):
         if self._still_mine():
             with contextlib.suppress(OSError):
                 os.unlink(self.path)
+
+    # -- one thread for every connection ---------------------------------------------------
+
+    def _accept_loop(self) -> None:
+        """Until stopped: wait on the socket and every connection at once; accept, read what
+        came on each, submit the requests read (`_submit_all`), look after the socket file."""
+        selector = selectors.DefaultSelector()
+        server = self._server
+        assert server is not None
+        selector.register(server, selectors.EVENT_READ)
+        check_at = time.monotonic() + CHECK_EVERY
+        try:
+            while not self._stop.is_set():
+                work: dict[str, list[tuple[Pending, Told]]] = {}
+                for key, _ in selector.select(CHECK_EVERY):
+                    if key.data is None:
+                        self._accept(selector, server)
+                    elif not self._read(key.data, work):
+                        self._close(selector, key.data)
+                if work:
+                    self._submit_all(work)
+                if time.monotonic() >= check_at and not self._stop.is_set():
+                    check_at = time.monotonic() + CHECK_EVERY
+                    if not self._still_mine():
+                        selector.unregister(server)
+                        self._check_socket_file()  # a new socket, when it can
+                        server = self._server
+                        assert server is not None
+                        selector.register(server, selectors.EVENT_READ)
+        finally:
+            for key in list(selector.get_map().values()):
+                if key.data is not None:
+                    self._close(selector, key.data)
+            selector.close()
+
+    def _accept(self, selector: selectors.BaseSelector, server: socket.socket) -> None:
+        """Every connection waiting (the socket does not block)."""
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:  # none left (or the stop's shutdown)
+                return
+            self._register(selector, conn)
+
+    def _register(self, selector: selectors.BaseSelector, conn: socket.socket) -> None:
+        with self._guard:
+            full = len(self._conns) >= MAX_CONNECTIONS or self._stop.is_set()
+            if not full:
+                self._conns.add(conn)
+        channel = None if full else self._admitted(conn)
+        if channel is None:
+            with self._guard:
+                self._conns.discard(conn)
+            conn.close()
+            return
+        conn.settimeout(None)  # blocking: read only when something came, so never waits
+        selector.register(conn, selectors.EVENT_READ, _Connection(channel))
+
+    def _read(self, conn: _Connection, work: dict[str, list[tuple[Pending, Told]]]) -> bool:
+        """What came on `conn`: each whole request, checked, goes to `work` (a message cut
+        short waits for its rest); False when the connection ends: its forwarder hung up, or
+        sent something malformed (then nothing it sent in this read is written)."""
+        try:
+            data = conn.channel.sock.recv(READ_AHEAD)
+        except OSError as e:  # the forwarder went away: nothing to tell
+            log.debug("node %s: hand-off connection ended: %s", self.node_id, e)
+            return False
+        if not data:
+            if conn.rest:
+                log.warning("node %s: malformed hand-off closed: cut short", self.node_id)
+            return False
+        if conn.rest:
+            data = conn.rest + data
+        read: list[tuple[str, Pending, Reply]] = []
+        start = 0
+        try:
+            while len(data) - start >= HEADER.size:
+                (size,) = HEADER.unpack_from(data, start)
+                if size > MAX_MESSAGE:
+                    raise Malformed(f"a message of {size} bytes")
+                end = start + HEADER.size + size
+                if len(data) < end:
+                    break
+                if conn.reply is not None and not conn.reply.told:
+                    raise Malformed("a request before the answer to the one before")
+                space, item = parse_request(decode(data[start + HEADER.size : end]))
+                conn.reply = reply = Reply(conn.channel)
+                read.append((space, item, reply))
+                start = end
+        except Malformed as e:
+            log.warning("node %s: malformed hand-off closed: %s", self.node_id, e)
+            return False
+        conn.rest = data[start:]
+        for space, item, reply in read:
+            entries = work.get(space)
+            if entries is None:
+                work[space] = [(item, reply)]
+            else:
+                entries.append((item, reply))
+        return True
+
+    def _submit_all(self, work: dict[str, list[tuple[Pending, Told]]]) -> None:
+        """The requests read, per space, to the group commit (written by this thread when
+        nobody writes the space, else queued for who does; answered by whoever writes them)."""
+        for space, entries in work.items():
+            try:
+                self._submit(space, entries)
+            except Exception as e:  # a bug: the forwarders time out and take the durable path
+                log.warning("node %s: hand-off of %r failed: %s", self.node_id, space, e)
+
+    def _close(self, selector: selectors.BaseSelector, conn: _Connection) -> None:
+        sock = conn.channel.sock
+        with contextlib.suppress(KeyError, ValueError):
+            selector.unregister(sock)
+        with self._guard:
+            self._conns.discard(sock)
+        sock.close()
+
+
+class _Connection:
+    """A forwarder's connection to the Unix listener: the bytes of a message not yet whole, and
+    the reply to its last request (answered before it may send the next)."""
+
+    __slots__ = ("channel", "reply", "rest")
+
+    def __init__(self, channel: Channel) -> None:
+        self.channel = channel
+        self.rest = b""
+        self.reply: Reply | None = None
 
 
 def answer(event: Event | None, error: BaseException | None) -> bytes:

@@ -475,7 +475,7 @@ def test_submitted_items_are_written_by_the_leader_or_the_drainer(
         return reply
 
     for n in (1, 2, 3):
-        group.submit("s", pending("t", {"k": n}), reply_for(n))  # returns: the write is gated
+        group.submit("s", [(pending("t", {"k": n}), reply_for(n))])  # returns: the write is gated
     assert not told
     gate.set()
     first.join(30)
@@ -512,7 +512,7 @@ def test_a_leader_interrupted_before_its_own_item_leaves_the_space_writable(
     first.start()
     assert entered.wait(30)
     told: list[Any] = []
-    group.submit("s", pending("t", {"k": "interrupted"}), lambda ev, err: told.append(err))
+    group.submit("s", [(pending("t", {"k": "interrupted"}), lambda ev, err: told.append(err))])
     second = threading.Thread(target=call, args=("second",))
     second.start()
     deadline = time.monotonic() + 10
@@ -529,6 +529,34 @@ def test_a_leader_interrupted_before_its_own_item_leaves_the_space_writable(
     last.join(10)
     assert not last.is_alive(), "the space stayed busy: the lead went to a caller gone"
     assert [e.payload["k"] for e in store.events("s")] == ["x", "first", "last"]
+
+
+def test_the_listener_writes_what_came_together_as_one_batch_on_its_thread(
+    sqlite_store: Any,
+) -> None:
+    """One thread serves every forwarder of a node's Unix socket: requests that came while it
+    wrote are read together and written as one batch, by that thread, and each is answered."""
+    store = sqlite_store
+    holder = node(store, "holder")
+    holder.append("s", "t", {"n": 0})
+    write = GatedWrites(holder)
+    holder._group = GroupCommit(write)
+    with holder:
+        socks = [raw_connection(store, "holder") for _ in range(4)]
+        socks[0].sendall(frame(request("s", pending("t", {"n": 1}, "k1"))))
+        assert write.entered.wait(30)  # the listener's thread writes it, held at the gate
+        for n, sock in enumerate(socks[1:], start=2):
+            sock.sendall(frame(request("s", pending("t", {"n": n}, f"k{n}"))))
+        write.gate.set()
+        seqs = []
+        for sock in socks:
+            size = struct.unpack(">I", sock.recv(4))[0]
+            seqs.append(json.loads(sock.recv(size))["ok"][0])
+            sock.close()
+    assert write.sizes == [1, 3], (write.sizes, write.writers)
+    assert set(write.writers) == {"shard-sql-handoff-holder"}
+    assert seqs[0] == 1 and sorted(seqs[1:]) == [2, 3, 4]
+    assert [e.payload["n"] for e in store.events("s")] == [0, 1, 2, 3, 4]
 
 
 def test_a_reply_the_socket_cannot_take_at_once_shuts_the_connection() -> None:
