@@ -312,7 +312,13 @@ class Listener(BaseListener):
                 conn, _ = server.accept()
             except OSError:  # none left (or the stop's shutdown)
                 return
-            self._register(selector, conn)
+            try:
+                self._register(selector, conn)
+            except OSError as e:  # gone before it was let in
+                log.debug("node %s: hand-off connection ended: %s", self.node_id, e)
+                with self._guard:
+                    self._conns.discard(conn)
+                conn.close()
 
     def _register(self, selector: selectors.BaseSelector, conn: socket.socket) -> None:
         with self._guard:
