@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import subprocess
+import time
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -217,6 +218,7 @@ def test_hostile_names_stay_in_the_namespace(tmp_path: Path) -> None:
     for name in TRICKY:
         lease = reg.acquire(name, "node", 10)
         store.append(name, "t", {"name": name}, expected_seq=0, fence=lease, intent_id=name)
+    move_space_refs(store)
     after = all_refs(repo)
     new = {r for r in after if r not in before}
     assert all(r.startswith((SPACES, LEASES)) or r == FEED for r in new)
@@ -243,7 +245,14 @@ def test_foreign_refs_in_the_namespace_are_ignored(tmp_path: Path) -> None:
     store.close()
 
 
+def move_space_refs(store: GitEventStore) -> None:
+    """Bring every space ref up to the feed now, as `maintain` does (without packing): a write
+    moves them only when it makes a snapshot."""
+    store._copies.every_space(time.monotonic() + 10)
+
+
 def store_commit(store: GitEventStore, space: str) -> str:
+    move_space_refs(store)
     return git(store.path, "rev-parse", space_ref(space)).strip()
 
 
@@ -385,6 +394,7 @@ def test_readable_with_stock_git(tmp_path: Path) -> None:
     lease = reg.acquire("wiki pages", "node-a", 30)
     store.append("wiki pages", "alias.set", {"page": "Home ✓"}, expected_seq=0, fence=lease)
     store.append("wiki pages", "page.edited", {"n": 2}, expected_seq=1, fence=lease, intent_id="i")
+    store.close()  # moves the space refs of the writes since the last snapshot
     log = git(path, "log", "--format=%s%n%b--", space_ref("wiki pages"))
     assert "page.edited #1 by node-a (generation 1)" in log
     assert '{"page":"Home ✓"}' in log and "Shard-Sql-Event: " in log
@@ -453,14 +463,17 @@ def test_stale_lock_file_gives_a_typed_error(tmp_path: Path) -> None:
     with pytest.raises(StoreUnavailable):
         reg.renew(lease)
     lock.unlink()
+    move_space_refs(store)
     space_lock = path / (space_ref("s") + ".lock")
     space_lock.write_text("")
     assert store.append("s", "t", {"n": 1}, expected_seq=1, fence=lease).seq == 1
+    move_space_refs(store)
     assert git(path, "rev-list", "--count", space_ref("s")) == "1\n"  # held back
     lease_lock.unlink()
     space_lock.unlink()
     assert reg.renew(lease).generation == lease.generation
     assert store.append("s", "t", {"n": 2}, expected_seq=2, fence=lease).seq == 2
+    move_space_refs(store)
     assert git(path, "rev-list", "--count", space_ref("s")) == "3\n"
     assert_fsck_clean(path)
     store.close()
@@ -585,7 +598,7 @@ def test_malformed_objects_are_store_unavailable(tmp_path: Path) -> None:
     path = tmp_path / "r.git"
     store = GitEventStore(path)
     store.append("s", "t", {}, expected_seq=0)
-    good = git(path, "cat-file", "commit", space_ref("s"))
+    good = git(path, "cat-file", "commit", store_commit(store, "s"))
     tree = good.split("\n", 1)[0]
     trailer = "Shard-Sql-Event: "
     meta = json.loads(good.rsplit(trailer, 1)[1])
@@ -641,17 +654,19 @@ def test_a_damaged_feed_ref_is_reported(
 ) -> None:
     """The feed ref holds every space: damaged (garbage, or emptied), every read and write raises
     StoreUnavailable naming it, `verify` and `export` fail. A damaged space ref is a damaged
-    copy: reads never use it, the space's next write puts it right."""
+    copy: reads never use it, the next move of the copies puts it right."""
     from shard_sql.cli import main
 
     path = tmp_path / "r.git"
     store = GitEventStore(path)
     store.append("a", "t", {}, expected_seq=0)
     store.append_many("wiki pages", [("t", {"i": i}) for i in range(300)], expected_seq=0)
+    move_space_refs(store)
     (path / space_ref("wiki pages")).write_bytes(damage)
     assert store.spaces() == ["a", "wiki pages"] and store.head("wiki pages") == 300
     assert len(store.events("wiki pages")) == 300
     store.append("wiki pages", "t", {}, expected_seq=300)
+    move_space_refs(store)  # puts the damaged copy right
     assert git(path, "rev-list", "--count", space_ref("wiki pages")) == "301\n"
     good = (path / FEED).read_bytes()
     (path / FEED).write_bytes(damage)

@@ -303,10 +303,10 @@ def kill_at(path: Path, where: str) -> None:
 def test_copies_and_durability_on_either_path(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, overlap_after: float
 ) -> None:
-    """The feed ref's directory is fsynced on another thread while the copies move (a busy
-    disk) or after the mutex (a fast one): either way each write leaves the feed and every
-    space's ref right, including a space ref moved by hand, put right by its space's next write
-    (a store skips looking at the previous write's copies only when it moved them itself)."""
+    """The feed ref's directory is fsynced on another thread (a busy disk) or after the mutex
+    (a fast one). The space refs are copies of the feed moved at each snapshot (those of every
+    space written since the snapshot before, by any store), by `close` and by `maintain` (every
+    space, including a ref moved by hand), never by the writes in between."""
     import shard_sql.git.store as git_store
 
     monkeypatch.setattr(git_store, "OVERLAP_AFTER", overlap_after)
@@ -316,18 +316,31 @@ def test_copies_and_durability_on_either_path(
     for i in range(3):
         store.append("a", "t", {}, expected_seq=i)
         other.append("b", "t", {}, expected_seq=i)
-        for space in ("a", "b"):
-            assert git(path, "rev-list", "--count", space_ref(space)) == f"{i + 1}\n"
+    assert not (path / space_ref("a")).exists() and not (path / space_ref("b")).exists()
+    other.close()  # moves the refs of every space written since the last snapshot
+    for space in ("a", "b"):
+        assert git(path, "rev-list", "--count", space_ref(space)) == "3\n"
     first = git(path, "rev-list", "--reverse", space_ref("a")).split()[0]
     git(path, "update-ref", space_ref("a"), first)  # moved by hand
-    store.append("b", "t", {}, expected_seq=3)  # another space's write leaves it
+    store.append("b", "t", {}, expected_seq=3)
     assert git(path, "rev-list", "--count", space_ref("a")) == "1\n"
-    store.append("a", "t", {}, expected_seq=3)
-    assert git(path, "rev-list", "--count", space_ref("a")) == "4\n"
+    assert git(path, "rev-list", "--count", space_ref("b")) == "3\n"
+    store.maintain()  # every space
+    assert git(path, "rev-list", "--count", space_ref("a")) == "3\n"
     assert git(path, "rev-list", "--count", space_ref("b")) == "4\n"
-    assert [e.position for e in store.feed()] == list(range(1, 9))
+    store.append("a", "t", {}, expected_seq=3)
+    n = 8
+    while git(path, "log", "-1", "--format=%s", FEED).find("(snapshot)") < 0:
+        store.append("c", "t", {}, expected_seq=store.head("c"))
+        n += 1
+    assert git(path, "rev-list", "--count", space_ref("a")) == "4\n"
+    assert git(path, "rev-list", "--count", space_ref("c")) == f"{store.head('c')}\n"
+    store.append("a", "t", {}, expected_seq=4)
+    assert git(path, "rev-list", "--count", space_ref("a")) == "4\n"  # after the snapshot
+    assert [e.position for e in store.feed()] == list(range(1, n + 2))
     consistent(store)
     store.close()
+    assert git(path, "rev-list", "--count", space_ref("a")) == "5\n"
     other.close()
     fsck(path)
 
@@ -372,16 +385,20 @@ def test_writer_killed_while_removing_a_dead_writers_lock(tmp_path: Path) -> Non
 
 @pytest.mark.slow
 def test_writer_killed_after_the_feed_moved(tmp_path: Path) -> None:
-    """Killed after the commit point, before the space's ref followed: the event is committed
-    (every read shows it); the space ref lags until the next write puts it right."""
+    """Killed after the commit point of a snapshot, before the space refs followed: the event
+    is committed (every read shows it); the space refs lag until `maintain` puts them right."""
     path = tmp_path / "r.git"
     store = GitEventStore(path)
-    store.append("a", "t", {}, expected_seq=0)
+    for i in range(SNAPSHOT_EVERY - 1):  # the victim's write is the snapshot
+        store.append("a", "t", {}, expected_seq=i)
     kill_at(path, "update_cache")
-    assert store.head("victim") == 1 and [e.space for e in store.feed()] == ["a", "victim"]
+    assert store.head("victim") == 1 and [e.space for e in store.feed()][-2:] == ["a", "victim"]
+    assert git(path, "log", "-1", "--format=%s", FEED).endswith(" (snapshot)\n")
     assert not (path / space_ref("victim")).exists()
-    store.append("a", "t", {}, expected_seq=1)
+    store.append("a", "t", {}, expected_seq=SNAPSHOT_EVERY - 1)
+    store.maintain()
     assert git(path, "rev-list", "--count", space_ref("victim")) == "1\n"
+    assert git(path, "rev-list", "--count", space_ref("a")) == f"{SNAPSHOT_EVERY}\n"
     consistent(store)
     store.close()
     fsck(path)
@@ -402,13 +419,16 @@ def test_a_foreign_lock_on_the_feed_blocks_writes_only(tmp_path: Path) -> None:
     with pytest.raises(StoreUnavailable), store.transaction() as tx:
         tx.save_checkpoint("c", 1)
     assert lock.exists() and store.events("s") == [e] and store.feed() == [e]
+    store.maintain()  # the space refs: up to date
     space_lock = path / (space_ref("s") + ".lock")
     space_lock.write_text("")  # a space ref's lock only holds back that copy of the feed
     lock.unlink()
     assert store.append("s", "t", {}, expected_seq=1, fence=lease).seq == 1
+    store.maintain()
     assert store.head("s") == 2 and git(path, "rev-list", "--count", space_ref("s")) == "1\n"
     space_lock.unlink()
     store.append("s", "t", {}, expected_seq=2, fence=lease)
+    store.maintain()
     assert git(path, "rev-list", "--count", space_ref("s")) == "3\n"
     store.close()
     fsck(path)

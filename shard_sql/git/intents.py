@@ -28,7 +28,6 @@ from shard_sql.git.layout import (
     intents_dir,
     is_intent_key,
     lease_ref,
-    space_ref,
 )
 from shard_sql.git.repo import GitRepo
 from shard_sql.ports import IntentQueue, SpaceWakeups
@@ -336,11 +335,12 @@ class GitIntentQueue(IntentQueue, SpaceWakeups):
         paths = [os.path.join(self.git.root, "packed-refs")]
         dirs = []
         for space in watched:
-            paths += [self.git.refs.file(space_ref(space)), self.git.refs.file(lease_ref(space))]
+            paths.append(self.git.refs.file(lease_ref(space)))
             dirs.append(self.git.refs.file(intents_dir(space)))
+        tips = self._tips_stamp(watched)
 
         def stamp() -> _Stamp:
-            return (*(_stat(p) for p in paths), *(_names(d) for d in dirs))
+            return (*(_stat(p) for p in paths), *(_names(d) for d in dirs), tips())
 
         seen: dict[tuple[str, ...], _Stamp] = getattr(self._waits, "seen", None) or {}
         self._waits.seen = seen
@@ -366,6 +366,23 @@ class GitIntentQueue(IntentQueue, SpaceWakeups):
             if len(seen) >= WAIT_BASELINES:
                 seen.clear()
             seen[watched] = now_stamp
+
+    def _tips_stamp(self, spaces: Sequence[str]) -> Callable[[], tuple[str | None, ...]]:
+        """The tips of `spaces` in the feed as of now, read again only when the feed ref's file
+        changed (a `stat`): the space refs are copies moved at snapshots, not by every write."""
+        feed_file = self.git.refs.file(FEED)
+        seen: tuple[_Stamp | None, tuple[str | None, ...]] | None = None
+
+        def tips() -> tuple[str | None, ...]:
+            nonlocal seen
+            st = _stat(feed_file)
+            if seen is None or st != seen[0] or st is None:  # None: packed, or no feed yet
+                handle = self.git.handle()
+                feed = self.chains.feed.current(handle)
+                seen = (st, tuple(self.chains.feed.tip_oid(handle, feed, s) for s in spaces))
+            return seen[1]
+
+        return tips
 
     def wait_feed(self, after: int, timeout: float, feed_head: Callable[[], int]) -> bool:
         """True as soon as `feed_head()` passes `after`, False after `timeout` seconds.

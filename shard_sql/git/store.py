@@ -5,7 +5,6 @@ and the durability."""
 from __future__ import annotations
 
 import contextlib
-import functools
 import itertools
 import logging
 import os
@@ -21,10 +20,11 @@ from pygit2.enums import ObjectType
 
 from shard_sql.errors import InvalidEvent, SeqConflict, ShardSqlError, StoreUnavailable
 from shard_sql.git.chain import RecycledHandles, SpaceChains
-from shard_sql.git.errors import translated, translated_iter
+from shard_sql.git.copies import SpaceRefCopies
+from shard_sql.git.errors import GIT_ERRORS, translated, translated_iter
 from shard_sql.git.feed import CheckpointSave, Feed, SpaceWrite
 from shard_sql.git.intents import GitIntentQueue
-from shard_sql.git.layout import CHUNK, FEED, HANDOFF_DIR, lease_ref, space_ref
+from shard_sql.git.layout import CHUNK, FEED, HANDOFF_DIR, lease_ref
 from shard_sql.git.loose import LooseObjects, in_background
 from shard_sql.git.migrate import place_existing_events
 from shard_sql.git.objects import (
@@ -110,9 +110,7 @@ class GitEventStore(StoreBase, FeedStore, LeaseStore, IntentQueue, SpaceWakeups)
         self._intents = GitIntentQueue(self._git, self._chains)
         self._packer = AutoPacker(self._git, pack_every)
         self._git.on_object_written = self._packer.wrote
-        self._copied: str | None = None
-        """The feed commit whose space refs this store moved (under the write mutex), all of
-        them: the next write need not look at them."""
+        self._copies = SpaceRefCopies(self._git, self._feed)
         try:
             place_existing_events(self._git, self._feed)
         except BaseException:
@@ -123,17 +121,26 @@ class GitEventStore(StoreBase, FeedStore, LeaseStore, IntentQueue, SpaceWakeups)
         return f"GitEventStore({str(self.path)!r})"
 
     def close(self) -> None:
-        """Wait for a packing run in progress, release the repository handles; later calls
-        raise `StoreUnavailable`."""
+        """Move the space refs of the writes since the last snapshot (when this store made one
+        of them), wait for a packing run in progress, release the repository handles; later
+        calls raise `StoreUnavailable`."""
+        if self._copies.behind:
+            try:
+                self._copies.since_snapshot(time.monotonic() + self.lock_timeout)
+            except (ShardSqlError, *GIT_ERRORS) as e:
+                log.warning("git store %s: space refs left behind the feed: %s", self.path, e)
         self._packer.join()
         self._git.close()
 
     @translated
     def maintain(self) -> Maintenance:
         """Pack the loose objects now (waiting for another process's run to end), as the
-        background packing does; safe while other processes write and read. docs/git.md."""
+        background packing does, and move every space ref not at its tip; safe while other
+        processes write and read. docs/git.md."""
         self._git.handle()  # a closed store raises StoreUnavailable
-        return pack(self._git)
+        done = pack(self._git)
+        self._copies.every_space(time.monotonic() + self.lock_timeout)
+        return done
 
     def __enter__(self) -> GitEventStore:
         return self
@@ -359,7 +366,7 @@ class GitEventStore(StoreBase, FeedStore, LeaseStore, IntentQueue, SpaceWakeups)
                 finally:
                     lock.free()
                 synced = in_background(lock.sync) if overlap else None  # see `_durable`
-                self._after_commit(handle, feed, new, writes)
+                self._copies.after_commit(handle, feed, new, writes)
             self._signal_wakeups(writes)
             removed = True
             _unlink(staged)
@@ -432,39 +439,6 @@ class GitEventStore(StoreBase, FeedStore, LeaseStore, IntentQueue, SpaceWakeups)
             stored = self._feed.checkpoint(handle, feed, name)
             if save.lowest < stored:
                 raise checkpoint_conflict(name, save.lowest, stored)
-
-    def _after_commit(
-        self,
-        handle: Any,
-        previous: FeedCommit | None,
-        committed: str,
-        writes: Sequence[SpaceWrite],
-    ) -> None:
-        """Under the mutex, once the feed moved to `committed`: the spaces' refs follow it (those
-        of this write, and those of the previous one if its writer died before it moved them:
-        not looked at when this store moved them itself). The write is committed: nothing here
-        may fail it."""
-        ours = {w.space: w.tip.oid for w in writes}
-        theirs: dict[str, str] = {}
-        if previous is not None and previous.oid != self._copied:
-            theirs = dict(zip(previous.spaces, previous.tips, strict=True))
-        self._copied = None
-        moved = True
-        for space, oid in itertools.chain(theirs.items(), ours.items()):
-            mine = space in ours
-            if mine and ours[space] != oid:
-                continue  # the previous write's tip, moved on by this one
-            ref = space_ref(space)
-            try:
-                if not mine and self._git.target(handle, ref) == oid:
-                    continue
-                read = functools.partial(self._git.target, handle, ref)
-                moved = self._git.refs.update_cache(ref, oid, read) and moved
-            except (ShardSqlError, OSError) as e:
-                moved = False
-                log.warning("git store %s: %s left behind the feed: %s", self.path, ref, e)
-        if moved:
-            self._copied = committed
 
     def _signal_wakeups(self, writes: Sequence[SpaceWrite]) -> None:
         """After a commit: wake the feed's waiters, and the forwarders of the spaces written."""
