@@ -20,6 +20,9 @@ from shard_sql.git.loose import OBJECT_RETRIES, LooseObjects, fsync_dir
 _Stamp = tuple[int, int, int]
 T = TypeVar("T")
 
+STAGED_PREFIX = "tmp_obj_ref_"
+"""A staged ref file (`RefFiles.stage`) in `objects/xx/`: a name git takes for a temporary object
+of its own (`git prune` removes one older than its prune age, `git fsck` says nothing of it)."""
 MUTEX_FILE = "shard-sql-writes.flock"
 """In the common git directory: the file whose `flock` is the store's write mutex."""
 
@@ -144,6 +147,7 @@ class RefFiles:
         self.synced: set[str] = set()
         """Directories (relative, `/`-separated) whose entries this process has fsynced."""
         self._packed: tuple[_Stamp | None, str, list[str]] = (None, "", [])
+        self._same_device: bool | None = None
         self._mutex_fd = threading.local()
         self._mutex_fds: list[int] = []
 
@@ -239,7 +243,7 @@ class RefFiles:
                     # (maybe a parent too, even while it is made again: then the next round).
                     _make_dirs(os.path.dirname(path))
                 except FileExistsError:
-                    if not (breakable and _break_dead(lock)):
+                    if not (breakable and _break_dead(lock, self.staging_dirs())):
                         return None
             return None
 
@@ -285,22 +289,32 @@ class RefFiles:
         return False
 
     def stage(self, ref: str, target: str, objects: LooseObjects | None) -> str:
-        """A new file beside `ref` holding `target`, fsynced in one round with `objects` (None:
-        not fsynced), before the ref's lock is taken: the lock is then held for a check, a rename
-        and a directory fsync only (the shorter, the less other writers wait).
+        """A new file holding `ref`'s new content `target`, fsynced in one round with `objects`
+        (None: not fsynced), before the ref's lock is taken (a hard link of it): the lock is then
+        held for a check, a rename and a directory fsync only (the shorter, the less other
+        writers wait).
 
-        Named `<ref>.<random>.lock`: git and libgit2 skip `*.lock` files when they list refs, and
-        no ref name has a `.` (`encode_name`), so it is nobody's lock.
+        Made in the objects' fan-out directory of `target` (written by this write: it exists),
+        named `tmp_obj_ref_<random>` (git's temporary objects: listed by no one, removed by `git
+        prune` when a writer killed before its link left one), not beside the ref: ext4 puts a
+        file in its directory's block group and, without a journal, makes every file created
+        there scan past each one freed in the last ~30 s, and the ref's directory frees one per
+        write (the ref's old file). The fan-out directories are spread over the groups.
         """
         path = self.file(ref)
+        fan = os.path.join(self.root, "objects", target[:2])
+        beside = not self._objects_beside_refs()  # no hard link across file systems
+        if beside:  # `<ref>.<random>.lock`: git skips `*.lock`, no ref name has a `.`
+            fan = os.path.dirname(path)
         for attempt in range(OBJECT_RETRIES):
-            staged = f"{path}.{random.getrandbits(64):016x}.lock"
+            name = f"{STAGED_PREFIX}{random.getrandbits(64):016x}"
+            staged = f"{path}.{name[-16:]}.lock" if beside else os.path.join(fan, name)
             try:
                 fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
-            except FileNotFoundError:  # the ref's first write, or `git pack-refs` removed the
-                if attempt == OBJECT_RETRIES - 1:  # emptied directory: made, then again
+            except FileNotFoundError:  # `git gc` removed the emptied directory: made, then again
+                if attempt == OBJECT_RETRIES - 1:
                     raise
-                _make_dirs(os.path.dirname(path))
+                _make_dirs(fan)
                 continue
             try:
                 os.write(fd, (target + "\n").encode("ascii"))
@@ -313,6 +327,18 @@ class RefFiles:
             os.close(fd)
             return staged
         raise AssertionError("unreachable")
+
+    def _objects_beside_refs(self) -> bool:
+        """Whether `objects/` is on the file system of `refs/` (else one may be a link)."""
+        if self._same_device is None:
+            objects = os.stat(os.path.join(self.root, "objects")).st_dev
+            self._same_device = objects == os.stat(os.path.join(self.root, "refs")).st_dev
+        return self._same_device
+
+    def staging_dirs(self) -> list[str]:
+        """Where `stage` makes its files: the fan-out directories of `objects/`."""
+        top = os.path.join(self.root, "objects")
+        return [os.path.join(top, f"{n:02x}") for n in range(256)]
 
     def create(
         self, ref: str, target: str, deadline: float, read: Callable[[], str | None]
@@ -407,10 +433,12 @@ class RefFiles:
                 os.unlink(lock)
 
 
-def _break_dead(lock: str) -> bool:
+def _break_dead(lock: str, staging: Sequence[str]) -> bool:
     """Remove `lock` if it is a hard link of a staged file (`RefFiles.stage`): only writers
     holding the write mutex take such locks, so, found by the mutex's holder, it was left by one
-    that died. True when the lock is gone (try again), False when it is someone else's."""
+    that died. True when the lock is gone (try again), False when it is someone else's.
+    `staging`: the directories its staged twin may be in (besides the lock's own, where
+    earlier versions staged)."""
     try:
         st = os.lstat(lock)
     except FileNotFoundError:
@@ -423,14 +451,12 @@ def _break_dead(lock: str) -> bool:
         os.unlink(lock)
     folder, name = os.path.split(lock)
     base = name[: -len(".lock")]
-    with contextlib.suppress(OSError), os.scandir(folder) as it:
-        for entry in it:
-            if (
-                entry.name.startswith(base + ".")
-                and entry.name.endswith(".lock")
-                and entry.inode() == st.st_ino
-            ):
-                os.unlink(entry.path)  # the dead writer's staged file
+    for directory in [folder, *staging]:
+        with contextlib.suppress(OSError), os.scandir(directory) as it:
+            for entry in it:
+                twin = entry.name.startswith(base + ".") and entry.name.endswith(".lock")
+                if (twin or entry.name.startswith(STAGED_PREFIX)) and entry.inode() == st.st_ino:
+                    os.unlink(entry.path)  # the dead writer's staged file
     log.warning("removed %s, left by a writer that died while writing", lock)
     return True
 
