@@ -235,6 +235,27 @@ def test_hostile_names_stay_in_the_namespace(tmp_path: Path) -> None:
     store.close()
 
 
+def test_a_new_repositorys_objects_is_a_top_directory(tmp_path: Path) -> None:
+    """ext2/3/4 (`chattr +T`): the fan-out directories made in `objects/` are spread over the
+    block groups (docs/git.md, "Creating files on ext4"); elsewhere nothing is set."""
+    if subprocess.run(["lsattr", "-d", str(tmp_path)], capture_output=True).returncode:
+        pytest.skip("no lsattr here, or no ext2/3/4 attributes on this file system")
+    store = GitEventStore(tmp_path / "r.git")
+    store.append("s", "t", {}, expected_seq=0)
+    store.close()
+    flags = git_lsattr(tmp_path / "r.git" / "objects")
+    assert "T" in flags
+    plain = tmp_path / "plain.git"
+    git(tmp_path, "init", "-q", "--bare", str(plain))
+    GitEventStore(plain).close()  # an existing repository is used as is
+    assert "T" not in git_lsattr(plain / "objects")
+
+
+def git_lsattr(path: Path) -> str:
+    out = subprocess.run(["lsattr", "-d", str(path)], capture_output=True, text=True, check=True)
+    return out.stdout.split()[0]
+
+
 def test_foreign_refs_in_the_namespace_are_ignored(tmp_path: Path) -> None:
     store = GitEventStore(tmp_path / "r.git")
     e = store.append("s", "t", {}, expected_seq=0)

@@ -357,10 +357,14 @@ def test_writer_killed_holding_the_feed_lock(tmp_path: Path) -> None:
     kill_at(path, "commit")
     lock = path / (FEED + ".lock")
     assert lock.exists()
+    [staged] = path.glob("objects/*/tmp_obj_ref_*")  # the lock's other name
+    assert staged.stat().st_ino == lock.stat().st_ino
     assert store.feed() == before and store.head("victim") == 0  # reads go on
     e = store.append("a", "t", {}, expected_seq=1)
     assert e.position == 2 and not lock.exists()
-    assert not list((path / "refs" / "shard-sql").glob("feed.*.lock"))  # its staged file too
+    assert not staged.exists()  # its staged file too
+    assert not list(path.glob("objects/*/tmp_obj_ref_*"))
+    assert not list((path / "refs" / "shard-sql").glob("feed.*.lock"))
     consistent(store)
     store.close()
     fsck(path)
@@ -378,6 +382,9 @@ def test_writer_killed_while_removing_a_dead_writers_lock(tmp_path: Path) -> Non
     e = store.append("a", "t", {}, expected_seq=1)
     assert e.position == 2 and not (path / (FEED + ".lock")).exists()
     assert store.head("victim") == 0
+    # Left: staged files, nobody's lock, named as git's temporary objects (`git prune` removes
+    # them after its prune age; `git fsck` says nothing of them).
+    assert list(path.glob("objects/*/tmp_obj_ref_*"))
     consistent(store)
     store.close()
     fsck(path)

@@ -28,7 +28,7 @@ except ImportError:  # not POSIX: one packer per process only
 
 PACK_EVERY = 2000
 """Loose objects a store writes before it packs them in the background (a single append writes
-about seven: its commit, the feed's commit and trees; git's own `gc.auto` is 6700)."""
+about two: its commit and the feed's commit; git's own `gc.auto` is 6700)."""
 GEOMETRIC_FACTOR = 2
 """Each pack keeps at least twice the objects of the next smaller one; smaller ones are merged."""
 STAGING_PREFIX = "tmp_shard_sql_pack_"
