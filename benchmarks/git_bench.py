@@ -230,6 +230,8 @@ def _reads(path: Path, count: int, rounds: int) -> dict[str, float]:
     for start in range(0, count, batch):
         n = min(batch, count - start)
         store.append_many("read", [("page.edited", PAYLOAD)] * n, expected_seq=start)
+    store.close()  # moves the space ref (moved at snapshots, on close and by maintain)
+    store = GitEventStore(path)
     repo = pygit2.Repository(str(path))
     tip = str(repo.references[space_ref("read")].target)
 
