@@ -486,3 +486,42 @@ def test_postgres_crossed_writes_deadlock_into_a_seq_conflict(pg_migrated_url: s
     finally:
         store.close()
         engine.dispose()
+
+
+@pytest.mark.postgres
+def test_postgres_first_statement_begins_as_psycopg_would(pg_migrated_url: str) -> None:
+    """The host's transaction's first statement (a prepared one, run through libpq) begins it
+    with the connection's settings; a statement deallocated behind the store's back (psycopg's
+    DEALLOCATE ALL after a rollback) is prepared again; a rollback leaves nothing."""
+    store = SqlEventStore(pg_migrated_url)
+    engine = sa.create_engine(pg_migrated_url)
+    try:
+        with engine.connect() as conn:
+            serializable = conn.execution_options(isolation_level="SERIALIZABLE")
+            serializable.begin()
+            with store.transaction(serializable) as tx:
+                assert tx.append("s", "t", {"n": 0}).seq == 0
+            level = serializable.exec_driver_sql("SHOW transaction_isolation").scalar()
+            assert level == "serializable"
+            serializable.commit()
+        with engine.connect() as conn:
+            for n in (1, 2):
+                conn.exec_driver_sql("DEALLOCATE ALL")
+                conn.commit()
+                conn.begin()
+                with store.transaction(conn) as tx:
+                    assert tx.append("s", "t", {"n": n}).seq == n
+                conn.commit()
+            conn.begin()
+            with store.transaction(conn) as tx:
+                tx.append("s", "t", {"n": 3})
+            conn.rollback()
+            conn.begin()
+            conn.exec_driver_sql("SELECT 1")  # the server's transaction is open: cursor.execute
+            with store.transaction(conn) as tx:
+                assert tx.append("s", "t", {"n": 3}).seq == 3
+            conn.commit()
+        assert [e.payload["n"] for e in store.events("s")] == [0, 1, 2, 3]
+    finally:
+        store.close()
+        engine.dispose()

@@ -304,8 +304,7 @@ class SqlTransaction(Transaction):
         try:
             if seq is None:
                 wake = self._host is not None and not self._woke
-                cur.execute(*d.append_at_head(space, p, at, writer, gen, fence, wake=wake))
-                done = d.appended(cur)
+                done = d.write_at_head(c, space, p, at, writer, gen, fence, wake=wake)
                 if wake and done is not None:
                     self._woke = True
             else:
@@ -500,20 +499,20 @@ class HostConnections:
             raise InvalidEvent("connection", f"is not usable: {e}") from e
         c: Conn | None = pooled.info.get(self._key)
         if c is None:
-            c = self._check(host, pooled.dbapi_connection)
+            c = self._check(host, pooled)
             pooled.info[self._key] = c
         problem = db.dialect.host_problem(c.raw)
         if problem is not None:
             raise InvalidEvent("connection", problem)
         return c
 
-    def _check(self, host: Connection, raw: Any) -> Conn:
+    def _check(self, host: Connection, pooled: Any) -> Conn:
         db, d = self._db, self._db.dialect
         kind = host.engine.dialect.name
         if kind != d.name:
             raise InvalidEvent("connection", f"is a {kind} connection; the store is on {db.site}")
         try:
-            c = Conn.of_driver(raw)
+            c = Conn.of_driver(pooled.dbapi_connection)
             try:
                 if host.engine is not db.engine:
                     if self._own is None:
@@ -524,7 +523,7 @@ class HostConnections:
                             f"is a connection to another database than the store's ({db.site}): "
                             "its engine must point at the same database",
                         )
-                d.join(c)
+                d.join(c, pooled.info)
             except BaseException:
                 c.cur.close()
                 raise

@@ -301,8 +301,9 @@ class Dialect:
         writes (they would not commit or roll back with its transaction); None: it can."""
         return None
 
-    def join(self, c: Conn) -> None:
-        """Prepare the cursor of a host's connection (`Conn` over its pooled connection)."""
+    def join(self, c: Conn, info: dict[Any, Any]) -> None:
+        """Prepare the cursor of a host's connection (`Conn` over its pooled connection, whose
+        per driver connection `info` dict keeps it)."""
 
     def lock_for_write(self, c: Conn, *, first_statement_writes: bool = False) -> bool:
         """Before a write in a host's transaction: take what the store's own write transactions
@@ -404,14 +405,28 @@ class Dialect:
     ) -> Statement:
         """One event written at the space's head, inside a write transaction (`transaction`),
         or nothing when `fence` (its holder and generation are the row's writer and generation)
-        is not the current grant or `p`'s intent id is written already: `appended` says which.
+        is not the current grant or `p`'s intent id is written already (`write_at_head` runs it).
         `wake`: when it writes, it also does what `notify_feed` does (in the same round trip)."""
         raise NotImplementedError
 
-    def appended(self, cur: Any) -> tuple[int, int | None] | None:
-        """After `append_at_head`'s statement ran on `cur`: None if it wrote nothing, else the
-        row's seq and feed position (None: placed after the commit)."""
-        raise NotImplementedError
+    def write_at_head(
+        self,
+        c: Conn,
+        space: str,
+        p: Pending,
+        at: datetime,
+        writer: str,
+        generation: int,
+        fence: Lease | None,
+        *,
+        wake: bool = False,
+    ) -> tuple[int, int | None] | None:
+        """Run `append_at_head`'s statement on `c`: None if it wrote nothing, else the row's seq
+        and feed position (None: placed after the commit; this statement returns the seq)."""
+        cur = c.cur
+        cur.execute(*self.append_at_head(space, p, at, writer, generation, fence, wake=wake))
+        row = cur.fetchone()
+        return None if row is None else (row[0], None)
 
     def small_batch(self, batch: Sequence[Pending]) -> bool:
         """`batch` is written faster by `append_small_batch`'s one statement than in a

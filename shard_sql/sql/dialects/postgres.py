@@ -23,11 +23,15 @@ from shard_sql.sql.dialects.base import (
     Tables,
 )
 from shard_sql.sql.dialects.prepared import (
+    PREPARED_KEY,
     Prepared,
     append_types,
     append_values,
+    at_head_types,
+    at_head_values,
     prepared_names,
     run,
+    run_first,
 )
 from shard_sql.sql.errors import Site
 from shard_sql.sql.listener import NOTIFY_LIMIT, Channels
@@ -219,6 +223,10 @@ class PostgresDialect(Dialect):
             for fence in (False, True)
             for intent in (False, True)
             for wake in (False, True)
+        }
+        self._at_head_prepared = {
+            key: Prepared(sql, at_head_types(fence=key[0], intent=key[1]))
+            for key, sql in self._at_head.items()
         }
         self._small = {
             (fence, intent): append_small_batch_sql(fence=fence, intent=intent, t=t)
@@ -433,10 +441,11 @@ class PostgresDialect(Dialect):
             )
         return None
 
-    def join(self, c: Conn) -> None:
+    def join(self, c: Conn, info: dict[Any, Any]) -> None:
         from psycopg.types.json import set_json_loads  # see setup
 
         set_json_loads(load_json, c.cur)
+        c.prepared = info.setdefault(PREPARED_KEY, set())  # for `run_first`
 
     def identity(self, c: Conn) -> object:
         # The database's name and the cluster's system identifier (NULL for a role that may not
@@ -520,9 +529,28 @@ class PostgresDialect(Dialect):
             params += (space, intent_id)
         return sql, params
 
-    def appended(self, cur: Any) -> tuple[int, int | None] | None:
-        row = cur.fetchone()
-        return None if row is None else (row[0], None)
+    def write_at_head(
+        self,
+        c: Conn,
+        space: str,
+        p: Pending,
+        at: datetime,
+        writer: str,
+        generation: int,
+        fence: Lease | None,
+        *,
+        wake: bool = False,
+    ) -> tuple[int, int | None] | None:
+        # The first statement of a host's transaction (`run_first`): the prepared statement,
+        # 76k instructions less than cursor.execute (and psycopg's BEGIN) on the client.
+        names = c.prepared
+        values = None if names is None else at_head_values(space, p, at, writer, generation, fence)
+        if values is not None:
+            key = (fence is not None, p.intent_id is not None, wake)
+            res = run_first(c, names, self._at_head_prepared[key], values)  # type: ignore[arg-type]
+            if res is not None:
+                return (int(res.get_value(0, 0)), None) if res.ntuples else None
+        return super().write_at_head(c, space, p, at, writer, generation, fence, wake=wake)
 
     def small_batch(self, batch: Sequence[Pending]) -> bool:
         # One statement, one round trip (BEGIN, checks, COPY, COMMIT are four): what a holder

@@ -27,7 +27,16 @@ from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-__all__ = ["Prepared", "append_types", "append_values", "prepared_names", "run"]
+__all__ = [
+    "Prepared",
+    "append_types",
+    "append_values",
+    "at_head_types",
+    "at_head_values",
+    "prepared_names",
+    "run",
+    "run_first",
+]
 
 TEXT = 25
 INT8 = 20
@@ -40,6 +49,8 @@ _int8 = struct.Struct(">q").pack
 _COMMAND_OK = 1
 _DONE = (_COMMAND_OK, 2)  # COMMAND_OK, TUPLES_OK
 _CONNECTION_OK = 0
+_IDLE = 0  # PQTRANS_IDLE: no transaction open on the server
+_TUPLES_OK = 2
 _SQLSTATE = ord("C")  # PG_DIAG_SQLSTATE
 _UNDEFINED_PREPARED = b"26000"  # invalid_sql_statement_name: not (or no longer) prepared
 _DUPLICATE_PREPARED = b"42P05"  # duplicate_prepared_statement: prepared already
@@ -84,6 +95,39 @@ def append_types(*, fence: bool, intent: bool) -> list[int]:
     if intent:
         types += [TEXT, TEXT]
     return types
+
+
+def at_head_types(*, fence: bool, intent: bool) -> list[int]:
+    """The types of the parameters of `postgres.append_at_head_sql`."""
+    types = [TEXT, TEXT, TEXT, TEXT, TIMESTAMPTZ, TEXT, INT8, TEXT]
+    if fence:
+        types += [TEXT, TEXT, INT8]
+    if intent:
+        types += [TEXT, TEXT]
+    return types
+
+
+def at_head_values(
+    space: str, p: Any, at: Any, writer: str, generation: int, fence: Any
+) -> list[bytes | None] | None:
+    """The parameters of `postgres.append_at_head_sql` for its prepared statement (`p`: a
+    `Pending`, checked), as `append_values` (None: `cursor.execute` runs it)."""
+    if "\x00" in writer or type(generation) is not int or at.tzinfo is None:
+        return None
+    s = space.encode()
+    intent_id = p.intent_id
+    i = None if intent_id is None else intent_id.encode()
+    values = [
+        s, s, p.type.encode(), p.payload_json.encode(), _int8((at - _PG_EPOCH) // _MICROSECOND),
+        writer.encode(), b"%d" % generation, i,
+    ]  # fmt: skip
+    if fence is not None:
+        if "\x00" in fence.holder or type(fence.generation) is not int:
+            return None
+        values += (s, fence.holder.encode(), b"%d" % fence.generation)
+    if intent_id is not None:
+        values += (s, i)
+    return values
 
 
 def append_values(params: Sequence[Any]) -> list[bytes | None] | None:
@@ -135,6 +179,65 @@ def run(c: Any, names: set[bytes], statement: Prepared, values: list[bytes | Non
         if res.status in _DONE:
             return res
     raise _error(pgconn, res)
+
+
+def run_first(
+    c: Any, names: set[bytes], statement: Prepared, values: list[bytes | None]
+) -> Any | None:
+    """Run `statement` as the first statement of a host's transaction: the transaction is begun
+    on the SQLAlchemy side but not yet on the server (psycopg sends its BEGIN before the first
+    statement). The same BEGIN (`begin_command`) is sent here, then the prepared statement:
+    its `PGresult`, or psycopg's error (the transaction is then failed, as after
+    `cursor.execute`). None where this does not apply (the server's transaction is open
+    already, a pipeline, no prepared statements, another encoding): `cursor.execute` runs it.
+    A statement deallocated behind the store's back fails inside the new transaction, which
+    holds nothing else yet: it is rolled back, the statement prepared again and run in a
+    new one."""
+    raw = c.raw
+    pgconn = raw.pgconn
+    if (
+        pgconn.transaction_status != _IDLE
+        or pgconn.pipeline_status
+        or raw.autocommit
+        or raw.prepare_threshold is None
+        or pgconn.parameter_status(b"client_encoding") != b"UTF8"
+    ):
+        return None
+    name, formats = statement.name, statement.formats
+    if name not in names:
+        _prepare(pgconn, names, statement)  # outside the transaction: a failure leaves none
+    begin = begin_command(raw)
+    for again in (False, True):
+        res = pgconn.exec_(begin)
+        if res.status != _COMMAND_OK:
+            raise _error(pgconn, res)
+        res = pgconn.exec_prepared(name, values, formats)
+        if res.status == _TUPLES_OK or res.status == _COMMAND_OK:
+            return res
+        if again or res.error_field(_SQLSTATE) != _UNDEFINED_PREPARED:
+            raise _error(pgconn, res)
+        res = pgconn.exec_(b"ROLLBACK")  # only the BEGIN above is undone
+        if res.status != _COMMAND_OK:
+            raise _error(pgconn, res)
+        names.clear()
+        _prepare(pgconn, names, statement)
+    raise AssertionError("unreachable")
+
+
+def begin_command(raw: Any) -> bytes:
+    """The BEGIN psycopg sends before a transaction's first statement on `raw` (its isolation
+    level, read-only and deferrable settings)."""
+    iso, read_only, deferrable = raw.isolation_level, raw.read_only, raw.deferrable
+    if iso is None and read_only is None and deferrable is None:
+        return b"BEGIN"
+    parts = [b"BEGIN"]
+    if iso is not None:
+        parts += (b"ISOLATION LEVEL", iso.name.replace("_", " ").encode())
+    if read_only is not None:
+        parts.append(b"READ ONLY" if read_only else b"READ WRITE")
+    if deferrable is not None:
+        parts.append(b"DEFERRABLE" if deferrable else b"NOT DEFERRABLE")
+    return b" ".join(parts)
 
 
 def _prepare(pgconn: Any, names: set[bytes], statement: Prepared) -> None:
