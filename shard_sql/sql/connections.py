@@ -30,6 +30,11 @@ between tries (see `Database.call`)."""
 _R = TypeVar("_R")
 
 
+class _Writing(threading.local):
+    n = 0
+    """Transactions this thread holds open that may hold the write lock (`Database.writing`)."""
+
+
 def open_engine(
     url_or_engine: str | URL | Engine, options: EngineOptions
 ) -> tuple[Engine, bool, Dialect]:
@@ -247,7 +252,7 @@ class Database:
             owned=self.owned,
         )
         self.closed = False
-        self._writing = threading.local()
+        self._writing = _Writing()
 
     def close(self) -> None:
         """Close the connections, and dispose the engine unless it was passed in."""
@@ -318,12 +323,12 @@ class Database:
     def writing(self, n: int) -> None:
         """This thread opened (+1) or ended (-1) a transaction that may hold the database's
         write lock (see `check_not_writing`)."""
-        self._writing.n = getattr(self._writing, "n", 0) + n
+        self._writing.n += n
 
     def check_not_writing(self) -> None:
         """A call found the database busy: if this thread holds a transaction open on it, the
         lock is likely its own, and waiting would only wait out the busy timeout."""
-        if getattr(self._writing, "n", 0):
+        if self._writing.n:
             raise InvalidEvent(
                 "transaction",
                 f"{self.site} is locked, likely by this thread's open transaction: write "

@@ -171,6 +171,10 @@ class SqlTransaction(Transaction):
         state.ended = True
         if c is not None:
             self._db.writing(-1)
+            joined = self._host is not None and (self._woke or not self._wrote)
+            if joined and exc is None and state.failure is None:
+                self._c = None  # joined, nothing to announce or roll back: the host commits
+                return
         self._close_connection_view()
         if c is None:  # nothing written, nothing begun
             if exc is None:
@@ -450,7 +454,10 @@ def _host_connection(connection: object) -> Connection:
     """The SQLAlchemy `Connection` of a host's `Connection`, `Session` or `scoped_session`, in
     a transaction; `InvalidEvent("connection")` for anything else."""
     if type(connection) is Connection:
-        pass
+        # The common case in one look (open, valid: a driver connection; in a transaction).
+        root = connection.get_transaction()
+        if root is not None and root.is_active and connection._dbapi_connection is not None:
+            return connection
     elif isinstance(connection, scoped_session):
         connection = connection()
     if isinstance(connection, Session):
@@ -493,10 +500,12 @@ class HostConnections:
         """A cursor of `host`'s driver connection; `InvalidEvent("connection")` unless it is on
         the store's database, in a transaction that the store's writes can join."""
         db = self._db
-        try:
-            pooled = host.connection
-        except Exception as e:
-            raise InvalidEvent("connection", f"is not usable: {e}") from e
+        pooled = host._dbapi_connection  # open and valid (`_host_connection`)
+        if pooled is None:
+            try:
+                pooled = host.connection
+            except Exception as e:
+                raise InvalidEvent("connection", f"is not usable: {e}") from e
         c: Conn | None = pooled.info.get(self._key)
         if c is None:
             c = self._check(host, pooled)
