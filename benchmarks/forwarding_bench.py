@@ -73,6 +73,58 @@ def _holder(url: str, space: str, ttl: float, ready: Any, stop: Any) -> None:
     store.close()
 
 
+def _holder_of(url: str, spaces: list[str], ready: Any, stop: Any) -> None:
+    """A holder process of `spaces` (serving what is forwarded to it) until `stop`."""
+    store = SqlEventStore(url)
+    node = AppendAuthority("holder", store, LeaseRegistry(store), ttl_seconds=3600)
+    with node:
+        for space in spaces:
+            node.append(space, TYPE, PAYLOAD)
+        ready.set()
+        stop.wait(3600)
+    store.close()
+
+
+def _forwarder(url: str, space: str, count: int, go: Any, out: Any) -> None:
+    store = SqlEventStore(url)
+    node = AppendAuthority(f"f-{space}", store, LeaseRegistry(store), forward_timeout=120)
+    with node:
+        node.append(space, TYPE, PAYLOAD)  # the connection to the holder, warm
+        out.put(("ready", 0.0, 0.0))
+        go.wait(120)
+        t0 = time.monotonic()
+        for _ in range(count):
+            assert node.append(space, TYPE, PAYLOAD).writer == "holder"
+        out.put(("done", t0, time.monotonic()))
+    store.close()
+
+
+def spaces_rate(url: str, spaces: int, count: int) -> float:
+    """Total events/s of `spaces` forwarder processes, each appending `count` to its own space,
+    all held by one holder process (its listener serves them all)."""
+    names = [f"sp-{os.getpid()}-{time.monotonic_ns()}-{i}" for i in range(spaces)]
+    ready, stop, go, out = CTX.Event(), CTX.Event(), CTX.Event(), CTX.Queue()
+    holder = CTX.Process(target=_holder_of, args=(url, names, ready, stop), daemon=True)
+    holder.start()
+    procs = []
+    try:
+        assert ready.wait(60), "the holder did not start"
+        procs = [CTX.Process(target=_forwarder, args=(url, n, count, go, out)) for n in names]
+        for p in procs:
+            p.start()
+        for _ in procs:
+            assert out.get(timeout=120)[0] == "ready"
+        go.set()
+        spans = [out.get(timeout=600) for _ in procs]
+    finally:
+        stop.set()
+        for p in [*procs, holder]:
+            p.join(30)
+            if p.is_alive():
+                p.kill()
+    return spaces * count / (max(s[2] for s in spans) - min(s[1] for s in spans))
+
+
 def _start_holder(url: str, space: str, ttl: float) -> tuple[Any, Any]:
     ready, stop = CTX.Event(), CTX.Event()
     proc = CTX.Process(target=_holder, args=(url, space, ttl, ready, stop), daemon=True)

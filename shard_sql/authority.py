@@ -20,7 +20,7 @@ from types import TracebackType
 from typing import Any
 
 from shard_sql.errors import IntentTimeout, InvalidEvent, LeaseHeld, SeqConflict, StaleLease
-from shard_sql.group import GroupCommit, GroupStats, NotHolder, Reply
+from shard_sql.group import GroupCommit, GroupStats, NotHolder, Reply, parallel_writers
 from shard_sql.handoff import HANDOFF_TIMEOUT, NOT_HOLDER, Endpoints, HandoffClient
 from shard_sql.handoff_listener import BaseListener
 from shard_sql.handoff_tcp import NetworkHandoff, start_listeners
@@ -169,7 +169,7 @@ class AppendAuthority:
         self._locks: dict[str, threading.RLock] = {}
         self._guard = threading.Lock()
         self._unwatch: Callable[[], None] | None = None
-        self._group = GroupCommit(self._write_batch)
+        self._group = GroupCommit(self._write_batch, writers=parallel_writers(store))
         network = NetworkHandoff.configure(handoff_listen, handoff_secret) if handoff else None
         self._network = network if self._queue is not None else None
         self._endpoints = self._handoff_endpoints() if handoff else None

@@ -7,9 +7,13 @@ commit, one fsync), gives each caller its event, and hands the lead to the first
 queued, if any. A lone caller writes its item at once, as without grouping.
 
 The holder's listener does not wait: it `submit`s the items its forwarders sent (each with its
-reply) and goes back to its sockets; it writes them itself when nobody leads. When a leader goes
-with only such items queued, the group commit's drainer thread (started when first needed) leads
-in their place.
+reply) and goes back to its sockets. Where the store's writes serialize anyway (SQLite's one
+writer, git's feed mutex, memory's lock) it writes them itself when nobody leads: a thread
+hand-off would buy nothing. Where writes to different spaces commit in parallel (PostgreSQL: a
+connection each, `parallel_writers`), a space's submitted items go to the group commit's writers
+(up to `WRITERS` threads, at most one per space at a time), so that the listener reads the
+other spaces' requests while a commit is on the wire. When a leader goes with only submitted
+items queued, a writer (the drainer, started when first needed) leads in their place.
 
 A caller may give a `reply`, called with its item's event (or error) by whichever thread wrote
 it, right after the commit and before any thread is woken: a handed-over item's answer goes out
@@ -44,9 +48,22 @@ KEEP_LEADING = 8
 """Batches a leader writes for others once its own item is written, before it wakes the first
 caller queued to lead (its own caller waits meanwhile)."""
 
+WRITERS = 4
+"""Threads that write submitted items, each for one space at a time, on stores whose writes to
+different spaces commit in parallel (one fewer than a PostgreSQL store's pool of 5 connections,
+which the holder's own appends and lease renewals use too)."""
+
 Write = Callable[[str, list[Pending]], list[Event]]
 Reply = Callable[[Event | None, BaseException | None], None]
 """Told an item's event (error None) or error (event None), by the thread that wrote it."""
+
+
+def parallel_writers(store: object) -> int:
+    """`WRITERS` when `store`'s writes to different spaces commit concurrently (a PostgreSQL
+    store: each on its own connection, the feed placed after the commit), else 0: its writes
+    serialize, and the thread that submits writes (see the module)."""
+    dialect = getattr(getattr(store, "database", None), "dialect", None)
+    return WRITERS if getattr(dialect, "name", "") == "postgresql" else 0
 
 
 class NotHolder(Exception):
@@ -111,15 +128,21 @@ class GroupCommit:
     """Writes the items of concurrent callers of one space together, through `write` (the
     node's fenced batch write)."""
 
-    def __init__(self, write: Write, *, bound: int = GROUP_BOUND) -> None:
+    def __init__(self, write: Write, *, bound: int = GROUP_BOUND, writers: int = 0) -> None:
+        """`writers` > 0: `submit` hands every space's items to up to that many writer threads
+        and never writes itself (stores whose writes to different spaces commit in parallel)."""
         self._write = write
         self._bound = bound
+        self.writers = writers
+        self._most = max(writers, 1)
         self._queues: dict[str, _Queue] = {}
         self._guard = threading.Lock()
         self.stats = GroupStats()
         self._drain: deque[tuple[str, _Queue]] = deque()
         self._drain_ready = threading.Condition(threading.Lock())
-        self._drainer: threading.Thread | None = None
+        self._drainers = 0
+        """Writer threads running, `_idle` of them waiting for a space to write."""
+        self._idle = 0
         self._closed = False
 
     def submit(self, space: str, entries: list[tuple[Pending, Reply]]) -> None:
@@ -127,14 +150,18 @@ class GroupCommit:
         each its `reply`, without waiting for them: while a leader is at work they are queued
         for it and this returns at once (the listener goes back to its sockets); else this
         thread writes them at once, as one batch (up to the bound), then what queued meanwhile,
-        as a leader does."""
+        as a leader does; or, with `writers`, a writer thread does."""
         q = self._queues.get(space) or self._queue(space)
+        hand_off = self.writers > 0
         with q.mutex:
-            if q.busy or len(entries) > 1:
+            if q.busy or len(entries) > 1 or hand_off:
                 q.slots += [_Slot(item, reply) for item, reply in entries]
             if q.busy:
                 return
             q.busy = True
+        if hand_off:
+            self._hand_to_drainer(space, q)
+            return
         if len(entries) == 1:  # alone: no slot, no queue (as a lone caller)
             item, reply = entries[0]
             with contextlib.suppress(Exception):  # told to `reply`
@@ -246,26 +273,31 @@ class GroupCommit:
         nxt.waiter.release()
 
     def _hand_to_drainer(self, space: str, q: _Queue) -> None:
-        """The lead of `space` to the drainer: a thread of this group commit, started when
-        first needed, that writes what was submitted when no caller waits to."""
+        """The lead of `space` to a writer: a thread of this group commit (started when a
+        space waits for one and none is idle, up to `writers`, at least one) that writes what
+        was submitted when no caller waits to."""
         with self._drain_ready:
             self._drain.append((space, q))
-            if self._drainer is None:
+            if len(self._drain) > self._idle and self._drainers < self._most:
                 self._closed = False
                 drainer = threading.Thread(
                     target=self._drain_loop, name="shard-sql-group", daemon=True
                 )
                 drainer.start()  # if it cannot start, the next hand-off tries again
-                self._drainer = drainer
+                self._drainers += 1
             self._drain_ready.notify()
 
     def _drain_loop(self) -> None:
         while True:
             with self._drain_ready:
                 while not self._drain and not self._closed:
-                    self._drain_ready.wait()
+                    self._idle += 1
+                    try:
+                        self._drain_ready.wait()
+                    finally:
+                        self._idle -= 1
                 if not self._drain:
-                    self._drainer = None
+                    self._drainers -= 1
                     return
                 space, q = self._drain.popleft()
             try:
@@ -277,10 +309,10 @@ class GroupCommit:
                 self._pass_lead(space, q)
 
     def close(self) -> None:
-        """The drainer ends once nothing is left to it (a later `submit` starts it again)."""
+        """The writers end once nothing is left to them (a later `submit` starts one again)."""
         with self._drain_ready:
             self._closed = True
-            self._drain_ready.notify()
+            self._drain_ready.notify_all()
 
     def _take(self, q: _Queue) -> list[_Slot]:
         """The next batch: queued items in order, up to the bound; an intent id already in the

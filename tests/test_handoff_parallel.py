@@ -1,0 +1,142 @@
+"""The holder's listener and writes to different spaces (shard_sql.group's writers): where the
+store commits them in parallel (PostgreSQL), one space's commit does not hold up the requests
+of another; where its writes serialize (SQLite, git, memory), the listener's thread writes.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import struct
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from shard_sql import AppendAuthority, LeaseRegistry
+from shard_sql.group import WRITERS, parallel_writers
+from shard_sql.handoff import Endpoints, frame, request
+from shard_sql.urls import open_store
+from shard_sql.validation import pending
+
+
+class SpaceGate:
+    """A group commit's write through `holder`'s fenced batch write that waits for `gate`,
+    noting which spaces are being written at once, and by which threads."""
+
+    def __init__(self, holder: Any) -> None:
+        self.holder = holder
+        self.gate = threading.Event()
+        self.lock = threading.Lock()
+        self.writing: set[str] = set()
+        self.most_at_once = 0
+        self.seen: set[str] = set()
+        self.writers: list[str] = []
+
+    def __call__(self, space: str, batch: list[Any]) -> list[Any]:
+        with self.lock:
+            self.writing.add(space)
+            self.seen.add(space)
+            self.most_at_once = max(self.most_at_once, len(self.writing))
+            self.writers.append(threading.current_thread().name)
+        try:
+            self.gate.wait(30)
+            return self.holder.write_if_held(space, batch) or []
+        finally:
+            with self.lock:
+                self.writing.discard(space)
+
+    def wait_seen(self, spaces: set[str], timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self.lock:
+                if spaces <= self.seen:
+                    return True
+            time.sleep(0.002)
+        return False
+
+
+def _connect(store: Any, node_id: str) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(10)
+    sock.connect(Endpoints(store.handoff_dir()).address(node_id))
+    return sock
+
+
+def _answer(sock: socket.socket) -> Any:
+    size = struct.unpack(">I", sock.recv(4))[0]
+    data = b""
+    while len(data) < size:
+        data += sock.recv(size - len(data))
+    return json.loads(data)
+
+
+def _two_spaces_handed_over(store: Any) -> tuple[SpaceGate, bool]:
+    """A holder of spaces a and b whose writes wait at a gate; a forwarder's request for a,
+    then (once a's write has begun) another's for b. Whether b's write began while a's waited;
+    then both are let through and answered."""
+    holder = AppendAuthority("holder", store, LeaseRegistry(store), forward_timeout=30)
+    holder.append("a", "t", {"n": 0})
+    holder.append("b", "t", {"n": 0})
+    gate = SpaceGate(holder)
+    holder._group._write = gate
+    with holder:
+        first, second = _connect(store, "holder"), _connect(store, "holder")
+        first.sendall(frame(request("a", pending("t", {"n": 1}, "ka"))))
+        assert gate.wait_seen({"a"}, 30)
+        second.sendall(frame(request("b", pending("t", {"n": 1}, "kb"))))
+        both = gate.wait_seen({"a", "b"}, 3)
+        gate.gate.set()
+        assert _answer(first)["ok"][0] == 1
+        assert _answer(second)["ok"][0] == 1
+        first.close()
+        second.close()
+    assert [e.payload["n"] for e in store.events("a")] == [0, 1]
+    assert [e.payload["n"] for e in store.events("b")] == [0, 1]
+    return gate, both
+
+
+@pytest.mark.postgres
+def test_postgresql_writes_of_two_spaces_are_in_progress_at_once(pg_migrated_url: str) -> None:
+    """While one space's forwarded write is held (a commit on the wire), the listener reads the
+    request of another space and that space's write begins too: on PostgreSQL they commit in
+    parallel, each on its own writer thread, the listener's thread writing neither."""
+    store: Any = open_store(pg_migrated_url)
+    try:
+        assert parallel_writers(store) == WRITERS
+        gate, both = _two_spaces_handed_over(store)
+    finally:
+        store.close()
+    assert both, "b's write waited for a's commit: the listener was inside a's write"
+    assert gate.most_at_once == 2
+    assert set(gate.writers) == {"shard-sql-group"}
+
+
+def test_sqlite_writes_stay_on_the_listeners_thread(tmp_path: Path) -> None:
+    """SQLite has one writer: the listener's thread writes each space's batch itself (no
+    hand-off to another thread), one space after the other."""
+    store: Any = open_store(f"sqlite:///{tmp_path}/shard.db")
+    try:
+        assert parallel_writers(store) == 0
+        gate, both = _two_spaces_handed_over(store)
+    finally:
+        store.close()
+    assert not both and gate.most_at_once == 1
+    assert set(gate.writers) == {"shard-sql-handoff-holder"}
+
+
+@pytest.fixture
+def serial_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Any]:
+    url = "memory:" if request.param == "memory" else f"git+file://{tmp_path / 'log.git'}"
+    s = open_store(url)
+    yield s
+    if hasattr(s, "close"):
+        s.close()
+
+
+@pytest.mark.parametrize("serial_store", ["memory", "git"], indirect=True)
+def test_stores_whose_writes_serialize_get_no_writers(serial_store: Any) -> None:
+    assert parallel_writers(serial_store) == 0
