@@ -10,10 +10,12 @@ The holder's listener does not wait: it `submit`s the items its forwarders sent 
 reply) and goes back to its sockets. Where the store's writes serialize anyway (SQLite's one
 writer, git's feed mutex, memory's lock) it writes them itself when nobody leads: a thread
 hand-off would buy nothing. Where writes to different spaces commit in parallel (PostgreSQL: a
-connection each, `parallel_writers`), a space's submitted items go to the group commit's writers
-(up to `WRITERS` threads, at most one per space at a time), so that the listener reads the
-other spaces' requests while a commit is on the wire. When a leader goes with only submitted
-items queued, a writer (the drainer, started when first needed) leads in their place.
+connection each, `parallel_writers`) and items of several spaces are being submitted (within
+`MIXED_FOR`), a space's submitted items go to the group commit's writers (up to `WRITERS`
+threads, at most one per space at a time), so that the listener reads the other spaces'
+requests while a commit is on the wire; with one space alone it writes itself, as elsewhere.
+When a leader goes with only submitted items queued, a writer (the drainer, started when first
+needed) leads in their place.
 
 A caller may give a `reply`, called with its item's event (or error) by whichever thread wrote
 it, right after the commit and before any thread is woken: a handed-over item's answer goes out
@@ -31,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -52,6 +55,12 @@ WRITERS = 4
 """Threads that write submitted items, each for one space at a time, on stores whose writes to
 different spaces commit in parallel (one fewer than a PostgreSQL store's pool of 5 connections,
 which the holder's own appends and lease renewals use too)."""
+
+MIXED_FOR = 1.0
+"""Seconds after items of two spaces were submitted one after the other during which `submit`
+hands items to the writers (where the store has some); with one space alone, the submitting
+thread writes at once, as on other stores (a thread hand-off per batch costs more than it buys:
+there is nothing to read meanwhile but that space's next requests)."""
 
 Write = Callable[[str, list[Pending]], list[Event]]
 Reply = Callable[[Event | None, BaseException | None], None]
@@ -135,6 +144,8 @@ class GroupCommit:
         self._bound = bound
         self.writers = writers
         self._most = max(writers, 1)
+        self._last_space: str | None = None
+        self._mixed_until = 0.0
         self._queues: dict[str, _Queue] = {}
         self._guard = threading.Lock()
         self.stats = GroupStats()
@@ -152,7 +163,7 @@ class GroupCommit:
         thread writes them at once, as one batch (up to the bound), then what queued meanwhile,
         as a leader does; or, with `writers`, a writer thread does."""
         q = self._queues.get(space) or self._queue(space)
-        hand_off = self.writers > 0
+        hand_off = self.writers > 0 and self._several_spaces(space)
         with q.mutex:
             if q.busy or len(entries) > 1 or hand_off:
                 q.slots += [_Slot(item, reply) for item, reply in entries]
@@ -171,6 +182,16 @@ class GroupCommit:
             self._lead_others(space, q)  # a failed write is told to its items' replies
         finally:
             self._pass_lead(space, q)
+
+    def _several_spaces(self, space: str) -> bool:
+        """Whether items of other spaces than `space` were submitted in the last `MIXED_FOR`
+        seconds (then their writes may be on the wire while this one's are)."""
+        now = time.monotonic()
+        if space != self._last_space:
+            if self._last_space is not None:
+                self._mixed_until = now + MIXED_FOR
+            self._last_space = space
+        return now < self._mixed_until
 
     def write(self, space: str, item: Pending, reply: Reply | None = None) -> Event:
         """Write `item` to `space` with whatever else is queued there; its event, or the error
