@@ -510,9 +510,7 @@ class SqliteDialect(Dialect):
     ) -> tuple[int, int | None] | None:
         # A failed check raised (`is_check_failure`): the row is written when this returns.
         cur = c.cur
-        sql = self._at_head[(fence is not None, p.intent_id is not None)]
-        cur.execute(sql, (space, None, p.type, p.payload_json, sqlite_time(at), writer, generation,
-                          p.intent_id))  # fmt: skip
+        cur.execute(*self.append_at_head(space, p, at, writer, generation, fence))
         row = cur.execute(INSERTED_SQL).fetchone()
         return None if row is None else (row[0], row[1])
 
