@@ -68,11 +68,11 @@ Reply = Callable[[Event | None, BaseException | None], None]
 
 
 def parallel_writers(store: object) -> int:
-    """`WRITERS` when `store`'s writes to different spaces commit concurrently (a PostgreSQL
-    store: each on its own connection, the feed placed after the commit), else 0: its writes
-    serialize, and the thread that submits writes (see the module)."""
+    """`WRITERS` when `store`'s writes to different spaces commit concurrently (its SQL
+    dialect says so: PostgreSQL), else 0: its writes serialize, and the thread that submits
+    writes (see the module)."""
     dialect = getattr(getattr(store, "database", None), "dialect", None)
-    return WRITERS if getattr(dialect, "name", "") == "postgresql" else 0
+    return WRITERS if getattr(dialect, "parallel_space_writes", False) else 0
 
 
 class NotHolder(Exception):
@@ -138,8 +138,9 @@ class GroupCommit:
     node's fenced batch write)."""
 
     def __init__(self, write: Write, *, bound: int = GROUP_BOUND, writers: int = 0) -> None:
-        """`writers` > 0: `submit` hands every space's items to up to that many writer threads
-        and never writes itself (stores whose writes to different spaces commit in parallel)."""
+        """`writers` > 0 (stores whose writes to different spaces commit in parallel): while
+        items of several spaces are being submitted (`MIXED_FOR`), `submit` hands each space's
+        items to up to that many writer threads instead of writing them itself."""
         self._write = write
         self._bound = bound
         self.writers = writers

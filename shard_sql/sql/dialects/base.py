@@ -120,6 +120,9 @@ class Dialect:
     its intent queue never ask which database they run on."""
 
     name: ClassVar[str] = ""
+    parallel_space_writes: ClassVar[bool] = False
+    """Whether writes to different spaces commit concurrently (each on its own connection),
+    rather than one after another (SQLite's one writer)."""
     p: ClassVar[str] = "?"
     """The driver's placeholder."""
     GREATEST: ClassVar[str] = "GREATEST"

@@ -167,6 +167,7 @@ def applied_sql(t: Tables) -> str:
 
 class PostgresDialect(Dialect):
     name = "postgresql"
+    parallel_space_writes = True
     p = "%s"
     has_server_clock = True
     types_sql = " AND type = ANY(%s)"
