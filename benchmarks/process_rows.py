@@ -264,6 +264,11 @@ def _forwarding_rows(label: str, alone: list[_Spent], four: list[_Spent]) -> lis
     handed, durable = sum(s.handed for s in four), sum(s.durable for s in four)
     rows = []
     if forwarded and direct:
+        # Under load the latency is the rate's mirror (Little's law: 4 appends always in flight,
+        # so the mean latency is 4 / total rate): a forwarded p50 <= 2x a lone direct append
+        # would take a total rate of 2x one process alone. The hand-off's own latency, the
+        # issue's target, is the idle row's; this one is reported next to the law's figure.
+        in_flight_us = 4 / statistics.median(s.rate for s in four) * 1e6
         rows.append(
             measured(
                 "  forwarded append latency p50 (4 processes)",
@@ -271,15 +276,15 @@ def _forwarding_rows(label: str, alone: list[_Spent], four: list[_Spent]) -> lis
                 "direct append p50, 1 process alone",
                 forwarded,
                 direct,
-                0.5,
+                None,
                 unit="us",
                 note=(
-                    f"ratio = direct / forwarded; {handed} appends over the holder's socket, "
-                    f"{durable} durable; direct p50 among the 4: "
+                    f"ratio = forwarded / direct (no target: under load, latency = appends in "
+                    f"flight / rate = 4 / total rate = {in_flight_us:,.0f} us; the target is the "
+                    f"idle row's); {handed} appends over the holder's socket, {durable} durable; "
+                    f"direct p50 among the 4: "
                     f"{statistics.median(s.direct_us for s in four):,.0f} us"
                 ),
-                ratio=direct / forwarded,
-                target_text="<= 2x",
             )
         )
     writes, items = sum(s.writes for s in four), sum(s.items for s in four)

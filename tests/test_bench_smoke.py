@@ -79,7 +79,9 @@ def test_processes_and_memory_quick(perf: Any) -> None:
         # The forwarded appends went over the holder's socket; the holder grouped its writes.
         handed = re.search(r"(\d+) appends over the holder's socket", rows[2]["note"])
         assert handed is not None and int(handed.group(1)) > 0
-        assert rows[2]["target_text"] == "<= 2x" and rows[3]["figure"] >= 1
+        # Under load the latency mirrors the rate (Little's law): reported, the target is idle's.
+        assert rows[2]["target"] is None and "4 / total rate" in rows[2]["note"]
+        assert rows[3]["figure"] >= 1
         # Without load: one forwarder through an idle holder's socket, next to direct appends.
         idle = re.search(r"(\d+) of (\d+) over the holder's socket", rows[4]["note"])
         assert idle is not None and int(idle.group(1)) > 0
