@@ -10,7 +10,6 @@ docs/leases.md tell the whole story.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 import weakref
@@ -21,7 +20,13 @@ from typing import Any
 
 from shard_sql.errors import IntentTimeout, InvalidEvent, LeaseHeld, SeqConflict, StaleLease
 from shard_sql.group import GroupCommit, GroupStats, NotHolder, Reply, parallel_writers
-from shard_sql.handoff import HANDOFF_TIMEOUT, NOT_HOLDER, Endpoints, HandoffClient
+from shard_sql.handoff import (
+    HANDOFF_TIMEOUT,
+    NOT_HOLDER,
+    Endpoints,
+    HandoffClient,
+    forwarded_intent_id,
+)
 from shard_sql.handoff_listener import BaseListener
 from shard_sql.handoff_tcp import NetworkHandoff, start_listeners
 from shard_sql.leases import (
@@ -364,7 +369,7 @@ class AppendAuthority:
                 item.type,
                 item.payload_json,
                 item.payload,
-                f"fwd-{os.urandom(16).hex()}",  # uuid4's randomness without its object
+                forwarded_intent_id(),
                 item.recorded_at,
                 item.writer,
                 item.generation,

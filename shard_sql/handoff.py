@@ -10,10 +10,11 @@ it sends the same intent id along the durable path (docs/leases.md gives the who
 Security: the directory is the user's own (mode 0700, checked, else no hand-off), the socket
 0600, and both ends check the peer's uid (SO_PEERCRED, Linux). Nothing listens on a network
 address unless a deployment configures one, with a shared secret (`shard_sql.handoff_tcp`). A
-message is a 4-byte big-endian length and a JSON object, at most `MAX_MESSAGE` bytes;
-a malformed or oversized one closes the connection and writes nothing.
+message is a 4-byte big-endian length and a body of at most `MAX_MESSAGE` bytes (a request and
+its answer: `shard_sql.handoff_wire`); a malformed or oversized one closes the connection and
+writes nothing.
 
-This module holds the wire format, the directories and the forwarder's side; the holder's side
+This module holds the framing, the directories and the forwarder's side; the holder's side
 (`Listener`) is `shard_sql.handoff_listener`.
 """
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -34,13 +36,14 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from datetime import datetime
-from json.encoder import encode_basestring_ascii as json_string
 from typing import Any
 
-from shard_sql.errors import IntentConflict, InvalidEvent
-from shard_sql.validation import MAX_PAYLOAD_BYTES, Pending, check_space, pending
-from shard_sql.values import Event, new_event
+from shard_sql.handoff_wire import NOT_HOLDER as NOT_HOLDER
+from shard_sql.handoff_wire import UNKNOWN as UNKNOWN
+from shard_sql.handoff_wire import Malformed as Malformed
+from shard_sql.handoff_wire import answer_event, request
+from shard_sql.validation import MAX_PAYLOAD_BYTES, Pending
+from shard_sql.values import Event
 
 MAX_MESSAGE = MAX_PAYLOAD_BYTES + 16 * 1024
 """Bytes: the largest message either side accepts (a payload at its limit, and the rest)."""
@@ -60,17 +63,9 @@ KERNEL_TIMEOUTS = sys.platform.startswith("linux")
 PEEK = int(socket.MSG_PEEK | getattr(socket, "MSG_DONTWAIT", 0))
 """Plain ints: an enum of flags costs 6k instructions per `|`."""
 NOSIGNAL = int(getattr(socket, "MSG_NOSIGNAL", 0))
-NOT_HOLDER = "not_holder"
-"""The answer of a node that does not hold the space (any more): the forwarder looks again."""
 UNREACHABLE = "unreachable"
 """Nothing was sent: no listener, refused, no permission."""
-UNKNOWN = "unknown"
-"""Sent, but no answer (a timeout, a closed connection): it may have been written."""
 log = logging.getLogger("shard_sql.handoff")
-
-
-class Malformed(Exception):
-    """A message that is not one this protocol sends: the connection is closed."""
 
 
 # -- directories -----------------------------------------------------------------------------
@@ -157,8 +152,8 @@ def frame(body: bytes) -> bytes:
 
 
 def read_message(sock: socket.socket, limit: int = MAX_MESSAGE) -> Any:
-    """One message's JSON value; None at a clean end of the connection; `Malformed` for a
-    message over `limit` bytes, cut short, or not JSON."""
+    """One message's JSON value (the network hand-off's handshake); None at a clean end of the
+    connection; `Malformed` for a message over `limit` bytes, cut short, or not JSON."""
     body = read_frame(sock, limit)
     return None if body is None else decode(body)
 
@@ -189,6 +184,11 @@ class Channel:
     the peer (a network connection seals them: `shard_sql.handoff_tcp`)."""
 
     __slots__ = ("_more", "sock", "timeout")
+
+    SENDS_FAIL_WHEN_CLOSED = True
+    """Whether a send on the connection fails (EPIPE) once its peer closed it or shut it for
+    reading, and then delivered no whole message: so on a Unix socket. A forwarder then reuses
+    an idle connection without looking at it first (`HandoffClient._send`)."""
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
@@ -221,10 +221,10 @@ class Channel:
     def send(self, body: bytes) -> None:
         self.sock.sendall(self.pack(body), NOSIGNAL)
 
-    def receive(self) -> Any:
-        """The next message's JSON value (as `read_message`)."""
-        body = self.read_frame(MAX_MESSAGE)
-        return None if body is None else decode(body)
+    def receive(self) -> bytes | None:
+        """The next message's body; None at a clean end of the connection; `Malformed` for
+        one over `MAX_MESSAGE` bytes or cut short."""
+        return self.read_frame(MAX_MESSAGE)
 
     def read_frame(self, limit: int) -> bytes | None:
         """The next message's bytes (as `read_frame`), most often in one system call: what the
@@ -284,76 +284,26 @@ def _read_exactly(sock: socket.socket, n: int, *, eof_ok: bool) -> bytes | None:
     return b"".join(chunks)
 
 
-def request(space: str, item: Pending) -> bytes:
-    """A hand-off request: the space and the checked item (its payload's JSON text as is). The
-    text `json.dumps` of the same object gives, written directly (a third of its cost)."""
-    intent_id = "null" if item.intent_id is None else json_string(item.intent_id)
-    return (
-        f'{{"space": {json_string(space)}, "type": {json_string(item.type)}, '
-        f'"intent_id": {intent_id}, "payload": {item.payload_json}}}'
-    ).encode()
-
-
-def parse_request(message: Any) -> tuple[str, Pending]:
-    """The space and item of a request; `Malformed` for anything our forwarders never send."""
-    if not isinstance(message, dict) or set(message) != {"space", "type", "intent_id", "payload"}:
-        raise Malformed("not a hand-off request")
-    intent_id = message["intent_id"]
-    if not isinstance(intent_id, str):
-        raise Malformed("a hand-off request carries an intent id")
-    try:
-        return check_space(message["space"]), pending(
-            message["type"], message["payload"], intent_id
-        )
-    except InvalidEvent as e:
-        raise Malformed(str(e)) from None
-
-
-def written(event: Event) -> bytes:
-    """The answer for a written event: what the forwarder does not know already (the text
-    `json.dumps` gives, written directly)."""
-    position = "null" if event.position is None else int(event.position)
-    return (
-        f'{{"ok": [{int(event.seq)}, "{event.recorded_at.isoformat()}", '
-        f"{json_string(event.writer)}, {int(event.generation)}, {position}]}}"
-    ).encode()
-
-
-def refusal(kind: str, **details: Any) -> bytes:
-    return json.dumps({"error": kind, **details}).encode()
-
-
-def answer_event(space: str, item: Pending, answer: Any) -> Event | str:
-    """The forwarder's reading of an answer: the event, `NOT_HOLDER` or `UNKNOWN`; raises
-    `IntentConflict` / `InvalidEvent` as the holder's write did."""
-    if not isinstance(answer, dict):
-        return UNKNOWN
-    ok = answer.get("ok")
-    if isinstance(ok, list) and len(ok) == 5:
-        seq, at, writer, generation, position = ok
-        event: Event = new_event(  # Event(...) without the frozen __init__'s cost
-            space,
-            seq,
-            item.type,
-            item.payload,
-            datetime.fromisoformat(at),
-            writer,
-            generation,
-            item.intent_id,
-            position,
-        )
-        return event
-    kind = answer.get("error")
-    if kind == NOT_HOLDER:
-        return NOT_HOLDER
-    if kind == "conflict":
-        raise IntentConflict(space, item.intent_id or "", int(answer["seq"]))
-    if kind == "invalid":
-        raise InvalidEvent(str(answer["field"]), str(answer["message"]))
-    return UNKNOWN  # "unavailable": the holder's store failed; it may have committed
-
-
 # -- the forwarder's side --------------------------------------------------------------------
+
+_ids: tuple[str, itertools.count[int]] = ("", itertools.count())
+
+
+def _new_id_prefix() -> None:
+    global _ids
+    _ids = (f"fwd-{os.urandom(16).hex()}-", itertools.count(1))
+
+
+_new_id_prefix()
+os.register_at_fork(after_in_child=_new_id_prefix)
+
+
+def forwarded_intent_id() -> str:
+    """An intent id for a handed-over append its caller gave none: `fwd-`, 128 random bits of
+    this process (drawn again in a forked child) and a counter, in hex. Unique across processes
+    and restarts as a random id per append is, for a fifth of its cost (no system call)."""
+    prefix, counter = _ids
+    return f"{prefix}{next(counter):x}"
 
 
 Dial = Callable[[str, float], Channel | None]
@@ -392,18 +342,26 @@ class HandoffClient:
         body = request(space, item)
         if len(body) > MAX_MESSAGE:
             return UNREACHABLE
-        channel = self._connection(holder, timeout)
-        if channel is None:
-            return UNREACHABLE
+        while True:
+            channel, reused = self._connection(holder, timeout)
+            if channel is None:
+                return UNREACHABLE
+            try:
+                channel.wait_at_most(timeout)
+                channel.send(body)
+                break
+            except BrokenPipeError:
+                channel.sock.close()
+                if not reused:
+                    return UNKNOWN
+                # An idle connection its holder closed (it stopped, or shut it): the send
+                # failed before a whole request went through (`SENDS_FAIL_WHEN_CLOSED`).
+            except OSError as e:
+                return self._lost(holder, channel, e)
         try:
-            channel.wait_at_most(timeout)
-            channel.send(body)
             answer = channel.receive()
         except (OSError, Malformed) as e:
-            channel.sock.close()
-            if isinstance(e, TimeoutError | BlockingIOError):  # Python's timeout, the kernel's
-                self._avoid(holder)
-            return UNKNOWN
+            return self._lost(holder, channel, e)
         if answer is None:
             channel.sock.close()
             return UNKNOWN
@@ -411,20 +369,30 @@ class HandoffClient:
             self._idle.setdefault(holder, []).append(channel)
         return answer_event(space, item, answer)
 
+    def _lost(self, holder: str, channel: Channel, error: Exception) -> str:
+        """A connection that failed after a request may have been sent: closed, `UNKNOWN`."""
+        channel.sock.close()
+        if isinstance(error, TimeoutError | BlockingIOError):  # Python's timeout, the kernel's
+            self._avoid(holder)
+        return UNKNOWN
+
     def _avoid(self, holder: str) -> None:
         self._unreachable[holder] = time.monotonic() + UNREACHABLE_FOR
 
-    def _connection(self, holder: str, timeout: float) -> Channel | None:
-        """An idle connection to `holder` (one closed by its end is dropped), else a new one:
-        its Unix socket, else over the network; None when it cannot be reached."""
+    def _connection(self, holder: str, timeout: float) -> tuple[Channel | None, bool]:
+        """An idle connection to `holder` (one with bytes nobody asked for is dropped, and, where
+        a send to a closed one may succeed, one closed by its end), else a new one: its Unix
+        socket, else over the network; None when it cannot be reached. And whether it was idle."""
         while True:
             with self._guard:
                 idle = self._idle.get(holder)
                 channel = idle.pop() if idle else None
             if channel is None:
                 break
-            if not channel.has_more() and not _ended(channel.sock):
-                return channel
+            if not channel.has_more() and (
+                channel.SENDS_FAIL_WHEN_CLOSED or not _ended(channel.sock)
+            ):
+                return channel, True
             channel.sock.close()
         sock = None if self.endpoints is None else self._connect_socket(holder, timeout)
         channel = None if sock is None else Channel(sock)
@@ -432,7 +400,7 @@ class HandoffClient:
             channel = self._dial(holder, timeout)
         if channel is None:
             self._avoid(holder)
-        return channel
+        return channel, False
 
     def _connect_socket(self, holder: str, timeout: float) -> socket.socket | None:
         """A connection to `holder`'s Unix socket; None when there is none, or not its user's."""
@@ -459,8 +427,8 @@ class HandoffClient:
 
 
 def _ended(sock: socket.socket) -> bool:
-    """Whether an idle connection has news (its end closed it): it then cannot be used. One
-    look that does not wait and takes nothing (MSG_PEEK, MSG_DONTWAIT)."""
+    """Whether an idle network connection has news (its end closed it): it then cannot be used.
+    One look that does not wait and takes nothing (MSG_PEEK, MSG_DONTWAIT)."""
     if sock.gettimeout() is not None:  # not yet made to wait by the kernel: Python would poll
         poller = select.poll()
         poller.register(sock, select.POLLIN | select.POLLHUP)

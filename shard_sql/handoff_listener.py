@@ -26,17 +26,12 @@ from shard_sql.handoff import (
     HEADER,
     MAX_MESSAGE,
     NOSIGNAL,
-    NOT_HOLDER,
     READ_AHEAD,
     Channel,
     Endpoints,
-    Malformed,
-    decode,
-    parse_request,
     peer_uid_ok,
-    refusal,
-    written,
 )
+from shard_sql.handoff_wire import NOT_HOLDER, Malformed, parse_request, refusal, written
 from shard_sql.validation import Pending
 from shard_sql.values import Event
 
@@ -67,7 +62,14 @@ class Reply:
         self.told = False
 
     def __call__(self, event: Event | None, error: BaseException | None) -> None:
-        self.send(written(event) if error is None and event is not None else answer(event, error))
+        if error is None and event is not None:
+            try:
+                body = written(event)
+            except Exception as e:  # a value the answer cannot carry: the forwarder looks
+                body = answer(None, e)  # for the event through the durable path
+        else:
+            body = answer(event, error)
+        self.send(body)
 
     def send(self, body: bytes) -> None:
         self.told = True
@@ -361,7 +363,7 @@ class Listener(BaseListener):
                     break
                 if conn.reply is not None and not conn.reply.told:
                     raise Malformed("a request before the answer to the one before")
-                space, item = parse_request(decode(data[start + HEADER.size : end]))
+                space, item = parse_request(data[start + HEADER.size : end])
                 conn.reply = reply = Reply(conn.channel)
                 read.append((space, item, reply))
                 start = end

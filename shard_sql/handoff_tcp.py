@@ -35,7 +35,6 @@ from shard_sql.handoff import (
     Channel,
     Endpoints,
     Malformed,
-    decode,
     frame,
     read_message,
 )
@@ -254,6 +253,9 @@ class SealedChannel(Channel):
 
     __slots__ = ("_in", "_key", "_out", "_received", "_sent")
 
+    SENDS_FAIL_WHEN_CLOSED = False
+    """A send to a peer that closed may succeed (TCP): an idle connection is looked at first."""
+
     def __init__(self, sock: socket.socket, key: bytes, role: bytes) -> None:
         super().__init__(sock)
         self._key, self._out = key, role
@@ -269,7 +271,7 @@ class SealedChannel(Channel):
         self._sent += 1
         return frame(seal + body)
 
-    def receive(self) -> Any:
+    def receive(self) -> bytes | None:
         sealed = self.read_frame(MAX_MESSAGE + SEAL)
         if sealed is None:
             return None
@@ -277,7 +279,7 @@ class SealedChannel(Channel):
         if not hmac.compare_digest(seal, self._seal(self._in, self._received, body)):
             raise Malformed("a message without the session's seal")
         self._received += 1
-        return decode(body)
+        return body
 
 
 # -- the holder's side -------------------------------------------------------------------------

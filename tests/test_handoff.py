@@ -24,7 +24,8 @@ import pytest
 
 from shard_sql import AppendAuthority, IntentConflict, LeaseRegistry
 from shard_sql.group import GroupCommit
-from shard_sql.handoff import MAX_MESSAGE, Endpoints, frame, request
+from shard_sql.handoff import MAX_MESSAGE, Endpoints, frame, read_frame
+from shard_sql.handoff_wire import WRITTEN, request
 from shard_sql.testing.processes import (
     CTX,
     check_log,
@@ -36,6 +37,7 @@ from shard_sql.testing.processes import (
 )
 from shard_sql.urls import open_store
 from shard_sql.validation import pending
+from shard_sql.values import Event
 
 
 @pytest.fixture(
@@ -188,21 +190,48 @@ def test_socket_file_deleted_under_a_holder(store: Any) -> None:
 # -- hostile messages ------------------------------------------------------------------------------
 
 
+def _raw_request(
+    space: bytes = b"s",
+    type_: bytes = b"t",
+    intent_id: bytes = b"x",
+    payload: bytes = b'{"n":1}',
+    version: int = 2,
+    lengths: tuple[int, int, int] | None = None,
+) -> bytes:
+    """A request's body as `handoff_wire.request` lays it out, any field as given."""
+    ns, nt, ni = lengths or (len(space), len(type_), len(intent_id))
+    return struct.pack(">BHHH", version, ns, nt, ni) + space + type_ + intent_id + payload
+
+
 def _hostile_bodies() -> list[bytes]:
     good = {"space": "s", "type": "t", "intent_id": "x", "payload": {"n": 1}}
     return [
-        b"{not json",
+        json.dumps(good).encode(),  # version 1's request: a JSON object
+        b"",
+        b"\x02\x00",
         b"\xff\xfe",
-        json.dumps([1, 2]).encode(),
-        json.dumps({**good, "space": 7}).encode(),
-        json.dumps({**good, "payload": "text"}).encode(),
-        json.dumps({**good, "intent_id": None}).encode(),
-        json.dumps({**good, "type": ""}).encode(),
-        json.dumps({**good, "extra": 1}).encode(),
-        json.dumps({k: v for k, v in good.items() if k != "type"}).encode(),
-        json.dumps({**good, "space": "a\x00b"}).encode(),
-        b'{"space": "s", "type": "t", "intent_id": "x", "payload": {"n": NaN}}',
-        b"[" * 100_000 + b"]" * 100_000,
+        _raw_request(version=1),
+        _raw_request(version=3),
+        _raw_request(lengths=(1, 1, 200)),  # past the end
+        _raw_request(intent_id=b""),
+        _raw_request(type_=b""),
+        _raw_request(space=b"a\x00b"),
+        _raw_request(space=b"\xff"),  # not UTF-8
+        _raw_request(intent_id=b"x" * 201),
+        _raw_request(payload=b'"text"'),
+        _raw_request(payload=b"[1, 2]"),
+        _raw_request(payload=b"{not json"),
+        _raw_request(payload=b'{"n":NaN}'),
+        _raw_request(payload=b'{"n":Infinity}'),
+        _raw_request(payload=b'{"n": 1}'),  # not the text an append's check writes
+        _raw_request(payload=b'{"n":1,"n":2}'),
+        _raw_request(payload=b'{"n":"\\u0041"}'),
+        _raw_request(payload=b'{"n":"\\ud800"}'),  # a lone surrogate
+        _raw_request(payload=b'{"n":"a\\u0000b"}'),  # NUL
+        _raw_request(payload=b'{"n":1e+16}'),  # a float PostgreSQL gives back changed
+        _raw_request(payload=b'{"n":1}x'),
+        _raw_request(payload=b'{"n":' + b"[" * 100_000 + b"]" * 100_000 + b"}"),
+        _raw_request(payload=b'{"n":"' + b"x" * (1024 * 1024) + b'"}'),  # over 1 MiB
     ]
 
 
@@ -241,10 +270,9 @@ def test_oversized_and_cut_messages_close_the_connection(sqlite_store: Any) -> N
         assert store.head("s") == 1
         sock = raw_connection(store, "holder")  # the listener still serves well-formed ones
         sock.sendall(frame(request("s", item)))
-        size = struct.unpack(">I", sock.recv(4))[0]
-        answer = json.loads(sock.recv(size))
+        answer = read_frame(sock)
         sock.close()
-        assert answer["ok"][0] == 1
+        assert answer is not None and WRITTEN.unpack_from(answer)[1] == 1
     assert [e.intent_id for e in store.events("s")] == [None, "cut"]
 
 
@@ -550,8 +578,9 @@ def test_the_listener_writes_what_came_together_as_one_batch_on_its_thread(
         write.gate.set()
         seqs = []
         for sock in socks:
-            size = struct.unpack(">I", sock.recv(4))[0]
-            seqs.append(json.loads(sock.recv(size))["ok"][0])
+            answer = read_frame(sock)
+            assert answer is not None
+            seqs.append(WRITTEN.unpack_from(answer)[1])
             sock.close()
     assert write.sizes == [1, 3], (write.sizes, write.writers)
     assert set(write.writers) == {"shard-sql-handoff-holder"}
@@ -591,27 +620,79 @@ def test_a_reply_the_socket_cannot_take_at_once_shuts_the_connection() -> None:
     theirs.close()
 
 
-@pytest.mark.parametrize("intent_id", ["fwd-1", 'a "quoted\\" id é', None])
+@pytest.mark.parametrize("intent_id", ["fwd-1", 'a "quoted\\" id é'])
 @pytest.mark.parametrize("position", [None, 7])
-def test_the_wire_texts_are_those_of_json_dumps(
-    intent_id: str | None, position: int | None
-) -> None:
-    """`request` and `written` write their JSON directly: the same text `json.dumps` gives, for
-    names with quotes, backslashes and non-ASCII characters too."""
+def test_a_request_and_its_answer_carry_every_field(intent_id: str, position: int | None) -> None:
+    """A request gives the holder the forwarder's item as it was checked (its payload's text as
+    is); an answer gives the forwarder the holder's event: names with quotes, backslashes and
+    non-ASCII characters, a time to the microsecond (UTC, as a direct append returns it)."""
     from datetime import UTC, datetime
 
-    from shard_sql.handoff import answer_event, written
+    from shard_sql.handoff_wire import answer_event, parse_request, written
     from shard_sql.values import Event
 
-    item = pending('type "é\\', {"k": 'v "é', "n": [1.5, None]}, intent_id)
+    item = pending('type "é\\', {"k": 'v "é', "n": [1.5, None, -2, 1e15]}, intent_id)
     space = 'space "é\\'
-    head = json.dumps({"space": space, "type": item.type, "intent_id": intent_id})
-    assert request(space, item) == f'{head[:-1]}, "payload": {item.payload_json}}}'.encode()
-    at = datetime(2026, 12, 7, 15, 0, 0, 123456, tzinfo=UTC)
-    event = Event(space, 5, item.type, item.payload, at, 'node "é', 3, intent_id, position)
-    ok = [event.seq, at.isoformat(), event.writer, event.generation, position]
-    assert written(event) == json.dumps({"ok": ok}).encode()
-    assert answer_event(space, item, json.loads(written(event))) == event
+    assert parse_request(request(space, item)) == (space, item)
+    assert parse_request(request(space, item))[1].payload_json == item.payload_json
+    for at in (
+        datetime(2026, 12, 7, 15, 0, 0, 123456, tzinfo=UTC),
+        datetime(1970, 1, 1, tzinfo=UTC),
+        datetime(8999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC),
+    ):
+        event = Event(space, 5, item.type, item.payload, at, 'node "é', 3, intent_id, position)
+        got = answer_event(space, item, written(event))
+        assert isinstance(got, Event)
+        assert got == event and got.position == position
+        assert got.recorded_at.tzinfo is UTC and got.recorded_at.utcoffset() == at.utcoffset()
+
+
+def test_a_forwarded_event_is_the_event_a_read_gives_back(sqlite_store: Any) -> None:
+    """What a forwarder returns from the holder's answer equals the event read back, field by
+    field (position too), as a direct append's does."""
+    store = sqlite_store
+    holder = node(store, "holder")
+    holder.append("s", "t", {"n": 0})
+    with holder:
+        fwd = node(store, "fwd")
+        got = [fwd.append("s", "t", {"n": n, "é": [1.5, None]}) for n in (1, 2)]
+        got.append(fwd.append("s", "u", {"n": 3}, intent_id="mine"))
+        assert fwd.handoff_outcomes()["written"] == 3
+    read = store.events("s")[1:]
+    assert got == read
+    for mine, back in zip(got, read, strict=True):
+        for field in Event.__dataclass_fields__:
+            assert getattr(mine, field) == getattr(back, field), field
+        assert mine.recorded_at.tzinfo == back.recorded_at.tzinfo
+    assert [e.intent_id for e in got][2] == "mine"
+    assert got[0].intent_id != got[1].intent_id
+    assert all(e.intent_id and e.intent_id.startswith("fwd-") for e in got[:2])
+
+
+def test_an_idle_connection_its_holder_shut_is_replaced_before_anything_is_sent(
+    sqlite_store: Any,
+) -> None:
+    """A forwarder reuses its idle connection without looking at it first: where its holder shut
+    it meanwhile, the send fails before any request went through, and it sends on a new one."""
+    store = sqlite_store
+    holder = node(store, "holder")
+    holder.append("s", "t", {"n": 0})
+    with holder:
+        fwd = node(store, "fwd")
+        fwd.append("s", "t", {"n": 1})
+        [listener] = holder._listeners
+        with listener._guard:
+            conns = list(listener._conns)
+        assert len(conns) == 1
+        conns[0].shutdown(socket.SHUT_RDWR)
+        fwd.append("s", "t", {"n": 2})
+        assert fwd.handoff_outcomes() == {
+            "written": 2,
+            "not_holder": 0,
+            "unreachable": 0,
+            "unknown": 0,
+        }
+    assert [e.payload["n"] for e in store.events("s")] == [0, 1, 2]
 
 
 def test_a_channel_reads_messages_as_they_come() -> None:
@@ -622,16 +703,16 @@ def test_a_channel_reads_messages_as_they_come() -> None:
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     channel = Channel(ours)
     theirs.sendall(frame(b'{"a": 1}') + frame(b'{"b": 2}'))
-    assert channel.receive() == {"a": 1}
+    assert channel.receive() == b'{"a": 1}'
     assert channel.has_more()
-    assert channel.receive() == {"b": 2}
+    assert channel.receive() == b'{"b": 2}'
     assert not channel.has_more()
     big = frame(json.dumps({"c": "x" * 200_000}).encode())
     sender = threading.Thread(target=lambda: [theirs.sendall(big[i : i + 3]) for i in (0, 3)])
     sender.start()
     sender.join(10)
     threading.Thread(target=lambda: theirs.sendall(big[6:])).start()
-    assert channel.receive() == {"c": "x" * 200_000}
+    assert channel.receive() == big[4:]
     theirs.sendall(frame(b'{"d": 4}')[:7])
     theirs.close()
     with pytest.raises(Malformed):

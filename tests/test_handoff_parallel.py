@@ -5,7 +5,6 @@ of another; where its writes serialize (SQLite, git, memory), the listener's thr
 
 from __future__ import annotations
 
-import json
 import socket
 import struct
 import threading
@@ -18,7 +17,8 @@ import pytest
 
 from shard_sql import AppendAuthority, LeaseRegistry
 from shard_sql.group import WRITERS, parallel_writers
-from shard_sql.handoff import Endpoints, frame, request
+from shard_sql.handoff import Endpoints, frame
+from shard_sql.handoff_wire import WRITTEN, request
 from shard_sql.urls import open_store
 from shard_sql.validation import pending
 
@@ -67,11 +67,12 @@ def _connect(store: Any, node_id: str) -> socket.socket:
 
 
 def _answer(sock: socket.socket) -> Any:
+    """The seq of a written event's answer."""
     size = struct.unpack(">I", sock.recv(4))[0]
     data = b""
     while len(data) < size:
         data += sock.recv(size - len(data))
-    return json.loads(data)
+    return WRITTEN.unpack_from(data)[1]
 
 
 def _two_spaces_handed_over(store: Any) -> tuple[SpaceGate, bool]:
@@ -89,7 +90,7 @@ def _two_spaces_handed_over(store: Any) -> tuple[SpaceGate, bool]:
         gate.gate.set()
         for sock, space in ((first, "a"), (second, "b")):
             sock.sendall(frame(request(space, pending("t", {"n": 1}, f"{space}1"))))
-            assert _answer(sock)["ok"][0] == 1
+            assert _answer(sock) == 1
         gate.gate.clear()
         gate.seen.clear()
         gate.most_at_once = 0
@@ -98,8 +99,8 @@ def _two_spaces_handed_over(store: Any) -> tuple[SpaceGate, bool]:
         second.sendall(frame(request("b", pending("t", {"n": 2}, "b2"))))
         both = gate.wait_seen({"a", "b"}, 3)
         gate.gate.set()
-        assert _answer(first)["ok"][0] == 2
-        assert _answer(second)["ok"][0] == 2
+        assert _answer(first) == 2
+        assert _answer(second) == 2
         first.close()
         second.close()
     assert [e.payload["n"] for e in store.events("a")] == [0, 1, 2]
@@ -164,7 +165,7 @@ def test_one_space_alone_is_written_by_the_listener_on_postgresql(pg_migrated_ur
             sock = _connect(store, "holder")
             for n in (1, 2, 3):
                 sock.sendall(frame(request("a", pending("t", {"n": n}, f"a{n}"))))
-                assert _answer(sock)["ok"][0] == n
+                assert _answer(sock) == n
             sock.close()
     finally:
         store.close()

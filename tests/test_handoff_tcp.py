@@ -23,7 +23,8 @@ import pytest
 
 from shard_sql import AppendAuthority, InvalidEvent, LeaseRegistry
 from shard_sql import handoff_tcp as tcp
-from shard_sql.handoff import MAX_MESSAGE, frame, read_frame, read_message, request
+from shard_sql.handoff import MAX_MESSAGE, frame, read_frame, read_message
+from shard_sql.handoff_wire import WRITTEN, request
 from shard_sql.testing.processes import CTX, check_log, stop_all
 from shard_sql.urls import open_store
 from shard_sql.validation import pending
@@ -337,8 +338,8 @@ def _after_auth() -> list[Callable[[tcp.SealedChannel], None]]:
     req = request("s", pending("t", {"n": 9}, "injected"))
     return [
         lambda ch: ch.send(b"{not json"),
-        lambda ch: ch.send(json.dumps({**good, "extra": 1}).encode()),
-        lambda ch: ch.send(json.dumps({**good, "payload": "text"}).encode()),
+        lambda ch: ch.send(json.dumps(good).encode()),  # version 1's request
+        lambda ch: ch.send(req.replace(b'{"n":9}', b'"text"')),
         lambda ch: ch.sock.sendall(frame(req)),  # unsealed: injected without the key
         lambda ch: ch.sock.sendall(frame(os.urandom(tcp.SEAL) + req)),  # a wrong seal
         _reflected,
@@ -370,7 +371,8 @@ def test_hostile_messages_before_and_after_the_handshake_write_nothing(sqlite_st
         assert [e.intent_id for e in store.events("s")] == [None, "once"]
         channel = authenticated(where)  # still serving well-formed requests
         channel.send(request("s", pending("t", {"n": 2}, "good")))
-        assert channel.receive()["ok"][0] == 2
+        answer = channel.receive()
+        assert answer is not None and WRITTEN.unpack_from(answer)[1] == 2
         channel.sock.close()
     assert [e.intent_id for e in store.events("s")] == [None, "once", "good"]
 
