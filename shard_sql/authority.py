@@ -54,6 +54,7 @@ from shard_sql.validation import (
     check_text,
     check_timeout,
     pending,
+    with_intent_id,
 )
 from shard_sql.values import Event, Lease
 
@@ -83,12 +84,15 @@ _nodes_by_registry: weakref.WeakKeyDictionary[
 _nodes_lock = threading.Lock()
 
 
-def _register(node: AppendAuthority) -> None:
+def _register(node: AppendAuthority) -> weakref.WeakValueDictionary[str, AppendAuthority]:
+    """Add `node` to the nodes of its registry; return those (kept by the node: `_hand_over`
+    looks there without the registry's look-up in a `WeakKeyDictionary`)."""
     with _nodes_lock:
         nodes = _nodes_by_registry.get(node.registry)
         if nodes is None:
             nodes = _nodes_by_registry[node.registry] = weakref.WeakValueDictionary()
         nodes[node.node_id] = node
+        return nodes
 
 
 def local_node(registry: LeaseRegistry, node_id: str) -> AppendAuthority | None:
@@ -182,7 +186,7 @@ class AppendAuthority:
         routes = self._endpoints is not None or dial is not None
         self._client = HandoffClient(self._endpoints, dial) if routes else None
         self._listeners: list[BaseListener] = []
-        _register(self)
+        self._peers = _register(self)
 
     def _handoff_endpoints(self) -> Endpoints | None:
         """The store's hand-off directory, when processes forward to each other through it."""
@@ -355,7 +359,7 @@ class AppendAuthority:
     def _hand_over(self, space: str, forwarded: _ForwardedAppend, holder: Lease) -> Event | None:
         """Give the item to `holder`: directly when it is a node of this registry (the event,
         or None when it no longer holds the space), else as a durable intent (None: wait)."""
-        target = local_node(self.registry, holder.holder)
+        target = self._peers.get(holder.holder)  # `local_node`
         if target is not None and target is not self:
             try:
                 return target._group.write(space, forwarded.item)
@@ -364,16 +368,7 @@ class AppendAuthority:
         if self._queue is None:
             raise LeaseHeld(holder)
         if forwarded.item.intent_id is None:
-            item = forwarded.item  # a new Pending: 4k instructions, dataclasses.replace's 12k
-            forwarded.item = Pending(
-                item.type,
-                item.payload_json,
-                item.payload,
-                forwarded_intent_id(),
-                item.recorded_at,
-                item.writer,
-                item.generation,
-            )
+            forwarded.item = with_intent_id(forwarded.item, forwarded_intent_id())
         if not forwarded.queued and self._client is not None:
             # The holder's socket first. Unreachable, or no answer in time: the durable path,
             # with the same intent id (the holder may have written it: then that is found).

@@ -216,7 +216,7 @@ class Channel:
 
     def pack(self, body: bytes) -> bytes:
         """The bytes that carry `body` on this connection (each message is packed once)."""
-        return frame(body)
+        return HEADER.pack(len(body)) + body  # `frame`, one call less
 
     def send(self, body: bytes) -> None:
         self.sock.sendall(self.pack(body), NOSIGNAL)
