@@ -34,19 +34,16 @@ from typing import Any
 from shard_sql.errors import IntentConflict, InvalidEvent
 from shard_sql.names import CHECKED_NAMES
 from shard_sql.validation import (
-    _CHANGED_NUMBER,
-    _NUL,
     MAX_PAYLOAD_BYTES,
     MAX_TYPE_LENGTH,
     Pending,
-    _check_values,
-    _encode,
-    _fast_encoder,
     _new_pending,
     _too_deep_text,
+    check_encoded_values,
     check_intent_id,
     check_space,
     check_type,
+    payload_text,
 )
 from shard_sql.values import Event, new_event
 
@@ -118,9 +115,6 @@ def _reject_constant(name: str) -> Any:
 
 
 _scan_strict: Any = getattr(json.JSONDecoder(parse_constant=_reject_constant), "scan_once")  # noqa: B009
-_canonical: Any = (
-    _encode if _fast_encoder is None else lambda value: "".join(_fast_encoder(value, 0))
-)
 
 
 def _payload(text: str, size: int) -> dict[str, Any]:
@@ -135,12 +129,9 @@ def _payload(text: str, size: int) -> dict[str, Any]:
         raise Malformed("a payload that is not strict JSON") from None
     if end != len(text) or type(payload) is not dict:
         raise Malformed("a payload that is not one JSON object")
-    if _canonical(payload) != text:
+    if payload_text(payload) != text:
         raise Malformed("a payload's text other than the one an append's check writes")
-    if ("\\u0000" in text and _NUL.search(text)) or (
-        ("e+" in text or "-0.0" in text) and _CHANGED_NUMBER.search(text)
-    ):
-        _check_values(payload)  # InvalidEvent: a NUL character, a float changed by a backend
+    check_encoded_values(text, payload)  # InvalidEvent: a NUL character, a changed float
     return payload
 
 

@@ -313,11 +313,17 @@ def _finish(payload: object, text: str) -> tuple[str, dict[str, Any]] | None:
     copy, end = _scan(text, 0)
     if end != len(text) or copy != payload:
         return None
+    check_encoded_values(text, copy)
+    return text, copy
+
+
+def check_encoded_values(text: str, copy: dict[str, Any]) -> None:
+    """`check_payload`'s rules on the values of a payload encoded as `text` (`copy`: parsed
+    from it): no NUL character, no float a backend gives back changed. Raises `InvalidEvent`."""
     if ("\\u0000" in text and _NUL.search(text)) or (
         ("e+" in text or "-0.0" in text) and _CHANGED_NUMBER.search(text)
     ):
         _check_values(copy)
-    return text, copy
 
 
 def _fast_payload(payload: object) -> tuple[str, dict[str, Any]] | None:
@@ -326,11 +332,19 @@ def _fast_payload(payload: object) -> tuple[str, dict[str, Any]] | None:
     if type(payload) is not dict or _fast_encoder is None:
         return None
     try:
-        return _finish(payload, "".join(_fast_encoder(payload, 0)))
+        return _finish(payload, payload_text(payload))
     except InvalidEvent:
         raise
     except Exception:  # not JSON, or a RecursionError: `_check_payload` says which
         return None
+
+
+def payload_text(payload: dict[str, Any]) -> str:
+    """The text `check_payload` writes for `payload` (the C encoder where there is one); raises
+    what the encoder raises for a value that is not JSON."""
+    if _fast_encoder is None:
+        return _encode(payload)
+    return "".join(_fast_encoder(payload, 0))
 
 
 def check_payload(payload: object) -> tuple[str, dict[str, Any]]:
