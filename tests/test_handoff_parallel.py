@@ -6,7 +6,6 @@ of another; where its writes serialize (SQLite, git, memory), the listener's thr
 from __future__ import annotations
 
 import socket
-import struct
 import threading
 import time
 from collections.abc import Iterator
@@ -17,7 +16,7 @@ import pytest
 
 from shard_sql import AppendAuthority, LeaseRegistry
 from shard_sql.group import WRITERS, parallel_writers
-from shard_sql.handoff import Endpoints, frame
+from shard_sql.handoff import Endpoints, frame, read_frame
 from shard_sql.handoff_wire import WRITTEN, request
 from shard_sql.urls import open_store
 from shard_sql.validation import pending
@@ -68,11 +67,9 @@ def _connect(store: Any, node_id: str) -> socket.socket:
 
 def _answer(sock: socket.socket) -> Any:
     """The seq of a written event's answer."""
-    size = struct.unpack(">I", sock.recv(4))[0]
-    data = b""
-    while len(data) < size:
-        data += sock.recv(size - len(data))
-    return WRITTEN.unpack_from(data)[1]
+    body = read_frame(sock)
+    assert body is not None
+    return WRITTEN.unpack_from(body)[1]
 
 
 def _two_spaces_handed_over(store: Any) -> tuple[SpaceGate, bool]:
