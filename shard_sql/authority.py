@@ -95,12 +95,6 @@ def _register(node: AppendAuthority) -> weakref.WeakValueDictionary[str, AppendA
         return nodes
 
 
-def local_node(registry: LeaseRegistry, node_id: str) -> AppendAuthority | None:
-    """The node `node_id` sharing `registry` in this process, if any."""
-    nodes = _nodes_by_registry.get(registry)
-    return None if nodes is None else nodes.get(node_id)
-
-
 class _ForwardedAppend:
     """One forwarded append: its item, deadline and back-off, and whether it is queued in the
     store (then when it looks at the space's lease again)."""
@@ -359,7 +353,7 @@ class AppendAuthority:
     def _hand_over(self, space: str, forwarded: _ForwardedAppend, holder: Lease) -> Event | None:
         """Give the item to `holder`: directly when it is a node of this registry (the event,
         or None when it no longer holds the space), else as a durable intent (None: wait)."""
-        target = self._peers.get(holder.holder)  # `local_node`
+        target = self._peers.get(holder.holder)  # the holder, if a node of this process
         if target is not None and target is not self:
             try:
                 return target._group.write(space, forwarded.item)
