@@ -504,9 +504,7 @@ class SqlEventStore(
         d = self._dialect
         if d.small_batch(batch):
             events = [stamp(space, expected_seq + n, p, fence, now) for n, p in enumerate(batch)]
-            statement = d.append_small_batch(space, events, batch, check, expected_seq)
-            c.cur.execute(*statement)
-            if c.cur.rowcount == len(events):
+            if d.write_small_batch(c, space, events, batch, check, expected_seq):
                 return events
             return self._check_write(c, space, batch, expected_seq, check)
         d.begin_write(c)

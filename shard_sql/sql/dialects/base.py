@@ -447,6 +447,20 @@ class Dialect:
         """A `small_batch` in one statement under `append_one`'s checks."""
         raise NotImplementedError
 
+    def write_small_batch(
+        self,
+        c: Conn,
+        space: str,
+        events: list[Event],
+        batch: Sequence[Pending],
+        fence: Lease | None,
+        seq: int,
+    ) -> bool:
+        """Run `append_small_batch`'s statement on `c` (in autocommit): whether it wrote every
+        event (else it wrote nothing)."""
+        c.cur.execute(*self.append_small_batch(space, events, batch, fence, seq))
+        return bool(c.cur.rowcount == len(events))
+
     def events_by_intent(self, c: Conn, space: str, ids: list[str]) -> dict[str, Event]:
         """The events written in `space` for these intent ids."""
         found: dict[str, Event] = {}

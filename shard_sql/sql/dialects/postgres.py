@@ -22,6 +22,13 @@ from shard_sql.sql.dialects.base import (
     Statement,
     Tables,
 )
+from shard_sql.sql.dialects.pg_batch import (
+    PREPARED_ROWS,
+    BatchStatements,
+    append_small_batch_sql,
+    array_params,
+    batch_values,
+)
 from shard_sql.sql.dialects.prepared import (
     PREPARED_KEY,
     Prepared,
@@ -95,30 +102,6 @@ def append_at_head_sql(
     if checks:
         sql += " WHERE " + " AND ".join(checks)
     return sql + " RETURNING seq"
-
-
-def append_small_batch_sql(*, fence: bool, intent: bool, t: Tables = UNQUALIFIED) -> str:
-    """A small batch in one statement, rows from arrays in order (`WITH ORDINALITY` numbers them:
-    seq = expected + n - 1), under the checks of `append_one_sql` (evaluated once: they do not
-    depend on the row)."""
-    sql = (
-        f"INSERT INTO {t.events} ({COLUMNS}) "
-        "SELECT %s, %s + b.n - 1, b.t, CAST(b.p AS jsonb), b.at, b.w, b.g, b.i "
-        "FROM unnest(%s::text[], %s::text[], %s::timestamptz[], %s::text[], %s::bigint[], "
-        "%s::text[]) WITH ORDINALITY AS b(t, p, at, w, g, i, n) "
-        f"WHERE COALESCE((SELECT seq + 1 FROM {t.events} WHERE space = %s "
-        "ORDER BY seq DESC LIMIT 1), 0) = %s"
-    )
-    if fence:
-        sql += (
-            f" AND EXISTS (SELECT 1 FROM {t.leases} WHERE space = %s AND holder = %s "
-            "AND generation = %s FOR SHARE)"
-        )
-    if intent:
-        sql += (
-            f" AND NOT EXISTS (SELECT 1 FROM {t.events} WHERE space = %s AND intent_id = ANY(%s))"
-        )
-    return sql
 
 
 MIGRATION_LOCK = 0x5A4D_5351_4C00_0001
@@ -229,6 +212,7 @@ class PostgresDialect(Dialect):
             key: Prepared(sql, at_head_types(fence=key[0], intent=key[1]))
             for key, sql in self._at_head.items()
         }
+        self._batches = BatchStatements(t)
         self._small = {
             (fence, intent): append_small_batch_sql(fence=fence, intent=intent, t=t)
             for fence in (False, True)
@@ -567,24 +551,28 @@ class PostgresDialect(Dialect):
         fence: Lease | None,
         seq: int,
     ) -> Statement:
-        intents = [e.intent_id for e in events if e.intent_id is not None]
-        params: tuple[Any, ...] = (
-            space,
-            seq,
-            [e.type for e in events],
-            [p.payload_json for p in batch],
-            [e.recorded_at for e in events],
-            [e.writer for e in events],
-            [e.generation for e in events],
-            [e.intent_id for e in events],
-            space,
-            seq,
-        )
-        if fence is not None:
-            params += (space, fence.holder, fence.generation)
-        if intents:
-            params += (space, intents)
-        return self._small[(fence is not None, bool(intents))], params
+        sql = self._small[(fence is not None, any(e.intent_id for e in events))]
+        return sql, array_params(space, events, batch, fence, seq)
+
+    def write_small_batch(
+        self,
+        c: Conn,
+        space: str,
+        events: list[Event],
+        batch: Sequence[Pending],
+        fence: Lease | None,
+        seq: int,
+    ) -> bool:
+        # A prepared statement per size through libpq (`pg_batch`): no arrays, a generic plan.
+        n = len(events)
+        names = c.prepared
+        if names is not None and n <= PREPARED_ROWS:
+            values = batch_values(space, seq, events, batch, fence)
+            if values is not None:
+                intent = any(e.intent_id is not None for e in events)
+                statement = self._batches.get(n, fence=fence is not None, intent=intent)
+                return bool(run(c, names, statement, values).command_tuples == n)
+        return super().write_small_batch(c, space, events, batch, fence, seq)
 
     def put_intent(
         self, space: str, item: Pending, holder: str, reply_to: str | None, now: datetime

@@ -33,6 +33,7 @@ __all__ = [
     "append_values",
     "at_head_types",
     "at_head_values",
+    "binary_time",
     "prepared_names",
     "run",
     "run_first",
@@ -64,12 +65,14 @@ class Prepared:
 
     __slots__ = ("formats", "name", "sql", "types")
 
-    def __init__(self, sql: str, types: Sequence[int]) -> None:
-        if "%%" in sql or sql.count("%s") != len(types):
-            raise ValueError("a statement with one %s per type, and no %%")
-        parts = sql.split("%s")
-        numbered = "".join(f"{part}${n}" for n, part in enumerate(parts[:-1], 1)) + parts[-1]
-        self.sql = numbered.encode()
+    def __init__(self, sql: str, types: Sequence[int], *, numbered: bool = False) -> None:
+        """`sql` with one `%s` per type, or (`numbered`) with `$n` placeholders already."""
+        if not numbered:
+            if "%%" in sql or sql.count("%s") != len(types):
+                raise ValueError("a statement with one %s per type, and no %%")
+            parts = sql.split("%s")
+            sql = "".join(f"{part}${n}" for n, part in enumerate(parts[:-1], 1)) + parts[-1]
+        self.sql = sql.encode()
         digest = hashlib.blake2s(self.sql + repr(list(types)).encode(), digest_size=8)
         self.name = b"shard_sql_" + digest.hexdigest().encode()
         self.types = list(types)
@@ -85,6 +88,11 @@ def prepared_names(c: Any) -> set[bytes] | None:
         return None
     names: set[bytes] = pooled.info.setdefault(PREPARED_KEY, set())
     return names
+
+
+def binary_time(at: datetime) -> bytes:
+    """An aware time as a binary `timestamptz` parameter (microseconds since 2000)."""
+    return _int8((at - _PG_EPOCH) // _MICROSECOND)
 
 
 def append_types(*, fence: bool, intent: bool) -> list[int]:
