@@ -457,7 +457,8 @@ class Dialect:
         seq: int,
     ) -> bool:
         """Run `append_small_batch`'s statement on `c` (in autocommit): whether it wrote every
-        event (else it wrote nothing)."""
+        event (else it wrote nothing). A dialect that places events as it writes them (SQLite)
+        gives `events` their positions."""
         c.cur.execute(*self.append_small_batch(space, events, batch, fence, seq))
         return bool(c.cur.rowcount == len(events))
 

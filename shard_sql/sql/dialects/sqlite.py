@@ -18,6 +18,7 @@ from sqlalchemy.pool import QueuePool, StaticPool
 from shard_sql.errors import InvalidEvent
 from shard_sql.handoff import private_dir
 from shard_sql.orm import CHECKPOINTS, EVENTS, INTENTS, LEASES
+from shard_sql.sql.dialects import sqlite_batch
 from shard_sql.sql.dialects.base import COLUMNS, Conn, Dialect, EngineOptions, Statement
 from shard_sql.sql.errors import Site, is_sqlite_busy
 from shard_sql.sql.waits import LocalWaits, PolledWaits, Waits
@@ -513,6 +514,33 @@ class SqliteDialect(Dialect):
         cur.execute(*self.append_at_head(space, p, at, writer, generation, fence))
         row = cur.execute(INSERTED_SQL).fetchone()
         return None if row is None else (row[0], row[1])
+
+    def small_batch(self, batch: Sequence[Pending]) -> bool:
+        # One statement instead of six (`sqlite_batch`). Callgrind, a node's fenced write of 2
+        # events: 399k -> 322k instructions, 4: 578k -> 496k, 8: 926k -> 846k (1 event: 165k).
+        return len(batch) <= sqlite_batch.SMALL_BATCH
+
+    def append_small_batch(
+        self,
+        space: str,
+        events: list[Event],
+        batch: Sequence[Pending],
+        fence: Lease | None,
+        seq: int,
+    ) -> Statement:
+        return sqlite_batch.batch_params(space, events, batch, fence, seq, sqlite_time)
+
+    def write_small_batch(
+        self,
+        c: Conn,
+        space: str,
+        events: list[Event],
+        batch: Sequence[Pending],
+        fence: Lease | None,
+        seq: int,
+    ) -> bool:
+        statement = self.append_small_batch(space, events, batch, fence, seq)
+        return sqlite_batch.write_small_batch(c, statement, events)
 
     def is_check_failure(self, e: BaseException) -> bool:
         # The NOT NULL violation of `append_one_sql`'s seq.
