@@ -14,8 +14,7 @@ event on SQLite, most of it waiters woken for nothing. A file is signalled after
 the waiter sees the change at once. A signal is a hint, never the truth: it is followed by a
 read, and waiters still look at the store's own change stamp every `WAKEUP_POLL_FALLBACK`
 seconds (a change nobody signalled: a lease grant, a direct append, a writer that died between
-commit and signal). Only waiters create wake-up files; signalling a missing one costs a failed
-`utime`.
+commit and signal). Only waiters create wake-up files; signalling a missing one costs an `access`.
 """
 
 from __future__ import annotations
@@ -54,6 +53,9 @@ def readable(fds: list[int], timeout: float) -> list[int]:
         poller.register(fd, select.POLLIN)
     return [fd for fd, _ in poller.poll(max(timeout, 0.0) * 1000)]
 
+
+_exists = os.access
+F_OK = os.F_OK
 
 _LIBC: list[Any] = []
 
@@ -157,9 +159,13 @@ class WakeupFiles:
         return [self.path(EVENTS_WRITTEN if s in awaited else INTENT_RECORDED, s) for s in spaces]
 
     def signal(self, kind: str, space: str) -> None:
-        """Wake the waiters on the `kind` file of `space` (sets its mtime)."""
-        with contextlib.suppress(OSError):  # no such file: nobody waits on it
-            os.utime(self.path(kind, space))
+        """Wake the waiters on the `kind` file of `space` (sets its mtime). No such file: nobody
+        waits on it, told by `access` without an exception (a failed `utime` raises one: 1.15
+        us against 0.35 us, 8k instructions of a holder's write of forwarded events)."""
+        path = self.path(kind, space)
+        if _exists(path, F_OK):
+            with contextlib.suppress(OSError):  # deleted since
+                os.utime(path)
 
     def watch(self, state: Any, paths: list[str]) -> tuple[WakeupWatch, bool] | None:
         """This thread's watch (kept as `state.wakeup_watch`) on `paths`, and whether it is new

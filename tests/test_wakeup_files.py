@@ -184,3 +184,16 @@ def test_readable_takes_descriptors_past_1024() -> None:
         for fd in (r, w, high):
             os.close(fd)
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_a_signal_to_a_missing_file_creates_nothing_and_reaches_one_made_later(
+    tmp_path: Path,
+) -> None:
+    files = WakeupFiles(str(tmp_path))
+    path = Path(files.path(EVENTS_WRITTEN, "s"))
+    files.signal(EVENTS_WRITTEN, "s")  # nobody waits: no file, no error
+    assert not path.exists()
+    path.touch()
+    os.utime(path, ns=(0, 0))
+    files.signal(EVENTS_WRITTEN, "s")
+    assert path.stat().st_mtime_ns > 0
