@@ -65,6 +65,11 @@ PEEK = int(socket.MSG_PEEK | getattr(socket, "MSG_DONTWAIT", 0))
 NOSIGNAL = int(getattr(socket, "MSG_NOSIGNAL", 0))
 UNREACHABLE = "unreachable"
 """Nothing was sent: no listener, refused, no permission."""
+ANSWER_SPIN = 300e-6
+"""Seconds a forwarder on a Unix socket polls for its answer, giving up its CPU between polls,
+before it sleeps in the receive: an answer comes in ~60 us of the holder's work, and waking a
+process that slept costs more than that on a virtual machine (docs/leases.md)."""
+DONTWAIT = int(getattr(socket, "MSG_DONTWAIT", 0))
 log = logging.getLogger("shard_sql.handoff")
 
 
@@ -189,6 +194,9 @@ class Channel:
     """Whether a send on the connection fails (EPIPE) once its peer closed it or shut it for
     reading, and then delivered no whole message: so on a Unix socket. A forwarder then reuses
     an idle connection without looking at it first (`HandoffClient._send`)."""
+    ANSWER_SPIN = ANSWER_SPIN
+    """Seconds a forwarder polls for an answer before it sleeps (`poll_briefly`): the holder is
+    on this host."""
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
@@ -262,6 +270,25 @@ class Channel:
                 raise Malformed("the connection ended inside a message")
             buffer += more
 
+    def poll_briefly(self, seconds: float) -> None:
+        """Look for the next message's bytes without sleeping, giving up the CPU between looks
+        (`sched_yield`: a process waiting for it runs), for up to `seconds`; what came (or the
+        end) is read by `receive`. Nothing where there is no MSG_DONTWAIT."""
+        if self._more or not DONTWAIT:
+            return
+        recv, yield_cpu, clock = self.sock.recv, os.sched_yield, time.perf_counter
+        deadline = clock() + seconds
+        while True:
+            try:
+                data = recv(READ_AHEAD, DONTWAIT)
+            except BlockingIOError:
+                if clock() >= deadline:
+                    return
+                yield_cpu()
+                continue
+            self._more = data  # b"": the end, which the receive meets again
+            return
+
     def has_more(self) -> bool:
         """Whether bytes past the last message came (nothing our peers send unasked)."""
         return bool(self._more)
@@ -324,6 +351,10 @@ class HandoffClient:
         self._guard = threading.Lock()
         self.outcomes: dict[str, int] = {"written": 0, NOT_HOLDER: 0, UNREACHABLE: 0, UNKNOWN: 0}
         """How many hand-offs ended how (for tests and benchmarks; counted without a lock)."""
+        self.answer_time = 0.0
+        """Seconds an answer took lately (a moving average): a forwarder polls for its answer
+        (`ANSWER_SPIN`) only while answers come within the poll, as after SQLite NORMAL's
+        commits; one that waits on fsyncs (SQLite FULL) would burn the CPU its holder needs."""
 
     def send(self, holder: str, space: str, item: Pending, timeout: float) -> Event | str:
         """Hand `item` (its intent id set) to `holder`: the written event, or `NOT_HOLDER`,
@@ -348,6 +379,7 @@ class HandoffClient:
                 return UNREACHABLE
             try:
                 channel.wait_at_most(timeout)
+                sent_at = time.perf_counter()
                 channel.send(body)
                 break
             except BrokenPipeError:
@@ -359,9 +391,13 @@ class HandoffClient:
             except OSError as e:
                 return self._lost(holder, channel, e)
         try:
+            spin = channel.ANSWER_SPIN
+            if spin and self.answer_time < spin:
+                channel.poll_briefly(spin)
             answer = channel.receive()
         except (OSError, Malformed) as e:
             return self._lost(holder, channel, e)
+        self.answer_time += (time.perf_counter() - sent_at - self.answer_time) * 0.25
         if answer is None:
             channel.sock.close()
             return UNKNOWN

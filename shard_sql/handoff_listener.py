@@ -18,6 +18,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 from shard_sql.errors import IntentConflict, InvalidEvent
 from shard_sql.group import NotHolder
@@ -41,6 +42,11 @@ CHECK_EVERY = 0.5
 """Seconds: how often the listener looks that its socket file is still its own (deleted or
 replaced: it binds a new one)."""
 BACKLOG = 128
+LISTEN_SPIN = 200e-6
+"""Seconds the listener polls its connections without sleeping after it submitted requests,
+while requests lately followed within that, giving up its CPU between polls: a forwarder just
+answered sends its next request in ~30 us, and waking a thread that slept in epoll costs more
+than that on a virtual machine (docs/leases.md)."""
 log = logging.getLogger("shard_sql.handoff")
 
 REPLY_FLAGS = int(getattr(socket, "MSG_DONTWAIT", 0) | NOSIGNAL)
@@ -284,15 +290,26 @@ class Listener(BaseListener):
         selector.register(server, selectors.EVENT_READ)
         check_at = time.monotonic() + CHECK_EVERY
         try:
+            poll_until = submitted = gap = 0.0
             while not self._stop.is_set():
                 work: dict[str, list[tuple[Pending, Told]]] = {}
-                for key, _ in selector.select(CHECK_EVERY):
+                ready = _ready(selector, poll_until)
+                if submitted:  # how soon requests follow the last ones (a moving average)
+                    waited = min(time.perf_counter() - submitted, 10 * LISTEN_SPIN)
+                    gap += (waited - gap) * 0.25
+                    submitted = 0.0
+                for key, _ in ready:
                     if key.data is None:
                         self._accept(selector, server)
                     elif not self._read(key.data, work):
                         self._close(selector, key.data)
                 if work:
                     self._submit_all(work)
+                    submitted = time.perf_counter()
+                    # Poll only while requests follow within the poll (SQLite NORMAL's quick
+                    # writes); behind writes that wait for the disk (SQLite FULL) or a server
+                    # it would burn the CPU others need for nothing.
+                    poll_until = submitted + LISTEN_SPIN if gap < LISTEN_SPIN else 0.0
                 if time.monotonic() >= check_at and not self._stop.is_set():
                     check_at = time.monotonic() + CHECK_EVERY
                     if not self._still_mine():
@@ -395,6 +412,19 @@ class Listener(BaseListener):
         with self._guard:
             self._conns.discard(sock)
         sock.close()
+
+
+def _ready(selector: selectors.BaseSelector, poll_until: float) -> list[Any]:
+    """What is ready: looked for without sleeping, giving up the CPU between looks
+    (`sched_yield`: a forwarder on this CPU runs), until `poll_until` (`LISTEN_SPIN` after
+    requests came), then waited for up to `CHECK_EVERY`."""
+    clock = time.perf_counter
+    while clock() < poll_until:
+        ready = selector.select(0)
+        if ready:
+            return ready
+        os.sched_yield()
+    return selector.select(CHECK_EVERY)
 
 
 class _Connection:

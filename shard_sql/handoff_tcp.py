@@ -255,6 +255,9 @@ class SealedChannel(Channel):
 
     SENDS_FAIL_WHEN_CLOSED = False
     """A send to a peer that closed may succeed (TCP): an idle connection is looked at first."""
+    ANSWER_SPIN = 0.0
+    """The holder may be on another host: an answer takes a network round trip, so the
+    forwarder sleeps in the receive at once."""
 
     def __init__(self, sock: socket.socket, key: bytes, role: bytes) -> None:
         super().__init__(sock)
