@@ -37,13 +37,13 @@ from shard_sql.validation import (
     MAX_PAYLOAD_BYTES,
     MAX_TYPE_LENGTH,
     Pending,
-    _new_pending,
-    _too_deep_text,
     check_encoded_values,
     check_intent_id,
     check_space,
     check_type,
+    new_pending,
     payload_text,
+    too_deep_text,
 )
 from shard_sql.values import Event, new_event
 
@@ -106,7 +106,7 @@ def parse_request(body: bytes) -> tuple[str, Pending]:
         payload = _payload(text, len(body) - d)
     except InvalidEvent as e:
         raise Malformed(str(e)) from None
-    item: Pending = _new_pending(type_, text, payload, intent_id)
+    item: Pending = new_pending(type_, text, payload, intent_id)
     return space, item
 
 
@@ -121,7 +121,7 @@ def _payload(text: str, size: int) -> dict[str, Any]:
     """The payload of a request whose JSON text is `text` (`size` bytes of UTF-8): parsed once,
     and held to the text `validation.check_payload` writes (see the module). `Malformed` or
     `InvalidEvent` otherwise."""
-    if _too_deep_text(text, size):  # before parsing: a deep text is refused without recursion
+    if too_deep_text(text, size):  # before parsing: a deep text is refused without recursion
         raise Malformed("a payload nested too deep")
     try:
         payload, end = _scan_strict(text, 0)

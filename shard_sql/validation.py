@@ -219,7 +219,7 @@ def _depth_ok(data: bytes) -> bool:
     return False
 
 
-def _too_deep_text(text: str, size: int, data: bytes | None = None) -> bool:
+def too_deep_text(text: str, size: int, data: bytes | None = None) -> bool:
     """Whether encoded `text` (`size` bytes of UTF-8: `data`, if at hand) nests too deep. Each
     level takes two characters at least, and a list or object more: most texts need no look."""
     if size <= 2 * MAX_PAYLOAD_DEPTH:
@@ -308,7 +308,7 @@ def _finish(payload: object, text: str) -> tuple[str, dict[str, Any]] | None:
         size = len(data)
     if size > MAX_PAYLOAD_BYTES:
         raise InvalidEvent("payload", f"is {size} bytes of JSON, at most {MAX_PAYLOAD_BYTES}")
-    if _too_deep_text(text, size, data):
+    if too_deep_text(text, size, data):
         raise InvalidEvent("payload", f"nests more than {MAX_PAYLOAD_DEPTH} levels")
     copy, end = _scan(text, 0)
     if end != len(text) or copy != payload:
@@ -420,7 +420,7 @@ def pending(type_: object, payload: object, intent_id: object = None) -> Pending
         t = check_type(type_)
     fast = _fast_payload(payload)
     text, copy = fast if fast is not None else _check_payload(payload)
-    p: Pending = _new_pending(
+    p: Pending = new_pending(
         t, text, copy, None if intent_id is None else check_intent_id(intent_id)
     )
     return p
@@ -463,7 +463,7 @@ def _fast_items(seq_items: list[Any]) -> list[Pending] | None:
     caller then checks item by item, which raises the first error in order)."""
     if _fast_encoder is None:
         return None
-    enc, new = _fast_encoder, _new_pending
+    enc, new = _fast_encoder, new_pending
     texts: list[str] = []
     payloads: list[Any] = []
     types: list[str] = []
@@ -489,7 +489,7 @@ def _fast_items(seq_items: list[Any]) -> list[Pending] | None:
             size = len(text if text.isascii() else text.encode("utf-8"))
             if size > MAX_PAYLOAD_BYTES:
                 return None
-            if _too_deep_text(text, size):
+            if too_deep_text(text, size):
                 return None
             if "\\u0000" in text or "e+" in text or "-0.0" in text:
                 suspects.append(len(texts))
@@ -554,14 +554,14 @@ def _pending_factory() -> Any:
     return make
 
 
-_new_pending: Any = _pending_factory()
+new_pending: Any = _pending_factory()
 
 
 def with_intent_id(item: Pending, intent_id: str) -> Pending:
     """`item` given `intent_id` (a forwarder's, for an append whose caller gave none): a new
     `Pending` built as `pending` builds one (1k instructions; `Pending(...)` 4k)."""
     if item.recorded_at is None and item.writer is None and item.generation is None:
-        p: Pending = _new_pending(item.type, item.payload_json, item.payload, intent_id)
+        p: Pending = new_pending(item.type, item.payload_json, item.payload, intent_id)
         return p
     return Pending(
         item.type, item.payload_json, item.payload, intent_id,
@@ -577,7 +577,7 @@ def built_pending(type_: object, payload_json: str, payload: dict[str, Any]) -> 
         t = type_  # `check_type`'s common case inline, as in `pending`
     else:
         t = check_type(type_)
-    p: Pending = _new_pending(t, payload_json, payload, None)
+    p: Pending = new_pending(t, payload_json, payload, None)
     return p
 
 
