@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from shard_sql.sql.dialects.base import COLUMNS, Tables
+from shard_sql.sql.dialects.pg_checks import fence_holds, head_is, intent_unwritten
 from shard_sql.sql.dialects.prepared import INT8, TEXT, TIMESTAMPTZ, Prepared, binary_time
 from shard_sql.values import Event, Lease
 
@@ -53,18 +54,12 @@ def append_small_batch_sql(*, fence: bool, intent: bool, t: Tables = UNQUALIFIED
         "SELECT %s, %s + b.n - 1, b.t, CAST(b.p AS jsonb), b.at, b.w, b.g, b.i "
         "FROM unnest(%s::text[], %s::text[], %s::timestamptz[], %s::text[], %s::bigint[], "
         "%s::text[]) WITH ORDINALITY AS b(t, p, at, w, g, i, n) "
-        f"WHERE COALESCE((SELECT seq + 1 FROM {t.events} WHERE space = %s "
-        "ORDER BY seq DESC LIMIT 1), 0) = %s"
+        f"WHERE {head_is(t, '%s', '%s')}"
     )
     if fence:
-        sql += (
-            f" AND EXISTS (SELECT 1 FROM {t.leases} WHERE space = %s AND holder = %s "
-            "AND generation = %s FOR SHARE)"
-        )
+        sql += f" AND {fence_holds(t, '%s', '%s', '%s')}"
     if intent:
-        sql += (
-            f" AND NOT EXISTS (SELECT 1 FROM {t.events} WHERE space = %s AND intent_id = ANY(%s))"
-        )
+        sql += f" AND {intent_unwritten(t, '%s', '= ANY(%s)')}"
     return sql
 
 
@@ -106,20 +101,13 @@ def values_batch_sql(n: int, *, fence: bool, intent: bool, t: Tables) -> str:
         f"INSERT INTO {t.events} ({COLUMNS}) "
         f"SELECT {space}, {seq} + v.n, v.t, CAST(v.p AS jsonb), v.at, v.w, v.g, v.i "
         f"FROM (VALUES {rows}) AS v(n, t, p, at, w, g, i) "
-        f"WHERE COALESCE((SELECT seq + 1 FROM {t.events} WHERE space = {space} "
-        f"ORDER BY seq DESC LIMIT 1), 0) = {seq}"
+        f"WHERE {head_is(t, space, seq)}"
     )
     if fence:
-        sql += (
-            f" AND EXISTS (SELECT 1 FROM {t.leases} WHERE space = {space} "
-            f"AND holder = ${width * n + 3} AND generation = ${width * n + 4} FOR SHARE)"
-        )
+        sql += f" AND {fence_holds(t, space, f'${width * n + 3}', f'${width * n + 4}')}"
     if intent:
         ids = ", ".join(f"${width * r + width}" for r in range(n))
-        sql += (
-            f" AND NOT EXISTS (SELECT 1 FROM {t.events} WHERE space = {space} "
-            f"AND intent_id IN ({ids}))"
-        )
+        sql += f" AND {intent_unwritten(t, space, f'IN ({ids})')}"
     return sql
 
 

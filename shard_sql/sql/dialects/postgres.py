@@ -29,6 +29,7 @@ from shard_sql.sql.dialects.pg_batch import (
     array_params,
     batch_values,
 )
+from shard_sql.sql.dialects.pg_checks import fence_holds, head_is, intent_unwritten, next_seq
 from shard_sql.sql.dialects.prepared import (
     PREPARED_KEY,
     Prepared,
@@ -56,23 +57,17 @@ UNQUALIFIED = Tables()
 
 def append_one_sql(*, fence: bool, intent: bool, t: Tables = UNQUALIFIED) -> str:
     """The append of one event: `INSERT ... SELECT <the row> WHERE <head = seq> [AND <the fence
-    holds>] [AND <the intent id is not written>]`, one round trip. The fence subquery takes
-    `FOR SHARE` on the space's lease row: a new grant (an UPDATE of that row) waits for the
-    append's commit, or the append sees the new generation and writes nothing.
+    holds>] [AND <the intent id is not written>]`, one round trip (the checks: `pg_checks`).
     Parameters: the row (8), space, seq; then space, holder, generation; then space, intent id."""
     sql = (
         f"INSERT INTO {t.events} ({COLUMNS}) "
         "SELECT %s, %s, %s, CAST(%s AS jsonb), %s, %s, %s, %s "
-        f"WHERE COALESCE((SELECT seq + 1 FROM {t.events} WHERE space = %s "
-        "ORDER BY seq DESC LIMIT 1), 0) = %s"
+        f"WHERE {head_is(t, '%s', '%s')}"
     )
     if fence:
-        sql += (
-            f" AND EXISTS (SELECT 1 FROM {t.leases} WHERE space = %s AND holder = %s "
-            "AND generation = %s FOR SHARE)"
-        )
+        sql += f" AND {fence_holds(t, '%s', '%s', '%s')}"
     if intent:
-        sql += f" AND NOT EXISTS (SELECT 1 FROM {t.events} WHERE space = %s AND intent_id = %s)"
+        sql += f" AND {intent_unwritten(t, '%s', '= %s')}"
     return sql
 
 
@@ -86,19 +81,15 @@ def append_at_head_sql(
     space, the row's other 6; then space, holder, generation; then space, intent id."""
     sql = (
         f"INSERT INTO {t.events} ({COLUMNS}) "
-        f"SELECT %s, COALESCE((SELECT seq + 1 FROM {t.events} WHERE space = %s "
-        "ORDER BY seq DESC LIMIT 1), 0), %s, CAST(%s AS jsonb), %s, %s, %s, %s"
+        f"SELECT %s, {next_seq(t, '%s')}, %s, CAST(%s AS jsonb), %s, %s, %s, %s"
     )
     if wake:
         sql += f" FROM ({channels.feed_notify_sql}) AS wake"
     checks = []
     if fence:
-        checks.append(
-            f"EXISTS (SELECT 1 FROM {t.leases} WHERE space = %s AND holder = %s "
-            "AND generation = %s FOR SHARE)"
-        )
+        checks.append(fence_holds(t, "%s", "%s", "%s"))
     if intent:
-        checks.append(f"NOT EXISTS (SELECT 1 FROM {t.events} WHERE space = %s AND intent_id = %s)")
+        checks.append(intent_unwritten(t, "%s", "= %s"))
     if checks:
         sql += " WHERE " + " AND ".join(checks)
     return sql + " RETURNING seq"
@@ -115,12 +106,7 @@ READ_ONLY_TRANSACTION = "25006"
 def save_checkpoint_sql(*, fence: bool, t: Tables = UNQUALIFIED) -> str:
     """The checkpoint upsert (`Dialect.save_checkpoint`); the fence's subquery takes FOR SHARE on
     the lease row, as an append's does."""
-    check = (
-        f"EXISTS (SELECT 1 FROM {t.leases} WHERE space = %s AND holder = %s AND generation = %s "
-        "FOR SHARE)"
-        if fence
-        else "true"
-    )
+    check = fence_holds(t, "%s", "%s", "%s") if fence else "true"
     return (
         f"INSERT INTO {t.checkpoints} (name, position, updated_at, holder, generation) "
         f"SELECT %s, %s, %s, %s, %s WHERE {check} "
@@ -232,7 +218,7 @@ class PostgresDialect(Dialect):
             f"INSERT INTO {t.intents} "
             "(space, intent_id, type, payload, submitted_at, holder, reply_to) "
             "SELECT %s, %s, %s, CAST(%s AS jsonb), now(), %s, %s "
-            f"WHERE NOT EXISTS (SELECT 1 FROM {t.events} WHERE space = %s AND intent_id = %s) "
+            f"WHERE {intent_unwritten(t, '%s', '= %s')} "
             "ON CONFLICT (space, intent_id) DO NOTHING"
         )
         body = "json_build_object('s', space, 'i', intent_id, 't', type, 'p', payload)::text"
