@@ -17,9 +17,10 @@ from sqlalchemy.pool import QueuePool, StaticPool
 
 from shard_sql.errors import InvalidEvent
 from shard_sql.handoff import private_dir
-from shard_sql.orm import CHECKPOINTS, EVENTS, INTENTS, LEASES
+from shard_sql.orm import CHECKPOINTS, EVENTS, INTENTS
 from shard_sql.sql.dialects import sqlite_batch
 from shard_sql.sql.dialects.base import COLUMNS, Conn, Dialect, EngineOptions, Statement
+from shard_sql.sql.dialects.sqlite_checks import fence_holds, head_is, intent_unwritten, next_seq
 from shard_sql.sql.errors import Site, is_sqlite_busy
 from shard_sql.sql.waits import LocalWaits, PolledWaits, Waits
 from shard_sql.store_base import decode_payloads
@@ -73,18 +74,12 @@ def append_one_sql(*, fence: bool, intent: bool, own: bool = False, at: bool = F
     `at`: the position is the last parameter (?9, or ?11 after a fence's), given by a caller
     that knows it (the next after the one it wrote last): one more check, that it is above
     every position, and nothing to return (`RETURNING` costs ~1.9 us of ~16)."""
-    checks = (
-        f"COALESCE((SELECT seq + 1 FROM {EVENTS} WHERE space = ?1 "
-        "ORDER BY seq DESC LIMIT 1), 0) = ?2"
-    )
+    checks = head_is("?1", "?2")
     if fence:
         holder, generation = ("?6", "?7") if own else ("?9", "?10")
-        checks += (
-            f" AND EXISTS (SELECT 1 FROM {LEASES} WHERE space = ?1 AND holder = {holder} "
-            f"AND generation = {generation})"
-        )
+        checks += f" AND {fence_holds('?1', holder, generation)}"
     if intent:
-        checks += f" AND NOT EXISTS (SELECT 1 FROM {EVENTS} WHERE space = ?1 AND intent_id = ?8)"
+        checks += f" AND {intent_unwritten('?1', '?8')}"
     if at:
         position = "?11" if fence and not own else "?9"
         checks += f" AND (SELECT COALESCE(MAX(position), 0) FROM {EVENTS}) < {position}"
@@ -108,12 +103,10 @@ def append_at_head_sql(*, fence: bool, intent: bool) -> str:
     writer and generation (?6, ?7); ?2 is not used."""
     checks = []
     if fence:
-        checks.append(
-            f"EXISTS (SELECT 1 FROM {LEASES} WHERE space = ?1 AND holder = ?6 AND generation = ?7)"
-        )
+        checks.append(fence_holds("?1", "?6", "?7"))
     if intent:
-        checks.append(f"NOT EXISTS (SELECT 1 FROM {EVENTS} WHERE space = ?1 AND intent_id = ?8)")
-    seq = f"COALESCE((SELECT seq + 1 FROM {EVENTS} WHERE space = ?1 ORDER BY seq DESC LIMIT 1), 0)"
+        checks.append(intent_unwritten("?1", "?8"))
+    seq = next_seq("?1")
     if checks:
         seq = f"CASE WHEN {' AND '.join(checks)} THEN {seq} END"
     return (
@@ -172,11 +165,7 @@ def _begin_immediate(conn: Connection) -> None:
 def save_checkpoint_sql(*, fence: bool) -> str:
     """The checkpoint upsert (`Dialect.save_checkpoint`). The SELECT needs its WHERE: SQLite's
     parser takes an INSERT ... SELECT's ON CONFLICT for a join constraint otherwise."""
-    check = (
-        f"EXISTS (SELECT 1 FROM {LEASES} WHERE space = ?6 AND holder = ?7 AND generation = ?8)"
-        if fence
-        else "1"
-    )
+    check = fence_holds("?6", "?7", "?8") if fence else "1"
     return (
         f"INSERT INTO {CHECKPOINTS} (name, position, updated_at, holder, generation) "
         f"SELECT ?1, ?2, ?3, ?4, ?5 WHERE {check} "

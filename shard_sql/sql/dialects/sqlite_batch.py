@@ -17,8 +17,9 @@ from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any
 
-from shard_sql.orm import EVENTS, LEASES
+from shard_sql.orm import EVENTS
 from shard_sql.sql.dialects.base import COLUMNS, Conn, Statement
+from shard_sql.sql.dialects.sqlite_checks import fence_holds, head_is, intent_unwritten
 from shard_sql.validation import Pending
 from shard_sql.values import Event, Lease, new_event
 
@@ -48,21 +49,12 @@ def small_batch_sql(n: int, *, fence: bool) -> str:
         first = FIRST_ROW + ROW * k
         rows.append(f"({k}, " + ", ".join(f"?{first + i}" for i in range(ROW)) + ")")
         ids.append(f"?{first + ROW - 1}")
-    checks = (
-        f"COALESCE((SELECT seq + 1 FROM {EVENTS} WHERE space = ?1 "
-        "ORDER BY seq DESC LIMIT 1), 0) = ?2"
-    )
+    checks = head_is("?1", "?2")
     if fence:
-        checks += (
-            f" AND EXISTS (SELECT 1 FROM {LEASES} WHERE space = ?1 AND holder = ?3 "
-            "AND generation = ?4)"
-        )
+        checks += f" AND {fence_holds('?1', '?3', '?4')}"
     # One look per intent id (an `IN` list would build a temporary index per statement); a
     # NULL id (no intent) matches nothing.
-    checks += "".join(
-        f" AND NOT EXISTS (SELECT 1 FROM {EVENTS} WHERE space = ?1 AND intent_id = {i})"
-        for i in ids
-    )
+    checks += "".join(f" AND {intent_unwritten('?1', i)}" for i in ids)
     sql = _statements[key] = (
         f"INSERT INTO {EVENTS} ({COLUMNS}, position) "
         "SELECT ?1, ?2 + column1, column2, column3, column4, column5, column6, column7, "
