@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from shard_sql import GitEventStore, LeaseHeld, LeaseRegistry, SeqConflict, StoreUnavailable
-from shard_sql.git.layout import FEED, space_ref
+from shard_sql.git.layout import FEED, lease_ref, space_ref
 
 pytestmark = pytest.mark.slow
 
@@ -101,6 +101,28 @@ def lock_and_hang(path: str, ref: str, ready: Any) -> None:
     tx.lock_ref(ref)  # as a writer does between its check and its ref update
     ready.set()
     time.sleep(60)
+
+
+def change_lease_and_hang(path: str, change: str, ready: Any) -> None:
+    """Take a lease, then make `change` to it and hang with the lease ref's lock taken, as a
+    holder does between its lock and its rename (a renewal every TTL/2)."""
+    from shard_sql.git.refs import RefLock
+
+    reg = LeaseRegistry(GitEventStore(path))
+    lease = reg.acquire("s", "victim", ttl_seconds=0.5)
+
+    def hang(*args: Any, **kwargs: Any) -> None:
+        ready.set()
+        time.sleep(60)
+
+    RefLock.commit = hang  # type: ignore[method-assign]
+    if change == "renew":
+        reg.renew(lease, ttl_seconds=0.5)
+    elif change == "release":
+        reg.release(lease)
+    else:
+        time.sleep(0.6)  # expired: a grant to another holder
+        reg.acquire("s", "other", ttl_seconds=0.5)
 
 
 def run_workers(target: Any, args: list[tuple[Any, ...]], timeout: float = 60) -> list[Any]:
@@ -239,4 +261,32 @@ def test_a_killed_git_holding_the_feed_lock(tmp_path: Path) -> None:
     lock.unlink()  # what the error message tells the operator to do
     assert store.append("s", "t", {"n": 1}, expected_seq=1).seq == 1
     store.close()
+    fsck(path)
+
+
+@pytest.mark.parametrize("change", ["renew", "release", "grant"])
+def test_a_holder_killed_while_changing_its_lease(tmp_path: Path, change: str) -> None:
+    """A lease change killed with the lease ref's lock taken leaves a lock file that the next
+    change of that lease removes (it was taken under the write mutex, now free): the lease is
+    granted again, where a lock left for good would stop the space (or a consumer) forever."""
+    path = tmp_path / "log.git"
+    GitEventStore(path).close()
+    ready = CTX.Event()
+    victim = CTX.Process(target=change_lease_and_hang, args=(str(path), change, ready))
+    victim.start()
+    assert ready.wait(30)
+    lock = path / (lease_ref("s") + ".lock")
+    assert lock.exists()
+    os.kill(victim.pid, signal.SIGKILL)  # type: ignore[arg-type]
+    victim.join(30)
+    assert lock.exists()
+    time.sleep(0.6)  # the victim's lease expired
+    store = GitEventStore(path, lock_timeout=5)
+    reg = LeaseRegistry(store)
+    lease = reg.acquire("s", "next", ttl_seconds=5)
+    assert lease.holder == "next" and not lock.exists()
+    assert store.append("s", "t", {}, expected_seq=0, fence=lease).seq == 0
+    assert reg.renew(lease).generation == lease.generation
+    store.close()
+    assert not [p.name for p in path.rglob("*") if "tmp_obj_ref_" in p.name]  # staged files
     fsck(path)

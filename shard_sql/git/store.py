@@ -24,16 +24,15 @@ from shard_sql.git.copies import SpaceRefCopies
 from shard_sql.git.errors import GIT_ERRORS, translated, translated_iter
 from shard_sql.git.feed import CheckpointSave, Feed, SpaceWrite
 from shard_sql.git.intents import GitIntentQueue
-from shard_sql.git.layout import CHUNK, FEED, HANDOFF_DIR, lease_ref
+from shard_sql.git.layout import CHUNK, FEED, HANDOFF_DIR
+from shard_sql.git.lease_refs import LeaseRefs
 from shard_sql.git.loose import LooseObjects, in_background
 from shard_sql.git.migrate import place_existing_events
 from shard_sql.git.objects import (
     FeedCommit,
     event_of,
     json_object,
-    lease_bytes,
     parse_commit,
-    parse_lease,
 )
 from shard_sql.git.packing import PACK_EVERY, AutoPacker, Maintenance, pack
 from shard_sql.git.refs import RefLock
@@ -111,6 +110,7 @@ class GitEventStore(StoreBase, FeedStore, LeaseStore, IntentQueue, SpaceWakeups)
         self._packer = AutoPacker(self._git, pack_every)
         self._git.on_object_written = self._packer.wrote
         self._copies = SpaceRefCopies(self._git, self._feed)
+        self._leases = LeaseRefs(self._git)
         try:
             place_existing_events(self._git, self._feed)
         except BaseException:
@@ -452,46 +452,14 @@ class GitEventStore(StoreBase, FeedStore, LeaseStore, IntentQueue, SpaceWakeups)
     # -- leases (LeaseStore): the rules of `shard_sql.leases`, applied under the ref locks ---
 
     def _lease_record(self, handle: Any, space: str) -> Lease | None:
-        oid = self._git.target(handle, lease_ref(space), f"the lease of {space!r}")
-        if oid is None:
-            return None
-        key = (space, oid)
-        lease = self._git.cached(key, Lease)
-        if lease is not None:
-            return lease
-        data = self._git.read(handle, oid, ObjectType.BLOB)
-        return self._git.remember(key, parse_lease(space, data))
+        return self._leases.record(handle, space)
 
     def _update_lease(
         self, space: str, change: Callable[[Lease | None], Lease | None]
     ) -> Lease | None:
-        """Run `change` on the current record under the lease ref's lock; store and return what
-        it returns (None: nothing to store).
-
-        A new grant or a revocation (the holder or generation changes) also holds the store's
-        write mutex while the record is replaced, so no fenced write is between its check and
-        its commit meanwhile. Renewals and releases keep holder and generation: they do not.
-        """
-        handle = self._git.handle()
-        deadline = time.monotonic() + self.lock_timeout
-        lock = self._git.lock(handle, lease_ref(space), deadline)
-        objects = self._git.objects()
-        try:
-            cur = self._lease_record(handle, space)
-            new = change(cur)
-            if new is None:
-                return None
-            blob = objects.put(ObjectType.BLOB, lease_bytes(new))
-            if cur is not None and (cur.holder, cur.generation) == (new.holder, new.generation):
-                lock.write(blob, objects)
-            else:
-                with self._git.refs.mutex(deadline):
-                    lock.write(blob, objects)
-        finally:
-            objects.close()
-            lock.free()
-        self._git.refs.sync_dirs(lease_ref(space))
-        return new
+        """Run `change` on the current record; store and return what it returns (None: nothing
+        to store). See `LeaseRefs.update`."""
+        return self._leases.update(space, change, time.monotonic() + self.lock_timeout)
 
     @translated
     def lease_acquire(self, space: str, holder: str, ttl_seconds: float, now: datetime) -> Lease:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from faults.consumer import TYPE, projection
-from shard_sql import LeaseRegistry
+from shard_sql import LeaseHeld, LeaseRegistry, ShardSqlError
 from shard_sql.handoff import Endpoints
 from shard_sql.history import Report, check, check_consumer, load, load_observed
 from shard_sql.urls import open_store
@@ -227,6 +227,31 @@ def _check_consumer(run: Run, store: Any, names: list[str], report: Report) -> N
         report.violations.append(f"the consumer never caught up with position {last}")
 
 
+def _check_leases(store: Any, names: list[str], ttl: float) -> list[str]:
+    """Once every process is gone, each lease of the run is granted again within a few TTLs:
+    one left locked by a process killed while changing it would stop its space (or the
+    consumer) for good, which no history check sees (its appends merely fail)."""
+    registry = LeaseRegistry(store)
+    violations = []
+    for name in names:
+        deadline = time.monotonic() + ttl * 3 + 10
+        while True:
+            try:
+                registry.release(registry.acquire(name, "checker", ttl_seconds=ttl))
+                break
+            except LeaseHeld:
+                pass  # a killed holder's lease, until it expires
+            except ShardSqlError as e:
+                if time.monotonic() >= deadline:
+                    violations.append(f"the lease of {name} is never granted again: {e}")
+                    break
+            if time.monotonic() >= deadline:
+                violations.append(f"the lease of {name} is never granted again: still held")
+                break
+            time.sleep(0.1)
+    return violations
+
+
 def run(
     url: str,
     workdir: Path,
@@ -286,11 +311,13 @@ def run(
                 proc.wait()
     ops, grants = load(sorted(workdir.glob("n*.jsonl")))
     logs = {s: store.events(s) for s in names}
+    leases = [*names, f"subscription:{CONSUMER_NAME}"] if consumers else names
+    stuck = _check_leases(store, leases, ttl)
     close = getattr(store, "close", None)
     if close is not None:
         close()
     checked = check(logs, ops, grants)
-    checked.violations += report.violations
+    checked.violations += report.violations + stuck
     checked.consumed = report.consumed
     report = checked
     untranslated = [
