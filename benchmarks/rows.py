@@ -37,6 +37,7 @@ class Row:
     note: str = ""
     target_text: str = ""
     install: str = ""  # what installs the missing library a skipped row needs
+    at_most: bool = False  # lower is better: ok when the ratio (or figure) <= target
 
 
 REPORT: contextvars.ContextVar[Callable[[dict[str, Any]], None] | None] = contextvars.ContextVar(
@@ -81,14 +82,20 @@ def measured(
     note: str = "",
     ratio: float | None = None,
     target_text: str = "",
+    *,
+    at_most: bool = False,
 ) -> Row:
+    """A measured row; its ratio is figure / baseline unless given. The target is a least ratio
+    (or figure, without a baseline), or with `at_most` a most one: lower is better (a latency)."""
     if ratio is None and baseline:
         ratio = figure / baseline
     ok = None
     if target is not None:
-        ok = (ratio if baseline is not None and ratio is not None else figure) >= target
+        judged = ratio if baseline is not None and ratio is not None else figure
+        ok = judged <= target if at_most else judged >= target
     if not target_text and target is not None:
-        target_text = f">= {target:g}x" if baseline is not None else f">= {target:,.0f}"
+        sign = "<=" if at_most else ">="
+        target_text = f"{sign} {target:g}x" if baseline is not None else f"{sign} {target:,.0f}"
     return reported(
         Row(
             work,
@@ -102,6 +109,7 @@ def measured(
             ok,
             note,
             target_text,
+            at_most=at_most,
         )
     )
 

@@ -37,11 +37,27 @@ def _check_rows(rows: list[dict[str, Any]]) -> None:
         assert r["figure"] >= 0
         if r["baseline"] is not None and r["ratio"] is not None and r["unit"] not in ("MB", "ms"):
             expected = r["figure"] / r["baseline"]
-            if r.get("target_text", "").startswith("<="):  # lower is better (a latency)
-                expected = 1 / expected
             assert r["ratio"] == pytest.approx(expected, rel=0.01, abs=0.01)
         if r["target"] is not None:
             assert r["ok"] in (True, False)
+            if r["at_most"] and r["baseline"] is not None and r["unit"] not in ("MB", "ms"):
+                assert r["ok"] == (r["ratio"] <= r["target"])  # lower is better (a latency)
+
+
+def test_measured_at_most(perf: Any) -> None:
+    from benchmarks.rows import measured
+
+    def row(figure: float, **kw: Any) -> Any:
+        return measured("w", "b", "v", figure, 100.0, 2.0, unit="us", **kw)
+
+    # Lower is better: the ratio is figure / baseline, judged <= the target.
+    assert (row(150.0, at_most=True).ratio, row(150.0, at_most=True).ok) == (1.5, True)
+    assert (row(250.0, at_most=True).ratio, row(250.0, at_most=True).ok) == (2.5, False)
+    assert row(250.0, at_most=True).target_text == "<= 2x"
+    # The default: at least the target.
+    assert (row(250.0).ok, row(150.0).ok, row(150.0).target_text) == (True, False, ">= 2x")
+    no_baseline = measured("w", "b", "v", 250.0, None, 300.0, at_most=True)
+    assert (no_baseline.ok, no_baseline.target_text) == (True, "<= 300")
 
 
 def test_sqlite_rows_quick(perf: Any) -> None:
@@ -86,6 +102,11 @@ def test_processes_and_memory_quick(perf: Any) -> None:
         idle = re.search(r"(\d+) of (\d+) over the holder's socket", rows[4]["note"])
         assert idle is not None and int(idle.group(1)) > 0
         assert rows[4]["target_text"] == "<= 2x" and rows[4]["baseline"] > 0
+        # Lower is better: forwarded p50 / direct p50, judged <= 2.
+        assert (rows[4]["target"], rows[4]["at_most"]) == (2.0, True)
+        assert rows[4]["note"].startswith("ratio = forwarded / direct")
+        assert rows[4]["ratio"] == pytest.approx(rows[4]["figure"] / rows[4]["baseline"], rel=0.01)
+        assert rows[4]["ok"] == (rows[4]["ratio"] <= 2.0)
         # The floor, measured in the same run: a bare socket ping-pong, no database.
         assert rows[6]["figure"] > 0 and rows[6]["baseline"] == rows[0]["baseline"]
         assert rows[7]["figure"] > 0 and rows[7]["baseline"] == rows[4]["baseline"]

@@ -446,6 +446,8 @@ def test_bench_table_and_json(run: Any, monkeypatch: pytest.MonkeyPatch) -> None
             {"work": "read", "figure": 5.0, "baseline": 10.0, "ratio": 0.5, "target": 1.0},
             {"work": "abs", "figure": 400.0, "baseline": None, "target": 300.0, "ok": True},
             {"work": "pg", "figure": None, "baseline": None, "note": "no server"},
+            {"work": "lat", "figure": 150.0, "baseline": 100.0, "target": 2.0, "at_most": True},
+            {"work": "slow", "figure": 250.0, "baseline": 100.0, "target": 2.0, "at_most": True},
         ]
 
     module = types.ModuleType("shard_sql.bench.sql_bench")
@@ -453,7 +455,7 @@ def test_bench_table_and_json(run: Any, monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setitem(sys.modules, "shard_sql.bench.sql_bench", module)
     r = run("bench", "--only", "sql", "--quick")
     assert r.code == 0 and calls == [True]
-    header, first, second, absolute, skipped = r.out.splitlines()
+    header, first, second, absolute, skipped, latency, slow = r.out.splitlines()
     assert header.split() == [
         "WORK",
         "FIGURE",
@@ -468,8 +470,12 @@ def test_bench_table_and_json(run: Any, monkeypatch: pytest.MonkeyPatch) -> None
     assert second.split()[-2:] == ["1x", "short"]
     assert absolute.split()[1:] == ["400", "-", "-", ">=", "300", "pass"]
     assert skipped.split() == ["pg", "-", "-", "-", "-", "-", "no", "server"]
+    # Lower is better (at_most): the ratio judged <= the target.
+    assert latency.split()[1:] == ["150", "100", "1.50x", "<=", "2x", "pass"]
+    assert slow.split()[1:] == ["250", "100", "2.50x", "<=", "2x", "short"]
     rows = run("bench", "--only", "sql", "--json").lines()
     assert rows[0]["ratio"] == pytest.approx(0.9) and rows[1]["ok"] is False
+    assert [(r["at_most"], r["ok"]) for r in rows[4:]] == [(True, True), (True, False)]
 
 
 def test_bench_without_runners(run: Any, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -108,6 +108,7 @@ _FIELDS = {
     "target": ("target",),
     "unit": ("unit", "units"),
     "ok": ("ok", "passed", "pass"),
+    "at_most": ("at_most",),
     "note": ("note", "notes"),
 }
 
@@ -130,9 +131,9 @@ def bench_row(suite: str, row: object) -> dict[str, Any]:
     figure, baseline, ratio = _field(row, "figure"), _field(row, "baseline"), _field(row, "ratio")
     if ratio is None and figure and baseline:
         ratio = figure / baseline
-    target, ok = _field(row, "target"), _field(row, "ok")
+    target, ok, at_most = _field(row, "target"), _field(row, "ok"), bool(_field(row, "at_most"))
     if ok is None and ratio is not None and target is not None:
-        ok = ratio >= target
+        ok = ratio <= target if at_most else ratio >= target
     return {
         "suite": suite,
         **extra,
@@ -143,6 +144,7 @@ def bench_row(suite: str, row: object) -> dict[str, Any]:
         "target": target,
         "unit": _field(row, "unit"),
         "ok": ok,
+        "at_most": at_most,
         "note": _field(row, "note") or "",
     }
 
@@ -156,13 +158,14 @@ def _number(value: Any) -> str:
 
 
 def _target(r: Mapping[str, Any]) -> str:
-    """A ratio target (`0.85x`), or an absolute one (`>= 300`) for a row without a baseline."""
+    """A ratio target (`0.85x`, `<= 2x` when lower is better), or an absolute one (`>= 300`,
+    `<= 300`) for a row without a baseline."""
     target = r["target"]
     if target is None:
         return "-"
     if r["baseline"] is None:
-        return f">= {_number(target)}"
-    return f"{target:g}x"
+        return f"{'<=' if r['at_most'] else '>='} {_number(target)}"
+    return f"<= {target:g}x" if r["at_most"] else f"{target:g}x"
 
 
 def _print_table(results: Sequence[Mapping[str, Any]]) -> None:
