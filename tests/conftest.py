@@ -1,5 +1,5 @@
 """Shared fixtures: a PostgreSQL database per test (empty, or at the head schema), SQLite
-files, git paths.
+files, git paths; a raw connection to a holder's hand-off socket.
 
 The PostgreSQL server comes from `SHARD_SQL_TEST_PG_URL` (a SQLAlchemy URL of a database to
 connect to for CREATE DATABASE), default `postgresql+psycopg://postgres@127.0.0.1:5432/postgres`.
@@ -13,17 +13,20 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
+import socket
 import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
 
 from shard_sql import migrate
+from shard_sql.handoff import Endpoints
 
 DEFAULT_PG = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 
@@ -313,6 +316,15 @@ def pg_migrated_url() -> Iterator[str]:
 def sqlite_url(tmp_path: os.PathLike[str]) -> str:
     """A SQLite file URL in the test's temporary folder (the file does not exist yet)."""
     return f"sqlite:///{os.fspath(tmp_path)}/shard.db"
+
+
+def raw_connection(store: Any, node_id: str) -> socket.socket:
+    """A bare connection to `node_id`'s hand-off socket (Unix) in `store`'s hand-off folder, for
+    writing the wire format by hand (tests/test_handoff*.py)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(10)
+    sock.connect(Endpoints(store.handoff_dir()).address(node_id))
+    return sock
 
 
 # -- two pytest-xdist workers (pyproject's addopts: -n 2) --------------------------------------

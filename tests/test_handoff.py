@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import raw_connection
 
 from shard_sql import AppendAuthority, IntentConflict, LeaseRegistry
 from shard_sql.group import GroupCommit
@@ -75,13 +76,6 @@ def socket_path(store: Any, node_id: str) -> str:
     directory = store.handoff_dir()
     assert directory is not None
     return Endpoints(directory).path(node_id)
-
-
-def raw_connection(store: Any, node_id: str) -> socket.socket:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(10)
-    sock.connect(Endpoints(store.handoff_dir()).address(node_id))
-    return sock
 
 
 def closed_by_peer(sock: socket.socket) -> bool:

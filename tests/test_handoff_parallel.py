@@ -13,10 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import raw_connection
 
 from shard_sql import AppendAuthority, LeaseRegistry
 from shard_sql.group import WRITERS, parallel_writers
-from shard_sql.handoff import Endpoints, frame, read_frame
+from shard_sql.handoff import frame, read_frame
 from shard_sql.handoff_wire import WRITTEN, request
 from shard_sql.urls import open_store
 from shard_sql.validation import pending
@@ -58,13 +59,6 @@ class SpaceGate:
         return False
 
 
-def _connect(store: Any, node_id: str) -> socket.socket:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(10)
-    sock.connect(Endpoints(store.handoff_dir()).address(node_id))
-    return sock
-
-
 def _answer(sock: socket.socket) -> Any:
     """The seq of a written event's answer."""
     body = read_frame(sock)
@@ -83,7 +77,7 @@ def _two_spaces_handed_over(store: Any) -> tuple[SpaceGate, bool]:
     gate = SpaceGate(holder)
     holder._group._write = gate
     with holder:
-        first, second = _connect(store, "holder"), _connect(store, "holder")
+        first, second = raw_connection(store, "holder"), raw_connection(store, "holder")
         gate.gate.set()
         for sock, space in ((first, "a"), (second, "b")):
             sock.sendall(frame(request(space, pending("t", {"n": 1}, f"{space}1"))))
@@ -159,7 +153,7 @@ def test_one_space_alone_is_written_by_the_listener_on_postgresql(pg_migrated_ur
         gate.gate.set()
         holder._group._write = gate
         with holder:
-            sock = _connect(store, "holder")
+            sock = raw_connection(store, "holder")
             for n in (1, 2, 3):
                 sock.sendall(frame(request("a", pending("t", {"n": n}, f"a{n}"))))
                 assert _answer(sock) == n
