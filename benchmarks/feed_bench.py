@@ -5,7 +5,8 @@
 - a `Subscription` handling them in batches of 100 with a no-op handler (a transaction and a
   checkpoint save per batch) next to that raw read rate, target 0.5x;
 - `wait_feed` wake-up: from an append's return in this process to `wait_feed`'s return in
-  another, p50 (target <= 5 ms; the row's ratio is 5 ms / p50);
+  another, p50, judged directly against a 5 ms budget (`<= 5 ms`, lower is better; no
+  baseline, no ratio);
 - PostgreSQL: 4 processes appending to 4 different spaces next to 4 processes doing raw inserts
   into the same table (the feed serializes nothing), target 0.9x.
 
@@ -153,18 +154,22 @@ def _wake_row(label: str, url: str, count: int) -> Row:
         before = [d for d in done if d <= t]
         if before:
             latencies.append((t - before[-1]) * 1000)
-    p50 = statistics.median(latencies)
+    return wake_row(label, statistics.median(latencies))
+
+
+def wake_row(label: str, p50: float) -> Row:
+    """The wake-up's p50 (ms) judged directly against the budget: lower is better, no baseline."""
     return measured(
         "wait_feed wake-up after another process's append, p50",
         label,
         f"{TARGET_WAKE_MS:g} ms budget",
         p50,
+        None,
         TARGET_WAKE_MS,
-        1.0,
         unit="ms",
-        note="ratio = budget / p50",
-        ratio=TARGET_WAKE_MS / max(p50, 0.001),
+        note=f"lower is better: the p50 judged <= the {TARGET_WAKE_MS:g} ms budget",
         target_text=f"<= {TARGET_WAKE_MS:g} ms",
+        at_most=True,
     )
 
 

@@ -35,13 +35,14 @@ def _check_rows(rows: list[dict[str, Any]]) -> None:
             assert r["note"]  # a skipped row says why
             continue
         assert r["figure"] >= 0
-        if r["baseline"] is not None and r["ratio"] is not None and r["unit"] not in ("MB", "ms"):
+        if r["baseline"] is not None and r["ratio"] is not None:
             expected = r["figure"] / r["baseline"]
             assert r["ratio"] == pytest.approx(expected, rel=0.01, abs=0.01)
         if r["target"] is not None:
             assert r["ok"] in (True, False)
-            if r["at_most"] and r["baseline"] is not None and r["unit"] not in ("MB", "ms"):
-                assert r["ok"] == (r["ratio"] <= r["target"])  # lower is better (a latency)
+            if r["at_most"]:  # lower is better: the ratio, or the figure without a baseline
+                judged = r["figure"] if r["baseline"] is None else r["ratio"]
+                assert r["ok"] == (judged <= r["target"])
 
 
 def test_measured_at_most(perf: Any) -> None:
@@ -58,6 +59,25 @@ def test_measured_at_most(perf: Any) -> None:
     assert (row(250.0).ok, row(150.0).ok, row(150.0).target_text) == (True, False, ">= 2x")
     no_baseline = measured("w", "b", "v", 250.0, None, 300.0, at_most=True)
     assert (no_baseline.ok, no_baseline.target_text) == (True, "<= 300")
+
+
+def test_budget_rows_judge_the_figure_directly(perf: Any) -> None:
+    """The wake-up and memory rows: the figure against the budget, lower is better, without a
+    baseline or a ratio; the same pass/short as the former ratio budget / figure >= 1.0."""
+    from benchmarks.feed_bench import wake_row
+    from benchmarks.process_rows import memory_row
+
+    for make, budget, floor, unit in (
+        (wake_row, 5.0, 0.001, "ms"),
+        (lambda label, x: memory_row(label, 1_000, x), 50.0, 0.01, "MB"),
+    ):
+        for figure in (0.0, 0.0005, 1.0, budget - 0.01, budget, budget + 0.01, 2 * budget):
+            row = make("sqlite FULL", figure)
+            assert (row.baseline, row.ratio, row.target, row.at_most) == (None, None, budget, True)
+            assert (row.unit, row.target_text) == (unit, f"<= {budget:g} {unit}")
+            assert row.ok == (figure <= budget) == (budget / max(figure, floor) >= 1.0)
+            assert row.note.startswith("lower is better: the ")
+            assert f"<= the {budget:g} {unit} budget" in row.note
 
 
 def test_sqlite_rows_quick(perf: Any) -> None:
@@ -112,7 +132,8 @@ def test_processes_and_memory_quick(perf: Any) -> None:
         assert rows[7]["figure"] > 0 and rows[7]["baseline"] == rows[4]["baseline"]
     rows = perf.run(quick=True, backends=("sqlite-full",), works=("memory",))
     _check_rows(rows)
-    assert rows[0]["unit"] == "MB" and rows[0]["target_text"] == "< 50 MB"
+    assert rows[0]["unit"] == "MB" and rows[0]["target_text"] == "<= 50 MB"
+    assert (rows[0]["baseline"], rows[0]["target"], rows[0]["at_most"]) == (None, 50.0, True)
 
 
 @pytest.mark.postgres
@@ -144,6 +165,7 @@ def test_feed_rows_quick(perf: Any) -> None:
     assert works[-1] == ("postgresql", "4 processes appending to 4 different spaces (total)")
     wake = [r for r in rows if r["unit"] == "ms"]
     assert len(wake) == 2 and all(r["target_text"] == "<= 5 ms" for r in wake)
+    assert all((r["baseline"], r["target"], r["at_most"]) == (None, 5.0, True) for r in wake)
 
 
 def test_git_rows_quick(perf: Any) -> None:
