@@ -8,7 +8,8 @@ import json
 import uuid
 from typing import Any
 
-from .sql_bench import PAYLOAD, TYPE, Step
+from .raw_drivers import PAYLOAD, TYPE
+from .sql_bench import Step
 
 
 def eventsourcing_installed() -> Any | None:

@@ -25,8 +25,9 @@ from typing import Any
 
 from shard_sql import SqlEventStore, Subscription
 
+from .raw_drivers import PAYLOAD, TYPE, libpq_url
 from .rows import Counts, Row, measured, skipped
-from .sql_bench import PAYLOAD, TYPE, _compare, _libpq
+from .sql_bench import _compare
 
 TARGET_READ = 1.0
 TARGET_SUBSCRIPTION = 0.5
@@ -186,7 +187,7 @@ def _space_worker(url: str, raw: bool, count: int, go: Any, out: Any) -> None:
     if raw:
         import psycopg
 
-        conn = psycopg.connect(_libpq(url), autocommit=True)
+        conn = psycopg.connect(libpq_url(url), autocommit=True)
         cur = conn.cursor()
 
         def step(seq: int) -> None:

@@ -32,8 +32,8 @@ a second file so that neither side pays the other's WAL checkpoints or page spli
 The eventsourcing rows run when that library is importable (`pip install 'shard_sql[compare]'`),
 else they are skipped with a note. `run(quick=False, ...)` returns the rows for `shard-sql bench`
 (suite `perf`); `python -m benchmarks [--quick] [--json] [--only WORK] [--pg-url URL]` prints them
-as one table. Reuses `sql_bench` (raw drivers, interleaving, scratch PostgreSQL databases) and
-`git_bench` (the bare pygit2 baseline, reads).
+as one table. Reuses `raw_drivers` (the bare sqlite3 and psycopg baselines), `sql_bench`
+(interleaving, scratch PostgreSQL databases) and `git_bench` (the bare pygit2 baseline, reads).
 
 The rows come from: `rows` (Row, Counts, targets), `sql_rows` (appends, batches, reads),
 `tx_rows` (transactions), `process_rows` (4 processes; forwarding without load; memory),
@@ -57,6 +57,7 @@ from shard_sql import SqlEventStore
 from . import git_bench
 from .es_side import es_env
 from .process_rows import memory_rows, process_rows
+from .raw_drivers import RawPostgres, RawSqlite
 from .rows import (
     REPORT,
     TARGET_GIT_APPEND,
@@ -66,7 +67,7 @@ from .rows import (
     measured,
     skipped,
 )
-from .sql_bench import RawPostgres, RawSqlite, _pg_server, scratch_pg
+from .sql_bench import _pg_server, scratch_pg
 from .sql_rows import sql_rows
 
 WORKS = (

@@ -23,8 +23,8 @@ from typing import Any
 from shard_sql import AppendAuthority, LeaseRegistry, SqlEventStore
 
 from .bare_socket import ping_pong
+from .raw_drivers import PAYLOAD, TYPE
 from .rows import MEMORY_BUDGET_MB, TARGET_PROCESSES, Counts, Row, measured
-from .sql_bench import PAYLOAD, TYPE
 
 CTX = multiprocessing.get_context("spawn")
 

@@ -23,6 +23,9 @@ them. The PostgreSQL server comes from `pg_url`, else `url` when it is a Postgre
 SHARD_SQL_BENCH_PG_URL / SHARD_SQL_TEST_PG_URL, else postgres@127.0.0.1:5432; a scratch
 database is created on it and dropped afterwards. Without a server the PostgreSQL rows are
 skipped with a note.
+
+The bare drivers (the baselines) are in `raw_drivers`; the interleaving (`_compare`, `_steps`) and
+the scratch PostgreSQL databases here serve the perf suite's rows too.
 """
 
 from __future__ import annotations
@@ -30,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sqlite3
 import statistics
 import sys
 import tempfile
@@ -48,22 +50,12 @@ from sqlalchemy.orm import Session
 
 from shard_sql import AppendAuthority, LeaseRegistry, SqlEventStore
 from shard_sql.orm import EventRecord, events_table
-from shard_sql.sql.dialects import postgres, sqlite
 from shard_sql.validation import pending
 
-PAYLOAD: dict[str, Any] = {"page": "Home", "title": "A wiki page", "tags": ["a", "b"], "rev": 7}
-TYPE = "page.edited"
-WRITER = "bench-node"
+from .raw_drivers import PAYLOAD, TYPE, WRITER, RawPostgres, RawSqlite, libpq_url
+
 TARGET_APPEND = 0.70
 TARGET_READ = 0.50
-INSERT_SQL = (
-    "INSERT INTO events (space, seq, type, payload, recorded_at, writer, generation, intent_id) "
-    "VALUES ({p}, {p}, {p}, {payload}, {p}, {p}, {p}, {p})"
-)
-SELECT_SQL = (
-    "SELECT seq, type, {payload}, recorded_at, writer, generation, intent_id FROM events "
-    "WHERE space = {p} ORDER BY seq"
-)
 DEFAULT_PG = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 
 
@@ -118,139 +110,6 @@ def _row(work: str, figure: float, baseline: float, target: float | None, note: 
     ratio = figure / baseline if baseline else None
     ok = None if target is None or ratio is None else ratio >= target
     return Row(work, round(figure, 1), round(baseline, 1), ratio, target, "events/s", ok, note)
-
-
-def _now_text() -> str:
-    return datetime.now(UTC).replace(tzinfo=None).isoformat(" ", "microseconds")
-
-
-# -- the bare drivers --------------------------------------------------------------------------
-
-
-class RawSqlite:
-    """stdlib sqlite3 with the store's settings: WAL, the same `synchronous`, autocommit."""
-
-    def __init__(self, path: Path, synchronous: str) -> None:
-        self.conn = sqlite3.connect(path, isolation_level=None, timeout=30)
-        self.conn.execute("PRAGMA journal_mode = WAL").fetchall()
-        self.conn.execute(f"PRAGMA synchronous = {synchronous}")
-        self.cur = self.conn.cursor()
-        self.insert = INSERT_SQL.format(p="?", payload="?")
-        self.select = SELECT_SQL.format(p="?", payload="payload")
-        self.guarded = sqlite.append_one_sql(fence=True, intent=False, own=True)
-
-    def insert_one(self, space: str, seq: int) -> None:
-        # One statement in autocommit: its own transaction, the cheapest form there is.
-        self.cur.execute(
-            self.insert, (space, seq, TYPE, json.dumps(PAYLOAD), _now_text(), WRITER, 1, None)
-        )
-
-    def insert_many(self, space: str, seq: int, n: int) -> None:
-        at = _now_text()
-        rows = [(space, seq + k, TYPE, json.dumps(PAYLOAD), at, WRITER, 1, None) for k in range(n)]
-        self.cur.execute("BEGIN")
-        self.cur.executemany(self.insert, rows)
-        self.cur.execute("COMMIT")
-
-    def read(self, space: str) -> list[tuple[Any, ...]]:
-        loads = json.loads
-        self.cur.execute(self.select, (space,))
-        return [(s, t, loads(p), at, w, g, i) for s, t, p, at, w, g, i in self.cur.fetchall()]
-
-    def fenced_one_statement(self, space: str, seq: int, holder: str, generation: int) -> None:
-        """The store's guarded INSERT ... VALUES (CASE WHEN <checks> ...), bare: the cost of the
-        checks alone (the fence is the row's writer and generation, as in the store)."""
-        params = (space, seq, TYPE, json.dumps(PAYLOAD), _now_text(), holder, generation, None)
-        self.cur.execute(self.guarded, params)
-        assert self.cur.fetchone() is not None  # RETURNING position: the row was written
-
-    def fenced_multi_statement(self, space: str, seq: int, holder: str, generation: int) -> None:
-        """The alternative to the one-statement append: BEGIN IMMEDIATE, a statement per check."""
-        cur = self.cur
-        cur.execute("BEGIN IMMEDIATE")
-        cur.execute("SELECT holder, generation FROM leases WHERE space = ?", (space,))
-        assert cur.fetchone() == (holder, generation)
-        cur.execute("SELECT seq FROM events WHERE space = ? ORDER BY seq DESC LIMIT 1", (space,))
-        row = cur.fetchone()
-        assert (0 if row is None else row[0] + 1) == seq
-        cur.execute(
-            self.insert,
-            (space, seq, TYPE, json.dumps(PAYLOAD), _now_text(), holder, generation, None),
-        )
-        cur.execute("COMMIT")
-
-    def close(self) -> None:
-        self.conn.close()
-
-
-class RawPostgres:
-    """psycopg 3 in autocommit: each bare INSERT is its own transaction."""
-
-    def __init__(self, url: str) -> None:
-        import psycopg
-
-        self.conn = psycopg.connect(_libpq(url), autocommit=True)
-        self.cur = self.conn.cursor()
-        self.insert = INSERT_SQL.format(p="%s", payload="CAST(%s AS jsonb)")
-        self.select = SELECT_SQL.format(p="%s", payload="payload::text")
-        self.guarded = postgres.append_one_sql(fence=True, intent=False)
-
-    def insert_one(self, space: str, seq: int) -> None:
-        self.cur.execute(
-            self.insert,
-            (space, seq, TYPE, json.dumps(PAYLOAD), datetime.now(UTC), WRITER, 1, None),
-        )
-
-    def insert_many(self, space: str, seq: int, n: int) -> None:
-        at = datetime.now(UTC)
-        rows = [(space, seq + k, TYPE, json.dumps(PAYLOAD), at, WRITER, 1, None) for k in range(n)]
-        with self.conn.transaction():
-            self.cur.executemany(self.insert, rows)
-
-    def read(self, space: str) -> list[tuple[Any, ...]]:
-        loads = json.loads
-        self.cur.execute(self.select, (space,))
-        return [(s, t, loads(p), at, w, g, i) for s, t, p, at, w, g, i in self.cur.fetchall()]
-
-    def fenced_one_statement(self, space: str, seq: int, holder: str, generation: int) -> None:
-        """The store's guarded INSERT ... SELECT ... WHERE, bare: one round trip."""
-        params = (space, seq, TYPE, json.dumps(PAYLOAD), datetime.now(UTC), holder, generation)
-        self.cur.execute(self.guarded, (*params, None, space, seq, space, holder, generation))
-        assert self.cur.rowcount == 1
-
-    def fenced_multi_statement(self, space: str, seq: int, holder: str, generation: int) -> None:
-        """The alternative to the one-statement append: a transaction, a round trip per check."""
-        cur = self.cur
-        with self.conn.transaction():
-            cur.execute(
-                "SELECT holder, generation FROM leases WHERE space = %s FOR SHARE", (space,)
-            )
-            assert cur.fetchone() == (holder, generation)
-            cur.execute(
-                "SELECT seq FROM events WHERE space = %s ORDER BY seq DESC LIMIT 1", (space,)
-            )
-            row = cur.fetchone()
-            assert (0 if row is None else row[0] + 1) == seq
-            cur.execute(
-                self.insert,
-                (
-                    space,
-                    seq,
-                    TYPE,
-                    json.dumps(PAYLOAD),
-                    datetime.now(UTC),
-                    holder,
-                    generation,
-                    None,
-                ),
-            )
-
-    def close(self) -> None:
-        self.conn.close()
-
-
-def _libpq(url: str) -> str:
-    return url.replace("postgresql+psycopg://", "postgresql://", 1)
 
 
 # -- one backend ---------------------------------------------------------------------------------
@@ -513,13 +372,13 @@ def scratch_pg(server: str) -> Iterator[str]:
     if server.startswith("postgresql://"):
         server = server.replace("postgresql://", "postgresql+psycopg://", 1)
     name = f"shard_bench_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(_libpq(server), autocommit=True, connect_timeout=5) as conn:
+    with psycopg.connect(libpq_url(server), autocommit=True, connect_timeout=5) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
     base = server.rsplit("/", 1)[0]
     try:
         yield f"{base}/{name}"
     finally:
-        with psycopg.connect(_libpq(server), autocommit=True) as conn:
+        with psycopg.connect(libpq_url(server), autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 

@@ -11,6 +11,7 @@ from typing import Any
 from shard_sql import AppendAuthority, LeaseRegistry, SqlEventStore
 
 from .es_side import EsSide, eventsourcing_installed
+from .raw_drivers import PAYLOAD, TYPE, RawPostgres, RawSqlite
 from .rows import (
     ES_NOTE,
     NORMAL_APPENDS_FACTOR,
@@ -23,7 +24,7 @@ from .rows import (
     measured,
     skipped,
 )
-from .sql_bench import PAYLOAD, TYPE, RawPostgres, RawSqlite, Step, _compare, _Spaces, _steps
+from .sql_bench import Step, _compare, _Spaces, _steps
 
 
 def _copy_many(raw: RawPostgres, space: str, seq: int, n: int) -> None:

@@ -24,8 +24,9 @@ from sqlalchemy.engine import Connection, Engine
 
 from shard_sql import SqlEventStore
 
+from .raw_drivers import INSERT_SQL, PAYLOAD, TYPE, WRITER, now_text
 from .rows import TARGET_APPEND, TARGET_MANY, measured
-from .sql_bench import INSERT_SQL, PAYLOAD, TYPE, WRITER, Step, _now_text, _Spaces, _steps
+from .sql_bench import Step, _Spaces, _steps
 
 WORK_ONE = "tx.append in the host's transaction"
 WORK_MANY = "tx.append_many of 100 in the host's transaction"
@@ -53,7 +54,7 @@ class _Host:
             SqlEventStore(f"sqlite:///{bare}").close()  # the same schema
             self.figure, self.bare = _sqlite_engine(path, sync), _sqlite_engine(bare, sync)
             self.insert = INSERT_SQL.format(p="?", payload="?")
-            self.now: Any = _now_text
+            self.now: Any = now_text
         else:
             self.figure = self.bare = create_engine(url)
             self.insert = INSERT_SQL.format(p="%s", payload="CAST(%s AS jsonb)")
