@@ -125,6 +125,19 @@ def change_lease_and_hang(path: str, change: str, ready: Any) -> None:
         reg.acquire("s", "other", ttl_seconds=0.5)
 
 
+def record_intent_and_hang(path: str, ready: Any) -> None:
+    """Record an intent and hang just before its ref is made (killed there by the test)."""
+    import shard_sql.git.refs as refs
+    from shard_sql.validation import pending
+
+    def hang(*args: Any, **kwargs: Any) -> None:
+        ready.set()
+        time.sleep(60)
+
+    refs.os.link = hang  # type: ignore[assignment]
+    GitEventStore(path).put_intent("s", pending("t", {"n": 1}, "k1"), holder="h")
+
+
 def run_workers(target: Any, args: list[tuple[Any, ...]], timeout: float = 60) -> list[Any]:
     out = CTX.Queue()
     barrier = CTX.Barrier(len(args))
@@ -289,4 +302,27 @@ def test_a_holder_killed_while_changing_its_lease(tmp_path: Path, change: str) -
     assert reg.renew(lease).generation == lease.generation
     store.close()
     assert not [p.name for p in path.rglob("*") if "tmp_obj_ref_" in p.name]  # staged files
+    fsck(path)
+
+
+def test_a_sender_killed_while_recording_an_intent(tmp_path: Path) -> None:
+    """A sender killed while it records an intent leaves no lock file (only its staged file):
+    the retry of that intent id from another process records it at once."""
+    from shard_sql.validation import pending
+
+    path = tmp_path / "log.git"
+    GitEventStore(path).close()
+    ready = CTX.Event()
+    victim = CTX.Process(target=record_intent_and_hang, args=(str(path), ready))
+    victim.start()
+    assert ready.wait(30)
+    os.kill(victim.pid, signal.SIGKILL)  # type: ignore[arg-type]
+    victim.join(30)
+    assert not list((path / "refs").rglob("*.lock"))
+    store = GitEventStore(path, lock_timeout=0.3)
+    store.put_intent("s", pending("t", {"n": 2}, "k1"), holder="h2")
+    assert [(p.intent_id, p.payload) for p in store.pending_intents("s", limit=10)] == [
+        ("k1", {"n": 2})
+    ]
+    store.close()
     fsck(path)

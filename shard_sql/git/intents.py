@@ -165,8 +165,7 @@ class GitIntentQueue(IntentQueue, SpaceWakeups):
         # written, durably; a record lost in a crash leaves its caller waiting until it times out
         # and retries with the same intent id.
         blob = self.git.objects(durable=False).put(ObjectType.BLOB, data)
-        deadline = time.monotonic() + self.git.lock_timeout
-        self.git.refs.create(ref, blob, deadline, lambda: self.git.target(handle, ref))
+        self.git.refs.create(ref, blob)
         if self.git.wakeup_files is not None:
             self.git.wakeup_files.signal(INTENT_RECORDED, space)
 

@@ -340,16 +340,28 @@ class RefFiles:
         top = os.path.join(self.root, "objects")
         return [os.path.join(top, f"{n:02x}") for n in range(256)]
 
-    def create(
-        self, ref: str, target: str, deadline: float, read: Callable[[], str | None]
-    ) -> None:
-        """Create `ref` at `target` unless it exists (checked under its lock), without fsync."""
-        lock = self.lock(ref, deadline, read, durable=False)
+    def create(self, ref: str, target: str) -> None:
+        """Create `ref` at `target` unless it exists, without fsync and without a lock file: a
+        complete file holding the target is staged, then hard-linked to the ref's name (a link
+        never replaces a file: the first creator wins). No reader sees half a ref, and a creator
+        killed at any point leaves at most its staged file (nobody's lock), where a lock file
+        taken for the create would be left for good, blocking the next create of that ref."""
+        path = self.file(ref)
+        staged = self.stage(ref, target, None)
         try:
-            if read() is None:  # else another creator was first
-                lock.write(target)
+            for _ in range(OBJECT_RETRIES):
+                try:
+                    os.link(staged, path)
+                    return
+                except FileExistsError:
+                    return  # another creator was first
+                except FileNotFoundError:
+                    # The ref's directory is new, or `git pack-refs` removed it meanwhile.
+                    _make_dirs(os.path.dirname(path))
+            raise StoreUnavailable(f"git store {self.store}: could not create {ref}")
         finally:
-            lock.free()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(staged)
 
     def sync_dirs(self, ref: str) -> None:
         """Make the directories leading to `ref` durable (once per process and directory)."""
