@@ -60,8 +60,9 @@ READ_AHEAD = 64 * 1024
 """Bytes a channel asks for at once (a message of the hand-off is most often far smaller)."""
 TIMEVAL = struct.Struct("@ll")
 KERNEL_TIMEOUTS = sys.platform.startswith("linux")
-PEEK = int(socket.MSG_PEEK | getattr(socket, "MSG_DONTWAIT", 0))
+DONTWAIT = int(getattr(socket, "MSG_DONTWAIT", 0))
 """Plain ints: an enum of flags costs 6k instructions per `|`."""
+PEEK = int(socket.MSG_PEEK) | DONTWAIT
 NOSIGNAL = int(getattr(socket, "MSG_NOSIGNAL", 0))
 UNREACHABLE = "unreachable"
 """Nothing was sent: no listener, refused, no permission."""
@@ -69,7 +70,6 @@ ANSWER_SPIN = 300e-6
 """Seconds a forwarder on a Unix socket polls for its answer, giving up its CPU between polls,
 before it sleeps in the receive: an answer comes in ~60 us of the holder's work, and waking a
 process that slept costs more than that on a virtual machine (docs/leases.md)."""
-DONTWAIT = int(getattr(socket, "MSG_DONTWAIT", 0))
 log = logging.getLogger("shard_sql.handoff")
 
 

@@ -24,6 +24,7 @@ from shard_sql.errors import IntentConflict, InvalidEvent
 from shard_sql.group import NotHolder
 from shard_sql.group import Reply as Told
 from shard_sql.handoff import (
+    DONTWAIT,
     HEADER,
     MAX_MESSAGE,
     NOSIGNAL,
@@ -49,7 +50,7 @@ answered sends its next request in ~30 us, and waking a thread that slept in epo
 than that on a virtual machine (docs/leases.md)."""
 log = logging.getLogger("shard_sql.handoff")
 
-REPLY_FLAGS = int(getattr(socket, "MSG_DONTWAIT", 0) | NOSIGNAL)
+REPLY_FLAGS = DONTWAIT | NOSIGNAL
 """A plain int (the flags' enum costs 6k instructions per `|`). Where there is no MSG_DONTWAIT,
 a reply's send may wait on a forwarder that does not read."""
 
