@@ -20,7 +20,13 @@ from shard_sql.handoff import private_dir
 from shard_sql.orm import CHECKPOINTS, EVENTS, INTENTS
 from shard_sql.sql.dialects import sqlite_batch
 from shard_sql.sql.dialects.base import COLUMNS, Conn, Dialect, EngineOptions, Statement
-from shard_sql.sql.dialects.sqlite_checks import fence_holds, head_is, intent_unwritten, next_seq
+from shard_sql.sql.dialects.sqlite_checks import (
+    HIGHEST_POSITION,
+    fence_holds,
+    head_is,
+    intent_unwritten,
+    next_seq,
+)
 from shard_sql.sql.errors import Site, is_sqlite_busy
 from shard_sql.sql.waits import LocalWaits, PolledWaits, Waits
 from shard_sql.store_base import decode_payloads
@@ -82,7 +88,7 @@ def append_one_sql(*, fence: bool, intent: bool, own: bool = False, at: bool = F
         checks += f" AND {intent_unwritten('?1', '?8')}"
     if at:
         position = "?11" if fence and not own else "?9"
-        checks += f" AND (SELECT COALESCE(MAX(position), 0) FROM {EVENTS}) < {position}"
+        checks += f" AND {HIGHEST_POSITION} < {position}"
         returning = ""
     else:
         position, returning = NEXT_POSITION, " RETURNING position"

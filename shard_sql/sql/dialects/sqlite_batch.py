@@ -19,7 +19,12 @@ from typing import Any
 
 from shard_sql.orm import EVENTS
 from shard_sql.sql.dialects.base import COLUMNS, Conn, Statement
-from shard_sql.sql.dialects.sqlite_checks import fence_holds, head_is, intent_unwritten
+from shard_sql.sql.dialects.sqlite_checks import (
+    HIGHEST_POSITION,
+    fence_holds,
+    head_is,
+    intent_unwritten,
+)
 from shard_sql.validation import Pending
 from shard_sql.values import Event, Lease, new_event
 
@@ -58,7 +63,7 @@ def small_batch_sql(n: int, *, fence: bool) -> str:
     sql = _statements[key] = (
         f"INSERT INTO {EVENTS} ({COLUMNS}, position) "
         "SELECT ?1, ?2 + column1, column2, column3, column4, column5, column6, column7, "
-        f"(SELECT COALESCE(MAX(position), 0) FROM {EVENTS}) + 1 + column1 "
+        f"{HIGHEST_POSITION} + 1 + column1 "
         f"FROM (VALUES {', '.join(rows)}) WHERE {checks}"
     )
     return sql

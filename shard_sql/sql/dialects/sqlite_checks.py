@@ -1,12 +1,16 @@
 """SQLite: the checks an append statement holds its row to (the head, the fence, the intent id),
 written once for the single append, the append at the head, the small batch and the checkpoint
-upsert. Each takes its placeholders (`?n`)."""
+upsert. Each takes its placeholders (`?n`); `HIGHEST_POSITION` is what positions follow."""
 
 from __future__ import annotations
 
 from shard_sql.orm import EVENTS, LEASES
 
-__all__ = ["fence_holds", "head_is", "intent_unwritten", "next_seq"]
+__all__ = ["HIGHEST_POSITION", "fence_holds", "head_is", "intent_unwritten", "next_seq"]
+
+HIGHEST_POSITION = f"(SELECT COALESCE(MAX(position), 0) FROM {EVENTS})"
+"""The feed's highest position, read under the statement's write lock: a write's rows take the
+positions after it, so positions grow in commit order."""
 
 
 def next_seq(space: str) -> str:
