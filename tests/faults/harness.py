@@ -240,13 +240,11 @@ def _check_leases(store: Any, names: list[str], ttl: float) -> list[str]:
                 registry.release(registry.acquire(name, "checker", ttl_seconds=ttl))
                 break
             except LeaseHeld:
-                pass  # a killed holder's lease, until it expires
+                why = "still held"  # a killed holder's lease, until it expires
             except ShardSqlError as e:
-                if time.monotonic() >= deadline:
-                    violations.append(f"the lease of {name} is never granted again: {e}")
-                    break
+                why = str(e)
             if time.monotonic() >= deadline:
-                violations.append(f"the lease of {name} is never granted again: still held")
+                violations.append(f"the lease of {name} is never granted again: {why}")
                 break
             time.sleep(0.1)
     return violations
